@@ -1,0 +1,62 @@
+"""Settings read from MODELPRESS_* environment variables, with embedded defaults under MODELPRESS_HOME."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything configurable; defaults run on one machine with no external services."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELPRESS_", env_file=None, extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.cwd() / ".modelpress")
+    database_url: str = ""
+    broker_url: str = ""
+    storage_dir: Path | None = None
+    max_upload_bytes: int = 4 * 1024**3
+    owner: str = "local"
+    api_key: str | None = None
+    # Worker reliability (DESIGN section 6): soft < hard < broker visibility timeout.
+    task_soft_time_limit: int = 6 * 3600
+    task_hard_time_limit: int = 6 * 3600 + 300
+    max_attempts: int = 3
+    cpu_queue: str = "cpu"
+    gpu_queue: str = "gpu"
+    # Latency harness defaults (overridable per job in the spec).
+    latency_threads: int = 1
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'modelpress.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.home / 'broker.db'}"
+        if self.storage_dir is None:
+            self.storage_dir = self.home / "storage"
+        if self.task_soft_time_limit >= self.task_hard_time_limit:
+            raise ValueError("task_soft_time_limit must be below task_hard_time_limit")
+        return self
+
+    @property
+    def blob_dir(self) -> Path:
+        """Storage root (never None after validation)."""
+        assert self.storage_dir is not None
+        return self.storage_dir
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Redis visibility timeout: above the hard limit so a running task is never redelivered."""
+        return self.task_hard_time_limit + 600
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings (tests call get_settings.cache_clear() after changing the environment)."""
+    settings = Settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return settings

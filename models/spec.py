@@ -1,0 +1,207 @@
+"""The job spec (DESIGN section 4): pure pydantic, shared by API, worker and client."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Task = Literal["image-classification", "text-classification", "feature-extraction", "generic"]
+TRAINING_STEPS = frozenset({"finetune", "distill"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Calibration(_Strict):
+    """How static quantization collects activation ranges."""
+
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    samples: int = Field(256, ge=1, le=100_000)
+    percentile: float = Field(99.999, gt=90.0, le=100.0)
+
+
+class QuantizeStep(_Strict):
+    """Post-training quantization of an ONNX graph with onnxruntime.quantization."""
+
+    type: Literal["quantize"]
+    mode: Literal["dynamic", "static", "fp16"] = "dynamic"
+    per_channel: bool = True
+    weight_type: Literal["int8", "uint8"] = "int8"
+    calibration: Calibration = Field(default_factory=Calibration)
+    op_types_to_exclude: list[str] = Field(default_factory=list)
+    nodes_to_exclude: list[str] = Field(default_factory=list)
+    keep_io_types: bool = True
+
+
+class PruneStep(_Strict):
+    """Structured (channels, heads, MLP width) or unstructured (magnitude) pruning."""
+
+    type: Literal["prune"]
+    method: Literal["structured", "unstructured"] = "structured"
+    ratio: float = Field(0.5, gt=0.0, lt=1.0)
+    importance: Literal["l1", "l2", "taylor"] = "l2"
+    scope: Literal["uniform", "global"] = "uniform"
+    round_to: int | None = Field(None, ge=1, le=256)
+    skip_layers: list[str] = Field(default_factory=list)
+    iterative_steps: int = Field(1, ge=1, le=20)
+    taylor_batches: int = Field(4, ge=1, le=100)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1, le=256)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None
+
+
+class TrainingParams(_Strict):
+    """Optimizer and loop settings shared by fine-tuning and distillation (AdamW, warm-up + cosine)."""
+
+    epochs: int = Field(3, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=65536)
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_accum: int = Field(1, ge=1, le=1024)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
+    max_steps: int | None = Field(None, ge=1)
+
+
+class FinetuneStep(TrainingParams):
+    """Fine-tuning: full, frozen backbone with a (new) head, last-N layers, or LoRA (peft)."""
+
+    type: Literal["finetune"]
+    mode: Literal["full", "head", "last_n", "lora"] = "full"
+    num_labels: int | None = Field(None, ge=1)
+    last_n: int | None = Field(None, ge=1)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _last_n_given(self) -> FinetuneStep:
+        if self.mode == "last_n" and self.last_n is None:
+            raise ValueError("mode 'last_n' needs last_n")
+        return self
+
+
+class StudentLayers(_Strict):
+    layers: int = Field(ge=1, le=128)
+
+
+class StudentModel(_Strict):
+    model: str
+
+
+class DistillStep(TrainingParams):
+    """Knowledge distillation (Hinton et al. 2015): a' KL(teacher/T || student/T) T^2 + (1-a) task loss."""
+
+    type: Literal["distill"]
+    teacher: str = "input"
+    student: StudentLayers | StudentModel | None = None
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    feature_loss: Literal["cosine", "mse"] = "cosine"
+    hidden_weight: float = Field(0.0, ge=0.0)
+
+
+class ExportStep(_Strict):
+    """Torch to ONNX export with a parity check against the torch model."""
+
+    type: Literal["export"]
+    opset: int = Field(17, ge=11, le=23)
+    dynamic_batch: bool = True
+    dynamic_sequence: bool = True
+    atol: float = Field(1e-3, gt=0.0)
+    samples: int = Field(16, ge=1, le=4096)
+
+
+Step = Annotated[
+    QuantizeStep | PruneStep | FinetuneStep | DistillStep | ExportStep,
+    Field(discriminator="type"),
+]
+
+
+class DataRefs(_Strict):
+    train: str | None = None
+    eval: str | None = None
+    calibration: str | None = None
+
+
+class ExportConfig(_Strict):
+    format: Literal["onnx"] = "onnx"
+    opset: int = Field(17, ge=11, le=23)
+
+
+class LatencyConfig(_Strict):
+    warmup: int = Field(5, ge=0, le=1000)
+    runs: int = Field(30, ge=1, le=10000)
+    threads: int = Field(1, ge=1, le=256)
+    batch_size: int = Field(1, ge=1, le=4096)
+
+
+class EvaluateConfig(_Strict):
+    metrics: list[Literal["accuracy", "latency", "size", "fidelity"]] = Field(
+        default_factory=lambda: ["accuracy", "latency", "size", "fidelity"]
+    )
+    max_accuracy_drop: float | None = Field(None, ge=0.0, le=1.0)
+    max_samples: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1, le=65536)
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+
+
+class TextConfig(_Strict):
+    max_length: int = Field(128, ge=2, le=8192)
+
+
+class ImageConfig(_Strict):
+    size: int = Field(224, ge=4, le=4096)
+    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+class JobSpec(_Strict):
+    """A whole job: input model, data, ordered steps, export and evaluation settings."""
+
+    model: str
+    task: Task = "generic"
+    data: DataRefs = Field(default_factory=DataRefs)
+    steps: list[Step] = Field(default_factory=list, max_length=32)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    image: ImageConfig = Field(default_factory=ImageConfig)
+    seed: int = 0
+    queue: Literal["cpu", "gpu"] | None = None
+
+    @model_validator(mode="after")
+    def _check_order_and_data(self) -> JobSpec:
+        quantized_at: int | None = None
+        for i, step in enumerate(self.steps):
+            if step.type == "quantize":
+                quantized_at = i if quantized_at is None else quantized_at
+            elif quantized_at is not None:
+                raise ValueError(
+                    f"steps.{i}: a '{step.type}' step cannot follow 'quantize' (steps.{quantized_at}); "
+                    "quantize last"
+                )
+            if step.type in TRAINING_STEPS and self.data.train is None:
+                raise ValueError(f"steps.{i}: a '{step.type}' step needs data.train")
+            if isinstance(step, QuantizeStep) and step.mode == "static" and not (
+                self.data.calibration or self.data.train or self.data.eval
+            ):
+                raise ValueError(f"steps.{i}: static quantization needs data.calibration")
+        return self
+
+    def needs_training(self) -> bool:
+        """Whether any step trains (such jobs go to the GPU queue by default)."""
+        return any(s.type in TRAINING_STEPS or s.type == "prune" for s in self.steps)
+
+
+def step_types() -> list[str]:
+    """Names of every step type the union accepts (must match the worker's pass registry)."""
+    return sorted(t.model_fields["type"].annotation.__args__[0] for t in STEP_MODELS)  # type: ignore[union-attr]
+
+
+STEP_MODELS: tuple[type[BaseModel], ...] = (QuantizeStep, PruneStep, FinetuneStep, DistillStep, ExportStep)

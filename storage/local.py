@@ -1,0 +1,128 @@
+"""Local content-addressed blob store: stream to a temp file while hashing, then atomic rename."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import anyio
+
+from storage.base import StoredBlob, UploadTooLarge
+
+CHUNK = 1024 * 1024
+
+
+class LocalBlobStore:
+    """Blobs under ``root/ab/cd/<sha256>``; temp files under ``root/tmp`` (same filesystem)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tmp = self.root / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+            raise KeyError(f"not a blob key: {key!r}")
+        return self.root / key[:2] / key[2:4] / key
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def open(self, key: str) -> BinaryIO:
+        return self.path(key).open("rb")
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(key).unlink()
+
+    @contextlib.contextmanager
+    def _staging(self) -> Iterator[tuple[BinaryIO, str]]:
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="up-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                yield fh, tmp_name
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+
+    def _commit(self, tmp_name: str, digest: str, size: int) -> StoredBlob:
+        dest = self.path(digest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            os.unlink(tmp_name)
+        else:
+            os.chmod(tmp_name, 0o644)
+            os.replace(tmp_name, dest)
+        return StoredBlob(key=digest, sha256=digest, size_bytes=size)
+
+    def put(self, chunks: Iterable[bytes], limit: int | None = None) -> StoredBlob:
+        """Store a stream of bytes; raise UploadTooLarge (leaving nothing) past ``limit``."""
+        h = hashlib.sha256()
+        size = 0
+        with self._staging() as (fh, tmp_name):
+            for chunk in chunks:
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    raise UploadTooLarge(limit)
+                h.update(chunk)
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+            return self._commit(tmp_name, h.hexdigest(), size)
+
+    async def put_async(self, chunks: AsyncIterator[bytes], limit: int | None = None) -> StoredBlob:
+        """Like ``put`` for an async body stream; disk writes and hashing run off the event loop."""
+        h = hashlib.sha256()
+        size = 0
+        buf: list[bytes] = []
+        buffered = 0
+        with self._staging() as (fh, tmp_name):
+
+            def flush(parts: list[bytes]) -> None:
+                for part in parts:
+                    h.update(part)
+                    fh.write(part)
+
+            async for chunk in chunks:
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    raise UploadTooLarge(limit)
+                buf.append(chunk)
+                buffered += len(chunk)
+                if buffered >= CHUNK:
+                    parts, buf, buffered = buf, [], 0
+                    await anyio.to_thread.run_sync(flush, parts)
+            await anyio.to_thread.run_sync(flush, buf)
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+            return self._commit(tmp_name, h.hexdigest(), size)
+
+    def put_file(self, path: Path) -> StoredBlob:
+        """Store a local file (worker artifacts)."""
+
+        def read() -> Iterator[bytes]:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    yield chunk
+
+        return self.put(read())
+
+
+_STORES: dict[Path, LocalBlobStore] = {}
+
+
+def get_store() -> LocalBlobStore:
+    """The configured store (local filesystem under MODELPRESS_STORAGE_DIR)."""
+    from models.settings import get_settings
+
+    root = get_settings().blob_dir
+    if root not in _STORES:
+        _STORES[root] = LocalBlobStore(root)
+    return _STORES[root]

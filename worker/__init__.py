@@ -1,0 +1,1 @@
+"""The worker: Celery app, job runner, pipeline and optimization passes (torch imported lazily)."""
