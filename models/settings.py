@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     task_soft_time_limit: int = 6 * 3600
     task_hard_time_limit: int = 6 * 3600 + 300
     max_attempts: int = 3
+    # A running job's worker refreshes jobs.heartbeat_at; a redelivered task reclaims the job only
+    # once the heartbeat is older than this (the previous worker is gone).
+    job_lease_seconds: int = 60
     cpu_queue: str = "cpu"
     gpu_queue: str = "gpu"
     # Latency harness defaults (overridable per job in the spec).

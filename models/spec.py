@@ -205,3 +205,12 @@ def step_types() -> list[str]:
 
 
 STEP_MODELS: tuple[type[BaseModel], ...] = (QuantizeStep, PruneStep, FinetuneStep, DistillStep, ExportStep)
+
+# The model form each step takes (the worker's Pass.takes must agree; a test checks).
+STEP_FORMS: dict[str, str] = {
+    "quantize": "onnx",
+    "prune": "torch",
+    "finetune": "torch",
+    "distill": "torch",
+    "export": "torch",
+}

@@ -123,3 +123,11 @@ class Pass(ABC):
     @abstractmethod
     def run(self, model: WorkingModel, params: Any, ctx: PassContext) -> PassResult:
         """Apply the pass to ``model`` and return the new working model."""
+
+
+class PipelineContext(PassContext, Protocol):
+    """A PassContext that also hears where the pipeline is (step i of n)."""
+
+    def begin_step(self, index: int, total: int, label: str) -> None:
+        """The pipeline moved to step ``index`` (0-based) of ``total``; ``label`` becomes the phase."""
+        ...

@@ -1,0 +1,37 @@
+"""``modelpress serve``: migrate, then run the API with an embedded worker process beside it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from models.settings import get_settings
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, with_worker: bool = True) -> None:
+    """Run the API in the foreground (uvicorn) and, by default, one worker subprocess on all queues."""
+    import uvicorn
+
+    from migrations import upgrade
+
+    settings = get_settings()
+    upgrade()
+    worker: subprocess.Popen[bytes] | None = None
+    if with_worker:
+        queues = f"{settings.cpu_queue},{settings.gpu_queue}"
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "worker.main", "--queues", queues],
+            env={**os.environ, "MODELPRESS_HOME": str(settings.home)},
+        )
+    try:
+        print(f"modelpress: API on http://{host}:{port}  (home: {settings.home})", flush=True)
+        uvicorn.run("api.main:app", host=host, port=port, log_level="info")
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()

@@ -1,0 +1,37 @@
+"""Live-service fixtures: one on Redis + PostgreSQL, one on the embedded defaults (SQLite)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from tests.conftest import PG_ADMIN_DSN, RUN_ID, _sqlalchemy_url
+from tests.e2e.harness import LiveService, live_service, service_env
+
+
+@pytest.fixture(scope="module")
+def distributed(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[LiveService]:
+    """API + worker on PostgreSQL (a database of this module's own) and Redis."""
+    name = f"mp_e2e_{RUN_ID}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_DSN.rpartition("/")[0]
+    home = tmp_path_factory.mktemp("distributed")
+    env = service_env(home, RUN_ID, database_url=_sqlalchemy_url(f"{base}/{name}"), broker_url=redis_url)
+    try:
+        with live_service(home, env) as svc:
+            yield svc
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
+    """API + worker on the embedded defaults: SQLite database and SQLite broker under a fresh home."""
+    home = tmp_path_factory.mktemp("embedded")
+    with live_service(home, service_env(home, RUN_ID)) as svc:
+        yield svc

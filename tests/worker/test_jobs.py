@@ -1,0 +1,81 @@
+"""Claiming is atomic, a dead worker's job is reclaimed once its lease expires, terminal states stick."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from models.db import session_scope
+from models.ids import new_id
+from models.tables import Job, JobEvent, Model, utcnow
+from worker import jobs
+
+
+def _job(status: str = "queued", attempt: int = 0, max_attempts: int = 3) -> str:
+    with session_scope() as s:
+        m = Model(id=new_id("mdl"), owner="local", name="m", format="onnx", sha256="0" * 64, size_bytes=1,
+                  storage_key="0" * 64, meta={})
+        s.add(m)
+        s.flush()
+        j = Job(id=new_id("job"), owner="local", status=status, spec={"model": m.id}, model_id=m.id,
+                queue="cpu", attempt=attempt, max_attempts=max_attempts, progress={})
+        s.add(j)
+        return j.id
+
+
+def _get(job_id: str) -> Job:
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def test_only_one_of_many_racing_workers_claims(pg_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs, "_reclaim_abandoned", lambda *a: None)
+    job_id = _job()
+    wins: list[jobs.Claim] = []
+    threads = [threading.Thread(target=lambda i=i: wins.append(c) if (c := jobs.claim(job_id, f"w{i}")) else None)
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and wins[0].attempt == 1
+    assert _get(job_id).status == "running"
+
+
+def test_abandoned_job_is_reclaimed_after_the_lease(pg_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    job_id = _job(status="running", attempt=1)
+    with session_scope() as s:
+        s.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=120)  # type: ignore[union-attr]
+    won = jobs.claim(job_id, "w2")
+    assert won == jobs.Claim(job_id, 2)
+    with session_scope() as s:
+        messages = s.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id)).all()
+    assert any("restarted (attempt 2)" in m for m in messages)
+
+
+def test_job_past_its_attempts_fails_with_worker_lost(pg_env: str) -> None:
+    job_id = _job(status="running", attempt=3, max_attempts=3)
+    with session_scope() as s:
+        s.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=120)  # type: ignore[union-attr]
+    assert jobs.claim(job_id, "w4") is None
+    job = _get(job_id)
+    assert job.status == "failed" and job.error is not None and job.error["code"] == "worker_lost"
+
+
+def test_finish_is_refused_once_terminal_or_owned_by_a_later_attempt(pg_env: str) -> None:
+    job_id = _job(status="running", attempt=2)
+    assert not jobs._finish(jobs.Claim(job_id, 1), "succeeded")  # a stale attempt cannot finish it
+    assert jobs._finish(jobs.Claim(job_id, 2), "cancelled")
+    assert not jobs._finish(jobs.Claim(job_id, 2), "succeeded")  # terminal states never change
+    assert _get(job_id).status == "cancelled"
+
+
+def test_cancelled_queued_job_is_not_claimed(pg_env: str) -> None:
+    job_id = _job(status="cancelled")
+    assert jobs.claim(job_id, "w") is None
+    assert _get(job_id).attempt == 0

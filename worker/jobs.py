@@ -1,0 +1,338 @@
+"""Run one job: claim it atomically, run the pipeline with a DB-backed context, record the outcome.
+
+The Celery task is a thin shell around :func:`execute`. Everything here keeps DB sessions short:
+no session is held open while a step runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import or_, select, update
+
+from models.db import session_scope
+from models.ids import new_id
+from models.settings import get_settings
+from models.spec import DistillStep, JobSpec, StudentModel
+from models.tables import (
+    CANCELLED,
+    CANCELLING,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    Artifact,
+    Dataset,
+    Job,
+    JobEvent,
+    Model,
+    utcnow,
+)
+from storage import get_store
+
+if TYPE_CHECKING:
+    from worker.local import LocalContext
+    from worker.pipeline import PipelineResult
+
+log = logging.getLogger(__name__)
+
+ACTIVE = (RUNNING, CANCELLING)
+PROGRESS_MIN_INTERVAL_S = 0.5
+CANCEL_POLL_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker won when it claimed a job: the attempt number it runs under."""
+
+    job_id: str
+    attempt: int
+
+
+def add_event(job_id: str, kind: str, message: str, **data: Any) -> None:
+    """Append an event to a job's log in its own short transaction."""
+    with session_scope() as s:
+        s.add(JobEvent(job_id=job_id, kind=kind, message=message, data=data))
+
+
+def claim(job_id: str, worker: str) -> Claim | None:
+    """Atomically move a queued job to running (attempt + 1); None if another worker has it or it ended.
+
+    A job left ``running`` by a worker that died (its heartbeat older than the lease) is reclaimed;
+    past ``max_attempts`` it fails with ``worker_lost``.
+    """
+    settings = get_settings()
+    now = utcnow()
+    with session_scope() as s:
+        won = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == QUEUED)
+            .values(status=RUNNING, attempt=Job.attempt + 1, worker=worker, heartbeat_at=now,
+                    started_at=now, phase="starting")
+            .returning(Job.attempt)
+        ).scalar_one_or_none()
+    if won is not None:
+        add_event(job_id, "status", f"running (attempt {won}) on {worker}", status=RUNNING, attempt=won)
+        return Claim(job_id, won)
+    return _reclaim_abandoned(job_id, worker, settings.job_lease_seconds)
+
+
+def _reclaim_abandoned(job_id: str, worker: str, lease_s: int) -> Claim | None:
+    """Wait for an active job's heartbeat to go stale, then take it over (or give up if it finishes)."""
+    deadline = time.monotonic() + lease_s * 2 + 5
+    while time.monotonic() < deadline:
+        with session_scope() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.status in TERMINAL or job.status == QUEUED:
+                return None
+            stale_before = utcnow() - timedelta(seconds=lease_s)
+            if job.attempt >= job.max_attempts and (job.heartbeat_at is None or job.heartbeat_at < stale_before):
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status.in_(ACTIVE), Job.attempt == job.attempt)
+                    .values(status=FAILED, finished_at=utcnow(), phase="failed",
+                            error={"code": "worker_lost", "step": None,
+                                   "message": f"the worker died {job.attempt} times running this job"})
+                )
+                s.add(JobEvent(job_id=job_id, kind="status", message="failed: worker lost", data={"status": FAILED}))
+                return None
+            won = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_(ACTIVE), Job.attempt == job.attempt,
+                       or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before))
+                .values(attempt=Job.attempt + 1, worker=worker, heartbeat_at=utcnow(), phase="restarting")
+                .returning(Job.attempt)
+            ).scalar_one_or_none()
+        if won is not None:
+            add_event(job_id, "status", f"worker lost; restarted (attempt {won}) on {worker}",
+                      status=RUNNING, attempt=won)
+            return Claim(job_id, won)
+        time.sleep(min(2.0, lease_s / 4))
+    return None
+
+
+class _Heartbeat(threading.Thread):
+    """Refreshes jobs.heartbeat_at while the job runs, so a redelivered task knows this worker lives."""
+
+    def __init__(self, claim: Claim, interval_s: float) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{claim.job_id}")
+        self.claim = claim
+        self.interval_s = interval_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            try:
+                with session_scope() as s:
+                    s.execute(
+                        update(Job)
+                        .where(Job.id == self.claim.job_id, Job.attempt == self.claim.attempt)
+                        .values(heartbeat_at=utcnow())
+                    )
+            except Exception:  # a transient DB error must not kill the job; the next beat retries
+                log.warning("heartbeat failed for %s", self.claim.job_id, exc_info=True)
+
+
+def _make_context(claim: Claim, spec: JobSpec, workdir: Path) -> LocalContext:
+    from worker.local import LocalContext
+
+    class DBContext(LocalContext):
+        """LocalContext whose progress, events and cancel flag live in the jobs table."""
+
+        def __init__(self) -> None:
+            super().__init__(workdir=workdir, spec=spec, models=_model_refs(spec), datasets=_dataset_refs(spec))
+            self._step = 0
+            self._steps = 0
+            self._last_write = 0.0
+            self._last_cancel_check = 0.0
+            self._label = "starting"
+
+        def begin_step(self, index: int, total: int, label: str) -> None:
+            super().begin_step(index, total, label)
+            self._step, self._steps, self._label = index, total, label
+            self._write(label, fraction=0.0, force=True)
+            add_event(claim.job_id, "phase", label, step=index + 1, steps=total)
+
+        def progress(self, phase: str, *, fraction: float | None = None, epoch: int | None = None,
+                     epochs: int | None = None, metrics: dict[str, Any] | None = None) -> None:
+            super().progress(phase, fraction=fraction, epoch=epoch, epochs=epochs, metrics=metrics)
+            self._write(phase, fraction=fraction, epoch=epoch, epochs=epochs, metrics=metrics,
+                        force=epoch is not None or metrics is not None)
+            if epoch is not None or metrics is not None:
+                add_event(claim.job_id, "progress", phase, epoch=epoch, epochs=epochs, metrics=metrics or {})
+
+        def log(self, message: str, **data: Any) -> None:
+            super().log(message, **data)
+            add_event(claim.job_id, "log", message, **data)
+
+        def check_cancelled(self) -> None:
+            now = time.monotonic()
+            if now - self._last_cancel_check >= CANCEL_POLL_INTERVAL_S:
+                self._last_cancel_check = now
+                with session_scope() as s:
+                    self.cancelled = bool(s.scalar(select(Job.cancel_requested).where(Job.id == claim.job_id)))
+            super().check_cancelled()
+
+        def _write(self, phase: str, *, fraction: float | None = None, epoch: int | None = None,
+                   epochs: int | None = None, metrics: dict[str, Any] | None = None, force: bool = False) -> None:
+            now = time.monotonic()
+            if not force and now - self._last_write < PROGRESS_MIN_INTERVAL_S:
+                return
+            self._last_write = now
+            within = min(max(fraction or 0.0, 0.0), 1.0)
+            percent = 100.0 * (self._step + within) / self._steps if self._steps else 0.0
+            progress: dict[str, Any] = {"step": self._step + 1, "steps": self._steps, "percent": round(percent, 1),
+                                        "epoch": epoch, "epochs": epochs, "metrics": metrics or {}}
+            with session_scope() as s:
+                s.execute(
+                    update(Job)
+                    .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status.in_(ACTIVE))
+                    .values(phase=phase[:128], progress=progress, heartbeat_at=utcnow())
+                )
+
+    return DBContext()
+
+
+def _model_refs(spec: JobSpec) -> dict[str, tuple[Path, str, dict[str, Any]]]:
+    ids = {spec.model}
+    for step in spec.steps:
+        if isinstance(step, DistillStep):
+            if step.teacher != "input":
+                ids.add(step.teacher)
+            if isinstance(step.student, StudentModel):
+                ids.add(step.student.model)
+    store = get_store()
+    with session_scope() as s:
+        rows = s.scalars(select(Model).where(Model.id.in_(ids))).all()
+        return {m.id: (store.path(m.storage_key), m.format, dict(m.meta)) for m in rows}
+
+
+def _dataset_refs(spec: JobSpec) -> dict[str, tuple[Path, str, dict[str, Any]]]:
+    ids = {i for i in (spec.data.train, spec.data.eval, spec.data.calibration) if i}
+    store = get_store()
+    with session_scope() as s:
+        rows = s.scalars(select(Dataset).where(Dataset.id.in_(ids))).all()
+        return {d.id: (store.path(d.storage_key), d.format, dict(d.meta)) for d in rows}
+
+
+_MEDIA_TYPES = {".onnx": "application/octet-stream", ".json": "application/json", ".html": "text/html"}
+
+
+def _store_artifacts(claim: Claim, owner: str, files: dict[str, tuple[str, Path]]) -> list[str]:
+    """Store files as the job's artifacts, keyed by (job, name): a re-run overwrites, never duplicates."""
+    store = get_store()
+    ids: list[str] = []
+    for name, (kind, path) in files.items():
+        blob = store.put_file(path)
+        with session_scope() as s:
+            art = s.scalar(select(Artifact).where(Artifact.job_id == claim.job_id, Artifact.name == name))
+            if art is None:
+                art = Artifact(id=new_id("art"), owner=owner, job_id=claim.job_id, name=name)
+                s.add(art)
+            art.kind = kind
+            art.media_type = _MEDIA_TYPES.get(path.suffix, "application/octet-stream")
+            art.sha256, art.size_bytes, art.storage_key = blob.sha256, blob.size_bytes, blob.key
+            art.meta = {"attempt": claim.attempt}
+            art.created_at = utcnow()
+            s.flush()
+            ids.append(art.id)
+    return ids
+
+
+def _finish(claim: Claim, status: str, *, error: dict[str, Any] | None = None,
+            result: dict[str, Any] | None = None, message: str = "") -> bool:
+    """Move the job to a terminal state if this attempt still owns it; False if it lost ownership."""
+    with session_scope() as s:
+        values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "phase": status, "error": error}
+        if result is not None:
+            values["result"] = result
+        done = s.execute(
+            update(Job)
+            .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status.in_(ACTIVE))
+            .values(**values)
+        ).rowcount
+        if done:
+            data: dict[str, Any] = {"status": status}
+            if error:
+                data["error"] = error
+            s.add(JobEvent(job_id=claim.job_id, kind="status", message=message or status, data=data))
+    return bool(done)
+
+
+def _record_success(claim: Claim, owner: str, out: PipelineResult, spec: JobSpec, workdir: Path) -> None:
+    import json
+
+    report_path = workdir / "report.json"
+    report_path.write_text(json.dumps(out.report, indent=2, default=str))
+    files: dict[str, tuple[str, Path]] = {"model.onnx": ("model", out.output_path), "report.json": ("report", report_path)}
+    files.update({name: ("extra", path) for name, path in out.files.items()})
+    artifact_ids = _store_artifacts(claim, owner, files)
+    result = {"artifact_ids": artifact_ids, "report": out.report}
+    budget = out.report.get("budget") or {}
+    if budget.get("met") is False:
+        drop = budget.get("accuracy_drop")
+        error = {"code": "accuracy_budget_exceeded", "step": "evaluate",
+                 "message": f"accuracy dropped by {drop} (allowed {spec.evaluate.max_accuracy_drop}); "
+                            "the model is still downloadable"}
+        _finish(claim, FAILED, error=error, result=result, message="failed: accuracy budget exceeded")
+    else:
+        _finish(claim, SUCCEEDED, result=result, message="succeeded")
+
+
+def execute(job_id: str) -> str | None:
+    """Claim and run ``job_id``; returns the terminal status this worker set (None if it did not run it)."""
+    from worker.passes.base import JobCancelled
+    from worker.pipeline import StepError, run
+
+    settings = get_settings()
+    me = f"{socket.gethostname()}:{threading.get_native_id()}"
+    won = claim(job_id, me)
+    if won is None:
+        log.info("job %s not claimed (taken, finished or cancelled)", job_id)
+        return None
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        spec, owner = JobSpec.model_validate(job.spec), job.owner
+    workdir = settings.home / "work" / job_id / f"attempt-{won.attempt}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    beat = _Heartbeat(won, max(1.0, settings.job_lease_seconds / 4))
+    beat.start()
+    try:
+        ctx = _make_context(won, spec, workdir)
+        out = run(spec, ctx)
+        _record_success(won, owner, out, spec, workdir)
+        status: str = SUCCEEDED
+    except JobCancelled:
+        _finish(won, CANCELLED, message="cancelled")
+        status = CANCELLED
+    except StepError as e:
+        _finish(won, FAILED, error={"code": e.code, "message": e.message, "step": e.step},
+                message=f"failed in {e.step}: {e.message}")
+        status = FAILED
+    except Exception as e:
+        from celery.exceptions import SoftTimeLimitExceeded
+
+        if isinstance(e, SoftTimeLimitExceeded):
+            error = {"code": "time_limit", "step": None,
+                     "message": f"the job ran past the soft time limit of {settings.task_soft_time_limit} s"}
+        else:
+            log.exception("job %s failed outside a step", job_id)
+            error = {"code": "internal_error", "step": "setup", "message": f"{type(e).__name__}: {e}"}
+        _finish(won, FAILED, error=error, message=f"failed: {error['message']}")
+        status = FAILED
+    finally:
+        beat.stopped.set()
+        shutil.rmtree(workdir, ignore_errors=True)
+    with session_scope() as s:
+        final = s.scalar(select(Job.status).where(Job.id == job_id))
+    return final if final in TERMINAL else status

@@ -1,0 +1,48 @@
+"""Start a Celery worker (``modelpress worker``); the parent process never touches CUDA."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+from models.settings import get_settings
+
+
+def worker_argv(queues: list[str] | None, concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
+    """Arguments for ``celery worker``: prefork pool, one task per child at a time, queues from settings."""
+    s = get_settings()
+    names = queues or [s.cpu_queue, s.gpu_queue]
+    return [
+        "worker",
+        f"--queues={','.join(names)}",
+        f"--concurrency={concurrency}",
+        "--pool=prefork",
+        f"--loglevel={loglevel}",
+        f"--hostname=modelpress-{'-'.join(names)}@{socket.gethostname()}",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+
+
+def run_worker(queues: list[str] | None = None, concurrency: int = 1, loglevel: str = "INFO") -> None:
+    """Run a worker in this process until it is stopped (SIGTERM: warm shutdown)."""
+    from worker.celery_app import get_celery
+
+    import worker.tasks  # noqa: F401  (registers the task)
+
+    get_celery().worker_main(worker_argv(queues, concurrency, loglevel))
+
+
+def main() -> None:
+    """``python -m worker.main --queues cpu,gpu``."""
+    p = argparse.ArgumentParser(description="modelpress worker")
+    p.add_argument("--queues", default="")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--loglevel", default="INFO")
+    a = p.parse_args()
+    run_worker([q for q in a.queues.split(",") if q] or None, a.concurrency, a.loglevel)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The Celery task: takes only a job id; everything else lives in the database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.signals import worker_process_init
+
+from worker.celery_app import TASK_NAME, get_celery
+
+app = get_celery()
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: Any) -> None:
+    """A forked pool child must not reuse the parent's DB connections."""
+    from models.db import reset_engines
+
+    reset_engines()
+
+
+@app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)
+def run_job(job_id: str) -> str | None:
+    """Run job ``job_id`` (claim, pipeline, record); returns the terminal status it set."""
+    from worker.jobs import execute
+
+    return execute(job_id)
