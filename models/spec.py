@@ -141,10 +141,15 @@ class LatencyConfig(_Strict):
     batch_size: int = Field(1, ge=1, le=4096)
 
 
+Metric = Literal["accuracy", "latency", "size", "fidelity"]
+
+
+def _all_metrics() -> list[Metric]:
+    return ["accuracy", "latency", "size", "fidelity"]
+
+
 class EvaluateConfig(_Strict):
-    metrics: list[Literal["accuracy", "latency", "size", "fidelity"]] = Field(
-        default_factory=lambda: ["accuracy", "latency", "size", "fidelity"]
-    )
+    metrics: list[Metric] = Field(default_factory=_all_metrics)
     max_accuracy_drop: float | None = Field(None, ge=0.0, le=1.0)
     max_samples: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1, le=65536)

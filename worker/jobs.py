@@ -259,13 +259,14 @@ def _finish(claim: Claim, status: str, *, error: dict[str, Any] | None = None,
             update(Job)
             .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status.in_(ACTIVE))
             .values(**values)
-        ).rowcount
+            .returning(Job.id)
+        ).scalar_one_or_none()
         if done:
             data: dict[str, Any] = {"status": status}
             if error:
                 data["error"] = error
             s.add(JobEvent(job_id=claim.job_id, kind="status", message=message or status, data=data))
-    return bool(done)
+    return done is not None
 
 
 def _record_success(claim: Claim, owner: str, out: PipelineResult, spec: JobSpec, workdir: Path) -> None:

@@ -1,0 +1,121 @@
+"""The ``modelpress`` command against a real API server: exit codes, --json, optimize --dry-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.spec import JobSpec
+from tests.client.conftest import tiny_npz, tiny_onnx
+from tests.client.test_sdk import _job_with_artifact, insert_job
+from tests.e2e.harness import LiveService, free_port
+
+BIN = Path(sys.executable).with_name("modelpress")
+
+
+def mp(*args: str, url: str | None = None, check: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed console script (``python -m client.cli`` when the script is missing)."""
+    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "client.cli"]
+    if url:
+        cmd += ["--url", url]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
+    env["COLUMNS"] = "200"
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=120)
+    if check is not None:
+        assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("cli-assets")
+    return {"model": tiny_onnx(d / "tiny.onnx"), "data": tiny_npz(d / "tiny.npz"), "dir": d}
+
+
+def test_optimize_dry_run_prints_a_valid_spec_without_a_server(files: dict[str, Path]) -> None:
+    out = mp("--url", f"http://127.0.0.1:{free_port()}", "optimize", str(files["model"]),
+             "--data", f"{files['data']},eval.npz", "--prune", "0.5", "--quantize", "int8-static",
+             "--task", "image-classification", "--epochs", "2", "--out", "x", "--dry-run", check=0)
+    spec = JobSpec.model_validate(json.loads(out.stdout))
+    assert [s.type for s in spec.steps] == ["prune", "distill", "quantize"]  # recovery added after prune
+    assert spec.steps[0].ratio == 0.5 and spec.steps[1].epochs == 2 and spec.steps[2].mode == "static"
+    assert spec.model == f"<upload:{files['model']}>"
+    assert spec.data.train == f"<upload:{files['data']}>" and spec.data.eval == "<upload:eval.npz>"
+    no_recover = json.loads(mp("optimize", "m.onnx", "--data", "t.npz", "--prune", "0.3", "--no-recover",
+                               "--out", "x", "--dry-run", check=0).stdout)
+    assert [s["type"] for s in no_recover["steps"]] == ["prune"]
+    bad = mp("optimize", "m.onnx", "--distill", "--out", "x", "--dry-run", check=2)
+    assert "steps.0" in bad.stderr and "data.train" in bad.stderr
+    assert mp("optimize", "m.onnx", "--out", "x", "--dry-run", check=2).stderr.startswith("error: nothing to do")
+    assert mp("optimize", "m.onnx", "--quantize", "int3", "--out", "x", check=2).returncode == 2  # argparse
+
+
+def test_connection_errors_exit_3() -> None:
+    out = mp("jobs", "list", url=f"http://127.0.0.1:{free_port()}", check=3)
+    assert "cannot reach" in out.stderr
+
+
+def test_upload_list_show_and_json(api_service: LiveService, files: dict[str, Path]) -> None:
+    up = json.loads(mp("models", "upload", str(files["model"]), "--json", url=api_service.url, check=0).stdout)
+    assert up["format"] == "onnx" and up["id"].startswith("mdl_")
+    ds = json.loads(mp("datasets", "upload", str(files["data"]), "--json", url=api_service.url, check=0).stdout)
+    assert ds["format"] == "npz"
+    models = json.loads(mp("models", "list", "--json", url=api_service.url, check=0).stdout)
+    assert up["id"] in [m["id"] for m in models]
+    assert up["id"] in mp("models", "list", url=api_service.url, check=0).stdout
+    spec = files["dir"] / "spec.yaml"
+    spec.write_text(f"model: {up['id']}\ndata: {{eval: {ds['id']}}}\nsteps:\n  - type: quantize\n")
+    job_id = mp("jobs", "submit", str(spec), url=api_service.url, check=0).stdout.strip()
+    shown = json.loads(mp("jobs", "show", job_id, "--json", url=api_service.url, check=0).stdout)
+    assert shown["id"] == job_id and shown["status"] == "queued"
+    listed = json.loads(mp("jobs", "list", "--json", "--status", "queued", url=api_service.url, check=0).stdout)
+    assert job_id in [j["id"] for j in listed]
+    assert "queued" in mp("jobs", "show", job_id, url=api_service.url, check=0).stdout
+    cancelled = json.loads(mp("jobs", "cancel", job_id, "--json", url=api_service.url, check=0).stdout)
+    assert cancelled["status"] in ("cancelled", "cancelling")
+
+
+def test_validation_and_not_found_exit_2_with_detail_and_field(api_service: LiveService, files: dict[str, Path]) -> None:
+    out = mp("jobs", "show", "job_missing", url=api_service.url, check=2)
+    assert "404" in out.stderr and "not_found" in out.stderr
+    spec = files["dir"] / "bad.json"
+    spec.write_text(json.dumps({"model": "mdl_unknown", "steps": [{"type": "quantize"}]}))
+    out = mp("jobs", "submit", str(spec), url=api_service.url, check=2)
+    assert "422" in out.stderr and "field model" in out.stderr
+
+
+def test_failed_job_exits_1_with_code_and_step(api_service: LiveService, files: dict[str, Path]) -> None:
+    model = json.loads(mp("models", "upload", str(files["model"]), "--json", url=api_service.url, check=0).stdout)
+    job_id = insert_job(api_service, model["id"], status="failed", phase="failed",
+                        error={"code": "step_failed", "message": "prune found no prunable layer", "step": "prune"})
+    out = mp("jobs", "wait", job_id, url=api_service.url, check=1)
+    assert "step_failed" in out.stderr and "prune found no prunable layer" in out.stderr and "step prune" in out.stderr
+
+
+def test_download_exits_1_on_a_tampered_artifact(api_service: LiveService, files: dict[str, Path], tmp_path: Path) -> None:
+    model = json.loads(mp("models", "upload", str(files["model"]), "--json", url=api_service.url, check=0).stdout)
+    job_id, blob = _job_with_artifact(api_service, model["id"], os.urandom(200_000))
+    out = mp("download", job_id, str(tmp_path / "ok"), "--json", url=api_service.url, check=0)
+    assert [Path(p).name for p in json.loads(out.stdout)] == ["model.onnx"]
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    out = mp("download", job_id, str(tmp_path / "bad"), url=api_service.url, check=1)
+    assert "sha256 mismatch" in out.stderr
+    assert not (tmp_path / "bad" / "model.onnx").exists()
+
+
+@pytest.mark.e2e
+def test_optimize_end_to_end(live_worker_service: LiveService, files: dict[str, Path], tmp_path: Path) -> None:
+    out = mp("optimize", str(files["model"]), "--data", str(files["data"]), "--quantize", "int8",
+             "--out", str(tmp_path / "out"), url=live_worker_service.url, check=0)
+    assert any(p.suffix == ".onnx" for p in (tmp_path / "out").iterdir())
+    assert "before" in out.stdout and "size" in out.stdout
+    job_id = json.loads(mp("jobs", "list", "--json", url=live_worker_service.url, check=0).stdout)[0]["id"]
+    logs = mp("jobs", "logs", job_id, "--follow", "--json", url=live_worker_service.url, check=0)
+    assert [json.loads(line)["job_id"] for line in logs.stdout.splitlines()] and job_id in logs.stdout

@@ -1,0 +1,111 @@
+"""The report and the dashboard in headless Chromium: screenshots, charts rendered, no external requests."""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from api.routes import ui
+from tests.api.report_samples import insert_job
+from tests.client.cdp import Browser, distinct_colours, find_chromium
+from tests.e2e.harness import free_port
+
+CHROMIUM = find_chromium()
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
+
+CHART_SIZES = """JSON.stringify(Array.from(document.querySelectorAll('svg rect.bar, svg polyline')).map(e => {
+  const b = e.getBoundingClientRect(); return [e.tagName, b.width, b.height]; }))"""
+
+
+@pytest.fixture
+def server(pg_env: str) -> Iterator[str]:
+    """The UI routes served by uvicorn in a thread, on this test's database."""
+    app = FastAPI()
+    app.include_router(ui.router)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    yield url
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    assert CHROMIUM is not None
+    b = Browser(CHROMIUM, tmp_path / "profile")
+    yield b
+    b.close()
+
+
+def _assert_screenshot(png: bytes) -> None:
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert width >= 800 and height >= 400
+    assert len(png) > 5_000
+    assert distinct_colours(png) > 8  # text, bars in two colours, badges: far from a blank page
+
+
+def _assert_local_only(browser: Browser, base: str) -> None:
+    urls = browser.requested_urls()
+    assert urls, "the network log is empty: the monitor did not work"
+    outside = [u for u in urls if not u.startswith(base + "/")]
+    assert outside == []
+
+
+def test_report_renders_with_charts_and_no_external_requests(
+    server: str, browser: Browser, tmp_path: Path
+) -> None:
+    job_id, _ = insert_job()
+    browser.open(f"{server}/v1/jobs/{job_id}/report.html")
+    assert browser.evaluate("document.title") == f"modelpress report {job_id}"
+    shapes = json.loads(browser.evaluate(CHART_SIZES))
+    bars = [s for s in shapes if s[0] == "rect"]
+    lines = [s for s in shapes if s[0] == "polyline"]
+    assert len(bars) == 13 and len(lines) == 3
+    assert all(w > 0 and h > 0 for _, w, h in bars)
+    assert all(w > 50 and h > 10 for _, w, h in lines)  # a drawn curve, not a dot
+    assert browser.evaluate("document.querySelectorAll('table.compare tbody tr').length") >= 5
+    png = browser.screenshot(tmp_path / "report.png")
+    _assert_screenshot(png)
+    _assert_local_only(browser, server)
+
+
+def test_dashboard_renders_and_makes_no_external_requests(
+    server: str, browser: Browser, tmp_path: Path
+) -> None:
+    insert_job()
+    insert_job(status="running", phase="training epoch 1/4",
+               progress={"step": 2, "steps": 3, "percent": 40.0, "epoch": 1, "epochs": 4})
+    browser.open(f"{server}/")
+    assert browser.evaluate("document.querySelectorAll('tr.job').length") == 2
+    widths = browser.evaluate(
+        "Array.from(document.querySelectorAll('.bar > span')).map(e => e.getBoundingClientRect().width)"
+    )
+    assert sorted(widths)[0] > 0 and sorted(widths)[1] > sorted(widths)[0]
+    png = browser.screenshot(tmp_path / "dashboard.png")
+    _assert_screenshot(png)
+    _assert_local_only(browser, server)
+    assert httpx.get(f"{server}/").status_code == 200
+
+
+def test_network_monitor_sees_external_requests(browser: Browser) -> None:
+    """The check above is meaningful: a page that does reference the outside is caught."""
+    html = '<html><body><img src="http://example.invalid/pixel.png"></body></html>'
+    browser.open("data:text/html," + html)
+    assert any(u.startswith("http://example.invalid/") for u in browser.requested_urls())

@@ -1,0 +1,48 @@
+"""No Docker engine runs here: check docker-compose.yml and the Dockerfile against the code instead."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli_help(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "from client.cli import main; main()", *args, "--help"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_compose_services_and_their_commands_exist_in_the_cli() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"postgres", "redis", "migrate", "api", "worker"} <= set(services)
+    gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    for name in ("migrate", "api", "worker"):
+        command = services[name]["command"]
+        assert command[0] == "modelpress", name
+        sub = [c for c in command[1:] if not c.startswith("-")][:1]
+        result = _cli_help(sub)
+        assert result.returncode == 0, (name, result.stderr)
+        for flag in (c.split("=")[0] for c in command[1:] if c.startswith("--")):
+            assert flag in result.stdout, (name, flag)
+    env = services["api"]["environment"]
+    assert env["MODELPRESS_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert env["MODELPRESS_BROKER_URL"].startswith("redis://")
+
+
+def test_dockerfile_copies_every_package_and_runs_a_cli_command() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\S+) \./", text, flags=re.M))
+    for pkg in ("api", "worker", "models", "storage", "migrations", "client"):
+        assert pkg in copied and (ROOT / pkg / "__init__.py").exists(), pkg
+    cmd = re.search(r'^CMD \[(.*)\]$', text, flags=re.M)
+    assert cmd is not None
+    args = [a.strip().strip('"') for a in cmd.group(1).split(",")]
+    assert args[0] == "modelpress" and _cli_help([args[1]]).returncode == 0
