@@ -27,9 +27,8 @@ def worker_argv(queues: list[str] | None, concurrency: int = 1, loglevel: str = 
 
 def run_worker(queues: list[str] | None = None, concurrency: int = 1, loglevel: str = "INFO") -> None:
     """Run a worker in this process until it is stopped (SIGTERM: warm shutdown)."""
-    from worker.celery_app import get_celery
-
     import worker.tasks  # noqa: F401  (registers the task)
+    from worker.celery_app import get_celery
 
     get_celery().worker_main(worker_argv(queues, concurrency, loglevel))
 

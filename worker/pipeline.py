@@ -1,0 +1,258 @@
+"""The pure pipeline: spec + context -> final ONNX model + report. No DB, no Celery.
+
+Baseline evaluation of the input model, each step (converting the working model to the form its
+pass takes, measuring the task metric right after it), export to ONNX, evaluation of the output with
+the same harness and the baseline's outputs as reference, then gains and the accuracy budget.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from worker.passes.base import JobCancelled, Pass, StepFailed, WorkingModel
+
+if TYPE_CHECKING:
+    from models.spec import JobSpec
+    from worker.evaluate import Evaluation
+    from worker.passes.base import PipelineContext
+
+T = TypeVar("T")
+# Keys of an evaluation kept in a step's after-step measurement (ONNX form).
+_STEP_EVAL_KEYS = ("accuracy", "metric", "fidelity", "size_bytes", "params", "macs", "num_samples")
+
+
+@dataclass
+class PipelineResult:
+    """The final ONNX model, the report (JSON-safe; the runner stores it), and extra artifact files by name."""
+
+    output_path: Path
+    report: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+class StepError(Exception):
+    """A pipeline stage failed: ``step`` names it (e.g. ``steps[1] quantize``), ``code``/``message`` say why."""
+
+    def __init__(self, step: str, code: str, message: str) -> None:
+        super().__init__(f"{step}: [{code}] {message}")
+        self.step = step
+        self.code = code
+        self.message = message
+
+
+@contextmanager
+def _stage(step: str) -> Iterator[None]:
+    """Wrap any failure inside as a StepError naming ``step`` (JobCancelled passes through)."""
+    try:
+        yield
+    except (JobCancelled, StepError):
+        raise
+    except StepFailed as e:
+        raise StepError(step, e.code, e.message) from e
+    except Exception as e:
+        raise StepError(step, "step_failed", f"{type(e).__name__}: {e}") from e
+
+
+def step_label(step: Any) -> str:
+    """A human label for a step, used as the job's phase (e.g. ``quantize (static)``)."""
+    t = step.type
+    if t == "quantize":
+        return f"quantize ({step.mode})"
+    if t == "prune":
+        return f"prune ({step.method} {step.ratio:g})"
+    if t == "finetune":
+        return f"finetune ({step.mode})"
+    if t == "export":
+        return f"export (opset {step.opset})"
+    return str(t)
+
+
+def pass_for(step_type: str) -> Pass:
+    """The registered pass for ``step_type`` (importing only its own module)."""
+    from worker.passes import REGISTRY
+
+    if step_type not in REGISTRY:
+        importlib.import_module(f"worker.passes.{step_type}")
+    return REGISTRY[step_type]()
+
+
+def _to_form(model: WorkingModel, form: str, ctx: PipelineContext, opset: int, name: str) -> WorkingModel:
+    if model.form == form:
+        return model
+    from worker import convert  # written alongside the torch passes; imported only when needed
+
+    if form == "onnx":
+        return convert.to_onnx(model, ctx, opset, name=name)
+    return convert.to_torch(model, ctx)
+
+
+def _timed(fn: Callable[[], T]) -> tuple[T, float]:
+    t0 = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - t0
+
+
+def _measure_after_step(
+    model: WorkingModel, ctx: PipelineContext, spec: JobSpec, reference: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The task metric right after a step, on the eval data (no latency)."""
+    data = ctx.dataset("eval", model)
+    if data is None:
+        return {"measured": False, "reason": "no eval dataset"}
+    if model.form == "onnx" and model.onnx_path is not None:
+        from worker.evaluate import evaluate
+
+        ev = evaluate(model.onnx_path, data, spec.evaluate, spec.task, reference, latency=False)
+        return {"measured": True, **{k: ev[k] for k in _STEP_EVAL_KEYS if k in ev}}
+    try:
+        from worker.convert import torch_metric
+    except ImportError:  # module or attribute not there yet
+        return {"measured": False, "reason": "torch metric not available"}
+    data = data.take(spec.evaluate.max_samples)  # the samples the baseline's reference outputs cover
+    primary = None if reference is None else next(iter(reference.values()), None)
+    return {"measured": True, **torch_metric(model, data, spec, reference=primary)}
+
+
+def _metric_value(ev: dict[str, Any]) -> float | None:
+    metric = ev.get("metric") or {}
+    value = metric.get("value")
+    return None if value is None else float(value)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return float(a) / float(b)
+
+
+def _latency(ev: dict[str, Any]) -> float | None:
+    lat = ev.get("latency_ms")
+    return None if not lat else lat.get("median")
+
+
+def _environment(spec: JobSpec, device: str) -> dict[str, Any]:
+    import onnx
+    import onnxruntime as ort
+
+    return {
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "execution_provider": "CPUExecutionProvider",
+        "threads": spec.evaluate.latency.threads,
+        "device": device,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def build_report(
+    spec: JobSpec, baseline: dict[str, Any], output: dict[str, Any], steps: list[dict[str, Any]], device: str
+) -> dict[str, Any]:
+    """The job report: input and output evaluations, per-step entries, gains and the accuracy budget."""
+    in_metric, out_metric = _metric_value(baseline), _metric_value(output)
+    in_acc, out_acc = baseline.get("accuracy"), output.get("accuracy")
+    drop = None if in_metric is None or out_metric is None else in_metric - out_metric
+    max_drop = spec.evaluate.max_accuracy_drop
+    budget: dict[str, Any] = {
+        "max_accuracy_drop": max_drop,
+        "metric": (baseline.get("metric") or {}).get("name"),
+        "accuracy_drop": drop,
+        "met": True,
+    }
+    if max_drop is not None:
+        if drop is None:
+            budget["met"] = False
+            budget["reason"] = "the metric could not be measured (no eval data or no labels)"
+        else:
+            budget["met"] = bool(drop <= max_drop + 1e-12)
+    return {
+        "task": spec.task,
+        "pipeline": [s["label"] for s in steps],
+        "input": baseline,
+        "output": output,
+        "steps": steps,
+        "fidelity": output.get("fidelity"),
+        "gains": {
+            "size_ratio": _ratio(baseline.get("size_bytes"), output.get("size_bytes")),
+            "latency_ratio": _ratio(_latency(baseline), _latency(output)),
+            "params_ratio": _ratio(baseline.get("params"), output.get("params")),
+            "macs_ratio": _ratio(baseline.get("macs"), output.get("macs")),
+            "accuracy_delta": None if in_acc is None or out_acc is None else out_acc - in_acc,
+            "metric_delta": None if in_metric is None or out_metric is None else out_metric - in_metric,
+        },
+        "budget": budget,
+        "environment": _environment(spec, device),
+    }
+
+
+def _evaluate(
+    model: WorkingModel, ctx: PipelineContext, spec: JobSpec, reference: dict[str, Any] | None
+) -> Evaluation:
+    from worker.evaluate import evaluate
+
+    assert model.onnx_path is not None
+    data = ctx.dataset("eval", model)
+    return evaluate(model.onnx_path, data, spec.evaluate, spec.task, reference)
+
+
+def run(spec: JobSpec, ctx: PipelineContext) -> PipelineResult:
+    """Run the whole job: baseline, steps, export, output evaluation; the report says what it gained."""
+    total = len(spec.steps) + 2
+    opset = spec.export.opset
+
+    ctx.check_cancelled()
+    ctx.begin_step(0, total, "evaluate input")
+    with _stage("evaluate input"):
+        model = ctx.load_model("input")
+        baseline_onnx = _to_form(model, "onnx", ctx, opset, "input")
+        baseline, wall = _timed(lambda: _evaluate(baseline_onnx, ctx, spec, None))
+        baseline_report = {**baseline, "wall_s": wall}
+    reference = baseline.outputs
+
+    steps: list[dict[str, Any]] = []
+    for i, step in enumerate(spec.steps):
+        ctx.check_cancelled()
+        label = step_label(step)
+        ctx.begin_step(i + 1, total, label)
+        with _stage(f"steps[{i}] {step.type}"):
+            p = pass_for(step.type)
+            model = _to_form(model, p.takes, ctx, opset, f"step{i}")
+            t0 = time.perf_counter()
+            result = p.run(model, step, ctx)
+            wall = time.perf_counter() - t0
+            model = result.model
+            ctx.check_cancelled()
+            after = _measure_after_step(model, ctx, spec, reference)
+        steps.append(
+            {
+                "index": i,
+                "type": step.type,
+                "label": label,
+                "wall_s": wall,
+                "metrics": result.metrics,
+                "eval": after,
+                "curve": result.curve,
+            }
+        )
+        ctx.log(f"step {label} done", wall_s=wall, eval=after)
+
+    ctx.check_cancelled()
+    ctx.begin_step(total - 1, total, "export + evaluate output")
+    with _stage("export"):
+        model = _to_form(model, "onnx", ctx, opset, "output")
+    assert model.onnx_path is not None
+    with _stage("evaluate output"):
+        output, wall = _timed(lambda: _evaluate(model, ctx, spec, reference))
+    output_report = {**output, "wall_s": wall}
+
+    report = build_report(spec, baseline_report, output_report, steps, ctx.device)
+    return PipelineResult(output_path=Path(model.onnx_path), report=report)
