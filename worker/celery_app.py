@@ -17,7 +17,8 @@ def make_celery() -> Celery:
     app = Celery("modelpress", broker=s.broker_url, include=["worker.tasks"])
     transport_options: dict[str, object] = {"visibility_timeout": s.visibility_timeout}
     if s.broker_url.startswith("sqla+"):
-        transport_options = {"polling_interval": 0.2}
+        # kombu's SQLAlchemy transport hands its options to create_engine.
+        transport_options = {"connect_args": {"timeout": 30}}
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -1,0 +1,40 @@
+"""``python -m bench``: every benchmark once at modest sizes (the full sizes are each script's defaults)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from bench import api_latency, job_overhead, upload_stream
+
+MODEST: dict[str, tuple[Callable[[list[str] | None], dict[str, Any]], list[str]]] = {
+    "api_latency": (api_latency.main, ["--duration", "5", "--warmup", "1", "--rounds", "2"]),
+    "upload_stream": (upload_stream.main, ["--size-mib", "256"]),
+    "job_overhead": (job_overhead.main, ["--repeats", "2", "--samples", "32"]),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(MODEST)} (default: all)")
+    a = p.parse_args(argv)
+    if unknown := [n for n in a.names if n not in MODEST]:
+        p.error(f"unknown benchmark(s): {', '.join(unknown)}")
+    failed = []
+    for name in a.names or list(MODEST):
+        fn, args = MODEST[name]
+        print(f"== {name} {' '.join(args)}", file=sys.stderr, flush=True)
+        try:
+            fn(args)
+        except Exception:
+            traceback.print_exc()
+            print(f"[{name}] FAILED (see the traceback above)", flush=True)
+            failed.append(name)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
