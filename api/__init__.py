@@ -1,0 +1,1 @@
+"""The modelpress HTTP API (FastAPI): thin routes, services, problem+json errors. Never imports torch."""

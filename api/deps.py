@@ -1,0 +1,54 @@
+"""Request dependencies: who the caller is (API key → owner) and a short DB session per request."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from api.errors import ProblemError
+from models.db import session_scope
+from models.settings import Settings, get_settings
+
+
+def settings_dep() -> Settings:
+    """The process settings (a dependency so tests can override it)."""
+    return get_settings()
+
+
+def owner_for_key(settings: Settings, key: str | None) -> str | None:
+    """The owner a bearer key belongs to, or None; one local owner for now (keys per owner come later)."""
+    if not settings.api_key:
+        return settings.owner
+    if key is not None and hmac.compare_digest(key.encode(), settings.api_key.encode()):
+        return settings.owner
+    return None
+
+
+def current_owner(request: Request, settings: Annotated[Settings, Depends(settings_dep)]) -> str:
+    """The owner of this request; 401 problem when an API key is configured and not presented."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    key = token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    owner = owner_for_key(settings, key)
+    if owner is None:
+        raise ProblemError(
+            401,
+            "unauthorized",
+            "missing or invalid API key (send 'Authorization: Bearer <key>')",
+            headers={"WWW-Authenticate": 'Bearer realm="modelpress"'},
+        )
+    return owner
+
+
+def db_session() -> Iterator[Session]:
+    """A short transaction for one request (committed when the route returns without error)."""
+    with session_scope() as session:
+        yield session
+
+
+Owner = Annotated[str, Depends(current_owner)]
+DB = Annotated[Session, Depends(db_session)]

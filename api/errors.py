@@ -1,0 +1,215 @@
+"""RFC 9457 problem+json for every error: raised ProblemErrors, HTTP errors, validation, and crashes."""
+
+from __future__ import annotations
+
+import logging
+import re
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from models.ids import new_id
+from models.schemas import Problem
+from storage.base import UploadTooLarge
+
+log = logging.getLogger("modelpress.api")
+
+PROBLEM_JSON = "application/problem+json"
+_LOC_ROOTS = frozenset({"body", "query", "path", "header", "cookie"})
+_FIELD_PREFIX = re.compile(r"^(?:Value error, |Assertion failed, )?([A-Za-z_][\w]*(?:\.\w+)*):\s*(.*)$", re.S)
+_CODES_BY_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    411: "length_required",
+    413: "upload_too_large",
+    415: "unsupported_media_type",
+    416: "range_not_satisfiable",
+    422: "validation_error",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+
+class ProblemError(Exception):
+    """An error the API answers with a problem+json body; raise it from services and routes."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+        title: str | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.errors = errors
+        self.headers = headers
+        self.title = title
+
+
+def field_error(status: int, code: str, field: str, message: str) -> ProblemError:
+    """A problem naming one offending field (``detail`` is ``"<field>: <message>"``)."""
+    return ProblemError(status, code, f"{field}: {message}", errors=[{"field": field, "message": message}])
+
+
+def not_found(kind: str, ident: str) -> ProblemError:
+    """404 for an id the owner does not have."""
+    return ProblemError(404, "not_found", f"{kind} {ident!r} not found")
+
+
+def problem_response(
+    request: Request | None,
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+    title: str | None = None,
+) -> JSONResponse:
+    """A problem+json response (``instance`` is the request path)."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    body = Problem(
+        title=title or phrase,
+        status=status,
+        detail=detail,
+        code=code,
+        instance=request.url.path if request is not None else None,
+        errors=errors,
+    )
+    return JSONResponse(
+        body.model_dump(exclude_none=True), status_code=status, headers=headers, media_type=PROBLEM_JSON
+    )
+
+
+def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """``("body", "steps", 0, "prune", "ratio")`` becomes ``steps.0.ratio`` (union tags dropped)."""
+    from models.spec import step_types
+
+    tags = set(step_types())
+    parts: list[str] = []
+    items = list(loc)
+    if items and items[0] in _LOC_ROOTS:
+        items = items[1:]
+    for i, item in enumerate(items):
+        if isinstance(item, int):
+            parts.append(str(item))
+            continue
+        text = str(item)
+        after_step_index = i >= 2 and items[i - 2] == "steps" and isinstance(items[i - 1], int)
+        if after_step_index and text in tags:
+            continue  # the discriminator tag pydantic adds for a tagged union member
+        if "[" in text or text[:1].isupper():
+            continue  # union member names (StudentLayers) and validator wrappers (function-after[...])
+        parts.append(text)
+    return ".".join(parts)
+
+
+def validation_errors(errors: list[Any] | tuple[Any, ...]) -> list[dict[str, Any]]:
+    """Pydantic errors as ``[{field, message}]``; a model-level "steps.1: ..." message names its field."""
+    out: list[dict[str, Any]] = []
+    for err in errors:
+        message = str(err.get("msg", "invalid value"))
+        if err.get("type") == "json_invalid":
+            pos = [p for p in err.get("loc", ()) if isinstance(p, int)]
+            out.append({"field": "body", "message": message + (f" at position {pos[0]}" if pos else "")})
+            continue
+        field = _field_path(err.get("loc", ()))
+        match = _FIELD_PREFIX.match(message)
+        if match and (not field or field == "body"):
+            field, message = match.group(1), match.group(2)  # a model validator's "steps.1: ..." message
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        out.append({"field": field or "body", "message": message})
+    return out
+
+
+async def _problem_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ProblemError)
+    return problem_response(
+        request, exc.status, exc.code, exc.detail, errors=exc.errors, headers=exc.headers, title=exc.title
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _CODES_BY_STATUS.get(exc.status_code, "error")
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"no resource at {request.url.path}"
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        detail = f"method {request.method} is not allowed on {request.url.path}"
+        allowed = _allowed_methods(request)
+        if allowed:
+            headers["Allow"] = ", ".join(allowed)
+    return problem_response(request, exc.status_code, code, detail, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (the router reports only the first route's)."""
+    methods: set[str] = set()
+    for router in getattr(request.app.state, "routers", []):
+        for route in router.routes:
+            regex = getattr(route, "path_regex", None)
+            if regex is not None and regex.match(request.url.path):
+                methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = validation_errors(list(exc.errors()))
+    first = errors[0] if errors else {"field": "body", "message": "invalid request"}
+    return problem_response(
+        request, 422, "validation_error", f"{first['field']}: {first['message']}", errors=errors
+    )
+
+
+async def _too_large(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, UploadTooLarge)
+    return problem_response(
+        request, 413, "upload_too_large", f"the upload is larger than the limit of {exc.limit} bytes"
+    )
+
+
+async def _disconnected(request: Request, exc: Exception) -> JSONResponse:
+    log.info("client went away during %s %s", request.method, request.url.path)
+    return problem_response(request, 400, "client_disconnected", "the client closed the connection mid-request")
+
+
+async def _crash(request: Request, exc: Exception) -> JSONResponse:
+    ref = new_id("err")
+    log.error("unhandled error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)
+    return problem_response(
+        request, 500, "internal_error", f"an unexpected error occurred (reference {ref}); it was logged"
+    )
+
+
+def install(app: FastAPI) -> None:
+    """Register the problem+json handlers on ``app``."""
+    app.add_exception_handler(ProblemError, _problem_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(UploadTooLarge, _too_large)
+    app.add_exception_handler(ClientDisconnect, _disconnected)
+    app.add_exception_handler(Exception, _crash)

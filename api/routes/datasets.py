@@ -1,0 +1,45 @@
+"""Dataset uploads (raw PUT and multipart POST) and look-ups."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from api.deps import DB, Owner
+from api.services import catalog, uploads
+from models.schemas import DatasetOut, Page
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+def _answer(response: Response, up: uploads.Uploaded) -> DatasetOut:
+    response.status_code = 201 if up.created else 200
+    response.headers["Location"] = f"/v1/datasets/{up.row.id}"
+    return catalog.dataset_out(up.row)  # type: ignore[arg-type]
+
+
+@router.put("", response_model=DatasetOut, status_code=201)
+async def put_dataset(
+    request: Request, response: Response, owner: Owner, name: str | None = None, format: str | None = None
+) -> DatasetOut:
+    """Upload a dataset as the raw body (``format`` npz, imagefolder or text); same bytes give the existing one."""
+    return _answer(response, await uploads.upload_raw(request, "dataset", owner, name, format))
+
+
+@router.post("", response_model=DatasetOut, status_code=201)
+async def post_dataset(request: Request, response: Response, owner: Owner) -> DatasetOut:
+    """Upload a dataset as multipart/form-data (``file``, ``name``, ``format`` parts)."""
+    return _answer(response, await uploads.upload_multipart(request, "dataset", owner))
+
+
+@router.get("", response_model=Page[DatasetOut])
+def list_datasets(
+    owner: Owner, db: DB, after: str | None = None, limit: int = catalog.DEFAULT_LIMIT, sha256: str | None = None
+) -> Page[DatasetOut]:
+    """The owner's datasets, newest first (``next_cursor`` feeds ``after``)."""
+    return catalog.list_datasets(db, owner, after, limit, sha256)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: str, owner: Owner, db: DB) -> DatasetOut:
+    """One dataset."""
+    return catalog.dataset_out(catalog.get_dataset(db, owner, dataset_id))

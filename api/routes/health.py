@@ -1,0 +1,38 @@
+"""Liveness, readiness and Prometheus metrics (no authentication: probes and scrapers call these)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from api.errors import problem_response
+from api.services.health import readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=None)
+async def readyz(request: Request) -> Any:
+    """Database, broker and storage reachable: 200, else 503 problem naming what is down."""
+    checks = await readiness()
+    down = {name: why for name, why in checks.items() if why != "ok"}
+    if not down:
+        return {"status": "ok", "checks": checks}
+    detail = "not ready: " + "; ".join(f"{name} ({why})" for name, why in down.items())
+    return problem_response(
+        request, 503, "not_ready", detail, errors=[{"field": name, "message": why} for name, why in down.items()]
+    )
+
+
+@router.get("/metrics")
+def metrics(request: Request) -> Response:
+    """Prometheus text exposition."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,90 @@
+"""Jobs: submit, read, list, cancel, and their events (pages and a Server-Sent Events stream)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Response
+from fastapi.responses import StreamingResponse
+
+from api.deps import DB, Owner, settings_dep
+from api.services import events as event_service
+from api.services import jobs as job_service
+from api.services.catalog import DEFAULT_LIMIT
+from models.db import session_scope
+from models.schemas import EventOut, JobOut, Page
+from models.settings import Settings
+from models.spec import JobSpec
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", response_model=JobOut, status_code=202)
+def create_job(
+    spec: JobSpec,
+    response: Response,
+    owner: Owner,
+    db: DB,
+    settings: Annotated[Settings, Depends(settings_dep)],
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JobOut:
+    """Validate and queue a job (202 + Location); a repeated Idempotency-Key returns the first job (200)."""
+    job, created = job_service.create_job(db, owner, spec, idempotency_key, settings)
+    response.status_code = 202 if created else 200
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_service.job_out(db, job)
+
+
+@router.get("", response_model=Page[JobOut])
+def list_jobs(
+    owner: Owner, db: DB, status: str | None = None, after: str | None = None, limit: int = DEFAULT_LIMIT
+) -> Page[JobOut]:
+    """The owner's jobs, newest first, optionally filtered by status."""
+    return job_service.list_jobs(db, owner, status, after, limit)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, owner: Owner, db: DB) -> JobOut:
+    """One job: status, phase, progress, error, result and timestamps."""
+    return job_service.job_out(db, job_service.get_job(db, owner, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, owner: Owner, db: DB) -> JobOut:
+    """Cancel a queued job now, or ask a running one to stop; 409 when it already finished."""
+    return job_service.job_out(db, job_service.cancel_job(db, owner, job_id))
+
+
+@router.get("/{job_id}/events", response_model=Page[EventOut])
+def list_events(
+    job_id: str, owner: Owner, db: DB, after: str | None = None, limit: int = 100
+) -> Page[EventOut]:
+    """The job's events after the ``after`` event id, oldest first."""
+    job_service.get_job(db, owner, job_id)
+    return event_service.list_events(db, job_id, event_service.parse_cursor(after, "after"), limit)
+
+
+def _check_job(owner: str, job_id: str) -> None:
+    with session_scope() as session:
+        job_service.get_job(session, owner, job_id)
+
+
+@router.get("/{job_id}/events/stream", response_class=StreamingResponse)
+async def stream_events(
+    job_id: str,
+    owner: Owner,
+    after: str | None = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> StreamingResponse:
+    """Server-Sent Events of the job, resuming after ``Last-Event-ID`` (or ``after``); ends when it is done."""
+    await anyio.to_thread.run_sync(_check_job, owner, job_id)
+    if last_event_id is not None and last_event_id.strip():
+        start = event_service.parse_cursor(last_event_id, "Last-Event-ID")
+    else:
+        start = event_service.parse_cursor(after, "after")
+    return StreamingResponse(
+        event_service.stream_events(job_id, start),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,129 @@
+"""Artifacts: metadata, and downloads with a strong ETag (sha256), If-None-Match and single byte ranges."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from sqlalchemy.orm import Session
+
+from api.errors import ProblemError, not_found
+from models.schemas import ArtifactOut
+from models.tables import Artifact
+from storage import get_store
+
+CHUNK = 256 * 1024
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.I)
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$&+.^_`|~-]+$")
+
+
+def artifact_out(row: Artifact) -> ArtifactOut:
+    """The response body of an artifact, with its download URL."""
+    out = ArtifactOut.model_validate(row)
+    out.url = f"/v1/artifacts/{row.id}/content"
+    return out
+
+
+def get_artifact(session: Session, owner: str, artifact_id: str) -> Artifact:
+    """The owner's artifact, or 404."""
+    row = session.get(Artifact, artifact_id)
+    if row is None or row.owner != owner:
+        raise not_found("artifact", artifact_id)
+    return row
+
+
+def etag_of(row: Artifact) -> str:
+    """The strong entity tag of an artifact: its sha256 in quotes."""
+    return f'"{row.sha256}"'
+
+
+def etag_matches(header: str | None, etag: str) -> bool:
+    """Whether an If-None-Match / If-Range list names ``etag`` (weak comparison, ``*`` matches)."""
+    if not header:
+        return False
+    for candidate in header.split(","):
+        tag = candidate.strip()
+        if tag == "*":
+            return True
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        if tag == etag:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    start: int
+    end: int  # inclusive
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+
+def parse_range(header: str | None, size: int) -> ByteRange | None:
+    """The single range a ``Range`` header asks for; None to send everything; 416 if unsatisfiable.
+
+    Syntax we do not serve (several ranges, other units, garbage) is ignored, as RFC 9110 allows.
+    """
+    if not header:
+        return None
+    match = _RANGE.match(header)
+    if match is None:
+        return None
+    first, last = match.group(1), match.group(2)
+    if first == "" and last == "":
+        return None
+    if first == "":
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise _unsatisfiable(size)
+        return ByteRange(max(size - suffix, 0), size - 1)
+    start = int(first)
+    if last != "" and int(last) < start:
+        return None  # syntactically invalid: ignore
+    if start >= size:
+        raise _unsatisfiable(size)
+    end = int(last) if last != "" else size - 1
+    return ByteRange(start, min(end, size - 1))
+
+
+def _unsatisfiable(size: int) -> ProblemError:
+    return ProblemError(
+        416, "range_not_satisfiable", f"the requested range is outside the artifact's {size} bytes",
+        headers={"Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes"},
+    )
+
+
+def content_disposition(name: str) -> str:
+    """``attachment; filename=...`` for a name from the index (quoted and RFC 8187-encoded when needed)."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1] or "artifact"
+    if _TOKEN.match(base):
+        return f"attachment; filename={base}"
+    ascii_name = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in base)
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(base, safe='')}"
+
+
+def read_blob(key: str, start: int, length: int) -> Iterator[bytes]:
+    """Stream ``length`` bytes of a blob from ``start`` (iterated in a threadpool by the response)."""
+    with get_store().open(key) as fh:
+        fh.seek(start)
+        left = length
+        while left > 0:
+            chunk = fh.read(min(CHUNK, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+            yield chunk
+
+
+def check_blob(row: Artifact) -> int:
+    """The blob's size on disk; 404 problem when the file is gone although the index lists it."""
+    path = get_store().path(row.storage_key)
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        raise ProblemError(404, "not_found", f"artifact {row.id} is indexed but its content is missing") from None

@@ -1,0 +1,224 @@
+"""Jobs: create (commit, then enqueue), read, list, cancel. Status changes are guarded UPDATEs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.errors import ProblemError, field_error, not_found
+from api.services.artifacts import artifact_out
+from api.services.catalog import check_limit
+from api.services.spec_checks import check_references
+from models.ids import new_id
+from models.schemas import JobError, JobOut, JobResult, Page, Progress, Timestamps
+from models.settings import Settings
+from models.spec import JobSpec
+from models.tables import (
+    CANCELLED,
+    CANCELLING,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    STATUSES,
+    TERMINAL,
+    Artifact,
+    Job,
+    JobEvent,
+    utcnow,
+)
+
+log = logging.getLogger("modelpress.api.jobs")
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def resolve_queue(spec: JobSpec, settings: Settings) -> str:
+    """The queue a job goes to: the spec's choice, else GPU when it trains, else CPU."""
+    if spec.queue == "gpu" or (spec.queue is None and spec.needs_training()):
+        return settings.gpu_queue
+    return settings.cpu_queue
+
+
+def _spec_of(job: Job) -> JobSpec:
+    try:
+        return JobSpec.model_validate(job.spec)
+    except ValidationError:
+        # A spec stored by an older version still reads back as it was submitted.
+        return JobSpec.model_construct(**job.spec)
+
+
+def job_out(session: Session, job: Job) -> JobOut:
+    """The response body of a job, with its artifacts from the index."""
+    artifacts = list(session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)))
+    result: JobResult | None = None
+    stored: dict[str, Any] = job.result or {}
+    if stored or artifacts:
+        report = stored.get("report") if "report" in stored else {k: v for k, v in stored.items() if k != "artifacts"}
+        result = JobResult(artifacts=[artifact_out(a) for a in artifacts], report=report or {})
+    error: JobError | None = None
+    if job.error:
+        error = JobError(
+            code=str(job.error.get("code", "error")),
+            message=str(job.error.get("message", "")),
+            step=job.error.get("step"),
+        )
+    return JobOut(
+        id=job.id,
+        status=job.status,
+        phase=job.phase,
+        progress=Progress.model_validate(job.progress or {}),
+        attempt=job.attempt,
+        queue=job.queue,
+        error=error,
+        result=result,
+        spec=_spec_of(job),
+        timestamps=Timestamps(
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        ),
+    )
+
+
+def get_job(session: Session, owner: str, job_id: str) -> Job:
+    """The owner's job, or 404 (read fresh from the database)."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.owner != owner:
+        raise not_found("job", job_id)
+    return job
+
+
+def _by_key(session: Session, owner: str, key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.owner == owner, Job.idempotency_key == key)).first()
+
+
+def _same_request(job: Job, spec: JobSpec) -> Job:
+    if job.spec != spec.model_dump(mode="json"):
+        raise ProblemError(
+            422,
+            "idempotency_key_reused",
+            "Idempotency-Key was already used for a different job spec",
+            errors=[{"field": "Idempotency-Key", "message": "already used for a different job spec"}],
+        )
+    return job
+
+
+def create_job(
+    session: Session, owner: str, spec: JobSpec, idempotency_key: str | None, settings: Settings
+) -> tuple[Job, bool]:
+    """Validate references, insert the job and its first event, commit, then enqueue; (job, created)."""
+    if idempotency_key is not None:
+        if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise field_error(422, "validation_error", "Idempotency-Key", f"1 to {MAX_IDEMPOTENCY_KEY} characters")
+        existing = _by_key(session, owner, idempotency_key)
+        if existing is not None:
+            return _same_request(existing, spec), False
+    model = check_references(session, owner, spec)
+    queue = resolve_queue(spec, settings)
+    job = Job(
+        id=new_id("job"),
+        owner=owner,
+        status=QUEUED,
+        phase="queued",
+        progress={"step": 0, "steps": len(spec.steps), "percent": 0.0},
+        spec=spec.model_dump(mode="json"),
+        model_id=model.id,
+        queue=queue,
+        attempt=0,
+        max_attempts=settings.max_attempts,
+        idempotency_key=idempotency_key,
+    )
+    session.add(job)
+    session.add(JobEvent(job_id=job.id, kind="status", message=f"queued on {queue}", data={"status": QUEUED}))
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        existing = _by_key(session, owner, idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return _same_request(existing, spec), False
+    _enqueue(session, job)
+    return job, True
+
+
+def _enqueue(session: Session, job: Job) -> None:
+    """Send the task; when the broker refuses, fail the job (guarded) and answer 503."""
+    from worker.celery_app import enqueue_job
+
+    try:
+        enqueue_job(job.id, job.queue)
+    except Exception as exc:
+        log.error("enqueue of %s on %s failed: %s", job.id, job.queue, exc, exc_info=True)
+        message = f"the job could not be queued: the broker is unavailable ({type(exc).__name__})"
+        now = utcnow()
+        res = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == QUEUED)
+            .values(status=FAILED, phase="failed", error={"code": "broker_unavailable", "message": message},
+                    finished_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(res, "rowcount", 0):
+            session.add(JobEvent(job_id=job.id, kind="status", message=message,
+                                 data={"status": FAILED, "code": "broker_unavailable"}))
+        session.commit()
+        raise ProblemError(
+            503, "broker_unavailable", f"{message}; job {job.id} was marked failed, submit again later",
+            headers={"Retry-After": "5"},
+        ) from exc
+
+
+def list_jobs(session: Session, owner: str, status: str | None, after: str | None, limit: int) -> Page[JobOut]:
+    """A page of the owner's jobs, newest first, optionally of one status; cursor = last id of the page."""
+    check_limit(limit)
+    query = select(Job).where(Job.owner == owner)
+    if status is not None:
+        if status not in STATUSES:
+            raise field_error(422, "validation_error", "status", f"{status!r} is not one of {', '.join(STATUSES)}")
+        query = query.where(Job.status == status)
+    if after:
+        query = query.where(Job.id < after)
+    rows = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page[JobOut](data=[job_out(session, j) for j in rows], next_cursor=rows[-1].id if more and rows else None)
+
+
+def cancel_job(session: Session, owner: str, job_id: str) -> Job:
+    """Cancel: queued → cancelled now; running → cancelling (the worker finishes it); terminal → 409."""
+    for _ in range(5):
+        job = get_job(session, owner, job_id)
+        if job.status in TERMINAL:
+            raise ProblemError(409, "job_terminal", f"job {job_id} is already {job.status}; it cannot be cancelled")
+        if job.status == CANCELLING:
+            return job
+        now = utcnow()
+        if job.status == QUEUED:
+            values: dict[str, Any] = {"status": CANCELLED, "phase": "cancelled", "cancel_requested": True,
+                                      "finished_at": now, "updated_at": now}
+            event = JobEvent(job_id=job_id, kind="status", message="cancelled before it started",
+                             data={"status": CANCELLED})
+        elif job.status == RUNNING:
+            values = {"status": CANCELLING, "cancel_requested": True, "updated_at": now}
+            event = JobEvent(job_id=job_id, kind="status", message="cancel requested; stopping at the next check",
+                             data={"status": CANCELLING})
+        else:
+            raise ProblemError(409, "conflict", f"job {job_id} is {job.status}")
+        res = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.owner == owner, Job.status == job.status)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(res, "rowcount", 0) == 1:
+            session.add(event)
+            session.commit()
+            return get_job(session, owner, job_id)
+        session.rollback()  # the worker moved the job meanwhile: look again
+    raise ProblemError(409, "conflict", f"job {job_id} kept changing state; try again")

@@ -1,0 +1,280 @@
+"""Uploads: stream the body (raw or multipart) into the blob store, inspect it, record it once per owner.
+
+The byte count is enforced by the store while streaming (a Content-Length check alone is bypassed by a
+chunked body); over the limit the temp file is removed and nothing is recorded. Bytes that fail
+inspection are removed from storage unless another record points at them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+from fastapi import Request
+from python_multipart.multipart import MultipartParser, parse_options_header
+from sqlalchemy import exists, or_, select
+from sqlalchemy.exc import IntegrityError
+
+from api import inspect
+from api.errors import ProblemError, field_error
+from models.db import session_scope
+from models.ids import new_id
+from models.settings import get_settings
+from models.tables import Artifact, Dataset, Model
+from storage import get_store
+from storage.base import StoredBlob, UploadTooLarge
+
+log = logging.getLogger("modelpress.api.uploads")
+
+Kind = Literal["model", "dataset"]
+FORMATS: dict[str, tuple[str, ...]] = {"model": ("onnx", "hf"), "dataset": ("npz", "imagefolder", "text")}
+TABLES: dict[str, type[Model] | type[Dataset]] = {"model": Model, "dataset": Dataset}
+INSPECTORS: dict[str, dict[str, Callable[..., dict[str, Any]]]] = {
+    "model": inspect.MODEL_INSPECTORS,
+    "dataset": inspect.DATASET_INSPECTORS,
+}
+ERROR_CODES = {"model": "invalid_model", "dataset": "invalid_dataset"}
+MAX_NAME = 255
+MAX_FIELD_BYTES = 64 * 1024
+
+
+@dataclass
+class Uploaded:
+    """The outcome of an upload: the row (new or existing) and whether it was created now."""
+
+    row: Model | Dataset
+    created: bool
+
+
+def check_format(kind: Kind, fmt: str | None) -> str:
+    """The declared format if this kind accepts it, else 422 naming ``format``."""
+    allowed = FORMATS[kind]
+    if not fmt:
+        raise field_error(422, "validation_error", "format", f"required; one of {', '.join(allowed)}")
+    if fmt not in allowed:
+        raise field_error(422, "validation_error", "format", f"{fmt!r} is not one of {', '.join(allowed)}")
+    return fmt
+
+
+def check_name(name: str | None) -> str | None:
+    """A display name of at most 255 characters (never used as a path)."""
+    if name is not None and len(name) > MAX_NAME:
+        raise field_error(422, "validation_error", "name", f"at most {MAX_NAME} characters")
+    if name is None:
+        return None
+    return name.strip() or None
+
+
+def check_declared_length(request: Request, overhead: int = 0) -> None:
+    """Refuse at once a body whose Content-Length already says it is over the limit (plus ``overhead``)."""
+    limit = get_settings().max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + overhead:
+        raise UploadTooLarge(limit)
+
+
+def blob_in_use(key: str) -> bool:
+    """Whether any model, dataset or artifact row points at the blob ``key``."""
+    with session_scope() as session:
+        return bool(
+            session.scalar(
+                select(
+                    or_(
+                        exists().where(Model.storage_key == key),
+                        exists().where(Dataset.storage_key == key),
+                        exists().where(Artifact.storage_key == key),
+                    )
+                )
+            )
+        )
+
+
+def discard_blob(key: str) -> None:
+    """Delete a stored blob no record points at."""
+    if not blob_in_use(key):
+        get_store().delete(key)
+
+
+def _existing(kind: Kind, owner: str, sha256: str) -> Model | Dataset | None:
+    with session_scope() as session:
+        if kind == "model":
+            return session.scalars(select(Model).where(Model.owner == owner, Model.sha256 == sha256)).first()
+        return session.scalars(select(Dataset).where(Dataset.owner == owner, Dataset.sha256 == sha256)).first()
+
+
+def record(kind: Kind, blob: StoredBlob, owner: str, name: str | None, fmt: str | None) -> Uploaded:
+    """Inspect a stored blob and insert its row; same bytes from the same owner give the existing row."""
+    found = _existing(kind, owner, blob.sha256)
+    if found is not None:
+        return Uploaded(found, created=False)
+    try:
+        fmt = check_format(kind, fmt)
+        name = check_name(name)
+    except ProblemError:
+        discard_blob(blob.key)
+        raise
+    meta = _inspect(kind, fmt, blob)
+    table = TABLES[kind]
+    prefix = "mdl" if kind == "model" else "ds"
+    row = table(
+        id=new_id(prefix),
+        owner=owner,
+        name=name or f"{kind}-{blob.sha256[:12]}",
+        format=fmt,
+        sha256=blob.sha256,
+        size_bytes=blob.size_bytes,
+        storage_key=blob.key,
+        meta=meta,
+    )
+    try:
+        with session_scope() as session:
+            session.add(row)
+    except IntegrityError:
+        # A concurrent upload of the same bytes won the race: answer with its row.
+        found = _existing(kind, owner, blob.sha256)
+        if found is None:
+            raise
+        return Uploaded(found, created=False)
+    return Uploaded(row, created=True)
+
+
+def _inspect(kind: Kind, fmt: str, blob: StoredBlob) -> dict[str, Any]:
+    inspector = INSPECTORS[kind][fmt]
+    path = get_store().path(blob.key)
+    try:
+        return inspector(path)
+    except inspect.InspectionError as exc:
+        discard_blob(blob.key)
+        raise ProblemError(422, ERROR_CODES[kind], f"not a valid {fmt} {kind}: {exc}") from exc
+    except Exception as exc:
+        # Bad input must never become a 500: anything the parser trips on is the upload's fault.
+        log.warning("inspection of %s %s (%s) failed", kind, blob.key, fmt, exc_info=True)
+        discard_blob(blob.key)
+        raise ProblemError(
+            422, ERROR_CODES[kind], f"not a valid {fmt} {kind}: the file could not be read ({type(exc).__name__})"
+        ) from exc
+
+
+async def upload_raw(request: Request, kind: Kind, owner: str, name: str | None, fmt: str | None) -> Uploaded:
+    """A raw-body upload (PUT): the format is checked before a byte is read."""
+    fmt = check_format(kind, fmt)
+    name = check_name(name)
+    check_declared_length(request)
+    blob = await get_store().put_async(request.stream(), limit=get_settings().max_upload_bytes)
+    return await anyio.to_thread.run_sync(record, kind, blob, owner, name, fmt)
+
+
+@dataclass
+class _Part:
+    name: str = ""
+    filename: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    data: bytearray = field(default_factory=bytearray)
+    is_file: bool = False
+
+
+class MultipartStream:
+    """Parses a multipart/form-data body as it streams: yields the ``file`` part, keeps small text fields."""
+
+    def __init__(self, request: Request, file_field: str = "file") -> None:
+        ctype, params = parse_options_header(request.headers.get("content-type", ""))
+        if ctype != b"multipart/form-data" or b"boundary" not in params:
+            raise ProblemError(
+                415, "unsupported_media_type", "send multipart/form-data with a 'file' part (curl -F file=@PATH)"
+            )
+        self.request = request
+        self.file_field = file_field
+        self.boundary = params[b"boundary"]
+        self.fields: dict[str, str] = {}
+        self.filename: str | None = None
+        self.saw_file = False
+        self._pending: list[bytes] = []
+        self._part = _Part()
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        self._part.headers[self._header_field.decode("latin-1").lower()] = self._header_value.decode("latin-1")
+        self._header_field.clear()
+        self._header_value.clear()
+
+    def _on_headers_finished(self) -> None:
+        _disp, params = parse_options_header(self._part.headers.get("content-disposition", ""))
+        part = self._part
+        part.name = params.get(b"name", b"").decode("utf-8", "replace")
+        raw_filename = params.get(b"filename")
+        part.filename = raw_filename.decode("utf-8", "replace") if raw_filename is not None else None
+        if part.name == self.file_field:
+            if self.saw_file:
+                raise ProblemError(422, "validation_error", "file: send exactly one 'file' part",
+                                   errors=[{"field": "file", "message": "send exactly one 'file' part"}])
+            part.is_file = True
+            self.saw_file = True
+            self.filename = part.filename
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._part.is_file:
+            self._pending.append(bytes(data[start:end]))
+            return
+        self._part.data += data[start:end]
+        if len(self._part.data) > MAX_FIELD_BYTES:
+            raise field_error(422, "validation_error", self._part.name or "form", "form field too large")
+
+    def _on_part_end(self) -> None:
+        part = self._part
+        if not part.is_file and part.name:
+            self.fields[part.name] = part.data.decode("utf-8", "replace")
+        self._part = _Part()
+
+    def _on_part_begin(self) -> None:
+        self._part = _Part()
+
+    async def file_chunks(self) -> AsyncIterator[bytes]:
+        """The bytes of the ``file`` part as they arrive; afterwards ``fields`` holds the other parts."""
+        parser = MultipartParser(
+            self.boundary,
+            {
+                "on_part_begin": self._on_part_begin,
+                "on_part_data": self._on_part_data,
+                "on_part_end": self._on_part_end,
+                "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value,
+                "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
+            },
+        )
+        async for chunk in self.request.stream():
+            try:
+                parser.write(chunk)
+            except ProblemError:
+                raise
+            except Exception as exc:
+                raise ProblemError(400, "bad_request", f"malformed multipart body: {exc}") from exc
+            while self._pending:
+                yield self._pending.pop(0)
+        parser.finalize()
+        while self._pending:
+            yield self._pending.pop(0)
+        if not self.saw_file:
+            raise field_error(422, "validation_error", "file", "the multipart body has no 'file' part")
+
+
+async def upload_multipart(request: Request, kind: Kind, owner: str) -> Uploaded:
+    """A multipart upload (POST, ``curl -F file=@m.onnx -F name=... -F format=onnx``), streamed."""
+    stream = MultipartStream(request)
+    check_declared_length(request, overhead=8 * MAX_FIELD_BYTES)
+    blob = await get_store().put_async(stream.file_chunks(), limit=get_settings().max_upload_bytes)
+    name = stream.fields.get("name") or stream.filename
+    fmt = stream.fields.get("format")
+    if name and len(name) > MAX_NAME:
+        name = name[:MAX_NAME]
+    return await anyio.to_thread.run_sync(record, kind, blob, owner, name, fmt)

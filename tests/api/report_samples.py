@@ -1,0 +1,81 @@
+"""A realistic finished job (prune -> distill -> quantize) with its report, inserted as DB rows."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+from typing import Any
+
+from models.ids import new_id
+from models.tables import Artifact, Job, Model, utcnow
+
+
+def sample_report() -> dict[str, Any]:
+    """The report dict a prune + distill + quantize job stores in ``job.result.report``."""
+    return {
+        "task": "image-classification",
+        "pipeline": ["prune structured 0.5", "distill 4 ep", "quantize dynamic"],
+        "input": {"size_bytes": 46_137_344, "params": 11_689_512, "macs": 1_814_083_944,
+                  "latency_ms": {"median": 23.4, "p90": 25.1, "mean": 23.9}, "accuracy": 0.9312},
+        "output": {"size_bytes": 5_890_113, "params": 5_871_236, "macs": 911_331_112,
+                   "latency_ms": {"median": 7.8, "p90": 8.6, "mean": 8.0}, "accuracy": 0.9247},
+        "steps": [
+            {"index": 0, "type": "prune", "label": "prune structured 0.5", "wall_s": 3.2,
+             "metrics": {"params_removed": 5_818_276}},
+            {"index": 1, "type": "distill", "label": "distill 4 ep", "wall_s": 61.7,
+             "metrics": {"eval_accuracy": 0.9247},
+             "curve": [
+                 {"epoch": 1, "loss": 1.92, "eval_metric": 0.801, "lr": 0.001},
+                 {"epoch": 2, "loss": 1.11, "eval_metric": 0.884, "lr": 0.0008},
+                 {"epoch": 3, "loss": 0.74, "eval_metric": 0.913, "lr": 0.0004},
+                 {"epoch": 4, "loss": 0.61, "eval_metric": 0.9247, "lr": 0.0001},
+             ]},
+            {"index": 2, "type": "quantize", "label": "quantize dynamic", "wall_s": 1.4, "metrics": {}},
+        ],
+        "fidelity": {"max_abs_err": 0.0312, "cosine": 0.99871, "top1_agreement": 0.9861},
+        "gains": {"size_ratio": 7.833, "latency_ratio": 3.0, "params_ratio": 1.991, "accuracy_delta": -0.0065},
+        "budget": {"max_accuracy_drop": 0.01, "met": True},
+    }
+
+
+def insert_job(
+    status: str = "succeeded",
+    report: dict[str, Any] | None = None,
+    phase: str = "done",
+    error: dict[str, Any] | None = None,
+    progress: dict[str, Any] | None = None,
+) -> tuple[str, list[str]]:
+    """Insert a model, a job and two artifacts; return (job id, artifact ids)."""
+    from models.db import session_scope
+
+    now = utcnow()
+    model_id, job_id = new_id("mdl"), new_id("job")
+    model_sha = hashlib.sha256(model_id.encode()).hexdigest()
+    art_ids = [new_id("art"), new_id("art")]
+    spec = {
+        "model": model_id, "task": "image-classification",
+        "data": {"train": "ds_train", "eval": "ds_eval"},
+        "steps": [{"type": "prune", "method": "structured", "ratio": 0.5},
+                  {"type": "distill", "teacher": "input", "epochs": 4},
+                  {"type": "quantize", "mode": "dynamic"}],
+    }
+    result = {"report": report if report is not None else sample_report(), "artifacts": []}
+    with session_scope() as s:
+        s.add(Model(id=model_id, owner="local", name="resnet18.onnx", format="onnx", sha256=model_sha,
+                    size_bytes=46_137_344, storage_key=model_sha, meta={}, created_at=now))
+        s.flush()
+        s.add(Job(id=job_id, owner="local", status=status, phase=phase,
+                  progress=progress or {"step": 3, "steps": 3, "percent": 100.0},
+                  spec=spec, model_id=model_id, queue="gpu", attempt=1, error=error,
+                  result=result if status in ("succeeded", "failed") else None,
+                  created_at=now - timedelta(minutes=2), started_at=now - timedelta(minutes=1),
+                  finished_at=now if status in ("succeeded", "failed", "cancelled") else None))
+        s.flush()
+        if status == "succeeded":
+            s.add(Artifact(id=art_ids[0], owner="local", job_id=job_id, name="model.onnx", kind="model",
+                           media_type="application/octet-stream", sha256="b" * 64, size_bytes=5_890_113,
+                           storage_key="b" * 64, meta={}))
+            s.add(Artifact(id=art_ids[1], owner="local", job_id=job_id, name="report.json", kind="report",
+                           media_type="application/json", sha256="c" * 64, size_bytes=2_345,
+                           storage_key="c" * 64, meta={}))
+    return job_id, art_ids if status == "succeeded" else []

@@ -1,0 +1,68 @@
+"""Artifact metadata and downloads: ETag, 304, single ranges (206), 416, Content-Disposition."""
+
+from __future__ import annotations
+
+import hashlib
+
+from fastapi.testclient import TestClient
+
+from tests.api import builders
+
+DATA = bytes(range(256)) * 40  # 10240 bytes
+
+
+def _artifact(name: str = "model.onnx") -> str:
+    job_id = builders.insert_job(builders.insert_model(), status="succeeded")
+    return builders.insert_artifact(job_id, DATA, name=name)
+
+
+def test_metadata(client: TestClient) -> None:
+    art = _artifact()
+    body = client.get(f"/v1/artifacts/{art}").json()
+    assert body["sha256"] == hashlib.sha256(DATA).hexdigest() and body["size_bytes"] == len(DATA)
+    assert body["url"] == f"/v1/artifacts/{art}/content" and body["name"] == "model.onnx"
+    missing = client.get("/v1/artifacts/art_nope")
+    assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+
+
+def test_download_etag_and_304(client: TestClient) -> None:
+    art = _artifact()
+    r = client.get(f"/v1/artifacts/{art}/content")
+    assert r.status_code == 200 and r.content == DATA
+    etag = r.headers["etag"]
+    assert etag == f'"{hashlib.sha256(DATA).hexdigest()}"'
+    assert r.headers["accept-ranges"] == "bytes" and r.headers["content-length"] == str(len(DATA))
+    assert r.headers["content-disposition"] == "attachment; filename=model.onnx"
+    cached = client.get(f"/v1/artifacts/{art}/content", headers={"If-None-Match": etag})
+    assert cached.status_code == 304 and cached.content == b"" and cached.headers["etag"] == etag
+    stale = client.get(f"/v1/artifacts/{art}/content", headers={"If-None-Match": '"other"'})
+    assert stale.status_code == 200 and stale.content == DATA
+
+
+def test_ranges(client: TestClient) -> None:
+    art = _artifact()
+    url = f"/v1/artifacts/{art}/content"
+    r = client.get(url, headers={"Range": "bytes=100-199"})
+    assert r.status_code == 206 and r.content == DATA[100:200]
+    assert r.headers["content-range"] == f"bytes 100-199/{len(DATA)}" and r.headers["content-length"] == "100"
+    r = client.get(url, headers={"Range": "bytes=10000-"})
+    assert r.status_code == 206 and r.content == DATA[10000:]
+    r = client.get(url, headers={"Range": "bytes=-16"})
+    assert r.status_code == 206 and r.content == DATA[-16:]
+    r = client.get(url, headers={"Range": "bytes=10200-99999"})
+    assert r.status_code == 206 and r.content == DATA[10200:]
+    r = client.get(url, headers={"Range": f"bytes={len(DATA)}-"})
+    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(DATA)}"
+    assert r.json()["code"] == "range_not_satisfiable"
+    r = client.get(url, headers={"Range": "bytes=0-1,5-6"})  # several ranges: served whole
+    assert r.status_code == 200 and r.content == DATA
+    r = client.get(url, headers={"Range": "bytes=0-9", "If-Range": '"stale"'})
+    assert r.status_code == 200 and len(r.content) == len(DATA)
+
+
+def test_odd_names_are_quoted(client: TestClient) -> None:
+    art = _artifact(name='répört "v1".json')
+    r = client.get(f"/v1/artifacts/{art}/content")
+    disposition = r.headers["content-disposition"]
+    assert disposition.startswith('attachment; filename="r_p_rt _v1_.json"')
+    assert "filename*=UTF-8''r%C3%A9p%C3%B6rt%20%22v1%22.json" in disposition

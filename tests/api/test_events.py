@@ -1,0 +1,146 @@
+"""Job events: pages in id order, and the SSE stream (framing, resume with Last-Event-ID, closing)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from api.services import events as event_service
+from tests.api import builders
+
+
+def parse_sse(text: str) -> list[dict[str, Any]]:
+    """SSE messages as dicts with id, event and parsed data (comments and retry-only messages skipped)."""
+    out = []
+    for block in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            if not line or line.startswith(":"):
+                continue
+            key, _, value = line.partition(": ")
+            fields[key] = value
+        if "data" in fields:
+            out.append({"id": int(fields["id"]), "event": fields["event"], "data": json.loads(fields["data"])})
+    return out
+
+
+@pytest.fixture(autouse=True)
+def fast_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(event_service, "POLL_SECONDS", 0.05)
+    monkeypatch.setattr(event_service, "BATCH", 4)  # several batches per stream
+
+
+def test_event_pages(client: TestClient) -> None:
+    job_id = builders.insert_job(builders.insert_model())
+    ids = builders.add_events(job_id, 5)
+    page = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 4}).json()
+    assert [e["kind"] for e in page["data"]] == ["status", "log", "log", "log"]
+    assert page["next_cursor"] == str(ids[2])
+    rest = client.get(f"/v1/jobs/{job_id}/events", params={"after": page["next_cursor"]}).json()
+    assert [e["id"] for e in rest["data"]] == ids[3:] and rest["next_cursor"] is None
+    assert rest["data"][0]["data"] == {"i": 3} and rest["data"][0]["job_id"] == job_id
+    assert client.get(f"/v1/jobs/{job_id}/events", params={"after": "x"}).status_code == 422
+    assert client.get("/v1/jobs/job_nope/events").status_code == 404
+
+
+def test_stream_sends_all_then_closes_and_resumes(client: TestClient) -> None:
+    job_id = builders.insert_job(builders.insert_model(), status="running")
+    builders.add_events(job_id, 9)
+    builders.set_status(job_id, "succeeded")
+    r = client.get(f"/v1/jobs/{job_id}/events/stream")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.text.startswith("retry: ")
+    events = parse_sse(r.text)
+    assert len(events) == 11 and events[-1]["data"]["data"] == {"status": "succeeded"}
+    assert [e["event"] for e in events[:2]] == ["status", "log"]
+    assert all(e["id"] == e["data"]["id"] for e in events)
+    # A client that read the first 4 and disconnected resumes with Last-Event-ID: nothing lost or repeated.
+    resumed = parse_sse(client.get(f"/v1/jobs/{job_id}/events/stream",
+                                   headers={"Last-Event-ID": str(events[3]["id"])}).text)
+    assert [e["id"] for e in events[:4] + resumed] == [e["id"] for e in events]
+    via_query = parse_sse(client.get(f"/v1/jobs/{job_id}/events/stream", params={"after": events[-2]["id"]}).text)
+    assert [e["id"] for e in via_query] == [events[-1]["id"]]
+    bad = client.get(f"/v1/jobs/{job_id}/events/stream", headers={"Last-Event-ID": "abc"})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "Last-Event-ID"
+    assert client.get("/v1/jobs/job_nope/events/stream").status_code == 404
+
+
+@pytest.fixture
+def live_url(pg_env: str) -> Iterator[str]:
+    """The app served by a real uvicorn in a thread (true streaming and disconnects)."""
+    from api.main import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+        sock.close()
+
+
+def _read(client: httpx.Client, url: str, headers: dict[str, str], stop_after: int | None) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    buf = ""
+    with client.stream("GET", url, headers=headers) as r:
+        assert r.status_code == 200
+        for text in r.iter_text():
+            buf += text
+            while "\n\n" in buf:
+                block, buf = buf.split("\n\n", 1)
+                got += parse_sse(block + "\n\n")
+                if stop_after is not None and len(got) >= stop_after:
+                    return got  # leaving the block closes the connection mid-stream
+    return got
+
+
+def test_disconnect_mid_stream_and_resume_over_a_real_socket(live_url: str) -> None:
+    job_id = builders.insert_job(builders.insert_model(), status="running")
+    builders.add_events(job_id, 5)
+    url = f"{live_url}/v1/jobs/{job_id}/events/stream"
+    with httpx.Client(timeout=10) as client:
+        first = _read(client, url, {}, stop_after=3)
+        # While the client is away the job goes on and finishes.
+        builders.add_events(job_id, 6, kind="progress")
+        builders.set_status(job_id, "succeeded")
+        rest = _read(client, url, {"Last-Event-ID": str(first[-1]["id"])}, stop_after=None)
+        everything = client.get(f"{live_url}/v1/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+    ids = [e["id"] for e in first + rest]
+    assert len(ids) == len(set(ids)) == 13
+    assert ids == [e["id"] for e in everything]
+    assert rest[-1]["data"]["data"] == {"status": "succeeded"}
+
+
+def test_stream_follows_a_running_job_and_sends_keepalives(live_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(event_service, "KEEPALIVE_SECONDS", 0.2)
+    job_id = builders.insert_job(builders.insert_model(), status="running")
+
+    def finish_later() -> None:
+        time.sleep(0.6)
+        builders.add_events(job_id, 2)
+        builders.set_status(job_id, "failed")
+
+    worker = threading.Thread(target=finish_later)
+    worker.start()
+    with httpx.Client(timeout=10) as client:
+        raw = client.get(f"{live_url}/v1/jobs/{job_id}/events/stream").text
+    worker.join()
+    assert ": keep-alive" in raw
+    assert [e["event"] for e in parse_sse(raw)] == ["status", "log", "log", "status"]

@@ -1,0 +1,51 @@
+"""Liveness, readiness (each dependency) and the Prometheus endpoint."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.api import builders
+
+
+def test_healthz(client: TestClient) -> None:
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_readyz_ok_on_postgres_and_redis(client: TestClient, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.settings import get_settings
+
+    monkeypatch.setenv("MODELPRESS_BROKER_URL", redis_url)
+    get_settings.cache_clear()
+    r = client.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok", "storage": "ok"}}
+
+
+def test_readyz_names_what_is_down(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.settings import get_settings
+
+    monkeypatch.setenv("MODELPRESS_BROKER_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["code"] == "not_ready" and "broker" in body["detail"]
+    assert [e["field"] for e in body["errors"]] == ["broker"]
+
+
+def test_metrics(client: TestClient) -> None:
+    model_id = builders.insert_model()
+    builders.insert_job(model_id, "queued")
+    builders.insert_job(model_id, "failed")
+    job_id = builders.insert_job(model_id, "failed")
+    client.get(f"/v1/jobs/{job_id}")
+    client.get("/v1/jobs/job_missing")
+    client.get("/no/such/route")
+    text = client.get("/metrics").text
+    assert 'modelpress_jobs{status="failed"} 2.0' in text and 'modelpress_jobs{status="running"} 0.0' in text
+    assert 'modelpress_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="200"} 1.0' in text
+    assert 'modelpress_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0' in text
+    assert 'route="unmatched",status="404"' in text
+    assert 'modelpress_http_request_duration_seconds_count{method="GET",route="/v1/jobs/{job_id}"} 2.0' in text

@@ -1,0 +1,240 @@
+"""Model uploads: ONNX and hf inspection, dedup, bad bytes, size limit, multipart, look-ups."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from models.db import session_scope
+from models.tables import Model
+from tests.api import builders
+from tests.api.conftest import blobs, temp_files
+
+
+def _model_rows() -> int:
+    with session_scope() as s:
+        return int(s.scalar(select(func.count()).select_from(Model)) or 0)
+
+
+def test_onnx_upload_is_inspected(client: TestClient, storage_dir: Path) -> None:
+    data = builders.onnx_bytes(in_features=4, out_features=3)
+    r = client.put("/v1/models", params={"name": "tiny", "format": "onnx"}, content=data)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["id"].startswith("mdl_") and r.headers["location"] == f"/v1/models/{body['id']}"
+    assert body["sha256"] == hashlib.sha256(data).hexdigest() and body["size_bytes"] == len(data)
+    assert body["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 4]}]
+    assert body["outputs"] == [{"name": "y", "dtype": "float32", "shape": ["batch", 3]}]
+    assert body["meta"]["parameters"] == 4 * 3 + 3
+    assert body["meta"]["opset"] == 17 and body["meta"]["ir_version"] == 8
+    assert body["meta"]["producer"] == "tests"
+    stored = storage_dir / body["sha256"][:2] / body["sha256"][2:4] / body["sha256"]
+    assert stored.read_bytes() == data
+    got = client.get(f"/v1/models/{body['id']}").json()
+    assert got["inputs"] == body["inputs"] and got["meta"]["parameters"] == 15
+
+
+def test_same_bytes_give_the_same_record(client: TestClient) -> None:
+    data = builders.onnx_bytes()
+    first = client.put("/v1/models", params={"name": "a", "format": "onnx"}, content=data)
+    again = client.put("/v1/models", params={"name": "b", "format": "onnx"}, content=data)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["id"] == again.json()["id"] and again.json()["name"] == "a"
+    assert _model_rows() == 1
+
+
+def test_not_onnx_is_422_and_leaves_nothing(client: TestClient, storage_dir: Path) -> None:
+    r = client.put("/v1/models", params={"name": "junk", "format": "onnx"}, content=b"this is not a model" * 50)
+    assert r.status_code == 422
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["code"] == "invalid_model" and "not an ONNX model" in body["detail"]
+    assert _model_rows() == 0 and blobs(storage_dir) == [] and temp_files(storage_dir) == []
+
+
+def test_external_data_is_rejected(client: TestClient, storage_dir: Path) -> None:
+    r = client.put("/v1/models", params={"format": "onnx"}, content=builders.onnx_external_bytes())
+    assert r.status_code == 422 and r.json()["code"] == "invalid_model"
+    assert "external data" in r.json()["detail"]
+    assert _model_rows() == 0 and blobs(storage_dir) == []
+
+
+def test_chunked_upload_over_the_limit_is_413(
+    client: TestClient, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models.settings import get_settings
+
+    monkeypatch.setenv("MODELPRESS_MAX_UPLOAD_BYTES", "1000")
+    get_settings.cache_clear()
+
+    def body() -> Iterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 300
+
+    r = client.put("/v1/models", params={"name": "big", "format": "onnx"}, content=body())
+    assert r.status_code == 413
+    assert r.json()["code"] == "upload_too_large" and "1000" in r.json()["detail"]
+    assert _model_rows() == 0 and temp_files(storage_dir) == [] and blobs(storage_dir) == []
+    # A declared Content-Length over the limit is refused before reading.
+    r = client.put("/v1/models", params={"format": "onnx"}, content=b"y" * 1001)
+    assert r.status_code == 413 and temp_files(storage_dir) == []
+
+
+def test_multipart_upload(client: TestClient) -> None:
+    data = builders.onnx_bytes(in_features=6)
+    r = client.post(
+        "/v1/models",
+        files={"file": ("m.onnx", data, "application/octet-stream")},
+        data={"name": "from-curl", "format": "onnx"},
+    )
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["name"] == "from-curl" and body["sha256"] == hashlib.sha256(data).hexdigest()
+    assert body["inputs"][0]["shape"] == ["batch", 6]
+
+
+def test_multipart_over_the_limit_and_bad_requests(
+    client: TestClient, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models.settings import get_settings
+
+    monkeypatch.setenv("MODELPRESS_MAX_UPLOAD_BYTES", "2000")
+    get_settings.cache_clear()
+    r = client.post("/v1/models", files={"file": ("m.onnx", b"z" * 5000)}, data={"format": "onnx"})
+    assert r.status_code == 413 and temp_files(storage_dir) == [] and _model_rows() == 0
+    r = client.post("/v1/models", data={"format": "onnx", "name": "no file"})
+    assert r.status_code in (415, 422) and r.json()["code"] in ("unsupported_media_type", "validation_error")
+    r = client.post("/v1/models", files={"other": ("m.onnx", b"abc")}, data={"format": "onnx"})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "file"
+    r = client.post("/v1/models", files={"file": ("m.onnx", builders.onnx_bytes())}, data={"format": "tflite"})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "format"
+    assert _model_rows() == 0 and blobs(storage_dir) == []
+
+
+def test_unknown_format_is_422_before_reading(client: TestClient) -> None:
+    r = client.put("/v1/models", params={"format": "pt"}, content=b"anything")
+    assert r.status_code == 422 and r.json()["errors"] == [
+        {"field": "format", "message": "'pt' is not one of onnx, hf"}
+    ]
+
+
+def test_hf_zip_is_inspected(client: TestClient) -> None:
+    data = builders.zip_bytes(builders.hf_files(root="my-bert/"))
+    r = client.put("/v1/models", params={"name": "bert", "format": "hf"}, content=data)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert [i["name"] for i in body["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert all(i["dtype"] == "int64" and i["shape"] == ["batch", "sequence"] for i in body["inputs"])
+    assert body["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["batch", 2]}]
+    meta = body["meta"]
+    assert meta["parameters"] == 30 * 8 + 2 * 8
+    assert meta["config"]["model_type"] == "bert" and meta["config"]["num_labels"] == 2
+    assert meta["root"] == "my-bert/" and meta["task"] == "text-classification" and meta["has_tokenizer"]
+
+
+def test_hf_vision_tar_gz(client: TestClient) -> None:
+    config = {"model_type": "vit", "architectures": ["ViTForImageClassification"], "image_size": 32,
+              "num_channels": 3, "hidden_size": 8, "num_hidden_layers": 1, "id2label": {"0": "a", "1": "b", "2": "c"}}
+    r = client.put("/v1/models", params={"format": "hf"}, content=builders.tar_gz_bytes(builders.hf_files(config)))
+    assert r.status_code == 201, r.text
+    assert r.json()["inputs"] == [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, 32, 32]}]
+    assert r.json()["outputs"][0]["shape"] == ["batch", 3]
+
+
+@pytest.mark.parametrize(
+    ("files", "needle"),
+    [
+        ({**builders.hf_files(), "pytorch_model.bin": b"\x80\x04pickle"}, "pickle"),
+        ({"model.safetensors": builders.safetensors_bytes({"w": ("F32", [2])})}, "config.json"),
+        ({"config.json": b"{}"}, "safetensors"),
+        ({"config.json": b"[1]", "m.safetensors": builders.safetensors_bytes({"w": ("F32", [2])})}, "JSON object"),
+        ({"config.json": b"{}", "m.safetensors": b"\xff" * 8 + b"{}"}, "header length"),
+        ({**builders.hf_files(), "../evil.txt": b"x"}, ".."),
+    ],
+)
+def test_hf_archive_rejections(client: TestClient, storage_dir: Path, files: dict[str, bytes], needle: str) -> None:
+    r = client.put("/v1/models", params={"format": "hf"}, content=builders.zip_bytes(files))
+    assert r.status_code == 422, r.text
+    assert r.json()["code"] == "invalid_model" and needle in r.json()["detail"]
+    assert _model_rows() == 0 and blobs(storage_dir) == []
+
+
+def test_hf_archive_with_symlink_rejected(client: TestClient) -> None:
+    data = builders.tar_gz_bytes(builders.hf_files(), symlinks={"link.safetensors": "/etc/passwd"})
+    r = client.put("/v1/models", params={"format": "hf"}, content=data)
+    assert r.status_code == 422 and "links are not allowed" in r.json()["detail"]
+
+
+def test_list_and_get(client: TestClient) -> None:
+    ids = []
+    for i in range(3):
+        r = client.put("/v1/models", params={"name": f"m{i}", "format": "onnx"}, content=builders.onnx_bytes(seed=i))
+        ids.append(r.json()["id"])
+    page = client.get("/v1/models", params={"limit": 2}).json()
+    assert [m["id"] for m in page["data"]] == [ids[2], ids[1]] and page["next_cursor"] == ids[1]
+    rest = client.get("/v1/models", params={"limit": 2, "after": page["next_cursor"]}).json()
+    assert [m["id"] for m in rest["data"]] == [ids[0]] and rest["next_cursor"] is None
+    by_sha = client.get("/v1/models", params={"sha256": page["data"][0]["sha256"]}).json()["data"]
+    assert [m["id"] for m in by_sha] == [ids[2]]
+    assert client.get("/v1/models", params={"sha256": "0" * 64}).json()["data"] == []
+    missing = client.get("/v1/models/mdl_nope")
+    assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+
+
+def test_multipart_file_first_in_tiny_chunks(client: TestClient) -> None:
+    """curl -F file=@m.onnx -F name=... puts the file first; boundaries may straddle network chunks."""
+    data = builders.onnx_bytes(in_features=5)
+    boundary = "----modelpressTestBoundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="m.onnx"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + data + (
+        f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\nfile-first'
+        f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="format"\r\n\r\nonnx\r\n--{boundary}--\r\n'
+    ).encode()
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(body), 7):
+            yield body[i : i + 7]
+
+    r = client.post("/v1/models", content=chunks(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == "file-first" and r.json()["size_bytes"] == len(data)
+    assert r.json()["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_client_disconnect_mid_upload_leaves_nothing(pg_env: str, storage_dir: Path) -> None:
+    """A body that stops half-way (client gone): no temp file, no blob, no row, no 500."""
+    import anyio
+
+    from api.main import create_app
+
+    app = create_app()
+    sent: list[dict[str, object]] = []
+
+    async def run() -> None:
+        messages = [
+            {"type": "http.request", "body": b"x" * 1000, "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+
+        async def receive() -> dict[str, object]:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "PUT", "scheme": "http", "path": "/v1/models", "raw_path": b"/v1/models",
+                 "query_string": b"format=onnx", "root_path": "", "headers": [(b"host", b"test")],
+                 "client": ("127.0.0.1", 1), "server": ("test", 80)}
+        await app(scope, receive, send)
+
+    anyio.run(run)
+    assert sent[0]["status"] == 400
+    assert _model_rows() == 0 and temp_files(storage_dir) == [] and blobs(storage_dir) == []
