@@ -1,0 +1,327 @@
+"""Builders for the training-pass tests: a residual CNN on digits (trained, exported to ONNX), a tiny BERT
+hf archive with its tokenizer, a synthetic text-classification set, an image-folder zip, and a small
+in-memory PassContext."""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.spec import JobSpec
+from worker.passes.base import ArrayDataset, JobCancelled, WorkingModel
+
+INPUT = "input"
+OUTPUT = "logits"
+TEXT_CLASSES = {
+    "sports": ["goal", "match", "team", "score", "coach", "league"],
+    "food": ["pizza", "bread", "soup", "cheese", "recipe", "spice"],
+    "tech": ["laptop", "code", "chip", "server", "robot", "phone"],
+}
+FILLER = [
+    *[
+        "the",
+        "a",
+        "of",
+        "and",
+        "to",
+        "in",
+        "is",
+        "was",
+        "it",
+        "for",
+        "on",
+        "with",
+        "as",
+        "at",
+        "by",
+        "this",
+        "that",
+        "from",
+        "very",
+        "some",
+        "more",
+    ]
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# digits + residual CNN
+
+
+@functools.cache
+def digits() -> tuple[ArrayDataset, ArrayDataset]:
+    """sklearn digits as (train, eval): NCHW float32 in [0, 1] under ``input``, 1200 / 597 samples."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    y = d.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(y))
+    x, y = x[order], y[order]
+    classes = [str(i) for i in range(10)]
+    return ArrayDataset({INPUT: x[:1200]}, y[:1200], classes), ArrayDataset(
+        {INPUT: x[1200:]}, y[1200:], classes
+    )
+
+
+def residual_cnn(width: int = 16) -> Any:
+    """A small CNN for 8x8 digits with a residual (add) skip and a channel concat."""
+    import torch
+    from torch import nn
+
+    class ResidualCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+            self.block = nn.Sequential(
+                nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
+            )
+            self.down = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
+            self.mix = nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU())
+            self.pool = nn.AvgPool2d(2)
+            self.fc = nn.Linear(2 * width, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.stem(x)
+            r = a + self.block(a)  # residual coupling
+            c = torch.cat([self.down(r), self.pool(r)], dim=1)  # concat coupling
+            return self.fc(self.mix(c).mean(dim=(2, 3)))
+
+    return ResidualCNN()
+
+
+def fit(module: Any, data: ArrayDataset, epochs: int, lr: float = 3e-3, seed: int = 0) -> Any:
+    """A bare Adam loop (test fixture training, not the service's loop)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    x = torch.from_numpy(data.inputs[INPUT])
+    y = torch.from_numpy(data.labels)
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    module.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), 64):
+            idx = perm[i : i + 64]
+            loss = F.cross_entropy(module(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return module.eval()
+
+
+def accuracy_of(module: Any, data: ArrayDataset) -> float:
+    """Top-1 accuracy of a plain ``module(x)`` on digits."""
+    import torch
+
+    with torch.no_grad():
+        out = module.eval()(torch.from_numpy(data.inputs[INPUT]))
+    return float((out.argmax(1).numpy() == data.labels).mean())
+
+
+@functools.cache
+def cnn_onnx() -> tuple[Path, float]:
+    """A residual CNN trained on digits (>= 90%) and exported to ONNX; (path, eval accuracy)."""
+    import warnings
+
+    import torch
+
+    train, evald = digits()
+    torch.manual_seed(0)
+    module = fit(residual_cnn(), train, epochs=8)
+    acc = accuracy_of(module, evald)
+    assert acc >= 0.9, acc
+    path = Path(tempfile.mkdtemp(prefix="mp-cnn-")) / "cnn.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (torch.from_numpy(evald.inputs[INPUT][:2]),),
+            str(path),
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    return path, acc
+
+
+def onnx_model(path: Path) -> WorkingModel:
+    """An ONNX-form working model with the digits interface."""
+    return WorkingModel(
+        form="onnx", origin="onnx", input_names=[INPUT], output_names=[OUTPUT], onnx_path=path
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# text + tiny BERT
+
+
+def sentences(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Synthetic rows {text, label}: filler words plus two keywords of the row's class."""
+    rng = random.Random(seed)
+    names = sorted(TEXT_CLASSES)
+    rows = []
+    for i in range(n):
+        label = names[i % len(names)]
+        words = rng.choices(FILLER, k=rng.randint(4, 8)) + rng.sample(TEXT_CLASSES[label], 2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Rows as JSON lines."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Rows as CSV with a header."""
+    import csv
+
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["text", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def tokenizer(folder: Path) -> None:
+    """Save a WordLevel tokenizer (vocabulary of the synthetic corpus) as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = [" ".join(FILLER)] + [" ".join(v) for v in TEXT_CLASSES.values()]
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+    fast.save_pretrained(folder)
+
+
+def tiny_bert_dir(
+    folder: Path, *, task: str = "text-classification", layers: int = 4, seed: int = 0, init: float = 0.02
+) -> Path:
+    """A randomly initialised tiny BERT (+ tokenizer) saved as safetensors under ``folder``."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(seed)
+    names = sorted(TEXT_CLASSES)
+    config = BertConfig(  # type: ignore[call-arg]
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=64,
+        max_position_embeddings=64,
+        initializer_range=init,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+    )
+    model = BertForSequenceClassification(config) if task == "text-classification" else BertModel(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer(folder)
+    return folder
+
+
+def zip_dir(folder: Path, out: Path, prefix: str = "") -> Path:
+    """Zip every file under ``folder`` (names relative to it, under ``prefix``)."""
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                zf.write(p, prefix + p.relative_to(folder).as_posix())
+    return out
+
+
+def tiny_bert_archive(tmp: Path, **kwargs: Any) -> Path:
+    """A zipped tiny BERT hf directory."""
+    folder = tiny_bert_dir(tmp / "bert-src", **kwargs)
+    return zip_dir(folder, tmp / "bert.zip", prefix="bert/")
+
+
+def digits_imagefolder(out: Path, per_class: int = 5) -> Path:
+    """A zip of class folders (0..9) holding 8x8 grayscale PNGs of digits."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    with zipfile.ZipFile(out, "w") as zf:
+        for label in range(10):
+            idx = np.flatnonzero(d.target == label)[:per_class]
+            for j, i in enumerate(idx):
+                img = Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8), mode="L")
+                with tempfile.SpooledTemporaryFile() as fh:
+                    img.save(fh, format="PNG")
+                    fh.seek(0)
+                    zf.writestr(f"digits/{label}/{j}.png", fh.read())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An in-memory PassContext
+
+
+@dataclass
+class MemoryContext:
+    """PassContext over in-memory datasets and model factories; records progress and logs."""
+
+    workdir: Path
+    spec: JobSpec
+    data: dict[str, ArrayDataset | Any] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    cancel_after: int | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    cancel_checks: int = 0
+
+    def dataset(self, role: str, model: WorkingModel) -> ArrayDataset | None:
+        item = self.data.get(role)
+        if item is None and role == "calibration":
+            item = self.data.get("train") or self.data.get("eval")
+        return item(model) if callable(item) else item
+
+    def load_model(self, ref: str) -> WorkingModel:
+        return self.models[ref]()
+
+    def progress(self, phase: str, **kw: Any) -> None:
+        self.events.append({"kind": "progress", "phase": phase, **kw})
+
+    def log(self, message: str, **data: Any) -> None:
+        self.events.append({"kind": "log", "message": message, **data})
+
+    def check_cancelled(self) -> None:
+        self.cancel_checks += 1
+        if self.cancel_after is not None and self.cancel_checks > self.cancel_after:
+            raise JobCancelled()
+
+
+def spec(task: str = "image-classification", **kw: Any) -> JobSpec:
+    """A JobSpec with train/eval data ids set (the context ignores them)."""
+    return JobSpec.model_validate({"model": "m", "task": task, "data": {"train": "t", "eval": "e"}, **kw})

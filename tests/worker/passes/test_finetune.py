@@ -1,0 +1,138 @@
+"""FinetunePass: full fine-tuning recovers a pruned CNN; head mode with a new label set; last-N; LoRA trains
+only adapters (and the head) and merges into a plain module that exports."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.spec import FinetuneStep, PruneStep
+from tests import factories_train as f
+from worker import convert, training
+from worker.formats import hf, text
+from worker.passes.base import WorkingModel
+from worker.passes.finetune import FinetunePass, classification_loss, head_name, lora_wrap
+from worker.passes.prune import PrunePass
+
+
+def _pruned_cnn(tmp_path: Path) -> tuple[f.MemoryContext, WorkingModel, float]:
+    path, _ = f.cnn_onnx()
+    train, evald = f.digits()
+    ctx = f.MemoryContext(tmp_path, f.spec(), data={"train": train, "eval": evald})
+    model = convert.to_torch(f.onnx_model(path), ctx)
+    pruned = PrunePass().run(model, PruneStep(type="prune", ratio=0.5), ctx)
+    return ctx, pruned.model, pruned.metrics["accuracy_after_prune"]
+
+
+def test_full_finetune_recovers_pruned_cnn(tmp_path: Path) -> None:
+    ctx, model, after_prune = _pruned_cnn(tmp_path)
+    _, input_acc = f.cnn_onnx()
+    step = FinetuneStep(type="finetune", epochs=5, batch_size=32, lr=3e-3)
+    result = FinetunePass().run(model, step, ctx)
+    acc = convert.torch_metric(result.model, f.digits()[1], ctx.spec)["accuracy"]
+    print(f"input {input_acc:.3f} pruned {after_prune:.3f} finetuned {acc:.3f}")
+    assert acc >= 0.88 and acc > after_prune + 0.3
+    assert acc == pytest.approx(result.metrics["best_accuracy"])
+    assert len(result.curve) == 5 and result.metrics["trainable_params"] == result.metrics["total_params"]
+    onnx_model = convert.to_onnx(result.model, ctx, 17, name="ft")
+    assert onnx_model.meta["parity"]["top1_agreement"] == 1.0
+
+
+def test_head_mode_with_new_label_set(tmp_path: Path) -> None:
+    path, _ = f.cnn_onnx()
+    train, evald = f.digits()
+    parity = lambda d: f.ArrayDataset(d.inputs, d.labels % 2, ["even", "odd"])  # noqa: E731
+    ctx = f.MemoryContext(tmp_path, f.spec(), data={"train": parity(train), "eval": parity(evald)})
+    model = convert.to_torch(f.onnx_model(path), ctx)
+    head = head_name(model, convert.example_inputs(model, train, "cpu"))
+    frozen = {k: v.clone() for k, v in model.module.state_dict().items() if not k.startswith(head)}
+    step = FinetuneStep(type="finetune", mode="head", num_labels=2, epochs=3, lr=1e-2)
+    result = FinetunePass().run(model, step, ctx)
+    out = convert.predict(convert.interface(result.model), evald.take(5), ["input"], "cpu")
+    assert out.shape == (5, 2)
+    assert result.metrics["new_head"] == {"from": 10, "to": 2}
+    assert result.metrics["trainable_params"] == 2 * result.model.module.get_submodule(head).in_features + 2
+    state = result.model.module.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())
+    assert result.metrics["best_accuracy"] > 0.8  # odd/even from frozen digit features
+
+
+def _bert(tmp_path: Path) -> tuple[f.MemoryContext, WorkingModel]:
+    model = hf.load(f.tiny_bert_archive(tmp_path), {}, tmp_path / "work")
+    spec = f.spec("text-classification", text={"max_length": 16})
+    train = text.load(
+        f.write_jsonl(tmp_path / "train.jsonl", f.sentences(240, seed=1)), {}, model, spec, tmp_path
+    )
+    evald = text.load(
+        f.write_jsonl(tmp_path / "eval.jsonl", f.sentences(60, seed=2)), {}, model, spec, tmp_path
+    )
+    return f.MemoryContext(tmp_path, spec, data={"train": train, "eval": evald}), model
+
+
+def test_full_finetune_trains_tiny_bert(tmp_path: Path) -> None:
+    ctx, model = _bert(tmp_path)
+    step = FinetuneStep(type="finetune", epochs=4, batch_size=16, lr=2e-3)
+    result = FinetunePass().run(model, step, ctx)
+    assert result.metrics["best_accuracy"] >= 0.9
+
+
+def test_last_n_unfreezes_only_last_layers(tmp_path: Path) -> None:
+    ctx, model = _bert(tmp_path)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    step = FinetuneStep(type="finetune", mode="last_n", last_n=1, epochs=1, batch_size=32)
+    result = FinetunePass().run(model, step, ctx)
+    after = result.model.module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("bert.encoder.layer.3.") for k in changed)
+    assert "classifier.weight" in changed
+    assert not any(k.startswith(("bert.encoder.layer.0.", "bert.embeddings.")) for k in changed)
+
+
+def test_lora_changes_only_adapters_then_merges_and_exports(tmp_path: Path) -> None:
+    ctx, model = _bert(tmp_path)
+    base = {k: v.clone() for k, v in model.module.state_dict().items()}
+    step = FinetuneStep(type="finetune", mode="lora", epochs=2, batch_size=16, lr=5e-3)
+    peft_model = lora_wrap(model, step, "classifier")
+    wm = replace(model, module=peft_model)
+    wrapper = convert.interface(wm)
+    training.train(
+        wrapper, step, ctx, ctx.data["train"], wm.input_names, classification_loss(wrapper, wm.input_names)
+    )
+    changed, unchanged = set(), set()
+    for key, value in peft_model.state_dict().items():
+        original = key.replace("base_model.model.", "").replace(".base_layer", "")
+        original = original.replace(".modules_to_save.default", "").replace(".original_module", "")
+        if original in base and torch.equal(base[original], value):
+            unchanged.add(key)
+        else:
+            changed.add(key)
+    assert changed and all("lora_" in k or "modules_to_save" in k for k in changed), sorted(changed)[:5]
+    assert any("lora_B" in k for k in changed)
+    assert any("query.base_layer.weight" in k for k in unchanged)
+    merged = peft_model.merge_and_unload()
+    assert not any("lora" in k for k in merged.state_dict())
+    merged_state = merged.state_dict()
+    assert not torch.equal(
+        merged_state["bert.encoder.layer.0.attention.self.query.weight"],
+        base["bert.encoder.layer.0.attention.self.query.weight"],
+    )
+    assert torch.equal(
+        merged_state["bert.encoder.layer.0.attention.self.key.weight"],
+        base["bert.encoder.layer.0.attention.self.key.weight"],
+    )
+    exported = convert.to_onnx(replace(model, module=merged), ctx, 17, name="lora")
+    assert exported.meta["parity"]["max_abs_diff"] < 1e-3
+
+
+def test_lora_pass_returns_plain_merged_module(tmp_path: Path) -> None:
+    ctx, model = _bert(tmp_path)
+    step = FinetuneStep(type="finetune", mode="lora", epochs=1, batch_size=32)
+    result = FinetunePass().run(model, step, ctx)
+    assert type(result.model.module).__name__ == "BertForSequenceClassification"
+    assert result.metrics["trainable_params"] < 0.2 * result.metrics["total_params"]
+    out = convert.predict(convert.interface(result.model), ctx.data["eval"], result.model.input_names, "cpu")
+    assert out.shape == (60, 3) and np.isfinite(out).all()

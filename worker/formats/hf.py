@@ -1,0 +1,154 @@
+"""Hugging Face models: a zip or tar.gz of a transformers directory (config.json, *.safetensors, tokenizer).
+
+Built from the config with the stock transformers classes; weights from safetensors only; never
+``trust_remote_code``, never a pickle.
+"""
+
+from __future__ import annotations
+
+import inspect
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from worker.formats import archive
+from worker.passes.base import StepFailed, WorkingModel
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# A transformers directory is small next to the caps in archive.DEFAULT_LIMITS; weights compress poorly.
+LIMITS = archive.Limits(max_total_bytes=16 * 1024**3, max_entries=10_000, max_ratio=200.0)
+TASKS = ("text-classification", "image-classification", "feature-extraction")
+
+
+def find_root(folder: Path) -> Path:
+    """The folder holding config.json: ``folder`` itself or one level below."""
+    if (folder / "config.json").is_file():
+        return folder
+    found = [p.parent for p in folder.glob("*/config.json") if p.is_file()]
+    if len(found) != 1:
+        raise StepFailed("invalid_model", "the hf archive must contain exactly one config.json")
+    return found[0]
+
+
+def extract(path: Path, workdir: Path) -> Path:
+    """Safely extract an hf archive under ``workdir``; return the folder with config.json."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    dest = Path(tempfile.mkdtemp(prefix="hf-", dir=workdir))
+    try:
+        archive.extract(Path(path), dest, LIMITS)
+    except archive.ArchiveError as exc:
+        raise StepFailed("invalid_model", f"hf archive rejected: {exc}") from exc
+    root = find_root(dest)
+    if not any(root.glob("*.safetensors")):
+        raise StepFailed(
+            "invalid_model", "the hf archive has no *.safetensors weights (pickled weights are refused)"
+        )
+    return root
+
+
+def _task_of(config: Any, meta: dict[str, Any]) -> str:
+    task = meta.get("task")
+    if task in TASKS:
+        return str(task)
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith("ForSequenceClassification"):
+            return "text-classification"
+        if arch.endswith("ForImageClassification"):
+            return "image-classification"
+    return "feature-extraction"
+
+
+def _auto_class(task: str) -> Any:
+    import transformers
+
+    return {
+        "text-classification": transformers.AutoModelForSequenceClassification,
+        "image-classification": transformers.AutoModelForImageClassification,
+        "feature-extraction": transformers.AutoModel,
+    }[task]
+
+
+def default_input_names(module: Any) -> list[str]:
+    """Inputs of an hf model: pixel_values for vision; input_ids, attention_mask (+ token_type_ids) for text."""
+    main = getattr(module, "main_input_name", "input_ids")
+    if main != "input_ids":
+        return [main]
+    accepted = inspect.signature(module.forward).parameters
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in accepted:
+        names.append("token_type_ids")
+    return names
+
+
+def load(path: Path, meta: dict[str, Any], workdir: Path) -> WorkingModel:
+    """The hf archive at ``path`` as a torch-form WorkingModel (origin ``hf``, ``hf_dir`` = extracted folder)."""
+    import transformers
+
+    root = extract(path, Path(workdir))
+    try:
+        config = transformers.AutoConfig.from_pretrained(root, local_files_only=True, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as exc:
+        raise StepFailed(
+            "invalid_model", f"config.json is not a supported transformers config: {exc}"
+        ) from exc
+    task = _task_of(config, meta)
+    cls = _auto_class(task)
+    try:
+        module = cls.from_pretrained(
+            root, config=config, use_safetensors=True, local_files_only=True, trust_remote_code=False
+        )
+    except (ValueError, KeyError, OSError) as exc:
+        raise StepFailed("invalid_model", f"cannot build {cls.__name__} from this archive: {exc}") from exc
+    module.eval()
+    input_names = list(meta.get("input_names") or default_input_names(module))
+    output_names = list(
+        meta.get("output_names") or (["last_hidden_state"] if task == "feature-extraction" else ["logits"])
+    )
+    return WorkingModel(
+        form="torch",
+        origin="hf",
+        input_names=input_names,
+        output_names=output_names,
+        module=module,
+        hf_dir=root,
+        meta={
+            **meta,
+            "hf_task": task,
+            "model_type": config.model_type,
+            "architecture": type(module).__name__,
+        },
+    )
+
+
+def label_index(names: list[str], model: WorkingModel) -> dict[str, int] | None:
+    """The model config's label2id when it names every class in ``names`` (and isn't the LABEL_i default)."""
+    config = getattr(model.module, "config", None)
+    label2id = getattr(config, "label2id", None) or {}
+    if not label2id or all(str(k).startswith("LABEL_") for k in label2id):
+        return None
+    if all(n in label2id for n in names):
+        return {str(k): int(v) for k, v in label2id.items()}
+    return None
+
+
+def classes_by_id(index: dict[str, int]) -> list[str]:
+    """Class names ordered by their id."""
+    return [name for name, _ in sorted(index.items(), key=lambda kv: kv[1])]
+
+
+def encode_labels(raw: list[Any], model: WorkingModel) -> tuple[np.ndarray, list[str]]:
+    """Integer labels and class names: config label2id when it covers the names, ints as given, else sorted."""
+    import numpy as np
+
+    values = [str(v) for v in raw]
+    if all(v.lstrip("-").isdigit() for v in values):
+        ints = np.array([int(v) for v in values], dtype=np.int64)
+        if ints.min(initial=0) < 0:
+            raise StepFailed("dataset_mismatch", "integer labels must be >= 0")
+        return ints, [str(i) for i in range(int(ints.max(initial=-1)) + 1)]
+    index = label_index(sorted(set(values)), model)
+    if index is None:
+        index = {name: i for i, name in enumerate(sorted(set(values)))}
+    return np.array([index[v] for v in values], dtype=np.int64), classes_by_id(index)

@@ -1,0 +1,95 @@
+"""Image-folder datasets: a zip (or tar.gz) of one folder per class holding PNG/JPEG images.
+
+Images are resized to ``spec.image.size``, scaled to [0, 1], normalised by ``spec.image.mean/std`` and
+stacked NCHW float32 under the model's single image input; labels follow the sorted class names (or
+the model config's label2id when it names every class).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from worker.formats import archive
+from worker.passes.base import ArrayDataset, StepFailed, WorkingModel
+
+if TYPE_CHECKING:
+    from models.spec import JobSpec
+
+SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+LIMITS = archive.Limits(max_total_bytes=8 * 1024**3, max_entries=500_000, max_ratio=200.0)
+MAX_PIXELS = 50_000_000  # per image, against decompression bombs
+
+
+def _class_root(folder: Path) -> Path:
+    """The folder whose subfolders are the classes (descending through single wrapper folders)."""
+    current = folder
+    for _ in range(3):
+        subdirs = [p for p in current.iterdir() if p.is_dir() and not archive.is_junk(p.name)]
+        images = [p for p in current.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES]
+        if len(subdirs) == 1 and not images:
+            inner = subdirs[0]
+            if any(p.is_dir() for p in inner.iterdir() if not archive.is_junk(p.name)):
+                current = inner
+                continue
+        return current
+    return current
+
+
+def _image(path: Path, size: int, channels: int) -> np.ndarray:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with Image.open(path) as raw:
+            img = raw.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise StepFailed("invalid_dataset", f"cannot read image {path.name!r}: {exc}") from exc
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def load(path: Path, meta: dict[str, Any], model: WorkingModel, spec: JobSpec, workdir: Path) -> ArrayDataset:
+    """The image-folder archive at ``path`` as NCHW float32 arrays with integer labels."""
+    from worker.formats.hf import classes_by_id, label_index
+
+    if len(model.input_names) != 1:
+        raise StepFailed(
+            "dataset_mismatch", f"image folders feed one input; the model has {model.input_names}"
+        )
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    dest = Path(tempfile.mkdtemp(prefix="imagefolder-", dir=workdir))
+    try:
+        archive.extract(Path(path), dest, LIMITS)
+    except archive.ArchiveError as exc:
+        raise StepFailed("invalid_dataset", f"image-folder archive rejected: {exc}") from exc
+    root = _class_root(dest)
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not archive.is_junk(p.name))
+    files = {
+        f.name: sorted(p for p in f.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        for f in folders
+    }
+    files = {k: v for k, v in files.items() if v}
+    if not files:
+        raise StepFailed("invalid_dataset", "no class folders with PNG/JPEG images found in the archive")
+    names = sorted(files)
+    index = label_index(names, model) or {name: i for i, name in enumerate(names)}
+    mean = np.asarray(spec.image.mean, dtype=np.float32)
+    std = np.asarray(spec.image.std, dtype=np.float32)
+    if len(mean) != len(std):
+        raise StepFailed("invalid_dataset", "image.mean and image.std must have the same length")
+    channels = len(mean)
+    images, labels = [], []
+    for name in names:
+        for file in files[name]:
+            images.append(_image(file, spec.image.size, channels))
+            labels.append(index[name])
+    x = (np.stack(images) - mean[None, :, None, None]) / std[None, :, None, None]
+    # A fixed interleaving, so that the first n samples (take(n)) span the classes.
+    order = np.random.default_rng(spec.seed).permutation(len(labels))
+    y = np.asarray(labels, dtype=np.int64)[order]
+    return ArrayDataset({model.input_names[0]: x[order].astype(np.float32)}, y, classes_by_id(index))

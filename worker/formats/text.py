@@ -1,0 +1,100 @@
+"""Text datasets: JSONL or CSV rows with ``text`` and (optionally) ``label``, tokenised with the model's tokenizer.
+
+Padded and truncated to ``spec.text.max_length``; arrays named after the model's inputs; labels mapped
+through the model config's label2id when it names them, integers kept, other strings by sorted order.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from worker.passes.base import ArrayDataset, StepFailed, WorkingModel
+
+if TYPE_CHECKING:
+    from models.spec import JobSpec
+
+MAX_BYTES = 2 * 1024**3
+MAX_ROWS = 5_000_000
+
+
+def _read_text(path: Path) -> str:
+    if path.stat().st_size > MAX_BYTES:
+        raise StepFailed("invalid_dataset", f"text dataset is larger than {MAX_BYTES} bytes")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise StepFailed("invalid_dataset", f"text dataset is not UTF-8: {exc}") from exc
+
+
+def read_rows(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of a JSONL file (first character ``{``) or a CSV file with a header."""
+    content = _read_text(Path(path))
+    kind = meta.get("text_format") or ("jsonl" if content.lstrip().startswith("{") else "csv")
+    rows: list[dict[str, Any]] = []
+    if kind == "jsonl":
+        for n, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise StepFailed("invalid_dataset", f"line {n}: not JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise StepFailed("invalid_dataset", f"line {n}: expected a JSON object")
+            rows.append(row)
+            if len(rows) > MAX_ROWS:
+                raise StepFailed("invalid_dataset", f"more than {MAX_ROWS} rows")
+    else:
+        reader = csv.DictReader(io.StringIO(content))
+        for row in reader:
+            rows.append(dict(row))
+            if len(rows) > MAX_ROWS:
+                raise StepFailed("invalid_dataset", f"more than {MAX_ROWS} rows")
+    if not rows:
+        raise StepFailed("invalid_dataset", "the text dataset has no rows")
+    return rows
+
+
+def load(path: Path, meta: dict[str, Any], model: WorkingModel, spec: JobSpec, workdir: Path) -> ArrayDataset:
+    """The JSONL/CSV file at ``path`` tokenised for ``model`` (which must carry an hf tokenizer)."""
+    from worker.formats.hf import encode_labels
+
+    if model.hf_dir is None:
+        raise StepFailed(
+            "dataset_mismatch", "text datasets need an hf model (its tokenizer tokenises the text)"
+        )
+    text_field = meta.get("text_field", "text")
+    label_field = meta.get("label_field", "label")
+    rows = read_rows(Path(path), meta)
+    try:
+        texts = [str(r[text_field]) for r in rows]
+    except KeyError:
+        raise StepFailed("invalid_dataset", f"every row needs a {text_field!r} field") from None
+    have = [label_field in r and r[label_field] not in (None, "") for r in rows]
+    if any(have) and not all(have):
+        raise StepFailed("invalid_dataset", f"some rows have a {label_field!r} and some do not")
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model.hf_dir, local_files_only=True, trust_remote_code=False)
+    enc = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=spec.text.max_length, return_tensors="np"
+    )
+    inputs: dict[str, np.ndarray] = {}
+    for name in model.input_names:
+        if name in enc:
+            inputs[name] = np.asarray(enc[name], dtype=np.int64)
+        elif name == "token_type_ids":
+            inputs[name] = np.zeros_like(np.asarray(enc["input_ids"]), dtype=np.int64)
+        else:
+            raise StepFailed("dataset_mismatch", f"the tokenizer does not produce model input {name!r}")
+    if not all(have):
+        return ArrayDataset(inputs)
+    labels, classes = encode_labels([r[label_field] for r in rows], model)
+    return ArrayDataset(inputs, labels, classes)

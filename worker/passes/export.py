@@ -1,0 +1,40 @@
+"""Export: torch -> ONNX with dynamic batch/sequence axes and a parity check on eval samples."""
+
+from __future__ import annotations
+
+from models.spec import ExportStep
+from worker.passes import register
+from worker.passes.base import Pass, PassContext, PassResult, WorkingModel
+
+
+@register
+class ExportPass(Pass):
+    """ONNX export with torch.onnx (TorchScript-based exporter; ONNX: Bai et al., "Open Neural Network
+    Exchange", 2017), followed by a numerical parity check of ONNX Runtime against the torch module.
+    """
+
+    name = "export"
+    params = ExportStep
+    takes = "torch"
+
+    def run(self, model: WorkingModel, params: ExportStep, ctx: PassContext) -> PassResult:
+        """Write the ONNX file into the job's workdir and return the onnx-form model."""
+        from worker.convert import to_onnx
+
+        out = to_onnx(
+            model,
+            ctx,
+            params.opset,
+            name=f"export-opset{params.opset}",
+            atol=params.atol,
+            samples=params.samples,
+            dynamic_batch=params.dynamic_batch,
+            dynamic_sequence=params.dynamic_sequence,
+        )
+        assert out.onnx_path is not None
+        metrics = {
+            **out.meta.get("parity", {}),
+            "opset": params.opset,
+            "size_bytes": out.onnx_path.stat().st_size,
+        }
+        return PassResult(out, metrics)

@@ -1,0 +1,251 @@
+"""Pruning: structured (channels, attention heads, MLP width) with torch-pruning, or unstructured magnitude."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from models.spec import PruneStep
+from worker.passes import register
+from worker.passes.base import Pass, PassContext, PassResult, StepFailed, WorkingModel
+
+if TYPE_CHECKING:
+    import torch
+
+    from worker.passes.base import ArrayDataset
+
+UNSTRUCTURED_NOTE = (
+    "unstructured sparsity zeroes weights but keeps every tensor dense: size after compression falls, "
+    "dense runtimes (ONNX Runtime CPU included) gain no speed from it"
+)
+# (query, key, value, heads attribute) of the attention blocks torch-pruning can prune head-wise
+ATTENTION_PATTERNS = (
+    ("query", "key", "value", "num_attention_heads"),
+    ("q_lin", "k_lin", "v_lin", "n_heads"),
+)
+
+
+def attention_blocks(module: torch.nn.Module) -> list[tuple[torch.nn.Module, tuple[str, str, str, str]]]:
+    """Self-attention modules with separate q/k/v Linear layers and a head count."""
+    import torch
+
+    found = []
+    for sub in module.modules():
+        for pattern in ATTENTION_PATTERNS:
+            q, k, v, heads = pattern
+            if all(isinstance(getattr(sub, n, None), torch.nn.Linear) for n in (q, k, v)) and hasattr(
+                sub, heads
+            ):
+                found.append((sub, pattern))
+                break
+    return found
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(p and p in name for p in patterns)
+
+
+def _skipped(module: torch.nn.Module, patterns: list[str]) -> list[torch.nn.Module]:
+    return [m for name, m in module.named_modules() if name and _matches(name, patterns)]
+
+
+def _hf_protected(inner: torch.nn.Module) -> list[torch.nn.Module]:
+    """Parts of an hf transformer whose width is its hidden size or its interface: embeddings, pooler, head."""
+    protected = []
+    for name, m in inner.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if last in ("embeddings", "pooler", "classifier", "pre_classifier", "score", "lm_head"):
+            protected.append(m)
+    return protected
+
+
+def _importance(kind: str) -> Any:
+    import torch_pruning as tp
+
+    if kind == "taylor":
+        return tp.importance.TaylorImportance()
+    return tp.importance.MagnitudeImportance(p=1 if kind == "l1" else 2)
+
+
+def _taylor_grads(
+    wrapper: torch.nn.Module, model: WorkingModel, data: ArrayDataset, batches: int, device: str
+) -> None:
+    """Accumulate gradients of the task loss over a few batches (Taylor importance reads them)."""
+    import torch
+    import torch.nn.functional as F
+
+    from worker.convert import first_output, to_tensors
+
+    wrapper.zero_grad(set_to_none=True)
+    wrapper.eval()
+    bs = 32
+    for b in range(batches):
+        sl = slice(b * bs, (b + 1) * bs)
+        if sl.start >= len(data):
+            break
+        out = first_output(wrapper(*to_tensors(data, model.input_names, device, sl)))
+        if data.labels is not None and out.ndim == 2:
+            labels = torch.from_numpy(data.labels[sl]).to(device)
+            loss = F.cross_entropy(out.float(), labels)
+        else:
+            loss = out.float().pow(2).mean()
+        loss.backward()
+
+
+def _ops(wrapper: torch.nn.Module, example: tuple[Any, ...]) -> tuple[int, int]:
+    import torch_pruning as tp
+
+    macs, params = tp.utils.count_ops_and_params(wrapper, example)
+    return int(macs), int(params)
+
+
+def structured(
+    model: WorkingModel, params: PruneStep, ctx: PassContext, data: ArrayDataset, example: tuple[Any, ...]
+) -> dict[str, Any]:
+    """Prune channels / heads / MLP width in place with torch-pruning's dependency graph."""
+    import torch_pruning as tp
+
+    from worker.convert import interface, output_layers
+
+    wrapper = interface(model)
+    inner = model.module
+    ignored: list[torch.nn.Module] = list(output_layers(wrapper, example))
+    ignored += _skipped(inner, params.skip_layers)
+    num_heads: dict[torch.nn.Module, int] = {}
+    blocks = attention_blocks(inner) if model.origin == "hf" else []
+    if model.origin == "hf":
+        ignored += _hf_protected(inner)
+    for block, (q, k, v, heads) in blocks:
+        for n in (q, k, v):
+            num_heads[getattr(block, n)] = int(getattr(block, heads))
+    pruner = tp.pruner.MetaPruner(
+        wrapper,
+        example,
+        importance=_importance(params.importance),
+        pruning_ratio=params.ratio,
+        global_pruning=params.scope == "global",
+        iterative_steps=params.iterative_steps,
+        round_to=params.round_to,
+        ignored_layers=ignored,
+        num_heads=num_heads,
+        prune_num_heads=bool(num_heads),
+        prune_head_dims=False,
+        head_pruning_ratio=params.ratio if num_heads else 0.0,
+    )
+    for i in range(params.iterative_steps):
+        ctx.check_cancelled()
+        if params.importance == "taylor":
+            _taylor_grads(wrapper, model, data, params.taylor_batches, ctx.device)
+        pruner.step()
+        ctx.progress("pruning", fraction=(i + 1) / params.iterative_steps)
+    wrapper.zero_grad(set_to_none=True)
+    info: dict[str, Any] = {"ignored_layers": len(ignored)}
+    if blocks:
+        info.update(_update_attention(inner, blocks, pruner))
+    return info
+
+
+def _update_attention(
+    inner: torch.nn.Module, blocks: list[tuple[torch.nn.Module, tuple[str, str, str, str]]], pruner: Any
+) -> dict[str, Any]:
+    """Write the new head counts into the attention modules and the hf config (so re-export works)."""
+    heads_per_layer, mlp_per_layer = [], []
+    for block, (q, _k, _v, heads) in blocks:
+        query = getattr(block, q)
+        count = int(pruner.num_heads.get(query, getattr(block, heads)))
+        setattr(block, heads, count)
+        if hasattr(block, "all_head_size"):
+            block.all_head_size = query.out_features
+        if hasattr(block, "dim") and heads == "n_heads":
+            block.dim = query.out_features
+        heads_per_layer.append(count)
+    for name, m in inner.named_modules():
+        if name.endswith("intermediate.dense") or name.endswith("ffn.lin1"):
+            mlp_per_layer.append(int(m.out_features))
+    config = getattr(inner, "config", None)
+    if config is not None and heads_per_layer:
+        if len(set(heads_per_layer)) == 1:
+            for attr in ("num_attention_heads", "n_heads"):
+                if hasattr(config, attr):
+                    setattr(config, attr, heads_per_layer[0])
+        if mlp_per_layer and len(set(mlp_per_layer)) == 1:
+            for attr in ("intermediate_size", "hidden_dim"):
+                if hasattr(config, attr):
+                    setattr(config, attr, mlp_per_layer[0])
+    return {"heads_per_layer": heads_per_layer, "mlp_width_per_layer": mlp_per_layer}
+
+
+def unstructured(model: WorkingModel, params: PruneStep, ctx: PassContext) -> dict[str, Any]:
+    """Zero the smallest-magnitude weights of every Conv/Linear (per layer or globally), made permanent."""
+    import torch
+    from torch.nn.utils import prune
+
+    kinds = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+    targets = [
+        (m, "weight")
+        for name, m in model.module.named_modules()
+        if isinstance(m, kinds) and not _matches(name, params.skip_layers)
+    ]
+    if not targets:
+        raise StepFailed("nothing_to_prune", "no Conv/Linear weights to prune")
+    if params.importance == "taylor":
+        ctx.log(
+            "unstructured pruning ranks by magnitude; 'taylor' importance applies to structured pruning only"
+        )
+    if params.scope == "global":
+        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=params.ratio)
+    else:
+        for m, attr in targets:
+            prune.l1_unstructured(m, attr, amount=params.ratio)
+    for m, attr in targets:
+        prune.remove(m, attr)
+    zeros = sum(int((m.weight == 0).sum()) for m, _ in targets)
+    total = sum(m.weight.numel() for m, _ in targets)
+    return {"sparsity": zeros / total, "pruned_layers": len(targets), "note": UNSTRUCTURED_NOTE}
+
+
+@register
+class PrunePass(Pass):
+    """Structured pruning with torch-pruning's dependency graph (Fang et al., "DepGraph: Towards Any
+    Structural Pruning", CVPR 2023; magnitude importance after Li et al. 2017, Taylor after Molchanov et
+    al. 2019), or unstructured magnitude pruning (Han et al., "Learning both Weights and Connections", 2015).
+    """
+
+    name = "prune"
+    params = PruneStep
+    takes = "torch"
+
+    def run(self, model: WorkingModel, params: PruneStep, ctx: PassContext) -> PassResult:
+        """Prune the torch module in place; report params and MACs before and after."""
+        from worker.convert import any_data, ensure_torch, example_inputs, interface, torch_metric
+
+        model = ensure_torch(model, ctx)
+        data = any_data(ctx, model)
+        if params.importance == "taylor":
+            data = ctx.dataset("train", model) or data
+        example = example_inputs(model, data, ctx.device)
+        model.module.eval()
+        macs_before, params_before = _ops(interface(model), example)
+        ctx.progress("pruning", fraction=0.0)
+        if params.method == "structured":
+            info = structured(model, params, ctx, data, example)
+        else:
+            info = unstructured(model, params, ctx)
+        model.module.eval()
+        macs_after, params_after = _ops(interface(model), example)
+        metrics: dict[str, Any] = {
+            "method": params.method,
+            "params_before": params_before,
+            "params_after": params_after,
+            "params_ratio": params_before / max(1, params_after),
+            "macs_before": macs_before,
+            "macs_after": macs_after,
+            "macs_ratio": macs_before / max(1, macs_after),
+            **info,
+        }
+        evald = ctx.dataset("eval", model)
+        if evald is not None and evald.labels is not None:
+            metrics.update({f"{k}_after_prune": v for k, v in torch_metric(model, evald, ctx.spec).items()})
+        ctx.log("pruned", **{k: v for k, v in metrics.items() if not isinstance(v, list)})
+        meta = {**model.meta, "pruned": {"method": params.method, "ratio": params.ratio}}
+        return PassResult(replace(model, meta=meta), metrics)

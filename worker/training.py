@@ -1,0 +1,261 @@
+"""The one training loop shared by fine-tuning and distillation.
+
+AdamW with decoupled weight decay (Loshchilov & Hutter 2019; none on biases and norm weights), linear
+warm-up then cosine decay, gradient accumulation, early stopping on the eval metric with the best weights
+restored, ``max_steps``, bf16 autocast and channels_last on CUDA, seeded shuffling, and no per-batch host
+syncs (the loss is summed on the device and read once per epoch).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from worker.passes.base import ArrayDataset
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.spec import TrainingParams
+    from worker.passes.base import PassContext
+
+CANCEL_EVERY = 4  # batches between cancellation checks
+LossFn = Callable[[dict[str, "torch.Tensor"]], "torch.Tensor"]
+EvalFn = Callable[[], dict[str, float]]
+
+
+@dataclass
+class TrainOutcome:
+    """What the loop did: the curve, the best eval metric (if any), epochs and optimizer steps run."""
+
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    epochs_run: int = 0
+    steps: int = 0
+    stopped_early: bool = False
+    samples_per_s: float = 0.0
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup + 1) if warmup else 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters split into decayed (matrices, kernels) and non-decayed (biases, norms)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower():
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def use_bf16(device: str, mixed_precision: str) -> bool:
+    """Whether to autocast to bf16: only on CUDA, only when allowed and supported."""
+    if not device.startswith("cuda") or mixed_precision == "no":
+        return False
+    import torch
+
+    return bool(torch.cuda.is_bf16_supported())
+
+
+def autocast(device: str, enabled: bool) -> Any:
+    """A bf16 autocast context on CUDA when ``enabled``, else a no-op."""
+    if not enabled:
+        return nullcontext()
+    import torch
+
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+
+
+def has_conv2d(module: torch.nn.Module) -> bool:
+    """Whether the module contains 2-D convolutions (channels_last pays off on CUDA)."""
+    import torch
+
+    return any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+
+
+def _batches(
+    data: ArrayDataset, names: list[str], batch_size: int, generator: Any, pin: bool
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Shuffled batches via a DataLoader over whole-batch index lists (vectorised gather, pinned on CUDA)."""
+    import torch
+    from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+
+    tensors = {n: torch.from_numpy(np.ascontiguousarray(data.inputs[n])) for n in names}
+    if data.labels is not None:
+        tensors["labels"] = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
+    n = len(data)
+
+    class _Gather(Dataset):
+        def __len__(self) -> int:
+            return n
+
+        def __getitem__(self, idx: list[int]) -> dict[str, torch.Tensor]:
+            index = torch.as_tensor(idx)
+            return {k: v.index_select(0, index) for k, v in tensors.items()}
+
+    sampler = BatchSampler(RandomSampler(range(n), generator=generator), batch_size, drop_last=False)
+    loader = DataLoader(_Gather(), sampler=sampler, batch_size=None, pin_memory=pin, num_workers=0)
+    yield from loader
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    """Batches per epoch."""
+    return max(1, math.ceil(n / batch_size))
+
+
+def train(
+    module: torch.nn.Module,
+    params: TrainingParams,
+    ctx: PassContext,
+    data: ArrayDataset,
+    input_names: list[str],
+    loss_fn: LossFn,
+    eval_fn: EvalFn | None = None,
+    *,
+    metric: str = "accuracy",
+    phase: str = "training",
+    seed: int = 0,
+    keep_initial: bool = False,
+) -> TrainOutcome:
+    """Train ``module``'s trainable parameters on ``data`` with ``loss_fn(batch)``; evaluate with ``eval_fn``.
+
+    ``batch`` maps each input name (and ``labels`` when present) to a tensor on ``ctx.device``;
+    ``eval_fn`` returns metrics (higher ``metric`` is better) and drives early stopping and best-weight restore;
+    with ``keep_initial`` the weights before training compete too (training never leaves the model worse).
+    """
+    import torch
+
+    device = ctx.device
+    cuda = device.startswith("cuda")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    bf16 = use_bf16(device, params.mixed_precision)
+    if params.mixed_precision == "bf16" and not bf16:
+        ctx.log("bf16 requested but not available on this device; training in fp32", device=device)
+    channels_last = cuda and has_conv2d(module)
+    module.to(device)
+    if channels_last:
+        module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    groups = param_groups(module, params.weight_decay)
+    if not groups:
+        raise ValueError("nothing to train: no parameter requires grad")
+    optimizer = torch.optim.AdamW(groups, lr=params.lr, fused=cuda)
+    per_epoch = num_batches(len(data), params.batch_size)
+    updates_per_epoch = max(1, math.ceil(per_epoch / params.grad_accum))
+    total = updates_per_epoch * params.epochs
+    if params.max_steps is not None:
+        total = min(total, params.max_steps)
+    warmup = int(params.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, warmup, total))
+    ctx.log(
+        f"{phase}: start",
+        samples=len(data),
+        epochs=params.epochs,
+        batch_size=params.batch_size,
+        grad_accum=params.grad_accum,
+        optimizer_steps=total,
+        warmup_steps=warmup,
+        bf16=bf16,
+        channels_last=channels_last,
+        device=device,
+    )
+
+    outcome = TrainOutcome()
+    best_state: dict[str, torch.Tensor] | None = None
+    patience_left = params.early_stopping_patience
+    samples_seen, train_time = 0, 0.0
+    if eval_fn is not None and keep_initial:
+        module.eval()
+        initial = eval_fn().get(metric)
+        if initial is not None:
+            outcome.best_metric, outcome.best_epoch = initial, 0
+            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            ctx.log(f"{phase}: eval before training", **{metric: initial})
+    for epoch in range(1, params.epochs + 1):
+        ctx.check_cancelled()
+        module.train()
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        seen = 0
+        optimizer.zero_grad(set_to_none=True)
+        for i, cpu_batch in enumerate(_batches(data, input_names, params.batch_size, generator, cuda)):
+            if i % CANCEL_EVERY == 0 and i:
+                ctx.check_cancelled()
+            batch = {}
+            for k, v in cpu_batch.items():
+                v = v.to(device, non_blocking=True)
+                if channels_last and v.ndim == 4 and v.is_floating_point():
+                    v = v.contiguous(memory_format=torch.channels_last)
+                batch[k] = v
+            size = len(next(iter(cpu_batch.values())))
+            with autocast(device, bf16):
+                loss = loss_fn(batch)
+            (loss / params.grad_accum).backward()
+            loss_sum += loss.detach().float() * size
+            seen += size
+            last = i + 1 == per_epoch
+            if (i + 1) % params.grad_accum == 0 or last:
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                outcome.steps += 1
+                if outcome.steps >= total:
+                    break
+        epoch_loss = float(loss_sum.item()) / max(1, seen)  # the one host sync of the epoch
+        train_time += time.perf_counter() - started
+        samples_seen += seen
+        outcome.epochs_run = epoch
+        metrics: dict[str, float] = {}
+        if eval_fn is not None:
+            module.eval()
+            metrics = eval_fn()
+        value = metrics.get(metric)
+        lr = float(optimizer.param_groups[0]["lr"])
+        outcome.curve.append({"epoch": epoch, "loss": epoch_loss, "eval_metric": value, "lr": lr, **metrics})
+        ctx.progress(
+            f"{phase} epoch {epoch}/{params.epochs}",
+            fraction=epoch / params.epochs,
+            epoch=epoch,
+            epochs=params.epochs,
+            metrics={"loss": epoch_loss, **({metric: value} if value is not None else {})},
+        )
+        if value is not None:
+            if outcome.best_metric is None or value > outcome.best_metric:
+                outcome.best_metric, outcome.best_epoch = value, epoch
+                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                patience_left = params.early_stopping_patience
+            elif patience_left is not None:
+                patience_left -= 1
+                if patience_left <= 0:
+                    outcome.stopped_early = True
+                    ctx.log(f"{phase}: early stop", epoch=epoch, best_epoch=outcome.best_epoch)
+                    break
+        if outcome.steps >= total:
+            break
+    if best_state is not None and outcome.best_epoch != outcome.epochs_run:
+        module.load_state_dict(best_state)
+        ctx.log(f"{phase}: restored best weights", best_epoch=outcome.best_epoch, best=outcome.best_metric)
+    module.eval()
+    if channels_last:
+        module.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    outcome.samples_per_s = samples_seen / train_time if train_time else 0.0
+    ctx.check_cancelled()
+    return outcome
