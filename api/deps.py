@@ -14,7 +14,7 @@ from models.db import session_scope
 from models.settings import Settings, get_settings
 
 
-def settings_dep() -> Settings:
+async def settings_dep() -> Settings:
     """The process settings (a dependency so tests can override it)."""
     return get_settings()
 
@@ -28,7 +28,7 @@ def owner_for_key(settings: Settings, key: str | None) -> str | None:
     return None
 
 
-def current_owner(request: Request, settings: Annotated[Settings, Depends(settings_dep)]) -> str:
+async def current_owner(request: Request, settings: Annotated[Settings, Depends(settings_dep)]) -> str:
     """The owner of this request; 401 problem when an API key is configured and not presented."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")

@@ -224,6 +224,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each measurement (default 2)")
     p.add_argument("--rounds", type=int, default=3, help="alternating baseline/service rounds (default 3)")
     p.add_argument("--client", choices=["raw", "httpx"], default="raw", help="load generator (default raw)")
+    p.add_argument("--read-cache-s", default="0.25",
+                   help="the API's job read micro-cache TTL (MODELPRESS_JOB_READ_CACHE_S; 0 = every GET queries)")
     return p.parse_args(argv)
 
 
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "duration": a.duration}
     rounds: dict[str, list[dict[str, Any]]] = {"bare": [], "service": []}
     ctx = mp.get_context("spawn")
-    with service("distributed", run_id, worker=False) as svc, bench_home(run_id) as bare_home, \
+    with service("distributed", run_id, worker=False, job_read_cache_s=a.read_cache_s) as svc, bench_home(run_id) as bare_home, \
             bare_server(bare_home, svc.env) as (bare_url, bare_pid), ctx.Pool(a.procs) as pool:
         job_id = create_job(svc.url)
         assert svc.api is not None
@@ -256,10 +258,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fig["p50_ratio"] = ratio(fig["service_p50_ms"], fig["bare_p50_ms"])
     fig["goal_rps_ratio"] = GOAL_RPS_RATIO
     fig["goal_met"] = goal_met(fig["rps_ratio"], GOAL_RPS_RATIO)
-    fig["params"] = {**kw, "rounds": a.rounds, "backend": "postgresql+redis"}
+    fig["params"] = {**kw, "rounds": a.rounds, "backend": "postgresql+redis", "read_cache_s": a.read_cache_s}
     fig["machine"] = machine_info()
     summary = (
-        f"GET /v1/jobs/{{id}} at {a.concurrency} conns: service {fig['service_rps']:.0f} req/s "
+        f"GET /v1/jobs/{{id}} at {a.concurrency} conns (read cache {a.read_cache_s} s): service {fig['service_rps']:.0f} req/s "
         f"(p50 {fig['service_p50_ms']:.1f} ms, p99 {fig['service_p99_ms']:.1f} ms) vs bare "
         f"{fig['bare_rps']:.0f} req/s (p50 {fig['bare_p50_ms']:.1f} ms, p99 {fig['bare_p99_ms']:.1f} ms); "
         f"rps ratio {fmt_ratio(fig['rps_ratio'], GOAL_RPS_RATIO)}, p99 ratio {fig['p99_ratio']:.2f}x"

@@ -26,7 +26,9 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # Enough pooled connections for the API's thread pool (40), so bursts do not churn connections;
+    # recycled instead of pinged on every checkout (a dropped connection fails one request, then reconnects).
+    return create_engine(url, pool_size=20, max_overflow=20, pool_recycle=1800)
 
 
 _ENGINES: dict[str, Engine] = {}

@@ -51,8 +51,11 @@ def _apply_env(monkeypatch: pytest.MonkeyPatch, home: Path, **env: str) -> None:
     from models.settings import get_settings
 
     monkeypatch.setenv("MODELPRESS_HOME", str(home))
-    for key in ("DATABASE_URL", "BROKER_URL", "STORAGE_DIR", "MAX_UPLOAD_BYTES", "CPU_QUEUE", "GPU_QUEUE"):
+    for key in ("DATABASE_URL", "BROKER_URL", "STORAGE_DIR", "MAX_UPLOAD_BYTES", "CPU_QUEUE", "GPU_QUEUE",
+                "API_KEY", "JOB_READ_CACHE_S"):
         monkeypatch.delenv(f"MODELPRESS_{key}", raising=False)
+    # In-process API tests change job rows behind the API's back: no read cache unless a test asks.
+    monkeypatch.setenv("MODELPRESS_JOB_READ_CACHE_S", "0")
     for key, value in env.items():
         monkeypatch.setenv(f"MODELPRESS_{key.upper()}", value)
     get_settings.cache_clear()

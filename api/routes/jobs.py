@@ -44,10 +44,15 @@ def list_jobs(
     return job_service.list_jobs(db, owner, status, after, limit)
 
 
-@router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, owner: Owner, db: DB) -> JobOut:
-    """One job: status, phase, progress, error, result and timestamps."""
-    return job_service.job_out(db, job_service.get_job(db, owner, job_id))
+@router.get("/{job_id}", response_model=JobOut, response_class=Response)
+async def get_job(job_id: str, owner: Owner, settings: Annotated[Settings, Depends(settings_dep)]) -> Response:
+    """One job: status, phase, progress, error, result and timestamps (clients poll this: kept cheap)."""
+    body = job_service.READ_CACHE.get(owner, job_id) if settings.job_read_cache_s > 0 else None
+    if body is None:  # only a cache miss costs a thread hop and a query
+        body = await anyio.to_thread.run_sync(
+            job_service.read_job_json, owner, job_id, settings.job_read_cache_s
+        )
+    return Response(body, media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -14,6 +18,7 @@ from api.errors import ProblemError, field_error, not_found
 from api.services.artifacts import artifact_out
 from api.services.catalog import check_limit
 from api.services.spec_checks import check_references
+from models.db import get_engine
 from models.ids import new_id
 from models.schemas import JobError, JobOut, JobResult, Page, Progress, Timestamps
 from models.settings import Settings
@@ -83,6 +88,107 @@ def job_out(session: Session, job: Job) -> JobOut:
             finished_at=job.finished_at,
         ),
     )
+
+
+_PROGRESS_DEFAULTS: dict[str, Any] = Progress().model_dump()
+_ARTIFACT_COLUMNS = ("id", "job_id", "name", "kind", "media_type", "sha256", "size_bytes", "meta", "created_at")
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+class _ReadCache:
+    """A per-process micro-cache of job bodies: many clients polling one job cost one query per TTL."""
+
+    TERMINAL_TTL_S = 60.0
+    MAX_ENTRIES = 10_000
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, str, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, owner: str, job_id: str) -> bytes | None:
+        entry = self._entries.get(job_id)
+        if entry is None or entry[0] < time.monotonic() or entry[1] != owner:
+            return None
+        return entry[2]
+
+    def put(self, owner: str, job_id: str, body: bytes, ttl_s: float) -> None:
+        with self._lock:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()
+            self._entries[job_id] = (time.monotonic() + ttl_s, owner, body)
+
+    def drop(self, job_id: str) -> None:
+        with self._lock:
+            self._entries.pop(job_id, None)
+
+
+READ_CACHE = _ReadCache()
+
+
+def read_job_json(owner: str, job_id: str, cache_s: float = 0.0) -> bytes:
+    """``GET /v1/jobs/{id}``'s body, from the micro-cache when younger than ``cache_s`` seconds."""
+    if cache_s > 0 and (body := READ_CACHE.get(owner, job_id)) is not None:
+        return body
+    body, status = _query_job_json(owner, job_id)
+    if cache_s > 0:
+        READ_CACHE.put(owner, job_id, body, _ReadCache.TERMINAL_TTL_S if status in TERMINAL else cache_s)
+    return body
+
+
+def _query_job_json(owner: str, job_id: str) -> tuple[bytes, str]:
+    """The body of ``GET /v1/jobs/{id}`` in one round trip: no ORM session, no transaction, no re-validation.
+
+    Clients poll this endpoint; it builds the same JSON as ``job_out`` (a test compares them) from one
+    outer join of the job with its artifacts, read in autocommit mode.
+    """
+    j, a = Job.__table__, Artifact.__table__
+    stmt = (
+        select(*j.c, *(a.c[name].label(f"art_{name}") for name in _ARTIFACT_COLUMNS))
+        .select_from(j.outerjoin(a, a.c.job_id == j.c.id))
+        .where(j.c.id == job_id)
+        .order_by(a.c.name)
+    )
+    with get_engine().execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+        rows = conn.execute(stmt).all()
+    if not rows or rows[0].owner != owner:
+        raise not_found("job", job_id)
+    job = rows[0]
+    artifacts = [
+        {**{n: getattr(r, f"art_{n}") for n in _ARTIFACT_COLUMNS}, "url": f"/v1/artifacts/{r.art_id}/content"}
+        for r in rows
+        if r.art_id is not None
+    ]
+    for art in artifacts:
+        art["created_at"] = _iso(art["created_at"])
+        art["meta"] = art["meta"] or {}
+    stored: dict[str, Any] = job.result or {}
+    result = None
+    if stored or artifacts:
+        report = stored.get("report") if "report" in stored else {k: v for k, v in stored.items() if k != "artifacts"}
+        result = {"artifacts": artifacts, "report": report or {}}
+    error = None
+    if job.error:
+        error = {"code": str(job.error.get("code", "error")), "message": str(job.error.get("message", "")),
+                 "step": job.error.get("step")}
+    body = {
+        "id": job.id,
+        "status": job.status,
+        "phase": job.phase,
+        "progress": {**_PROGRESS_DEFAULTS, **(job.progress or {})},
+        "attempt": job.attempt,
+        "queue": job.queue,
+        "error": error,
+        "result": result,
+        "spec": job.spec,
+        "timestamps": {"created_at": _iso(job.created_at), "updated_at": _iso(job.updated_at),
+                       "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at)},
+    }
+    return json.dumps(body, separators=(",", ":"), default=str).encode(), job.status
 
 
 def get_job(session: Session, owner: str, job_id: str) -> Job:
@@ -219,6 +325,7 @@ def cancel_job(session: Session, owner: str, job_id: str) -> Job:
         if getattr(res, "rowcount", 0) == 1:
             session.add(event)
             session.commit()
+            READ_CACHE.drop(job_id)
             return get_job(session, owner, job_id)
         session.rollback()  # the worker moved the job meanwhile: look again
     raise ProblemError(409, "conflict", f"job {job_id} kept changing state; try again")
