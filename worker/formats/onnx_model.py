@@ -142,10 +142,18 @@ def safe_load(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto
 def model_size_bytes(path: Path, model: onnx.ModelProto | None = None) -> int:
     """Bytes on disk of the model file plus its external-data files (``model``: the file, already parsed)."""
     if model is None:
-        model = onnx.load(str(path), load_external_data=False)
+        st = Path(path).stat()
+        return _size_cached(str(path), st.st_mtime_ns, st.st_size)
     return Path(path).stat().st_size + sum(
         f.stat().st_size for f in external_data_files(model, Path(path).parent)
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _size_cached(path: str, mtime_ns: int, size: int) -> int:
+    # Parsing a large model costs ~0.1 s a time; passes ask for the size of the same file repeatedly.
+    model = onnx.load(path, load_external_data=False)
+    return size + sum(f.stat().st_size for f in external_data_files(model, Path(path).parent))
 
 
 def _copy(src: Path, dst: Path) -> None:
