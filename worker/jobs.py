@@ -59,8 +59,13 @@ class Claim:
 
 
 def add_event(job_id: str, kind: str, message: str, **data: Any) -> None:
-    """Append an event to a job's log in its own short transaction."""
+    """Append an event to a job's log in its own short transaction.
+
+    The job row is locked first (as every other writer of a job's events does, by updating the row), so
+    a job's event ids are handed out in commit order and a reader resuming after id N never skips one.
+    """
     with session_scope() as s:
+        s.execute(select(Job.id).where(Job.id == job_id).with_for_update())
         s.add(JobEvent(job_id=job_id, kind=kind, message=message, data=data))
 
 

@@ -2,7 +2,9 @@
 
 The stream polls the database with short sessions. Each poll reads the job's status *before* its new
 events, so when a poll sees a terminal status and no new events, every event written before the job
-became terminal has been sent, and the stream ends.
+became terminal has been sent, and the stream ends. Every writer of a job's events holds the job's row
+lock while it inserts (it updates the row, or locks it first: ``worker.jobs.add_event``), so a job's
+event ids commit in order and resuming "after id N" never skips an event committed late.
 """
 
 from __future__ import annotations

@@ -223,7 +223,11 @@ def test_forms_are_converted_through_worker_convert(
         return {"accuracy": 0.5}
 
     fake.to_torch, fake.to_onnx, fake.torch_metric = to_torch, to_onnx, torch_metric  # type: ignore[attr-defined]
+    import worker
+
     monkeypatch.setitem(sys.modules, "worker.convert", fake)
+    # `from worker import convert` reads the package attribute first once the real module was imported.
+    monkeypatch.setattr(worker, "convert", fake, raising=False)
     monkeypatch.setattr(pipeline, "pass_for", lambda t: _TorchIdentity())
     spec = _spec([{"type": "prune", "ratio": 0.5}], metrics=["accuracy"])
     result = pipeline.run(spec, _ctx(tmp_path, digits_mlp, spec))
