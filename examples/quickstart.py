@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ def build_model(workdir: Path) -> tuple[Path, Path, Path]:
         nn.functional.cross_entropy(net(xt), yt).backward()
         opt.step()
     model = workdir / "digits_mlp.onnx"
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter's notice
     torch.onnx.export(net.eval(), (torch.zeros(1, 64),), str(model), input_names=["pixels"],
                       output_names=["logits"], dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
                       dynamo=False)

@@ -258,6 +258,10 @@ def _finish(claim: Claim, status: str, *, error: dict[str, Any] | None = None,
     """Move the job to a terminal state if this attempt still owns it; False if it lost ownership."""
     with session_scope() as s:
         values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "phase": status, "error": error}
+        if status == SUCCEEDED:
+            job = s.get(Job, claim.job_id)
+            progress = dict(job.progress or {}) if job is not None else {}
+            values["progress"] = {**progress, "step": progress.get("steps", 0), "percent": 100.0}
         if result is not None:
             values["result"] = result
         done = s.execute(

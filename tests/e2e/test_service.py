@@ -74,7 +74,8 @@ def test_dynamic_quantization_round_trip(
                                "evaluate": {"latency": {"runs": 10, "warmup": 2}}})
         done = svc.wait_job(client, job["id"])
         assert done["status"] == "succeeded", done
-        assert done["progress"]["percent"] == pytest.approx(100.0) or done["phase"] == "succeeded"
+        assert done["progress"]["percent"] == pytest.approx(100.0)
+        assert done["progress"]["step"] == done["progress"]["steps"] == 3 and done["phase"] == "succeeded"
         report = done["result"]["report"]
         assert report["output"]["size_bytes"] < report["input"]["size_bytes"]
         assert report["input"]["accuracy"] > 0.85
