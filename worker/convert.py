@@ -94,6 +94,7 @@ def _interface_class() -> type:
 
         def __init__(self, inner: torch.nn.Module, input_names: list[str], output_names: list[str], hf: bool):
             super().__init__()
+            self.training = inner.training  # a fresh wrapper reports the mode of what it wraps
             self.inner = inner
             self.input_names = list(input_names)
             self.output_names = list(output_names)
@@ -155,14 +156,17 @@ def predict(
     """First output of ``module`` (an interface wrapper) on all of ``data``, as float32 numpy."""
     import torch
 
-    was_training = module.training
+    modes = [(m, m.training) for m in module.modules()]  # restored one by one: a frozen teacher stays in eval
     module.eval()
     chunks = []
-    with torch.inference_mode():
-        for start in range(0, len(data), batch_size):
-            args = to_tensors(data, names, device, slice(start, start + batch_size))
-            chunks.append(first_output(module(*args)).float().cpu())
-    module.train(was_training)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(data), batch_size):
+                args = to_tensors(data, names, device, slice(start, start + batch_size))
+                chunks.append(first_output(module(*args)).float().cpu())
+    finally:
+        for m, mode in modes:
+            m.training = mode
     return torch.cat(chunks).numpy()
 
 

@@ -85,3 +85,22 @@ def test_missing_data_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(StepFailed) as err:
         convert.to_onnx(model, ctx, 17, name="x")
     assert err.value.code == "no_data"
+
+
+def test_predict_leaves_every_submodule_in_its_mode() -> None:
+    """A frozen teacher in eval mode must stay there (BatchNorm running stats, dropout) after predict."""
+    import torch
+
+    from worker.passes.base import ArrayDataset, WorkingModel
+
+    inner = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5)).eval()
+    inner[0].train()  # a mixed state is restored as it was, module by module
+    model = WorkingModel(form="torch", origin="onnx", input_names=["x"], output_names=["y"], module=inner)
+    wrapper = convert.interface(model)
+    assert wrapper.training is False  # a fresh wrapper reports the mode of what it wraps
+    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    first = convert.predict(wrapper, ArrayDataset({"x": x}), ["x"], "cpu")
+    assert [m.training for m in inner] == [True, False, False]
+    second = convert.predict(convert.interface(model), ArrayDataset({"x": x}), ["x"], "cpu")
+    np.testing.assert_array_equal(first, second)  # eval mode during predict: deterministic
+    assert inner.training is False and [m.training for m in inner] == [True, False, False]
