@@ -211,7 +211,7 @@ def _model_refs(spec: JobSpec) -> dict[str, tuple[Path, str, dict[str, Any]]]:
     ids = {spec.model}
     for step in spec.steps:
         if isinstance(step, DistillStep):
-            if step.teacher != "input":
+            if step.teacher not in ("input", "current"):
                 ids.add(step.teacher)
             if isinstance(step.student, StudentModel):
                 ids.add(step.student.model)

@@ -87,7 +87,7 @@ def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
             datasets[role] = ds
     for i, step in enumerate(spec.steps):
         if isinstance(step, DistillStep):
-            if step.teacher != "input":
+            if step.teacher not in ("input", "current"):
                 model_exists(step.teacher, f"steps.{i}.teacher")
             if isinstance(step.student, StudentModel):
                 model_exists(step.student.model, f"steps.{i}.student.model")

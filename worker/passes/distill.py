@@ -196,7 +196,11 @@ class DistillPass(Pass):
         from worker import training
         from worker.convert import count_params, ensure_torch, interface, predict, torch_metric
 
-        teacher = ensure_torch(ctx.load_model(params.teacher), ctx)
+        if params.teacher == "current":  # what the earlier steps made teaches (a frozen copy of it)
+            current = ensure_torch(model, ctx)
+            teacher = replace(current, module=copy.deepcopy(current.module))
+        else:
+            teacher = ensure_torch(ctx.load_model(params.teacher), ctx)
         teacher.module.eval().requires_grad_(False)
         metrics: dict[str, Any] = {"teacher": params.teacher}
         if isinstance(params.student, StudentLayers):
@@ -225,6 +229,7 @@ class DistillPass(Pass):
         has_labels = train.labels is not None and task != "feature-extraction"
         eval_fn, metric = make_eval(student, evald, reference, task, ctx.device)
         loss_fn = make_loss(student, teacher, params, task, has_labels)
+        teacher.module.eval()  # the teacher's BatchNorm and dropout stay in inference mode throughout
         wrapper = interface(student)
         outcome = training.train(
             wrapper,

@@ -90,3 +90,19 @@ def test_feature_extraction_student_moves_towards_teacher(tmp_path: Path) -> Non
     after = result.metrics["student_metrics_after"]["fidelity"]
     assert result.metrics["metric"] == "fidelity"
     assert after > before and np.isfinite(after)
+
+
+def test_current_teacher_is_the_working_model_not_the_input(tmp_path: Path) -> None:
+    """teacher "current": what earlier steps made (here: the input with a zeroed classifier) teaches."""
+    ctx, model = _bert_ctx(tmp_path, "text-classification")
+    with torch.no_grad():
+        model.module.classifier.weight.zero_()
+        model.module.classifier.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))  # the working model always says 0
+    step = DistillStep(type="distill", teacher="current", student={"layers": 2}, epochs=1, batch_size=32)
+    result = DistillPass().run(model, step, ctx)
+    assert result.metrics["teacher"] == "current"
+    teacher_out = convert.predict(convert.interface(model), ctx.data["eval"], model.input_names, "cpu")
+    assert (teacher_out.argmax(1) == 0).all()  # the working model itself was not trained or replaced
+    assert result.metrics["teacher_metrics"]["accuracy"] == pytest.approx(
+        float((ctx.data["eval"].labels == 0).mean()), abs=1e-6
+    )
