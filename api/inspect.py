@@ -155,27 +155,6 @@ def _value_info(value: Any) -> dict[str, Any]:
     return {"name": value.name, "dtype": _dtype_name(value.type.tensor_type.elem_type), "shape": _dim_list(value.type)}
 
 
-def _all_tensors(graph: Any) -> Iterable[Any]:
-    """Every TensorProto in a graph: initializers, sparse initializers and node attributes, recursively."""
-    import onnx
-
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.TENSORS:
-                yield from attr.tensors
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_tensors(sub)
-
-
 def inspect_onnx(path: Path) -> dict[str, Any]:
     """Inputs, outputs, opset, IR version, producer and parameter count of a single-file ONNX model."""
     import onnx
@@ -189,7 +168,9 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         raise InspectionError(f"the file is not an ONNX model ({type(exc).__name__})") from exc
     if not model.HasField("graph") or not model.opset_import:
         raise InspectionError("the file is not an ONNX model (no graph or no opset import)")
-    external = [t.name for t in _all_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    from worker.formats.onnx_model import all_tensors  # onnx + numpy only, no torch
+
+    external = [t.name for t in all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
     if external:
         raise InspectionError(
             f"tensor {external[0]!r} references external data, which a single-file upload cannot carry; "

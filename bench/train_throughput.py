@@ -35,40 +35,11 @@ DEFAULTS = {  # (samples, batch size, width, epochs) per device
 
 
 def resnet32(width: int) -> Any:
-    """The CNN: 3x32x32 -> 10 logits."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
+    """The CNN: 3x32x32 -> 10 logits (three residual blocks, widths w, 2w, 4w)."""
+    from tests.factories_train import small_resnet
 
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.shortcut: nn.Module = (
-                nn.Identity()
-                if cin == cout and stride == 1
-                else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-            )
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = F.relu(self.bn1(self.conv1(x)))
-            return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            w = width
-            self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
-            self.layers = nn.Sequential(Block(w, w, 1), Block(w, 2 * w, 2), Block(2 * w, 4 * w, 2))
-            self.fc = nn.Linear(4 * w, 10)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.layers(self.stem(x)).mean(dim=(2, 3)))
-
-    return Net()
+    w = width
+    return small_resnet(3, [(w, w, 1), (w, 2 * w, 2), (2 * w, 4 * w, 2)])
 
 
 def make_data(n: int, seed: int) -> tuple[Any, Any]:

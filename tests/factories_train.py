@@ -156,10 +156,9 @@ def cnn_onnx() -> tuple[Path, float]:
     return path, acc
 
 
-def digits_resnet(widths: tuple[int, int] = (64, 128)) -> Any:
-    """A ResNet-style CNN for 8x8 digits: stem, three two-conv residual blocks (the second downsamples with a
-    1x1 projection shortcut), global average pooling, a linear head. BatchNorm after every conv (the ONNX
-    export folds it into the convs). ``(64, 128)``: about 0.6 M parameters and 10 M MACs per sample."""
+def small_resnet(in_channels: int, blocks: list[tuple[int, int, int]], classes: int = 10) -> Any:
+    """A ResNet-style CNN: conv stem, two-conv residual blocks ``(cin, cout, stride)`` (1x1 projection
+    shortcuts where the shape changes), global average pooling, a linear head; BatchNorm after every conv."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -181,18 +180,26 @@ def digits_resnet(widths: tuple[int, int] = (64, 128)) -> Any:
             y = F.relu(self.bn1(self.conv1(x)))
             return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))  # residual coupling
 
-    class DigitsResNet(nn.Module):
+    class SmallResNet(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            a, b = widths
-            self.stem = nn.Sequential(nn.Conv2d(1, a, 3, 1, 1, bias=False), nn.BatchNorm2d(a), nn.ReLU())
-            self.layers = nn.Sequential(Block(a, a, 1), Block(a, b, 2), Block(b, b, 1))
-            self.fc = nn.Linear(b, 10)
+            first = blocks[0][0]
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, first, 3, 1, 1, bias=False), nn.BatchNorm2d(first),
+                                      nn.ReLU())
+            self.layers = nn.Sequential(*(Block(*b) for b in blocks))
+            self.fc = nn.Linear(blocks[-1][1], classes)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(self.layers(self.stem(x)).mean(dim=(2, 3)))
 
-    return DigitsResNet()
+    return SmallResNet()
+
+
+def digits_resnet(widths: tuple[int, int] = (64, 128)) -> Any:
+    """A ResNet-style CNN for 8x8 digits: three residual blocks (the second downsamples). ``(64, 128)``:
+    about 0.6 M parameters and 10 M MACs per sample (the ONNX export folds BatchNorm into the convs)."""
+    a, b = widths
+    return small_resnet(1, [(a, a, 1), (a, b, 2), (b, b, 1)])
 
 
 def fit_cosine(

@@ -51,7 +51,7 @@ def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                     yield from _graphs(g)
 
 
-def _all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+def all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
     """Every tensor of the model that may carry data: initializers, sparse initializers, tensor attributes."""
     for graph in _graphs(model.graph):
         yield from graph.initializer
@@ -79,7 +79,7 @@ def external_data_files(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
     """The validated external-data files ``model`` (loaded without external data) refers to, in order."""
     root = base_dir.resolve()
     files: dict[str, Path] = {}
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         location = _external_location(tensor)
         if location is None or location in files:
             continue
