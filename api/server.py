@@ -25,10 +25,14 @@ def serve(host: str = "127.0.0.1", port: int = 8000, with_worker: bool = True) -
             [sys.executable, "-m", "worker.main", "--queues", queues],
             env={**os.environ, "MODELPRESS_HOME": str(settings.home)},
         )
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default handler that would
+    # kill this process before the `finally` below stops the worker. A Python handler lets it return.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         print(f"modelpress: API on http://{host}:{port}  (home: {settings.home})", flush=True)
         uvicorn.run("api.main:app", host=host, port=port, log_level="info")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if worker is not None:
             worker.send_signal(signal.SIGTERM)
             try:
