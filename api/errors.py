@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -197,6 +198,14 @@ async def _disconnected(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request, 400, "client_disconnected", "the client closed the connection mid-request")
 
 
+async def _bad_data(request: Request, exc: Exception) -> JSONResponse:
+    # The database refused a client-supplied value (a NUL byte in an id or cursor, a number out of range).
+    log.info("database refused a value on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        request, 422, "validation_error", "a value in the request is not valid (for example, it contains a NUL byte)"
+    )
+
+
 async def _crash(request: Request, exc: Exception) -> JSONResponse:
     ref = new_id("err")
     log.error("unhandled error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)
@@ -212,4 +221,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(UploadTooLarge, _too_large)
     app.add_exception_handler(ClientDisconnect, _disconnected)
+    app.add_exception_handler(DataError, _bad_data)
     app.add_exception_handler(Exception, _crash)

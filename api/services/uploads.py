@@ -65,6 +65,9 @@ def check_name(name: str | None) -> str | None:
         raise field_error(422, "validation_error", "name", f"at most {MAX_NAME} characters")
     if name is None:
         return None
+    if "\x00" in name:
+        # PostgreSQL text cannot hold NUL: refused here, before a byte is stored, not as a 500 at insert.
+        raise field_error(422, "validation_error", "name", "must not contain NUL characters")
     return name.strip() or None
 
 

@@ -238,3 +238,20 @@ def test_client_disconnect_mid_upload_leaves_nothing(pg_env: str, storage_dir: P
     anyio.run(run)
     assert sent[0]["status"] == 400
     assert _model_rows() == 0 and temp_files(storage_dir) == [] and blobs(storage_dir) == []
+
+
+def test_nul_in_a_name_is_422_before_any_byte_is_stored(client: TestClient, storage_dir: Path) -> None:
+    # PostgreSQL text cannot hold NUL: unchecked, the insert raised DataError (a 500) and orphaned the blob.
+    r = client.put("/v1/models", params={"name": "a\x00b", "format": "onnx"}, content=builders.onnx_bytes())
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["field"] == "name"
+    assert _model_rows() == 0 and blobs(storage_dir) == [] and temp_files(storage_dir) == []
+
+
+@pytest.mark.parametrize(
+    "url", ["/v1/models/mdl_%00", "/v1/jobs/job_%00", "/v1/artifacts/art_%00", "/v1/models?after=a%00"]
+)
+def test_nul_in_an_id_or_cursor_is_not_a_500(client: TestClient, url: str) -> None:
+    r = client.get(url)
+    assert r.status_code in (404, 422), r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
