@@ -34,6 +34,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # that passes here also extracts there.
 HF_LIMITS = Limits(max_total_bytes=16 * 1024**3, max_entries=10_000, max_ratio=200.0)
 IMAGEFOLDER_LIMITS = Limits(max_total_bytes=8 * 1024**3, max_entries=500_000, max_ratio=200.0)
+# An npz is a zip the worker inflates whole into memory (np.load): the same ratio cap as any archive.
+NPZ_LIMITS = Limits(max_entries=10_000, max_ratio=200.0)
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 MAX_CLASSES = 100_000
@@ -388,6 +390,10 @@ def inspect_npz(path: Path) -> dict[str, Any]:
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise InspectionError("the file is a single .npy array, not an .npz archive of named arrays")
     with npz:
+        try:
+            archive.list_entries(path, NPZ_LIMITS)
+        except ArchiveError as exc:
+            raise InspectionError(f"unsafe or unreadable archive: {exc}") from exc
         fields: dict[str, Any] = {}
         dtypes: dict[str, Any] = {}
         zf = npz.zip

@@ -111,3 +111,17 @@ def test_multipart_dataset_and_list(client: TestClient) -> None:
     assert [d["id"] for d in page["data"]] == [r.json()["id"]] and page["next_cursor"] is None
     bad = client.get("/v1/datasets", params={"limit": 0})
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "limit"
+
+
+def test_npz_compression_bomb_is_rejected(client: TestClient, storage_dir: Path) -> None:
+    # 64 MiB of zeros deflates to ~64 KiB: the worker's np.load would inflate ~1000x what was uploaded.
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, x=np.zeros((16, 1024 * 1024), dtype=np.float32), labels=np.zeros(16, dtype=np.int64))
+    data = buf.getvalue()
+    assert len(data) < 1024 * 1024
+    r = client.put("/v1/datasets", params={"format": "npz"}, content=data)
+    assert r.status_code == 422, r.text
+    assert r.json()["code"] == "invalid_dataset" and "compression ratio" in r.json()["detail"]
+    assert _rows() == 0 and blobs(storage_dir) == []

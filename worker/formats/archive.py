@@ -118,6 +118,7 @@ def _zip_entries(path: Path, limits: Limits) -> list[Entry]:
 def _tar_entries(path: Path, limits: Limits) -> list[Entry]:
     entries: list[Entry] = []
     total = 0
+    compressed = max(path.stat().st_size, 1)
     try:
         with tarfile.open(path, "r:*") as tf:
             for member in tf:
@@ -132,6 +133,9 @@ def _tar_entries(path: Path, limits: Limits) -> list[Entry]:
                 total += size
                 if total > limits.max_total_bytes:
                     raise ArchiveError(f"uncompressed size exceeds the limit of {limits.max_total_bytes} bytes")
+                # Checked per header: reaching the next header means inflating this member's data.
+                if total > RATIO_FLOOR and total / compressed > limits.max_ratio:
+                    raise ArchiveError(f"compression ratio {total / compressed:.0f} exceeds {limits.max_ratio:.0f}")
                 entries.append(Entry(name, size, member.isdir(), member.name))
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ArchiveError(f"not a readable tar archive: {exc}") from exc
@@ -159,6 +163,9 @@ def list_entries(path: Path, limits: Limits = DEFAULT_LIMITS) -> list[Entry]:
     if total > RATIO_FLOOR and total / compressed > limits.max_ratio:
         raise ArchiveError(f"compression ratio {total / compressed:.0f} exceeds {limits.max_ratio:.0f}")
     files = {e.name for e in entries if not e.is_dir}
+    both = files & {e.name for e in entries if e.is_dir}
+    if both:
+        raise ArchiveError(f"member {min(both)!r} is both a file and a directory")
     for name in files:
         # A file may not also be used as a directory ("a" and "a/b"), which would make extraction ambiguous.
         for parent in PurePosixPath(name).parents:

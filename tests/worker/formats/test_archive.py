@@ -110,3 +110,27 @@ def test_not_an_archive_and_nonempty_target(tmp_path: Path) -> None:
     (tmp_path / "busy" / "keep").write_text("k")
     with pytest.raises(ArchiveError, match="not empty"):
         archive.extract(src, tmp_path / "busy")
+
+
+def test_tar_ratio_is_checked_before_inflating_a_member(tmp_path: Path) -> None:
+    # A header declaring 1 GiB followed by only 2 MiB of zeros: listing must refuse on the ratio as soon as
+    # it reads the header, not inflate the member's data to reach the next header (a gzip bomb costs the
+    # API minutes of CPU before the ratio check ran at the end).
+    import gzip
+
+    info = tarfile.TarInfo("zeros")
+    info.size = 1024**3
+    with gzip.open(tmp_path / "bomb.tgz", "wb") as gz:
+        gz.write(info.tobuf())
+        gz.write(bytes(2 * 1024 * 1024))
+    with pytest.raises(ArchiveError, match="compression ratio"):
+        archive.list_entries(tmp_path / "bomb.tgz")
+
+
+def test_a_name_used_as_both_file_and_directory_is_rejected(tmp_path: Path) -> None:
+    """``a`` as a file and ``a/`` as a directory would make extraction fail half-way (FileExistsError)."""
+    zpath = _zip(tmp_path / "a.zip", {"a": b"x", "a/": b""})
+    with pytest.raises(ArchiveError, match="both a file and a directory"):
+        archive.list_entries(zpath)
+    with pytest.raises(ArchiveError):
+        archive.extract(zpath, tmp_path / "out")
