@@ -6,6 +6,7 @@ no session is held open while a step runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import socket
@@ -264,12 +265,22 @@ def _finish(claim: Claim, status: str, *, error: dict[str, Any] | None = None,
             values["progress"] = {**progress, "step": progress.get("steps", 0), "percent": 100.0}
         if result is not None:
             values["result"] = result
+        # DESIGN 5: a cancelling job only ever becomes cancelled, even when its work finished meanwhile.
+        sources = ACTIVE if status == CANCELLED else (RUNNING,)
         done = s.execute(
             update(Job)
-            .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status.in_(ACTIVE))
+            .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status.in_(sources))
             .values(**values)
             .returning(Job.id)
         ).scalar_one_or_none()
+        if not done and status != CANCELLED:
+            status, error, message = CANCELLED, None, "cancelled (the cancel arrived as the job finished)"
+            done = s.execute(
+                update(Job)
+                .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status == CANCELLING)
+                .values(status=CANCELLED, finished_at=utcnow(), phase=CANCELLED, error=None)
+                .returning(Job.id)
+            ).scalar_one_or_none()
         if done:
             data: dict[str, Any] = {"status": status}
             if error:
@@ -343,6 +354,8 @@ def execute(job_id: str) -> str | None:
     finally:
         beat.stopped.set()
         shutil.rmtree(workdir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            workdir.parent.rmdir()  # the job's folder, once no other attempt's workdir is in it
     with session_scope() as s:
         final = s.scalar(select(Job.status).where(Job.id == job_id))
     return final if final in TERMINAL else status

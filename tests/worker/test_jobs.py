@@ -79,3 +79,25 @@ def test_cancelled_queued_job_is_not_claimed(pg_env: str) -> None:
     job_id = _job(status="cancelled")
     assert jobs.claim(job_id, "w") is None
     assert _get(job_id).attempt == 0
+
+
+@pytest.mark.parametrize("outcome", ["succeeded", "failed"])
+def test_a_cancel_during_the_last_stage_ends_cancelled(pg_env: str, outcome: str) -> None:
+    # DESIGN 5: running -> cancelling -> cancelled. A worker finishing after the user's cancel must not
+    # move a cancelling job to succeeded (or failed).
+    job_id = _job(status="cancelling", attempt=1)
+    assert jobs._finish(jobs.Claim(job_id, 1), outcome, error={"code": "x", "message": "m", "step": None})
+    job = _get(job_id)
+    assert job.status == "cancelled" and job.finished_at is not None and job.error is None
+    assert not jobs._finish(jobs.Claim(job_id, 1), outcome)  # and it stays cancelled
+
+
+def test_execute_leaves_no_work_folder_behind(pg_env: str) -> None:
+    """A job whose input cannot be loaded fails in setup, and its work folder is removed with its parent."""
+    from models.settings import get_settings
+
+    job_id = _job()
+    assert jobs.execute(job_id) == "failed"
+    job = _get(job_id)
+    assert job.error is not None and job.error["step"]
+    assert not (get_settings().home / "work" / job_id).exists()
