@@ -52,3 +52,5 @@ def db_session() -> Iterator[Session]:
 
 Owner = Annotated[str, Depends(current_owner)]
 DB = Annotated[Session, Depends(db_session)]
+# For routes that stream a long body: the session closes when the route returns, before the body is sent.
+ShortDB = Annotated[Session, Depends(db_session, scope="function")]

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Response
 from fastapi.responses import StreamingResponse
 
-from api.deps import DB, Owner
+from api.deps import DB, Owner, ShortDB
 from api.services import artifacts as service
 from models.schemas import ArtifactOut
 
@@ -24,7 +24,7 @@ def get_artifact(artifact_id: str, owner: Owner, db: DB) -> ArtifactOut:
 def download(
     artifact_id: str,
     owner: Owner,
-    db: DB,
+    db: ShortDB,
     range_: Annotated[str | None, Header(alias="Range")] = None,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
     if_range: Annotated[str | None, Header(alias="If-Range")] = None,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.api import builders
@@ -66,3 +68,24 @@ def test_odd_names_are_quoted(client: TestClient) -> None:
     disposition = r.headers["content-disposition"]
     assert disposition.startswith('attachment; filename="r_p_rt _v1_.json"')
     assert "filename*=UTF-8''r%C3%A9p%C3%B6rt%20%22v1%22.json" in disposition
+
+
+def test_download_holds_no_db_connection_while_streaming(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A multi-GB artifact to a slow client must not pin a pooled connection ("idle in transaction")
+    # for the whole transfer: the request's session has to be closed before the body streams.
+    from api.services import artifacts as service
+    from models.db import get_engine
+
+    art = _artifact()
+    seen: list[int] = []
+    real = service.read_blob
+
+    def spying(key: str, start: int, length: int) -> Iterator[bytes]:
+        for chunk in real(key, start, length):
+            seen.append(get_engine().pool.checkedout())  # type: ignore[attr-defined]
+            yield chunk
+
+    monkeypatch.setattr(service, "read_blob", spying)
+    r = client.get(f"/v1/artifacts/{art}/content")
+    assert r.status_code == 200 and r.content == DATA
+    assert seen and max(seen) == 0, seen
