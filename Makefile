@@ -35,7 +35,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy api worker models storage client migrations
+	$(BIN)/mypy api worker models storage client migrations bench
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

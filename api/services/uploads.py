@@ -110,15 +110,15 @@ def _existing(kind: Kind, owner: str, sha256: str) -> Model | Dataset | None:
 
 def record(kind: Kind, blob: StoredBlob, owner: str, name: str | None, fmt: str | None) -> Uploaded:
     """Inspect a stored blob and insert its row; same bytes from the same owner give the existing row."""
-    found = _existing(kind, owner, blob.sha256)
-    if found is not None:
-        return Uploaded(found, created=False)
     try:
         fmt = check_format(kind, fmt)
         name = check_name(name)
     except ProblemError:
         discard_blob(blob.key)
         raise
+    found = _existing(kind, owner, blob.sha256)
+    if found is not None:
+        return Uploaded(found, created=False)
     meta = _inspect(kind, fmt, blob)
     table = TABLES[kind]
     prefix = "mdl" if kind == "model" else "ds"

@@ -96,6 +96,11 @@ def test_multipart_upload(client: TestClient) -> None:
     body = r.json()
     assert body["name"] == "from-curl" and body["sha256"] == hashlib.sha256(data).hexdigest()
     assert body["inputs"][0]["shape"] == ["batch", 6]
+    # The same bytes with a format models do not have are refused, not answered with the existing row.
+    again = client.post("/v1/models", files={"file": ("m.onnx", data, "application/octet-stream")},
+                        data={"format": "npz"})
+    assert again.status_code == 422 and again.json()["errors"][0]["field"] == "format"
+    assert client.get(f"/v1/models/{body['id']}").status_code == 200  # the first record keeps its blob
 
 
 def test_multipart_over_the_limit_and_bad_requests(
