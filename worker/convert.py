@@ -8,6 +8,7 @@ layers that produce the model's outputs (which pruning must never touch).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib.machinery
 import importlib.util
@@ -362,16 +363,7 @@ def to_onnx(
     if expected.ndim == 2 and expected.shape[1] > 1:
         parity["top1_agreement"] = float((expected.argmax(1) == got.argmax(1)).mean())
     meta = {**model.meta, "parity": parity, "opset": opset}
-    return WorkingModel(
-        form="onnx",
-        origin=model.origin,
-        input_names=list(model.input_names),
-        output_names=list(model.output_names),
-        onnx_path=path,
-        module=None,
-        hf_dir=model.hf_dir,
-        meta=meta,
-    )
+    return dataclasses.replace(model, form="onnx", onnx_path=path, module=None, meta=meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -412,16 +404,7 @@ def to_torch(model: WorkingModel, ctx: PassContext) -> WorkingModel:
         "dynamic_axes": {k: v for k, v in axes.items() if v},
         "source_onnx": str(model.onnx_path),
     }
-    return WorkingModel(
-        form="torch",
-        origin=model.origin,
-        input_names=list(model.input_names),
-        output_names=list(model.output_names),
-        onnx_path=None,
-        module=module,
-        hf_dir=model.hf_dir,
-        meta=meta,
-    )
+    return dataclasses.replace(model, form="torch", onnx_path=None, module=module, meta=meta)
 
 
 def ensure_torch(model: WorkingModel, ctx: PassContext) -> WorkingModel:
