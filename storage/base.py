@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class UploadTooLarge(Exception):
@@ -26,6 +29,10 @@ class StoredBlob:
 class BlobStore(Protocol):
     def put(self, chunks: Iterable[bytes], limit: int | None = None) -> StoredBlob: ...
     async def put_async(self, chunks: AsyncIterator[bytes], limit: int | None = None) -> StoredBlob: ...
+    async def put_async_then(
+        self, chunks: AsyncIterator[bytes], limit: int | None, then: Callable[[StoredBlob], T]
+    ) -> T: ...
+    def key_lock(self, key: str) -> AbstractContextManager[None]: ...
     def put_file(self, path: Path) -> StoredBlob: ...
     def open(self, key: str) -> BinaryIO: ...
     def path(self, key: str) -> Path: ...

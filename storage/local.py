@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from storage.base import StoredBlob, UploadTooLarge
 
+T = TypeVar("T")
 CHUNK = 1024 * 1024
 ASYNC_BATCH = 4 * CHUNK
 ASYNC_IN_FLIGHT = 2
@@ -81,7 +83,17 @@ class LocalBlobStore:
             return self._commit(tmp_name, h.hexdigest(), size)
 
     async def put_async(self, chunks: AsyncIterator[bytes], limit: int | None = None) -> StoredBlob:
-        """Like ``put`` for an async body stream. Hashing and writing run in two threads of their own
+        """Like ``put`` for an async body stream (see ``put_async_then``)."""
+        return await self.put_async_then(chunks, limit, lambda blob: blob)
+
+    async def put_async_then(
+        self, chunks: AsyncIterator[bytes], limit: int | None, then: Callable[[StoredBlob], T]
+    ) -> T:
+        """Store an async body stream, then run ``then(blob)`` in a thread while holding the blob's key lock.
+
+        The commit (rename into place) and ``then`` (inspect and index, or delete a rejected blob) are one
+        critical section per key, across processes: a rejected upload can never delete bytes that a
+        concurrent upload of the same content has just committed and is about to index. Hashing and writing run in two threads of their own
         (both release the GIL), overlapped with receiving; at most ``ASYNC_IN_FLIGHT`` batches are
         buffered, and the writer flushes to disk as it goes so the final fsync is short."""
         h = hashlib.sha256()
@@ -134,7 +146,26 @@ class LocalBlobStore:
             fh.flush()
             await loop.run_in_executor(None, os.fsync, fd)
             fh.close()
-            return self._commit(tmp_name, h.hexdigest(), size)
+            digest = h.hexdigest()
+
+            def commit_then() -> T:
+                with self.key_lock(digest):
+                    return then(self._commit(tmp_name, digest, size))
+
+            return await loop.run_in_executor(None, commit_then)
+
+    @contextlib.contextmanager
+    def key_lock(self, key: str) -> Iterator[None]:
+        """An exclusive, cross-process lock (flock) over a blob key; 256 lock files, striped by key prefix."""
+        self.path(key)  # validates the key
+        path = self.root / "locks" / f"{key[:2]}.lock"
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def put_file(self, path: Path) -> StoredBlob:
         """Store a local file (worker artifacts)."""

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import anyio
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy import exists, or_, select
@@ -96,7 +95,7 @@ def blob_in_use(key: str) -> bool:
 
 
 def discard_blob(key: str) -> None:
-    """Delete a stored blob no record points at."""
+    """Delete a stored blob no record points at (the caller holds the key's lock: see ``record``)."""
     if not blob_in_use(key):
         get_store().delete(key)
 
@@ -109,7 +108,10 @@ def _existing(kind: Kind, owner: str, sha256: str) -> Model | Dataset | None:
 
 
 def record(kind: Kind, blob: StoredBlob, owner: str, name: str | None, fmt: str | None) -> Uploaded:
-    """Inspect a stored blob and insert its row; same bytes from the same owner give the existing row."""
+    """Inspect a stored blob and insert its row; same bytes from the same owner give the existing row.
+
+    Runs under the blob's key lock (``put_async_then``), so deleting a rejected blob cannot race with
+    another upload of the same bytes that committed them and is about to record its row."""
     try:
         fmt = check_format(kind, fmt)
         name = check_name(name)
@@ -166,8 +168,9 @@ async def upload_raw(request: Request, kind: Kind, owner: str, name: str | None,
     fmt = check_format(kind, fmt)
     name = check_name(name)
     check_declared_length(request)
-    blob = await get_store().put_async(request.stream(), limit=get_settings().max_upload_bytes)
-    return await anyio.to_thread.run_sync(record, kind, blob, owner, name, fmt)
+    return await get_store().put_async_then(
+        request.stream(), get_settings().max_upload_bytes, lambda blob: record(kind, blob, owner, name, fmt)
+    )
 
 
 @dataclass
@@ -275,9 +278,11 @@ async def upload_multipart(request: Request, kind: Kind, owner: str) -> Uploaded
     """A multipart upload (POST, ``curl -F file=@m.onnx -F name=... -F format=onnx``), streamed."""
     stream = MultipartStream(request)
     check_declared_length(request, overhead=8 * MAX_FIELD_BYTES)
-    blob = await get_store().put_async(stream.file_chunks(), limit=get_settings().max_upload_bytes)
-    name = stream.fields.get("name") or stream.filename
-    fmt = stream.fields.get("format")
-    if name and len(name) > MAX_NAME:
-        name = name[:MAX_NAME]
-    return await anyio.to_thread.run_sync(record, kind, blob, owner, name, fmt)
+
+    def index(blob: StoredBlob) -> Uploaded:  # the text fields are parsed by the time the file part ends
+        name = stream.fields.get("name") or stream.filename
+        if name and len(name) > MAX_NAME:
+            name = name[:MAX_NAME]
+        return record(kind, blob, owner, name, stream.fields.get("format"))
+
+    return await get_store().put_async_then(stream.file_chunks(), get_settings().max_upload_bytes, index)

@@ -27,8 +27,9 @@ def storage_dir(pg_env: str) -> Path:
 
 
 def blobs(root: Path) -> list[Path]:
-    """Every stored blob (temp files excluded)."""
-    return [p for p in root.rglob("*") if p.is_file() and "tmp" not in p.relative_to(root).parts]
+    """Every stored blob (temp files and lock files excluded)."""
+    skip = {"tmp", "locks"}  # upload temp files; the 256 striped key-lock files (empty, kept)
+    return [p for p in root.rglob("*") if p.is_file() and not skip & set(p.relative_to(root).parts)]
 
 
 def temp_files(root: Path) -> list[Path]:

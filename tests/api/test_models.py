@@ -260,3 +260,44 @@ def test_nul_in_an_id_or_cursor_is_not_a_500(client: TestClient, url: str) -> No
     r = client.get(url)
     assert r.status_code in (404, 422), r.text
     assert r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_a_rejected_upload_never_deletes_bytes_a_concurrent_upload_is_recording(
+    pg_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same bytes, two uploads at once: one valid (slow to inspect), one declared with the wrong format.
+    The rejected one must not delete the blob the valid one's row is about to point at."""
+    import asyncio
+    import time
+
+    import httpx
+
+    from api import inspect
+    from api.main import create_app
+    from models.settings import get_settings
+
+    slow = inspect.MODEL_INSPECTORS["onnx"]
+
+    def slow_onnx(path: Path) -> dict:
+        time.sleep(0.6)  # the valid upload is still inspecting when the bad one finishes streaming
+        return slow(path)
+
+    monkeypatch.setitem(inspect.MODEL_INSPECTORS, "onnx", slow_onnx)
+    data = builders.onnx_bytes(in_features=7)
+    app = create_app()
+
+    async def both() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            good = asyncio.create_task(c.put("/v1/models", params={"format": "onnx"}, content=data))
+            await asyncio.sleep(0.2)
+            bad = asyncio.create_task(c.put("/v1/models", params={"format": "hf"}, content=data))
+            return await good, await bad
+
+    good, bad = asyncio.run(both())
+    # Serialised behind the valid upload, the second one finds its row (same bytes, same owner): 200.
+    assert good.status_code == 201 and bad.status_code in (200, 422), (good.text, bad.text)
+    key = good.json()["sha256"]
+    from storage import get_store
+
+    assert get_store().exists(key), "the recorded model's bytes were deleted by the rejected upload"
+    assert [p.name for p in blobs(get_settings().blob_dir)] == [key]

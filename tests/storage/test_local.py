@@ -60,3 +60,29 @@ def test_keys_that_are_not_hashes_are_refused(tmp_path: Path) -> None:
     for bad in ("../etc/passwd", "a" * 63, "G" * 64):
         with pytest.raises(KeyError):
             store.path(bad)
+
+
+def test_put_async_then_runs_under_the_key_lock(tmp_path: Path) -> None:
+    """``then`` sees the committed blob, and another holder of the key's lock waits for it to finish."""
+    import fcntl
+
+    store = LocalBlobStore(tmp_path)
+    data = b"locked" * 1000
+    seen: list[bool] = []
+
+    def then(blob: object) -> str:
+        lock = tmp_path / "locks" / f"{hashlib.sha256(data).hexdigest()[:2]}.lock"
+        with open(lock, "a+b") as fh:  # a second, independent open file: flock must refuse it now
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append(False)
+            except BlockingIOError:
+                seen.append(True)
+        assert store.exists(hashlib.sha256(data).hexdigest())
+        return "indexed"
+
+    async def body() -> AsyncIterator[bytes]:
+        yield data
+
+    assert anyio.run(store.put_async_then, body(), None, then) == "indexed"
+    assert seen == [True]
