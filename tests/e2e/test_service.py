@@ -177,13 +177,21 @@ def _wait_phase(svc: LiveService, client: httpx.Client, job_id: str, word: str, 
     raise TimeoutError(f"phase never showed {word!r}\n{svc.logs('worker.log')}")
 
 
+def _training_job_in_its_first_epoch(
+    svc: LiveService, client: httpx.Client, assets: dict[str, Path], epochs: int
+) -> dict[str, Any]:
+    """Upload the MLP and its data, submit a fine-tune of ``epochs`` epochs, wait until it is training."""
+    model = _upload(client, "models", assets["model"], "onnx")
+    train = _upload(client, "datasets", assets["train"], "npz")
+    evald = _upload(client, "datasets", assets["eval"], "npz")
+    job = _submit(client, _long_training_spec(model["id"], train["id"], evald["id"], epochs=epochs))
+    _wait_phase(svc, client, job["id"], "epoch")
+    return job
+
+
 def test_cancel_a_running_job(distributed: LiveService, assets: dict[str, Path]) -> None:
     with httpx.Client(base_url=distributed.url, timeout=30) as client:
-        model = _upload(client, "models", assets["model"], "onnx")
-        train = _upload(client, "datasets", assets["train"], "npz")
-        evald = _upload(client, "datasets", assets["eval"], "npz")
-        job = _submit(client, _long_training_spec(model["id"], train["id"], evald["id"], epochs=500))
-        _wait_phase(distributed, client, job["id"], "epoch")
+        job = _training_job_in_its_first_epoch(distributed, client, assets, epochs=500)
         t0 = time.monotonic()
         r = client.post(f"/v1/jobs/{job['id']}/cancel")
         assert r.status_code in (200, 202) and r.json()["status"] in ("cancelling", "cancelled")
@@ -194,11 +202,7 @@ def test_cancel_a_running_job(distributed: LiveService, assets: dict[str, Path])
 
 def test_worker_killed_mid_job_is_retried_and_completes_once(distributed: LiveService, assets: dict[str, Path]) -> None:
     with httpx.Client(base_url=distributed.url, timeout=30) as client:
-        model = _upload(client, "models", assets["model"], "onnx")
-        train = _upload(client, "datasets", assets["train"], "npz")
-        evald = _upload(client, "datasets", assets["eval"], "npz")
-        job = _submit(client, _long_training_spec(model["id"], train["id"], evald["id"], epochs=6))
-        _wait_phase(distributed, client, job["id"], "epoch")
+        job = _training_job_in_its_first_epoch(distributed, client, assets, epochs=6)
         children = distributed.worker_children()
         assert children, "the worker has no pool process"
         for child in children:
