@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from models.spec import JobSpec
-from tests.client.conftest import tiny_npz, tiny_onnx
-from tests.client.test_sdk import _job_with_artifact, insert_job
+from tests.client.conftest import insert_job, job_with_artifact, tiny_npz, tiny_onnx
 from tests.e2e.harness import LiveService, free_port
 
 BIN = Path(sys.executable).with_name("modelpress")
@@ -99,7 +98,7 @@ def test_failed_job_exits_1_with_code_and_step(api_service: LiveService, files: 
 
 def test_download_exits_1_on_a_tampered_artifact(api_service: LiveService, files: dict[str, Path], tmp_path: Path) -> None:
     model = json.loads(mp("models", "upload", str(files["model"]), "--json", url=api_service.url, check=0).stdout)
-    job_id, blob = _job_with_artifact(api_service, model["id"], os.urandom(200_000))
+    job_id, blob = job_with_artifact(api_service, model["id"], os.urandom(200_000))
     out = mp("download", job_id, str(tmp_path / "ok"), "--json", url=api_service.url, check=0)
     assert [Path(p).name for p in json.loads(out.stdout)] == ["model.onnx"]
     data = bytearray(blob.read_bytes())
