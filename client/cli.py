@@ -77,6 +77,15 @@ class _Ctx:
         sys.stdout.write(dumps(obj) + "\n")
         sys.stdout.flush()
 
+    def emit(self, data: Any, *shown: Any) -> int:
+        """A command's result: ``data`` as JSON with ``--json``, else each of ``shown`` printed; exit 0."""
+        if self.args.json:
+            self.print_json(data)
+        else:
+            for item in shown:
+                self.out.print(item)
+        return EXIT_OK
+
 
 def dumps(obj: Any) -> str:
     """JSON text of a pydantic model, Job, or plain data (for ``--json`` output)."""
@@ -226,22 +235,15 @@ def cmd_migrate(ctx: _Ctx) -> int:
 
 def cmd_upload(ctx: _Ctx) -> int:
     record = _upload(ctx, ctx.args.kind, ctx.args.path, ctx.args.format, ctx.args.name)
-    if ctx.args.json:
-        ctx.print_json(record)
-    else:
-        ctx.out.print(f"{record.id}  {record.name}  {record.format}  {fmt_bytes(record.size_bytes)}  sha256={record.sha256[:12]}")
-    return EXIT_OK
+    return ctx.emit(record, f"{record.id}  {record.name}  {record.format}  {fmt_bytes(record.size_bytes)}  "
+                            f"sha256={record.sha256[:12]}")
 
 
 def cmd_list_records(ctx: _Ctx) -> int:
     rows: list[Any] = list(ctx.client.models() if ctx.args.kind == "models" else ctx.client.datasets())
-    if ctx.args.json:
-        ctx.print_json(rows)
-    else:
-        ctx.out.print(_table(ctx.args.kind, ("id", "name", "format", "size", "sha256", "created"), (
-            (r.id, r.name, r.format, fmt_bytes(r.size_bytes), r.sha256[:12], _when(r.created_at)) for r in rows
-        )))
-    return EXIT_OK
+    return ctx.emit(rows, _table(ctx.args.kind, ("id", "name", "format", "size", "sha256", "created"), (
+        (r.id, r.name, r.format, fmt_bytes(r.size_bytes), r.sha256[:12], _when(r.created_at)) for r in rows
+    )))
 
 
 def _load_spec(path: str) -> dict[str, Any]:
@@ -256,23 +258,13 @@ def _load_spec(path: str) -> dict[str, Any]:
 
 def _finish(ctx: _Ctx, job: Job) -> int:
     """Print a finished job's summary; the report's before/after table when it has one."""
-    if ctx.args.json:
-        ctx.print_json(job)
-        return EXIT_OK
-    ctx.out.print(f"job {job.id} {job.status}")
-    if job.report:
-        ctx.out.print(report_table(job.report))
-    return EXIT_OK
+    return ctx.emit(job, f"job {job.id} {job.status}", *([report_table(job.report)] if job.report else []))
 
 
 def cmd_submit(ctx: _Ctx) -> int:
     job = ctx.client.submit(_load_spec(ctx.args.spec), idempotency_key=ctx.args.idempotency_key)
     if not ctx.args.wait:
-        if ctx.args.json:
-            ctx.print_json(job)
-        else:
-            ctx.out.print(job.id)
-        return EXIT_OK
+        return ctx.emit(job, job.id)
     ctx.err.print(f"submitted {job.id}")
     return _finish(ctx, _wait(ctx, job, ctx.args.timeout))
 
@@ -283,14 +275,10 @@ def cmd_jobs_list(ctx: _Ctx) -> int:
         jobs.append(job)
         if ctx.args.limit and len(jobs) >= ctx.args.limit:
             break
-    if ctx.args.json:
-        ctx.print_json([j.data for j in jobs])
-        return EXIT_OK
-    ctx.out.print(_table("jobs", ("id", "status", "phase", "progress", "created"), (
+    return ctx.emit([j.data for j in jobs], _table("jobs", ("id", "status", "phase", "progress", "created"), (
         (j.id, j.status, j.data.phase, f"{j.data.progress.percent:.0f}%", _when(j.data.timestamps.created_at))
         for j in jobs
     )))
-    return EXIT_OK
 
 
 def cmd_jobs_show(ctx: _Ctx) -> int:
@@ -333,21 +321,12 @@ def cmd_jobs_logs(ctx: _Ctx) -> int:
 
 def cmd_jobs_cancel(ctx: _Ctx) -> int:
     job = ctx.client.job(ctx.args.id).cancel()
-    if ctx.args.json:
-        ctx.print_json(job)
-    else:
-        ctx.out.print(f"{job.id} {job.status}")
-    return EXIT_OK
+    return ctx.emit(job, f"{job.id} {job.status}")
 
 
 def cmd_download(ctx: _Ctx) -> int:
     paths = _download(ctx, ctx.client.job(ctx.args.job_id), ctx.args.dir)
-    if ctx.args.json:
-        ctx.print_json([str(p) for p in paths])
-    else:
-        for p in paths:
-            ctx.out.print(str(p))
-    return EXIT_OK
+    return ctx.emit([str(p) for p in paths], *(str(p) for p in paths))
 
 
 def build_optimize_spec(
