@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -123,3 +125,12 @@ def test_submit_wait_progress_and_download_with_a_worker(
         for art, p in zip(done.artifacts, paths, strict=True):
             assert p.stat().st_size == art.size_bytes
         assert done.report.get("output", {}).get("size_bytes")
+
+
+def test_the_client_imports_only_models_pure_modules() -> None:
+    code = ("import sys, client, client.cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'api', 'worker', 'torch', 'storage', 'onnxruntime'})); "
+            "print(sorted(m for m in sys.modules if m.startswith('models.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "[]"
+    assert "models.tables" not in out[1] and "models.db" not in out[1] and "models.report_view" in out[1]
