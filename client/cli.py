@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -26,18 +27,22 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from client.errors import (
-    ApiError,
+    APIError,
+    APIServerError,
+    APIUnavailable,
+    ChecksumMismatch,
     ConnectionFailed,
-    IntegrityError,
-    JobCancelled,
     JobFailed,
+    JobWasCancelled,
     ModelpressError,
-    ServerError,
-    ServiceUnavailable,
+    WaitTimeout,
 )
-from client.sdk import Client, Job, WaitTimeout, dumps
+from client.jobs import Job
+from client.sdk import Client
+from models.report_view import comparison_rows, fmt_bytes, fmt_number, quality_rows
 
 EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_CONNECTION = 0, 1, 2, 3
 QUANTIZE_MODES = {
@@ -72,80 +77,66 @@ class _Ctx:
         sys.stdout.write(dumps(obj) + "\n")
         sys.stdout.flush()
 
+    def emit(self, data: Any, *shown: Any) -> int:
+        """A command's result: ``data`` as JSON with ``--json``, else each of ``shown`` printed; exit 0."""
+        if self.args.json:
+            self.print_json(data)
+        else:
+            for item in shown:
+                self.out.print(item)
+        return EXIT_OK
+
+
+def dumps(obj: Any) -> str:
+    """JSON text of a pydantic model, Job, or plain data (for ``--json`` output)."""
+    if isinstance(obj, Job):
+        obj = obj.data
+    if isinstance(obj, BaseModel):
+        return obj.model_dump_json(indent=2, by_alias=True)
+    if isinstance(obj, list):
+        return json.dumps([json.loads(dumps(o)) for o in obj], indent=2)
+    return json.dumps(obj, indent=2, default=str)
+
 
 # -- formatting helpers -------------------------------------------------------------------------
 
 
-def _num(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def _bytes(n: Any) -> str:
-    if not isinstance(n, int | float):
-        return "-"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
-        size /= 1024
-    return f"{size:.2f} GB"
-
-
 def _metrics(metrics: dict[str, Any]) -> str:
-    return " ".join(f"{k}={_num(v)}" for k, v in metrics.items() if not isinstance(v, dict | list))
+    return " ".join(f"{k}={fmt_number(v)}" for k, v in metrics.items() if not isinstance(v, dict | list))
 
 
-def _ratio(before: Any, after: Any) -> str:
-    if isinstance(before, int | float) and isinstance(after, int | float) and after:
-        return f"{before / after:.2f}x"
-    return "-"
+def _when(ts: datetime) -> str:
+    return ts.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> Table:
+    """A titled table of plain text (no rich markup read from the cells)."""
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))
+    return table
+
+
+_CHANGE_STYLE = {True: "green", False: "red", None: ""}
 
 
 def report_table(report: dict[str, Any]) -> Table:
-    """A before/after table of a job report (size, latency, params, MACs, accuracy, ratios)."""
-    before = report.get("input") or {}
-    after = report.get("output") or {}
+    """A before/after table of a job report (``models.report_view``'s rows, as the HTML report shows them)."""
     table = Table(title="before / after")
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     table.add_column("before/after", justify="right")
-
-    def lat(side: dict[str, Any]) -> Any:
-        lat_ms = side.get("latency_ms")
-        return lat_ms.get("median") if isinstance(lat_ms, dict) else lat_ms
-
-    table.add_row("size", _bytes(before.get("size_bytes")), _bytes(after.get("size_bytes")),
-                  _ratio(before.get("size_bytes"), after.get("size_bytes")))
-    table.add_row("latency (median ms)", _num(lat(before)), _num(lat(after)), _ratio(lat(before), lat(after)))
-    table.add_row("params", _num(before.get("params")), _num(after.get("params")),
-                  _ratio(before.get("params"), after.get("params")))
-    if before.get("macs") is not None or after.get("macs") is not None:
-        table.add_row("MACs", _num(before.get("macs")), _num(after.get("macs")),
-                      _ratio(before.get("macs"), after.get("macs")))
-    acc_b, acc_a = before.get("accuracy"), after.get("accuracy")
-    if acc_b is not None or acc_a is not None:
-        delta = acc_a - acc_b if isinstance(acc_a, int | float) and isinstance(acc_b, int | float) else None
-        table.add_row("accuracy", _num(acc_b), _num(acc_a), f"{delta:+.4f}" if delta is not None else "-")
-    fidelity = report.get("fidelity") or {}
-    if fidelity:
+    for row in comparison_rows(report):
+        change = Text(row.change_text, style=_CHANGE_STYLE[row.better])
+        table.add_row(Text(row.label), Text(row.before_text), Text(row.after_text), change)
+    quality = quality_rows(report)
+    if quality:
         table.add_section()
-        for key in ("max_abs_err", "cosine", "top1_agreement"):
-            if key in fidelity:
-                table.add_row(f"fidelity {key}", "", _num(fidelity[key]), "")
-    budget = report.get("budget") or {}
-    if budget:
-        met = budget.get("met")
-        table.add_row("accuracy budget", _num(budget.get("max_accuracy_drop")),
-                      "met" if met else ("missed" if met is not None else "-"), "")
+    for q in quality:
+        table.add_row(Text(q.label), Text(""), Text(q.value_text, style=_CHANGE_STYLE[q.better]), Text(""))
     return table
 
 
@@ -198,8 +189,7 @@ def _upload(ctx: _Ctx, kind: str, path: str, fmt: str | None, name: str | None) 
         def on_progress(sent: int, total: int) -> None:
             bar.update(task, completed=sent, total=total)
 
-        upload = ctx.client.upload_model if kind == "models" else ctx.client.upload_dataset
-        return upload(path, format=fmt, name=name, on_progress=on_progress)
+        return ctx.client.upload(kind, path, fmt, name=name, on_progress=on_progress)
 
 
 def _wait(ctx: _Ctx, job: Job, timeout: float | None = None) -> Job:
@@ -243,31 +233,17 @@ def cmd_migrate(ctx: _Ctx) -> int:
     return EXIT_OK
 
 
-def _records_table(kind: str, rows: list[Any]) -> Table:
-    table = Table(title=kind)
-    for col in ("id", "name", "format", "size", "sha256", "created"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r.id, r.name, r.format, _bytes(r.size_bytes), r.sha256[:12], r.created_at.strftime("%Y-%m-%d %H:%M:%S"))
-    return table
-
-
 def cmd_upload(ctx: _Ctx) -> int:
     record = _upload(ctx, ctx.args.kind, ctx.args.path, ctx.args.format, ctx.args.name)
-    if ctx.args.json:
-        ctx.print_json(record)
-    else:
-        ctx.out.print(f"{record.id}  {record.name}  {record.format}  {_bytes(record.size_bytes)}  sha256={record.sha256[:12]}")
-    return EXIT_OK
+    return ctx.emit(record, f"{record.id}  {record.name}  {record.format}  {fmt_bytes(record.size_bytes)}  "
+                            f"sha256={record.sha256[:12]}")
 
 
 def cmd_list_records(ctx: _Ctx) -> int:
-    rows = list(ctx.client.models() if ctx.args.kind == "models" else ctx.client.datasets())
-    if ctx.args.json:
-        ctx.print_json(rows)
-    else:
-        ctx.out.print(_records_table(ctx.args.kind, rows))
-    return EXIT_OK
+    rows: list[Any] = list(ctx.client.models() if ctx.args.kind == "models" else ctx.client.datasets())
+    return ctx.emit(rows, _table(ctx.args.kind, ("id", "name", "format", "size", "sha256", "created"), (
+        (r.id, r.name, r.format, fmt_bytes(r.size_bytes), r.sha256[:12], _when(r.created_at)) for r in rows
+    )))
 
 
 def _load_spec(path: str) -> dict[str, Any]:
@@ -282,23 +258,13 @@ def _load_spec(path: str) -> dict[str, Any]:
 
 def _finish(ctx: _Ctx, job: Job) -> int:
     """Print a finished job's summary; the report's before/after table when it has one."""
-    if ctx.args.json:
-        ctx.print_json(job)
-        return EXIT_OK
-    ctx.out.print(f"job {job.id} {job.status}")
-    if job.report:
-        ctx.out.print(report_table(job.report))
-    return EXIT_OK
+    return ctx.emit(job, f"job {job.id} {job.status}", *([report_table(job.report)] if job.report else []))
 
 
 def cmd_submit(ctx: _Ctx) -> int:
     job = ctx.client.submit(_load_spec(ctx.args.spec), idempotency_key=ctx.args.idempotency_key)
     if not ctx.args.wait:
-        if ctx.args.json:
-            ctx.print_json(job)
-        else:
-            ctx.out.print(job.id)
-        return EXIT_OK
+        return ctx.emit(job, job.id)
     ctx.err.print(f"submitted {job.id}")
     return _finish(ctx, _wait(ctx, job, ctx.args.timeout))
 
@@ -309,17 +275,10 @@ def cmd_jobs_list(ctx: _Ctx) -> int:
         jobs.append(job)
         if ctx.args.limit and len(jobs) >= ctx.args.limit:
             break
-    if ctx.args.json:
-        ctx.print_json([j.data for j in jobs])
-        return EXIT_OK
-    table = Table(title="jobs")
-    for col in ("id", "status", "phase", "progress", "created"):
-        table.add_column(col)
-    for j in jobs:
-        table.add_row(j.id, j.status, j.data.phase, f"{j.data.progress.percent:.0f}%",
-                      j.data.timestamps.created_at.strftime("%Y-%m-%d %H:%M:%S"))
-    ctx.out.print(table)
-    return EXIT_OK
+    return ctx.emit([j.data for j in jobs], _table("jobs", ("id", "status", "phase", "progress", "created"), (
+        (j.id, j.status, j.data.phase, f"{j.data.progress.percent:.0f}%", _when(j.data.timestamps.created_at))
+        for j in jobs
+    )))
 
 
 def cmd_jobs_show(ctx: _Ctx) -> int:
@@ -337,12 +296,9 @@ def cmd_jobs_show(ctx: _Ctx) -> int:
     if d.error:
         ctx.out.print(f"[red]error[/red] {d.error.code}: {d.error.message}" + (f" (step {d.error.step})" if d.error.step else ""))
     if job.artifacts:
-        table = Table(title="artifacts")
-        for col in ("id", "name", "kind", "size", "sha256"):
-            table.add_column(col)
-        for a in job.artifacts:
-            table.add_row(a.id, a.name, a.kind, _bytes(a.size_bytes), a.sha256[:12])
-        ctx.out.print(table)
+        ctx.out.print(_table("artifacts", ("id", "name", "kind", "size", "sha256"), (
+            (a.id, a.name, a.kind, fmt_bytes(a.size_bytes), a.sha256[:12]) for a in job.artifacts
+        )))
     if job.report:
         ctx.out.print(report_table(job.report))
     return EXIT_OK
@@ -365,21 +321,12 @@ def cmd_jobs_logs(ctx: _Ctx) -> int:
 
 def cmd_jobs_cancel(ctx: _Ctx) -> int:
     job = ctx.client.job(ctx.args.id).cancel()
-    if ctx.args.json:
-        ctx.print_json(job)
-    else:
-        ctx.out.print(f"{job.id} {job.status}")
-    return EXIT_OK
+    return ctx.emit(job, f"{job.id} {job.status}")
 
 
 def cmd_download(ctx: _Ctx) -> int:
     paths = _download(ctx, ctx.client.job(ctx.args.job_id), ctx.args.dir)
-    if ctx.args.json:
-        ctx.print_json([str(p) for p in paths])
-    else:
-        for p in paths:
-            ctx.out.print(str(p))
-    return EXIT_OK
+    return ctx.emit([str(p) for p in paths], *(str(p) for p in paths))
 
 
 def build_optimize_spec(
@@ -562,18 +509,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _field_of(err: dict[str, Any]) -> str:
-    """The dotted field path of one validation error (``steps.0`` from a model-level message)."""
-    loc = err.get("loc") or err.get("field") or err.get("path")
-    parts = [str(x) for x in loc] if isinstance(loc, list | tuple) else ([str(loc)] if loc else [])
-    if parts and parts[0] == "body":
-        parts = parts[1:]
-    if not parts:
-        found = re.search(r"\b(steps\.\d+)\b", str(err.get("msg") or ""))
-        return found.group(1) if found else "spec"
-    return ".".join(parts)
-
-
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the command, and map errors to exit codes."""
     parser = build_parser()
@@ -587,19 +522,19 @@ def run(argv: Sequence[str] | None = None) -> int:
         step = f" (step {exc.step})" if exc.step else ""
         ctx.err.print(f"[red]job {exc.job.id} failed{step}[/red]: {exc.code}: {exc.message}", markup=True)
         return EXIT_JOB
-    except JobCancelled as exc:
+    except JobWasCancelled as exc:
         ctx.err.print(f"job {exc.job.id} was cancelled")
         return EXIT_JOB
-    except (WaitTimeout, IntegrityError) as exc:
+    except (WaitTimeout, ChecksumMismatch) as exc:
         ctx.err.print(f"error: {exc}", markup=False)
         return EXIT_JOB
-    except (ConnectionFailed, ServiceUnavailable, ServerError) as exc:
+    except (ConnectionFailed, APIUnavailable, APIServerError) as exc:
         ctx.err.print(f"error: {exc}", markup=False)
         return EXIT_CONNECTION
-    except ApiError as exc:
+    except APIError as exc:
         ctx.err.print(f"error: {exc.status} {exc.code or exc.title}: {exc.detail}", markup=False)
         for err in exc.errors:
-            ctx.err.print(f"  field {_field_of(err)}: {err.get('msg') or err.get('message') or ''}", markup=False)
+            ctx.err.print(f"  field {err.get('field') or 'body'}: {err.get('message') or ''}", markup=False)
         return EXIT_USAGE
     except (ModelpressError, ValueError, FileNotFoundError) as exc:
         ctx.err.print(f"error: {exc}", markup=False)

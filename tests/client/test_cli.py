@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from models.report_view import comparison_rows, quality_rows
 from models.spec import JobSpec
-from tests.client.conftest import tiny_npz, tiny_onnx
-from tests.client.test_sdk import _job_with_artifact, insert_job
+from tests.api.report_samples import sample_report
+from tests.client.conftest import insert_job, job_with_artifact, tiny_npz, tiny_onnx
 from tests.e2e.harness import LiveService, free_port
 
 BIN = Path(sys.executable).with_name("modelpress")
@@ -99,7 +100,7 @@ def test_failed_job_exits_1_with_code_and_step(api_service: LiveService, files: 
 
 def test_download_exits_1_on_a_tampered_artifact(api_service: LiveService, files: dict[str, Path], tmp_path: Path) -> None:
     model = json.loads(mp("models", "upload", str(files["model"]), "--json", url=api_service.url, check=0).stdout)
-    job_id, blob = _job_with_artifact(api_service, model["id"], os.urandom(200_000))
+    job_id, blob = job_with_artifact(api_service, model["id"], os.urandom(200_000))
     out = mp("download", job_id, str(tmp_path / "ok"), "--json", url=api_service.url, check=0)
     assert [Path(p).name for p in json.loads(out.stdout)] == ["model.onnx"]
     data = bytearray(blob.read_bytes())
@@ -108,6 +109,22 @@ def test_download_exits_1_on_a_tampered_artifact(api_service: LiveService, files
     out = mp("download", job_id, str(tmp_path / "bad"), url=api_service.url, check=1)
     assert "sha256 mismatch" in out.stderr
     assert not (tmp_path / "bad" / "model.onnx").exists()
+
+
+def test_show_and_wait_print_the_report_rows_the_html_report_shows(
+    api_service: LiveService, files: dict[str, Path]
+) -> None:
+    model = json.loads(mp("models", "upload", str(files["model"]), "--json", url=api_service.url, check=0).stdout)
+    report = sample_report()
+    job_id = insert_job(api_service, model["id"], status="succeeded", phase="done", result={"report": report})
+    for command in ("show", "wait"):
+        lines = mp("jobs", command, job_id, url=api_service.url, check=0).stdout.splitlines()
+        assert any("before / after" in line for line in lines)
+        for row in comparison_rows(report):
+            line = next(line for line in lines if row.label in line)
+            assert all(text in line for text in (row.before_text, row.after_text, row.change_text)), line
+        for q in quality_rows(report):
+            assert q.value_text in next(line for line in lines if q.label in line)
 
 
 @pytest.mark.e2e
