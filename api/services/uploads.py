@@ -17,7 +17,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy import exists, or_, select
 from sqlalchemy.exc import IntegrityError
 
-from api import inspect
+from api import inspection
 from api.errors import ProblemError, field_error
 from models.db import session_scope
 from models.ids import new_id
@@ -32,8 +32,8 @@ Kind = Literal["model", "dataset"]
 FORMATS: dict[str, tuple[str, ...]] = {"model": ("onnx", "hf"), "dataset": ("npz", "imagefolder", "text")}
 TABLES: dict[str, type[Model] | type[Dataset]] = {"model": Model, "dataset": Dataset}
 INSPECTORS: dict[str, dict[str, Callable[..., dict[str, Any]]]] = {
-    "model": inspect.MODEL_INSPECTORS,
-    "dataset": inspect.DATASET_INSPECTORS,
+    "model": inspection.MODEL_INSPECTORS,
+    "dataset": inspection.DATASET_INSPECTORS,
 }
 ERROR_CODES = {"model": "invalid_model", "dataset": "invalid_dataset"}
 MAX_NAME = 255
@@ -151,7 +151,7 @@ def _inspect(kind: Kind, fmt: str, blob: StoredBlob) -> dict[str, Any]:
     path = get_store().path(blob.key)
     try:
         return inspector(path)
-    except inspect.InspectionError as exc:
+    except inspection.InspectionError as exc:
         discard_blob(blob.key)
         raise ProblemError(422, ERROR_CODES[kind], f"not a valid {fmt} {kind}: {exc}") from exc
     except Exception as exc:

@@ -272,17 +272,17 @@ def test_a_rejected_upload_never_deletes_bytes_a_concurrent_upload_is_recording(
 
     import httpx
 
-    from api import inspect
+    from api import inspection
     from api.main import create_app
     from models.settings import get_settings
 
-    slow = inspect.MODEL_INSPECTORS["onnx"]
+    slow = inspection.MODEL_INSPECTORS["onnx"]
 
     def slow_onnx(path: Path) -> dict:
         time.sleep(0.6)  # the valid upload is still inspecting when the bad one finishes streaming
         return slow(path)
 
-    monkeypatch.setitem(inspect.MODEL_INSPECTORS, "onnx", slow_onnx)
+    monkeypatch.setitem(inspection.MODEL_INSPECTORS, "onnx", slow_onnx)
     data = builders.onnx_bytes(in_features=7)
     app = create_app()
 

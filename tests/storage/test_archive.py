@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.formats import archive
-from worker.formats.archive import ArchiveError, Limits
+from storage import archive
+from storage.archive import ArchiveError, Limits
 
 
 def _zip(path: Path, files: dict[str, bytes]) -> Path:
