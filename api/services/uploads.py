@@ -1,12 +1,13 @@
 """Uploads: stream the body (raw or multipart) into the blob store, inspect it, record it once per owner.
 
-The byte count is enforced by the store while streaming (a Content-Length check alone is bypassed by a
-chunked body); over the limit the temp file is removed and nothing is recorded. Bytes that fail
-inspection are removed from storage unless another record points at them.
+The byte count is enforced while the body is staged into a temp file (a Content-Length check alone is
+bypassed by a chunked body); over the limit the temp file is removed and nothing is recorded. The staged
+file is inspected before it is committed to the store, so bytes that fail inspection are never stored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any, Literal
 
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
-from sqlalchemy import exists, or_, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from api import inspection
@@ -22,9 +23,9 @@ from api.errors import ProblemError, field_error
 from models.db import session_scope
 from models.ids import new_id
 from models.settings import get_settings
-from models.tables import Artifact, Dataset, Model
+from models.tables import Dataset, Model
 from storage import get_store
-from storage.base import StoredBlob, UploadTooLarge
+from storage.base import BlobStore, Staged, UploadTooLarge
 
 log = logging.getLogger("modelpress.api.uploads")
 
@@ -78,28 +79,6 @@ def check_declared_length(request: Request, overhead: int = 0) -> None:
         raise UploadTooLarge(limit)
 
 
-def blob_in_use(key: str) -> bool:
-    """Whether any model, dataset or artifact row points at the blob ``key``."""
-    with session_scope() as session:
-        return bool(
-            session.scalar(
-                select(
-                    or_(
-                        exists().where(Model.storage_key == key),
-                        exists().where(Dataset.storage_key == key),
-                        exists().where(Artifact.storage_key == key),
-                    )
-                )
-            )
-        )
-
-
-def discard_blob(key: str) -> None:
-    """Delete a stored blob no record points at (the caller holds the key's lock: see ``record``)."""
-    if not blob_in_use(key):
-        get_store().delete(key)
-
-
 def _existing(kind: Kind, owner: str, sha256: str) -> Model | Dataset | None:
     with session_scope() as session:
         if kind == "model":
@@ -107,21 +86,22 @@ def _existing(kind: Kind, owner: str, sha256: str) -> Model | Dataset | None:
         return session.scalars(select(Dataset).where(Dataset.owner == owner, Dataset.sha256 == sha256)).first()
 
 
-def record(kind: Kind, blob: StoredBlob, owner: str, name: str | None, fmt: str | None) -> Uploaded:
-    """Inspect a stored blob and insert its row; same bytes from the same owner give the existing row.
+def record(
+    kind: Kind, store: BlobStore, staged: Staged, owner: str, name: str | None, fmt: str | None
+) -> Uploaded:
+    """Inspect a staged upload, commit it to the store and insert its row; same bytes, same owner: the existing row.
 
-    Runs under the blob's key lock (``put_async_then``), so deleting a rejected blob cannot race with
-    another upload of the same bytes that committed them and is about to record its row."""
-    try:
-        fmt = check_format(kind, fmt)
-        name = check_name(name)
-    except ProblemError:
-        discard_blob(blob.key)
-        raise
-    found = _existing(kind, owner, blob.sha256)
+    Nothing is committed before the upload is known to be good, so a rejected upload never touches
+    stored blobs. Concurrent uploads of the same bytes both commit (content-addressed: the same blob)
+    and race to insert; the unique constraint (owner, sha256) settles it and the loser answers with the
+    winner's row."""
+    fmt = check_format(kind, fmt)
+    name = check_name(name)
+    found = _existing(kind, owner, staged.sha256)
     if found is not None:
         return Uploaded(found, created=False)
-    meta = _inspect(kind, fmt, blob)
+    meta = _inspect(kind, fmt, staged)
+    blob = store.commit(staged)
     table = TABLES[kind]
     prefix = "mdl" if kind == "model" else "ds"
     row = table(
@@ -135,10 +115,10 @@ def record(kind: Kind, blob: StoredBlob, owner: str, name: str | None, fmt: str 
         meta=meta,
     )
     try:
-        with session_scope() as session:
+        with session_scope() as session:  # rolls back when the insert fails
             session.add(row)
     except IntegrityError:
-        # A concurrent upload of the same bytes won the race: answer with its row.
+        # A concurrent upload of the same bytes won the race: answer with its row (it holds the blob).
         found = _existing(kind, owner, blob.sha256)
         if found is None:
             raise
@@ -146,21 +126,32 @@ def record(kind: Kind, blob: StoredBlob, owner: str, name: str | None, fmt: str 
     return Uploaded(row, created=True)
 
 
-def _inspect(kind: Kind, fmt: str, blob: StoredBlob) -> dict[str, Any]:
+def _inspect(kind: Kind, fmt: str, staged: Staged) -> dict[str, Any]:
     inspector = INSPECTORS[kind][fmt]
-    path = get_store().path(blob.key)
     try:
-        return inspector(path)
+        return inspector(staged.path)
     except inspection.InspectionError as exc:
-        discard_blob(blob.key)
         raise ProblemError(422, ERROR_CODES[kind], f"not a valid {fmt} {kind}: {exc}") from exc
     except Exception as exc:
         # Bad input must never become a 500: anything the parser trips on is the upload's fault.
-        log.warning("inspection of %s %s (%s) failed", kind, blob.key, fmt, exc_info=True)
-        discard_blob(blob.key)
+        log.warning("inspection of %s %s (%s) failed", kind, staged.sha256, fmt, exc_info=True)
         raise ProblemError(
             422, ERROR_CODES[kind], f"not a valid {fmt} {kind}: the file could not be read ({type(exc).__name__})"
         ) from exc
+
+
+async def _receive(
+    kind: Kind, chunks: AsyncIterator[bytes], owner: str, fields: Callable[[], tuple[str | None, str | None]]
+) -> Uploaded:
+    """Stage the body (counting bytes against the limit), then record it in a thread; the temp file goes either way.
+
+    ``fields`` gives ``(name, format)`` once the whole body is read (a multipart body may send them last)."""
+    store = get_store()
+    async with store.stage_async(chunks, get_settings().max_upload_bytes) as staged:
+        name, fmt = fields()
+        return await asyncio.get_running_loop().run_in_executor(
+            None, record, kind, store, staged, owner, name, fmt
+        )
 
 
 async def upload_raw(request: Request, kind: Kind, owner: str, name: str | None, fmt: str | None) -> Uploaded:
@@ -168,9 +159,7 @@ async def upload_raw(request: Request, kind: Kind, owner: str, name: str | None,
     fmt = check_format(kind, fmt)
     name = check_name(name)
     check_declared_length(request)
-    return await get_store().put_async_then(
-        request.stream(), get_settings().max_upload_bytes, lambda blob: record(kind, blob, owner, name, fmt)
-    )
+    return await _receive(kind, request.stream(), owner, lambda: (name, fmt))
 
 
 @dataclass
@@ -279,10 +268,10 @@ async def upload_multipart(request: Request, kind: Kind, owner: str) -> Uploaded
     stream = MultipartStream(request)
     check_declared_length(request, overhead=8 * MAX_FIELD_BYTES)
 
-    def index(blob: StoredBlob) -> Uploaded:  # the text fields are parsed by the time the file part ends
+    def fields() -> tuple[str | None, str | None]:  # every part is parsed by the time the body ends
         name = stream.fields.get("name") or stream.filename
         if name and len(name) > MAX_NAME:
             name = name[:MAX_NAME]
-        return record(kind, blob, owner, name, stream.fields.get("format"))
+        return name, stream.fields.get("format")
 
-    return await get_store().put_async_then(stream.file_chunks(), get_settings().max_upload_bytes, index)
+    return await _receive(kind, stream.file_chunks(), owner, fields)
