@@ -266,7 +266,7 @@ def test_a_rejected_upload_never_deletes_bytes_a_concurrent_upload_is_recording(
     pg_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Same bytes, two uploads at once: one valid (slow to inspect), one declared with the wrong format.
-    The rejected one must not delete the blob the valid one's row is about to point at."""
+    The rejected one must not delete the blob the valid one's row is about to point at (it never commits)."""
     import asyncio
     import time
 
@@ -294,7 +294,7 @@ def test_a_rejected_upload_never_deletes_bytes_a_concurrent_upload_is_recording(
             return await good, await bad
 
     good, bad = asyncio.run(both())
-    # Serialised behind the valid upload, the second one finds its row (same bytes, same owner): 200.
+    # The second one either finds the valid one's row (same bytes, same owner: 200) or fails hf inspection.
     assert good.status_code == 201 and bad.status_code in (200, 422), (good.text, bad.text)
     key = good.json()["sha256"]
     from storage import get_store
