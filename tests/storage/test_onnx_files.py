@@ -82,9 +82,3 @@ def test_links_are_refused(tmp_path: Path) -> None:
     with pytest.raises(OnnxFileError, match="goes through a link"):
         safe_load(path)
 
-
-def test_garbage_is_refused(tmp_path: Path) -> None:
-    junk = tmp_path / "junk.onnx"
-    junk.write_bytes(b"\xff\xfe garbage" * 10)
-    with pytest.raises(OnnxFileError, match=r"not an ONNX model|checker"):
-        safe_load(junk)
