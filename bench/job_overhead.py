@@ -164,7 +164,7 @@ def _in_process(model_path: Path, data_path: Path, spec_json: str, repeats: int,
     from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
-    from api.inspect import inspect_npz, inspect_onnx
+    from api.inspection import inspect_npz, inspect_onnx
     from models.spec import JobSpec, QuantizeStep
     from worker.evaluate import evaluate
     from worker.local import LocalContext

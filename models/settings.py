@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     database_url: str = ""
     broker_url: str = ""
     storage_dir: Path | None = None
+    # The blob store (storage.backends): file:///folder; default a file URL of storage_dir.
+    storage_url: str = ""
     max_upload_bytes: int = 4 * 1024**3
     owner: str = "local"
     api_key: str | None = None
@@ -44,6 +46,8 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{self.home / 'broker.db'}"
         if self.storage_dir is None:
             self.storage_dir = self.home / "storage"
+        if not self.storage_url:
+            self.storage_url = self.storage_dir.absolute().as_uri()
         if self.task_soft_time_limit >= self.task_hard_time_limit:
             raise ValueError("task_soft_time_limit must be below task_hard_time_limit")
         return self

@@ -1,6 +1,17 @@
-"""Blob storage: a content-addressed interface with a local-filesystem backend."""
+"""Blob storage: a content-addressed interface (storage.base) with a local-filesystem backend, chosen by URL."""
 
-from storage.base import BlobStore, StoredBlob
-from storage.local import LocalBlobStore, get_store
+from storage.backends import get_store, open_store
+from storage.base import BlobNotFound, BlobStore, Staged, StorageConfigError, StoredBlob, UploadTooLarge
+from storage.local import LocalBlobStore
 
-__all__ = ["BlobStore", "LocalBlobStore", "StoredBlob", "get_store"]
+__all__ = [
+    "BlobNotFound",
+    "BlobStore",
+    "LocalBlobStore",
+    "Staged",
+    "StorageConfigError",
+    "StoredBlob",
+    "UploadTooLarge",
+    "get_store",
+    "open_store",
+]

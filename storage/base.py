@@ -1,22 +1,41 @@
-"""The blob store interface; an S3 backend implements the same five methods plus ``put``."""
+"""The blob store interface: content-addressed blobs streamed in and out, never addressed by local path.
+
+A backend implements the abstract methods (``commit`` a staged upload, ``open``, ``local_copy``,
+``exists``, ``size``, ``delete``, ``check``); streaming in (``put``, ``put_async``, ``stage``,
+``stage_async``, ``put_file``) and ranged streaming out (``iter_chunks``) are built on them here, and
+a backend may override ``iter_chunks`` with a native ranged read (an S3 ``Range`` GET).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AbstractContextManager
+import asyncio
+import contextlib
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol, TypeVar
+from typing import BinaryIO
 
-T = TypeVar("T")
+from storage import staging
+from storage.staging import Staged, UploadTooLarge
+
+CHUNK = 256 * 1024
+HEX = frozenset("0123456789abcdef")
+
+__all__ = ["BlobNotFound", "BlobStore", "Staged", "StorageConfigError", "StoredBlob", "UploadTooLarge", "check_key"]
 
 
-class UploadTooLarge(Exception):
-    """Raised while streaming when the byte count passes the limit; nothing was stored."""
+class BlobNotFound(FileNotFoundError):
+    """The store holds no blob under this key."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"upload exceeds the limit of {limit} bytes")
-        self.limit = limit
+    def __init__(self, key: str) -> None:
+        super().__init__(f"no blob {key}")
+        self.key = key
+
+
+class StorageConfigError(ValueError):
+    """MODELPRESS_STORAGE_URL names no usable backend; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -26,15 +45,88 @@ class StoredBlob:
     size_bytes: int
 
 
-class BlobStore(Protocol):
-    def put(self, chunks: Iterable[bytes], limit: int | None = None) -> StoredBlob: ...
-    async def put_async(self, chunks: AsyncIterator[bytes], limit: int | None = None) -> StoredBlob: ...
-    async def put_async_then(
-        self, chunks: AsyncIterator[bytes], limit: int | None, then: Callable[[StoredBlob], T]
-    ) -> T: ...
-    def key_lock(self, key: str) -> AbstractContextManager[None]: ...
-    def put_file(self, path: Path) -> StoredBlob: ...
-    def open(self, key: str) -> BinaryIO: ...
-    def path(self, key: str) -> Path: ...
-    def exists(self, key: str) -> bool: ...
-    def delete(self, key: str) -> None: ...
+def check_key(key: str) -> str:
+    """``key`` if it is a blob key (a lowercase sha256 hex digest), else KeyError: keys never come from users."""
+    if len(key) != 64 or not HEX.issuperset(key):
+        raise KeyError(f"not a blob key: {key!r}")
+    return key
+
+
+class BlobStore(ABC):
+    """Content-addressed blobs: the key of a blob is the sha256 of its bytes."""
+
+    def __init__(self, staging_dir: Path | None = None) -> None:
+        # Uploads are received into temp files here (a backend that renames wants its own filesystem).
+        self.staging_dir = Path(staging_dir) if staging_dir is not None else Path(tempfile.gettempdir())
+
+    # -- what a backend implements ---------------------------------------------------------------
+
+    @abstractmethod
+    def commit(self, staged: Staged) -> StoredBlob:
+        """Store a staged file under its sha256 (consuming the file); a no-op when the key exists."""
+
+    @abstractmethod
+    def open(self, key: str) -> BinaryIO:
+        """A binary stream of the blob; BlobNotFound when absent."""
+
+    @abstractmethod
+    def local_copy(self, key: str, dest_dir: Path) -> Path:
+        """A local file with the blob's bytes, to be read only (the local backend returns its own file)."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether the store holds ``key``."""
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """The blob's size in bytes; BlobNotFound when absent."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the blob (nothing happens when it is absent); callers check no record refers to it."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise when the store cannot be written and read (``/readyz``)."""
+
+    # -- built on the above ----------------------------------------------------------------------
+
+    def iter_chunks(self, key: str, start: int = 0, length: int | None = None, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        """The blob's bytes from ``start``, ``length`` of them (all when None), ``chunk_size`` at a time."""
+        with self.open(key) as fh:
+            if start:
+                fh.seek(start)
+            left = length
+            while left is None or left > 0:
+                chunk = fh.read(chunk_size if left is None else min(chunk_size, left))
+                if not chunk:
+                    break
+                if left is not None:
+                    left -= len(chunk)
+                yield chunk
+
+    @contextlib.contextmanager
+    def stage(self, chunks: Iterable[bytes], limit: int | None = None) -> Iterator[Staged]:
+        """Receive ``chunks`` into a local temp file (UploadTooLarge past ``limit``); ``commit`` it to keep it."""
+        with staging.stage(chunks, self.staging_dir, limit) as staged:
+            yield staged
+
+    @contextlib.asynccontextmanager
+    async def stage_async(self, chunks: AsyncIterator[bytes], limit: int | None = None) -> AsyncIterator[Staged]:
+        """Like ``stage`` for an async body stream, hashing and writing overlapped with receiving."""
+        async with staging.stage_async(chunks, self.staging_dir, limit) as staged:
+            yield staged
+
+    def put(self, chunks: Iterable[bytes], limit: int | None = None) -> StoredBlob:
+        """Store a stream of bytes; raise UploadTooLarge (leaving nothing) past ``limit``."""
+        with self.stage(chunks, limit) as staged:
+            return self.commit(staged)
+
+    async def put_async(self, chunks: AsyncIterator[bytes], limit: int | None = None) -> StoredBlob:
+        """Store an async stream of bytes (the commit runs in a thread)."""
+        async with self.stage_async(chunks, limit) as staged:
+            return await asyncio.get_running_loop().run_in_executor(None, self.commit, staged)
+
+    def put_file(self, path: Path) -> StoredBlob:
+        """Store a local file (worker artifacts)."""
+        return self.put(staging.file_chunks(path, staging.CHUNK))

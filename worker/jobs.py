@@ -208,7 +208,7 @@ def _make_context(claim: Claim, spec: JobSpec, workdir: Path) -> LocalContext:
     return DBContext()
 
 
-def _model_refs(spec: JobSpec) -> dict[str, tuple[Path, str, dict[str, Any]]]:
+def _model_refs(spec: JobSpec, dest: Path | None = None) -> dict[str, tuple[Path, str, dict[str, Any]]]:
     ids = {spec.model}
     for step in spec.steps:
         if isinstance(step, DistillStep):
@@ -216,18 +216,27 @@ def _model_refs(spec: JobSpec) -> dict[str, tuple[Path, str, dict[str, Any]]]:
                 ids.add(step.teacher)
             if isinstance(step.student, StudentModel):
                 ids.add(step.student.model)
-    store = get_store()
     with session_scope() as s:
-        rows = s.scalars(select(Model).where(Model.id.in_(ids))).all()
-        return {m.id: (store.path(m.storage_key), m.format, dict(m.meta)) for m in rows}
+        rows = [(m.id, m.storage_key, m.format, dict(m.meta)) for m in s.scalars(select(Model).where(Model.id.in_(ids)))]
+    return _local_files(rows, dest)
 
 
-def _dataset_refs(spec: JobSpec) -> dict[str, tuple[Path, str, dict[str, Any]]]:
+def _dataset_refs(spec: JobSpec, dest: Path | None = None) -> dict[str, tuple[Path, str, dict[str, Any]]]:
     ids = {i for i in (spec.data.train, spec.data.eval, spec.data.calibration) if i}
-    store = get_store()
     with session_scope() as s:
-        rows = s.scalars(select(Dataset).where(Dataset.id.in_(ids))).all()
-        return {d.id: (store.path(d.storage_key), d.format, dict(d.meta)) for d in rows}
+        rows = [(d.id, d.storage_key, d.format, dict(d.meta)) for d in s.scalars(select(Dataset).where(Dataset.id.in_(ids)))]
+    return _local_files(rows, dest)
+
+
+def _local_files(
+    rows: list[tuple[str, str, str, dict[str, Any]]], dest: Path | None
+) -> dict[str, tuple[Path, str, dict[str, Any]]]:
+    """``{id: (local file, format, meta)}`` for ``(id, storage_key, format, meta)`` rows, after the DB session.
+
+    The local store hands out its own files; a remote one downloads into ``dest`` (default ``$HOME/blobs``)."""
+    store = get_store()
+    folder = dest if dest is not None else get_settings().home / "blobs"
+    return {rid: (store.local_copy(key, folder), fmt, meta) for rid, key, fmt, meta in rows}
 
 
 _MEDIA_TYPES = {".onnx": "application/octet-stream", ".json": "application/json", ".html": "text/html"}

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from api.errors import ProblemError, not_found
 from models.schemas import ArtifactOut
 from models.tables import Artifact
-from storage import get_store
+from storage import BlobNotFound, get_store
 
 CHUNK = 256 * 1024
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.I)
@@ -109,21 +109,12 @@ def content_disposition(name: str) -> str:
 
 def read_blob(key: str, start: int, length: int) -> Iterator[bytes]:
     """Stream ``length`` bytes of a blob from ``start`` (iterated in a threadpool by the response)."""
-    with get_store().open(key) as fh:
-        fh.seek(start)
-        left = length
-        while left > 0:
-            chunk = fh.read(min(CHUNK, left))
-            if not chunk:
-                break
-            left -= len(chunk)
-            yield chunk
+    yield from get_store().iter_chunks(key, start, length, CHUNK)
 
 
 def check_blob(row: Artifact) -> int:
-    """The blob's size on disk; 404 problem when the file is gone although the index lists it."""
-    path = get_store().path(row.storage_key)
+    """The blob's size in the store; 404 problem when it is gone although the index lists it."""
     try:
-        return path.stat().st_size
-    except FileNotFoundError:
+        return get_store().size(row.storage_key)
+    except BlobNotFound:
         raise ProblemError(404, "not_found", f"artifact {row.id} is indexed but its content is missing") from None

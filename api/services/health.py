@@ -1,10 +1,8 @@
-"""Readiness: the database answers, the broker accepts a connection, the storage folder is writable."""
+"""Readiness: the database answers, the broker accepts a connection, the blob store passes its check."""
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 
 import anyio
@@ -12,6 +10,7 @@ from sqlalchemy import text
 
 from models.db import get_engine
 from models.settings import get_settings
+from storage import get_store
 
 log = logging.getLogger("modelpress.api.health")
 CHECK_TIMEOUT = 5.0
@@ -47,15 +46,8 @@ def check_broker() -> None:
 
 
 def check_storage() -> None:
-    """Create and remove a file in the storage temp folder."""
-    tmp = get_settings().blob_dir / "tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=tmp, prefix="ready-")
-    try:
-        os.write(fd, b"ok")
-    finally:
-        os.close(fd)
-        os.unlink(name)
+    """The configured blob store's own check (local: write and remove a temp file)."""
+    get_store().check()
 
 
 CHECKS: dict[str, Callable[[], None]] = {"database": check_database, "broker": check_broker, "storage": check_storage}

@@ -1,30 +1,31 @@
 """Uploads: stream the body (raw or multipart) into the blob store, inspect it, record it once per owner.
 
-The byte count is enforced by the store while streaming (a Content-Length check alone is bypassed by a
-chunked body); over the limit the temp file is removed and nothing is recorded. Bytes that fail
-inspection are removed from storage unless another record points at them.
+The byte count is enforced while the body is staged into a temp file (a Content-Length check alone is
+bypassed by a chunked body); over the limit the temp file is removed and nothing is recorded. The staged
+file is inspected before it is committed to the store, so bytes that fail inspection are never stored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import Request
-from python_multipart.multipart import MultipartParser, parse_options_header
-from sqlalchemy import exists, or_, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from api import inspect
+from api import inspection
 from api.errors import ProblemError, field_error
+from api.services.multipart import MAX_FIELD_BYTES, MultipartStream
 from models.db import session_scope
 from models.ids import new_id
 from models.settings import get_settings
-from models.tables import Artifact, Dataset, Model
+from models.tables import Dataset, Model
 from storage import get_store
-from storage.base import StoredBlob, UploadTooLarge
+from storage.base import BlobStore, Staged, UploadTooLarge
 
 log = logging.getLogger("modelpress.api.uploads")
 
@@ -32,12 +33,11 @@ Kind = Literal["model", "dataset"]
 FORMATS: dict[str, tuple[str, ...]] = {"model": ("onnx", "hf"), "dataset": ("npz", "imagefolder", "text")}
 TABLES: dict[str, type[Model] | type[Dataset]] = {"model": Model, "dataset": Dataset}
 INSPECTORS: dict[str, dict[str, Callable[..., dict[str, Any]]]] = {
-    "model": inspect.MODEL_INSPECTORS,
-    "dataset": inspect.DATASET_INSPECTORS,
+    "model": inspection.MODEL_INSPECTORS,
+    "dataset": inspection.DATASET_INSPECTORS,
 }
 ERROR_CODES = {"model": "invalid_model", "dataset": "invalid_dataset"}
 MAX_NAME = 255
-MAX_FIELD_BYTES = 64 * 1024
 
 
 @dataclass
@@ -78,28 +78,6 @@ def check_declared_length(request: Request, overhead: int = 0) -> None:
         raise UploadTooLarge(limit)
 
 
-def blob_in_use(key: str) -> bool:
-    """Whether any model, dataset or artifact row points at the blob ``key``."""
-    with session_scope() as session:
-        return bool(
-            session.scalar(
-                select(
-                    or_(
-                        exists().where(Model.storage_key == key),
-                        exists().where(Dataset.storage_key == key),
-                        exists().where(Artifact.storage_key == key),
-                    )
-                )
-            )
-        )
-
-
-def discard_blob(key: str) -> None:
-    """Delete a stored blob no record points at (the caller holds the key's lock: see ``record``)."""
-    if not blob_in_use(key):
-        get_store().delete(key)
-
-
 def _existing(kind: Kind, owner: str, sha256: str) -> Model | Dataset | None:
     with session_scope() as session:
         if kind == "model":
@@ -107,21 +85,22 @@ def _existing(kind: Kind, owner: str, sha256: str) -> Model | Dataset | None:
         return session.scalars(select(Dataset).where(Dataset.owner == owner, Dataset.sha256 == sha256)).first()
 
 
-def record(kind: Kind, blob: StoredBlob, owner: str, name: str | None, fmt: str | None) -> Uploaded:
-    """Inspect a stored blob and insert its row; same bytes from the same owner give the existing row.
+def record(
+    kind: Kind, store: BlobStore, staged: Staged, owner: str, name: str | None, fmt: str | None
+) -> Uploaded:
+    """Inspect a staged upload, commit it to the store and insert its row; same bytes, same owner: the existing row.
 
-    Runs under the blob's key lock (``put_async_then``), so deleting a rejected blob cannot race with
-    another upload of the same bytes that committed them and is about to record its row."""
-    try:
-        fmt = check_format(kind, fmt)
-        name = check_name(name)
-    except ProblemError:
-        discard_blob(blob.key)
-        raise
-    found = _existing(kind, owner, blob.sha256)
+    Nothing is committed before the upload is known to be good, so a rejected upload never touches
+    stored blobs. Concurrent uploads of the same bytes both commit (content-addressed: the same blob)
+    and race to insert; the unique constraint (owner, sha256) settles it and the loser answers with the
+    winner's row."""
+    fmt = check_format(kind, fmt)
+    name = check_name(name)
+    found = _existing(kind, owner, staged.sha256)
     if found is not None:
         return Uploaded(found, created=False)
-    meta = _inspect(kind, fmt, blob)
+    meta = _inspect(kind, fmt, staged)
+    blob = store.commit(staged)
     table = TABLES[kind]
     prefix = "mdl" if kind == "model" else "ds"
     row = table(
@@ -135,10 +114,10 @@ def record(kind: Kind, blob: StoredBlob, owner: str, name: str | None, fmt: str 
         meta=meta,
     )
     try:
-        with session_scope() as session:
+        with session_scope() as session:  # rolls back when the insert fails
             session.add(row)
     except IntegrityError:
-        # A concurrent upload of the same bytes won the race: answer with its row.
+        # A concurrent upload of the same bytes won the race: answer with its row (it holds the blob).
         found = _existing(kind, owner, blob.sha256)
         if found is None:
             raise
@@ -146,21 +125,32 @@ def record(kind: Kind, blob: StoredBlob, owner: str, name: str | None, fmt: str 
     return Uploaded(row, created=True)
 
 
-def _inspect(kind: Kind, fmt: str, blob: StoredBlob) -> dict[str, Any]:
+def _inspect(kind: Kind, fmt: str, staged: Staged) -> dict[str, Any]:
     inspector = INSPECTORS[kind][fmt]
-    path = get_store().path(blob.key)
     try:
-        return inspector(path)
-    except inspect.InspectionError as exc:
-        discard_blob(blob.key)
+        return inspector(staged.path)
+    except inspection.InspectionError as exc:
         raise ProblemError(422, ERROR_CODES[kind], f"not a valid {fmt} {kind}: {exc}") from exc
     except Exception as exc:
         # Bad input must never become a 500: anything the parser trips on is the upload's fault.
-        log.warning("inspection of %s %s (%s) failed", kind, blob.key, fmt, exc_info=True)
-        discard_blob(blob.key)
+        log.warning("inspection of %s %s (%s) failed", kind, staged.sha256, fmt, exc_info=True)
         raise ProblemError(
             422, ERROR_CODES[kind], f"not a valid {fmt} {kind}: the file could not be read ({type(exc).__name__})"
         ) from exc
+
+
+async def _receive(
+    kind: Kind, chunks: AsyncIterator[bytes], owner: str, fields: Callable[[], tuple[str | None, str | None]]
+) -> Uploaded:
+    """Stage the body (counting bytes against the limit), then record it in a thread; the temp file goes either way.
+
+    ``fields`` gives ``(name, format)`` once the whole body is read (a multipart body may send them last)."""
+    store = get_store()
+    async with store.stage_async(chunks, get_settings().max_upload_bytes) as staged:
+        name, fmt = fields()
+        return await asyncio.get_running_loop().run_in_executor(
+            None, record, kind, store, staged, owner, name, fmt
+        )
 
 
 async def upload_raw(request: Request, kind: Kind, owner: str, name: str | None, fmt: str | None) -> Uploaded:
@@ -168,110 +158,7 @@ async def upload_raw(request: Request, kind: Kind, owner: str, name: str | None,
     fmt = check_format(kind, fmt)
     name = check_name(name)
     check_declared_length(request)
-    return await get_store().put_async_then(
-        request.stream(), get_settings().max_upload_bytes, lambda blob: record(kind, blob, owner, name, fmt)
-    )
-
-
-@dataclass
-class _Part:
-    name: str = ""
-    filename: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    data: bytearray = field(default_factory=bytearray)
-    is_file: bool = False
-
-
-class MultipartStream:
-    """Parses a multipart/form-data body as it streams: yields the ``file`` part, keeps small text fields."""
-
-    def __init__(self, request: Request, file_field: str = "file") -> None:
-        ctype, params = parse_options_header(request.headers.get("content-type", ""))
-        if ctype != b"multipart/form-data" or b"boundary" not in params:
-            raise ProblemError(
-                415, "unsupported_media_type", "send multipart/form-data with a 'file' part (curl -F file=@PATH)"
-            )
-        self.request = request
-        self.file_field = file_field
-        self.boundary = params[b"boundary"]
-        self.fields: dict[str, str] = {}
-        self.filename: str | None = None
-        self.saw_file = False
-        self._pending: list[bytes] = []
-        self._part = _Part()
-        self._header_field = bytearray()
-        self._header_value = bytearray()
-
-    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_field += data[start:end]
-
-    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
-
-    def _on_header_end(self) -> None:
-        self._part.headers[self._header_field.decode("latin-1").lower()] = self._header_value.decode("latin-1")
-        self._header_field.clear()
-        self._header_value.clear()
-
-    def _on_headers_finished(self) -> None:
-        _disp, params = parse_options_header(self._part.headers.get("content-disposition", ""))
-        part = self._part
-        part.name = params.get(b"name", b"").decode("utf-8", "replace")
-        raw_filename = params.get(b"filename")
-        part.filename = raw_filename.decode("utf-8", "replace") if raw_filename is not None else None
-        if part.name == self.file_field:
-            if self.saw_file:
-                raise ProblemError(422, "validation_error", "file: send exactly one 'file' part",
-                                   errors=[{"field": "file", "message": "send exactly one 'file' part"}])
-            part.is_file = True
-            self.saw_file = True
-            self.filename = part.filename
-
-    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._part.is_file:
-            self._pending.append(bytes(data[start:end]))
-            return
-        self._part.data += data[start:end]
-        if len(self._part.data) > MAX_FIELD_BYTES:
-            raise field_error(422, "validation_error", self._part.name or "form", "form field too large")
-
-    def _on_part_end(self) -> None:
-        part = self._part
-        if not part.is_file and part.name:
-            self.fields[part.name] = part.data.decode("utf-8", "replace")
-        self._part = _Part()
-
-    def _on_part_begin(self) -> None:
-        self._part = _Part()
-
-    async def file_chunks(self) -> AsyncIterator[bytes]:
-        """The bytes of the ``file`` part as they arrive; afterwards ``fields`` holds the other parts."""
-        parser = MultipartParser(
-            self.boundary,
-            {
-                "on_part_begin": self._on_part_begin,
-                "on_part_data": self._on_part_data,
-                "on_part_end": self._on_part_end,
-                "on_header_field": self._on_header_field,
-                "on_header_value": self._on_header_value,
-                "on_header_end": self._on_header_end,
-                "on_headers_finished": self._on_headers_finished,
-            },
-        )
-        async for chunk in self.request.stream():
-            try:
-                parser.write(chunk)
-            except ProblemError:
-                raise
-            except Exception as exc:
-                raise ProblemError(400, "bad_request", f"malformed multipart body: {exc}") from exc
-            while self._pending:
-                yield self._pending.pop(0)
-        parser.finalize()
-        while self._pending:
-            yield self._pending.pop(0)
-        if not self.saw_file:
-            raise field_error(422, "validation_error", "file", "the multipart body has no 'file' part")
+    return await _receive(kind, request.stream(), owner, lambda: (name, fmt))
 
 
 async def upload_multipart(request: Request, kind: Kind, owner: str) -> Uploaded:
@@ -279,10 +166,10 @@ async def upload_multipart(request: Request, kind: Kind, owner: str) -> Uploaded
     stream = MultipartStream(request)
     check_declared_length(request, overhead=8 * MAX_FIELD_BYTES)
 
-    def index(blob: StoredBlob) -> Uploaded:  # the text fields are parsed by the time the file part ends
+    def fields() -> tuple[str | None, str | None]:  # every part is parsed by the time the body ends
         name = stream.fields.get("name") or stream.filename
         if name and len(name) > MAX_NAME:
             name = name[:MAX_NAME]
-        return record(kind, blob, owner, name, stream.fields.get("format"))
+        return name, stream.fields.get("format")
 
-    return await get_store().put_async_then(stream.file_chunks(), get_settings().max_upload_bytes, index)
+    return await _receive(kind, stream.file_chunks(), owner, fields)

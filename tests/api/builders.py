@@ -94,8 +94,8 @@ def zip_bytes(files: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) 
     return buf.getvalue()
 
 
-def tar_gz_bytes(files: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
-    """A gzip-compressed tar archive holding ``files`` (and optional symlinks name -> target)."""
+def tar_gz_bytes(files: dict[str, bytes], symlinks: dict[str, str] | None = None, hard: bool = False) -> bytes:
+    """A gzip-compressed tar archive holding ``files`` (and optional links name -> target: hard ones with ``hard``)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         for name, data in files.items():
@@ -104,7 +104,7 @@ def tar_gz_bytes(files: dict[str, bytes], symlinks: dict[str, str] | None = None
             tf.addfile(info, io.BytesIO(data))
         for name, target in (symlinks or {}).items():
             info = tarfile.TarInfo(name)
-            info.type = tarfile.SYMTYPE
+            info.type = tarfile.LNKTYPE if hard else tarfile.SYMTYPE
             info.linkname = target
             tf.addfile(info)
     return buf.getvalue()

@@ -27,8 +27,8 @@ def storage_dir(pg_env: str) -> Path:
 
 
 def blobs(root: Path) -> list[Path]:
-    """Every stored blob (temp files and lock files excluded)."""
-    skip = {"tmp", "locks"}  # upload temp files; the 256 striped key-lock files (empty, kept)
+    """Every stored blob (temp files excluded)."""
+    skip = {"tmp"}  # upload temp files
     return [p for p in root.rglob("*") if p.is_file() and not skip & set(p.relative_to(root).parts)]
 
 

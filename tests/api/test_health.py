@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -49,3 +51,27 @@ def test_metrics(client: TestClient) -> None:
     assert 'modelpress_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0' in text
     assert 'route="unmatched",status="404"' in text
     assert 'modelpress_http_request_duration_seconds_count{method="GET",route="/v1/jobs/{job_id}"} 2.0' in text
+
+
+def test_readyz_asks_the_configured_store(pg_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The storage check is the backend's own: an unhealthy store, or a URL no backend serves, is named."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from models.settings import get_settings
+    from tests.storage import memory
+
+    store = memory.install(monkeypatch, tmp_path / "staging")
+    store.healthy = False
+    try:
+        with TestClient(create_app(), raise_server_exceptions=False) as c:
+            r = c.get("/readyz")
+            assert r.status_code == 503
+            assert r.json()["errors"] == [{"field": "storage", "message": "ConnectionError: memory store marked unhealthy"}]
+            monkeypatch.setenv("MODELPRESS_STORAGE_URL", "s3://bucket/blobs")
+            get_settings.cache_clear()
+            r = c.get("/readyz")
+            assert r.status_code == 503 and [e["field"] for e in r.json()["errors"]] == ["storage"]
+            assert "s3:// backend is not implemented yet" in r.json()["errors"][0]["message"]
+    finally:
+        get_settings.cache_clear()

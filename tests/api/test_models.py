@@ -266,23 +266,23 @@ def test_a_rejected_upload_never_deletes_bytes_a_concurrent_upload_is_recording(
     pg_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Same bytes, two uploads at once: one valid (slow to inspect), one declared with the wrong format.
-    The rejected one must not delete the blob the valid one's row is about to point at."""
+    The rejected one must not delete the blob the valid one's row is about to point at (it never commits)."""
     import asyncio
     import time
 
     import httpx
 
-    from api import inspect
+    from api import inspection
     from api.main import create_app
     from models.settings import get_settings
 
-    slow = inspect.MODEL_INSPECTORS["onnx"]
+    slow = inspection.MODEL_INSPECTORS["onnx"]
 
     def slow_onnx(path: Path) -> dict:
         time.sleep(0.6)  # the valid upload is still inspecting when the bad one finishes streaming
         return slow(path)
 
-    monkeypatch.setitem(inspect.MODEL_INSPECTORS, "onnx", slow_onnx)
+    monkeypatch.setitem(inspection.MODEL_INSPECTORS, "onnx", slow_onnx)
     data = builders.onnx_bytes(in_features=7)
     app = create_app()
 
@@ -294,10 +294,53 @@ def test_a_rejected_upload_never_deletes_bytes_a_concurrent_upload_is_recording(
             return await good, await bad
 
     good, bad = asyncio.run(both())
-    # Serialised behind the valid upload, the second one finds its row (same bytes, same owner): 200.
+    # The second one either finds the valid one's row (same bytes, same owner: 200) or fails hf inspection.
     assert good.status_code == 201 and bad.status_code in (200, 422), (good.text, bad.text)
     key = good.json()["sha256"]
     from storage import get_store
 
     assert get_store().exists(key), "the recorded model's bytes were deleted by the rejected upload"
     assert [p.name for p in blobs(get_settings().blob_dir)] == [key]
+
+
+def test_concurrent_uploads_of_the_same_bytes_are_settled_by_the_unique_constraint(
+    pg_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both uploads pass the dedup look-up and inspect at once (no lock serialises them); the database's
+    (owner, sha256) constraint lets one insert, and the other answers with that row."""
+    import asyncio
+    import threading
+    import time
+
+    import httpx
+
+    from api import inspection
+    from api.main import create_app
+    from models.settings import get_settings
+
+    real = inspection.MODEL_INSPECTORS["onnx"]
+    inspected: list[str] = []
+    both_inspecting = threading.Barrier(2, timeout=10)
+
+    def slow_onnx(path: Path) -> dict:
+        inspected.append(path.name)
+        both_inspecting.wait()  # neither has inserted its row yet
+        time.sleep(0.05)
+        return real(path)
+
+    monkeypatch.setitem(inspection.MODEL_INSPECTORS, "onnx", slow_onnx)
+    data = builders.onnx_bytes(in_features=9)
+    app = create_app()
+
+    async def both() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return list(await asyncio.gather(
+                *(c.put("/v1/models", params={"format": "onnx", "name": n}, content=data) for n in ("a", "b"))
+            ))
+
+    first, second = asyncio.run(both())
+    assert sorted((first.status_code, second.status_code)) == [200, 201], (first.text, second.text)
+    assert first.json()["id"] == second.json()["id"] and len(inspected) == 2
+    assert _model_rows() == 1
+    root = get_settings().blob_dir
+    assert [p.name for p in blobs(root)] == [hashlib.sha256(data).hexdigest()] and temp_files(root) == []

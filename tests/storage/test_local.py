@@ -1,4 +1,4 @@
-"""The local blob store: content addressing, atomic writes, limits that leave nothing behind."""
+"""The local blob store: content addressing, atomic writes, limits that leave nothing behind, file URLs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from storage.base import UploadTooLarge
-from storage.local import LocalBlobStore
+from storage.base import BlobNotFound, StorageConfigError, UploadTooLarge
+from storage.local import LocalBlobStore, from_url
 
 
 def _chunks(data: bytes, size: int = 1000) -> Iterator[bytes]:
@@ -62,27 +62,45 @@ def test_keys_that_are_not_hashes_are_refused(tmp_path: Path) -> None:
             store.path(bad)
 
 
-def test_put_async_then_runs_under_the_key_lock(tmp_path: Path) -> None:
-    """``then`` sees the committed blob, and another holder of the key's lock waits for it to finish."""
-    import fcntl
-
+def test_a_staged_upload_lives_in_the_temp_folder_until_committed(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path)
-    data = b"locked" * 1000
-    seen: list[bool] = []
+    data = b"staged" * 1000
+    with store.stage(_chunks(data)) as staged:
+        assert staged.path.parent == store.tmp and staged.path.read_bytes() == data
+        assert not store.exists(staged.key)  # inspected before it is stored
+        blob = store.commit(staged)
+        assert not staged.path.exists()
+    assert store.path(blob.key).read_bytes() == data and list(store.tmp.iterdir()) == []
+    with store.stage(_chunks(b"rejected")) as staged:
+        key = staged.key
+    assert not store.exists(key) and list(store.tmp.iterdir()) == []
 
-    def then(blob: object) -> str:
-        lock = tmp_path / "locks" / f"{hashlib.sha256(data).hexdigest()[:2]}.lock"
-        with open(lock, "a+b") as fh:  # a second, independent open file: flock must refuse it now
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                seen.append(False)
-            except BlockingIOError:
-                seen.append(True)
-        assert store.exists(hashlib.sha256(data).hexdigest())
-        return "indexed"
 
-    async def body() -> AsyncIterator[bytes]:
-        yield data
+def test_local_copy_is_the_stored_file_itself(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    blob = store.put([b"weights"])
+    copy = store.local_copy(blob.key, tmp_path / "work")
+    assert copy == store.path(blob.key) and copy.read_bytes() == b"weights"
+    assert not (tmp_path / "work").exists()  # nothing was copied
+    with pytest.raises(BlobNotFound):
+        store.local_copy("0" * 64, tmp_path / "work")
 
-    assert anyio.run(store.put_async_then, body(), None, then) == "indexed"
-    assert seen == [True]
+
+def test_check_writes_and_removes_a_temp_file(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    store.check()
+    assert list(store.tmp.iterdir()) == []
+    store.tmp.rmdir()
+    (tmp_path / "tmp").write_text("not a folder")  # the folder cannot be recreated
+    with pytest.raises(OSError):
+        store.check()
+
+
+def test_file_urls(tmp_path: Path) -> None:
+    folder = tmp_path / "with space"
+    store = from_url(folder.as_uri())
+    assert store.root == folder and store.tmp.is_dir()
+    assert from_url(f"file://localhost{folder}").root == folder
+    for bad in ("file://otherhost/srv", "file:relative/path"):
+        with pytest.raises(StorageConfigError, match="absolute folder"):
+            from_url(bad)

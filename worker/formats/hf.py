@@ -11,14 +11,13 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.formats import archive
+from storage import archive
 from worker.passes.base import StepFailed, WorkingModel
 
 if TYPE_CHECKING:
     import numpy as np
 
-# A transformers directory is small next to the caps in archive.DEFAULT_LIMITS; weights compress poorly.
-LIMITS = archive.Limits(max_total_bytes=16 * 1024**3, max_entries=10_000, max_ratio=200.0)
+LIMITS = archive.HF_LIMITS  # the caps the API's inspection applied to the same upload
 TASKS = ("text-classification", "image-classification", "feature-extraction")
 
 

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.formats import archive
+from storage import archive
 from worker.passes.base import ArrayDataset, StepFailed, WorkingModel
 
 if TYPE_CHECKING:
     from models.spec import JobSpec
 
 SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
-LIMITS = archive.Limits(max_total_bytes=8 * 1024**3, max_entries=500_000, max_ratio=200.0)
+LIMITS = archive.IMAGEFOLDER_LIMITS  # the caps the API's inspection applied to the same upload
 MAX_PIXELS = 50_000_000  # per image, against decompression bombs
 
 

@@ -1,4 +1,4 @@
-"""ONNX models: safe loading (DESIGN section 7), copying into a job's workdir, parameter and MAC counts."""
+"""ONNX models for the worker: safe loading (storage.onnx_files), copying into a job's workdir, parameter and MAC counts."""
 
 from __future__ import annotations
 
@@ -16,10 +16,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from storage import onnx_files
+from storage.onnx_files import all_graphs
 from worker.passes.base import StepFailed, WorkingModel
-
-# The protobuf limit: above it a model must be checked by path and saved with external data.
-PROTOBUF_LIMIT = 2**31 - 1
 
 # (op_type, input index) of the tensors that hold quantization parameters, not weights.
 _QPARAM_SLOTS: dict[str, frozenset[int]] = {
@@ -39,104 +38,20 @@ class InvalidModel(StepFailed):
         super().__init__("invalid_model", message)
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """``graph`` and every subgraph nested in its nodes' attributes (If, Loop, Scan bodies)."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
-
-
-def all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
-    """Every tensor of the model that may carry data: initializers, sparse initializers, tensor attributes."""
-    for graph in _graphs(model.graph):
-        yield from graph.initializer
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    yield from attr.tensors
-
-
-def _external_location(tensor: TensorProto) -> str | None:
-    if tensor.data_location != TensorProto.EXTERNAL:
-        return None
-    for entry in tensor.external_data:
-        if entry.key == "location":
-            return entry.value
-    raise InvalidModel(f"tensor {tensor.name!r} is stored externally but names no location")
+def safe_load(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """``storage.onnx_files.safe_load`` whose refusal fails the step (InvalidModel)."""
+    try:
+        return onnx_files.safe_load(path, load_external_data=load_external_data)
+    except onnx_files.OnnxFileError as e:
+        raise InvalidModel(str(e)) from e
 
 
 def external_data_files(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
-    """The validated external-data files ``model`` (loaded without external data) refers to, in order."""
-    root = base_dir.resolve()
-    files: dict[str, Path] = {}
-    for tensor in all_tensors(model):
-        location = _external_location(tensor)
-        if location is None or location in files:
-            continue
-        files[location] = _validate_location(location, base_dir, root, tensor.name)
-    return list(files.values())
-
-
-def _validate_location(location: str, base_dir: Path, root: Path, tensor: str) -> Path:
-    bad = f"tensor {tensor!r}: external data location {location!r}"
-    if not location or "\x00" in location:
-        raise InvalidModel(f"{bad} is empty or malformed")
-    if (
-        location.startswith(("/", "\\"))
-        or os.path.isabs(location)
-        or (len(location) > 1 and location[1] == ":")
-    ):
-        raise InvalidModel(f"{bad} is absolute; it must be relative to the model's folder")
-    parts = location.replace("\\", "/").split("/")
-    if ".." in parts:
-        raise InvalidModel(f"{bad} leaves the model's folder ('..')")
-    current = base_dir
-    for part in parts:
-        if part in ("", "."):
-            continue
-        current = current / part
-        if current.is_symlink():
-            raise InvalidModel(f"{bad} goes through a link")
-    target = current.resolve()
-    if root != target and root not in target.parents:
-        raise InvalidModel(f"{bad} is outside the model's folder")
-    if not target.is_file():
-        raise InvalidModel(f"{bad} does not exist or is not a regular file")
-    return target
-
-
-def safe_load(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto:
-    """Load an ONNX file safely: parse without external data, validate its locations, run onnx.checker."""
-    path = Path(path)
-    if path.is_symlink() or not path.is_file():
-        raise InvalidModel(f"{path.name}: not a regular file")
+    """``storage.onnx_files.external_data_files`` whose refusal fails the step (InvalidModel)."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf decode errors have no common base class
-        raise InvalidModel(f"not an ONNX model: {type(e).__name__}: {e}") from e
-    base_dir = path.parent
-    externals = external_data_files(model, base_dir)
-    try:
-        total = path.stat().st_size + sum(f.stat().st_size for f in externals)
-        if externals or total > PROTOBUF_LIMIT:
-            onnx.checker.check_model(str(path))
-        else:
-            onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
-        raise InvalidModel(f"onnx.checker rejected the model: {e}") from e
-    if externals and load_external_data:
-        onnx.load_external_data_for_model(model, str(base_dir))
-    return model
+        return onnx_files.external_data_files(model, base_dir)
+    except onnx_files.OnnxFileError as e:
+        raise InvalidModel(str(e)) from e
 
 
 def model_size_bytes(path: Path, model: onnx.ModelProto | None = None) -> int:
@@ -236,11 +151,12 @@ def opset_version(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def _qparam_names(model: onnx.ModelProto) -> set[str]:
+def _slot_inputs(model: onnx.ModelProto, slots_by_op: Mapping[str, frozenset[int]]) -> set[str]:
+    """The names of the tensors fed into the given (op_type, input index) slots, in every (sub)graph."""
     names: set[str] = set()
-    for graph in _graphs(model.graph):
+    for graph in all_graphs(model.graph):
         for node in graph.node:
-            slots = _QPARAM_SLOTS.get(node.op_type)
+            slots = slots_by_op.get(node.op_type)
             if slots:
                 names.update(n for i, n in enumerate(node.input) if i in slots and n)
     return names
@@ -264,15 +180,10 @@ def count_params(model: onnx.ModelProto) -> int:
     Counts floating-point and 8/4-bit initializers and Constant tensors with more than one element, and
     int32 tensors that are quantized biases; not scales, zero points, shapes or indices.
     """
-    qparams = _qparam_names(model)
-    qweights: set[str] = set()
-    for graph in _graphs(model.graph):
-        for node in graph.node:
-            slots = _QWEIGHT_SLOTS.get(node.op_type)
-            if slots:
-                qweights.update(n for i, n in enumerate(node.input) if i in slots and n)
+    qparams = _slot_inputs(model, _QPARAM_SLOTS)
+    qweights = _slot_inputs(model, _QWEIGHT_SLOTS)
     total = 0
-    for graph in _graphs(model.graph):
+    for graph in all_graphs(model.graph):
         tensors = list(graph.initializer)
         tensors += [
             a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"

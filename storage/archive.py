@@ -1,5 +1,8 @@
 """Safe listing, reading and extraction of uploaded zip and tar.gz archives (stdlib only).
 
+Shared by the API (inspection of an upload) and the worker (extraction into a job's workdir): both apply
+the same caps, so an upload that passes inspection also extracts.
+
 DESIGN section 7: caps on total size, entry count and compression ratio, checked before and while
 extracting; no absolute paths, no ``..``, no links, no devices. Member names are validated before they
 ever become paths, and extraction never follows or creates a link.
@@ -40,6 +43,11 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# Per upload format; a transformers directory is small next to the default caps, weights compress poorly.
+HF_LIMITS = Limits(max_total_bytes=16 * 1024**3, max_entries=10_000, max_ratio=200.0)
+IMAGEFOLDER_LIMITS = Limits(max_total_bytes=8 * 1024**3, max_entries=500_000, max_ratio=200.0)
+# An npz is a zip the worker inflates whole into memory (np.load): the same ratio cap as any archive.
+NPZ_LIMITS = Limits(max_entries=10_000, max_ratio=200.0)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import stat
 import tarfile
@@ -11,28 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from worker.formats import archive
-from worker.formats.archive import ArchiveError, Limits
+from storage import archive
+from storage.archive import ArchiveError, Limits
+from tests.api import builders
 
 
 def _zip(path: Path, files: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
+    path.write_bytes(builders.zip_bytes(files))
     return path
 
 
 def _tar(path: Path, files: dict[str, bytes], links: dict[str, str] | None = None, hard: bool = False) -> Path:
-    with tarfile.open(path, "w:gz") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-        for name, target in (links or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type = tarfile.LNKTYPE if hard else tarfile.SYMTYPE
-            info.linkname = target
-            tf.addfile(info)
+    path.write_bytes(builders.tar_gz_bytes(files, links, hard))
     return path
 
 

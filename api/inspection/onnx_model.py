@@ -1,0 +1,92 @@
+"""Inspection of a single-file ONNX model: inputs, outputs, opsets, IR version, producer, parameters."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from api.inspection.common import InspectionError
+
+if TYPE_CHECKING:
+    import onnx
+
+
+def _dim_list(type_proto: Any) -> list[int | str | None]:
+    shape: list[int | str | None] = []
+    tensor = type_proto.tensor_type
+    if not tensor.HasField("shape"):
+        return shape
+    for dim in tensor.shape.dim:
+        if dim.HasField("dim_value"):
+            shape.append(int(dim.dim_value))
+        elif dim.HasField("dim_param") and dim.dim_param:
+            shape.append(str(dim.dim_param))
+        else:
+            shape.append(None)
+    return shape
+
+
+def _dtype_name(elem_type: int) -> str:
+    import onnx
+
+    try:
+        return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type).name)
+    except (KeyError, ValueError, TypeError):
+        return str(onnx.TensorProto.DataType.Name(elem_type)).lower()
+
+
+def _value_info(value: Any) -> dict[str, Any]:
+    kind = value.type.WhichOneof("value")
+    if kind != "tensor_type":
+        return {"name": value.name, "dtype": str(kind or "unknown"), "shape": []}
+    return {"name": value.name, "dtype": _dtype_name(value.type.tensor_type.elem_type), "shape": _dim_list(value.type)}
+
+
+def inspect_onnx(path: Path) -> dict[str, Any]:
+    """Inputs, outputs, opset, IR version, producer and parameter count of a single-file ONNX model."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, TypeError, UnicodeDecodeError) as exc:
+        raise InspectionError(f"the file is not an ONNX model (protobuf parse failed: {exc})") from exc
+    except Exception as exc:
+        raise InspectionError(f"the file is not an ONNX model ({type(exc).__name__})") from exc
+    if not model.HasField("graph") or not model.opset_import:
+        raise InspectionError("the file is not an ONNX model (no graph or no opset import)")
+    from storage.onnx_files import all_tensors  # onnx only, no torch
+
+    external = [t.name for t in all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise InspectionError(
+            f"tensor {external[0]!r} references external data, which a single-file upload cannot carry; "
+            "save the model with all tensors inside the file (onnx.save(..., save_as_external_data=False)) "
+            "or upload it as an archive"
+        )
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InspectionError(f"the ONNX model is invalid: {first}") from exc
+    return _onnx_meta(model)
+
+
+def _onnx_meta(model: onnx.ModelProto) -> dict[str, Any]:
+    graph = model.graph
+    init_names = {t.name for t in graph.initializer}
+    params = sum(math.prod(t.dims) for t in graph.initializer)
+    params += sum(math.prod(s.dims) for s in graph.sparse_initializer)
+    opsets = {(o.domain or "ai.onnx"): int(o.version) for o in model.opset_import}
+    return {
+        "inputs": [_value_info(v) for v in graph.input if v.name not in init_names],
+        "outputs": [_value_info(v) for v in graph.output],
+        "opset": opsets.get("ai.onnx"),
+        "opsets": opsets,
+        "ir_version": int(model.ir_version),
+        "parameters": int(params),
+        "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p) or None,
+        "graph_name": graph.name or None,
+        "nodes": len(graph.node),
+    }

@@ -1,0 +1,121 @@
+"""Safe readers of stored ONNX files (DESIGN section 7), shared by the API's inspection and the worker.
+
+Parse without external data, validate every external-data location (relative, no ``..``, no links,
+inside the model's own folder), then ``onnx.checker``. onnx + stdlib only: no torch, no onnxruntime.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto
+
+# The protobuf limit: above it a model must be checked by path and saved with external data.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+class OnnxFileError(ValueError):
+    """The bytes are not a valid, safe ONNX model; the message says why."""
+
+
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph nested in its nodes' attributes (If, Loop, Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from all_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from all_graphs(g)
+
+
+def all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every tensor of the model that may carry data: initializers, sparse initializers, tensor attributes."""
+    for graph in all_graphs(model.graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+
+
+def _external_location(tensor: TensorProto) -> str | None:
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return None
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            return entry.value
+    raise OnnxFileError(f"tensor {tensor.name!r} is stored externally but names no location")
+
+
+def external_data_files(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
+    """The validated external-data files ``model`` (loaded without external data) refers to, in order."""
+    root = base_dir.resolve()
+    files: dict[str, Path] = {}
+    for tensor in all_tensors(model):
+        location = _external_location(tensor)
+        if location is None or location in files:
+            continue
+        files[location] = _validate_location(location, base_dir, root, tensor.name)
+    return list(files.values())
+
+
+def _validate_location(location: str, base_dir: Path, root: Path, tensor: str) -> Path:
+    bad = f"tensor {tensor!r}: external data location {location!r}"
+    if not location or "\x00" in location:
+        raise OnnxFileError(f"{bad} is empty or malformed")
+    if (
+        location.startswith(("/", "\\"))
+        or os.path.isabs(location)
+        or (len(location) > 1 and location[1] == ":")
+    ):
+        raise OnnxFileError(f"{bad} is absolute; it must be relative to the model's folder")
+    parts = location.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise OnnxFileError(f"{bad} leaves the model's folder ('..')")
+    current = base_dir
+    for part in parts:
+        if part in ("", "."):
+            continue
+        current = current / part
+        if current.is_symlink():
+            raise OnnxFileError(f"{bad} goes through a link")
+    target = current.resolve()
+    if root != target and root not in target.parents:
+        raise OnnxFileError(f"{bad} is outside the model's folder")
+    if not target.is_file():
+        raise OnnxFileError(f"{bad} does not exist or is not a regular file")
+    return target
+
+
+def safe_load(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file safely: parse without external data, validate its locations, run onnx.checker."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        raise OnnxFileError(f"{path.name}: not a regular file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf decode errors have no common base class
+        raise OnnxFileError(f"not an ONNX model: {type(e).__name__}: {e}") from e
+    base_dir = path.parent
+    externals = external_data_files(model, base_dir)
+    try:
+        total = path.stat().st_size + sum(f.stat().st_size for f in externals)
+        if externals or total > PROTOBUF_LIMIT:
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise OnnxFileError(f"onnx.checker rejected the model: {e}") from e
+    if externals and load_external_data:
+        onnx.load_external_data_for_model(model, str(base_dir))
+    return model

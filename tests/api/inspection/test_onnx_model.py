@@ -1,0 +1,61 @@
+"""ONNX inspection: the interface, opsets and parameters of a single file; what is refused and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from api.inspection import InspectionError, inspect_onnx
+from tests.api import builders
+
+
+def _write(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / "up-staged"  # a staged upload has no suffix
+    path.write_bytes(data)
+    return path
+
+
+def test_interface_opsets_and_parameters(tmp_path: Path) -> None:
+    meta = inspect_onnx(_write(tmp_path, builders.onnx_bytes(in_features=4, out_features=3)))
+    assert meta["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 4]}]
+    assert meta["outputs"] == [{"name": "y", "dtype": "float32", "shape": ["batch", 3]}]
+    assert meta["parameters"] == 15 and meta["nodes"] == 2 and meta["graph_name"] == "tiny"
+    assert meta["opset"] == 17 and meta["opsets"] == {"ai.onnx": 17} and meta["ir_version"] == 8
+    assert meta["producer"] == "tests"
+
+
+def test_initializers_listed_as_inputs_are_not_inputs_and_unknown_dims_are_none(tmp_path: Path) -> None:
+    model = onnx.load_model_from_string(builders.onnx_bytes())
+    model.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3]))  # old exporters
+    model.graph.output[0].type.tensor_type.shape.dim[0].Clear()  # neither a value nor a name
+    meta = inspect_onnx(_write(tmp_path, model.SerializeToString()))
+    assert [i["name"] for i in meta["inputs"]] == ["x"]
+    assert meta["outputs"][0]["shape"] == [None, 3]
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (b"\xff\xfe not protobuf" * 20, "not an ONNX model"),
+        (b"", "no graph or no opset import"),
+        (builders.onnx_external_bytes(), "references external data"),
+    ],
+)
+def test_refusals(tmp_path: Path, data: bytes, needle: str) -> None:
+    with pytest.raises(InspectionError, match=needle):
+        inspect_onnx(_write(tmp_path, data))
+
+
+def test_a_graph_the_checker_rejects(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["nowhere"], ["y"])],
+        "bad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(InspectionError, match="the ONNX model is invalid"):
+        inspect_onnx(_write(tmp_path, model.SerializeToString()))

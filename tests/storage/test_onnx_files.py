@@ -1,0 +1,84 @@
+"""Safe readers of stored ONNX files: the tensor walk reaches subgraphs; unsafe external data is refused."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from storage.onnx_files import OnnxFileError, all_graphs, all_tensors, external_data_files, safe_load
+from tests.api import builders
+
+
+def _if_model() -> onnx.ModelProto:
+    """An If node whose branches hold one Constant each: two subgraphs, two tensors outside the initializers."""
+
+    def branch(name: str, value: float) -> onnx.GraphProto:
+        const = helper.make_node("Constant", [], [f"{name}_out"],
+                                 value=numpy_helper.from_array(np.array([value], np.float32), f"{name}_t"))
+        return helper.make_graph([const], name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [1])])
+
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", 1.0), else_branch=branch("else", 2.0))
+    graph = helper.make_graph(
+        [node], "main",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [numpy_helper.from_array(np.zeros(2, np.float32), "unused")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_walk_reaches_every_subgraph_and_tensor() -> None:
+    model = _if_model()
+    assert sorted(g.name for g in all_graphs(model.graph)) == ["else", "main", "then"]
+    assert sorted(t.name for t in all_tensors(model)) == ["else_t", "then_t", "unused"]
+
+
+def _external(folder: Path, location: str = "w.bin") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model = onnx.load_model_from_string(builders.onnx_bytes())
+    path = folder / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="w.bin", size_threshold=0)
+    if location != "w.bin":
+        reloaded = onnx.load(str(path), load_external_data=False)
+        for tensor in reloaded.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
+        path.write_bytes(reloaded.SerializeToString())
+    return path
+
+
+def test_external_data_inside_the_folder_is_loaded(tmp_path: Path) -> None:
+    path = _external(tmp_path / "up")
+    shallow = safe_load(path, load_external_data=False)
+    assert external_data_files(shallow, path.parent) == [(tmp_path / "up" / "w.bin").resolve()]
+    full = safe_load(path)
+    assert numpy_helper.to_array(full.graph.initializer[1]).shape == (3,)
+
+
+@pytest.mark.parametrize(
+    ("location", "why"),
+    [("../w.bin", "leaves the model's folder"), ("/etc/hostname", "absolute"), ("gone.bin", "does not exist")],
+)
+def test_unsafe_locations_are_refused(tmp_path: Path, location: str, why: str) -> None:
+    path = _external(tmp_path / "up", location)
+    (tmp_path / "w.bin").write_bytes(b"\0" * 64)
+    with pytest.raises(OnnxFileError, match=why):
+        safe_load(path)
+
+
+def test_links_are_refused(tmp_path: Path) -> None:
+    path = _external(tmp_path / "up")
+    os.symlink(path, tmp_path / "link.onnx")
+    with pytest.raises(OnnxFileError, match="not a regular file"):
+        safe_load(tmp_path / "link.onnx")
+    (tmp_path / "up" / "w.bin").rename(tmp_path / "outside.bin")
+    os.symlink(tmp_path / "outside.bin", tmp_path / "up" / "w.bin")
+    with pytest.raises(OnnxFileError, match="goes through a link"):
+        safe_load(path)
+
