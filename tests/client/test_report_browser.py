@@ -1,4 +1,4 @@
-"""The report and the dashboard in headless Chromium: screenshots, charts rendered, no external requests."""
+"""The report and the dashboard in headless Chromium: what a person sees (bar lengths, labels), no external requests."""
 
 from __future__ import annotations
 
@@ -22,8 +22,22 @@ from tests.e2e.harness import free_port
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
 
-CHART_SIZES = """JSON.stringify(Array.from(document.querySelectorAll('svg rect.bar, svg polyline')).map(e => {
-  const b = e.getBoundingClientRect(); return [e.tagName, b.width, b.height]; }))"""
+# Every chart element with an id (bars, their value labels, curve lines): its box on screen and its text.
+CHART_BOXES = """JSON.stringify(Object.fromEntries(Array.from(document.querySelectorAll('svg [id^="chart-"]')).map(e => {
+  const b = e.getBoundingClientRect();
+  return [e.id, {left: b.left, right: b.right, top: b.top, bottom: b.bottom, width: b.width, height: b.height,
+                 text: e.textContent.trim()}]; })))"""
+
+MB = 1024**2
+# The sample report's values, chart by chart (before, after), and the steps' wall times.
+BEFORE_AFTER = {
+    "size": (46_137_344 / MB, 5_890_113 / MB),
+    "latency": (23.4, 7.8),
+    "params": (11_689_512, 5_871_236),
+    "macs": (1_814_083_944, 911_331_112),
+    "accuracy": (0.9312, 0.9247),
+}
+WALL_S = (3.2, 61.7, 1.4)
 
 
 @pytest.fixture
@@ -74,16 +88,36 @@ def test_report_renders_with_charts_and_no_external_requests(
     job_id, _ = insert_job()
     browser.open(f"{server}/v1/jobs/{job_id}/report.html")
     assert browser.evaluate("document.title") == f"modelpress report {job_id}"
-    shapes = json.loads(browser.evaluate(CHART_SIZES))
-    bars = [s for s in shapes if s[0] == "rect"]
-    lines = [s for s in shapes if s[0] == "polyline"]
-    assert len(bars) == 13 and len(lines) == 3
-    assert all(w > 0 and h > 0 for _, w, h in bars)
-    assert all(w > 50 and h > 10 for _, w, h in lines)  # a drawn curve, not a dot
+    boxes = json.loads(browser.evaluate(CHART_BOXES))
+    bars = {k: v for k, v in boxes.items() if "-bar-" in k}
+    lines = {k: v for k, v in boxes.items() if k.endswith("-line")}
+    assert len(bars) == 13 and len(lines) == 3, sorted(boxes)
+    assert all(b["width"] > 0 and b["height"] > 0 for b in bars.values())
+    assert all(b["width"] > 50 and b["height"] > 10 for b in lines.values())  # a drawn curve, not a dot
+    for name, values in BEFORE_AFTER.items():
+        _assert_bars_encode(boxes, f"chart-{name}", values)
+    _assert_bars_encode(boxes, "chart-steps", WALL_S)
     assert browser.evaluate("document.querySelectorAll('table.compare tbody tr').length") >= 5
     png = browser.screenshot(tmp_path / "report.png")
     _assert_screenshot(png)
     _assert_local_only(browser, server)
+
+
+def _assert_bars_encode(boxes: dict[str, dict[str, float]], chart: str, values: tuple[float, ...]) -> None:
+    """Bars share a baseline, their lengths are proportional to the values, and each value label sits clear of its bar."""
+    bars = [boxes[f"{chart}-bar-{i}"] for i in range(len(values))]
+    labels = [boxes[f"{chart}-value-{i}"] for i in range(len(values))]
+    longest = max(range(len(values)), key=lambda i: values[i])
+    px_per_unit = bars[longest]["width"] / values[longest]
+    for bar, label, value in zip(bars, labels, values, strict=True):
+        assert abs(bar["left"] - bars[0]["left"]) <= 1, (chart, bar, bars[0])
+        assert abs(bar["width"] - value * px_per_unit) <= 1.5, (chart, value, bar["width"], value * px_per_unit)
+        overlap_x = min(bar["right"], label["right"]) - max(bar["left"], label["left"])
+        overlap_y = min(bar["bottom"], label["bottom"]) - max(bar["top"], label["top"])
+        assert overlap_x <= 0 or overlap_y <= 0, (chart, "label over its bar", bar, label)
+        assert label["left"] >= bar["right"] - 0.5, (chart, bar, label)
+        shown = float(label["text"].split()[0].replace(",", ""))
+        assert shown == pytest.approx(value, rel=0.01), (chart, label["text"], value)
 
 
 def test_dashboard_renders_and_makes_no_external_requests(
