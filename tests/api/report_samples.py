@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -79,3 +80,21 @@ def insert_job(
                            media_type="application/json", sha256="c" * 64, size_bytes=2_345,
                            storage_key="c" * 64, meta={}))
     return job_id, art_ids if status == "succeeded" else []
+
+
+_SHAPE = re.compile(r'<g id="(chart-[\w-]+-(?:bar-\d+|line))">\s*<path d="([^"]+)"')
+
+
+def chart_shapes(page: str) -> dict[str, list[tuple[float, float]]]:
+    """Each chart bar's and line's id and the points of its SVG path (as matplotlib drew them)."""
+    shapes = {}
+    for ident, path in _SHAPE.findall(page):
+        nums = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", path)]
+        shapes[ident] = list(zip(nums[::2], nums[1::2], strict=True))
+    return shapes
+
+
+def bar_widths(page: str, chart: str = "chart-") -> list[float]:
+    """The drawn widths of the bars whose ids start with ``chart`` (in page order)."""
+    return [max(x for x, _ in pts) - min(x for x, _ in pts)
+            for ident, pts in chart_shapes(page).items() if ident.startswith(chart) and "-bar-" in ident]

@@ -4,30 +4,20 @@ from __future__ import annotations
 
 import re
 
-import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from api.routes import ui
 from tests.api.report_samples import insert_job
 
 EXTERNAL = re.compile(r"https?://|<script[^>]*\bsrc=|<link\b|@import|url\(", re.I)
 
 
-@pytest.fixture
-def http(pg_env: str) -> TestClient:
-    app = FastAPI()
-    app.include_router(ui.router)
-    return TestClient(app)
-
-
-def test_dashboard_lists_jobs_with_progress_and_links(http: TestClient) -> None:
+def test_dashboard_lists_jobs_with_progress_and_links(client: TestClient) -> None:
     done, arts = insert_job()
     running, _ = insert_job(status="running", phase="training epoch 2/4",
                             progress={"step": 2, "steps": 3, "percent": 45.0, "epoch": 2, "epochs": 4})
     failed, _ = insert_job(status="failed", phase="failed", progress={"step": 1, "steps": 3, "percent": 10.0},
                            error={"code": "step_failed", "message": "prune <exploded>", "step": "prune"})
-    r = http.get("/")
+    r = client.get("/")
     assert r.status_code == 200
     page = r.text
     assert not EXTERNAL.search(page)
@@ -44,9 +34,9 @@ def test_dashboard_lists_jobs_with_progress_and_links(http: TestClient) -> None:
     assert "prune &lt;exploded&gt;" in page and "<exploded>" not in page
 
 
-def test_dashboard_filters_by_status_and_handles_no_jobs(http: TestClient) -> None:
-    assert "No jobs yet" in http.get("/").text
+def test_dashboard_filters_by_status_and_handles_no_jobs(client: TestClient) -> None:
+    assert "No jobs yet" in client.get("/").text
     insert_job()
     insert_job(status="running", phase="exporting")
-    page = http.get("/", params={"status": "running"}).text
+    page = client.get("/", params={"status": "running"}).text
     assert re.findall(r'data-status="(\w+)"', page) == ["running"]

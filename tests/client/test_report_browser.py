@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 import time
@@ -12,14 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI
 
-from api.routes import ui
+from api.main import create_app
 from tests.api.report_samples import insert_job
 from tests.client.cdp import Browser, distinct_colours, find_chromium
 from tests.e2e.harness import free_port
 
 CHROMIUM = find_chromium()
+# Set MODELPRESS_TEST_SCREENSHOTS=DIR to keep the screenshots and look at them.
+SHOTS = Path(os.environ["MODELPRESS_TEST_SCREENSHOTS"]) if os.environ.get("MODELPRESS_TEST_SCREENSHOTS") else None
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
 
 # Every chart element with an id (bars, their value labels, curve lines): its box on screen and its text.
@@ -42,9 +44,8 @@ WALL_S = (3.2, 61.7, 1.4)
 
 @pytest.fixture
 def server(pg_env: str) -> Iterator[str]:
-    """The UI routes served by uvicorn in a thread, on this test's database."""
-    app = FastAPI()
-    app.include_router(ui.router)
+    """The API served by uvicorn in a thread, on this test's database."""
+    app = create_app()
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -98,7 +99,7 @@ def test_report_renders_with_charts_and_no_external_requests(
         _assert_bars_encode(boxes, f"chart-{name}", values)
     _assert_bars_encode(boxes, "chart-steps", WALL_S)
     assert browser.evaluate("document.querySelectorAll('table.compare tbody tr').length") >= 5
-    png = browser.screenshot(tmp_path / "report.png")
+    png = browser.screenshot(SHOTS / "report.png" if SHOTS else tmp_path / "report.png")
     _assert_screenshot(png)
     _assert_local_only(browser, server)
 
@@ -129,10 +130,10 @@ def test_dashboard_renders_and_makes_no_external_requests(
     browser.open(f"{server}/")
     assert browser.evaluate("document.querySelectorAll('tr.job').length") == 2
     widths = browser.evaluate(
-        "Array.from(document.querySelectorAll('.bar > span')).map(e => e.getBoundingClientRect().width)"
+        "Array.from(document.querySelectorAll('.progress > span')).map(e => e.getBoundingClientRect().width)"
     )
     assert sorted(widths)[0] > 0 and sorted(widths)[1] > sorted(widths)[0]
-    png = browser.screenshot(tmp_path / "dashboard.png")
+    png = browser.screenshot(SHOTS / "dashboard.png" if SHOTS else tmp_path / "dashboard.png")
     _assert_screenshot(png)
     _assert_local_only(browser, server)
     assert httpx.get(f"{server}/").status_code == 200
