@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -65,7 +66,7 @@ def keyed(pg_env: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
     get_settings.cache_clear()
 
 
-def _login(client: TestClient, key: str = KEY, next_: str = "/") -> object:
+def _login(client: TestClient, key: str = KEY, next_: str = "/") -> Any:
     return client.post("/login", data={"key": key, "next": next_}, follow_redirects=False)
 
 
@@ -90,8 +91,8 @@ def test_a_wrong_key_is_a_401(keyed: TestClient) -> None:
         r = keyed.get(f"/v1/jobs/{job_id}/report.html", headers=headers, follow_redirects=False)
         assert r.status_code == 401 and r.json()["code"] == "unauthorized"
     r = _login(keyed, key="wrong")
-    assert r.status_code == 401 and "not valid" in r.text  # type: ignore[attr-defined]
-    assert COOKIE not in r.headers.get("set-cookie", "")  # type: ignore[attr-defined]
+    assert r.status_code == 401 and "not valid" in r.text
+    assert COOKIE not in r.headers.get("set-cookie", "")
     assert keyed.get(f"/v1/jobs/{job_id}/report.html", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
@@ -101,8 +102,8 @@ def test_login_sets_a_session_cookie_that_opens_the_pages(keyed: TestClient) -> 
     assert form.status_code == 200 and 'name="key"' in form.text and 'type="password"' in form.text
     assert "form-action 'self'" in form.headers["content-security-policy"]
     r = _login(keyed, next_=f"/v1/jobs/{job_id}/report.html")
-    assert r.status_code == 303 and r.headers["location"] == f"/v1/jobs/{job_id}/report.html"  # type: ignore[attr-defined]
-    cookie = r.headers["set-cookie"].lower()  # type: ignore[attr-defined]
+    assert r.status_code == 303 and r.headers["location"] == f"/v1/jobs/{job_id}/report.html"
+    cookie = r.headers["set-cookie"].lower()
     assert cookie.startswith(f"{COOKIE}=") and "httponly" in cookie and "samesite=strict" in cookie
     assert "max-age=43200" in cookie and "secure" not in cookie  # plain http here
     page = keyed.get(f"/v1/jobs/{job_id}/report.html", headers=HTML)
@@ -115,7 +116,7 @@ def test_login_sets_a_session_cookie_that_opens_the_pages(keyed: TestClient) -> 
 
 def test_the_session_cookie_cannot_write(keyed: TestClient) -> None:
     job_id, _ = insert_job(status="running", phase="training")
-    assert _login(keyed).status_code == 303  # type: ignore[attr-defined]
+    assert _login(keyed).status_code == 303
     assert COOKIE in keyed.cookies
     r = keyed.post("/v1/jobs", json={"model": "mdl_x", "steps": [{"type": "quantize"}]})
     assert r.status_code == 401 and r.json()["code"] == "unauthorized"
@@ -176,7 +177,7 @@ def test_login_refuses_cross_site_posts_and_foreign_redirects(keyed: TestClient)
     assert r.status_code == 403 and "set-cookie" not in r.headers
     for target in ("//evil.example/x", "https://evil.example/", "javascript:alert(1)", "relative"):
         r = _login(keyed, next_=target)
-        assert r.status_code == 303 and r.headers["location"] == "/", target  # type: ignore[attr-defined]
+        assert r.status_code == 303 and r.headers["location"] == "/", target
 
 
 def test_without_an_api_key_the_pages_stay_open(client: TestClient) -> None:

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -104,7 +105,7 @@ def test_report_renders_with_charts_and_no_external_requests(
     _assert_local_only(browser, server)
 
 
-def _assert_bars_encode(boxes: dict[str, dict[str, float]], chart: str, values: tuple[float, ...]) -> None:
+def _assert_bars_encode(boxes: dict[str, dict[str, Any]], chart: str, values: tuple[float, ...]) -> None:
     """Bars share a baseline, their lengths are proportional to the values, and each value label sits clear of its bar."""
     bars = [boxes[f"{chart}-bar-{i}"] for i in range(len(values))]
     labels = [boxes[f"{chart}-value-{i}"] for i in range(len(values))]
@@ -137,6 +138,25 @@ def test_dashboard_renders_and_makes_no_external_requests(
     _assert_screenshot(png)
     _assert_local_only(browser, server)
     assert httpx.get(f"{server}/").status_code == 200
+
+
+def test_login_form_opens_the_report(server: str, browser: Browser, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an API key set, the browser is sent to the login form; the key typed there opens the report."""
+    from models.settings import get_settings
+
+    monkeypatch.setenv("MODELPRESS_API_KEY", "s3cret")
+    get_settings.cache_clear()
+    job_id, _ = insert_job()
+    browser.open(f"{server}/v1/jobs/{job_id}/report.html")
+    assert browser.evaluate("location.pathname") == "/login"
+    assert browser.evaluate("document.querySelectorAll('tr.job, svg.chart').length") == 0
+    mark = len(browser.events)
+    browser.evaluate("document.getElementById('key').value = 's3cret'; document.querySelector('form.login').submit(); 1")
+    browser.wait_event("Page.loadEventFired", mark)
+    assert browser.evaluate("location.pathname") == f"/v1/jobs/{job_id}/report.html"
+    assert browser.evaluate("document.title") == f"modelpress report {job_id}"
+    assert browser.evaluate("document.cookie") == ""  # HttpOnly: page scripts cannot read the session
+    assert browser.evaluate("document.querySelectorAll('svg.chart').length") >= 9
 
 
 def test_network_monitor_sees_external_requests(browser: Browser) -> None:
