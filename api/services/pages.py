@@ -182,6 +182,8 @@ def _dashboard_row(job: JobOut) -> DashboardRow:
 
 
 def dashboard(session: Session, owner: str, status: str | None, limit: int) -> Dashboard:
-    """The owner's newest jobs (optionally of one status) for the dashboard."""
+    """The owner's newest jobs (optionally of one status) for the dashboard; an unknown status lists none."""
+    if status and status not in STATUSES:
+        return Dashboard(rows=[], status=status)
     page = job_service.list_jobs(session, owner, status or None, None, limit)
     return Dashboard(rows=[_dashboard_row(j) for j in page.data], status=status or None)
