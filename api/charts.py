@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
@@ -26,6 +27,8 @@ _DPI = 72  # SVG user units are points: 1 inch = 72
 _TAG = re.compile(r"<[^<>]+>")
 _ID_REF = re.compile(r'(\bid="|url\(#|href="#)')
 _SLUG = re.compile(r"[^a-z0-9]+")
+# matplotlib is not thread-safe (fonts and their caches are shared) and sync routes run in a thread pool.
+_DRAWING = threading.Lock()
 
 
 @lru_cache(maxsize=1)
@@ -86,6 +89,14 @@ def _hbars(
     value_labels: tuple[str, ...], width_in: float,
 ) -> Markup:
     """Horizontal bars from zero, labelled on the left, each value printed right of its bar (cached: pure)."""
+    with _DRAWING:
+        return _draw_hbars(cid, title, labels, values, colours, value_labels, width_in)
+
+
+def _draw_hbars(
+    cid: str, title: str, labels: tuple[str, ...], values: tuple[float, ...], colours: tuple[str, ...],
+    value_labels: tuple[str, ...], width_in: float,
+) -> Markup:
     left = 0.12 + 0.075 * max(len(label) for label in labels)
     ax = _axes(width_in, 0.45 + 0.34 * len(values), left=left, bottom=0.08)
     rows = list(range(len(values)))
@@ -140,6 +151,11 @@ def curve(name: str, title: str, points: Sequence[tuple[Any, Any]], colour: str 
 @lru_cache(maxsize=512)
 def _curve(cid: str, title: str, pts: tuple[tuple[float, float], ...], colour: str, x_label: str) -> Markup:
     """The line chart itself (cached: pure)."""
+    with _DRAWING:
+        return _draw_curve(cid, title, pts, colour, x_label)
+
+
+def _draw_curve(cid: str, title: str, pts: tuple[tuple[float, float], ...], colour: str, x_label: str) -> Markup:
     ax = _axes(3.9, 2.3, left=0.62, bottom=0.48)
     (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colour, linewidth=2, marker="o", markersize=4)
     line.set_gid("line")

@@ -60,12 +60,12 @@ def _same_origin(request: Request) -> None:
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 def dashboard(
     request: Request, owner: MaybeOwner, db: DB,
-    status: str | None = Query(None, max_length=16), limit: int = Query(MAX_LIMIT, ge=1, le=MAX_LIMIT),
+    status: str | None = Query(None, max_length=16), limit: int = Query(MAX_LIMIT, ge=1, le=500),
 ) -> Response:
     """The newest jobs with status, phase, progress, and links to reports and artifacts."""
     if owner is None:
         return _sign_in_first(request)
-    page = pages.dashboard(db, owner, status, limit)
+    page = pages.dashboard(db, owner, status, min(limit, MAX_LIMIT))  # one page of the jobs service at most
     return _html(request, "dashboard.html", page=page, refresh=page.refresh)
 
 
