@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 
 from fastapi import FastAPI
 
 from api import errors
-from api.routes import artifacts, datasets, health, jobs, models, passes
+from api.routes import artifacts, datasets, health, jobs, models, passes, ui
 from api.services.metrics import Metrics, MetricsMiddleware
 
 log = logging.getLogger("modelpress.api")
-
-UI_MODULE = "api.routes.ui"
-
-
-def _include_ui(app: FastAPI) -> None:
-    """Mount the dashboard/report router when that module exists (it is built separately)."""
-    if importlib.util.find_spec(UI_MODULE) is None:
-        return
-    module = importlib.import_module(UI_MODULE)
-    router = getattr(module, "router", None)
-    if router is not None:
-        app.include_router(router)
-        app.state.routers.append(router)
 
 
 def create_app() -> FastAPI:
@@ -40,10 +25,9 @@ def create_app() -> FastAPI:
     app.state.metrics = metrics
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.routers = []
-    for module in (health, models, datasets, jobs, artifacts, passes):
+    for module in (health, models, datasets, jobs, artifacts, passes, ui):
         app.include_router(module.router)
         app.state.routers.append(module.router)
-    _include_ui(app)
     return app
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 
 def is_num(v: Any) -> bool:
@@ -50,10 +50,13 @@ def latency_median(side: dict[str, Any]) -> Any:
     return lat.get("median") if isinstance(lat, dict) else lat
 
 
+TIMES = "\u00d7"  # the multiplication sign of '3.20x'
+
+
 def fmt_ratio(before: Any, after: Any) -> str:
-    """before / after as '3.20×'; '-' when either is missing or after is zero."""
+    """before / after as '3.20' and the multiplication sign; '-' when either is missing or after is zero."""
     if is_num(before) and is_num(after) and float(after) != 0:
-        return f"{float(before) / float(after):.2f}×"
+        return f"{float(before) / float(after):.2f}{TIMES}"
     return "-"
 
 
@@ -100,7 +103,7 @@ def comparison_rows(report: dict[str, Any]) -> list[ComparisonRow]:
     if acc_b is not None or acc_a is not None:
         change, better = "-", None
         if is_num(acc_b) and is_num(acc_a):
-            delta = float(acc_a) - float(acc_b)
+            delta = float(cast(float, acc_a)) - float(cast(float, acc_b))
             change, better = f"{delta:+.4f}", delta >= 0
         label = f"accuracy ({report.get('task') or 'task'})"
         rows.append(ComparisonRow("accuracy", label, acc_b, acc_a, fmt_number(acc_b), fmt_number(acc_a), change, better))
@@ -133,4 +136,85 @@ def quality_rows(report: dict[str, Any]) -> list[QualityRow]:
         for key, label in FIDELITY_LABELS:
             if key in fidelity:
                 rows.append(QualityRow(f"fidelity: {label}", fmt_number(fidelity.get(key), 6)))
+    return rows
+
+
+def step_label(step: dict[str, Any]) -> str:
+    """A spec step in a few words: 'prune structured 0.5', 'quantize dynamic', 'distill 3 ep'."""
+    kind = str(step.get("type", "?"))
+    if kind == "prune":
+        return f"prune {step.get('method', 'structured')} {fmt_number(step.get('ratio'))}"
+    if kind == "quantize":
+        return f"quantize {step.get('mode', 'dynamic')}"
+    if kind in ("finetune", "distill") and step.get("epochs"):
+        return f"{kind} {step.get('epochs')} ep"
+    return kind
+
+
+def pipeline_labels(report: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+    """The steps a job ran, as the report names them (else as the spec describes them)."""
+    labels = report.get("pipeline")
+    if isinstance(labels, list) and labels:
+        return [str(label) for label in labels]
+    return [step_label(s) for s in spec.get("steps") or [] if isinstance(s, dict)]
+
+
+@dataclass(frozen=True)
+class Gain:
+    """One headline gain: a ratio and its word ('smaller'), or the accuracy delta."""
+
+    value_text: str
+    word: str
+    better: bool | None = None
+
+
+GAIN_WORDS = (("size_ratio", "smaller"), ("latency_ratio", "faster"), ("params_ratio", "fewer parameters"))
+
+
+def gains(report: dict[str, Any]) -> list[Gain]:
+    """The report's headline gains (size, latency, parameter ratios; accuracy delta)."""
+    found = report.get("gains") or {}
+    if not isinstance(found, dict):
+        return []
+    out = [Gain(f"{float(found[key]):.2f}{TIMES}", word) for key, word in GAIN_WORDS if is_num(found.get(key))]
+    if is_num(found.get("accuracy_delta")):
+        delta = float(found["accuracy_delta"])
+        out.append(Gain(f"{delta:+.4f}", "accuracy", delta >= 0))
+    return out
+
+
+CURVE_SERIES = ("loss", "eval_metric", "lr")
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One executed step: its label, wall time, scalar metrics, and its training curve (epoch, value) per series."""
+
+    index: Any
+    label: str
+    wall_s: Any
+    index_text: str
+    wall_text: str
+    metrics_text: str
+    curves: dict[str, list[tuple[Any, Any]]]
+
+
+def step_rows(report: dict[str, Any]) -> list[StepRow]:
+    """The report's steps in order, with the series (loss, eval_metric, lr) their curves hold."""
+    rows = []
+    for step in report.get("steps") or []:
+        if not isinstance(step, dict):
+            continue
+        label = str(step.get("label") or step.get("type") or f"step {step.get('index')}")
+        metrics = step.get("metrics") or {}
+        shown = " ".join(
+            f"{k}={fmt_number(v)}" for k, v in metrics.items() if not isinstance(v, dict | list)
+        ) if isinstance(metrics, dict) else ""
+        points = [c for c in step.get("curve") or [] if isinstance(c, dict)]
+        curves = {
+            key: [(c.get("epoch"), c.get(key)) for c in points]
+            for key in CURVE_SERIES if any(is_num(c.get(key)) for c in points)
+        }
+        rows.append(StepRow(step.get("index"), label, step.get("wall_s"), fmt_number(step.get("index")),
+                            fmt_number(step.get("wall_s"), 3), shown, curves))
     return rows

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 4 * 1024**3
     owner: str = "local"
     api_key: str | None = None
+    # Signs the pages' login cookie (default: derived from api_key); changing api_key ends every session.
+    secret_key: str | None = None
+    session_ttl_s: int = 12 * 3600
     # Worker reliability (DESIGN section 6): soft < hard < broker visibility timeout.
     task_soft_time_limit: int = 6 * 3600
     task_hard_time_limit: int = 6 * 3600 + 300

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -44,6 +45,7 @@ def insert_job(
     phase: str = "done",
     error: dict[str, Any] | None = None,
     progress: dict[str, Any] | None = None,
+    owner: str = "local",
 ) -> tuple[str, list[str]]:
     """Insert a model, a job and two artifacts; return (job id, artifact ids)."""
     from models.db import session_scope
@@ -61,10 +63,10 @@ def insert_job(
     }
     result = {"report": report if report is not None else sample_report(), "artifacts": []}
     with session_scope() as s:
-        s.add(Model(id=model_id, owner="local", name="resnet18.onnx", format="onnx", sha256=model_sha,
+        s.add(Model(id=model_id, owner=owner, name="resnet18.onnx", format="onnx", sha256=model_sha,
                     size_bytes=46_137_344, storage_key=model_sha, meta={}, created_at=now))
         s.flush()
-        s.add(Job(id=job_id, owner="local", status=status, phase=phase,
+        s.add(Job(id=job_id, owner=owner, status=status, phase=phase,
                   progress=progress or {"step": 3, "steps": 3, "percent": 100.0},
                   spec=spec, model_id=model_id, queue="gpu", attempt=1, error=error,
                   result=result if status in ("succeeded", "failed") else None,
@@ -72,10 +74,28 @@ def insert_job(
                   finished_at=now if status in ("succeeded", "failed", "cancelled") else None))
         s.flush()
         if status == "succeeded":
-            s.add(Artifact(id=art_ids[0], owner="local", job_id=job_id, name="model.onnx", kind="model",
+            s.add(Artifact(id=art_ids[0], owner=owner, job_id=job_id, name="model.onnx", kind="model",
                            media_type="application/octet-stream", sha256="b" * 64, size_bytes=5_890_113,
                            storage_key="b" * 64, meta={}))
-            s.add(Artifact(id=art_ids[1], owner="local", job_id=job_id, name="report.json", kind="report",
+            s.add(Artifact(id=art_ids[1], owner=owner, job_id=job_id, name="report.json", kind="report",
                            media_type="application/json", sha256="c" * 64, size_bytes=2_345,
                            storage_key="c" * 64, meta={}))
     return job_id, art_ids if status == "succeeded" else []
+
+
+_SHAPE = re.compile(r'<g id="(chart-[\w-]+-(?:bar-\d+|line))">\s*<path d="([^"]+)"')
+
+
+def chart_shapes(page: str) -> dict[str, list[tuple[float, float]]]:
+    """Each chart bar's and line's id and the points of its SVG path (as matplotlib drew them)."""
+    shapes = {}
+    for ident, path in _SHAPE.findall(page):
+        nums = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", path)]
+        shapes[ident] = list(zip(nums[::2], nums[1::2], strict=True))
+    return shapes
+
+
+def bar_widths(page: str, chart: str = "chart-") -> list[float]:
+    """The drawn widths of the bars whose ids start with ``chart`` (in page order)."""
+    return [max(x for x, _ in pts) - min(x for x, _ in pts)
+            for ident, pts in chart_shapes(page).items() if ident.startswith(chart) and "-bar-" in ident]

@@ -1,36 +1,52 @@
-"""The report and the dashboard in headless Chromium: screenshots, charts rendered, no external requests."""
+"""The report and the dashboard in headless Chromium: what a person sees (bar lengths, labels), no external requests."""
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI
 
-from api.routes import ui
+from api.main import create_app
 from tests.api.report_samples import insert_job
 from tests.client.cdp import Browser, distinct_colours, find_chromium
 from tests.e2e.harness import free_port
 
 CHROMIUM = find_chromium()
+# Set MODELPRESS_TEST_SCREENSHOTS=DIR to keep the screenshots and look at them.
+SHOTS = Path(os.environ["MODELPRESS_TEST_SCREENSHOTS"]) if os.environ.get("MODELPRESS_TEST_SCREENSHOTS") else None
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
 
-CHART_SIZES = """JSON.stringify(Array.from(document.querySelectorAll('svg rect.bar, svg polyline')).map(e => {
-  const b = e.getBoundingClientRect(); return [e.tagName, b.width, b.height]; }))"""
+# Every chart element with an id (bars, their value labels, curve lines): its box on screen and its text.
+CHART_BOXES = """JSON.stringify(Object.fromEntries(Array.from(document.querySelectorAll('svg [id^="chart-"]')).map(e => {
+  const b = e.getBoundingClientRect();
+  return [e.id, {left: b.left, right: b.right, top: b.top, bottom: b.bottom, width: b.width, height: b.height,
+                 text: e.textContent.trim()}]; })))"""
+
+MB = 1024**2
+# The sample report's values, chart by chart (before, after), and the steps' wall times.
+BEFORE_AFTER = {
+    "size": (46_137_344 / MB, 5_890_113 / MB),
+    "latency": (23.4, 7.8),
+    "params": (11_689_512, 5_871_236),
+    "macs": (1_814_083_944, 911_331_112),
+    "accuracy": (0.9312, 0.9247),
+}
+WALL_S = (3.2, 61.7, 1.4)
 
 
 @pytest.fixture
 def server(pg_env: str) -> Iterator[str]:
-    """The UI routes served by uvicorn in a thread, on this test's database."""
-    app = FastAPI()
-    app.include_router(ui.router)
+    """The API served by uvicorn in a thread, on this test's database."""
+    app = create_app()
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -74,16 +90,36 @@ def test_report_renders_with_charts_and_no_external_requests(
     job_id, _ = insert_job()
     browser.open(f"{server}/v1/jobs/{job_id}/report.html")
     assert browser.evaluate("document.title") == f"modelpress report {job_id}"
-    shapes = json.loads(browser.evaluate(CHART_SIZES))
-    bars = [s for s in shapes if s[0] == "rect"]
-    lines = [s for s in shapes if s[0] == "polyline"]
-    assert len(bars) == 13 and len(lines) == 3
-    assert all(w > 0 and h > 0 for _, w, h in bars)
-    assert all(w > 50 and h > 10 for _, w, h in lines)  # a drawn curve, not a dot
+    boxes = json.loads(browser.evaluate(CHART_BOXES))
+    bars = {k: v for k, v in boxes.items() if "-bar-" in k}
+    lines = {k: v for k, v in boxes.items() if k.endswith("-line")}
+    assert len(bars) == 13 and len(lines) == 3, sorted(boxes)
+    assert all(b["width"] > 0 and b["height"] > 0 for b in bars.values())
+    assert all(b["width"] > 50 and b["height"] > 10 for b in lines.values())  # a drawn curve, not a dot
+    for name, values in BEFORE_AFTER.items():
+        _assert_bars_encode(boxes, f"chart-{name}", values)
+    _assert_bars_encode(boxes, "chart-steps", WALL_S)
     assert browser.evaluate("document.querySelectorAll('table.compare tbody tr').length") >= 5
-    png = browser.screenshot(tmp_path / "report.png")
+    png = browser.screenshot(SHOTS / "report.png" if SHOTS else tmp_path / "report.png")
     _assert_screenshot(png)
     _assert_local_only(browser, server)
+
+
+def _assert_bars_encode(boxes: dict[str, dict[str, Any]], chart: str, values: tuple[float, ...]) -> None:
+    """Bars share a baseline, their lengths are proportional to the values, and each value label sits clear of its bar."""
+    bars = [boxes[f"{chart}-bar-{i}"] for i in range(len(values))]
+    labels = [boxes[f"{chart}-value-{i}"] for i in range(len(values))]
+    longest = max(range(len(values)), key=lambda i: values[i])
+    px_per_unit = bars[longest]["width"] / values[longest]
+    for bar, label, value in zip(bars, labels, values, strict=True):
+        assert abs(bar["left"] - bars[0]["left"]) <= 1, (chart, bar, bars[0])
+        assert abs(bar["width"] - value * px_per_unit) <= 1.5, (chart, value, bar["width"], value * px_per_unit)
+        overlap_x = min(bar["right"], label["right"]) - max(bar["left"], label["left"])
+        overlap_y = min(bar["bottom"], label["bottom"]) - max(bar["top"], label["top"])
+        assert overlap_x <= 0 or overlap_y <= 0, (chart, "label over its bar", bar, label)
+        assert label["left"] >= bar["right"] - 0.5, (chart, bar, label)
+        shown = float(label["text"].split()[0].replace(",", ""))
+        assert shown == pytest.approx(value, rel=0.01), (chart, label["text"], value)
 
 
 def test_dashboard_renders_and_makes_no_external_requests(
@@ -95,13 +131,32 @@ def test_dashboard_renders_and_makes_no_external_requests(
     browser.open(f"{server}/")
     assert browser.evaluate("document.querySelectorAll('tr.job').length") == 2
     widths = browser.evaluate(
-        "Array.from(document.querySelectorAll('.bar > span')).map(e => e.getBoundingClientRect().width)"
+        "Array.from(document.querySelectorAll('.progress > span')).map(e => e.getBoundingClientRect().width)"
     )
     assert sorted(widths)[0] > 0 and sorted(widths)[1] > sorted(widths)[0]
-    png = browser.screenshot(tmp_path / "dashboard.png")
+    png = browser.screenshot(SHOTS / "dashboard.png" if SHOTS else tmp_path / "dashboard.png")
     _assert_screenshot(png)
     _assert_local_only(browser, server)
     assert httpx.get(f"{server}/").status_code == 200
+
+
+def test_login_form_opens_the_report(server: str, browser: Browser, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an API key set, the browser is sent to the login form; the key typed there opens the report."""
+    from models.settings import get_settings
+
+    monkeypatch.setenv("MODELPRESS_API_KEY", "s3cret")
+    get_settings.cache_clear()
+    job_id, _ = insert_job()
+    browser.open(f"{server}/v1/jobs/{job_id}/report.html")
+    assert browser.evaluate("location.pathname") == "/login"
+    assert browser.evaluate("document.querySelectorAll('tr.job, svg.chart').length") == 0
+    mark = len(browser.events)
+    browser.evaluate("document.getElementById('key').value = 's3cret'; document.querySelector('form.login').submit(); 1")
+    browser.wait_event("Page.loadEventFired", mark)
+    assert browser.evaluate("location.pathname") == f"/v1/jobs/{job_id}/report.html"
+    assert browser.evaluate("document.title") == f"modelpress report {job_id}"
+    assert browser.evaluate("document.cookie") == ""  # HttpOnly: page scripts cannot read the session
+    assert browser.evaluate("document.querySelectorAll('svg.chart').length") >= 9
 
 
 def test_network_monitor_sees_external_requests(browser: Browser) -> None:

@@ -1,0 +1,189 @@
+"""What the HTML pages show: the owner's jobs read through the job services, shaped as plain data for templates.
+
+Rows come from ``models.report_view`` (shared with the CLI); charts from ``api.charts``. Nothing here
+writes HTML: the templates autoescape every value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from markupsafe import Markup
+from sqlalchemy.orm import Session
+
+from api import charts
+from api.services import jobs as job_service
+from models import report_view as rv
+from models.schemas import ArtifactOut, JobError, JobOut
+from models.tables import STATUSES, SUCCEEDED, TERMINAL
+
+REFRESH_S = 5
+DASHBOARD_FILTERS = tuple(s for s in STATUSES if s != "cancelling")
+_MB = 1024**2
+
+
+@dataclass(frozen=True)
+class ArtifactLink:
+    """A download link of one artifact."""
+
+    id: str
+    name: str
+    kind: str
+    url: str
+    size_text: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ReportPage:
+    """Everything ``report.html`` shows of one job."""
+
+    id: str
+    status: str
+    phase: str
+    model: str
+    task: str
+    created: str
+    finished: str
+    pipeline: list[str]
+    error: JobError | None
+    comparison: list[rv.ComparisonRow]
+    gains: list[rv.Gain]
+    quality: list[rv.QualityRow]
+    charts: list[Markup]
+    curves: list[tuple[str, list[Markup]]]
+    steps: list[rv.StepRow]
+    step_chart: Markup
+    artifacts: list[ArtifactLink]
+    running: bool
+    refresh: int | None
+
+
+@dataclass(frozen=True)
+class DashboardRow:
+    """One job line of the dashboard."""
+
+    id: str
+    status: str
+    phase: str
+    pipeline: list[str]
+    error: str
+    percent: float
+    progress_text: str
+    created: str
+    artifacts: list[ArtifactLink]
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    """Everything ``dashboard.html`` shows."""
+
+    rows: list[DashboardRow]
+    status: str | None
+    filters: tuple[str, ...] = DASHBOARD_FILTERS
+    refresh: int = REFRESH_S
+
+
+def when(ts: datetime | None) -> str:
+    """A timestamp for people (seconds, no zone); '-' when missing."""
+    return ts.strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _spec(job: JobOut) -> dict[str, Any]:
+    return job.spec.model_dump(mode="json", warnings=False)
+
+
+def _report(job: JobOut) -> dict[str, Any]:
+    report = job.result.report if job.result else None
+    return report if isinstance(report, dict) else {}
+
+
+def _links(artifacts: list[ArtifactOut]) -> list[ArtifactLink]:
+    return [
+        ArtifactLink(a.id, a.name, a.kind, a.url or f"/v1/artifacts/{a.id}/content", rv.fmt_bytes(a.size_bytes), a.sha256)
+        for a in artifacts
+    ]
+
+
+def _two_decimals(v: Any) -> str:
+    return f"{float(v):.2f}"
+
+
+def _mb(n: Any) -> float | None:
+    return float(n) / _MB if rv.is_num(n) else None
+
+
+def before_after_charts(report: dict[str, Any]) -> list[Markup]:
+    """The before/after bar charts of a report: size, latency, parameters, MACs, accuracy (those it has)."""
+    b, a = report.get("input") or {}, report.get("output") or {}
+    made = [
+        charts.before_after("size", "size (MB)", _mb(b.get("size_bytes")), _mb(a.get("size_bytes")), " MB",
+                            _two_decimals),
+        charts.before_after("latency", "latency median (ms)", rv.latency_median(b), rv.latency_median(a), " ms"),
+        charts.before_after("params", "parameters", b.get("params"), a.get("params")),
+        charts.before_after("macs", "MACs", b.get("macs"), a.get("macs")),
+        charts.before_after("accuracy", "accuracy", b.get("accuracy"), a.get("accuracy")),
+    ]
+    return [c for c in made if c]
+
+
+def curve_charts(steps: list[rv.StepRow]) -> list[tuple[str, list[Markup]]]:
+    """Per step with a training curve: its label and one line chart per series."""
+    out = []
+    for step in steps:
+        made = [
+            charts.curve(f"curve-{step.index}-{key}", key.replace("_", " "), points,
+                         charts.SERIES_COLOURS[i % len(charts.SERIES_COLOURS)])
+            for i, (key, points) in enumerate(step.curves.items())
+        ]
+        made = [c for c in made if c]
+        if made:
+            out.append((step.label, made))
+    return out
+
+
+def report_page(session: Session, owner: str, job_id: str) -> ReportPage:
+    """One job's report page data; 404 problem when the owner has no such job."""
+    job = job_service.job_out(session, job_service.get_job(session, owner, job_id))
+    spec, report = _spec(job), _report(job)
+    steps = rv.step_rows(report)
+    has_sides = bool(report.get("input") or report.get("output"))
+    running = job.status not in TERMINAL
+    return ReportPage(
+        id=job.id, status=job.status, phase=job.phase, model=str(spec.get("model") or ""),
+        task=str(report.get("task") or spec.get("task") or ""),
+        created=when(job.timestamps.created_at), finished=when(job.timestamps.finished_at),
+        pipeline=rv.pipeline_labels(report, spec), error=job.error,
+        comparison=rv.comparison_rows(report) if has_sides else [],
+        gains=rv.gains(report), quality=rv.quality_rows(report),
+        charts=before_after_charts(report) if has_sides else [],
+        curves=curve_charts(steps), steps=steps,
+        step_chart=charts.step_times("wall time per step (s)", [(s.label, s.wall_s) for s in steps]),
+        artifacts=_links(job.result.artifacts if job.result else []),
+        running=running, refresh=REFRESH_S if running else None,
+    )
+
+
+def _dashboard_row(job: JobOut) -> DashboardRow:
+    p = job.progress
+    percent = 100.0 if job.status == SUCCEEDED else min(max(float(p.percent or 0.0), 0.0), 100.0)
+    text = f"step {rv.fmt_number(p.step)}/{rv.fmt_number(p.steps)}" if p.steps else ""
+    if p.epoch is not None:
+        text += f" · epoch {rv.fmt_number(p.epoch)}/{rv.fmt_number(p.epochs)}"
+    error = f"{job.error.code}: {job.error.message[:160]}" if job.error else ""
+    pipeline = [rv.step_label(s) for s in _spec(job).get("steps") or [] if isinstance(s, dict)]
+    return DashboardRow(
+        id=job.id, status=job.status, phase=job.phase, pipeline=pipeline, error=error, percent=percent,
+        progress_text=text, created=when(job.timestamps.created_at),
+        artifacts=_links(job.result.artifacts if job.result else []),
+    )
+
+
+def dashboard(session: Session, owner: str, status: str | None, limit: int) -> Dashboard:
+    """The owner's newest jobs (optionally of one status) for the dashboard; an unknown status lists none."""
+    if status and status not in STATUSES:
+        return Dashboard(rows=[], status=status)
+    page = job_service.list_jobs(session, owner, status or None, None, limit)
+    return Dashboard(rows=[_dashboard_row(j) for j in page.data], status=status or None)

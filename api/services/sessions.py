@@ -1,0 +1,62 @@
+"""Browser sessions for the HTML pages: a signed, expiring cookie naming the owner (HMAC-SHA256).
+
+The cookie is ``<owner, base64url>.<expiry, unix s>.<signature>``; the signing key is derived from
+``MODELPRESS_SECRET_KEY`` (or the API key) and the API key, so changing the API key ends every session.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+
+from models.settings import Settings
+
+COOKIE = "modelpress_session"
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _signing_key(settings: Settings) -> bytes | None:
+    if not settings.api_key:
+        return None
+    secret = (settings.secret_key or settings.api_key).encode()
+    key_id = hashlib.sha256(settings.api_key.encode()).digest()
+    return hmac.new(secret, b"modelpress session v1\0" + key_id, hashlib.sha256).digest()
+
+
+def _sign(key: bytes, body: str) -> str:
+    return _b64(hmac.new(key, body.encode(), hashlib.sha256).digest())
+
+
+def issue(settings: Settings, owner: str, now: float | None = None) -> str:
+    """A session cookie value for ``owner``, valid for ``settings.session_ttl_s`` seconds."""
+    key = _signing_key(settings)
+    if key is None:
+        raise ValueError("sessions need an API key")
+    expires = int((time.time() if now is None else now) + settings.session_ttl_s)
+    body = f"{_b64(owner.encode())}.{expires}"
+    return f"{body}.{_sign(key, body)}"
+
+
+def owner_of(settings: Settings, token: str | None, now: float | None = None) -> str | None:
+    """The owner a session cookie names, or None when it is missing, tampered with or expired."""
+    key = _signing_key(settings)
+    if key is None or not token or token.count(".") != 2:
+        return None
+    body, _, signature = token.rpartition(".")
+    if not hmac.compare_digest(signature.encode(), _sign(key, body).encode()):
+        return None
+    owner_b64, _, expires = body.partition(".")
+    if not expires.isdigit() or int(expires) <= (time.time() if now is None else now):
+        return None
+    try:
+        owner = base64.urlsafe_b64decode(owner_b64 + "=" * (-len(owner_b64) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    # One owner per API key for now: a session is good only for the owner that key maps to.
+    return owner if owner == settings.owner else None

@@ -1,0 +1,84 @@
+"""models.report_view: the before/after rows, budget, gains and steps a person reads, from a report dict."""
+
+from __future__ import annotations
+
+from models import report_view as rv
+from tests.api.report_samples import sample_report
+
+X = rv.TIMES
+
+
+def test_comparison_rows_of_a_full_report() -> None:
+    rows = {r.key: r for r in rv.comparison_rows(sample_report())}
+    assert list(rows) == ["size_bytes", "latency_ms", "latency_p90", "latency_mean", "params", "macs", "accuracy"]
+    size = rows["size_bytes"]
+    assert (size.before_text, size.after_text, size.change_text, size.better) == ("44.00 MB", "5.62 MB", f"7.83{X}", True)
+    assert (size.before, size.after) == (46_137_344, 5_890_113)
+    lat = rows["latency_ms"]
+    assert (lat.label, lat.before_text, lat.after_text, lat.change_text) == ("latency median (ms)", "23.4", "7.8", f"3.00{X}")
+    assert rows["latency_p90"].change_text == f"2.92{X}"
+    assert rows["params"].before_text == "11,689,512" and rows["params"].change_text == f"1.99{X}"
+    acc = rows["accuracy"]
+    assert acc.label == "accuracy (image-classification)"
+    assert (acc.before_text, acc.after_text, acc.change_text, acc.better) == ("0.9312", "0.9247", "-0.0065", False)
+
+
+def test_comparison_rows_of_partial_and_old_reports() -> None:
+    rows = rv.comparison_rows({"input": {"size_bytes": 1000, "latency_ms": 4.0}, "output": {"size_bytes": 250}})
+    assert [r.key for r in rows] == ["size_bytes", "latency_ms", "params"]  # no p90/mean, MACs or accuracy
+    assert rows[0].change_text == f"4.00{X}" and rows[0].before_text == "1000 B"
+    assert (rows[1].before_text, rows[1].after_text, rows[1].change_text, rows[1].better) == ("4", "-", "-", None)
+    slower = rv.comparison_rows({"input": {"latency_ms": {"median": 2.0}}, "output": {"latency_ms": {"median": 3.0}}})
+    assert slower[1].better is False and slower[1].change_text == f"0.67{X}"
+    assert rv.comparison_rows({"input": {"size_bytes": 10}, "output": {"size_bytes": 0}})[0].change_text == "-"
+
+
+def test_formatters() -> None:
+    assert rv.fmt_number(None) == "-" and rv.fmt_number(True) == "yes" and rv.fmt_number(1234567) == "1,234,567"
+    assert rv.fmt_number(0.123456) == "0.1235" and rv.fmt_number(2.5e7) == "25,000,000"
+    assert rv.fmt_number(float("nan")) == "nan" and rv.fmt_number("<b>") == "<b>"  # templates escape, not this
+    assert [rv.fmt_bytes(n) for n in (512, 2048, 3 * 1024**2, 5 * 1024**3, None)] == [
+        "512 B", "2.00 KB", "3.00 MB", "5.00 GB", "-"]
+    assert not rv.is_num(True) and not rv.is_num(float("inf")) and rv.is_num(3)
+
+
+def test_quality_rows() -> None:
+    rows = rv.quality_rows(sample_report())
+    assert [(r.label, r.value_text, r.better) for r in rows] == [
+        ("accuracy budget (max drop 0.01)", "met", True),
+        ("fidelity: max abs error", "0.0312", None),
+        ("fidelity: cosine similarity", "0.99871", None),
+        ("fidelity: top-1 agreement", "0.9861", None),
+    ]
+    missed = rv.quality_rows({"budget": {"max_accuracy_drop": 0.001, "met": False}})
+    assert [(r.value_text, r.better) for r in missed] == [("missed", False)]
+    assert rv.quality_rows({}) == []
+
+
+def test_step_labels_and_pipeline() -> None:
+    assert rv.step_label({"type": "prune", "ratio": 0.3}) == "prune structured 0.3"
+    assert rv.step_label({"type": "quantize", "mode": "static"}) == "quantize static"
+    assert rv.step_label({"type": "finetune", "epochs": 2}) == "finetune 2 ep"
+    assert rv.step_label({"type": "export"}) == "export"
+    spec = {"steps": [{"type": "prune", "method": "unstructured", "ratio": 0.5}, {"type": "quantize"}]}
+    assert rv.pipeline_labels({}, spec) == ["prune unstructured 0.5", "quantize dynamic"]
+    assert rv.pipeline_labels(sample_report(), spec) == ["prune structured 0.5", "distill 4 ep", "quantize dynamic"]
+
+
+def test_gains() -> None:
+    gains = rv.gains(sample_report())
+    assert [(g.value_text, g.word, g.better) for g in gains] == [
+        (f"7.83{X}", "smaller", None), (f"3.00{X}", "faster", None), (f"1.99{X}", "fewer parameters", None),
+        ("-0.0065", "accuracy", False),
+    ]
+    assert rv.gains({"gains": "nonsense"}) == [] and rv.gains({}) == []
+
+
+def test_step_rows_with_curves() -> None:
+    steps = rv.step_rows(sample_report())
+    assert [(s.index_text, s.label, s.wall_text) for s in steps] == [
+        ("0", "prune structured 0.5", "3.2"), ("1", "distill 4 ep", "61.7"), ("2", "quantize dynamic", "1.4")]
+    assert steps[0].metrics_text == "params_removed=5,818,276" and steps[0].curves == {}
+    assert list(steps[1].curves) == ["loss", "eval_metric", "lr"]
+    assert steps[1].curves["loss"] == [(1, 1.92), (2, 1.11), (3, 0.74), (4, 0.61)]
+    assert rv.step_rows({"steps": ["junk", {"type": "export"}]})[0].label == "export"
