@@ -9,9 +9,6 @@ if TYPE_CHECKING:
     from models.spec import JobSpec
     from worker.passes.base import ArrayDataset, WorkingModel
 
-MODEL_FORMATS = ("onnx", "hf")
-DATASET_FORMATS = ("npz", "imagefolder", "text")
-
 
 def load_model(path: Path, format: str, meta: dict[str, Any], workdir: Path) -> WorkingModel:
     """The uploaded model at ``path`` as a WorkingModel in its natural form (onnx file, or torch for hf)."""

@@ -13,8 +13,8 @@ import pytest
 from models.spec import JobSpec, QuantizeStep
 from tests.factories import digits_split
 from tests.worker.conftest import DigitsFiles
+from worker.context import LocalContext
 from worker.formats.onnx_model import count_params
-from worker.local import LocalContext
 from worker.passes import REGISTRY
 from worker.passes.base import JobCancelled, WorkingModel
 from worker.passes.quantize import QuantizePass
