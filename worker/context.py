@@ -143,17 +143,9 @@ class LocalContext:
 class DBContext(LocalContext):
     """LocalContext whose progress, events and cancel flag live in the jobs table (for ``claim``'s attempt)."""
 
-    def __init__(
-        self,
-        claim: Claim,
-        workdir: Path,
-        spec: JobSpec,
-        *,
-        models: dict[str, FileRef],
-        datasets: dict[str, FileRef] | None = None,
-        device: str | None = None,
-    ) -> None:
-        super().__init__(workdir, spec, models=models, datasets=datasets, device=device)
+    def __init__(self, claim: Claim, *args: Any, **kwargs: Any) -> None:
+        """``claim`` (the job and attempt it writes for), then LocalContext's arguments."""
+        super().__init__(*args, **kwargs)
         self.claim = claim
         self._step = 0
         self._steps = 0
