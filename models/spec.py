@@ -1,4 +1,4 @@
-"""The job spec (DESIGN section 4): pure pydantic, shared by API, worker and client."""
+"""The job spec (DESIGN section 4): pure pydantic, shared by API, worker and client; STEP_KINDS is the step table."""
 
 from __future__ import annotations
 
@@ -160,6 +160,12 @@ class StepKind:
         return str(self.params.model_fields["type"].annotation.__args__[0])  # type: ignore[union-attr]
 
 
+# The step table: every step type, in the order ``GET /v1/passes`` lists them. It drives the ``Step``
+# union, ``step_types()``, ``JobSpec.needs_training()``, ``step_label()`` and the worker's pass registry.
+#
+# A new pass is: one parameter model above (a ``StepParams`` with ``type: Literal["<name>"]``), its row
+# here, one module in worker/passes/ with a ``Pass`` subclass whose ``name = "<name>"`` (it registers
+# itself and takes ``params``/``takes`` from this row), and its tests (tests/worker/passes/test_<name>.py).
 _KINDS = (
     StepKind(QuantizeStep, "onnx", lambda s: f"quantize ({s.mode})"),
     StepKind(PruneStep, "torch", lambda s: f"prune ({s.method} {s.ratio:g})", gpu=True),
@@ -168,14 +174,6 @@ _KINDS = (
     StepKind(ExportStep, "torch", lambda s: f"export (opset {s.opset})"),
 )
 STEP_KINDS: dict[str, StepKind] = {k.name: k for k in _KINDS}
-"""Every step type, in the order ``GET /v1/passes`` lists them; this table drives the ``Step`` union,
-``step_types()``, ``JobSpec.needs_training()``, ``step_label()`` and the worker's pass registry.
-
-A new pass is: one parameter model above (a ``StepParams`` with ``type: Literal["<name>"]``), its row
-here, one module ``worker/passes/<name>.py`` with a ``Pass`` subclass whose ``name = "<name>"`` (it
-registers itself and takes ``params``/``takes`` from this row), and its tests
-(``tests/worker/passes/test_<name>.py``).
-"""
 
 # The form each step takes, by type (a view of STEP_KINDS).
 STEP_FORMS: dict[str, Form] = {name: k.takes for name, k in STEP_KINDS.items()}
