@@ -24,13 +24,9 @@ def _spec(data: dict[str, str]) -> JobSpec:
 
 
 def _local(tmp_path: Path, files: DigitsFiles, data: dict[str, str]) -> LocalContext:
-    return LocalContext(
-        tmp_path / "work",
-        _spec(data),
-        models={"mdl_mlp": (files.model, "onnx", {}), "../../evil": (files.model, "onnx", {})},
-        datasets={"ds_train": (files.train, "npz", {}), "ds_eval": (files.eval, "npz", {})},
-        device="cpu",
-    )
+    ctx = files.context(tmp_path / "work", _spec(data))
+    ctx.models["../../evil"] = (files.model, "onnx", {})
+    return ctx
 
 
 def test_calibration_falls_back_to_train_then_eval(tmp_path: Path, digits_mlp: DigitsFiles) -> None:

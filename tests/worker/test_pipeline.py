@@ -37,13 +37,7 @@ def _spec(steps: list[dict[str, Any]], **evaluate: Any) -> JobSpec:
 def _ctx(
     tmp_path: Path, files: DigitsFiles, spec: JobSpec, cls: type[LocalContext] = LocalContext
 ) -> LocalContext:
-    return cls(
-        tmp_path / "work",
-        spec,
-        models={"mdl_mlp": (files.model, "onnx", {})},
-        datasets={"ds_train": (files.train, "npz", {}), "ds_eval": (files.eval, "npz", {})},
-        device="cpu",
-    )
+    return files.context(tmp_path / "work", spec, cls)
 
 
 def test_baseline_and_dynamic_quantization_report(tmp_path: Path, digits_mlp: DigitsFiles) -> None:
