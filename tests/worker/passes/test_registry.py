@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import pytest
 
-from models.spec import STEP_KINDS, PruneStep, step_types
+from models.spec import STEP_KINDS, PruneStep, TrainingParams, step_types
 from worker.passes import REGISTRY, load_passes
 from worker.passes.base import Pass, PassContext, PassResult, WorkingModel
 
@@ -30,6 +30,7 @@ def test_training_flags_agree_with_the_forms() -> None:
     for name, kind in STEP_KINDS.items():
         assert not (kind.trains or kind.gpu) or kind.takes == "torch", name
         assert not kind.trains or kind.gpu, name
+        assert kind.trains == issubclass(kind.params, TrainingParams), name  # trainers take loop settings
     assert {n for n, k in STEP_KINDS.items() if k.trains} == {"finetune", "distill"}
     assert {n for n, k in STEP_KINDS.items() if k.gpu} == {"prune", "finetune", "distill"}
 
