@@ -5,12 +5,14 @@ Pass modules import torch only inside ``run()``, so loading them all is cheap.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 
 from worker.passes.base import REGISTRY, Pass, PassContext, PassResult, StepFailed, WorkingModel
 
 
+@functools.cache
 def load_passes() -> dict[str, type[Pass]]:
     """Every registered pass by step type (importing each module of this package registers its passes)."""
     for module in pkgutil.iter_modules(__path__):

@@ -141,6 +141,7 @@ class Pass(ABC):
                 raise TypeError(f"{cls.__qualname__}.{attr} = {cls.__dict__[attr]!r} but STEP_KINDS says {value!r}")
             setattr(cls, attr, value)
         if register:
+            # the same class defined again (its module reloaded) replaces itself; another class is refused
             if name in REGISTRY and REGISTRY[name].__qualname__ != cls.__qualname__:
                 raise TypeError(f"{cls.__qualname__}: pass {name!r} is already {REGISTRY[name].__qualname__}")
             REGISTRY[name] = cls
