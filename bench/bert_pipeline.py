@@ -10,7 +10,7 @@ tokenizer of the corpus, ``max_length`` 32).
 
 The BERT (by default hidden 128, 4 layers, 4 heads, intermediate 512; random init) first gets real accuracy:
 it is fully fine-tuned in this process with the service's own ``finetune`` pass (worker.passes.finetune over
-a worker.local.LocalContext), saved back to safetensors and zipped. That teacher is uploaded, and the job
+a worker.context.LocalContext), saved back to safetensors and zipped. That teacher is uploaded, and the job
 LoRA-fine-tunes it, distills the LoRA-tuned model (``teacher: current``) into a 2-layer student
 (DistilBERT-style: evenly spaced layers kept, initialised from that teacher), and quantizes the exported
 ONNX with dynamic INT8.
@@ -104,7 +104,7 @@ def train_teacher(a: argparse.Namespace, work: Path, train: Path, evald: Path) -
 
     from models.spec import FinetuneStep, JobSpec
     from tests import factories_train as f
-    from worker.local import LocalContext
+    from worker.context import LocalContext
     from worker.passes.finetune import FinetunePass
 
     torch.set_num_threads(a.threads)

@@ -14,7 +14,7 @@ Three timings of the same work, with the same MODELPRESS_* environment as the wo
   baseline, in the pipeline's order: load the eval arrays, ``worker.evaluate.evaluate`` of the input,
   ``quant_pre_process`` + ``quantize_dynamic`` with the arguments worker/passes/quantize.py uses,
   ``evaluate`` of the output with the input's outputs as reference.
-* ``pipeline``: ``worker.pipeline.run`` with a ``worker.local.LocalContext`` in that same process
+* ``pipeline``: ``worker.pipeline.run`` with a ``worker.context.LocalContext`` in that same process
   (no DB, no Celery): shows what the pipeline itself adds (model validation and copy, node naming,
   the after-step measurement, the report).
 * ``service``: a live API + Celery worker (Redis + PostgreSQL, and the embedded SQLite broker and
@@ -166,8 +166,8 @@ def _in_process(model_path: Path, data_path: Path, spec_json: str, repeats: int,
 
     from api.inspection import inspect_npz, inspect_onnx
     from models.spec import JobSpec, QuantizeStep
+    from worker.context import LocalContext
     from worker.evaluate import evaluate
-    from worker.local import LocalContext
     from worker.passes.base import ArrayDataset
     from worker.pipeline import run
 

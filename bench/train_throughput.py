@@ -3,7 +3,7 @@
 A ResNet-style CNN on 32x32x3 inputs (stem + three two-conv residual blocks, widths w, 2w, 4w, the last two
 downsampling; 10 classes) is fine-tuned on synthetic images whose class is a learnable pattern:
 
-* ``pass``: ``worker.passes.finetune.FinetunePass`` (mode ``full``) over a ``worker.local.LocalContext`` with
+* ``pass``: ``worker.passes.finetune.FinetunePass`` (mode ``full``) over a ``worker.context.LocalContext`` with
   an npz train set (no eval set, so no per-epoch evaluation): the service's loop in worker/training.py
   (AdamW, warm-up + cosine schedule, cancellation checks, progress events, the loss read once per epoch).
 * ``bare``: ``torch.optim.AdamW`` over shuffled index batches of pinned CPU tensors copied with
@@ -99,7 +99,7 @@ def bare_loop(module: Any, x: Any, y: Any, a: argparse.Namespace) -> dict[str, A
 def pass_loop(module: Any, npz: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]:
     """The service's finetune pass (mode full) on the same module and data, over a LocalContext."""
     from models.spec import FinetuneStep, JobSpec
-    from worker.local import LocalContext
+    from worker.context import LocalContext
     from worker.passes.base import WorkingModel
     from worker.passes.finetune import FinetunePass
 

@@ -38,8 +38,6 @@ class Settings(BaseSettings):
     # GET /v1/jobs/{id} is what clients poll: each API process may serve a body this many seconds old
     # (a terminal job's body never changes and is kept longer). 0 turns the cache off.
     job_read_cache_s: float = 0.25
-    # Latency harness defaults (overridable per job in the spec).
-    latency_threads: int = 1
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

@@ -1,17 +1,32 @@
-"""The job spec (DESIGN section 4): pure pydantic, shared by API, worker and client."""
+"""The job spec (DESIGN section 4): pure pydantic, shared by API, worker and client; STEP_KINDS is the step table."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Task = Literal["image-classification", "text-classification", "feature-extraction", "generic"]
-TRAINING_STEPS = frozenset({"finetune", "distill"})
+# Tasks whose labels are class indices into the model's first output (checked against it at submit time).
+CLASSIFICATION_TASKS: frozenset[str] = frozenset({"image-classification", "text-classification"})
+# Tasks whose top-1 accuracy is measured when the data has labels (a generic model may be a classifier).
+ACCURACY_TASKS: frozenset[str] = CLASSIFICATION_TASKS | {"generic"}
+
+# The form of the working model a step takes: a file (``onnx``) or a trainable module (``torch``).
+Form = Literal["onnx", "torch"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class StepParams(_Strict):
+    """Base of every step's parameter model; its ``type`` field (a one-value Literal) names the step."""
+
+    if TYPE_CHECKING:
+        type: str
 
 
 class Calibration(_Strict):
@@ -22,7 +37,7 @@ class Calibration(_Strict):
     percentile: float = Field(99.999, gt=90.0, le=100.0)
 
 
-class QuantizeStep(_Strict):
+class QuantizeStep(StepParams):
     """Post-training quantization of an ONNX graph with onnxruntime.quantization."""
 
     type: Literal["quantize"]
@@ -35,7 +50,7 @@ class QuantizeStep(_Strict):
     keep_io_types: bool = True
 
 
-class PruneStep(_Strict):
+class PruneStep(StepParams):
     """Structured (channels, heads, MLP width) or unstructured (magnitude) pruning."""
 
     type: Literal["prune"]
@@ -70,7 +85,7 @@ class TrainingParams(_Strict):
     max_steps: int | None = Field(None, ge=1)
 
 
-class FinetuneStep(TrainingParams):
+class FinetuneStep(TrainingParams, StepParams):
     """Fine-tuning: full, frozen backbone with a (new) head, last-N layers, or LoRA (peft)."""
 
     type: Literal["finetune"]
@@ -94,7 +109,7 @@ class StudentModel(_Strict):
     model: str
 
 
-class DistillStep(TrainingParams):
+class DistillStep(TrainingParams, StepParams):
     """Knowledge distillation (Hinton et al. 2015): a' KL(teacher/T || student/T) T^2 + (1-a) task loss."""
 
     type: Literal["distill"]
@@ -111,7 +126,7 @@ class DistillStep(TrainingParams):
     hidden_weight: float = Field(0.0, ge=0.0)
 
 
-class ExportStep(_Strict):
+class ExportStep(StepParams):
     """Torch to ONNX export with a parity check against the torch model."""
 
     type: Literal["export"]
@@ -122,10 +137,72 @@ class ExportStep(_Strict):
     samples: int = Field(16, ge=1, le=4096)
 
 
-Step = Annotated[
-    QuantizeStep | PruneStep | FinetuneStep | DistillStep | ExportStep,
-    Field(discriminator="type"),
-]
+
+
+@dataclass(frozen=True)
+class StepKind:
+    """One step type: its parameter model, the form it takes, whether it trains, its label.
+
+    ``trains``: the step fits weights on ``data.train`` (the spec then requires it);
+    ``gpu``: the step works on the torch module, so a job with it goes to the gpu queue by default;
+    ``label``: the job's phase and the report's name for a step (given the validated parameters).
+    """
+
+    params: type[StepParams]
+    takes: Form
+    label: Callable[[Any], str]
+    trains: bool = False
+    gpu: bool = False
+
+    @property
+    def name(self) -> str:
+        """The step's ``type`` (the one value of its parameter model's ``type`` Literal)."""
+        return str(self.params.model_fields["type"].annotation.__args__[0])  # type: ignore[union-attr]
+
+
+# The step table: every step type, in the order ``GET /v1/passes`` lists them. It drives the ``Step``
+# union, ``step_types()``, ``JobSpec.needs_training()``, ``step_label()`` and the worker's pass registry.
+#
+# A new pass is: one parameter model above (a ``StepParams`` with ``type: Literal["<name>"]``), its row
+# here, one module in worker/passes/ with a ``Pass`` subclass whose ``name = "<name>"`` (it registers
+# itself and takes ``params``/``takes`` from this row), and its tests (tests/worker/passes/test_<name>.py).
+_KINDS = (
+    StepKind(QuantizeStep, "onnx", lambda s: f"quantize ({s.mode})"),
+    StepKind(PruneStep, "torch", lambda s: f"prune ({s.method} {s.ratio:g})", gpu=True),
+    StepKind(FinetuneStep, "torch", lambda s: f"finetune ({s.mode})", trains=True, gpu=True),
+    StepKind(DistillStep, "torch", lambda s: "distill", trains=True, gpu=True),
+    StepKind(ExportStep, "torch", lambda s: f"export (opset {s.opset})"),
+)
+STEP_KINDS: dict[str, StepKind] = {k.name: k for k in _KINDS}
+
+# The form each step takes, by type (a view of STEP_KINDS).
+STEP_FORMS: dict[str, Form] = {name: k.takes for name, k in STEP_KINDS.items()}
+
+if TYPE_CHECKING:
+    Step = StepParams  # the checker sees the common base; narrow with isinstance
+else:
+    Step = Annotated[Union[tuple(k.params for k in _KINDS)], Field(discriminator="type")]  # noqa: UP007
+
+
+def step_types() -> list[str]:
+    """Names of every step type the union accepts (the worker's pass registry names the same)."""
+    return sorted(STEP_KINDS)
+
+
+def step_label(step: StepParams | Mapping[str, Any]) -> str:
+    """A human label for a step (e.g. ``quantize (static)``): the job's phase, the report's step name.
+
+    Takes a step model or a plain dict (a stored spec); a dict that is not a valid step gets its type.
+    """
+    if isinstance(step, StepParams):
+        return STEP_KINDS[step.type].label(step)
+    kind = STEP_KINDS.get(str(step.get("type")))
+    if kind is None:
+        return str(step.get("type", "?"))
+    try:
+        return kind.label(kind.params.model_validate(step))
+    except ValidationError:
+        return kind.name
 
 
 class DataRefs(_Strict):
@@ -196,7 +273,7 @@ class JobSpec(_Strict):
                     f"steps.{i}: a '{step.type}' step cannot follow 'quantize' (steps.{quantized_at}); "
                     "quantize last"
                 )
-            if step.type in TRAINING_STEPS and self.data.train is None:
+            if STEP_KINDS[step.type].trains and self.data.train is None:
                 raise ValueError(f"steps.{i}: a '{step.type}' step needs data.train")
             if isinstance(step, QuantizeStep) and step.mode == "static" and not (
                 self.data.calibration or self.data.train or self.data.eval
@@ -205,22 +282,5 @@ class JobSpec(_Strict):
         return self
 
     def needs_training(self) -> bool:
-        """Whether any step trains (such jobs go to the GPU queue by default)."""
-        return any(s.type in TRAINING_STEPS or s.type == "prune" for s in self.steps)
-
-
-def step_types() -> list[str]:
-    """Names of every step type the union accepts (must match the worker's pass registry)."""
-    return sorted(t.model_fields["type"].annotation.__args__[0] for t in STEP_MODELS)  # type: ignore[union-attr]
-
-
-STEP_MODELS: tuple[type[BaseModel], ...] = (QuantizeStep, PruneStep, FinetuneStep, DistillStep, ExportStep)
-
-# The model form each step takes (the worker's Pass.takes must agree; a test checks).
-STEP_FORMS: dict[str, str] = {
-    "quantize": "onnx",
-    "prune": "torch",
-    "finetune": "torch",
-    "distill": "torch",
-    "export": "torch",
-}
+        """Whether any step works on the torch module (such jobs go to the GPU queue by default)."""
+        return any(STEP_KINDS[s.type].gpu for s in self.steps)

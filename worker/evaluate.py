@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from models.spec import ACCURACY_TASKS
+
 if TYPE_CHECKING:
     import onnxruntime as ort
 
     from models.spec import EvaluateConfig
     from worker.passes.base import ArrayDataset
 
-CLASSIFICATION_TASKS = ("image-classification", "text-classification", "generic")
 # Sizes used for dynamic non-batch dims when there is no data to copy a shape from.
 _SYNTHETIC_DIM = 16
 
@@ -222,7 +223,7 @@ def compute_metrics(
     name = next(iter(outputs))
     primary = outputs[name]
     report: dict[str, Any] = {"accuracy": None}
-    if task in CLASSIFICATION_TASKS and data.labels is not None and _is_logits(primary, len(data)):
+    if task in ACCURACY_TASKS and data.labels is not None and _is_logits(primary, len(data)):
         report["accuracy"] = float((primary.argmax(axis=1) == data.labels).mean())
     ref = None
     if reference_outputs is not None:

@@ -41,14 +41,12 @@ from models.tables import (
 from storage import get_store
 
 if TYPE_CHECKING:
-    from worker.local import LocalContext
+    from worker.context import DBContext
     from worker.pipeline import PipelineResult
 
 log = logging.getLogger(__name__)
 
 ACTIVE = (RUNNING, CANCELLING)
-PROGRESS_MIN_INTERVAL_S = 0.5
-CANCEL_POLL_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -148,64 +146,10 @@ class _Heartbeat(threading.Thread):
                 log.warning("heartbeat failed for %s", self.claim.job_id, exc_info=True)
 
 
-def _make_context(claim: Claim, spec: JobSpec, workdir: Path) -> LocalContext:
-    from worker.local import LocalContext
+def _make_context(claim: Claim, spec: JobSpec, workdir: Path) -> DBContext:
+    from worker.context import DBContext
 
-    class DBContext(LocalContext):
-        """LocalContext whose progress, events and cancel flag live in the jobs table."""
-
-        def __init__(self) -> None:
-            super().__init__(workdir=workdir, spec=spec, models=_model_refs(spec), datasets=_dataset_refs(spec))
-            self._step = 0
-            self._steps = 0
-            self._last_write = 0.0
-            self._last_cancel_check = 0.0
-            self._label = "starting"
-
-        def begin_step(self, index: int, total: int, label: str) -> None:
-            super().begin_step(index, total, label)
-            self._step, self._steps, self._label = index, total, label
-            self._write(label, fraction=0.0, force=True)
-            add_event(claim.job_id, "phase", label, step=index + 1, steps=total)
-
-        def progress(self, phase: str, *, fraction: float | None = None, epoch: int | None = None,
-                     epochs: int | None = None, metrics: dict[str, Any] | None = None) -> None:
-            super().progress(phase, fraction=fraction, epoch=epoch, epochs=epochs, metrics=metrics)
-            self._write(phase, fraction=fraction, epoch=epoch, epochs=epochs, metrics=metrics,
-                        force=epoch is not None or metrics is not None)
-            if epoch is not None or metrics is not None:
-                add_event(claim.job_id, "progress", phase, epoch=epoch, epochs=epochs, metrics=metrics or {})
-
-        def log(self, message: str, **data: Any) -> None:
-            super().log(message, **data)
-            add_event(claim.job_id, "log", message, **data)
-
-        def check_cancelled(self) -> None:
-            now = time.monotonic()
-            if now - self._last_cancel_check >= CANCEL_POLL_INTERVAL_S:
-                self._last_cancel_check = now
-                with session_scope() as s:
-                    self.cancelled = bool(s.scalar(select(Job.cancel_requested).where(Job.id == claim.job_id)))
-            super().check_cancelled()
-
-        def _write(self, phase: str, *, fraction: float | None = None, epoch: int | None = None,
-                   epochs: int | None = None, metrics: dict[str, Any] | None = None, force: bool = False) -> None:
-            now = time.monotonic()
-            if not force and now - self._last_write < PROGRESS_MIN_INTERVAL_S:
-                return
-            self._last_write = now
-            within = min(max(fraction or 0.0, 0.0), 1.0)
-            percent = 100.0 * (self._step + within) / self._steps if self._steps else 0.0
-            progress: dict[str, Any] = {"step": self._step + 1, "steps": self._steps, "percent": round(percent, 1),
-                                        "epoch": epoch, "epochs": epochs, "metrics": metrics or {}}
-            with session_scope() as s:
-                s.execute(
-                    update(Job)
-                    .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status.in_(ACTIVE))
-                    .values(phase=phase[:128], progress=progress, heartbeat_at=utcnow())
-                )
-
-    return DBContext()
+    return DBContext(claim, workdir, spec, models=_model_refs(spec), datasets=_dataset_refs(spec))
 
 
 def _model_refs(spec: JobSpec, dest: Path | None = None) -> dict[str, tuple[Path, str, dict[str, Any]]]:

@@ -7,7 +7,6 @@ the same harness and the baseline's outputs as reference, then gains and the acc
 
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from models.spec import step_label
 from worker.passes.base import JobCancelled, Pass, StepFailed, WorkingModel
 
 if TYPE_CHECKING:
@@ -61,33 +61,17 @@ def _stage(step: str) -> Iterator[None]:
         raise StepError(step, "step_failed", f"{type(e).__name__}: {e}") from e
 
 
-def step_label(step: Any) -> str:
-    """A human label for a step, used as the job's phase (e.g. ``quantize (static)``)."""
-    t = step.type
-    if t == "quantize":
-        return f"quantize ({step.mode})"
-    if t == "prune":
-        return f"prune ({step.method} {step.ratio:g})"
-    if t == "finetune":
-        return f"finetune ({step.mode})"
-    if t == "export":
-        return f"export (opset {step.opset})"
-    return str(t)
-
-
 def pass_for(step_type: str) -> Pass:
-    """The registered pass for ``step_type`` (importing only its own module)."""
-    from worker.passes import REGISTRY
+    """A fresh instance of the pass registered for ``step_type``."""
+    from worker.passes import load_passes
 
-    if step_type not in REGISTRY:
-        importlib.import_module(f"worker.passes.{step_type}")
-    return REGISTRY[step_type]()
+    return load_passes()[step_type]()
 
 
 def _to_form(model: WorkingModel, form: str, ctx: PipelineContext, opset: int, name: str) -> WorkingModel:
     if model.form == form:
         return model
-    from worker import convert  # written alongside the torch passes; imported only when needed
+    from worker import convert
 
     if form == "onnx":
         return convert.to_onnx(model, ctx, opset, name=name)
@@ -112,10 +96,8 @@ def _measure_after_step(
 
         ev = evaluate(model.onnx_path, data, spec.evaluate, spec.task, reference, latency=False)
         return {"measured": True, **{k: ev[k] for k in _STEP_EVAL_KEYS if k in ev}}
-    try:
-        from worker.convert import torch_metric
-    except ImportError:  # module or attribute not there yet
-        return {"measured": False, "reason": "torch metric not available"}
+    from worker.metrics import torch_metric
+
     data = data.take(spec.evaluate.max_samples)  # the samples the baseline's reference outputs cover
     primary = None if reference is None else next(iter(reference.values()), None)
     return {"measured": True, **torch_metric(model, data, spec, reference=primary)}

@@ -120,6 +120,135 @@ def num_batches(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
+@dataclass
+class _Loop:
+    """What one training run set up: the optimizer and schedule, device placement and the step budget."""
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: Any
+    device: str
+    bf16: bool
+    channels_last: bool
+    per_epoch: int
+    total: int
+
+
+def _setup(module: torch.nn.Module, params: TrainingParams, ctx: PassContext, n: int, seed: int, phase: str) -> _Loop:
+    """Seed, place ``module`` on the device (channels_last for convnets on CUDA), build AdamW and the schedule."""
+    import torch
+
+    device = ctx.device
+    cuda = device.startswith("cuda")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    bf16 = use_bf16(device, params.mixed_precision)
+    if params.mixed_precision == "bf16" and not bf16:
+        ctx.log("bf16 requested but not available on this device; training in fp32", device=device)
+    channels_last = cuda and has_conv2d(module)
+    module.to(device)
+    if channels_last:
+        module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    groups = param_groups(module, params.weight_decay)
+    if not groups:
+        raise ValueError("nothing to train: no parameter requires grad")
+    optimizer = torch.optim.AdamW(groups, lr=params.lr, fused=cuda)
+    per_epoch = num_batches(n, params.batch_size)
+    updates_per_epoch = max(1, math.ceil(per_epoch / params.grad_accum))
+    total = updates_per_epoch * params.epochs
+    if params.max_steps is not None:
+        total = min(total, params.max_steps)
+    warmup = int(params.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, warmup, total))
+    ctx.log(
+        f"{phase}: start",
+        samples=n,
+        epochs=params.epochs,
+        batch_size=params.batch_size,
+        grad_accum=params.grad_accum,
+        optimizer_steps=total,
+        warmup_steps=warmup,
+        bf16=bf16,
+        channels_last=channels_last,
+        device=device,
+    )
+    return _Loop(module, optimizer, scheduler, generator, device, bf16, channels_last, per_epoch, total)
+
+
+def _epoch(
+    loop: _Loop,
+    params: TrainingParams,
+    ctx: PassContext,
+    data: ArrayDataset,
+    input_names: list[str],
+    loss_fn: LossFn,
+    outcome: TrainOutcome,
+) -> tuple[float, int]:
+    """One pass over shuffled ``data`` (stopping at the step budget): the mean loss and the samples seen."""
+    import torch
+
+    device = loop.device
+    loop.module.train()
+    loss_sum = torch.zeros((), device=device)
+    seen = 0
+    loop.optimizer.zero_grad(set_to_none=True)
+    batches = _batches(data, input_names, params.batch_size, loop.generator, device.startswith("cuda"))
+    for i, cpu_batch in enumerate(batches):
+        if i % CANCEL_EVERY == 0 and i:
+            ctx.check_cancelled()
+        batch = {}
+        for k, v in cpu_batch.items():
+            v = v.to(device, non_blocking=True)
+            if loop.channels_last and v.ndim == 4 and v.is_floating_point():
+                v = v.contiguous(memory_format=torch.channels_last)
+            batch[k] = v
+        size = len(next(iter(cpu_batch.values())))
+        with autocast(device, loop.bf16):
+            loss = loss_fn(batch)
+        (loss / params.grad_accum).backward()
+        loss_sum += loss.detach().float() * size
+        seen += size
+        if (i + 1) % params.grad_accum == 0 or i + 1 == loop.per_epoch:
+            loop.optimizer.step()
+            loop.scheduler.step()
+            loop.optimizer.zero_grad(set_to_none=True)
+            outcome.steps += 1
+            if outcome.steps >= loop.total:
+                break
+    return float(loss_sum.item()) / max(1, seen), seen  # the one host sync of the epoch
+
+
+class _BestWeights:
+    """Keeps the weights of the best eval metric so far and counts epochs without improvement."""
+
+    def __init__(self, module: torch.nn.Module, patience: int | None) -> None:
+        self.module = module
+        self.patience = patience
+        self.patience_left = patience
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def record(self, outcome: TrainOutcome, value: float, epoch: int) -> bool:
+        """Note ``value`` at ``epoch`` (keeping the weights if it is the best); True once patience ran out."""
+        if outcome.best_metric is None or value > outcome.best_metric:
+            outcome.best_metric, outcome.best_epoch = value, epoch
+            self.state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            self.patience_left = self.patience
+            return False
+        if self.patience_left is None:
+            return False
+        self.patience_left -= 1
+        return self.patience_left <= 0
+
+    def restore(self, outcome: TrainOutcome) -> bool:
+        """Load the best weights unless the last epoch's are the best; whether it did."""
+        if self.state is None or outcome.best_epoch == outcome.epochs_run:
+            return False
+        self.module.load_state_dict(self.state)
+        return True
+
+
 def train(
     module: torch.nn.Module,
     params: TrainingParams,
@@ -142,84 +271,20 @@ def train(
     """
     import torch
 
-    device = ctx.device
-    cuda = device.startswith("cuda")
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    bf16 = use_bf16(device, params.mixed_precision)
-    if params.mixed_precision == "bf16" and not bf16:
-        ctx.log("bf16 requested but not available on this device; training in fp32", device=device)
-    channels_last = cuda and has_conv2d(module)
-    module.to(device)
-    if channels_last:
-        module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-
-    groups = param_groups(module, params.weight_decay)
-    if not groups:
-        raise ValueError("nothing to train: no parameter requires grad")
-    optimizer = torch.optim.AdamW(groups, lr=params.lr, fused=cuda)
-    per_epoch = num_batches(len(data), params.batch_size)
-    updates_per_epoch = max(1, math.ceil(per_epoch / params.grad_accum))
-    total = updates_per_epoch * params.epochs
-    if params.max_steps is not None:
-        total = min(total, params.max_steps)
-    warmup = int(params.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, warmup, total))
-    ctx.log(
-        f"{phase}: start",
-        samples=len(data),
-        epochs=params.epochs,
-        batch_size=params.batch_size,
-        grad_accum=params.grad_accum,
-        optimizer_steps=total,
-        warmup_steps=warmup,
-        bf16=bf16,
-        channels_last=channels_last,
-        device=device,
-    )
-
+    loop = _setup(module, params, ctx, len(data), seed, phase)
     outcome = TrainOutcome()
-    best_state: dict[str, torch.Tensor] | None = None
-    patience_left = params.early_stopping_patience
+    best = _BestWeights(module, params.early_stopping_patience)
     samples_seen, train_time = 0, 0.0
     if eval_fn is not None and keep_initial:
         module.eval()
         initial = eval_fn().get(metric)
         if initial is not None:
-            outcome.best_metric, outcome.best_epoch = initial, 0
-            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            best.record(outcome, initial, 0)
             ctx.log(f"{phase}: eval before training", **{metric: initial})
     for epoch in range(1, params.epochs + 1):
         ctx.check_cancelled()
-        module.train()
         started = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        seen = 0
-        optimizer.zero_grad(set_to_none=True)
-        for i, cpu_batch in enumerate(_batches(data, input_names, params.batch_size, generator, cuda)):
-            if i % CANCEL_EVERY == 0 and i:
-                ctx.check_cancelled()
-            batch = {}
-            for k, v in cpu_batch.items():
-                v = v.to(device, non_blocking=True)
-                if channels_last and v.ndim == 4 and v.is_floating_point():
-                    v = v.contiguous(memory_format=torch.channels_last)
-                batch[k] = v
-            size = len(next(iter(cpu_batch.values())))
-            with autocast(device, bf16):
-                loss = loss_fn(batch)
-            (loss / params.grad_accum).backward()
-            loss_sum += loss.detach().float() * size
-            seen += size
-            last = i + 1 == per_epoch
-            if (i + 1) % params.grad_accum == 0 or last:
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                outcome.steps += 1
-                if outcome.steps >= total:
-                    break
-        epoch_loss = float(loss_sum.item()) / max(1, seen)  # the one host sync of the epoch
+        epoch_loss, seen = _epoch(loop, params, ctx, data, input_names, loss_fn, outcome)
         train_time += time.perf_counter() - started
         samples_seen += seen
         outcome.epochs_run = epoch
@@ -228,7 +293,7 @@ def train(
             module.eval()
             metrics = eval_fn()
         value = metrics.get(metric)
-        lr = float(optimizer.param_groups[0]["lr"])
+        lr = float(loop.optimizer.param_groups[0]["lr"])
         outcome.curve.append({"epoch": epoch, "loss": epoch_loss, "eval_metric": value, "lr": lr, **metrics})
         ctx.progress(
             f"{phase} epoch {epoch}/{params.epochs}",
@@ -237,24 +302,16 @@ def train(
             epochs=params.epochs,
             metrics={"loss": epoch_loss, **({metric: value} if value is not None else {})},
         )
-        if value is not None:
-            if outcome.best_metric is None or value > outcome.best_metric:
-                outcome.best_metric, outcome.best_epoch = value, epoch
-                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-                patience_left = params.early_stopping_patience
-            elif patience_left is not None:
-                patience_left -= 1
-                if patience_left <= 0:
-                    outcome.stopped_early = True
-                    ctx.log(f"{phase}: early stop", epoch=epoch, best_epoch=outcome.best_epoch)
-                    break
-        if outcome.steps >= total:
+        if value is not None and best.record(outcome, value, epoch):
+            outcome.stopped_early = True
+            ctx.log(f"{phase}: early stop", epoch=epoch, best_epoch=outcome.best_epoch)
             break
-    if best_state is not None and outcome.best_epoch != outcome.epochs_run:
-        module.load_state_dict(best_state)
+        if outcome.steps >= loop.total:
+            break
+    if best.restore(outcome):
         ctx.log(f"{phase}: restored best weights", best_epoch=outcome.best_epoch, best=outcome.best_metric)
     module.eval()
-    if channels_last:
+    if loop.channels_last:
         module.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     outcome.samples_per_s = samples_seen / train_time if train_time else 0.0
     ctx.check_cancelled()

@@ -5,26 +5,19 @@ from __future__ import annotations
 import inspect
 
 from models.schemas import PassInfo
-from models.spec import STEP_FORMS, STEP_MODELS
-
-
-def _step_type(model: type) -> str:
-    return str(model.model_fields["type"].annotation.__args__[0])  # type: ignore[attr-defined]
+from models.spec import STEP_KINDS
 
 
 def list_passes() -> list[PassInfo]:
-    """One PassInfo per step model, in the union's order."""
-    out = []
-    for model in STEP_MODELS:
-        step = _step_type(model)
-        out.append(
-            PassInfo.model_validate(
-                {
-                    "type": step,
-                    "description": inspect.cleandoc(model.__doc__ or "").strip(),
-                    "takes": STEP_FORMS.get(step, "onnx"),
-                    "schema": model.model_json_schema(),
-                }
-            )
+    """One PassInfo per step type, in the spec table's order."""
+    return [
+        PassInfo.model_validate(
+            {
+                "type": name,
+                "description": inspect.cleandoc(kind.params.__doc__ or "").strip(),
+                "takes": kind.takes,
+                "schema": kind.params.model_json_schema(),
+            }
         )
-    return out
+        for name, kind in STEP_KINDS.items()
+    ]

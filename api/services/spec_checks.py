@@ -7,11 +7,10 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.errors import ProblemError
-from models.spec import DistillStep, JobSpec, StudentModel
+from models.spec import CLASSIFICATION_TASKS, DistillStep, JobSpec, StudentModel
 from models.tables import Dataset, Model
 
 ROLES = ("train", "eval", "calibration")
-CLASSIFICATION_TASKS = frozenset({"image-classification", "text-classification"})
 
 
 def _raise(errors: list[dict[str, Any]]) -> None:

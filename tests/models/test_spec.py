@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from models.spec import STEP_FORMS, JobSpec, step_types
+from models.spec import (
+    ACCURACY_TASKS,
+    CLASSIFICATION_TASKS,
+    STEP_FORMS,
+    STEP_KINDS,
+    JobSpec,
+    step_label,
+    step_types,
+)
 
 
 def test_defaults_and_round_trip() -> None:
@@ -40,9 +48,45 @@ def test_training_step_needs_train_data_and_cannot_follow_quantize() -> None:
 
 def test_step_forms_cover_every_step_type() -> None:
     assert sorted(STEP_FORMS) == step_types() == ["distill", "export", "finetune", "prune", "quantize"]
+    assert list(STEP_KINDS) == ["quantize", "prune", "finetune", "distill", "export"]  # GET /v1/passes order
+    assert all(STEP_FORMS[name] == kind.takes for name, kind in STEP_KINDS.items())
+
+
+def test_the_step_union_is_built_from_the_table() -> None:
+    steps = [{"type": name} for name in STEP_KINDS if name != "quantize"] + [{"type": "quantize"}]
+    spec = JobSpec.model_validate({"model": "m", "data": {"train": "d"}, "steps": steps})
+    assert {type(s) for s in spec.steps} == {k.params for k in STEP_KINDS.values()}
 
 
 def test_training_jobs_ask_for_the_gpu_queue() -> None:
     assert JobSpec.model_validate({"model": "m", "data": {"train": "d"},
                                    "steps": [{"type": "finetune"}]}).needs_training()
     assert not JobSpec.model_validate({"model": "m", "steps": [{"type": "quantize"}]}).needs_training()
+    assert JobSpec.model_validate({"model": "m", "steps": [{"type": "prune"}]}).needs_training()  # prune: gpu
+
+
+@pytest.mark.parametrize(
+    ("step", "label"),
+    [
+        ({"type": "quantize", "mode": "static"}, "quantize (static)"),
+        ({"type": "quantize"}, "quantize (dynamic)"),
+        ({"type": "prune", "method": "unstructured", "ratio": 0.25}, "prune (unstructured 0.25)"),
+        ({"type": "finetune", "mode": "lora"}, "finetune (lora)"),
+        ({"type": "distill", "epochs": 2}, "distill"),
+        ({"type": "export", "opset": 18}, "export (opset 18)"),
+    ],
+)
+def test_step_label_is_the_same_for_a_model_and_a_stored_dict(step: dict, label: str) -> None:
+    model = JobSpec.model_validate({"model": "m", "data": {"train": "d"}, "steps": [step]}).steps[0]
+    assert step_label(model) == step_label(step) == label
+
+
+def test_step_label_of_an_invalid_dict_is_its_type() -> None:
+    assert step_label({"type": "prune", "ratio": 7}) == "prune"
+    assert step_label({"type": "bogus"}) == "bogus"
+    assert step_label({}) == "?"
+
+
+def test_task_sets() -> None:
+    assert {"image-classification", "text-classification"} == CLASSIFICATION_TASKS
+    assert CLASSIFICATION_TASKS | {"generic"} == ACCURACY_TASKS and "feature-extraction" not in ACCURACY_TASKS

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from models.spec import JobSpec
 from tests.factories import digits_split, train_digits_mlp_onnx, write_npz
+from worker.context import LocalContext
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,16 @@ class DigitsFiles:
     train: Path
     eval: Path
     torch_accuracy: float
+
+    def context(self, workdir: Path, spec: JobSpec, cls: type[LocalContext] = LocalContext) -> LocalContext:
+        """A CPU context serving the model as ``mdl_mlp`` and the data as ``ds_train`` / ``ds_eval``."""
+        return cls(
+            workdir,
+            spec,
+            models={"mdl_mlp": (self.model, "onnx", {})},
+            datasets={"ds_train": (self.train, "npz", {}), "ds_eval": (self.eval, "npz", {})},
+            device="cpu",
+        )
 
 
 @pytest.fixture(scope="session")

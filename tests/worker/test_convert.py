@@ -1,16 +1,16 @@
-"""worker.convert: ONNX -> torch (onnx2torch without torchvision), torch -> ONNX with parity, the task metric."""
+"""worker.convert: ONNX -> torch (onnx2torch without torchvision), torch -> ONNX with parity."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
 from tests import factories_train as f
 from worker import convert
+from worker.metrics import torch_metric
 from worker.passes.base import StepFailed
 
 
@@ -38,7 +38,7 @@ def test_onnx_to_torch_keeps_interface_and_accuracy(tmp_path: Path) -> None:
     assert model.form == "torch" and model.origin == "onnx"
     assert model.input_names == ["input"] and model.output_names == ["logits"]
     assert model.meta["dynamic_axes"]["input"] == {0: "batch"}
-    metrics = convert.torch_metric(model, evald, ctx.spec)
+    metrics = torch_metric(model, evald, ctx.spec)
     assert metrics["accuracy"] == pytest.approx(acc, abs=0.002)
 
 
@@ -55,27 +55,6 @@ def test_round_trip_to_onnx_keeps_dynamic_batch(tmp_path: Path) -> None:
     assert back.meta["parity"]["top1_agreement"] == 1.0
 
 
-def test_output_layers_finds_the_classifier() -> None:
-    import torch
-
-    module = f.residual_cnn()
-    found = convert.output_layers(module, (torch.zeros(2, 1, 8, 8),))
-    assert found == [module.fc]
-
-
-def test_feature_metric_is_cosine_fidelity(tmp_path: Path) -> None:
-    path, _ = f.cnn_onnx()
-    _, evald = f.digits()
-    ctx = f.MemoryContext(tmp_path, f.spec("feature-extraction"), data={"eval": evald})
-    model = convert.to_torch(f.onnx_model(path), ctx)
-    ref = convert.predict(convert.interface(model), evald, ["input"], "cpu")
-    metrics = convert.torch_metric(model, evald, ctx.spec, reference=ref)
-    assert "accuracy" not in metrics
-    assert metrics["fidelity"] == pytest.approx(1.0, abs=1e-6)
-    noisy = convert.torch_metric(
-        model, evald, ctx.spec, reference=ref + np.random.default_rng(0).normal(size=ref.shape)
-    )
-    assert noisy["fidelity"] < 0.99
 
 
 def test_missing_data_fails_clearly(tmp_path: Path) -> None:
@@ -85,22 +64,3 @@ def test_missing_data_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(StepFailed) as err:
         convert.to_onnx(model, ctx, 17, name="x")
     assert err.value.code == "no_data"
-
-
-def test_predict_leaves_every_submodule_in_its_mode() -> None:
-    """A frozen teacher in eval mode must stay there (BatchNorm running stats, dropout) after predict."""
-    import torch
-
-    from worker.passes.base import ArrayDataset, WorkingModel
-
-    inner = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5)).eval()
-    inner[0].train()  # a mixed state is restored as it was, module by module
-    model = WorkingModel(form="torch", origin="onnx", input_names=["x"], output_names=["y"], module=inner)
-    wrapper = convert.interface(model)
-    assert wrapper.training is False  # a fresh wrapper reports the mode of what it wraps
-    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
-    first = convert.predict(wrapper, ArrayDataset({"x": x}), ["x"], "cpu")
-    assert [m.training for m in inner] == [True, False, False]
-    second = convert.predict(convert.interface(model), ArrayDataset({"x": x}), ["x"], "cpu")
-    np.testing.assert_array_equal(first, second)  # eval mode during predict: deterministic
-    assert inner.training is False and [m.training for m in inner] == [True, False, False]

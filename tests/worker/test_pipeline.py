@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from models.spec import JobSpec
 from tests.worker.conftest import DigitsFiles
 from worker import pipeline
-from worker.local import LocalContext
+from worker.context import LocalContext
 from worker.passes.base import JobCancelled, Pass, PassContext, PassResult, StepFailed, WorkingModel
 from worker.pipeline import StepError
 
@@ -37,13 +37,7 @@ def _spec(steps: list[dict[str, Any]], **evaluate: Any) -> JobSpec:
 def _ctx(
     tmp_path: Path, files: DigitsFiles, spec: JobSpec, cls: type[LocalContext] = LocalContext
 ) -> LocalContext:
-    return cls(
-        tmp_path / "work",
-        spec,
-        models={"mdl_mlp": (files.model, "onnx", {})},
-        datasets={"ds_train": (files.train, "npz", {}), "ds_eval": (files.eval, "npz", {})},
-        device="cpu",
-    )
+    return files.context(tmp_path / "work", spec, cls)
 
 
 def test_baseline_and_dynamic_quantization_report(tmp_path: Path, digits_mlp: DigitsFiles) -> None:
@@ -83,12 +77,10 @@ def test_baseline_and_dynamic_quantization_report(tmp_path: Path, digits_mlp: Di
     ]
 
 
-class _ZeroLastLayer(Pass):
+class _ZeroLastLayer(Pass, register=False):
     """Test pass: zeroes the last Gemm's weights, so the model's accuracy collapses."""
 
     name = "quantize"
-    params = JobSpec  # unused
-    takes = "onnx"
 
     def run(self, model: WorkingModel, params: Any, ctx: PassContext) -> PassResult:
         assert model.onnx_path is not None
@@ -118,10 +110,8 @@ def test_missed_budget_is_reported_not_raised(
     assert result.report["steps"][0]["metrics"] == {"zeroed": 1}
 
 
-class _Failing(Pass):
+class _Failing(Pass, register=False):
     name = "quantize"
-    params = JobSpec
-    takes = "onnx"
 
     def __init__(self, exc: Exception) -> None:
         self.exc = exc
@@ -185,12 +175,10 @@ def test_cancellation_between_steps(tmp_path: Path, digits_mlp: DigitsFiles) -> 
     assert [e["index"] for e in ctx.events if e["kind"] == "step"] == [0, 1]
 
 
-class _TorchIdentity(Pass):
+class _TorchIdentity(Pass, register=False):
     """Test pass taking the torch form: returns the model unchanged."""
 
     name = "prune"
-    params = JobSpec
-    takes = "torch"
 
     def run(self, model: WorkingModel, params: Any, ctx: PassContext) -> PassResult:
         assert model.form == "torch"
@@ -202,11 +190,10 @@ def test_forms_are_converted_through_worker_convert(
 ) -> None:
     """A torch step gets a torch model (convert.to_torch), the end exports it (convert.to_onnx)."""
     import dataclasses
-    import sys
-    import types
+
+    from worker import convert, metrics
 
     calls: list[str] = []
-    fake = types.ModuleType("worker.convert")
 
     def to_torch(model: WorkingModel, ctx: PassContext) -> WorkingModel:
         calls.append("to_torch")
@@ -222,12 +209,9 @@ def test_forms_are_converted_through_worker_convert(
         assert reference is not None and reference.shape == (len(data), 10)
         return {"accuracy": 0.5}
 
-    fake.to_torch, fake.to_onnx, fake.torch_metric = to_torch, to_onnx, torch_metric  # type: ignore[attr-defined]
-    import worker
-
-    monkeypatch.setitem(sys.modules, "worker.convert", fake)
-    # `from worker import convert` reads the package attribute first once the real module was imported.
-    monkeypatch.setattr(worker, "convert", fake, raising=False)
+    monkeypatch.setattr(convert, "to_torch", to_torch)
+    monkeypatch.setattr(convert, "to_onnx", to_onnx)
+    monkeypatch.setattr(metrics, "torch_metric", torch_metric)
     monkeypatch.setattr(pipeline, "pass_for", lambda t: _TorchIdentity())
     spec = _spec([{"type": "prune", "ratio": 0.5}], metrics=["accuracy"])
     result = pipeline.run(spec, _ctx(tmp_path, digits_mlp, spec))
@@ -236,10 +220,6 @@ def test_forms_are_converted_through_worker_convert(
     assert step["label"] == "prune (structured 0.5)" and step["eval"] == {"measured": True, "accuracy": 0.5}
     assert step["curve"] == [{"epoch": 1, "loss": 0.5}]
     assert result.report["gains"]["accuracy_delta"] == 0.0
-    # without torch_metric the step is reported as not measured
-    del fake.torch_metric
-    again = pipeline.run(spec, _ctx(tmp_path / "b", digits_mlp, spec))
-    assert again.report["steps"][0]["eval"]["measured"] is False
 
 
 def test_no_steps_returns_the_input_with_exact_fidelity(tmp_path: Path, digits_mlp: DigitsFiles) -> None:

@@ -11,7 +11,7 @@ import onnx
 from models.spec import JobSpec
 from tests import factories_train as f
 from worker import pipeline
-from worker.local import LocalContext
+from worker.context import LocalContext
 
 
 def _npz(path: Path, data: f.ArrayDataset) -> Path:

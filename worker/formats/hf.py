@@ -7,11 +7,11 @@ Built from the config with the stock transformers classes; weights from safetens
 from __future__ import annotations
 
 import inspect
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from storage import archive
+from worker.formats import extract_upload
 from worker.passes.base import StepFailed, WorkingModel
 
 if TYPE_CHECKING:
@@ -33,12 +33,7 @@ def find_root(folder: Path) -> Path:
 
 def extract(path: Path, workdir: Path) -> Path:
     """Safely extract an hf archive under ``workdir``; return the folder with config.json."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    dest = Path(tempfile.mkdtemp(prefix="hf-", dir=workdir))
-    try:
-        archive.extract(Path(path), dest, LIMITS)
-    except archive.ArchiveError as exc:
-        raise StepFailed("invalid_model", f"hf archive rejected: {exc}") from exc
+    dest = extract_upload(path, workdir, LIMITS, prefix="hf-", code="invalid_model", what="hf archive")
     root = find_root(dest)
     if not any(root.glob("*.safetensors")):
         raise StepFailed(

@@ -7,13 +7,13 @@ the model config's label2id when it names every class).
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from storage import archive
+from worker.formats import extract_upload
 from worker.passes.base import ArrayDataset, StepFailed, WorkingModel
 
 if TYPE_CHECKING:
@@ -60,13 +60,9 @@ def load(path: Path, meta: dict[str, Any], model: WorkingModel, spec: JobSpec, w
         raise StepFailed(
             "dataset_mismatch", f"image folders feed one input; the model has {model.input_names}"
         )
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    dest = Path(tempfile.mkdtemp(prefix="imagefolder-", dir=workdir))
-    try:
-        archive.extract(Path(path), dest, LIMITS)
-    except archive.ArchiveError as exc:
-        raise StepFailed("invalid_dataset", f"image-folder archive rejected: {exc}") from exc
+    dest = extract_upload(
+        path, workdir, LIMITS, prefix="imagefolder-", code="invalid_dataset", what="image-folder archive"
+    )
     root = _class_root(dest)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not archive.is_junk(p.name))
     files = {

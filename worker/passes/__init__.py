@@ -1,27 +1,23 @@
-"""Pass registry: step type -> Pass class. Each pass lives in its own module and imports torch lazily."""
+"""The passes: one module per optimization; each ``Pass`` subclass registers itself under its ``name``.
+
+Pass modules import torch only inside ``run()``, so loading them all is cheap.
+"""
 
 from __future__ import annotations
 
-from worker.passes.base import Pass, PassContext, PassResult, StepFailed, WorkingModel
+import functools
+import importlib
+import pkgutil
 
-REGISTRY: dict[str, type[Pass]] = {}
-
-
-def register(cls: type[Pass]) -> type[Pass]:
-    """Class decorator adding a pass to the registry under its ``name``."""
-    REGISTRY[cls.name] = cls
-    return cls
+from worker.passes.base import REGISTRY, Pass, PassContext, PassResult, StepFailed, WorkingModel
 
 
-def get_pass(name: str) -> Pass:
-    """An instance of the pass registered under ``name``."""
-    _load_all()
-    return REGISTRY[name]()
+@functools.cache
+def load_passes() -> dict[str, type[Pass]]:
+    """Every registered pass by step type (importing each module of this package registers its passes)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return REGISTRY
 
 
-def _load_all() -> None:
-    # Importing a pass module registers it; the modules themselves import torch only inside run().
-    from worker.passes import distill, export, finetune, prune, quantize  # noqa: F401
-
-
-__all__ = ["REGISTRY", "Pass", "PassContext", "PassResult", "StepFailed", "WorkingModel", "get_pass", "register"]
+__all__ = ["REGISTRY", "Pass", "PassContext", "PassResult", "StepFailed", "WorkingModel", "load_passes"]

@@ -5,16 +5,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypedDict, Unpack
 
-from pydantic import BaseModel
+from models.spec import STEP_KINDS, Form, StepParams
 
 if TYPE_CHECKING:
     import numpy as np
 
     from models.spec import JobSpec
 
-Form = Literal["onnx", "torch"]
 Role = Literal["train", "eval", "calibration"]
 
 
@@ -77,6 +76,15 @@ class PassResult:
     curve: list[dict[str, Any]] = field(default_factory=list)
 
 
+class Progress(TypedDict, total=False):
+    """Where a step is: the ``fraction`` of it done (0..1), ``epoch`` of ``epochs``, the latest ``metrics``."""
+
+    fraction: float | None
+    epoch: int | None
+    epochs: int | None
+    metrics: dict[str, Any] | None
+
+
 class PassContext(Protocol):
     """What a pass may use from its surroundings; implemented by the job runner (DB) and by tests."""
 
@@ -92,15 +100,7 @@ class PassContext(Protocol):
         """A model by id, or ``"input"`` for the job's input model, in its uploaded form."""
         ...
 
-    def progress(
-        self,
-        phase: str,
-        *,
-        fraction: float | None = None,
-        epoch: int | None = None,
-        epochs: int | None = None,
-        metrics: dict[str, Any] | None = None,
-    ) -> None:
+    def progress(self, phase: str, **progress: Unpack[Progress]) -> None:
         """Report progress within the current step (``fraction`` in 0..1)."""
         ...
 
@@ -113,12 +113,38 @@ class PassContext(Protocol):
         ...
 
 
+REGISTRY: dict[str, type[Pass]] = {}
+
+
 class Pass(ABC):
-    """One optimization: ``params`` is its pydantic step model in models/spec.py, ``takes`` its input form."""
+    """One optimization, registered under its ``name`` (a step type of models.spec.STEP_KINDS) when defined.
+
+    ``params`` (its step model) and ``takes`` (its input form) come from that table row; a subclass that
+    sets them must agree with it. ``class Double(Pass, register=False)`` defines one without registering
+    it (a test double).
+    """
 
     name: ClassVar[str]
-    params: ClassVar[type[BaseModel]]
+    params: ClassVar[type[StepParams]]
     takes: ClassVar[Form]
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name is None:
+            return  # an intermediate base
+        kind = STEP_KINDS.get(name)
+        if kind is None:
+            raise TypeError(f"{cls.__qualname__}: no step type {name!r} in models.spec.STEP_KINDS")
+        for attr, value in (("params", kind.params), ("takes", kind.takes)):
+            if attr in cls.__dict__ and cls.__dict__[attr] != value:
+                raise TypeError(f"{cls.__qualname__}.{attr} = {cls.__dict__[attr]!r} but STEP_KINDS says {value!r}")
+            setattr(cls, attr, value)
+        if register:
+            # the same class defined again (its module reloaded) replaces itself; another class is refused
+            if name in REGISTRY and REGISTRY[name].__qualname__ != cls.__qualname__:
+                raise TypeError(f"{cls.__qualname__}: pass {name!r} is already {REGISTRY[name].__qualname__}")
+            REGISTRY[name] = cls
 
     @abstractmethod
     def run(self, model: WorkingModel, params: Any, ctx: PassContext) -> PassResult:
@@ -131,3 +157,13 @@ class PipelineContext(PassContext, Protocol):
     def begin_step(self, index: int, total: int, label: str) -> None:
         """The pipeline moved to step ``index`` (0-based) of ``total``; ``label`` becomes the phase."""
         ...
+
+
+def any_data(ctx: PassContext, model: WorkingModel) -> ArrayDataset:
+    """Eval data for ``model``, else train, else calibration; StepFailed when the job has none."""
+    roles: tuple[Role, ...] = ("eval", "train", "calibration")
+    for role in roles:
+        data = ctx.dataset(role, model)
+        if data is not None and len(data):
+            return data
+    raise StepFailed("no_data", "this step needs samples (data.eval or data.train) to trace the model")

@@ -6,8 +6,7 @@ import copy
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from models.spec import DistillStep, StudentLayers, StudentModel
-from worker.passes import register
+from models.spec import ACCURACY_TASKS, DistillStep, StudentLayers, StudentModel
 from worker.passes.base import ArrayDataset, Pass, PassContext, PassResult, StepFailed, WorkingModel
 
 if TYPE_CHECKING:
@@ -109,7 +108,7 @@ def make_loss(
     import torch
     import torch.nn.functional as F
 
-    from worker.convert import first_output, interface
+    from worker.torch_utils import first_output, interface
 
     s_wrap, t_wrap = interface(student), interface(teacher)
     hidden = params.hidden_weight > 0 and _same_hidden(student, teacher)
@@ -153,13 +152,14 @@ def make_eval(
     student: WorkingModel, data: ArrayDataset | None, reference: Any, task: str, device: str
 ) -> tuple[Any, str]:
     """eval_fn and its metric: accuracy with labels, else cosine fidelity to the teacher's outputs."""
-    from worker.convert import accuracy, cosine_fidelity, interface, predict
+    from worker.metrics import accuracy, cosine_fidelity
+    from worker.torch_utils import interface, predict
 
     if data is None:
         return None, "accuracy"
     wrapper = interface(student)
     labels = data.labels
-    if labels is not None and task != "feature-extraction" and reference is not None and reference.ndim == 2:
+    if labels is not None and task in ACCURACY_TASKS and reference is not None and reference.ndim == 2:
         return (
             lambda: {"accuracy": accuracy(predict(wrapper, data, student.input_names, device), labels)}
         ), "accuracy"
@@ -179,7 +179,6 @@ def _names_dataset(
     return ctx.dataset(role, target)  # type: ignore[arg-type]
 
 
-@register
 class DistillPass(Pass):
     """Knowledge distillation (Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015):
     alpha * KL(teacher/T || student/T) * T^2 + (1 - alpha) * cross-entropy; cosine/MSE on embeddings for
@@ -188,13 +187,13 @@ class DistillPass(Pass):
     """
 
     name = "distill"
-    params = DistillStep
-    takes = "torch"
 
     def run(self, model: WorkingModel, params: DistillStep, ctx: PassContext) -> PassResult:
         """Train the student against the frozen teacher on data.train."""
         from worker import training
-        from worker.convert import count_params, ensure_torch, interface, predict, torch_metric
+        from worker.convert import ensure_torch
+        from worker.metrics import torch_metric
+        from worker.torch_utils import count_params, interface, predict
 
         if params.teacher == "current":  # what the earlier steps made teaches (a frozen copy of it)
             current = ensure_torch(model, ctx)
@@ -226,7 +225,7 @@ class DistillPass(Pass):
             metrics["student_metrics_before"] = torch_metric(
                 student, evald, ctx.spec, reference=reference, device=ctx.device
             )
-        has_labels = train.labels is not None and task != "feature-extraction"
+        has_labels = train.labels is not None and task in ACCURACY_TASKS
         eval_fn, metric = make_eval(student, evald, reference, task, ctx.device)
         loss_fn = make_loss(student, teacher, params, task, has_labels)
         teacher.module.eval()  # the teacher's BatchNorm and dropout stay in inference mode throughout

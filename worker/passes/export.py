@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from models.spec import ExportStep
-from worker.passes import register
 from worker.passes.base import Pass, PassContext, PassResult, WorkingModel
 
 
-@register
 class ExportPass(Pass):
     """ONNX export with torch.onnx (TorchScript-based exporter; ONNX: Bai et al., "Open Neural Network
     Exchange", 2017), followed by a numerical parity check of ONNX Runtime against the torch module.
     """
 
     name = "export"
-    params = ExportStep
-    takes = "torch"
 
     def run(self, model: WorkingModel, params: ExportStep, ctx: PassContext) -> PassResult:
         """Write the ONNX file into the job's workdir and return the onnx-form model."""

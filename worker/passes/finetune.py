@@ -6,13 +6,11 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from models.spec import FinetuneStep
-from worker.passes import register
 from worker.passes.base import ArrayDataset, Pass, PassContext, PassResult, StepFailed, WorkingModel
 
 if TYPE_CHECKING:
     import torch
 
-HEAD_NAMES = ("classifier", "score", "fc", "head", "heads")
 # LoRA targets per hf model_type when the step names none (the attention projections, as in Hu et al.)
 LORA_TARGETS: dict[str, list[str]] = {
     "bert": ["query", "value"],
@@ -29,7 +27,7 @@ def head_name(model: WorkingModel, example: tuple[Any, ...]) -> str:
     """Qualified name of the output (classification) layer of ``model.module``."""
     import torch
 
-    from worker.convert import interface, output_layers
+    from worker.torch_utils import interface, output_layers
 
     inner = model.module
     if model.origin == "hf":
@@ -148,7 +146,7 @@ def classification_loss(wrapper: torch.nn.Module, input_names: list[str]) -> Any
     """loss_fn(batch) = cross-entropy of the wrapper's logits against ``batch['labels']``."""
     import torch.nn.functional as F
 
-    from worker.convert import first_output
+    from worker.torch_utils import first_output
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = first_output(wrapper(*[batch[n] for n in input_names]))
@@ -161,7 +159,8 @@ def accuracy_eval(wrapper: torch.nn.Module, data: ArrayDataset | None, names: li
     """eval_fn() -> {"accuracy": ...} on ``data`` (None when there is no labelled eval data)."""
     if data is None or data.labels is None:
         return None
-    from worker.convert import accuracy, predict
+    from worker.metrics import accuracy
+    from worker.torch_utils import predict
 
     labels = data.labels
 
@@ -171,7 +170,6 @@ def accuracy_eval(wrapper: torch.nn.Module, data: ArrayDataset | None, names: li
     return eval_fn
 
 
-@register
 class FinetunePass(Pass):
     """Supervised fine-tuning with AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization",
     ICLR 2019) and warm-up + cosine decay (Loshchilov & Hutter, "SGDR", 2017): full, frozen backbone with a
@@ -180,13 +178,12 @@ class FinetunePass(Pass):
     """
 
     name = "finetune"
-    params = FinetuneStep
-    takes = "torch"
 
     def run(self, model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassResult:
         """Train the working model on data.train; return it (LoRA merged) with the training curve."""
         from worker import training
-        from worker.convert import count_params, ensure_torch, example_inputs, interface
+        from worker.convert import ensure_torch
+        from worker.torch_utils import count_params, example_inputs, interface
 
         model = ensure_torch(model, ctx)
         train = ctx.dataset("train", model)

@@ -6,8 +6,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from models.spec import PruneStep
-from worker.passes import register
-from worker.passes.base import Pass, PassContext, PassResult, StepFailed, WorkingModel
+from worker.passes.base import Pass, PassContext, PassResult, StepFailed, WorkingModel, any_data
 
 if TYPE_CHECKING:
     import torch
@@ -74,7 +73,7 @@ def _taylor_grads(
     import torch
     import torch.nn.functional as F
 
-    from worker.convert import first_output, to_tensors
+    from worker.torch_utils import first_output, to_tensors
 
     wrapper.zero_grad(set_to_none=True)
     wrapper.eval()
@@ -105,7 +104,7 @@ def structured(
     """Prune channels / heads / MLP width in place with torch-pruning's dependency graph."""
     import torch_pruning as tp
 
-    from worker.convert import interface, output_layers
+    from worker.torch_utils import interface, output_layers
 
     wrapper = interface(model)
     inner = model.module
@@ -204,7 +203,6 @@ def unstructured(model: WorkingModel, params: PruneStep, ctx: PassContext) -> di
     return {"sparsity": zeros / total, "pruned_layers": len(targets), "note": UNSTRUCTURED_NOTE}
 
 
-@register
 class PrunePass(Pass):
     """Structured pruning with torch-pruning's dependency graph (Fang et al., "DepGraph: Towards Any
     Structural Pruning", CVPR 2023; magnitude importance after Li et al. 2017, Taylor after Molchanov et
@@ -212,12 +210,12 @@ class PrunePass(Pass):
     """
 
     name = "prune"
-    params = PruneStep
-    takes = "torch"
 
     def run(self, model: WorkingModel, params: PruneStep, ctx: PassContext) -> PassResult:
         """Prune the torch module in place; report params and MACs before and after."""
-        from worker.convert import any_data, ensure_torch, example_inputs, interface, torch_metric
+        from worker.convert import ensure_torch
+        from worker.metrics import torch_metric
+        from worker.torch_utils import example_inputs, interface
 
         model = ensure_torch(model, ctx)
         data = any_data(ctx, model)

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.spec import QuantizeStep
-from worker.passes import register
 from worker.passes.base import Pass, PassContext, PassResult, StepFailed, WorkingModel
 
 if TYPE_CHECKING:
@@ -127,7 +126,6 @@ class _Reader:
         return item
 
 
-@register
 class QuantizePass(Pass):
     """Post-training quantization with ONNX Runtime's quantizer.
 
@@ -139,8 +137,6 @@ class QuantizePass(Pass):
     """
 
     name = "quantize"
-    params = QuantizeStep
-    takes = "onnx"
 
     def run(self, model: WorkingModel, params: Any, ctx: PassContext) -> PassResult:
         """Quantize ``model`` (onnx form) as ``params`` says and return the quantized model."""

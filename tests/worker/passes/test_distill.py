@@ -11,7 +11,7 @@ import torch
 
 from models.spec import DistillStep, PruneStep
 from tests import factories_train as f
-from worker import convert
+from worker import convert, metrics, torch_utils
 from worker.formats import hf, text
 from worker.passes.base import WorkingModel
 from worker.passes.distill import DistillPass, kd_loss, kept_layers
@@ -42,7 +42,7 @@ def test_distill_pruned_cnn_beats_pruned_only(tmp_path: Path) -> None:
     pruned_acc = pruned.metrics["accuracy_after_prune"]
     step = DistillStep(type="distill", epochs=4, batch_size=32, lr=3e-3, temperature=4.0, alpha=0.5)
     result = DistillPass().run(pruned.model, step, ctx)
-    acc = convert.torch_metric(result.model, evald, ctx.spec)["accuracy"]
+    acc = metrics.torch_metric(result.model, evald, ctx.spec)["accuracy"]
     print(f"teacher {input_acc:.3f} pruned {pruned_acc:.3f} distilled {acc:.3f}")
     assert acc > pruned_acc + 0.3 and acc >= 0.8
     assert result.metrics["student_params"] < 0.6 * result.metrics["teacher_params"]
@@ -75,7 +75,7 @@ def test_layer_dropped_student_has_k_layers(tmp_path: Path) -> None:
     assert len(student.bert.encoder.layer) == 2 and student.config.num_hidden_layers == 2
     assert result.metrics["student_layers"] == [0, 3]
     assert result.metrics["student_params"] < result.metrics["teacher_params"]
-    out = convert.predict(convert.interface(result.model), ctx.data["eval"], model.input_names, "cpu")
+    out = torch_utils.predict(torch_utils.interface(result.model), ctx.data["eval"], model.input_names, "cpu")
     assert out.shape == (30, 3)
     exported = convert.to_onnx(result.model, ctx, 17, name="student")
     assert exported.meta["parity"]["max_abs_diff"] < 1e-3
@@ -101,7 +101,7 @@ def test_current_teacher_is_the_working_model_not_the_input(tmp_path: Path) -> N
     step = DistillStep(type="distill", teacher="current", student={"layers": 2}, epochs=1, batch_size=32)
     result = DistillPass().run(model, step, ctx)
     assert result.metrics["teacher"] == "current"
-    teacher_out = convert.predict(convert.interface(model), ctx.data["eval"], model.input_names, "cpu")
+    teacher_out = torch_utils.predict(torch_utils.interface(model), ctx.data["eval"], model.input_names, "cpu")
     assert (teacher_out.argmax(1) == 0).all()  # the working model itself was not trained or replaced
     assert result.metrics["teacher_metrics"]["accuracy"] == pytest.approx(
         float((ctx.data["eval"].labels == 0).mean()), abs=1e-6

@@ -12,7 +12,7 @@ import torch
 
 from models.spec import FinetuneStep, PruneStep
 from tests import factories_train as f
-from worker import convert, training
+from worker import convert, metrics, torch_utils, training
 from worker.formats import hf, text
 from worker.passes.base import WorkingModel
 from worker.passes.finetune import FinetunePass, classification_loss, head_name, lora_wrap
@@ -33,7 +33,7 @@ def test_full_finetune_recovers_pruned_cnn(tmp_path: Path) -> None:
     _, input_acc = f.cnn_onnx()
     step = FinetuneStep(type="finetune", epochs=5, batch_size=32, lr=3e-3)
     result = FinetunePass().run(model, step, ctx)
-    acc = convert.torch_metric(result.model, f.digits()[1], ctx.spec)["accuracy"]
+    acc = metrics.torch_metric(result.model, f.digits()[1], ctx.spec)["accuracy"]
     print(f"input {input_acc:.3f} pruned {after_prune:.3f} finetuned {acc:.3f}")
     assert acc >= 0.88 and acc > after_prune + 0.3
     assert acc == pytest.approx(result.metrics["best_accuracy"])
@@ -48,11 +48,11 @@ def test_head_mode_with_new_label_set(tmp_path: Path) -> None:
     parity = lambda d: f.ArrayDataset(d.inputs, d.labels % 2, ["even", "odd"])  # noqa: E731
     ctx = f.MemoryContext(tmp_path, f.spec(), data={"train": parity(train), "eval": parity(evald)})
     model = convert.to_torch(f.onnx_model(path), ctx)
-    head = head_name(model, convert.example_inputs(model, train, "cpu"))
+    head = head_name(model, torch_utils.example_inputs(model, train, "cpu"))
     frozen = {k: v.clone() for k, v in model.module.state_dict().items() if not k.startswith(head)}
     step = FinetuneStep(type="finetune", mode="head", num_labels=2, epochs=3, lr=1e-2)
     result = FinetunePass().run(model, step, ctx)
-    out = convert.predict(convert.interface(result.model), evald.take(5), ["input"], "cpu")
+    out = torch_utils.predict(torch_utils.interface(result.model), evald.take(5), ["input"], "cpu")
     assert out.shape == (5, 2)
     assert result.metrics["new_head"] == {"from": 10, "to": 2}
     assert result.metrics["trainable_params"] == 2 * result.model.module.get_submodule(head).in_features + 2
@@ -98,7 +98,7 @@ def test_lora_changes_only_adapters_then_merges_and_exports(tmp_path: Path) -> N
     step = FinetuneStep(type="finetune", mode="lora", epochs=2, batch_size=16, lr=5e-3)
     peft_model = lora_wrap(model, step, "classifier")
     wm = replace(model, module=peft_model)
-    wrapper = convert.interface(wm)
+    wrapper = torch_utils.interface(wm)
     training.train(
         wrapper, step, ctx, ctx.data["train"], wm.input_names, classification_loss(wrapper, wm.input_names)
     )
@@ -134,5 +134,5 @@ def test_lora_pass_returns_plain_merged_module(tmp_path: Path) -> None:
     result = FinetunePass().run(model, step, ctx)
     assert type(result.model.module).__name__ == "BertForSequenceClassification"
     assert result.metrics["trainable_params"] < 0.2 * result.metrics["total_params"]
-    out = convert.predict(convert.interface(result.model), ctx.data["eval"], result.model.input_names, "cpu")
+    out = torch_utils.predict(torch_utils.interface(result.model), ctx.data["eval"], result.model.input_names, "cpu")
     assert out.shape == (60, 3) and np.isfinite(out).all()

@@ -10,7 +10,7 @@ import pytest
 
 from models.spec import PruneStep
 from tests import factories_train as f
-from worker import convert
+from worker import convert, torch_utils
 from worker.formats import hf
 from worker.passes.base import WorkingModel
 from worker.passes.prune import PrunePass
@@ -32,7 +32,7 @@ def test_structured_half_channels_on_onnx_residual_cnn(tmp_path: Path, importanc
     m = result.metrics
     assert m["params_after"] <= 0.6 * m["params_before"], m  # channels halve -> params fall ~quadratically
     assert m["macs_after"] < 0.6 * m["macs_before"]
-    out = convert.predict(convert.interface(result.model), evald.take(8), ["input"], "cpu")
+    out = torch_utils.predict(torch_utils.interface(result.model), evald.take(8), ["input"], "cpu")
     assert out.shape == (8, 10)
     assert "accuracy_after_prune" in m
     # the pruned model still exports with a dynamic batch and matches torch
@@ -72,7 +72,7 @@ def test_bert_heads_and_mlp_pruned_still_runs_and_exports(tmp_path: Path) -> Non
     spec = f.spec("text-classification", text={"max_length": 16})
     data = text.load(jsonl, {}, model, spec, tmp_path)
     ctx = f.MemoryContext(tmp_path, spec, data={"eval": data, "train": data})
-    before = convert.predict(convert.interface(model), data, model.input_names, "cpu").shape
+    before = torch_utils.predict(torch_utils.interface(model), data, model.input_names, "cpu").shape
     result = PrunePass().run(model, PruneStep(type="prune", ratio=0.5), ctx)
     m = result.metrics
     assert m["heads_per_layer"] == [2, 2, 2, 2]
@@ -80,7 +80,7 @@ def test_bert_heads_and_mlp_pruned_still_runs_and_exports(tmp_path: Path) -> Non
     config = result.model.module.config
     assert config.num_attention_heads == 2 and config.intermediate_size == 32 and config.hidden_size == 32
     assert m["params_after"] < m["params_before"]
-    after = convert.predict(convert.interface(result.model), data, model.input_names, "cpu")
+    after = torch_utils.predict(torch_utils.interface(result.model), data, model.input_names, "cpu")
     assert after.shape == before and np.isfinite(after).all()
     exported = convert.to_onnx(result.model, ctx, 17, name="bert-pruned")
     assert exported.meta["parity"]["max_abs_diff"] < 1e-3

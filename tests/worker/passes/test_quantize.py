@@ -13,22 +13,16 @@ import pytest
 from models.spec import JobSpec, QuantizeStep
 from tests.factories import digits_split
 from tests.worker.conftest import DigitsFiles
+from worker.context import LocalContext
 from worker.formats.onnx_model import count_params
-from worker.local import LocalContext
 from worker.passes import REGISTRY
 from worker.passes.base import JobCancelled, WorkingModel
 from worker.passes.quantize import QuantizePass
 
 
-def _ctx(tmp_path: Path, files: DigitsFiles) -> LocalContext:
+def _ctx(tmp_path: Path, files: DigitsFiles, cls: type[LocalContext] = LocalContext) -> LocalContext:
     spec = JobSpec.model_validate({"model": "mdl_mlp", "data": {"train": "ds_train", "eval": "ds_eval"}})
-    return LocalContext(
-        tmp_path / "work",
-        spec,
-        models={"mdl_mlp": (files.model, "onnx", {})},
-        datasets={"ds_train": (files.train, "npz", {}), "ds_eval": (files.eval, "npz", {})},
-        device="cpu",
-    )
+    return files.context(tmp_path / "work", spec, cls)
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
@@ -140,8 +134,7 @@ def test_cancellation_during_calibration(tmp_path: Path, digits_mlp: DigitsFiles
             if phase == "calibrating":
                 self.cancelled = True
 
-    ctx = _ctx(tmp_path, digits_mlp)
-    ctx.__class__ = CancelWhileCalibrating
+    ctx = _ctx(tmp_path, digits_mlp, CancelWhileCalibrating)
     model = ctx.load_model("input")
     with pytest.raises(JobCancelled):
         QuantizePass().run(model, QuantizeStep(type="quantize", mode="static"), ctx)

@@ -1,7 +1,6 @@
-"""LocalContext: a PipelineContext over local files, without a database (tests, benchmarks, CLI runs).
-
-The job runner's DB-backed context subclasses it and overrides progress / log / check_cancelled /
-begin_step.
+"""The pipeline's contexts: ``LocalContext`` over local files (tests, benchmarks, CLI runs) and its
+DB-backed subclass ``DBContext`` (the job runner), whose progress, events and cancel flag live in the
+jobs table.
 """
 
 from __future__ import annotations
@@ -11,9 +10,14 @@ import importlib.util
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
-from worker.passes.base import ArrayDataset, JobCancelled, Role, WorkingModel
+from sqlalchemy import select, update
+
+from models.db import session_scope
+from models.tables import Job, utcnow
+from worker.jobs import ACTIVE, Claim, add_event
+from worker.passes.base import ArrayDataset, JobCancelled, Progress, Role, WorkingModel
 
 if TYPE_CHECKING:
     from models.spec import JobSpec
@@ -21,6 +25,9 @@ if TYPE_CHECKING:
 # (path, format, meta) of an uploaded model or dataset
 FileRef = tuple[Path, str, dict[str, Any]]
 
+PROGRESS_MIN_INTERVAL_S = 0.5  # the least time between two progress writes to the job row
+CANCEL_POLL_INTERVAL_S = 1.0  # the least time between two reads of the job's cancel flag
+_NO_PROGRESS: Progress = {"fraction": None, "epoch": None, "epochs": None, "metrics": None}
 _FALLBACK: dict[str, tuple[str, ...]] = {
     "calibration": ("calibration", "train", "eval"),
     "train": ("train",),
@@ -119,17 +126,9 @@ class LocalContext:
         """The pipeline moved to step ``index`` (0-based) of ``total``."""
         self._event("step", index=index, total=total, label=label)
 
-    def progress(
-        self,
-        phase: str,
-        *,
-        fraction: float | None = None,
-        epoch: int | None = None,
-        epochs: int | None = None,
-        metrics: dict[str, Any] | None = None,
-    ) -> None:
+    def progress(self, phase: str, **progress: Unpack[Progress]) -> None:
         """Progress within the current step."""
-        self._event("progress", phase=phase, fraction=fraction, epoch=epoch, epochs=epochs, metrics=metrics)
+        self._event("progress", phase=phase, **{**_NO_PROGRESS, **progress})
 
     def log(self, message: str, **data: Any) -> None:
         """Record an event for the job."""
@@ -139,3 +138,64 @@ class LocalContext:
         """Raise JobCancelled once ``self.cancelled`` is set."""
         if self.cancelled:
             raise JobCancelled()
+
+
+class DBContext(LocalContext):
+    """LocalContext whose progress, events and cancel flag live in the jobs table (for ``claim``'s attempt)."""
+
+    def __init__(self, claim: Claim, *args: Any, **kwargs: Any) -> None:
+        """``claim`` (the job and attempt it writes for), then LocalContext's arguments."""
+        super().__init__(*args, **kwargs)
+        self.claim = claim
+        self._step = 0
+        self._steps = 0
+        self._last_write = 0.0
+        self._last_cancel_check = 0.0
+
+    def begin_step(self, index: int, total: int, label: str) -> None:
+        """Record the step, write it as the job's phase and add a phase event."""
+        super().begin_step(index, total, label)
+        self._step, self._steps = index, total
+        self._write(label, {"fraction": 0.0}, force=True)
+        add_event(self.claim.job_id, "phase", label, step=index + 1, steps=total)
+
+    def progress(self, phase: str, **progress: Unpack[Progress]) -> None:
+        """Write progress to the job row (throttled unless an epoch ended); epochs and metrics become events."""
+        super().progress(phase, **progress)
+        epoch, metrics = progress.get("epoch"), progress.get("metrics")
+        milestone = epoch is not None or metrics is not None
+        self._write(phase, progress, force=milestone)
+        if milestone:
+            add_event(self.claim.job_id, "progress", phase, epoch=epoch, epochs=progress.get("epochs"),
+                      metrics=metrics or {})
+
+    def log(self, message: str, **data: Any) -> None:
+        """Record a log event for the job."""
+        super().log(message, **data)
+        add_event(self.claim.job_id, "log", message, **data)
+
+    def check_cancelled(self) -> None:
+        """Raise JobCancelled once the job's cancel flag is set (read at most once a CANCEL_POLL_INTERVAL_S)."""
+        now = time.monotonic()
+        if now - self._last_cancel_check >= CANCEL_POLL_INTERVAL_S:
+            self._last_cancel_check = now
+            with session_scope() as s:
+                self.cancelled = bool(s.scalar(select(Job.cancel_requested).where(Job.id == self.claim.job_id)))
+        super().check_cancelled()
+
+    def _write(self, phase: str, progress: Progress, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_write < PROGRESS_MIN_INTERVAL_S:
+            return
+        self._last_write = now
+        within = min(max(progress.get("fraction") or 0.0, 0.0), 1.0)
+        percent = 100.0 * (self._step + within) / self._steps if self._steps else 0.0
+        row: dict[str, Any] = {"step": self._step + 1, "steps": self._steps, "percent": round(percent, 1),
+                               "epoch": progress.get("epoch"), "epochs": progress.get("epochs"),
+                               "metrics": progress.get("metrics") or {}}
+        with session_scope() as s:
+            s.execute(
+                update(Job)
+                .where(Job.id == self.claim.job_id, Job.attempt == self.claim.attempt, Job.status.in_(ACTIVE))
+                .values(phase=phase[:128], progress=row, heartbeat_at=utcnow())
+            )
