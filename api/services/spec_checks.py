@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.errors import ProblemError
+from api.services.lookup import find_owned
 from models.spec import DistillStep, JobSpec, StudentModel
 from models.tables import Dataset, Model
 
@@ -68,8 +69,8 @@ def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
     errors: list[dict[str, Any]] = []
 
     def model_exists(model_id: str, field: str) -> Model | None:
-        row = session.get(Model, model_id)
-        if row is None or row.owner != owner:
+        row = find_owned(session, Model, owner, model_id)
+        if row is None:
             errors.append({"field": field, "message": f"unknown model {model_id!r}"})
             return None
         return row
@@ -80,8 +81,8 @@ def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
         ds_id = getattr(spec.data, role)
         if ds_id is None:
             continue
-        ds = session.get(Dataset, ds_id)
-        if ds is None or ds.owner != owner:
+        ds = find_owned(session, Dataset, owner, ds_id)
+        if ds is None:
             errors.append({"field": f"data.{role}", "message": f"unknown dataset {ds_id!r}"})
         else:
             datasets[role] = ds
