@@ -25,6 +25,12 @@ def _fmt_shape(shape: list[Any]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
+def _class_id(label: str) -> int | None:
+    """A label that is a class index (``"3"``, ``"-1"``), else None (names, ``"²"``, ``"--1"`` are not)."""
+    digits = label[1:] if label.startswith("-") else label
+    return int(label) if digits.isdecimal() else None
+
+
 def _npz_against_inputs(field: str, ds: Dataset, model_meta: dict[str, Any], task: str) -> list[dict[str, Any]]:
     """Errors where the npz arrays do not fit the ONNX model's inputs (names, rank, fixed dims, labels)."""
     errors: list[dict[str, Any]] = []
@@ -54,10 +60,11 @@ def _npz_against_inputs(field: str, ds: Dataset, model_meta: dict[str, Any], tas
                                                       f"{meta.get('num_samples')} samples"})
         outputs = model_meta.get("outputs") or []
         classes = meta.get("classes") or []
-        if task in CLASSIFICATION_TASKS and outputs and classes and all(c.lstrip("-").isdigit() for c in classes):
+        ids = [_class_id(c) for c in classes]
+        if task in CLASSIFICATION_TASKS and outputs and ids and all(i is not None for i in ids):
             shape = outputs[0].get("shape") or []
             if len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 1:
-                top = max(int(c) for c in classes)
+                top = max(i for i in ids if i is not None)
                 if top >= shape[1]:
                     errors.append({"field": field, "message": f"array 'labels' holds class {top} but the model "
                                                               f"output {outputs[0]['name']!r} has {shape[1]} classes"})
