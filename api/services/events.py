@@ -42,7 +42,7 @@ def parse_cursor(value: str | None, field: str) -> int:
 
 
 def list_events(session: Session, job_id: str, after: int, limit: int) -> Page[EventOut]:
-    """Events of a job after ``after``, oldest first (pages of up to 1000); the cursor is the last id when more remain."""
+    """Events of a job after ``after``, oldest first, up to 1000 a page; cursor = the last id when more remain."""
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     rows, cursor = paginate(session, query, JobEvent.id, after, limit, newest_first=False, max_limit=MAX_PAGE)
     return Page[EventOut](
