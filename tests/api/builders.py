@@ -94,22 +94,19 @@ def zip_bytes(files: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) 
     return buf.getvalue()
 
 
-def tar_gz_bytes(
-    files: dict[str, bytes], symlinks: dict[str, str] | None = None, hardlinks: dict[str, str] | None = None
-) -> bytes:
-    """A gzip-compressed tar archive holding ``files`` (and optional sym- and hard links name -> target)."""
+def tar_gz_bytes(files: dict[str, bytes], symlinks: dict[str, str] | None = None, hard: bool = False) -> bytes:
+    """A gzip-compressed tar archive holding ``files`` (and optional links name -> target: hard ones with ``hard``)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-        for kind, links in ((tarfile.SYMTYPE, symlinks), (tarfile.LNKTYPE, hardlinks)):
-            for name, target in (links or {}).items():
-                info = tarfile.TarInfo(name)
-                info.type = kind
-                info.linkname = target
-                tf.addfile(info)
+        for name, target in (symlinks or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.LNKTYPE if hard else tarfile.SYMTYPE
+            info.linkname = target
+            tf.addfile(info)
     return buf.getvalue()
 
 
