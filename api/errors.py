@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,26 +42,43 @@ _CODES_BY_STATUS = {
 }
 
 
+class ProblemExtras(TypedDict, total=False):
+    """The optional parts of a problem: field errors, response headers, a title other than the status phrase."""
+
+    errors: list[dict[str, Any]] | None
+    headers: dict[str, str] | None
+    title: str | None
+
+
 class ProblemError(Exception):
     """An error the API answers with a problem+json body; raise it from services and routes."""
 
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        detail: str,
-        *,
-        errors: list[dict[str, Any]] | None = None,
-        headers: dict[str, str] | None = None,
-        title: str | None = None,
-    ) -> None:
+    def __init__(self, status: int, code: str, detail: str, **extras: Unpack[ProblemExtras]) -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
-        self.errors = errors
-        self.headers = headers
-        self.title = title
+        self.errors = extras.get("errors")
+        self.headers = extras.get("headers")
+        self.title = extras.get("title")
+
+    def response(self, request: Request | None) -> JSONResponse:
+        """This problem as a problem+json response (``instance`` is the request path)."""
+        try:
+            phrase = HTTPStatus(self.status).phrase
+        except ValueError:
+            phrase = "Error"
+        body = Problem(
+            title=self.title or phrase,
+            status=self.status,
+            detail=self.detail,
+            code=self.code,
+            instance=request.url.path if request is not None else None,
+            errors=self.errors,
+        )
+        return JSONResponse(
+            body.model_dump(exclude_none=True), status_code=self.status, headers=self.headers, media_type=PROBLEM_JSON
+        )
 
 
 def field_error(status: int, code: str, field: str, message: str) -> ProblemError:
@@ -75,31 +92,10 @@ def not_found(kind: str, ident: str) -> ProblemError:
 
 
 def problem_response(
-    request: Request | None,
-    status: int,
-    code: str,
-    detail: str,
-    *,
-    errors: list[dict[str, Any]] | None = None,
-    headers: dict[str, str] | None = None,
-    title: str | None = None,
+    request: Request | None, status: int, code: str, detail: str, **extras: Unpack[ProblemExtras]
 ) -> JSONResponse:
     """A problem+json response (``instance`` is the request path)."""
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
-    body = Problem(
-        title=title or phrase,
-        status=status,
-        detail=detail,
-        code=code,
-        instance=request.url.path if request is not None else None,
-        errors=errors,
-    )
-    return JSONResponse(
-        body.model_dump(exclude_none=True), status_code=status, headers=headers, media_type=PROBLEM_JSON
-    )
+    return ProblemError(status, code, detail, **extras).response(request)
 
 
 def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -146,9 +142,7 @@ def validation_errors(errors: list[Any] | tuple[Any, ...]) -> list[dict[str, Any
 
 async def _problem_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ProblemError)
-    return problem_response(
-        request, exc.status, exc.code, exc.detail, errors=exc.errors, headers=exc.headers, title=exc.title
-    )
+    return exc.response(request)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import emit, fmt_ratio, log, machine_info, new_run_id, service, upload
+from bench.common import emit, fmt_ratio, log, machine_info, new_run_id, service, submit_job, upload
+from models.tables import SUCCEEDED
+from tests.factories_train import write_jsonl
 
 TOPICS: dict[str, list[str]] = {
     "sports": ["goal", "match", "team", "score", "coach", "league", "referee", "stadium", "player", "season"],
@@ -63,12 +65,6 @@ def rows(n: int, seed: int, noise: float = 0.0) -> list[dict[str, Any]]:
         out.append({"text": " ".join(words), "label": label})
     rng.shuffle(out)
     return out
-
-
-def write_jsonl(path: Path, data: list[dict[str, Any]]) -> Path:
-    """Rows as JSON lines."""
-    path.write_text("".join(json.dumps(r) + "\n" for r in data))
-    return path
 
 
 def random_bert(folder: Path, a: argparse.Namespace) -> Path:
@@ -188,12 +184,9 @@ def _run(a: argparse.Namespace, run_id: str, work: Path) -> dict[str, Any]:
         ev = upload(client, "datasets", evald, "text")
         spec = job_spec(a, model["id"], tr["id"], ev["id"])
         t0 = time.perf_counter()
-        r = client.post("/v1/jobs", json=spec)
-        if r.status_code != 202:
-            raise RuntimeError(f"POST /v1/jobs: {r.status_code} {r.text[:500]}")
-        job = svc.wait_job(client, r.json()["id"], timeout=a.timeout)
+        job = svc.wait_job(client, submit_job(client, spec), timeout=a.timeout)
         job_s = time.perf_counter() - t0
-    if job["status"] != "succeeded":
+    if job["status"] != SUCCEEDED:
         raise RuntimeError(f"job {job['id']} {job['status']}: {job.get('error')}")
     report = job["result"]["report"]
     steps, gains = report["steps"], report["gains"]

@@ -246,6 +246,15 @@ def upload(client: Any, kind: str, path: Path, fmt: str, name: str | None = None
     return result
 
 
+def submit_job(client: Any, spec: dict[str, Any]) -> str:
+    """POST a job spec to ``/v1/jobs``; the new job's id (raises unless the answer is 202)."""
+    r = client.post("/v1/jobs", json=spec)
+    if r.status_code != 202:
+        raise RuntimeError(f"POST /v1/jobs: {r.status_code} {r.text[:500]}")
+    job_id: str = r.json()["id"]
+    return job_id
+
+
 def run_cli(main: Callable[[list[str] | None], dict[str, Any]]) -> None:
     """Entry point wrapper for ``python -m bench.<name>``."""
     main(None)

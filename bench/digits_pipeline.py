@@ -22,7 +22,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import OUT, emit, fmt_ratio, goal_met, log, machine_info, new_run_id, ratio, service, upload
+from bench.common import (
+    OUT,
+    emit,
+    fmt_ratio,
+    goal_met,
+    log,
+    machine_info,
+    new_run_id,
+    ratio,
+    service,
+    submit_job,
+    upload,
+)
+from models.tables import SUCCEEDED
 
 GOAL_SIZE, GOAL_LATENCY, GOAL_ACC_POINTS = 10.0, 3.0, 1.0
 
@@ -156,12 +169,9 @@ def _run(a: argparse.Namespace, run_id: str, work: Path) -> dict[str, Any]:
                 for role in ("train", "eval", "calibration")}
         spec = job_spec(a, model["id"], data)
         t0 = time.perf_counter()
-        r = client.post("/v1/jobs", json=spec)
-        if r.status_code != 202:
-            raise RuntimeError(f"POST /v1/jobs: {r.status_code} {r.text[:500]}")
-        job = svc.wait_job(client, r.json()["id"], timeout=a.timeout)
+        job = svc.wait_job(client, submit_job(client, spec), timeout=a.timeout)
         job_s = time.perf_counter() - t0
-        if job["status"] != "succeeded" and (job.get("error") or {}).get("code") != "accuracy_budget_exceeded":
+        if job["status"] != SUCCEEDED and (job.get("error") or {}).get("code") != "accuracy_budget_exceeded":
             raise RuntimeError(f"job {job['id']} {job['status']}: {job.get('error')}\n{svc.logs('worker.log')}")
         art = {x["name"]: x for x in job["result"]["artifacts"]}["model.onnx"]
         out_path = work / "output.onnx"

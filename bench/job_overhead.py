@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,10 @@ from bench.common import (
     median,
     new_run_id,
     service,
+    submit_job,
     upload,
 )
+from models.tables import SUCCEEDED, TERMINAL
 
 GOAL_EXTRA_S = 1.0
 MODEL_ID, DATA_ID = "mdl_bench", "ds_bench"
@@ -216,14 +219,17 @@ def _in_process(model_path: Path, data_path: Path, spec_json: str, repeats: int,
                 "eval_input_s": rep["input"]["wall_s"], "step_s": rep["steps"][0]["wall_s"],
                 "eval_output_s": rep["output"]["wall_s"]}
 
-    out: dict[str, list[dict[str, Any]]] = {"direct": [], "pipeline": [], "cold": []}
-    for i in range(warmup):  # the first calls in a process pay one-off costs (lazy imports, ORT set-up)
-        wd = workdir / f"warmup-{i}"
+    def in_scratch(fn: Callable[[Path], dict[str, Any]], name: str) -> dict[str, Any]:
+        wd = workdir / name
         wd.mkdir(parents=True)
         try:
-            res = direct(wd)
+            return fn(wd)
         finally:
             shutil.rmtree(wd, ignore_errors=True)
+
+    out: dict[str, list[dict[str, Any]]] = {"direct": [], "pipeline": [], "cold": []}
+    for i in range(warmup):  # the first calls in a process pay one-off costs (lazy imports, ORT set-up)
+        res = in_scratch(direct, f"warmup-{i}")
         print(f"  .. in-process warm-up {i + 1}/{warmup} (not counted): {res['total_s']:.2f} s", file=sys.stderr,
               flush=True)
         out["cold"].append(res)
@@ -231,12 +237,7 @@ def _in_process(model_path: Path, data_path: Path, spec_json: str, repeats: int,
         for name, fn in (("direct", direct), ("pipeline", pipeline)):
             if name == "pipeline" and not with_pipeline:
                 continue
-            wd = workdir / f"{name}-{i}"
-            wd.mkdir(parents=True)
-            try:
-                res = fn(wd)
-            finally:
-                shutil.rmtree(wd, ignore_errors=True)
+            res = in_scratch(fn, f"{name}-{i}")
             print(f"  .. in-process {name} {i + 1}/{repeats}: {res['total_s']:.2f} s ("
                   + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()
                               if k != "total_s") + ")", file=sys.stderr, flush=True)
@@ -294,20 +295,17 @@ def run_service(kind: str, a: argparse.Namespace, model_path: Path, data_path: P
         _wait_worker_ready(svc)
         for i in range(a.warmup + a.repeats):
             t0 = time.perf_counter()
-            r = client.post("/v1/jobs", json=spec)
-            if r.status_code != 202:
-                raise RuntimeError(f"POST /v1/jobs: {r.status_code} {r.text[:500]}")
-            job_id = r.json()["id"]
+            job_id = submit_job(client, spec)
             deadline = t0 + a.job_timeout
             while True:
                 job = client.get(f"/v1/jobs/{job_id}").json()
-                if job["status"] in ("succeeded", "failed", "cancelled"):
+                if job["status"] in TERMINAL:
                     break
                 if time.perf_counter() > deadline:
                     raise TimeoutError(f"job {job_id} still {job['status']}:\n{svc.logs('worker.log')}")
                 time.sleep(a.poll)
             wall = time.perf_counter() - t0
-            if job["status"] != "succeeded":
+            if job["status"] != SUCCEEDED:
                 raise RuntimeError(f"job {job_id} {job['status']}: {job.get('error')}\n{svc.logs('worker.log')}")
             ts = {k: _ts(v) for k, v in job["timestamps"].items()}
             report = job["result"]["report"]

@@ -18,7 +18,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -51,38 +51,35 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
-class Model(Base):
+class UploadedFile:
+    """The columns of an uploaded file's row (Model and Dataset): one owner's bytes, stored by content hash."""
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    format: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    storage_key: Mapped[str] = mapped_column(String(128))
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    @declared_attr.directive
+    def __table_args__(cls) -> tuple[Any, ...]:
+        # Same bytes from the same owner are one record (uploads dedup on it); a fresh constraint per table.
+        return (UniqueConstraint("owner", "sha256"),)
+
+
+class Model(UploadedFile, Base):
     """An uploaded model file (ONNX graph or Hugging Face archive), stored by content hash."""
 
     __tablename__ = "models"
-    __table_args__ = (UniqueConstraint("owner", "sha256"),)
-
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    owner: Mapped[str] = mapped_column(String(64), index=True)
-    name: Mapped[str] = mapped_column(String(255))
-    format: Mapped[str] = mapped_column(String(16))
-    sha256: Mapped[str] = mapped_column(String(64))
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    storage_key: Mapped[str] = mapped_column(String(128))
-    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class Dataset(Base):
+class Dataset(UploadedFile, Base):
     """An uploaded dataset (npz arrays, image folder archive, or JSONL/CSV text), stored by content hash."""
 
     __tablename__ = "datasets"
-    __table_args__ = (UniqueConstraint("owner", "sha256"),)
-
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    owner: Mapped[str] = mapped_column(String(64), index=True)
-    name: Mapped[str] = mapped_column(String(255))
-    format: Mapped[str] = mapped_column(String(16))
-    sha256: Mapped[str] = mapped_column(String(64))
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    storage_key: Mapped[str] = mapped_column(String(128))
-    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Job(Base):

@@ -131,8 +131,6 @@ def accuracy_of(module: Any, data: ArrayDataset) -> float:
 @functools.cache
 def cnn_onnx() -> tuple[Path, float]:
     """A residual CNN trained on digits (>= 90%) and exported to ONNX; (path, eval accuracy)."""
-    import warnings
-
     import torch
 
     train, evald = digits()
@@ -140,20 +138,7 @@ def cnn_onnx() -> tuple[Path, float]:
     module = fit(residual_cnn(), train, epochs=8)
     acc = accuracy_of(module, evald)
     assert acc >= 0.9, acc
-    path = Path(tempfile.mkdtemp(prefix="mp-cnn-")) / "cnn.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (torch.from_numpy(evald.inputs[INPUT][:2]),),
-            str(path),
-            input_names=[INPUT],
-            output_names=[OUTPUT],
-            dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    return path, acc
+    return export_digits_onnx(module, Path(tempfile.mkdtemp(prefix="mp-cnn-")) / "cnn.onnx"), acc
 
 
 def small_resnet(in_channels: int, blocks: list[tuple[int, int, int]], classes: int = 10) -> Any:

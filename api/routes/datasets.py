@@ -6,7 +6,10 @@ from fastapi import APIRouter, Request, Response
 
 from api.deps import DB, Owner
 from api.services import catalog, uploads
+from api.services.lookup import get_owned
+from api.services.pagination import DEFAULT_LIMIT
 from models.schemas import DatasetOut, Page
+from models.tables import Dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -33,7 +36,7 @@ async def post_dataset(request: Request, response: Response, owner: Owner) -> Da
 
 @router.get("", response_model=Page[DatasetOut])
 def list_datasets(
-    owner: Owner, db: DB, after: str | None = None, limit: int = catalog.DEFAULT_LIMIT, sha256: str | None = None
+    owner: Owner, db: DB, after: str | None = None, limit: int = DEFAULT_LIMIT, sha256: str | None = None
 ) -> Page[DatasetOut]:
     """The owner's datasets, newest first (``next_cursor`` feeds ``after``)."""
     return catalog.list_datasets(db, owner, after, limit, sha256)
@@ -42,4 +45,4 @@ def list_datasets(
 @router.get("/{dataset_id}", response_model=DatasetOut)
 def get_dataset(dataset_id: str, owner: Owner, db: DB) -> DatasetOut:
     """One dataset."""
-    return catalog.dataset_out(catalog.get_dataset(db, owner, dataset_id))
+    return catalog.dataset_out(get_owned(db, Dataset, owner, dataset_id))

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from api.deps import DB, Owner, settings_dep
 from api.services import events as event_service
 from api.services import jobs as job_service
-from api.services.catalog import DEFAULT_LIMIT
+from api.services.pagination import DEFAULT_LIMIT
 from models.db import session_scope
 from models.schemas import EventOut, JobOut, Page
 from models.settings import Settings

@@ -6,7 +6,10 @@ from fastapi import APIRouter, Request, Response
 
 from api.deps import DB, Owner
 from api.services import catalog, uploads
+from api.services.lookup import get_owned
+from api.services.pagination import DEFAULT_LIMIT
 from models.schemas import ModelOut, Page
+from models.tables import Model
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -33,7 +36,7 @@ async def post_model(request: Request, response: Response, owner: Owner) -> Mode
 
 @router.get("", response_model=Page[ModelOut])
 def list_models(
-    owner: Owner, db: DB, after: str | None = None, limit: int = catalog.DEFAULT_LIMIT, sha256: str | None = None
+    owner: Owner, db: DB, after: str | None = None, limit: int = DEFAULT_LIMIT, sha256: str | None = None
 ) -> Page[ModelOut]:
     """The owner's models, newest first (``next_cursor`` feeds ``after``)."""
     return catalog.list_models(db, owner, after, limit, sha256)
@@ -42,4 +45,4 @@ def list_models(
 @router.get("/{model_id}", response_model=ModelOut)
 def get_model(model_id: str, owner: Owner, db: DB) -> ModelOut:
     """One model."""
-    return catalog.model_out(catalog.get_model(db, owner, model_id))
+    return catalog.model_out(get_owned(db, Model, owner, model_id))

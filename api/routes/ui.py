@@ -12,7 +12,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from api.deps import DB, MaybeOwner, owner_for_key, settings_dep, unauthorized
 from api.errors import ProblemError
 from api.services import pages, sessions
-from api.services.catalog import MAX_LIMIT
+from api.services.pagination import MAX_LIMIT
 from models.settings import Settings
 
 router = APIRouter(tags=["ui"])

@@ -9,7 +9,8 @@ from urllib.parse import quote
 
 from sqlalchemy.orm import Session
 
-from api.errors import ProblemError, not_found
+from api.errors import ProblemError
+from api.services.lookup import get_owned
 from models.schemas import ArtifactOut
 from models.tables import Artifact
 from storage import BlobNotFound, get_store
@@ -28,10 +29,7 @@ def artifact_out(row: Artifact) -> ArtifactOut:
 
 def get_artifact(session: Session, owner: str, artifact_id: str) -> Artifact:
     """The owner's artifact, or 404."""
-    row = session.get(Artifact, artifact_id)
-    if row is None or row.owner != owner:
-        raise not_found("artifact", artifact_id)
-    return row
+    return get_owned(session, Artifact, owner, artifact_id)
 
 
 def etag_of(row: Artifact) -> str:

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import field_error
-from api.services.catalog import check_limit
+from api.services.pagination import paginate
 from models.db import session_scope
 from models.schemas import EventOut, Page
 from models.tables import TERMINAL, Job, JobEvent
@@ -28,6 +28,7 @@ POLL_SECONDS = 0.3
 KEEPALIVE_SECONDS = 10.0
 BATCH = 200
 RETRY_MS = 2000
+MAX_PAGE = 1000  # event pages may be larger than resource pages
 
 
 def parse_cursor(value: str | None, field: str) -> int:
@@ -41,27 +42,12 @@ def parse_cursor(value: str | None, field: str) -> int:
 
 
 def list_events(session: Session, job_id: str, after: int, limit: int) -> Page[EventOut]:
-    """Events of a job after ``after``, oldest first; the cursor is the last id when more remain."""
-    check_limit_events(limit)
-    rows = list(
-        session.scalars(
-            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit + 1)
-        )
-    )
-    more = len(rows) > limit
-    rows = rows[:limit]
+    """Events of a job after ``after``, oldest first, up to 1000 a page; cursor = the last id when more remain."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    rows, cursor = paginate(session, query, JobEvent.id, after, limit, newest_first=False, max_limit=MAX_PAGE)
     return Page[EventOut](
-        data=[EventOut.model_validate(r) for r in rows], next_cursor=str(rows[-1].id) if more and rows else None
+        data=[EventOut.model_validate(r) for r in rows], next_cursor=None if cursor is None else str(cursor)
     )
-
-
-def check_limit_events(limit: int) -> int:
-    """Event pages may be larger than resource pages (up to 1000)."""
-    if limit > 100:
-        if limit > 1000:
-            raise field_error(422, "validation_error", "limit", "must be between 1 and 1000")
-        return limit
-    return check_limit(limit)
 
 
 @dataclass

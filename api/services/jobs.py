@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session
 
 from api.errors import ProblemError, field_error, not_found
 from api.services.artifacts import artifact_out
-from api.services.catalog import check_limit
+from api.services.lookup import get_owned
+from api.services.pagination import paginate
 from api.services.spec_checks import check_references
 from models.db import get_engine
 from models.ids import new_id
@@ -193,10 +194,7 @@ def _query_job_json(owner: str, job_id: str) -> tuple[bytes, str]:
 
 def get_job(session: Session, owner: str, job_id: str) -> Job:
     """The owner's job, or 404 (read fresh from the database)."""
-    job = session.get(Job, job_id, populate_existing=True)
-    if job is None or job.owner != owner:
-        raise not_found("job", job_id)
-    return job
+    return get_owned(session, Job, owner, job_id, fresh=True)
 
 
 def _by_key(session: Session, owner: str, key: str) -> Job | None:
@@ -282,18 +280,13 @@ def _enqueue(session: Session, job: Job) -> None:
 
 def list_jobs(session: Session, owner: str, status: str | None, after: str | None, limit: int) -> Page[JobOut]:
     """A page of the owner's jobs, newest first, optionally of one status; cursor = last id of the page."""
-    check_limit(limit)
     query = select(Job).where(Job.owner == owner)
     if status is not None:
         if status not in STATUSES:
             raise field_error(422, "validation_error", "status", f"{status!r} is not one of {', '.join(STATUSES)}")
         query = query.where(Job.status == status)
-    if after:
-        query = query.where(Job.id < after)
-    rows = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page[JobOut](data=[job_out(session, j) for j in rows], next_cursor=rows[-1].id if more and rows else None)
+    rows, cursor = paginate(session, query, Job.id, after, limit)
+    return Page[JobOut](data=[job_out(session, j) for j in rows], next_cursor=cursor)
 
 
 def cancel_job(session: Session, owner: str, job_id: str) -> Job:

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.errors import ProblemError
+from api.services.lookup import find_owned
 from models.spec import CLASSIFICATION_TASKS, DistillStep, JobSpec, StudentModel
 from models.tables import Dataset, Model
 
@@ -21,6 +22,12 @@ def _raise(errors: list[dict[str, Any]]) -> None:
 
 def _fmt_shape(shape: list[Any]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _class_id(label: str) -> int | None:
+    """A label that is a class index (``"3"``, ``"-1"``), else None (names, ``"²"``, ``"--1"`` are not)."""
+    digits = label[1:] if label.startswith("-") else label
+    return int(label) if digits.isdecimal() else None
 
 
 def _npz_against_inputs(field: str, ds: Dataset, model_meta: dict[str, Any], task: str) -> list[dict[str, Any]]:
@@ -52,10 +59,11 @@ def _npz_against_inputs(field: str, ds: Dataset, model_meta: dict[str, Any], tas
                                                       f"{meta.get('num_samples')} samples"})
         outputs = model_meta.get("outputs") or []
         classes = meta.get("classes") or []
-        if task in CLASSIFICATION_TASKS and outputs and classes and all(c.lstrip("-").isdigit() for c in classes):
+        ids = [_class_id(c) for c in classes]
+        if task in CLASSIFICATION_TASKS and outputs and ids and all(i is not None for i in ids):
             shape = outputs[0].get("shape") or []
             if len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 1:
-                top = max(int(c) for c in classes)
+                top = max(i for i in ids if i is not None)
                 if top >= shape[1]:
                     errors.append({"field": field, "message": f"array 'labels' holds class {top} but the model "
                                                               f"output {outputs[0]['name']!r} has {shape[1]} classes"})
@@ -67,8 +75,8 @@ def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
     errors: list[dict[str, Any]] = []
 
     def model_exists(model_id: str, field: str) -> Model | None:
-        row = session.get(Model, model_id)
-        if row is None or row.owner != owner:
+        row = find_owned(session, Model, owner, model_id)
+        if row is None:
             errors.append({"field": field, "message": f"unknown model {model_id!r}"})
             return None
         return row
@@ -79,8 +87,8 @@ def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
         ds_id = getattr(spec.data, role)
         if ds_id is None:
             continue
-        ds = session.get(Dataset, ds_id)
-        if ds is None or ds.owner != owner:
+        ds = find_owned(session, Dataset, owner, ds_id)
+        if ds is None:
             errors.append({"field": f"data.{role}", "message": f"unknown dataset {ds_id!r}"})
         else:
             datasets[role] = ds

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models.db import session_scope
 from models.ids import new_id
-from models.tables import Artifact, Job, JobEvent, Model, utcnow
+from models.tables import Artifact, Dataset, Job, JobEvent, Model, utcnow
 
 
 def onnx_bytes(in_features: int = 4, out_features: int = 3, input_name: str = "x", seed: int = 0) -> bytes:
@@ -120,15 +120,32 @@ def hf_files(config: dict[str, Any] | None = None, root: str = "") -> dict[str, 
     }
 
 
-def insert_model(owner: str = "local", inputs: list[dict[str, Any]] | None = None) -> str:
+def insert_model(
+    owner: str = "local",
+    inputs: list[dict[str, Any]] | None = None,
+    outputs: list[dict[str, Any]] | None = None,
+    format: str = "onnx",
+) -> str:
     """A model row inserted directly (for job tests that need no upload)."""
     model_id = new_id("mdl")
     meta = {"inputs": inputs or [{"name": "x", "dtype": "float32", "shape": ["batch", 4]}],
-            "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 3]}]}
+            "outputs": outputs or [{"name": "y", "dtype": "float32", "shape": ["batch", 3]}]}
     with session_scope() as s:
-        s.add(Model(id=model_id, owner=owner, name="m", format="onnx", sha256=hashlib.sha256(model_id.encode()).hexdigest(),
+        s.add(Model(id=model_id, owner=owner, name="m", format=format, sha256=hashlib.sha256(model_id.encode()).hexdigest(),
                     size_bytes=1, storage_key="0" * 64, meta=meta))
     return model_id
+
+
+def insert_dataset(owner: str = "local", format: str = "npz", meta: dict[str, Any] | None = None) -> str:
+    """A dataset row inserted directly; ``meta`` is what inspection would have stored (default: 8 x [4] floats)."""
+    dataset_id = new_id("ds")
+    if meta is None:
+        meta = {"num_samples": 8, "fields": {"x": {"dtype": "float32", "shape": [8, 4]}}}
+    with session_scope() as s:
+        s.add(Dataset(id=dataset_id, owner=owner, name="d", format=format,
+                      sha256=hashlib.sha256(dataset_id.encode()).hexdigest(), size_bytes=1, storage_key="0" * 64,
+                      meta=meta))
+    return dataset_id
 
 
 def insert_job(model_id: str, status: str = "queued", owner: str = "local", created_offset_ms: int = 0) -> str:

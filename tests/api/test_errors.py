@@ -57,3 +57,19 @@ def test_unexpected_error_is_a_500_problem_without_traceback(
     assert body["code"] == "internal_error" and "reference err_" in body["detail"]
     assert "secret" not in r.text and "Traceback" not in r.text
     assert any("secret internal state" in str(rec.exc_info) for rec in caplog.records if rec.exc_info)
+
+
+def test_a_problem_renders_its_title_headers_errors_and_instance() -> None:
+    import json
+
+    from api.errors import ProblemError, problem_response
+
+    problem = ProblemError(418, "teapot", "limit: short and stout", errors=[{"field": "limit", "message": "stout"}],
+                           headers={"Retry-After": "5"}, title="Teapot")
+    r = problem.response(None)
+    assert r.status_code == 418 and r.headers["content-type"] == PROBLEM and r.headers["retry-after"] == "5"
+    assert json.loads(r.body) == {"type": "about:blank", "title": "Teapot", "status": 418, "code": "teapot",
+                                  "detail": "limit: short and stout",
+                                  "errors": [{"field": "limit", "message": "stout"}]}
+    plain = problem_response(None, 599, "odd", "no phrase for this status")
+    assert json.loads(plain.body)["title"] == "Error" and "errors" not in json.loads(plain.body)
