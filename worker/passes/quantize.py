@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import platform
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -36,6 +38,32 @@ _QUANT_OPS = frozenset(
         "QGemm",
     }
 )
+_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def lacks_vnni(machine: str, cpuinfo: str | None) -> bool:
+    """Whether a CPU (``platform.machine()``, /proc/cpuinfo text) is x86 without VNNI, whose u8 x s8 kernels saturate."""
+    if machine.lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    if cpuinfo is None:
+        return True  # unknown x86: the safe choice costs one bit of weight precision
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return not _VNNI_FLAGS & set(flags)
+
+
+@functools.cache
+def cpu_lacks_vnni() -> bool:
+    """``lacks_vnni`` for the CPU this worker runs on."""
+    try:
+        text: str | None = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = None
+    return lacks_vnni(platform.machine(), text)
+
+
+def reduce_range(p: QuantizeStep) -> bool:
+    """7-bit weights when asked, or by default on a CPU whose int8 kernels would saturate."""
+    return cpu_lacks_vnni() if p.reduce_range is None else p.reduce_range
 
 
 def _unique_path(workdir: Path, stem: str) -> Path:
@@ -148,6 +176,8 @@ class QuantizePass(Pass):
         src = Path(model.onnx_path)
         before = model_size_bytes(src)
         metrics: dict[str, Any] = {"mode": p.mode, "size_bytes_before": before}
+        if p.mode != "fp16":
+            metrics["reduce_range"] = reduce_range(p)
         ctx.check_cancelled()
         if p.mode == "fp16":
             out = self._fp16(src, p, ctx)
@@ -266,6 +296,7 @@ class QuantizePass(Pass):
             str(out),
             op_types_to_quantize=op_types,
             per_channel=p.per_channel,
+            reduce_range=reduce_range(p),
             weight_type=QuantType.QInt8 if p.weight_type == "int8" else QuantType.QUInt8,
             nodes_to_exclude=self._node_exclusions(src, p, dynamic=True),
             use_external_data_format=_is_large(src),
@@ -307,6 +338,7 @@ class QuantizePass(Pass):
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=op_types,
             per_channel=p.per_channel,
+            reduce_range=reduce_range(p),
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8 if p.weight_type == "int8" else QuantType.QUInt8,
             nodes_to_exclude=self._node_exclusions(src, p, dynamic=False),

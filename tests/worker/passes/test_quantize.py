@@ -139,3 +139,26 @@ def test_cancellation_during_calibration(tmp_path: Path, digits_mlp: DigitsFiles
     with pytest.raises(JobCancelled):
         QuantizePass().run(model, QuantizeStep(type="quantize", mode="static"), ctx)
     assert not list(ctx.workdir.glob("quantized-static*.onnx"))
+
+
+def test_reduce_range_follows_the_cpu_unless_the_spec_says() -> None:
+    from worker.passes.quantize import lacks_vnni, reduce_range
+
+    avx2 = "processor : 0\nflags : fpu sse2 avx avx2 fma\n"
+    vnni = "processor : 0\nflags : fpu sse2 avx avx2 avx512f avx512_vnni\n"
+    assert lacks_vnni("x86_64", avx2) is True
+    assert lacks_vnni("x86_64", vnni) is False
+    assert lacks_vnni("x86_64", avx2.replace("fma", "avx_vnni")) is False
+    assert lacks_vnni("aarch64", avx2) is False  # Arm int8 kernels (sdot) do not saturate
+    assert lacks_vnni("x86_64", None) is True
+    assert reduce_range(QuantizeStep(type="quantize", reduce_range=False)) is False
+    assert reduce_range(QuantizeStep(type="quantize", reduce_range=True)) is True
+
+
+def test_dynamic_reduce_range_is_reported_and_stays_close(tmp_path: Path, digits_mlp: DigitsFiles) -> None:
+    model, metrics, _ = _quantize(tmp_path, digits_mlp, mode="dynamic", reduce_range=True)
+    assert metrics["reduce_range"] is True
+    assert model.onnx_path is not None
+    _, (x, _) = digits_split()
+    ref, out = _run(digits_mlp.model, x), _run(model.onnx_path, x)
+    assert np.abs(ref - out).max() < 0.05 * np.abs(ref).max()
