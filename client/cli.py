@@ -42,7 +42,14 @@ from client.errors import (
 )
 from client.jobs import Job
 from client.sdk import Client
-from models.report_view import comparison_rows, fmt_bytes, fmt_number, quality_rows
+from models.report_view import (
+    comparison_rows,
+    fmt_bytes,
+    fmt_number,
+    progress_text,
+    quality_rows,
+    warning_lines,
+)
 
 EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_CONNECTION = 0, 1, 2, 3
 QUANTIZE_MODES = {
@@ -140,6 +147,18 @@ def report_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def warning_texts(job: Job) -> list[Text]:
+    """A job's regression warnings ('3.2 times slower ...'), in red."""
+    result = job.data.result
+    lines = warning_lines({"warnings": result.warnings}) if result and result.warnings else warning_lines(job.report or {})
+    return [Text(f"warning: {line}", style="bold red") for line in lines]
+
+
+def _report_out(job: Job) -> list[Any]:
+    """What follows a finished job's status line: its warnings, then its before/after table."""
+    return [*warning_texts(job), *([report_table(job.report)] if job.report else [])]
+
+
 class _JobProgress:
     """A rich progress bar fed by ``Job.wait(on_progress=...)``: step i of n, phase, epoch, metrics."""
 
@@ -165,7 +184,8 @@ class _JobProgress:
         p = job.data.progress
         desc = f"{job.status}: {job.data.phase}"
         if p.steps:
-            desc = f"step {p.step}/{p.steps} {desc}"
+            where = f"step {p.step}/{p.steps}"
+            desc = f"{job.status} at {where}: {job.data.phase}" if job.status in ("failed", "cancelled") else f"{where} {desc}"
         detail = []
         if p.epoch is not None:
             detail.append(f"epoch {p.epoch}/{p.epochs}" if p.epochs else f"epoch {p.epoch}")
@@ -258,7 +278,14 @@ def _load_spec(path: str) -> dict[str, Any]:
 
 def _finish(ctx: _Ctx, job: Job) -> int:
     """Print a finished job's summary; the report's before/after table when it has one."""
-    return ctx.emit(job, f"job {job.id} {job.status}", *([report_table(job.report)] if job.report else []))
+    return ctx.emit(job, f"job {job.id} {job.status}", *_report_out(job))
+
+
+def _show_failed_report(ctx: _Ctx, exc: JobFailed) -> None:
+    """A failed job that still has a report (an accuracy-budget miss): its warnings and before/after table."""
+    if exc.job.report and not ctx.args.json:
+        for shown in _report_out(exc.job):
+            ctx.out.print(shown)
 
 
 def cmd_submit(ctx: _Ctx) -> int:
@@ -266,7 +293,12 @@ def cmd_submit(ctx: _Ctx) -> int:
     if not ctx.args.wait:
         return ctx.emit(job, job.id)
     ctx.err.print(f"submitted {job.id}")
-    return _finish(ctx, _wait(ctx, job, ctx.args.timeout))
+    try:
+        done = _wait(ctx, job, ctx.args.timeout)
+    except JobFailed as exc:
+        _show_failed_report(ctx, exc)
+        raise
+    return _finish(ctx, done)
 
 
 def cmd_jobs_list(ctx: _Ctx) -> int:
@@ -289,8 +321,7 @@ def cmd_jobs_show(ctx: _Ctx) -> int:
     d = job.data
     ctx.out.print(f"[bold]{d.id}[/bold]  status={d.status}  phase={d.phase}  attempt={d.attempt}  queue={d.queue}")
     p = d.progress
-    ctx.out.print(f"progress: step {p.step}/{p.steps}  {p.percent:.0f}%"
-                  + (f"  epoch {p.epoch}/{p.epochs}" if p.epoch is not None else "")
+    ctx.out.print("progress: " + progress_text(d.status, p.step, p.steps, p.percent, p.epoch, p.epochs)
                   + (f"  {_metrics(p.metrics)}" if p.metrics else ""))
     ctx.out.print("pipeline: " + " -> ".join(s.type for s in d.spec.steps))
     if d.error:
@@ -299,8 +330,8 @@ def cmd_jobs_show(ctx: _Ctx) -> int:
         ctx.out.print(_table("artifacts", ("id", "name", "kind", "size", "sha256"), (
             (a.id, a.name, a.kind, fmt_bytes(a.size_bytes), a.sha256[:12]) for a in job.artifacts
         )))
-    if job.report:
-        ctx.out.print(report_table(job.report))
+    for shown in _report_out(job):
+        ctx.out.print(shown)
     return EXIT_OK
 
 
@@ -408,15 +439,15 @@ def cmd_optimize(ctx: _Ctx) -> int:
         if exc.job.artifacts:
             for p in _download(ctx, exc.job, a.out):
                 ctx.err.print(f"downloaded {p}")
-            if exc.job.report:
-                ctx.out.print(report_table(exc.job.report))
+            _show_failed_report(ctx, exc)
         raise
     for p in _download(ctx, job, a.out):
         ctx.err.print(f"downloaded {p}")
     if a.json:
         ctx.print_json(job)
     elif job.report:
-        ctx.out.print(report_table(job.report))
+        for shown in _report_out(job):
+            ctx.out.print(shown)
     else:
         ctx.out.print(f"job {job.id} succeeded (no report)")
     return EXIT_OK

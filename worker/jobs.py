@@ -250,7 +250,7 @@ def _record_success(claim: Claim, owner: str, out: PipelineResult, spec: JobSpec
     files: dict[str, tuple[str, Path]] = {"model.onnx": ("model", out.output_path), "report.json": ("report", report_path)}
     files.update({name: ("extra", path) for name, path in out.files.items()})
     artifact_ids = _store_artifacts(claim, owner, files)
-    result = {"artifact_ids": artifact_ids, "report": out.report}
+    result = {"artifact_ids": artifact_ids, "report": out.report, "warnings": out.report.get("warnings") or []}
     budget = out.report.get("budget") or {}
     if budget.get("met") is False:
         drop = budget.get("accuracy_drop")
