@@ -288,17 +288,22 @@ def _show_failed_report(ctx: _Ctx, exc: JobFailed) -> None:
             ctx.out.print(shown)
 
 
-def cmd_submit(ctx: _Ctx) -> int:
-    job = ctx.client.submit(_load_spec(ctx.args.spec), idempotency_key=ctx.args.idempotency_key)
-    if not ctx.args.wait:
-        return ctx.emit(job, job.id)
-    ctx.err.print(f"submitted {job.id}")
+def _wait_and_finish(ctx: _Ctx, job: Job) -> int:
+    """Wait for a job and print its summary; a failed one with a report (a missed budget) prints the table too."""
     try:
         done = _wait(ctx, job, ctx.args.timeout)
     except JobFailed as exc:
         _show_failed_report(ctx, exc)
         raise
     return _finish(ctx, done)
+
+
+def cmd_submit(ctx: _Ctx) -> int:
+    job = ctx.client.submit(_load_spec(ctx.args.spec), idempotency_key=ctx.args.idempotency_key)
+    if not ctx.args.wait:
+        return ctx.emit(job, job.id)
+    ctx.err.print(f"submitted {job.id}")
+    return _wait_and_finish(ctx, job)
 
 
 def cmd_jobs_list(ctx: _Ctx) -> int:
@@ -336,7 +341,7 @@ def cmd_jobs_show(ctx: _Ctx) -> int:
 
 
 def cmd_jobs_wait(ctx: _Ctx) -> int:
-    return _finish(ctx, _wait(ctx, ctx.client.job(ctx.args.id), ctx.args.timeout))
+    return _wait_and_finish(ctx, ctx.client.job(ctx.args.id))
 
 
 def cmd_jobs_logs(ctx: _Ctx) -> int:

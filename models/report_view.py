@@ -284,3 +284,16 @@ def progress_text(status: str, step: Any, steps: Any, percent: Any, epoch: Any =
     if epoch is not None:
         parts.append(f"epoch {fmt_number(epoch)}/{fmt_number(epochs)}" if epochs else f"epoch {fmt_number(epoch)}")
     return " · ".join(parts)
+
+
+def accuracy_drop_text(drop: Any, allowed: Any = None, num_samples: Any = None) -> str:
+    """An accuracy change for people: '-1.01 points, 4 of 397 samples (allowed 1.00)' from a 0.0101 drop."""
+    if not is_num(drop):
+        return "the metric could not be measured"
+    points = -float(drop) * 100
+    text = f"{points:+.2f} points".replace("-", "\u2212")
+    if is_num(num_samples) and int(num_samples) > 0:
+        text += f", {round(abs(float(drop)) * int(num_samples))} of {int(num_samples)} samples"
+    if is_num(allowed):
+        text += f" (allowed \u2212{float(allowed) * 100:.2f})"
+    return text

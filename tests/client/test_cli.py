@@ -127,6 +127,32 @@ def test_show_and_wait_print_the_report_rows_the_html_report_shows(
             assert q.value_text in next(line for line in lines if q.label in line)
 
 
+def test_wait_and_show_print_a_red_slower_warning_and_a_missed_budget_table(
+    api_service: LiveService, files: dict[str, Path]
+) -> None:
+    from models.report_view import regressions
+
+    model = json.loads(mp("models", "upload", str(files["model"]), "--json", url=api_service.url, check=0).stdout)
+    report = sample_report()
+    report["input"]["latency_ms"], report["output"]["latency_ms"] = {"median": 0.27}, {"median": 0.864}
+    report["gains"]["latency_ratio"] = 0.27 / 0.864
+    warnings = regressions(report["input"], report["output"])
+    error = {"code": "accuracy_budget_exceeded", "step": "evaluate",
+             "message": "accuracy \u22121.01 points, 4 of 397 samples (allowed \u22121.00)"}
+    job_id = insert_job(api_service, model["id"], status="failed", phase="failed", error=error,
+                        progress={"step": 5, "steps": 5, "percent": 80.0},
+                        result={"report": report, "warnings": warnings})
+    waited = mp("jobs", "wait", job_id, url=api_service.url, check=1)
+    assert "warning: 3.2\u00d7 slower than the input model (0.27 \u2192 0.864 ms median)" in waited.stdout
+    assert "before / after" in waited.stdout and "accuracy budget" in waited.stdout
+    assert "accuracy_budget_exceeded" in waited.stderr and "4 of 397 samples" in waited.stderr
+    shown = mp("jobs", "show", job_id, url=api_service.url, check=0).stdout
+    assert "progress: failed at step 5/5" in shown and "80%" not in shown
+    assert "3.2\u00d7 slower" in shown
+    as_json = json.loads(mp("jobs", "show", job_id, "--json", url=api_service.url, check=0).stdout)
+    assert as_json["result"]["warnings"][0]["code"] == "slower_than_input"
+
+
 @pytest.mark.e2e
 def test_optimize_end_to_end(live_worker_service: LiveService, files: dict[str, Path], tmp_path: Path) -> None:
     out = mp("optimize", str(files["model"]), "--data", str(files["data"]), "--quantize", "int8",
