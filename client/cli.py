@@ -365,6 +365,28 @@ def cmd_download(ctx: _Ctx) -> int:
     return ctx.emit([str(p) for p in paths], *(str(p) for p in paths))
 
 
+CONV_OPS, MATMUL_OPS = ("Conv", "ConvTranspose"), ("MatMul", "Gemm")
+
+
+def int8_step(model_meta: dict[str, Any] | None, calibrated: bool) -> tuple[dict[str, Any], str]:
+    """The INT8 quantize step that suits the graph, and why: static QDQ for a convolution model with calibration data
+    (dynamic INT8 runs convolutions through ConvInteger, slow on CPU), dynamic for a MatMul-heavy one."""
+    ops = (model_meta or {}).get("op_types")
+    if not isinstance(ops, dict) or not ops:
+        return dict(QUANTIZE_MODES["int8-dynamic"]), "dynamic INT8: the model record lists no op types"
+    conv = sum(int(ops.get(op, 0)) for op in CONV_OPS)
+    matmul = sum(int(ops.get(op, 0)) for op in MATMUL_OPS)
+    counts = f"{conv} Conv and {matmul} MatMul/Gemm nodes"
+    if conv and conv >= matmul:
+        if calibrated:
+            return dict(QUANTIZE_MODES["int8-static"]), (
+                f"static INT8 (QDQ): the graph has {conv} Conv nodes and calibration data was given")
+        return dict(QUANTIZE_MODES["int8-dynamic"]), (
+            f"dynamic INT8: the graph has {conv} Conv nodes but no calibration data was given "
+            "(give --calibration or --data for static INT8, faster for convolutions)")
+    return dict(QUANTIZE_MODES["int8-dynamic"]), f"dynamic INT8: the graph is MatMul-heavy ({counts})"
+
+
 def build_optimize_spec(
     model: str,
     train: str | None,
@@ -380,8 +402,13 @@ def build_optimize_spec(
     epochs: int | None = None,
     max_accuracy_drop: float | None = None,
     queue: str | None = None,
+    model_meta: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The job spec ``optimize`` submits: prune -> finetune -> distill -> quantize (each optional)."""
+    """The job spec ``optimize`` submits: prune -> finetune -> distill -> quantize (each optional).
+
+    ``--quantize int8`` becomes static or dynamic from ``model_meta``'s op counts; the reason goes to ``notes``.
+    """
     steps: list[dict[str, Any]] = []
     training = {"epochs": epochs} if epochs else {}
     if prune is not None:
@@ -392,7 +419,12 @@ def build_optimize_spec(
         steps.append({"type": "finetune", **training})
     if distill:
         steps.append({"type": "distill", "teacher": "input", **training})
-    if quantize:
+    if quantize == "int8":
+        step, why = int8_step(model_meta, bool(train or eval_ or calibration))
+        steps.append(step)
+        if notes is not None:
+            notes.append(why)
+    elif quantize:
         steps.append(dict(QUANTIZE_MODES[quantize]))
     if not steps:
         raise ValueError("nothing to do: give at least one of --prune, --distill, --finetune, --quantize")
@@ -417,20 +449,24 @@ def cmd_optimize(ctx: _Ctx) -> int:
     files = {"train": train or None, "eval": eval_path, "calibration": a.calibration}
     if a.dry_run:
         refs = {k: f"<upload:{v}>" if v else None for k, v in files.items()}
-        model_ref = f"<upload:{a.model}>"
+        model_ref, model_meta = f"<upload:{a.model}>", None
     else:
-        model_ref = _upload(ctx, "models", a.model, a.model_format, None).id
+        model_record = _upload(ctx, "models", a.model, a.model_format, None)
+        model_ref, model_meta = model_record.id, dict(model_record.meta or {})
         uploaded: dict[str, str] = {}
         refs = {}
         for key, path in files.items():
             if path and path not in uploaded:
                 uploaded[path] = _upload(ctx, "datasets", path, a.data_format, None).id
             refs[key] = uploaded[path] if path else None
+    notes: list[str] = []
     spec = build_optimize_spec(
         model_ref, refs["train"], refs["eval"], refs["calibration"], task=a.task, prune=a.prune,
         distill=a.distill, finetune=a.finetune, recover=not a.no_recover, quantize=a.quantize,
-        epochs=a.epochs, max_accuracy_drop=a.max_accuracy_drop, queue=a.queue,
+        epochs=a.epochs, max_accuracy_drop=a.max_accuracy_drop, queue=a.queue, model_meta=model_meta, notes=notes,
     )
+    for note in notes:
+        ctx.err.print(f"quantize int8 -> {note}", markup=False)
     validated = Client.build_spec(spec)
     if a.dry_run:
         ctx.print_json(validated.model_dump(mode="json", exclude_none=True))

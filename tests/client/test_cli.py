@@ -153,6 +153,33 @@ def test_wait_and_show_print_a_red_slower_warning_and_a_missed_budget_table(
     assert as_json["result"]["warnings"][0]["code"] == "slower_than_input"
 
 
+def test_int8_picks_static_for_a_calibrated_conv_graph_and_dynamic_for_matmul() -> None:
+    from client.cli import build_optimize_spec, int8_step
+
+    step, why = int8_step({"op_types": {"Conv": 12, "Relu": 12, "Gemm": 1}}, calibrated=True)
+    assert step["mode"] == "static" and why == "static INT8 (QDQ): the graph has 12 Conv nodes and calibration data was given"
+    step, why = int8_step({"op_types": {"Conv": 12, "Gemm": 1}}, calibrated=False)
+    assert step["mode"] == "dynamic" and "no calibration data" in why
+    step, why = int8_step({"op_types": {"MatMul": 96, "Softmax": 12}}, calibrated=True)
+    assert step["mode"] == "dynamic" and why == "dynamic INT8: the graph is MatMul-heavy (0 Conv and 96 MatMul/Gemm nodes)"
+    notes: list[str] = []
+    spec = build_optimize_spec("mdl_x", "ds_t", None, None, prune=0.5, quantize="int8",
+                               model_meta={"op_types": {"Conv": 4}}, notes=notes)
+    assert [s["type"] for s in spec["steps"]] == ["prune", "distill", "quantize"]
+    assert spec["steps"][-1]["mode"] == "static" and notes == [
+        "static INT8 (QDQ): the graph has 4 Conv nodes and calibration data was given"]
+
+
+def test_optimize_int8_says_which_mode_it_picked_from_the_uploaded_record(
+    api_service: LiveService, files: dict[str, Path]
+) -> None:
+    record = json.loads(mp("models", "upload", str(files["model"]), "--json", url=api_service.url, check=0).stdout)
+    assert record["meta"]["op_types"] == {"Add": 1, "MatMul": 1}
+    out = mp("optimize", str(files["model"]), "--data", str(files["data"]), "--quantize", "int8",
+             "--task", "generic", "--out", str(files["dir"] / "o"), "--timeout", "0.5", url=api_service.url)
+    assert "quantize int8 -> dynamic INT8: the graph is MatMul-heavy (0 Conv and 1 MatMul/Gemm nodes)" in out.stderr, out
+
+
 @pytest.mark.e2e
 def test_optimize_end_to_end(live_worker_service: LiveService, files: dict[str, Path], tmp_path: Path) -> None:
     out = mp("optimize", str(files["model"]), "--data", str(files["data"]), "--quantize", "int8",
