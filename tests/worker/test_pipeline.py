@@ -232,9 +232,8 @@ def test_no_steps_returns_the_input_with_exact_fidelity(tmp_path: Path, digits_m
     assert r["budget"] == {"max_accuracy_drop": 0.0, "metric": "accuracy", "accuracy_drop": 0.0, "met": True}
 
 
-def test_a_cnn_made_slower_by_dynamic_int8_says_so(tmp_path: Path) -> None:
-    """Dynamic INT8 runs a CNN's convolutions through ConvInteger, slower on CPU: the report warns, with the ratio."""
-    from models.report_view import warning_lines
+def run_cnn_dynamic_int8(tmp_path: Path) -> pipeline.PipelineResult:
+    """The digits residual CNN through dynamic INT8 (its convolutions become ConvInteger, slow on CPU)."""
     from tests.factories import write_npz
     from tests.factories_train import INPUT, cnn_onnx, digits
 
@@ -248,7 +247,14 @@ def test_a_cnn_made_slower_by_dynamic_int8_says_so(tmp_path: Path) -> None:
     })
     ctx = LocalContext(tmp_path / "work", spec, models={"mdl_cnn": (model_path, "onnx", {})},
                        datasets={"ds_eval": (eval_npz, "npz", {})}, device="cpu")
-    r = pipeline.run(spec, ctx).report
+    return pipeline.run(spec, ctx)
+
+
+def test_a_cnn_made_slower_by_dynamic_int8_says_so(tmp_path: Path) -> None:
+    """Dynamic INT8 runs a CNN's convolutions through ConvInteger, slower on CPU: the report warns, with the ratio."""
+    from models.report_view import warning_lines
+
+    r = run_cnn_dynamic_int8(tmp_path).report
     before, after = r["input"]["latency_ms"]["median"], r["output"]["latency_ms"]["median"]
     assert after > before * 1.05, (before, after)
     slower = [w for w in r["warnings"] if w["code"] == "slower_than_input"]
