@@ -306,6 +306,11 @@ def cmd_submit(ctx: _Ctx) -> int:
     return _wait_and_finish(ctx, job)
 
 
+def _progress(job: Job) -> str:
+    p = job.data.progress
+    return progress_text(job.status, p.step, p.steps, p.percent, p.epoch, p.epochs)
+
+
 def cmd_jobs_list(ctx: _Ctx) -> int:
     jobs = []
     for job in ctx.client.jobs(status=ctx.args.status):
@@ -313,7 +318,7 @@ def cmd_jobs_list(ctx: _Ctx) -> int:
         if ctx.args.limit and len(jobs) >= ctx.args.limit:
             break
     return ctx.emit([j.data for j in jobs], _table("jobs", ("id", "status", "phase", "progress", "created"), (
-        (j.id, j.status, j.data.phase, f"{j.data.progress.percent:.0f}%", _when(j.data.timestamps.created_at))
+        (j.id, j.status, j.data.phase, _progress(j), _when(j.data.timestamps.created_at))
         for j in jobs
     )))
 
@@ -326,7 +331,7 @@ def cmd_jobs_show(ctx: _Ctx) -> int:
     d = job.data
     ctx.out.print(f"[bold]{d.id}[/bold]  status={d.status}  phase={d.phase}  attempt={d.attempt}  queue={d.queue}")
     p = d.progress
-    ctx.out.print("progress: " + progress_text(d.status, p.step, p.steps, p.percent, p.epoch, p.epochs)
+    ctx.out.print("progress: " + _progress(job)
                   + (f"  {_metrics(p.metrics)}" if p.metrics else ""))
     ctx.out.print("pipeline: " + " -> ".join(s.type for s in d.spec.steps))
     if d.error:

@@ -149,6 +149,8 @@ def test_wait_and_show_print_a_red_slower_warning_and_a_missed_budget_table(
     shown = mp("jobs", "show", job_id, url=api_service.url, check=0).stdout
     assert "progress: failed at step 5/5" in shown and "80%" not in shown
     assert "3.2\u00d7 slower" in shown
+    listed = next(line for line in mp("jobs", "list", url=api_service.url, check=0).stdout.splitlines() if job_id in line)
+    assert "failed at step 5/5" in listed and "80%" not in listed
     as_json = json.loads(mp("jobs", "show", job_id, "--json", url=api_service.url, check=0).stdout)
     assert as_json["result"]["warnings"][0]["code"] == "slower_than_input"
 
