@@ -188,6 +188,7 @@ def test_optimize_end_to_end(live_worker_service: LiveService, files: dict[str, 
              "--out", str(tmp_path / "out"), url=live_worker_service.url, check=0)
     assert any(p.suffix == ".onnx" for p in (tmp_path / "out").iterdir())
     assert "before" in out.stdout and "size" in out.stdout
+    assert "quantize int8 -> dynamic INT8: the graph is MatMul-heavy" in out.stderr
     job_id = json.loads(mp("jobs", "list", "--json", url=live_worker_service.url, check=0).stdout)[0]["id"]
     logs = mp("jobs", "logs", job_id, "--follow", "--json", url=live_worker_service.url, check=0)
     assert [json.loads(line)["job_id"] for line in logs.stdout.splitlines()] and job_id in logs.stdout
