@@ -42,7 +42,14 @@ from client.errors import (
 )
 from client.jobs import Job
 from client.sdk import Client
-from models.report_view import comparison_rows, fmt_bytes, fmt_number, quality_rows
+from models.report_view import (
+    comparison_rows,
+    fmt_bytes,
+    fmt_number,
+    progress_text,
+    quality_rows,
+    warning_lines,
+)
 
 EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_CONNECTION = 0, 1, 2, 3
 QUANTIZE_MODES = {
@@ -140,6 +147,18 @@ def report_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def warning_texts(job: Job) -> list[Text]:
+    """A job's regression warnings ('3.2 times slower ...'), in red."""
+    result = job.data.result
+    lines = warning_lines({"warnings": result.warnings}) if result and result.warnings else warning_lines(job.report or {})
+    return [Text(f"warning: {line}", style="bold red") for line in lines]
+
+
+def _report_out(job: Job) -> list[Any]:
+    """What follows a finished job's status line: its warnings, then its before/after table."""
+    return [*warning_texts(job), *([report_table(job.report)] if job.report else [])]
+
+
 class _JobProgress:
     """A rich progress bar fed by ``Job.wait(on_progress=...)``: step i of n, phase, epoch, metrics."""
 
@@ -165,7 +184,8 @@ class _JobProgress:
         p = job.data.progress
         desc = f"{job.status}: {job.data.phase}"
         if p.steps:
-            desc = f"step {p.step}/{p.steps} {desc}"
+            where = f"step {p.step}/{p.steps}"
+            desc = f"{job.status} at {where}: {job.data.phase}" if job.status in ("failed", "cancelled") else f"{where} {desc}"
         detail = []
         if p.epoch is not None:
             detail.append(f"epoch {p.epoch}/{p.epochs}" if p.epochs else f"epoch {p.epoch}")
@@ -258,7 +278,24 @@ def _load_spec(path: str) -> dict[str, Any]:
 
 def _finish(ctx: _Ctx, job: Job) -> int:
     """Print a finished job's summary; the report's before/after table when it has one."""
-    return ctx.emit(job, f"job {job.id} {job.status}", *([report_table(job.report)] if job.report else []))
+    return ctx.emit(job, f"job {job.id} {job.status}", *_report_out(job))
+
+
+def _show_failed_report(ctx: _Ctx, exc: JobFailed) -> None:
+    """A failed job that still has a report (an accuracy-budget miss): its warnings and before/after table."""
+    if exc.job.report and not ctx.args.json:
+        for shown in _report_out(exc.job):
+            ctx.out.print(shown)
+
+
+def _wait_and_finish(ctx: _Ctx, job: Job) -> int:
+    """Wait for a job and print its summary; a failed one with a report (a missed budget) prints the table too."""
+    try:
+        done = _wait(ctx, job, ctx.args.timeout)
+    except JobFailed as exc:
+        _show_failed_report(ctx, exc)
+        raise
+    return _finish(ctx, done)
 
 
 def cmd_submit(ctx: _Ctx) -> int:
@@ -266,7 +303,12 @@ def cmd_submit(ctx: _Ctx) -> int:
     if not ctx.args.wait:
         return ctx.emit(job, job.id)
     ctx.err.print(f"submitted {job.id}")
-    return _finish(ctx, _wait(ctx, job, ctx.args.timeout))
+    return _wait_and_finish(ctx, job)
+
+
+def _progress(job: Job) -> str:
+    p = job.data.progress
+    return progress_text(job.status, p.step, p.steps, p.percent, p.epoch, p.epochs)
 
 
 def cmd_jobs_list(ctx: _Ctx) -> int:
@@ -276,7 +318,7 @@ def cmd_jobs_list(ctx: _Ctx) -> int:
         if ctx.args.limit and len(jobs) >= ctx.args.limit:
             break
     return ctx.emit([j.data for j in jobs], _table("jobs", ("id", "status", "phase", "progress", "created"), (
-        (j.id, j.status, j.data.phase, f"{j.data.progress.percent:.0f}%", _when(j.data.timestamps.created_at))
+        (j.id, j.status, j.data.phase, _progress(j), _when(j.data.timestamps.created_at))
         for j in jobs
     )))
 
@@ -289,8 +331,7 @@ def cmd_jobs_show(ctx: _Ctx) -> int:
     d = job.data
     ctx.out.print(f"[bold]{d.id}[/bold]  status={d.status}  phase={d.phase}  attempt={d.attempt}  queue={d.queue}")
     p = d.progress
-    ctx.out.print(f"progress: step {p.step}/{p.steps}  {p.percent:.0f}%"
-                  + (f"  epoch {p.epoch}/{p.epochs}" if p.epoch is not None else "")
+    ctx.out.print("progress: " + _progress(job)
                   + (f"  {_metrics(p.metrics)}" if p.metrics else ""))
     ctx.out.print("pipeline: " + " -> ".join(s.type for s in d.spec.steps))
     if d.error:
@@ -299,13 +340,13 @@ def cmd_jobs_show(ctx: _Ctx) -> int:
         ctx.out.print(_table("artifacts", ("id", "name", "kind", "size", "sha256"), (
             (a.id, a.name, a.kind, fmt_bytes(a.size_bytes), a.sha256[:12]) for a in job.artifacts
         )))
-    if job.report:
-        ctx.out.print(report_table(job.report))
+    for shown in _report_out(job):
+        ctx.out.print(shown)
     return EXIT_OK
 
 
 def cmd_jobs_wait(ctx: _Ctx) -> int:
-    return _finish(ctx, _wait(ctx, ctx.client.job(ctx.args.id), ctx.args.timeout))
+    return _wait_and_finish(ctx, ctx.client.job(ctx.args.id))
 
 
 def cmd_jobs_logs(ctx: _Ctx) -> int:
@@ -329,6 +370,28 @@ def cmd_download(ctx: _Ctx) -> int:
     return ctx.emit([str(p) for p in paths], *(str(p) for p in paths))
 
 
+CONV_OPS, MATMUL_OPS = ("Conv", "ConvTranspose"), ("MatMul", "Gemm")
+
+
+def int8_step(model_meta: dict[str, Any] | None, calibrated: bool) -> tuple[dict[str, Any], str]:
+    """The INT8 quantize step that suits the graph, and why: static QDQ for a convolution model with calibration data
+    (dynamic INT8 runs convolutions through ConvInteger, slow on CPU), dynamic for a MatMul-heavy one."""
+    ops = (model_meta or {}).get("op_types")
+    if not isinstance(ops, dict) or not ops:
+        return dict(QUANTIZE_MODES["int8-dynamic"]), "dynamic INT8: the model record lists no op types"
+    conv = sum(int(ops.get(op, 0)) for op in CONV_OPS)
+    matmul = sum(int(ops.get(op, 0)) for op in MATMUL_OPS)
+    counts = f"{conv} Conv and {matmul} MatMul/Gemm nodes"
+    if conv and conv >= matmul:
+        if calibrated:
+            return dict(QUANTIZE_MODES["int8-static"]), (
+                f"static INT8 (QDQ): the graph has {conv} Conv nodes and calibration data was given")
+        return dict(QUANTIZE_MODES["int8-dynamic"]), (
+            f"dynamic INT8: the graph has {conv} Conv nodes but no calibration data was given "
+            "(give --calibration or --data for static INT8, faster for convolutions)")
+    return dict(QUANTIZE_MODES["int8-dynamic"]), f"dynamic INT8: the graph is MatMul-heavy ({counts})"
+
+
 def build_optimize_spec(
     model: str,
     train: str | None,
@@ -344,8 +407,13 @@ def build_optimize_spec(
     epochs: int | None = None,
     max_accuracy_drop: float | None = None,
     queue: str | None = None,
+    model_meta: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The job spec ``optimize`` submits: prune -> finetune -> distill -> quantize (each optional)."""
+    """The job spec ``optimize`` submits: prune -> finetune -> distill -> quantize (each optional).
+
+    ``--quantize int8`` becomes static or dynamic from ``model_meta``'s op counts; the reason goes to ``notes``.
+    """
     steps: list[dict[str, Any]] = []
     training = {"epochs": epochs} if epochs else {}
     if prune is not None:
@@ -356,7 +424,12 @@ def build_optimize_spec(
         steps.append({"type": "finetune", **training})
     if distill:
         steps.append({"type": "distill", "teacher": "input", **training})
-    if quantize:
+    if quantize == "int8":
+        step, why = int8_step(model_meta, bool(train or eval_ or calibration))
+        steps.append(step)
+        if notes is not None:
+            notes.append(why)
+    elif quantize:
         steps.append(dict(QUANTIZE_MODES[quantize]))
     if not steps:
         raise ValueError("nothing to do: give at least one of --prune, --distill, --finetune, --quantize")
@@ -381,20 +454,24 @@ def cmd_optimize(ctx: _Ctx) -> int:
     files = {"train": train or None, "eval": eval_path, "calibration": a.calibration}
     if a.dry_run:
         refs = {k: f"<upload:{v}>" if v else None for k, v in files.items()}
-        model_ref = f"<upload:{a.model}>"
+        model_ref, model_meta = f"<upload:{a.model}>", None
     else:
-        model_ref = _upload(ctx, "models", a.model, a.model_format, None).id
+        model_record = _upload(ctx, "models", a.model, a.model_format, None)
+        model_ref, model_meta = model_record.id, dict(model_record.meta or {})
         uploaded: dict[str, str] = {}
         refs = {}
         for key, path in files.items():
             if path and path not in uploaded:
                 uploaded[path] = _upload(ctx, "datasets", path, a.data_format, None).id
             refs[key] = uploaded[path] if path else None
+    notes: list[str] = []
     spec = build_optimize_spec(
         model_ref, refs["train"], refs["eval"], refs["calibration"], task=a.task, prune=a.prune,
         distill=a.distill, finetune=a.finetune, recover=not a.no_recover, quantize=a.quantize,
-        epochs=a.epochs, max_accuracy_drop=a.max_accuracy_drop, queue=a.queue,
+        epochs=a.epochs, max_accuracy_drop=a.max_accuracy_drop, queue=a.queue, model_meta=model_meta, notes=notes,
     )
+    for note in notes:
+        ctx.err.print(f"quantize int8 -> {note}", markup=False)
     validated = Client.build_spec(spec)
     if a.dry_run:
         ctx.print_json(validated.model_dump(mode="json", exclude_none=True))
@@ -408,15 +485,15 @@ def cmd_optimize(ctx: _Ctx) -> int:
         if exc.job.artifacts:
             for p in _download(ctx, exc.job, a.out):
                 ctx.err.print(f"downloaded {p}")
-            if exc.job.report:
-                ctx.out.print(report_table(exc.job.report))
+            _show_failed_report(ctx, exc)
         raise
     for p in _download(ctx, job, a.out):
         ctx.err.print(f"downloaded {p}")
     if a.json:
         ctx.print_json(job)
     elif job.report:
-        ctx.out.print(report_table(job.report))
+        for shown in _report_out(job):
+            ctx.out.print(shown)
     else:
         ctx.out.print(f"job {job.id} succeeded (no report)")
     return EXIT_OK

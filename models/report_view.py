@@ -171,12 +171,29 @@ class Gain:
 GAIN_WORDS = (("size_ratio", "smaller"), ("latency_ratio", "faster"), ("params_ratio", "fewer parameters"))
 
 
+WORSE_WORDS = {"smaller": "larger", "faster": "slower", "fewer parameters": "more parameters"}
+
+
+def ratio_words(ratio: float, word: str, digits: int = 2) -> tuple[str, bool]:
+    """A before/after ratio as a person reads it: 1.8 -> ('1.80 times', better); 0.31 -> ('3.23 times', worse).
+
+    Returns the multiplier text and whether it is an improvement; the caller appends ``word`` or its opposite.
+    """
+    if ratio >= 1 or ratio <= 0:
+        return f"{ratio:.{digits}f}{TIMES}", True
+    return f"{1 / ratio:.{digits}f}{TIMES}", False
+
+
 def gains(report: dict[str, Any]) -> list[Gain]:
-    """The report's headline gains (size, latency, parameter ratios; accuracy delta)."""
+    """The report's headline gains (size, latency, parameter ratios; accuracy delta); a loss reads '3.20 times slower'."""
     found = report.get("gains") or {}
     if not isinstance(found, dict):
         return []
-    out = [Gain(f"{float(found[key]):.2f}{TIMES}", word) for key, word in GAIN_WORDS if is_num(found.get(key))]
+    out = []
+    for key, word in GAIN_WORDS:
+        if is_num(found.get(key)):
+            text, better = ratio_words(float(found[key]), word)
+            out.append(Gain(text, word if better else WORSE_WORDS[word], None if better else False))
     if is_num(found.get("accuracy_delta")):
         delta = float(found["accuracy_delta"])
         out.append(Gain(f"{delta:+.4f}", "accuracy", delta >= 0))
@@ -218,3 +235,65 @@ def step_rows(report: dict[str, Any]) -> list[StepRow]:
         rows.append(StepRow(step.get("index"), label, step.get("wall_s"), fmt_number(step.get("index")),
                             fmt_number(step.get("wall_s"), 3), shown, curves))
     return rows
+
+
+# The output may be this much slower than the input before a job warns: latency medians jitter by a few percent.
+LATENCY_NOISE = 0.05
+
+
+def regressions(baseline: dict[str, Any], output: dict[str, Any]) -> list[dict[str, Any]]:
+    """Warnings for an output that is slower (beyond LATENCY_NOISE) or larger than its input.
+
+    Each is ``{"code", "message", "ratio"}``, ratio = after / before (3.2 means 3.2 times slower or larger).
+    """
+    out: list[dict[str, Any]] = []
+    lb, la = latency_median(baseline), latency_median(output)
+    if is_num(lb) and is_num(la) and float(lb) > 0 and float(la) > float(lb) * (1 + LATENCY_NOISE):
+        ratio = float(la) / float(lb)
+        out.append({"code": "slower_than_input", "ratio": round(ratio, 3),
+                    "message": f"{ratio:.1f}{TIMES} slower than the input model "
+                               f"({fmt_number(float(lb), 3)} \u2192 {fmt_number(float(la), 3)} ms median)"})
+    sb, sa = baseline.get("size_bytes") or 0, output.get("size_bytes") or 0
+    if is_num(sb) and is_num(sa) and float(sb) > 0 and float(sa) > float(sb):
+        ratio = float(sa) / float(sb)
+        out.append({"code": "larger_than_input", "ratio": round(ratio, 3),
+                    "message": f"{ratio:.2f}{TIMES} larger than the input model ({fmt_bytes(sb)} \u2192 {fmt_bytes(sa)})"})
+    return out
+
+
+def warning_lines(report: dict[str, Any]) -> list[str]:
+    """The lines a person reads for a report's (or a job result's) warnings; computed from its sides when absent."""
+    found = report.get("warnings")
+    if found is None:
+        inner = report.get("report")
+        if isinstance(inner, dict):
+            return warning_lines(inner)
+        b, a = report.get("input"), report.get("output")
+        found = regressions(b, a) if isinstance(b, dict) and isinstance(a, dict) else []
+    return [str(w.get("message") or w.get("code")) for w in found if isinstance(w, dict)]
+
+
+def progress_text(status: str, step: Any, steps: Any, percent: Any, epoch: Any = None, epochs: Any = None) -> str:
+    """A job's progress in words: '40% · step 2/5 · epoch 1/3' while it runs; 'failed at step 5/5' once it failed."""
+    where = f"step {fmt_number(step)}/{fmt_number(steps)}" if steps else ""
+    if status in ("failed", "cancelled"):
+        return f"{status} at {where}" if where else status
+    if status == "succeeded":
+        return "100%" + (f" · {fmt_number(steps)} steps" if steps else "")
+    parts = [f"{float(percent or 0):.0f}%"] + ([where] if where else [])
+    if epoch is not None:
+        parts.append(f"epoch {fmt_number(epoch)}/{fmt_number(epochs)}" if epochs else f"epoch {fmt_number(epoch)}")
+    return " · ".join(parts)
+
+
+def accuracy_drop_text(drop: Any, allowed: Any = None, num_samples: Any = None) -> str:
+    """An accuracy change for people: '-1.01 points, 4 of 397 samples (allowed 1.00)' from a 0.0101 drop."""
+    if not is_num(drop):
+        return "the metric could not be measured"
+    points = -float(drop) * 100
+    text = f"{points:+.2f} points".replace("-", "\u2212")
+    if is_num(num_samples) and int(num_samples) > 0:
+        text += f", {round(abs(float(drop)) * int(num_samples))} of {int(num_samples)} samples"
+    if is_num(allowed):
+        text += f" (allowed \u2212{float(allowed) * 100:.2f})"
+    return text

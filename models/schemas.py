@@ -78,6 +78,8 @@ class ArtifactOut(_Out):
 class JobResult(BaseModel):
     artifacts: list[ArtifactOut] = Field(default_factory=list)
     report: dict[str, Any] = Field(default_factory=dict)
+    # A latency or size regression against the input: {code: slower_than_input | larger_than_input, message, ratio}.
+    warnings: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class Timestamps(BaseModel):

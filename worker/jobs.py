@@ -250,13 +250,15 @@ def _record_success(claim: Claim, owner: str, out: PipelineResult, spec: JobSpec
     files: dict[str, tuple[str, Path]] = {"model.onnx": ("model", out.output_path), "report.json": ("report", report_path)}
     files.update({name: ("extra", path) for name, path in out.files.items()})
     artifact_ids = _store_artifacts(claim, owner, files)
-    result = {"artifact_ids": artifact_ids, "report": out.report}
+    result = {"artifact_ids": artifact_ids, "report": out.report, "warnings": out.report.get("warnings") or []}
     budget = out.report.get("budget") or {}
     if budget.get("met") is False:
-        drop = budget.get("accuracy_drop")
+        from models.report_view import accuracy_drop_text
+
+        change = accuracy_drop_text(budget.get("accuracy_drop"), spec.evaluate.max_accuracy_drop,
+                                    (out.report.get("output") or {}).get("num_samples"))
         error = {"code": "accuracy_budget_exceeded", "step": "evaluate",
-                 "message": f"accuracy dropped by {drop} (allowed {spec.evaluate.max_accuracy_drop}); "
-                            "the model is still downloadable"}
+                 "message": f"accuracy {change}; the model is still downloadable"}
         _finish(claim, FAILED, error=error, result=result, message="failed: accuracy budget exceeded")
     else:
         _finish(claim, SUCCEEDED, result=result, message="succeeded")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from models.report_view import regressions
 from models.spec import step_label
 from worker.passes.base import JobCancelled, Pass, StepFailed, WorkingModel
 
@@ -172,6 +173,8 @@ def build_report(
             "metric_delta": None if in_metric is None or out_metric is None else out_metric - in_metric,
         },
         "budget": budget,
+        # Computed once here, beside the gains: the API, the pages and the CLI read these back.
+        "warnings": regressions(baseline, output),
         "environment": _environment(spec, device),
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,4 +90,6 @@ def _onnx_meta(model: onnx.ModelProto) -> dict[str, Any]:
         "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p) or None,
         "graph_name": graph.name or None,
         "nodes": len(graph.node),
+        # How many nodes of each op type the main graph has: clients pick an INT8 mode from it (Conv vs MatMul).
+        "op_types": dict(sorted(Counter(n.op_type for n in graph.node).items())),
     }

@@ -57,6 +57,14 @@ def _spec_of(job: Job) -> JobSpec:
         return JobSpec.model_construct(**job.spec)
 
 
+def _warnings(stored: dict[str, Any], report: Any) -> list[dict[str, Any]]:
+    """A result's regression warnings (older results keep them only in the report, or not at all)."""
+    found = stored.get("warnings")
+    if found is None and isinstance(report, dict):
+        found = report.get("warnings")
+    return [w for w in found or [] if isinstance(w, dict)]
+
+
 def job_out(session: Session, job: Job) -> JobOut:
     """The response body of a job, with its artifacts from the index."""
     artifacts = list(session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)))
@@ -64,7 +72,8 @@ def job_out(session: Session, job: Job) -> JobOut:
     stored: dict[str, Any] = job.result or {}
     if stored or artifacts:
         report = stored.get("report") if "report" in stored else {k: v for k, v in stored.items() if k != "artifacts"}
-        result = JobResult(artifacts=[artifact_out(a) for a in artifacts], report=report or {})
+        result = JobResult(artifacts=[artifact_out(a) for a in artifacts], report=report or {},
+                           warnings=_warnings(stored, report))
     error: JobError | None = None
     if job.error:
         error = JobError(
@@ -171,7 +180,7 @@ def _query_job_json(owner: str, job_id: str) -> tuple[bytes, str]:
     result = None
     if stored or artifacts:
         report = stored.get("report") if "report" in stored else {k: v for k, v in stored.items() if k != "artifacts"}
-        result = {"artifacts": artifacts, "report": report or {}}
+        result = {"artifacts": artifacts, "report": report or {}, "warnings": _warnings(stored, report)}
     error = None
     if job.error:
         error = {"code": str(job.error.get("code", "error")), "message": str(job.error.get("message", "")),

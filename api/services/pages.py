@@ -51,6 +51,7 @@ class ReportPage:
     error: JobError | None
     comparison: list[rv.ComparisonRow]
     gains: list[rv.Gain]
+    warnings: list[str]
     quality: list[rv.QualityRow]
     charts: list[Markup]
     curves: list[tuple[str, list[Markup]]]
@@ -74,6 +75,7 @@ class DashboardRow:
     progress_text: str
     created: str
     artifacts: list[ArtifactLink]
+    warnings: list[str]
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,12 @@ def _spec(job: JobOut) -> dict[str, Any]:
 def _report(job: JobOut) -> dict[str, Any]:
     report = job.result.report if job.result else None
     return report if isinstance(report, dict) else {}
+
+
+def _warning_lines(job: JobOut) -> list[str]:
+    if job.result and job.result.warnings:
+        return rv.warning_lines({"warnings": job.result.warnings})
+    return rv.warning_lines(_report(job))
 
 
 def _links(artifacts: list[ArtifactOut]) -> list[ArtifactLink]:
@@ -157,7 +165,7 @@ def report_page(session: Session, owner: str, job_id: str) -> ReportPage:
         created=when(job.timestamps.created_at), finished=when(job.timestamps.finished_at),
         pipeline=rv.pipeline_labels(report, spec), error=job.error,
         comparison=rv.comparison_rows(report) if has_sides else [],
-        gains=rv.gains(report), quality=rv.quality_rows(report),
+        gains=rv.gains(report), warnings=_warning_lines(job), quality=rv.quality_rows(report),
         charts=before_after_charts(report) if has_sides else [],
         curves=curve_charts(steps), steps=steps,
         step_chart=charts.step_times("wall time per step (s)", [(s.label, s.wall_s) for s in steps]),
@@ -169,15 +177,13 @@ def report_page(session: Session, owner: str, job_id: str) -> ReportPage:
 def _dashboard_row(job: JobOut) -> DashboardRow:
     p = job.progress
     percent = 100.0 if job.status == SUCCEEDED else min(max(float(p.percent or 0.0), 0.0), 100.0)
-    text = f"step {rv.fmt_number(p.step)}/{rv.fmt_number(p.steps)}" if p.steps else ""
-    if p.epoch is not None:
-        text += f" · epoch {rv.fmt_number(p.epoch)}/{rv.fmt_number(p.epochs)}"
+    text = rv.progress_text(job.status, p.step, p.steps, percent, p.epoch, p.epochs)
     error = f"{job.error.code}: {job.error.message[:160]}" if job.error else ""
     pipeline = [rv.step_label(s) for s in _spec(job).get("steps") or [] if isinstance(s, dict)]
     return DashboardRow(
         id=job.id, status=job.status, phase=job.phase, pipeline=pipeline, error=error, percent=percent,
         progress_text=text, created=when(job.timestamps.created_at),
-        artifacts=_links(job.result.artifacts if job.result else []),
+        artifacts=_links(job.result.artifacts if job.result else []), warnings=_warning_lines(job),
     )
 
 

@@ -61,7 +61,7 @@ def test_dashboard_rows(pg_env: str) -> None:
     rows = {r.id: r for r in board.rows}
     assert [r.id for r in board.rows] == [failed, running, done]  # newest first, this owner's only
     assert rows[done].percent == 100.0 and [a.id for a in rows[done].artifacts] == arts
-    assert rows[running].percent == 100.0 and rows[running].progress_text == "step 2/3 · epoch 2/4"  # clamped
+    assert rows[running].percent == 100.0 and rows[running].progress_text == "100% · step 2/3 · epoch 2/4"  # clamped
     assert rows[failed].percent == 10.0 and rows[failed].error == "step_failed: " + "x" * 160
     assert rows[done].pipeline == ["prune structured 0.5", "distill 4 ep", "quantize dynamic"]
     assert "cancelling" not in board.filters and board.status is None and board.refresh == pages.REFRESH_S

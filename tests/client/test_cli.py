@@ -127,12 +127,68 @@ def test_show_and_wait_print_the_report_rows_the_html_report_shows(
             assert q.value_text in next(line for line in lines if q.label in line)
 
 
+def test_wait_and_show_print_a_red_slower_warning_and_a_missed_budget_table(
+    api_service: LiveService, files: dict[str, Path]
+) -> None:
+    from models.report_view import regressions
+
+    model = json.loads(mp("models", "upload", str(files["model"]), "--json", url=api_service.url, check=0).stdout)
+    report = sample_report()
+    report["input"]["latency_ms"], report["output"]["latency_ms"] = {"median": 0.27}, {"median": 0.864}
+    report["gains"]["latency_ratio"] = 0.27 / 0.864
+    warnings = regressions(report["input"], report["output"])
+    error = {"code": "accuracy_budget_exceeded", "step": "evaluate",
+             "message": "accuracy \u22121.01 points, 4 of 397 samples (allowed \u22121.00)"}
+    job_id = insert_job(api_service, model["id"], status="failed", phase="failed", error=error,
+                        progress={"step": 5, "steps": 5, "percent": 80.0},
+                        result={"report": report, "warnings": warnings})
+    waited = mp("jobs", "wait", job_id, url=api_service.url, check=1)
+    assert "warning: 3.2\u00d7 slower than the input model (0.27 \u2192 0.864 ms median)" in waited.stdout
+    assert "before / after" in waited.stdout and "accuracy budget" in waited.stdout
+    assert "accuracy_budget_exceeded" in waited.stderr and "4 of 397 samples" in waited.stderr
+    shown = mp("jobs", "show", job_id, url=api_service.url, check=0).stdout
+    assert "progress: failed at step 5/5" in shown and "80%" not in shown
+    assert "3.2\u00d7 slower" in shown
+    listed = next(line for line in mp("jobs", "list", url=api_service.url, check=0).stdout.splitlines() if job_id in line)
+    assert "failed at step 5/5" in listed and "80%" not in listed
+    as_json = json.loads(mp("jobs", "show", job_id, "--json", url=api_service.url, check=0).stdout)
+    assert as_json["result"]["warnings"][0]["code"] == "slower_than_input"
+
+
+def test_int8_picks_static_for_a_calibrated_conv_graph_and_dynamic_for_matmul() -> None:
+    from client.cli import build_optimize_spec, int8_step
+
+    step, why = int8_step({"op_types": {"Conv": 12, "Relu": 12, "Gemm": 1}}, calibrated=True)
+    assert step["mode"] == "static" and why == "static INT8 (QDQ): the graph has 12 Conv nodes and calibration data was given"
+    step, why = int8_step({"op_types": {"Conv": 12, "Gemm": 1}}, calibrated=False)
+    assert step["mode"] == "dynamic" and "no calibration data" in why
+    step, why = int8_step({"op_types": {"MatMul": 96, "Softmax": 12}}, calibrated=True)
+    assert step["mode"] == "dynamic" and why == "dynamic INT8: the graph is MatMul-heavy (0 Conv and 96 MatMul/Gemm nodes)"
+    notes: list[str] = []
+    spec = build_optimize_spec("mdl_x", "ds_t", None, None, prune=0.5, quantize="int8",
+                               model_meta={"op_types": {"Conv": 4}}, notes=notes)
+    assert [s["type"] for s in spec["steps"]] == ["prune", "distill", "quantize"]
+    assert spec["steps"][-1]["mode"] == "static" and notes == [
+        "static INT8 (QDQ): the graph has 4 Conv nodes and calibration data was given"]
+
+
+def test_optimize_int8_says_which_mode_it_picked_from_the_uploaded_record(
+    api_service: LiveService, files: dict[str, Path]
+) -> None:
+    record = json.loads(mp("models", "upload", str(files["model"]), "--json", url=api_service.url, check=0).stdout)
+    assert record["meta"]["op_types"] == {"Add": 1, "MatMul": 1}
+    out = mp("optimize", str(files["model"]), "--data", str(files["data"]), "--quantize", "int8",
+             "--task", "generic", "--out", str(files["dir"] / "o"), "--timeout", "0.5", url=api_service.url)
+    assert "quantize int8 -> dynamic INT8: the graph is MatMul-heavy (0 Conv and 1 MatMul/Gemm nodes)" in out.stderr, out
+
+
 @pytest.mark.e2e
 def test_optimize_end_to_end(live_worker_service: LiveService, files: dict[str, Path], tmp_path: Path) -> None:
     out = mp("optimize", str(files["model"]), "--data", str(files["data"]), "--quantize", "int8",
              "--out", str(tmp_path / "out"), url=live_worker_service.url, check=0)
     assert any(p.suffix == ".onnx" for p in (tmp_path / "out").iterdir())
     assert "before" in out.stdout and "size" in out.stdout
+    assert "quantize int8 -> dynamic INT8: the graph is MatMul-heavy" in out.stderr
     job_id = json.loads(mp("jobs", "list", "--json", url=live_worker_service.url, check=0).stdout)[0]["id"]
     logs = mp("jobs", "logs", job_id, "--follow", "--json", url=live_worker_service.url, check=0)
     assert [json.loads(line)["job_id"] for line in logs.stdout.splitlines()] and job_id in logs.stdout

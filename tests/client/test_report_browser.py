@@ -164,3 +164,32 @@ def test_network_monitor_sees_external_requests(browser: Browser) -> None:
     html = '<html><body><img src="http://example.invalid/pixel.png"></body></html>'
     browser.open("data:text/html," + html)
     assert any(u.startswith("http://example.invalid/") for u in browser.requested_urls())
+
+
+def test_a_slower_output_shows_a_red_warning(server: str, browser: Browser) -> None:
+    """A job whose output is 3.2x slower: the report page and the dashboard row say 'slower', in red."""
+    from models.report_view import regressions
+    from tests.api.report_samples import sample_report
+
+    report = sample_report()
+    report["input"]["latency_ms"] = {"median": 0.27, "p90": 0.3, "mean": 0.28}
+    report["output"]["latency_ms"] = {"median": 0.864, "p90": 0.9, "mean": 0.87}
+    report["gains"]["latency_ratio"] = 0.27 / 0.864
+    report["warnings"] = regressions(report["input"], report["output"])
+    job_id, _ = insert_job(report=report)
+    shown = """JSON.stringify(Array.from(document.querySelectorAll('.warning')).map(e => {
+      const b = e.getBoundingClientRect();
+      return {text: e.textContent.trim(), colour: getComputedStyle(e).color, visible: b.width > 0 && b.height > 0
+              && getComputedStyle(e).visibility === 'visible'}; }))"""
+    for url in (f"{server}/v1/jobs/{job_id}/report.html", f"{server}/"):
+        browser.open(url)
+        warnings = json.loads(browser.evaluate(shown))
+        assert len(warnings) == 1, (url, warnings)
+        w = warnings[0]
+        assert "3.2\u00d7 slower than the input model (0.27 \u2192 0.864 ms median)" in w["text"], w
+        assert w["visible"], w
+        r, g, b = (int(v) for v in w["colour"][w["colour"].index("(") + 1:-1].split(",")[:3])
+        assert r > 150 and g < 100 and b < 100, w["colour"]  # red
+    browser.open(f"{server}/v1/jobs/{job_id}/report.html")
+    gains = browser.evaluate("document.querySelector('p.gains').textContent")
+    assert "3.20\u00d7 slower" in gains and "faster" not in gains, gains

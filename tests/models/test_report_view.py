@@ -82,3 +82,34 @@ def test_step_rows_with_curves() -> None:
     assert list(steps[1].curves) == ["loss", "eval_metric", "lr"]
     assert steps[1].curves["loss"] == [(1, 1.92), (2, 1.11), (3, 0.74), (4, 0.61)]
     assert rv.step_rows({"steps": ["junk", {"type": "export"}]})[0].label == "export"
+
+
+def test_regressions_warn_beyond_the_noise_margin_and_read_as_people_do() -> None:
+    base = {"latency_ms": {"median": 0.27}, "size_bytes": 1000}
+    slower = rv.regressions(base, {"latency_ms": {"median": 0.864}, "size_bytes": 2500})
+    assert [w["code"] for w in slower] == ["slower_than_input", "larger_than_input"]
+    assert slower[0]["ratio"] == 3.2 and slower[1]["ratio"] == 2.5
+    assert slower[0]["message"] == "3.2\u00d7 slower than the input model (0.27 \u2192 0.864 ms median)"
+    assert slower[1]["message"].startswith("2.50\u00d7 larger than the input model")
+    # 4% slower is within the latency noise margin; 6% is not.
+    assert rv.regressions(base, {"latency_ms": {"median": 0.27 * 1.04}, "size_bytes": 400}) == []
+    assert [w["code"] for w in rv.regressions(base, {"latency_ms": {"median": 0.27 * 1.06}})] == ["slower_than_input"]
+    assert rv.warning_lines({"input": base, "output": {"latency_ms": {"median": 0.864}}}) == [slower[0]["message"]]
+    assert rv.warning_lines({"report": {"warnings": slower}}) == [w["message"] for w in slower]
+
+
+def test_gains_below_one_read_slower_never_point_three_faster() -> None:
+    shown = rv.gains({"gains": {"latency_ratio": 0.3125, "size_ratio": 1.8}})
+    assert [(g.value_text, g.word, g.better) for g in shown] == [
+        ("1.80\u00d7", "smaller", None), ("3.20\u00d7", "slower", False)]
+
+
+def test_progress_text_of_a_failed_job_is_not_a_percentage() -> None:
+    assert rv.progress_text("failed", 5, 5, 80.0) == "failed at step 5/5"
+    assert rv.progress_text("running", 2, 5, 40.0, 1, 3) == "40% · step 2/5 · epoch 1/3"
+    assert rv.progress_text("succeeded", 5, 5, 80.0) == "100% · 5 steps"
+
+
+def test_accuracy_drop_text_rounds_for_people() -> None:
+    assert rv.accuracy_drop_text(0.010101, 0.01, 397) == "\u22121.01 points, 4 of 397 samples (allowed \u22121.00)"
+    assert rv.accuracy_drop_text(None) == "the metric could not be measured"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -101,3 +102,23 @@ def test_execute_leaves_no_work_folder_behind(pg_env: str) -> None:
     job = _get(job_id)
     assert job.error is not None and job.error["step"]
     assert not (get_settings().home / "work" / job_id).exists()
+
+
+def test_a_slower_output_is_a_warning_in_the_job_result(pg_env: str, tmp_path: Path) -> None:
+    """A real pipeline run that makes a CNN slower, recorded as a job: result.warnings says so, the API serves it."""
+    from api.services.jobs import job_out
+    from models.spec import JobSpec
+    from tests.worker.test_pipeline import run_cnn_dynamic_int8
+
+    out = run_cnn_dynamic_int8(tmp_path)
+    job_id = _job(status="running", attempt=1)
+    spec = JobSpec.model_validate({"model": "mdl_x", "task": "image-classification", "data": {"eval": "ds_e"},
+                                   "steps": [{"type": "quantize", "mode": "dynamic"}]})
+    jobs._record_success(jobs.Claim(job_id, 1), "local", out, spec, tmp_path)
+    job = _get(job_id)
+    assert job.status == "succeeded" and job.result is not None
+    codes = [w["code"] for w in job.result["warnings"]]
+    assert "slower_than_input" in codes
+    with session_scope() as s:
+        served = job_out(s, s.get(Job, job_id))
+    assert served.result is not None and "slower than the input model" in served.result.warnings[0]["message"]

@@ -230,3 +230,34 @@ def test_no_steps_returns_the_input_with_exact_fidelity(tmp_path: Path, digits_m
     assert r["pipeline"] == [] and r["steps"] == [] and r["fidelity"]["max_abs_err"] == 0.0
     assert r["gains"]["size_ratio"] == 1.0 and r["gains"]["latency_ratio"] is None
     assert r["budget"] == {"max_accuracy_drop": 0.0, "metric": "accuracy", "accuracy_drop": 0.0, "met": True}
+
+
+def run_cnn_dynamic_int8(tmp_path: Path) -> pipeline.PipelineResult:
+    """The digits residual CNN through dynamic INT8 (its convolutions become ConvInteger, slow on CPU)."""
+    from tests.factories import write_npz
+    from tests.factories_train import INPUT, cnn_onnx, digits
+
+    model_path, _ = cnn_onnx()
+    _, evald = digits()
+    eval_npz = write_npz(tmp_path / "eval.npz", evald.inputs[INPUT][:64], evald.labels[:64], input_name=INPUT)
+    spec = JobSpec.model_validate({
+        "model": "mdl_cnn", "task": "image-classification", "data": {"eval": "ds_eval"},
+        "steps": [{"type": "quantize", "mode": "dynamic"}],
+        "evaluate": {"latency": {"warmup": 5, "runs": 40, "batch_size": 8}},
+    })
+    ctx = LocalContext(tmp_path / "work", spec, models={"mdl_cnn": (model_path, "onnx", {})},
+                       datasets={"ds_eval": (eval_npz, "npz", {})}, device="cpu")
+    return pipeline.run(spec, ctx)
+
+
+def test_a_cnn_made_slower_by_dynamic_int8_says_so(tmp_path: Path) -> None:
+    """Dynamic INT8 runs a CNN's convolutions through ConvInteger, slower on CPU: the report warns, with the ratio."""
+    from models.report_view import warning_lines
+
+    r = run_cnn_dynamic_int8(tmp_path).report
+    before, after = r["input"]["latency_ms"]["median"], r["output"]["latency_ms"]["median"]
+    assert after > before * 1.05, (before, after)
+    slower = [w for w in r["warnings"] if w["code"] == "slower_than_input"]
+    assert len(slower) == 1 and slower[0]["ratio"] == pytest.approx(after / before, rel=1e-2)
+    assert f"{after / before:.1f}\u00d7 slower than the input model" in slower[0]["message"]
+    assert any("slower" in line for line in warning_lines(r))
