@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, cast
 
+from models.spec import step_label
+
 
 def is_num(v: Any) -> bool:
     """A finite int or float (not a bool)."""
@@ -137,18 +139,6 @@ def quality_rows(report: dict[str, Any]) -> list[QualityRow]:
             if key in fidelity:
                 rows.append(QualityRow(f"fidelity: {label}", fmt_number(fidelity.get(key), 6)))
     return rows
-
-
-def step_label(step: dict[str, Any]) -> str:
-    """A spec step in a few words: 'prune structured 0.5', 'quantize dynamic', 'distill 3 ep'."""
-    kind = str(step.get("type", "?"))
-    if kind == "prune":
-        return f"prune {step.get('method', 'structured')} {fmt_number(step.get('ratio'))}"
-    if kind == "quantize":
-        return f"quantize {step.get('mode', 'dynamic')}"
-    if kind in ("finetune", "distill") and step.get("epochs"):
-        return f"{kind} {step.get('epochs')} ep"
-    return kind
 
 
 def pipeline_labels(report: dict[str, Any], spec: dict[str, Any]) -> list[str]:

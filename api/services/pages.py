@@ -17,6 +17,7 @@ from api import charts
 from api.services import jobs as job_service
 from models import report_view as rv
 from models.schemas import ArtifactOut, JobError, JobOut
+from models.spec import step_label
 from models.tables import STATUSES, SUCCEEDED, TERMINAL
 
 REFRESH_S = 5
@@ -179,7 +180,7 @@ def _dashboard_row(job: JobOut) -> DashboardRow:
     percent = 100.0 if job.status == SUCCEEDED else min(max(float(p.percent or 0.0), 0.0), 100.0)
     text = rv.progress_text(job.status, p.step, p.steps, percent, p.epoch, p.epochs)
     error = f"{job.error.code}: {job.error.message[:160]}" if job.error else ""
-    pipeline = [rv.step_label(s) for s in _spec(job).get("steps") or [] if isinstance(s, dict)]
+    pipeline = [step_label(s) for s in _spec(job).get("steps") or [] if isinstance(s, dict)]
     return DashboardRow(
         id=job.id, status=job.status, phase=job.phase, pipeline=pipeline, error=error, percent=percent,
         progress_text=text, created=when(job.timestamps.created_at),

@@ -30,12 +30,13 @@ from storage.base import BlobStore, Staged, UploadTooLarge
 log = logging.getLogger("modelpress.api.uploads")
 
 Kind = Literal["model", "dataset"]
-FORMATS: dict[str, tuple[str, ...]] = {"model": ("onnx", "hf"), "dataset": ("npz", "imagefolder", "text")}
 TABLES: dict[str, type[Model] | type[Dataset]] = {"model": Model, "dataset": Dataset}
+# The formats an upload may declare are the ones with an inspector (api/inspection/__init__.py).
 INSPECTORS: dict[str, dict[str, Callable[..., dict[str, Any]]]] = {
     "model": inspection.MODEL_INSPECTORS,
     "dataset": inspection.DATASET_INSPECTORS,
 }
+FORMATS: dict[str, tuple[str, ...]] = {kind: tuple(by_format) for kind, by_format in INSPECTORS.items()}
 ERROR_CODES = {"model": "invalid_model", "dataset": "invalid_dataset"}
 MAX_NAME = 255
 

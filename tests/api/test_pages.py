@@ -39,7 +39,7 @@ def test_report_page_of_a_running_job_refreshes_and_has_no_comparison(pg_env: st
         page = pages.report_page(s, "local", job_id)
     assert page.running and page.refresh == pages.REFRESH_S
     assert page.comparison == [] and page.charts == [] and page.artifacts == [] and page.step_chart == ""
-    assert page.pipeline == ["prune structured 0.5", "distill 4 ep", "quantize dynamic"]  # from the spec
+    assert page.pipeline == ["prune (structured 0.5)", "distill", "quantize (dynamic)"]  # from the spec
 
 
 def test_another_owners_job_is_not_found(pg_env: str) -> None:
@@ -63,7 +63,7 @@ def test_dashboard_rows(pg_env: str) -> None:
     assert rows[done].percent == 100.0 and [a.id for a in rows[done].artifacts] == arts
     assert rows[running].percent == 100.0 and rows[running].progress_text == "100% · step 2/3 · epoch 2/4"  # clamped
     assert rows[failed].percent == 10.0 and rows[failed].error == "step_failed: " + "x" * 160
-    assert rows[done].pipeline == ["prune structured 0.5", "distill 4 ep", "quantize dynamic"]
+    assert rows[done].pipeline == ["prune (structured 0.5)", "distill", "quantize (dynamic)"]  # the step table's labels
     assert "cancelling" not in board.filters and board.status is None and board.refresh == pages.REFRESH_S
 
 

@@ -55,13 +55,9 @@ def test_quality_rows() -> None:
     assert rv.quality_rows({}) == []
 
 
-def test_step_labels_and_pipeline() -> None:
-    assert rv.step_label({"type": "prune", "ratio": 0.3}) == "prune structured 0.3"
-    assert rv.step_label({"type": "quantize", "mode": "static"}) == "quantize static"
-    assert rv.step_label({"type": "finetune", "epochs": 2}) == "finetune 2 ep"
-    assert rv.step_label({"type": "export"}) == "export"
+def test_pipeline_labels_from_the_report_else_from_the_step_table() -> None:
     spec = {"steps": [{"type": "prune", "method": "unstructured", "ratio": 0.5}, {"type": "quantize"}]}
-    assert rv.pipeline_labels({}, spec) == ["prune unstructured 0.5", "quantize dynamic"]
+    assert rv.pipeline_labels({}, spec) == ["prune (unstructured 0.5)", "quantize (dynamic)"]
     assert rv.pipeline_labels(sample_report(), spec) == ["prune structured 0.5", "distill 4 ep", "quantize dynamic"]
 
 
