@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Generic, TypeVar
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from models.spec import JobSpec
 
 T = TypeVar("T")
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# A timestamp in API JSON: always aware UTC (naive input is taken as UTC), so it serializes ending in ``Z``.
+UTCTimestamp = Annotated[datetime, AfterValidator(_as_utc)]
 
 
 class _Out(BaseModel):
@@ -31,7 +39,7 @@ class ModelOut(_Out):
     inputs: list[TensorInfo] = Field(default_factory=list)
     outputs: list[TensorInfo] = Field(default_factory=list)
     meta: dict[str, Any] = Field(default_factory=dict)
-    created_at: datetime
+    created_at: UTCTimestamp
 
 
 class DatasetOut(_Out):
@@ -44,7 +52,7 @@ class DatasetOut(_Out):
     fields: dict[str, Any] = Field(default_factory=dict)
     classes: list[str] | None = None
     meta: dict[str, Any] = Field(default_factory=dict)
-    created_at: datetime
+    created_at: UTCTimestamp
 
 
 class Progress(BaseModel):
@@ -71,7 +79,7 @@ class ArtifactOut(_Out):
     sha256: str
     size_bytes: int
     meta: dict[str, Any] = Field(default_factory=dict)
-    created_at: datetime
+    created_at: UTCTimestamp
     url: str = ""
 
 
@@ -81,10 +89,10 @@ class JobResult(BaseModel):
 
 
 class Timestamps(BaseModel):
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    created_at: UTCTimestamp
+    updated_at: UTCTimestamp
+    started_at: UTCTimestamp | None = None
+    finished_at: UTCTimestamp | None = None
 
 
 class JobOut(BaseModel):
@@ -103,7 +111,7 @@ class JobOut(BaseModel):
 class EventOut(_Out):
     id: int
     job_id: str
-    ts: datetime
+    ts: UTCTimestamp
     kind: str
     message: str
     data: dict[str, Any] = Field(default_factory=dict)

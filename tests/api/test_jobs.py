@@ -246,3 +246,21 @@ def test_enqueue_reaches_a_real_redis_broker(
         conn.delete(queue, f"_kombu.binding.{queue}")
     finally:
         worker.celery_app.get_celery.cache_clear()
+
+
+@pytest.mark.parametrize("db", ["pg_env", "sqlite_env"])
+def test_timestamps_in_responses_are_utc(db: str, request: pytest.FixtureRequest) -> None:
+    request.getfixturevalue(db)
+    from api.main import create_app
+
+    with TestClient(create_app(), raise_server_exceptions=False) as c:
+        model = _upload_model(c)
+        assert model["created_at"].endswith("Z"), model
+        r = c.post("/v1/jobs", json={"model": model["id"], "task": "generic",
+                                     "steps": [{"type": "quantize", "mode": "dynamic"}]})
+        assert r.status_code == 202, r.text
+        job = c.get(f"/v1/jobs/{r.json()['id']}").json()
+        stamps = [v for v in job["timestamps"].values() if v is not None]
+        assert stamps and all(v.endswith("Z") for v in stamps), job["timestamps"]
+        events = c.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+        assert events and all(e["ts"].endswith("Z") for e in events), events
