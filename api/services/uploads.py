@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from api import inspection
 from api.errors import ProblemError, field_error
 from api.services.multipart import MAX_FIELD_BYTES, MultipartStream
+from api.services.numbers import parse_int64
 from models.db import session_scope
 from models.ids import new_id
 from models.settings import get_settings
@@ -74,7 +75,10 @@ def check_declared_length(request: Request, overhead: int = 0) -> None:
     """Refuse at once a body whose Content-Length already says it is over the limit (plus ``overhead``)."""
     limit = get_settings().max_upload_bytes
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + overhead:
+    # An all-digits length past 64 bits is over any limit (and ``int`` of thousands of digits raises).
+    if declared and declared.isascii() and declared.isdigit() and (
+        parse_int64(declared) is None or int(declared) > limit + overhead
+    ):
         raise UploadTooLarge(limit)
 
 
