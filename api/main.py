@@ -9,13 +9,18 @@ from fastapi import FastAPI
 from api import errors
 from api.routes import artifacts, datasets, health, jobs, models, passes, ui
 from api.services.metrics import Metrics, MetricsMiddleware
+from models.settings import get_settings
 
 log = logging.getLogger("modelpress.api")
 
 
 def create_app() -> FastAPI:
     """A new API application (tests make one per test; ``app`` below is the process's)."""
+    public = get_settings().docs_are_public
     app = FastAPI(
+        docs_url="/docs" if public else None,
+        redoc_url="/redoc" if public else None,
+        openapi_url="/openapi.json" if public else None,
         title="modelpress",
         version="0.1.0",
         description="Upload a model and data, submit an optimization job, download the ONNX and its report.",
