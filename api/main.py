@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI
 
 from api import errors
+from api.bodylimit import JsonBodyLimit
 from api.routes import artifacts, datasets, health, jobs, models, passes, ui
 from api.services.metrics import Metrics, MetricsMiddleware
 from models.settings import get_settings
@@ -28,6 +29,7 @@ def create_app() -> FastAPI:
     errors.install(app)
     metrics = Metrics()
     app.state.metrics = metrics
+    app.add_middleware(JsonBodyLimit)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.routers = []
     for module in (health, models, datasets, jobs, artifacts, passes, ui):

@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     # The blob store (storage.backends): file:///folder; default a file URL of storage_dir.
     storage_url: str = ""
     max_upload_bytes: int = 4 * 1024**3
+    # JSON request bodies (a job spec), counted while reading: 413 past it.
+    max_json_body_bytes: int = Field(1024**2, ge=1)
     owner: str = "local"
     api_key: str | None = None
     # /docs, /redoc, /openapi.json and (without the Bearer key) /metrics; default: public only without api_key.

@@ -18,3 +18,11 @@ def parse_int64(text: str) -> int | None:
         return None
     value = int(text)
     return value if value <= INT64_MAX else None
+
+
+def length_over(declared: str | None, limit: int) -> bool:
+    """Whether a ``Content-Length`` header already says the body is over ``limit`` (past 64 bits is)."""
+    if not declared or not (declared.isascii() and declared.isdigit()):
+        return False
+    value = parse_int64(declared)
+    return value is None or value > limit
