@@ -230,3 +230,28 @@ def test_no_steps_returns_the_input_with_exact_fidelity(tmp_path: Path, digits_m
     assert r["pipeline"] == [] and r["steps"] == [] and r["fidelity"]["max_abs_err"] == 0.0
     assert r["gains"]["size_ratio"] == 1.0 and r["gains"]["latency_ratio"] is None
     assert r["budget"] == {"max_accuracy_drop": 0.0, "metric": "accuracy", "accuracy_drop": 0.0, "met": True}
+
+
+class _CancelDuringEvaluation(LocalContext):
+    """The cancel flag flips on the first check made inside the evaluation (the second check of the job)."""
+
+    checks = 0
+
+    def check_cancelled(self) -> None:
+        self.checks += 1
+        if self.checks == 2:
+            self.cancelled = True
+        super().check_cancelled()
+
+
+@pytest.mark.parametrize("metrics", [["latency"], ["accuracy"]])
+def test_a_cancel_during_evaluation_ends_it_promptly(
+    tmp_path: Path, digits_mlp: DigitsFiles, metrics: list[str]
+) -> None:
+    spec = _spec([{"type": "quantize", "mode": "dynamic"}], metrics=metrics,
+                 latency={"warmup": 0, "runs": 1000, "batch_size": 8}, batch_size=1)
+    ctx = _ctx(tmp_path, digits_mlp, spec, _CancelDuringEvaluation)
+    with pytest.raises(JobCancelled) as info:
+        pipeline.run(spec, ctx)
+    # Raised from inside the evaluation's loops, not at the pipeline's next step boundary.
+    assert any(Path(str(entry.path)).name == "evaluate.py" for entry in info.traceback)
