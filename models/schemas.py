@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from models.clock import as_utc
 from models.spec import JobSpec
 
 T = TypeVar("T")
 
 
-def _as_utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 # A timestamp in API JSON: always aware UTC (naive input is taken as UTC), so it serializes ending in ``Z``.
-UTCTimestamp = Annotated[datetime, AfterValidator(_as_utc)]
+UTCTimestamp = Annotated[datetime, AfterValidator(as_utc)]
 
 
 class _Out(BaseModel):
