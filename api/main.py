@@ -7,15 +7,21 @@ import logging
 from fastapi import FastAPI
 
 from api import errors
+from api.bodylimit import JsonBodyLimit
 from api.routes import artifacts, datasets, health, jobs, models, passes, ui
 from api.services.metrics import Metrics, MetricsMiddleware
+from models.settings import get_settings
 
 log = logging.getLogger("modelpress.api")
 
 
 def create_app() -> FastAPI:
     """A new API application (tests make one per test; ``app`` below is the process's)."""
+    public = get_settings().docs_are_public
     app = FastAPI(
+        docs_url="/docs" if public else None,
+        redoc_url="/redoc" if public else None,
+        openapi_url="/openapi.json" if public else None,
         title="modelpress",
         version="0.1.0",
         description="Upload a model and data, submit an optimization job, download the ONNX and its report.",
@@ -23,6 +29,7 @@ def create_app() -> FastAPI:
     errors.install(app)
     metrics = Metrics()
     app.state.metrics = metrics
+    app.add_middleware(JsonBodyLimit)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.routers = []
     for module in (health, models, datasets, jobs, artifacts, passes, ui):

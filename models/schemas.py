@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from models.clock import as_utc
 from models.spec import JobSpec
 
 T = TypeVar("T")
+
+
+# A timestamp in API JSON: always aware UTC (naive input is taken as UTC), so it serializes ending in ``Z``.
+UTCTimestamp = Annotated[datetime, AfterValidator(as_utc)]
 
 
 class _Out(BaseModel):
@@ -31,7 +36,7 @@ class ModelOut(_Out):
     inputs: list[TensorInfo] = Field(default_factory=list)
     outputs: list[TensorInfo] = Field(default_factory=list)
     meta: dict[str, Any] = Field(default_factory=dict)
-    created_at: datetime
+    created_at: UTCTimestamp
 
 
 class DatasetOut(_Out):
@@ -44,7 +49,7 @@ class DatasetOut(_Out):
     fields: dict[str, Any] = Field(default_factory=dict)
     classes: list[str] | None = None
     meta: dict[str, Any] = Field(default_factory=dict)
-    created_at: datetime
+    created_at: UTCTimestamp
 
 
 class Progress(BaseModel):
@@ -71,7 +76,7 @@ class ArtifactOut(_Out):
     sha256: str
     size_bytes: int
     meta: dict[str, Any] = Field(default_factory=dict)
-    created_at: datetime
+    created_at: UTCTimestamp
     url: str = ""
 
 
@@ -83,10 +88,10 @@ class JobResult(BaseModel):
 
 
 class Timestamps(BaseModel):
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    created_at: UTCTimestamp
+    updated_at: UTCTimestamp
+    started_at: UTCTimestamp | None = None
+    finished_at: UTCTimestamp | None = None
 
 
 class JobOut(BaseModel):
@@ -105,7 +110,7 @@ class JobOut(BaseModel):
 class EventOut(_Out):
     id: int
     job_id: str
-    ts: datetime
+    ts: UTCTimestamp
     kind: str
     message: str
     data: dict[str, Any] = Field(default_factory=dict)

@@ -21,8 +21,12 @@ class Settings(BaseSettings):
     # The blob store (storage.backends): file:///folder; default a file URL of storage_dir.
     storage_url: str = ""
     max_upload_bytes: int = 4 * 1024**3
+    # JSON request bodies (a job spec), counted while reading: 413 past it.
+    max_json_body_bytes: int = Field(1024**2, ge=1)
     owner: str = "local"
     api_key: str | None = None
+    # /docs, /redoc, /openapi.json and (without the Bearer key) /metrics; default: public only without api_key.
+    public_docs: bool | None = None
     # Signs the pages' login cookie (default: derived from api_key); changing api_key ends every session.
     secret_key: str | None = None
     session_ttl_s: int = 12 * 3600
@@ -41,6 +45,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError(
+                "MODELPRESS_API_KEY is set but empty, which would turn authentication off: "
+                "give it a key, or unset it to run without authentication"
+            )
         if not self.database_url:
             self.database_url = f"sqlite:///{self.home / 'modelpress.db'}"
         if not self.broker_url:
@@ -52,6 +61,11 @@ class Settings(BaseSettings):
         if self.task_soft_time_limit >= self.task_hard_time_limit:
             raise ValueError("task_soft_time_limit must be below task_hard_time_limit")
         return self
+
+    @property
+    def docs_are_public(self) -> bool:
+        """Whether the API docs and /metrics need no key (``public_docs``, else: no api_key configured)."""
+        return self.public_docs if self.public_docs is not None else not self.api_key
 
     @property
     def blob_dir(self) -> Path:

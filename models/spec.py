@@ -221,9 +221,10 @@ class ExportConfig(_Strict):
 
 class LatencyConfig(_Strict):
     warmup: int = Field(5, ge=0, le=1000)
-    runs: int = Field(30, ge=1, le=10000)
+    runs: int = Field(30, ge=1, le=1000)
+    # Clamped by the worker to the cores it has (the report records the threads used).
     threads: int = Field(1, ge=1, le=256)
-    batch_size: int = Field(1, ge=1, le=4096)
+    batch_size: int = Field(1, ge=1, le=1024)
 
 
 Metric = Literal["accuracy", "latency", "size", "fidelity"]

@@ -7,7 +7,7 @@ inside the model's own folder), then ``onnx.checker``. onnx + stdlib only: no to
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import onnx
@@ -21,10 +21,9 @@ class OnnxFileError(ValueError):
     """The bytes are not a valid, safe ONNX model; the message says why."""
 
 
-def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """``graph`` and every subgraph nested in its nodes' attributes (If, Loop, Scan bodies)."""
-    yield graph
-    for node in graph.node:
+def _subgraphs(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.GraphProto]:
+    """Every graph nested in ``nodes``' attributes (If, Loop, Scan bodies), recursively."""
+    for node in nodes:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
                 yield from all_graphs(attr.g)
@@ -33,19 +32,39 @@ def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                     yield from all_graphs(g)
 
 
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph nested in its nodes' attributes (If, Loop, Scan bodies)."""
+    yield graph
+    yield from _subgraphs(graph.node)
+
+
+def _attribute_tensors(attributes: Iterable[onnx.AttributeProto]) -> Iterator[TensorProto]:
+    for attr in attributes:
+        if attr.type == onnx.AttributeProto.TENSOR:
+            yield attr.t
+        elif attr.type == onnx.AttributeProto.TENSORS:
+            yield from attr.tensors
+
+
 def all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
-    """Every tensor of the model that may carry data: initializers, sparse initializers, tensor attributes."""
-    for graph in all_graphs(model.graph):
+    """Every tensor of the model that may carry data: initializers, sparse initializers, tensor attributes.
+
+    Model-local functions count: their nodes (a Constant's ``value``), their attribute defaults and the
+    subgraphs inside them carry tensors too, and onnx.checker would resolve their locations itself.
+    """
+    graphs = list(all_graphs(model.graph))
+    for fn in model.functions:
+        yield from _attribute_tensors(fn.attribute_proto)
+        for node in fn.node:
+            yield from _attribute_tensors(node.attribute)
+        graphs.extend(_subgraphs(fn.node))
+    for graph in graphs:
         yield from graph.initializer
         for sparse in graph.sparse_initializer:
             yield sparse.values
             yield sparse.indices
         for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    yield from attr.tensors
+            yield from _attribute_tensors(node.attribute)
 
 
 def _external_location(tensor: TensorProto) -> str | None:

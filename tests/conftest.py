@@ -52,7 +52,7 @@ def _apply_env(monkeypatch: pytest.MonkeyPatch, home: Path, **env: str) -> None:
 
     monkeypatch.setenv("MODELPRESS_HOME", str(home))
     for key in ("DATABASE_URL", "BROKER_URL", "STORAGE_DIR", "MAX_UPLOAD_BYTES", "CPU_QUEUE", "GPU_QUEUE",
-                "API_KEY", "JOB_READ_CACHE_S"):
+                "API_KEY", "JOB_READ_CACHE_S", "PUBLIC_DOCS", "MAX_JSON_BODY_BYTES"):
         monkeypatch.delenv(f"MODELPRESS_{key}", raising=False)
     # In-process API tests change job rows behind the API's back: no read cache unless a test asks.
     monkeypatch.setenv("MODELPRESS_JOB_READ_CACHE_S", "0")

@@ -35,6 +35,9 @@ def test_compose_services_and_their_commands_exist_in_the_cli() -> None:
     env = services["api"]["environment"]
     assert env["MODELPRESS_DATABASE_URL"].startswith("postgresql+psycopg://")
     assert env["MODELPRESS_BROKER_URL"].startswith("redis://")
+    # The API is reachable from this host only, and compose refuses to start it without a key.
+    assert all(str(p).startswith("127.0.0.1:") for p in services["api"]["ports"]), services["api"]["ports"]
+    assert env["MODELPRESS_API_KEY"].startswith("${MODELPRESS_API_KEY:?")
 
 
 def test_dockerfile_copies_every_package_and_runs_a_cli_command() -> None:

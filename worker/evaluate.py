@@ -6,8 +6,10 @@ outputs on the eval samples in ``.outputs`` (not serialised), the reference for 
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +50,18 @@ _ORT_TO_NUMPY = {
 }
 
 
+def _never() -> None:
+    """The default cancel check: never cancelled."""
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def make_session(onnx_path: Path, threads: int) -> ort.InferenceSession:
     """An ORT CPU session with the harness's fixed settings (threads, sequential, all graph optimizations)."""
     import onnxruntime as ort
@@ -83,12 +97,15 @@ class _Runner:
     def chunk(self, batch_size: int) -> int:
         return self.fixed_batch or batch_size
 
-    def run_all(self, inputs: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-        """Outputs for every sample, concatenated along the batch axis."""
+    def run_all(
+        self, inputs: dict[str, np.ndarray], batch_size: int, check_cancelled: Callable[[], None] = _never
+    ) -> dict[str, np.ndarray]:
+        """Outputs for every sample, concatenated along the batch axis (``check_cancelled`` before each batch)."""
         n = len(next(iter(inputs.values())))
         step = self.chunk(batch_size)
         parts: list[list[np.ndarray]] = [[] for _ in self.output_names]
         for start in range(0, n, step):
+            check_cancelled()
             batch = {k: v[start : start + step] for k, v in inputs.items()}
             real = len(next(iter(batch.values())))
             if real < step and self.fixed_batch:
@@ -125,10 +142,15 @@ def _latency_batch(runner: _Runner, data: ArrayDataset | None, batch_size: int) 
 
 
 def measure_latency(
-    session: ort.InferenceSession, batch: dict[str, np.ndarray], warmup: int, runs: int
+    session: ort.InferenceSession,
+    batch: dict[str, np.ndarray],
+    warmup: int,
+    runs: int,
+    check_cancelled: Callable[[], None] = _never,
 ) -> dict[str, Any]:
     """``{"ms": {median, p90, mean, min}, "setup": {...}}``: milliseconds per batch over ``runs`` timed runs
-    after ``warmup`` runs (fixed-batch models: one call per chunk of the batch)."""
+    after ``warmup`` runs (fixed-batch models: one call per chunk of the batch); ``check_cancelled``
+    runs between runs (outside the timing)."""
     runner = _Runner(session)
     n = len(next(iter(batch.values())))
     step = runner.chunk(n)
@@ -139,10 +161,12 @@ def measure_latency(
     ]
     names = runner.output_names
     for _ in range(warmup):
+        check_cancelled()
         for f in feeds:
             session.run(names, f)
     times = []
     for _ in range(runs):
+        check_cancelled()
         t0 = time.perf_counter()
         for f in feeds:
             session.run(names, f)
@@ -261,10 +285,13 @@ def evaluate(
     reference_outputs: dict[str, np.ndarray] | None = None,
     *,
     latency: bool | None = None,
+    check_cancelled: Callable[[], None] = _never,
 ) -> Evaluation:
     """Evaluate the ONNX model at ``onnx_path`` on ``data`` with the spec's settings (see module docstring).
 
     ``latency`` overrides whether latency is measured (default: when "latency" is in ``cfg.metrics``).
+    ``check_cancelled`` (the pipeline context's) is called between latency runs and eval batches.
+    Latency threads are clamped to the cores this worker may use.
     """
     import onnx
 
@@ -280,21 +307,23 @@ def evaluate(
     if data is not None and cfg.max_samples is not None:
         data = data.take(cfg.max_samples)
     report["macs"] = count_macs(onnx_path, _sample_shapes(data))
-    session = make_session(onnx_path, cfg.latency.threads)
+    threads = max(1, min(cfg.latency.threads, available_cores()))
+    session = make_session(onnx_path, threads)
     runner = _Runner(session)
     report["fixed_batch"] = runner.fixed_batch
     if latency if latency is not None else "latency" in cfg.metrics:
         batch = _latency_batch(runner, data, cfg.latency.batch_size)
-        measured = measure_latency(session, batch, cfg.latency.warmup, cfg.latency.runs)
+        measured = measure_latency(session, batch, cfg.latency.warmup, cfg.latency.runs, check_cancelled)
         report["latency_ms"] = measured["ms"]
         report["latency_setup"] = {
             **measured["setup"],
-            "threads": cfg.latency.threads,
+            "threads": threads,
+            "threads_requested": cfg.latency.threads,
             "synthetic_inputs": data is None or len(data) == 0,
         }
     outputs: dict[str, np.ndarray] | None = None
     if data is not None and len(data):
-        outputs = runner.run_all(data.inputs, cfg.batch_size)
+        outputs = runner.run_all(data.inputs, cfg.batch_size, check_cancelled)
         report["num_samples"] = len(data)
         report.update(compute_metrics(outputs, data, task, reference_outputs))
     else:

@@ -95,7 +95,8 @@ def _measure_after_step(
     if model.form == "onnx" and model.onnx_path is not None:
         from worker.evaluate import evaluate
 
-        ev = evaluate(model.onnx_path, data, spec.evaluate, spec.task, reference, latency=False)
+        ev = evaluate(model.onnx_path, data, spec.evaluate, spec.task, reference, latency=False,
+                      check_cancelled=ctx.check_cancelled)
         return {"measured": True, **{k: ev[k] for k in _STEP_EVAL_KEYS if k in ev}}
     from worker.metrics import torch_metric
 
@@ -186,7 +187,7 @@ def _evaluate(
 
     assert model.onnx_path is not None
     data = ctx.dataset("eval", model)
-    return evaluate(model.onnx_path, data, spec.evaluate, spec.task, reference)
+    return evaluate(model.onnx_path, data, spec.evaluate, spec.task, reference, check_cancelled=ctx.check_cancelled)
 
 
 def run(spec: JobSpec, ctx: PipelineContext) -> PipelineResult:

@@ -1,14 +1,16 @@
-"""Liveness, readiness and Prometheus metrics (no authentication: probes and scrapers call these)."""
+"""Liveness, readiness (no authentication: probes call these) and Prometheus metrics."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from api.deps import bearer_key, owner_for_key, settings_dep, unauthorized
 from api.errors import problem_response
 from api.services.health import readiness
+from models.settings import Settings
 
 router = APIRouter(tags=["health"])
 
@@ -33,6 +35,8 @@ async def readyz(request: Request) -> Any:
 
 
 @router.get("/metrics")
-def metrics(request: Request) -> Response:
-    """Prometheus text exposition."""
+def metrics(request: Request, settings: Annotated[Settings, Depends(settings_dep)]) -> Response:
+    """Prometheus text exposition; when the docs are not public it needs the Bearer key (a scraper can send it)."""
+    if not settings.docs_are_public and owner_for_key(settings, bearer_key(request)) is None:
+        raise unauthorized()
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

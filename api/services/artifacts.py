@@ -11,12 +11,13 @@ from sqlalchemy.orm import Session
 
 from api.errors import ProblemError
 from api.services.lookup import get_owned
+from api.services.numbers import parse_int64
 from models.schemas import ArtifactOut
 from models.tables import Artifact
 from storage import BlobNotFound, get_store
 
 CHUNK = 256 * 1024
-_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.I)
+_RANGE = re.compile(r"^\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*$", re.I)
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$&+.^_`|~-]+$")
 
 
@@ -75,18 +76,22 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     first, last = match.group(1), match.group(2)
     if first == "" and last == "":
         return None
-    if first == "":
-        suffix = int(last)
-        if suffix == 0 or size == 0:
-            raise _unsatisfiable(size)
-        return ByteRange(max(size - suffix, 0), size - 1)
-    start = int(first)
-    if last != "" and int(last) < start:
-        return None  # syntactically invalid: ignore
-    if start >= size:
+    # A number past 64 bits (or thousands of digits) names no byte of any artifact: unsatisfiable.
+    start_n = parse_int64(first) if first else None
+    last_n = parse_int64(last) if last else None
+    if (first and start_n is None) or (last and last_n is None):
         raise _unsatisfiable(size)
-    end = int(last) if last != "" else size - 1
-    return ByteRange(start, min(end, size - 1))
+    if start_n is None:
+        assert last_n is not None
+        if last_n == 0 or size == 0:
+            raise _unsatisfiable(size)
+        return ByteRange(max(size - last_n, 0), size - 1)
+    if last_n is not None and last_n < start_n:
+        return None  # syntactically invalid: ignore
+    if start_n >= size:
+        raise _unsatisfiable(size)
+    end = last_n if last_n is not None else size - 1
+    return ByteRange(start_n, min(end, size - 1))
 
 
 def _unsatisfiable(size: int) -> ProblemError:

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import field_error
+from api.services.numbers import INT64_MAX, parse_int64
 from api.services.pagination import paginate
 from models.db import session_scope
 from models.schemas import EventOut, Page
@@ -35,10 +36,10 @@ def parse_cursor(value: str | None, field: str) -> int:
     """An event id cursor (``after`` or ``Last-Event-ID``); 0 when absent; 422 naming the field if bad."""
     if value is None or value.strip() == "":
         return 0
-    text = value.strip()
-    if not text.isdigit():
-        raise field_error(422, "validation_error", field, "must be a non-negative integer event id")
-    return int(text)
+    parsed = parse_int64(value.strip())
+    if parsed is None:
+        raise field_error(422, "validation_error", field, f"must be a non-negative integer event id (at most {INT64_MAX})")
+    return parsed
 
 
 def list_events(session: Session, job_id: str, after: int, limit: int) -> Page[EventOut]:

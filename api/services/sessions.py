@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import time
 
+from api.services.numbers import parse_int64
 from models.settings import Settings
 
 COOKIE = "modelpress_session"
@@ -52,7 +53,8 @@ def owner_of(settings: Settings, token: str | None, now: float | None = None) ->
     if not hmac.compare_digest(signature.encode(), _sign(key, body).encode()):
         return None
     owner_b64, _, expires = body.partition(".")
-    if not expires.isdigit() or int(expires) <= (time.time() if now is None else now):
+    expires_at = parse_int64(expires)
+    if expires_at is None or expires_at <= (time.time() if now is None else now):
         return None
     try:
         owner = base64.urlsafe_b64decode(owner_b64 + "=" * (-len(owner_b64) % 4)).decode()

@@ -70,6 +70,29 @@ def _npz_against_inputs(field: str, ds: Dataset, model_meta: dict[str, Any], tas
     return errors
 
 
+# Models whose position ids start after the padding index (HF's create_position_ids_from_input_ids).
+_PADDED_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert", "longformer", "ibert", "mpnet"})
+
+
+def _budget_and_limits(spec: JobSpec, model: Model) -> list[dict[str, Any]]:
+    """Settings the worker could only fail on after running: an accuracy budget with nothing to measure
+    it on, a text length past the positions the model has."""
+    errors: list[dict[str, Any]] = []
+    if spec.evaluate.max_accuracy_drop is not None and spec.data.eval is None:
+        errors.append({"field": "evaluate.max_accuracy_drop",
+                       "message": "an accuracy budget needs data.eval to measure the accuracy on"})
+    config = (model.meta or {}).get("config") or {}
+    positions = config.get("max_position_embeddings")
+    if model.format == "hf" and spec.task != "image-classification" and isinstance(positions, int) and positions > 0:
+        if str(config.get("model_type", "")).lower() in _PADDED_POSITIONS:
+            positions -= 2
+        if spec.text.max_length > positions:
+            errors.append({"field": "text.max_length",
+                           "message": f"{spec.text.max_length} is more than the {positions} positions the model "
+                                      f"has (max_position_embeddings); use at most {positions}"})
+    return errors
+
+
 def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
     """The spec's input model after checking every referenced id and the data's fit; else 422 naming fields."""
     errors: list[dict[str, Any]] = []
@@ -104,5 +127,6 @@ def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
         for role, ds in datasets.items():
             if ds.format == "npz":
                 errors.extend(_npz_against_inputs(f"data.{role}", ds, model.meta or {}, spec.task))
+    errors.extend(_budget_and_limits(spec, model))
     _raise(errors)
     return model

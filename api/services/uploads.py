@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from api import inspection
 from api.errors import ProblemError, field_error
 from api.services.multipart import MAX_FIELD_BYTES, MultipartStream
+from api.services.numbers import length_over
 from models.db import session_scope
 from models.ids import new_id
 from models.settings import get_settings
@@ -75,7 +76,7 @@ def check_declared_length(request: Request, overhead: int = 0) -> None:
     """Refuse at once a body whose Content-Length already says it is over the limit (plus ``overhead``)."""
     limit = get_settings().max_upload_bytes
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + overhead:
+    if length_over(declared, limit + overhead):
         raise UploadTooLarge(limit)
 
 

@@ -50,6 +50,30 @@ def onnx_external_bytes() -> bytes:
     return model.SerializeToString()
 
 
+def onnx_function_external_bytes(location: str = "../../modelpress.db") -> bytes:
+    """A valid ONNX graph calling a model-local function whose Constant node's tensor lives at ``location``."""
+    value = helper.make_tensor("c", TensorProto.FLOAT, [3], [0.0, 0.0, 0.0])
+    value.ClearField("float_data")
+    value.data_location = TensorProto.EXTERNAL
+    entry = value.external_data.add()
+    entry.key, entry.value = "location", location
+    fn = helper.make_function(
+        "local.fns", "AddConst", ["a"], ["b"],
+        [helper.make_node("Constant", [], ["k"], value=value), helper.make_node("Add", ["a", "k"], ["b"])],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("AddConst", ["x"], ["y"], domain="local.fns")],
+        "fn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+    )
+    model = helper.make_model(graph, functions=[fn], producer_name="tests",
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local.fns", 1)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """An npz archive of ``arrays``."""
     buf = io.BytesIO()

@@ -89,3 +89,12 @@ def test_download_holds_no_db_connection_while_streaming(client: TestClient, mon
     r = client.get(f"/v1/artifacts/{art}/content")
     assert r.status_code == 200 and r.content == DATA
     assert seen and max(seen) == 0, seen
+
+
+@pytest.mark.parametrize("value", ["bytes=" + "9" * 5000 + "-", "bytes=0-" + "9" * 5000, "bytes=-" + "9" * 5000,
+                                   "bytes=99999999999999999999-", "bytes=0-9223372036854775808"])
+def test_huge_range_numbers_are_416_not_500(client: TestClient, value: str) -> None:
+    r = client.get(f"/v1/artifacts/{_artifact()}/content", headers={"Range": value})
+    assert r.status_code == 416, r.text[:300]
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["code"] == "range_not_satisfiable"

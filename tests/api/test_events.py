@@ -144,3 +144,17 @@ def test_stream_follows_a_running_job_and_sends_keepalives(live_url: str, monkey
     worker.join()
     assert ": keep-alive" in raw
     assert [e["event"] for e in parse_sse(raw)] == ["status", "log", "log", "status"]
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999", "9" * 5000, "²", "9223372036854775808", "-1", "٣"])
+def test_out_of_range_event_ids_are_4xx_problems(client: TestClient, value: str) -> None:
+    job_id = builders.insert_job(builders.insert_model())
+    builders.add_events(job_id, 1)
+    r = client.get(f"/v1/jobs/{job_id}/events", params={"after": value})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "after", r.text[:300]
+    if value.isascii():
+        r = client.get(f"/v1/jobs/{job_id}/events/stream", headers={"Last-Event-ID": value})
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "Last-Event-ID", r.text[:300]
+        assert r.headers["content-type"].startswith("application/problem+json")
+    ok = client.get(f"/v1/jobs/{job_id}/events", params={"after": "9223372036854775807"})
+    assert ok.status_code == 200 and ok.json()["data"] == []

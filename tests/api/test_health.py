@@ -35,6 +35,33 @@ def test_readyz_names_what_is_down(client: TestClient, monkeypatch: pytest.Monke
     body = r.json()
     assert body["code"] == "not_ready" and "broker" in body["detail"]
     assert [e["field"] for e in body["errors"]] == ["broker"]
+    assert body["errors"][0]["message"] == "broker unreachable"
+    assert "127.0.0.1" not in r.text and "redis://" not in r.text and "Error" not in r.text
+
+
+@pytest.mark.parametrize("path", ["/docs", "/openapi.json", "/redoc", "/metrics"])
+def test_docs_and_metrics_are_closed_when_a_key_is_configured(
+    pg_env: str, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    from api.main import create_app
+    from models.settings import get_settings
+
+    monkeypatch.setenv("MODELPRESS_API_KEY", "sekrit")
+    get_settings.cache_clear()
+    with TestClient(create_app(), raise_server_exceptions=False) as c:
+        r = c.get(path)
+        assert r.status_code in (401, 404) and r.headers["content-type"].startswith("application/problem+json")
+        if path == "/metrics":
+            assert c.get(path, headers={"Authorization": "Bearer sekrit"}).status_code == 200
+    monkeypatch.setenv("MODELPRESS_PUBLIC_DOCS", "true")
+    get_settings.cache_clear()
+    with TestClient(create_app(), raise_server_exceptions=False) as c:
+        assert c.get(path).status_code == 200
+
+
+def test_docs_and_metrics_are_open_without_a_key(client: TestClient) -> None:
+    for path in ("/docs", "/openapi.json", "/metrics"):
+        assert client.get(path).status_code == 200, path
 
 
 def test_metrics(client: TestClient) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -246,3 +248,51 @@ def test_enqueue_reaches_a_real_redis_broker(
         conn.delete(queue, f"_kombu.binding.{queue}")
     finally:
         worker.celery_app.get_celery.cache_clear()
+
+
+@pytest.mark.parametrize("db", ["pg_env", "sqlite_env"])
+def test_timestamps_in_responses_are_utc(db: str, request: pytest.FixtureRequest) -> None:
+    request.getfixturevalue(db)
+    from api.main import create_app
+
+    with TestClient(create_app(), raise_server_exceptions=False) as c:
+        model = _upload_model(c)
+        assert model["created_at"].endswith("Z"), model
+        r = c.post("/v1/jobs", json={"model": model["id"], "task": "generic",
+                                     "steps": [{"type": "quantize", "mode": "dynamic"}]})
+        assert r.status_code == 202, r.text
+        job = c.get(f"/v1/jobs/{r.json()['id']}").json()
+        stamps = [v for v in job["timestamps"].values() if v is not None]
+        assert stamps and all(v.endswith("Z") for v in stamps), job["timestamps"]
+        events = c.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+        assert events and all(e["ts"].endswith("Z") for e in events), events
+
+
+def test_an_oversized_spec_is_413_counted_while_reading(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.settings import get_settings
+
+    monkeypatch.setenv("MODELPRESS_MAX_JSON_BODY_BYTES", "2000")
+    get_settings.cache_clear()
+    model = _upload_model(client)
+    big = json.dumps({"model": model["id"], "task": "generic", "pad": "x" * 5000}).encode()
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the cap must count the bytes themselves
+        for i in range(0, len(big), 500):
+            yield big[i:i + 500]
+
+    for body in (big, chunks()):
+        r = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.headers["content-type"].startswith("application/problem+json"), r.text
+        assert r.json()["code"] == "body_too_large" and "2000" in r.json()["detail"]
+    assert _jobs() == 0
+    ok = client.post("/v1/jobs", json={"model": model["id"], "steps": [{"type": "quantize", "mode": "dynamic"}]})
+    assert ok.status_code == 202, ok.text
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+def test_a_non_json_spec_is_415(client: TestClient, ctype: str) -> None:
+    model = _upload_model(client)
+    r = client.post("/v1/jobs", content=json.dumps({"model": model["id"]}), headers={"Content-Type": ctype})
+    assert r.status_code == 415 and r.headers["content-type"].startswith("application/problem+json"), r.text
+    assert r.json()["code"] == "unsupported_media_type"
+    assert _jobs() == 0

@@ -64,6 +64,16 @@ def test_external_data_is_rejected(client: TestClient, storage_dir: Path) -> Non
     assert _model_rows() == 0 and blobs(storage_dir) == []
 
 
+@pytest.mark.parametrize("location", ["../../modelpress.db", "/etc/passwd", "modelpress.db"])
+def test_external_data_inside_a_local_function_is_rejected(
+    client: TestClient, storage_dir: Path, location: str
+) -> None:
+    r = client.put("/v1/models", params={"format": "onnx"}, content=builders.onnx_function_external_bytes(location))
+    assert r.status_code == 422 and r.json()["code"] == "invalid_model", r.text
+    assert "external data" in r.json()["detail"]
+    assert _model_rows() == 0 and blobs(storage_dir) == [] and temp_files(storage_dir) == []
+
+
 def test_chunked_upload_over_the_limit_is_413(
     client: TestClient, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

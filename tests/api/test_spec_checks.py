@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from api.services.spec_checks import check_references
 from models.db import session_scope
 from models.spec import JobSpec
-from models.tables import Job
+from models.tables import Job, Model
 from tests.api import builders
 
 X_4 = {"x": {"dtype": "float32", "shape": [8, 4]}}
@@ -242,3 +242,33 @@ def test_labels_that_only_look_numeric_are_names_not_a_500(client: TestClient, o
     ds = client.put("/v1/datasets", params={"format": "npz"}, content=data).json()
     assert odd in ds["classes"]
     _accepted(client, {"model": model["id"], "task": "image-classification", "data": {"eval": ds["id"]}})
+
+
+# --- budgets and limits the worker could only fail on --------------------------------------------------
+
+
+def test_an_accuracy_budget_without_eval_data_is_422(client: TestClient) -> None:
+    spec = {"model": builders.insert_model(), "evaluate": {"max_accuracy_drop": 0.01}}
+    errors = _refused(client, spec)
+    assert errors[0]["field"] == "evaluate.max_accuracy_drop" and "data.eval" in errors[0]["message"]
+    _accepted(client, {**spec, "data": {"eval": _ds(X_4)}})
+
+
+def _hf_model(config: dict[str, Any]) -> str:
+    model_id = builders.insert_model(format="hf")
+    with session_scope() as s:
+        row = s.get(Model, model_id)
+        assert row is not None
+        row.meta = {**row.meta, "config": config, "task": "text"}
+    return model_id
+
+
+@pytest.mark.parametrize(("config", "limit"), [({"model_type": "bert", "max_position_embeddings": 64}, 64),
+                                               ({"model_type": "roberta", "max_position_embeddings": 514}, 512)])
+def test_text_max_length_over_the_models_positions_is_422(
+    client: TestClient, config: dict[str, Any], limit: int
+) -> None:
+    model = _hf_model(config)
+    errors = _refused(client, {"model": model, "task": "text-classification", "text": {"max_length": limit + 1}})
+    assert errors[0]["field"] == "text.max_length" and str(limit) in errors[0]["message"]
+    _accepted(client, {"model": model, "task": "text-classification", "text": {"max_length": limit}})

@@ -39,3 +39,17 @@ def test_ids_sort_by_creation_time() -> None:
     time.sleep(0.002)
     b = new_id("job")
     assert a.startswith("job_") and len(a) == 30 and a < b
+
+
+@pytest.mark.parametrize("key", ["", "   ", "\t"])
+def test_an_empty_api_key_is_a_configuration_error(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ValidationError, match="MODELPRESS_API_KEY is set but empty"):
+        Settings(home=tmp_path, api_key=key)
+    assert Settings(home=tmp_path).api_key is None  # unset: no authentication, as before
+
+
+def test_docs_are_public_by_default_only_without_a_key(tmp_path: Path) -> None:
+    assert Settings(home=tmp_path).docs_are_public
+    assert not Settings(home=tmp_path, api_key="k").docs_are_public
+    assert Settings(home=tmp_path, api_key="k", public_docs=True).docs_are_public
+    assert not Settings(home=tmp_path, public_docs=False).docs_are_public

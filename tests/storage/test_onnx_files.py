@@ -82,3 +82,13 @@ def test_links_are_refused(tmp_path: Path) -> None:
     with pytest.raises(OnnxFileError, match="goes through a link"):
         safe_load(path)
 
+
+
+@pytest.mark.parametrize("location", ["../../modelpress.db", "/etc/passwd"])
+def test_external_data_in_a_local_function_is_validated(tmp_path: Path, location: str) -> None:
+    model = onnx.load_model_from_string(builders.onnx_function_external_bytes(location))
+    assert any(t.data_location == TensorProto.EXTERNAL for t in all_tensors(model))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(OnnxFileError, match="external data location"):
+        safe_load(path)

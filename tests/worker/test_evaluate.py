@@ -133,3 +133,21 @@ def test_without_data_latency_uses_synthetic_inputs(digits_mlp: DigitsFiles) -> 
     ev = evaluate(digits_mlp.model, None, FAST, "generic")
     assert ev["latency_setup"]["synthetic_inputs"] is True and ev["latency_ms"]["median"] > 0
     assert ev["accuracy"] is None and ev["num_samples"] == 0 and ev.outputs is None
+
+
+def test_threads_are_clamped_to_the_workers_cores(digits_mlp: DigitsFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.evaluate
+
+    monkeypatch.setattr(worker.evaluate, "available_cores", lambda: 2)
+    cfg = EvaluateConfig.model_validate({"latency": {"warmup": 0, "runs": 2, "batch_size": 2, "threads": 200}})
+    report = evaluate(digits_mlp.model, None, cfg, "image-classification")
+    assert report["latency_setup"]["threads"] == 2 and report["latency_setup"]["threads_requested"] == 200
+
+
+@pytest.mark.parametrize(("field", "value"), [("runs", 1001), ("batch_size", 1025), ("threads", 257)])
+def test_latency_bounds(field: str, value: int) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        EvaluateConfig.model_validate({"latency": {field: value}})
+    EvaluateConfig.model_validate({"latency": {field: value - 1}})

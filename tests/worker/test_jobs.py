@@ -48,7 +48,13 @@ def test_only_one_of_many_racing_workers_claims(pg_env: str, monkeypatch: pytest
     assert _get(job_id).status == "running"
 
 
-def test_abandoned_job_is_reclaimed_after_the_lease(pg_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(params=["pg_env", "sqlite_env"])
+def any_db(request: pytest.FixtureRequest) -> str:
+    """Each test using it runs on PostgreSQL and on the embedded SQLite database."""
+    return str(request.getfixturevalue(request.param))
+
+
+def test_abandoned_job_is_reclaimed_after_the_lease(any_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     job_id = _job(status="running", attempt=1)
     with session_scope() as s:
         s.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=120)  # type: ignore[union-attr]
@@ -122,3 +128,9 @@ def test_a_slower_output_is_a_warning_in_the_job_result(pg_env: str, tmp_path: P
     with session_scope() as s:
         served = job_out(s, s.get(Job, job_id))
     assert served.result is not None and "slower than the input model" in served.result.warnings[0]["message"]
+
+
+def test_timestamps_read_back_aware_utc_on_every_database(any_db: str) -> None:
+    job_id = _job(status="running", attempt=1)
+    job = _get(job_id)
+    assert job.created_at.tzinfo is not None and job.created_at.utcoffset() == timedelta(0)

@@ -261,3 +261,28 @@ def test_a_cnn_made_slower_by_dynamic_int8_says_so(tmp_path: Path) -> None:
     assert len(slower) == 1 and slower[0]["ratio"] == pytest.approx(after / before, rel=1e-2)
     assert f"{after / before:.1f}\u00d7 slower than the input model" in slower[0]["message"]
     assert any("slower" in line for line in warning_lines(r))
+
+
+class _CancelDuringEvaluation(LocalContext):
+    """The cancel flag flips on the first check made inside the evaluation (the second check of the job)."""
+
+    checks = 0
+
+    def check_cancelled(self) -> None:
+        self.checks += 1
+        if self.checks == 2:
+            self.cancelled = True
+        super().check_cancelled()
+
+
+@pytest.mark.parametrize("metrics", [["latency"], ["accuracy"]])
+def test_a_cancel_during_evaluation_ends_it_promptly(
+    tmp_path: Path, digits_mlp: DigitsFiles, metrics: list[str]
+) -> None:
+    spec = _spec([{"type": "quantize", "mode": "dynamic"}], metrics=metrics,
+                 latency={"warmup": 0, "runs": 1000, "batch_size": 8}, batch_size=1)
+    ctx = _ctx(tmp_path, digits_mlp, spec, _CancelDuringEvaluation)
+    with pytest.raises(JobCancelled) as info:
+        pipeline.run(spec, ctx)
+    # Raised from inside the evaluation's loops, not at the pipeline's next step boundary.
+    assert any(Path(str(entry.path)).name == "evaluate.py" for entry in info.traceback)
