@@ -50,8 +50,13 @@ def test_serve_runs_a_job_on_embedded_defaults_and_stops_its_worker(tmp_path: Pa
                                                 "steps": [{"type": "quantize", "mode": "dynamic"}],
                                                 "evaluate": {"latency": {"runs": 3, "warmup": 1}}}).json()
             deadline = time.monotonic() + 120
-            while (status := client.get(f"/v1/jobs/{job['id']}").json()["status"]) not in ("succeeded", "failed"):
-                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            while (status := (body := client.get(f"/v1/jobs/{job['id']}").json())["status"]) not in (
+                "succeeded", "failed"
+            ):
+                if time.monotonic() >= deadline:
+                    lines = (tmp_path / "serve.log").read_text().splitlines()
+                    worker_lines = [line for line in lines if "GET /v1/jobs" not in line]
+                    pytest.fail(f"job still {status} ({body.get('phase')!r}): " + "\n".join(worker_lines[-80:]))
                 time.sleep(0.3)
             assert status == "succeeded"
         assert (tmp_path / "home" / "modelpress.db").exists() and (tmp_path / "home" / "broker.db").exists()
