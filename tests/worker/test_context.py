@@ -11,7 +11,8 @@ from sqlalchemy import select
 from models.db import session_scope
 from models.ids import new_id
 from models.spec import JobSpec
-from models.tables import Job, JobEvent, Model
+from models.tables import Job, JobEvent
+from tests.api.builders import insert_model
 from tests.worker.conftest import DigitsFiles
 from worker import context
 from worker.context import DBContext, LocalContext
@@ -65,12 +66,9 @@ def test_events_and_cancellation(tmp_path: Path, digits_mlp: DigitsFiles) -> Non
 
 
 def _running_job() -> str:
+    model_id = insert_model()
     with session_scope() as s:
-        m = Model(id=new_id("mdl"), owner="local", name="m", format="onnx", sha256="0" * 64, size_bytes=1,
-                  storage_key="0" * 64, meta={})
-        s.add(m)
-        s.flush()
-        j = Job(id=new_id("job"), owner="local", status="running", spec={"model": m.id}, model_id=m.id,
+        j = Job(id=new_id("job"), owner="local", status="running", spec={"model": model_id}, model_id=model_id,
                 queue="cpu", attempt=1, max_attempts=3, progress={})
         s.add(j)
         return j.id
