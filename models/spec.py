@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Task = Literal["image-classification", "text-classification", "feature-extraction", "generic"]
+Task = Literal["image-classification", "text-classification", "feature-extraction", "text-generation", "generic"]
 # Tasks whose labels are class indices into the model's first output (checked against it at submit time).
 CLASSIFICATION_TASKS: frozenset[str] = frozenset({"image-classification", "text-classification"})
 # Tasks whose top-1 accuracy is measured when the data has labels (a generic model may be a classifier).
 ACCURACY_TASKS: frozenset[str] = CLASSIFICATION_TASKS | {"generic"}
+# Decoder-only language models (``*ForCausalLM``): perplexity, KV-cache export, weight-only INT4.
+LM_TASKS: frozenset[str] = frozenset({"text-generation"})
 
 # The form of the working model a step takes: a file (``onnx``) or a trainable module (``torch``).
 Form = Literal["onnx", "torch"]
@@ -37,11 +39,22 @@ class Calibration(_Strict):
     percentile: float = Field(99.999, gt=90.0, le=100.0)
 
 
+QuantizeMode = Literal["dynamic", "static", "fp16", "int4", "int8_weight"]
+# Weight-only modes: MatMul weights to ONNX Runtime's MatMulNBits (4 or 8 bits), activations stay float.
+WEIGHT_ONLY_MODES: frozenset[str] = frozenset({"int4", "int8_weight"})
+
+
 class QuantizeStep(StepParams):
-    """Post-training quantization of an ONNX graph with onnxruntime.quantization."""
+    """Post-training quantization of an ONNX graph with onnxruntime.quantization.
+
+    ``dynamic``/``static``: INT8 (QuantizeLinear/QDQ); ``fp16``: float16 weights and activations;
+    ``int4``/``int8_weight``: weight-only block quantization of MatMul (and optionally Gather) weights to
+    ``MatMulNBits`` with ``matmul_nbits_quantizer`` (``algorithm``, ``block_size``, ``symmetric``,
+    ``accuracy_level``, ``quantize_embeddings``, per-node ``bits``); None means the measured default.
+    """
 
     type: Literal["quantize"]
-    mode: Literal["dynamic", "static", "fp16"] = "dynamic"
+    mode: QuantizeMode = "dynamic"
     per_channel: bool = True
     weight_type: Literal["int8", "uint8"] = "int8"
     calibration: Calibration = Field(default_factory=Calibration)
@@ -51,6 +64,25 @@ class QuantizeStep(StepParams):
     # 7-bit weights: x86 CPUs without VNNI saturate int16 sums of u8 x s8 products (ORT's AVX2 kernels),
     # which cost a digits MLP 12% of its output range. None: on exactly when the worker's CPU lacks VNNI.
     reduce_range: bool | None = None
+    # -- weight-only (int4 / int8_weight) --
+    algorithm: Literal["rtn", "hqq", "gptq"] | None = None
+    block_size: int | None = Field(None, ge=16, le=256)
+    symmetric: bool | None = None
+    accuracy_level: int | None = Field(None, ge=0, le=4)
+    quantize_embeddings: bool = False
+    # {"<node name or op type, fnmatch pattern>": 4 | 8}: per-node bit widths (e.g. keep the head at 8).
+    bits: dict[str, Literal[4, 8]] = Field(default_factory=dict, max_length=256)
+
+    @model_validator(mode="after")
+    def _weight_only_fields(self) -> QuantizeStep:
+        if self.mode not in WEIGHT_ONLY_MODES:
+            given = [f for f in ("algorithm", "block_size", "symmetric", "accuracy_level") if getattr(self, f) is not None]
+            given += [f for f in ("quantize_embeddings", "bits") if f in self.model_fields_set and getattr(self, f)]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to modes int4 and int8_weight only, not {self.mode!r}")
+        if self.block_size is not None and self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two (16..256), not {self.block_size}")
+        return self
 
 
 class PruneStep(StepParams):
@@ -59,6 +91,9 @@ class PruneStep(StepParams):
     type: Literal["prune"]
     method: Literal["structured", "unstructured"] = "structured"
     ratio: float = Field(0.5, gt=0.0, lt=1.0)
+    # What structured pruning removes: ``auto`` is decoder layers on causal LMs (``ratio`` of them, by
+    # measured layer importance) and channels/heads/MLP width elsewhere; ``width`` forces the latter.
+    target: Literal["auto", "layers", "width"] = "auto"
     importance: Literal["l1", "l2", "taylor"] = "l2"
     scope: Literal["uniform", "global"] = "uniform"
     round_to: int | None = Field(None, ge=1, le=256)
@@ -234,9 +269,24 @@ def _all_metrics() -> list[Metric]:
     return ["accuracy", "latency", "size", "fidelity"]
 
 
+class GenerationConfig(_Strict):
+    """Causal LMs: greedy generations shown before/after in the report, and the prefill/decode timing."""
+
+    samples: int = Field(3, ge=0, le=16)
+    max_new_tokens: int = Field(32, ge=1, le=512)
+    prompt_tokens: int = Field(128, ge=1, le=8192)  # prefill latency is timed on a prompt this long
+
+
 class EvaluateConfig(_Strict):
     metrics: list[Metric] = Field(default_factory=_all_metrics)
     max_accuracy_drop: float | None = Field(None, ge=0.0, le=1.0)
+    # Causal LMs: the largest relative perplexity increase allowed (0.05 = output ppl at most 5% above input).
+    max_perplexity_increase: float | None = Field(None, ge=0.0, le=100.0)
+    # Zero-/few-shot classification of eval rows {"text", "label"}: each choice scored by its
+    # log-likelihood after the prompt; ``few_shot`` examples are drawn from data.train.
+    choices: list[str] | None = Field(None, min_length=2, max_length=64)
+    few_shot: int = Field(0, ge=0, le=32)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     max_samples: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1, le=65536)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
@@ -244,6 +294,8 @@ class EvaluateConfig(_Strict):
 
 class TextConfig(_Strict):
     max_length: int = Field(128, ge=2, le=8192)
+    # Causal LMs, ``{"text"}`` rows: concatenate and cut into max_length blocks (else one row a sequence).
+    packing: bool = True
 
 
 class ImageConfig(_Strict):
@@ -283,6 +335,14 @@ class JobSpec(_Strict):
                 self.data.calibration or self.data.train or self.data.eval
             ):
                 raise ValueError(f"steps.{i}: static quantization needs data.calibration")
+            if isinstance(step, QuantizeStep) and step.algorithm == "gptq" and not (
+                self.data.calibration or self.data.train or self.data.eval
+            ):
+                raise ValueError(f"steps.{i}: algorithm 'gptq' needs calibration text (data.calibration)")
+        if self.evaluate.few_shot and not self.evaluate.choices:
+            raise ValueError("evaluate.few_shot needs evaluate.choices")
+        if self.evaluate.few_shot and self.data.train is None:
+            raise ValueError("evaluate.few_shot draws its examples from data.train, which is not given")
         return self
 
     def needs_training(self) -> bool:

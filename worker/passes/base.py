@@ -32,11 +32,19 @@ class JobCancelled(Exception):
 
 @dataclass
 class ArrayDataset:
-    """A dataset materialised as arrays named after the model's inputs, with optional integer labels."""
+    """A dataset materialised as arrays named after the model's inputs, with optional labels.
+
+    ``labels``: class indices ``[N]`` for classifiers; for causal LMs (task ``text-generation``) token
+    targets ``[N, T]`` aligned with ``input_ids`` (the model shifts them), ``-100`` where no loss or
+    metric is taken (padding, prompts, non-assistant turns). ``meta`` holds what is not an array: for
+    LMs ``shape`` (``text``, ``prompt_completion``, ``messages``, ``choice``), ``prompts`` (raw eval
+    prompts for the report's generations) and ``rows`` (the raw ``{"text", "label"}`` rows of a choice set).
+    """
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     classes: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -46,7 +54,7 @@ class ArrayDataset:
         if n is None or n >= len(self):
             return self
         labels = None if self.labels is None else self.labels[:n]
-        return ArrayDataset({k: v[:n] for k, v in self.inputs.items()}, labels, self.classes)
+        return ArrayDataset({k: v[:n] for k, v in self.inputs.items()}, labels, self.classes, self.meta)
 
 
 @dataclass
