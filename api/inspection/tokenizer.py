@@ -1,5 +1,5 @@
 """The tokenizer of an hf archive, read without the tokenizers library: its files, vocabulary size, a fingerprint
-of its vocabulary (two uploads with the same fingerprint map text to the same ids) and its chat template.
+of its vocabulary and BPE merges (two uploads with the same fingerprint map text to the same ids) and its chat template.
 
 ``tokenizer.json`` (fast tokenizers) gives the vocabulary (``model.vocab`` as a dict or a Unigram list) plus
 ``added_tokens``; ``vocab.txt`` (WordPiece) one token a line; ``vocab.json`` (+ ``added_tokens.json``) the
@@ -52,10 +52,24 @@ def _vocab_of_tokenizer_json(doc: Any, name: str) -> dict[str, int]:
     return vocab
 
 
-def _fingerprint(vocab: dict[str, int]) -> str:
-    """sha256 of the (id, token) pairs in id order: the same for the same mapping however the file was written."""
+def _merges(doc: Any) -> list[str]:
+    """A BPE tokenizer.json's merge rules as ``"a b"`` strings (written as strings or as pairs), else []."""
+    raw = doc.get("model", {}).get("merges") if isinstance(doc, dict) else None
+    out: list[str] = []
+    for m in raw or []:
+        if isinstance(m, str):
+            out.append(m)
+        elif isinstance(m, list) and len(m) == 2:
+            out.append(f"{m[0]} {m[1]}")
+    return out
+
+
+def _fingerprint(vocab: dict[str, int], merges: list[str] | None = None) -> str:
+    """sha256 of the (id, token) pairs in id order and the BPE merges: the same for the same mapping however
+    the file was written."""
     pairs = sorted((i, t) for t, i in vocab.items())
-    return hashlib.sha256(json.dumps(pairs, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+    body = json.dumps([pairs, merges or []], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def _file_sha256(path: Path, entry: Entry) -> str:
@@ -88,8 +102,10 @@ def inspect_tokenizer(path: Path, by_name: dict[str, Entry]) -> dict[str, Any] |
         return None
     entry = top[found]
     vocab: dict[str, int] | None = None
+    merges: list[str] = []
     if found == "tokenizer.json":
-        vocab = _vocab_of_tokenizer_json(_json(path, entry, MAX_TOKENIZER_BYTES), found)
+        doc = _json(path, entry, MAX_TOKENIZER_BYTES)
+        vocab, merges = _vocab_of_tokenizer_json(doc, found), _merges(doc)
     elif found == "vocab.txt":
         try:
             lines = archive.read_member(path, entry, MAX_TOKENIZER_BYTES).decode("utf-8").splitlines()
@@ -118,7 +134,7 @@ def inspect_tokenizer(path: Path, by_name: dict[str, Entry]) -> dict[str, Any] |
     }
     if vocab:
         info["vocab_size"] = max(vocab.values()) + 1
-        info["sha256"] = _fingerprint(vocab)
+        info["sha256"] = _fingerprint(vocab, merges)
     else:
         try:
             info["sha256"] = _file_sha256(path, entry)

@@ -67,3 +67,14 @@ def test_no_tokenizer_and_a_nested_one_does_not_count(tmp_path: Path) -> None:
 def test_broken_tokenizer_files_are_refused(tmp_path: Path, files: dict[str, bytes], needle: str) -> None:
     with pytest.raises(InspectionError, match=needle):
         _inspect(tmp_path, files)
+
+
+def test_the_fingerprint_covers_bpe_merges_whichever_way_they_are_written(tmp_path: Path) -> None:
+    def doc(merges: list[object]) -> bytes:
+        return json.dumps({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": merges}}).encode()
+
+    as_strings = _inspect(tmp_path, {"tokenizer.json": doc(["a b"])})
+    as_pairs = _inspect(tmp_path, {"tokenizer.json": doc([["a", "b"]])})
+    unmerged = _inspect(tmp_path, {"tokenizer.json": doc([])})
+    assert as_strings is not None and as_pairs is not None and unmerged is not None
+    assert as_strings["sha256"] == as_pairs["sha256"] != unmerged["sha256"]
