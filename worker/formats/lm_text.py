@@ -94,8 +94,12 @@ def _prompt_completion(rows: list[dict[str, Any]], tokenizer: Any, eos: int | No
     return out
 
 
-def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
-    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt))
+def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool, row: int = 0) -> str:
+    try:
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt))
+    except Exception as exc:  # a template raises what it likes (jinja's TemplateError, raise_exception(...))
+        raise StepFailed("invalid_dataset", f"row {row}: the model's chat template refused this conversation: "
+                                            f"{exc}") from exc
 
 
 def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], row: int) -> tuple[str, list[tuple[int, int]]]:
@@ -105,7 +109,7 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], row: int) ->
     includes it (so the template's end-of-turn text is learnt too); a template whose prefixes do not nest is
     read by finding each assistant content in order.
     """
-    full = _render(tokenizer, messages, False)
+    full = _render(tokenizer, messages, False, row)
     spans: list[tuple[int, int]] = []
     pos = 0
     for i, turn in enumerate(messages):
@@ -113,13 +117,16 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], row: int) ->
             continue
         span: tuple[int, int] | None = None
         if i > 0:
-            before = _render(tokenizer, messages[:i], True)
-            after = _render(tokenizer, messages[:i + 1], False)
+            before = _render(tokenizer, messages[:i], True, row)
+            after = _render(tokenizer, messages[:i + 1], False, row)
             if full.startswith(after) and after.startswith(before) and pos <= len(before) < len(after):
                 span = (len(before), len(after))
         if span is None:
             content = str(turn.get("content", ""))
             start = full.find(content, pos) if content else -1
+            if start < 0 and content.strip():  # templates that trim the content
+                content = content.strip()
+                start = full.find(content, pos)
             if start < 0:
                 raise StepFailed("invalid_dataset", f"row {row}: assistant turn messages[{i}] is not in the text "
                                                     "the chat template renders")
@@ -158,7 +165,7 @@ def _messages(rows: list[dict[str, Any]], tokenizer: Any, length: int) -> tuple[
         out.append((ids[:length], labels[:length]))
         last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
         if len(prompts) < MAX_PROMPTS and last > 0:
-            prompts.append(_render(tokenizer, messages[:last], True))
+            prompts.append(_render(tokenizer, messages[:last], True, n))
     return out, prompts
 
 

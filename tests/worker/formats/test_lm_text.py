@@ -142,6 +142,28 @@ def test_a_template_whose_prefixes_do_not_nest_still_finds_the_assistant_content
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     full, spans = lm_text.assistant_spans(Odd(), chat, 1)
     assert full == "[user]hi[assistant]hello#2" and [full[a:b] for a, b in spans] == ["hello"]
+    padded = [chat[0], {"role": "assistant", "content": "  hello \n"}]
+
+    class Trimming(Odd):
+        def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool,
+                                add_generation_prompt: bool) -> str:
+            trimmed = [{**m, "content": m["content"].strip()} for m in messages]
+            return super().apply_chat_template(trimmed, tokenize, add_generation_prompt)
+
+    full, spans = lm_text.assistant_spans(Trimming(), padded, 1)
+    assert [full[a:b] for a, b in spans] == ["hello"]
+
+
+def test_a_chat_template_that_refuses_a_conversation_fails_the_step_naming_the_row() -> None:
+    class Strict:
+        def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool,
+                                add_generation_prompt: bool) -> str:
+            raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    with pytest.raises(StepFailed) as err:
+        lm_text.assistant_spans(Strict(), [{"role": "assistant", "content": "x"}], 7)
+    assert err.value.code == "invalid_dataset"
+    assert str(err.value).startswith("row 7: the model's chat template refused this conversation: Conversation roles")
 
 
 def test_choice_rows_keep_their_rows_for_scoring(tmp_path: Path, model: WorkingModel, tok: Any) -> None:
