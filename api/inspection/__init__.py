@@ -6,9 +6,12 @@ raises InspectionError with a message for the user. ``onnx`` and ``numpy`` are i
 Model meta: ``inputs``/``outputs`` (``[{name, dtype, shape}]``, dynamic dims as their dim_param or None),
 ``parameters``; onnx adds ``opset``, ``opsets``, ``ir_version``, ``producer``; hf adds ``archive``,
 ``root`` (prefix inside the archive), ``config`` (selected config.json keys), ``files``, ``task``,
-``input_names`` (and ``output_names`` for classifiers).
+``input_names`` (and ``output_names`` for classifiers and LMs), ``tokenizer`` (``{file, vocab_size, sha256,
+chat_template}`` or None); causal LMs (task ``text-generation``) add ``architecture``, ``layers``,
+``vocab_size``, ``context_length``, ``dtype``, ``chat_template``, ``shards``.
 Dataset meta: ``num_samples``, ``fields`` (``{name: {dtype, shape?}}``), ``classes`` (sorted, as
-strings, or None); imagefolder adds ``root`` and ``class_counts``; text adds ``text_format``.
+strings, or None); imagefolder adds ``root`` and ``class_counts``; text adds ``text_format`` and
+``row_shape`` (``text``, ``choice``, ``prompt_completion``, ``messages``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""Submit-time checks a JobSpec cannot make on its own: ids exist for the owner, data fits the model."""
+"""Submit-time checks a JobSpec cannot make on its own: ids exist for the owner, data fits the model.
+
+Text jobs on hf models: the tokenizer is present and no larger than the model's vocabulary. Causal LMs
+(task ``text-generation``, or ``generic`` on an upload inspected as one): text datasets only, chat rows
+need a chat template, ``evaluate.choices`` and choice rows go together, a perplexity budget needs eval
+data, distillation teachers and students share the input model's tokenizer, lengths fit the context.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ProblemError
 from api.services.lookup import find_owned
-from models.spec import CLASSIFICATION_TASKS, DistillStep, JobSpec, StudentModel
+from models.spec import CLASSIFICATION_TASKS, LM_TASKS, DistillStep, JobSpec, StudentModel
 from models.tables import Dataset, Model
 
 ROLES = ("train", "eval", "calibration")
@@ -82,14 +88,151 @@ def _budget_and_limits(spec: JobSpec, model: Model) -> list[dict[str, Any]]:
         errors.append({"field": "evaluate.max_accuracy_drop",
                        "message": "an accuracy budget needs data.eval to measure the accuracy on"})
     config = (model.meta or {}).get("config") or {}
-    positions = config.get("max_position_embeddings")
-    if model.format == "hf" and spec.task != "image-classification" and isinstance(positions, int) and positions > 0:
+    key, positions = _positions(config)
+    if model.format == "hf" and spec.task != "image-classification" and positions is not None:
         if str(config.get("model_type", "")).lower() in _PADDED_POSITIONS:
             positions -= 2
         if spec.text.max_length > positions:
             errors.append({"field": "text.max_length",
                            "message": f"{spec.text.max_length} is more than the {positions} positions the model "
-                                      f"has (max_position_embeddings); use at most {positions}"})
+                                      f"has ({key}); use at most {positions}"})
+    return errors
+
+
+# Where configs keep their number of positions (BERT/Llama: max_position_embeddings; GPT-2: n_positions).
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def _positions(config: dict[str, Any]) -> tuple[str, int | None]:
+    for key in _POSITION_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return key, value
+    return "", None
+
+
+def is_causal_lm(model: Model) -> bool:
+    """Whether the upload was inspected as a causal LM (an hf archive of a ``*ForCausalLM`` architecture)."""
+    return model.format == "hf" and (model.meta or {}).get("task") in LM_TASKS
+
+
+def effective_task(spec: JobSpec, model: Model) -> str:
+    """The spec's task, where ``generic`` on a causal LM means ``text-generation`` (as the worker loads it)."""
+    if spec.task == "generic" and is_causal_lm(model):
+        return "text-generation"
+    return spec.task
+
+
+def _tokenizer_of(model: Model) -> dict[str, Any] | None:
+    """The upload's tokenizer summary, None when it has none; ``{}`` when an older record cannot tell."""
+    meta = model.meta or {}
+    if "tokenizer" in meta:
+        found = meta["tokenizer"]
+        return found if isinstance(found, dict) else None
+    return None if meta.get("has_tokenizer") is False else {}
+
+
+def _tokenizer_checks(model: Model) -> list[dict[str, Any]]:
+    """A text job's tokenizer: present, and no larger than the embedding table of the model."""
+    tokenizer = _tokenizer_of(model)
+    if tokenizer is None:
+        return [{"field": "model", "message": f"tokenizer check: model {model.id} has no tokenizer (tokenizer.json, "
+                                              "vocab.txt, ...) to turn text into token ids; add it to the archive"}]
+    vocab = ((model.meta or {}).get("config") or {}).get("vocab_size")
+    size = tokenizer.get("vocab_size")
+    if isinstance(vocab, int) and isinstance(size, int) and size > vocab:
+        return [{"field": "model", "message": f"tokenizer vocabulary check: model {model.id}'s tokenizer has {size} "
+                                              f"tokens but its config's vocab_size is {vocab}; ids from {vocab} up "
+                                              "have no embedding"}]
+    return []
+
+
+def _same_tokenizer(field: str, other: Model, model: Model) -> list[dict[str, Any]]:
+    """A teacher or student upload must be a causal LM with the input model's tokenizer."""
+    if not is_causal_lm(other):
+        return [{"field": field, "message": f"model {other.id} is not a causal LM (an hf *ForCausalLM archive); "
+                                            f"it cannot distill with causal LM {model.id}"}]
+    mine, theirs = _tokenizer_of(model) or {}, _tokenizer_of(other) or {}
+    if mine.get("sha256") and mine.get("sha256") != theirs.get("sha256"):
+        return [{"field": field, "message": f"model {other.id} has another tokenizer than model {model.id} "
+                                            "(tokenizer fingerprints differ): distillation compares their "
+                                            "predictions token by token, so both need the same tokenizer"}]
+    return []
+
+
+def _lm_checks(spec: JobSpec, model: Model, datasets: dict[str, Dataset],
+               others: list[tuple[str, Model]]) -> list[dict[str, Any]]:
+    """A text-generation job: an hf causal LM, text datasets of shapes it can use, settings that fit it."""
+    errors: list[dict[str, Any]] = []
+    if not is_causal_lm(model):
+        kind = f"an hf {(model.meta or {}).get('task')!r} model" if model.format == "hf" else f"an {model.format} model"
+        return [{"field": "task", "message": f"task 'text-generation' needs an hf causal LM (a *ForCausalLM "
+                                             f"archive); model {model.id} is {kind}"}]
+    for role, ds in datasets.items():
+        if ds.format != "text":
+            errors.append({"field": f"data.{role}", "message": f"dataset {ds.id} is {ds.format}; a causal LM takes "
+                                                               "text datasets (JSONL rows)"})
+        elif (ds.meta or {}).get("row_shape") == "messages" and not (model.meta or {}).get("chat_template"):
+            errors.append({"field": f"data.{role}", "message": f"dataset {ds.id} holds chat rows (messages) but model "
+                                                               f"{model.id} has no chat template to render them"})
+    shape = {role: (ds.meta or {}).get("row_shape") for role, ds in datasets.items() if ds.format == "text"}
+    choices = spec.evaluate.choices
+    if choices is not None:
+        if "eval" not in datasets:
+            errors.append({"field": "evaluate.choices", "message": "choices are scored on data.eval, which is not given"})
+        elif shape.get("eval") != "choice":
+            errors.append({"field": "evaluate.choices", "message": f"choices score eval rows of shape choice "
+                                                                   f"({{\"text\", \"label\"}}); dataset "
+                                                                   f"{datasets['eval'].id} holds "
+                                                                   f"{shape.get('eval')} rows"})
+        else:
+            missing = [c for c in (datasets["eval"].meta or {}).get("classes") or [] if c not in choices]
+            if missing:
+                errors.append({"field": "evaluate.choices", "message": f"eval label {missing[0]!r} is not one of "
+                                                                       f"the choices {choices}"})
+        if spec.evaluate.few_shot and "train" in datasets and shape.get("train") != "choice":
+            errors.append({"field": "evaluate.few_shot", "message": f"few-shot examples come from data.train, which "
+                                                                    f"holds {shape.get('train')} rows, not choice rows"})
+    elif shape.get("eval") == "choice":
+        errors.append({"field": "data.eval", "message": f"dataset {datasets['eval'].id} holds choice rows "
+                                                        "({\"text\", \"label\"}), scored against evaluate.choices, "
+                                                        "which is not given"})
+    for field, other in others:
+        errors.extend(_same_tokenizer(field, other, model))
+    context = _positions((model.meta or {}).get("config") or {})[1]
+    gen = spec.evaluate.generation
+    if context is not None and gen.prompt_tokens + gen.max_new_tokens > context:
+        errors.append({"field": "evaluate.generation.prompt_tokens",
+                       "message": f"prompt_tokens + max_new_tokens = {gen.prompt_tokens + gen.max_new_tokens} is more "
+                                  f"than the {context} positions model {model.id} has"})
+    return errors
+
+
+def _text_checks(spec: JobSpec, model: Model, datasets: dict[str, Dataset],
+                 others: list[tuple[str, Model]]) -> list[dict[str, Any]]:
+    """Checks of text jobs on hf models: the tokenizer, the causal-LM rules, the perplexity budget."""
+    errors: list[dict[str, Any]] = []
+    task = effective_task(spec, model)
+    lm = task in LM_TASKS
+    if is_causal_lm(model) and not lm:
+        errors.append({"field": "task", "message": f"model {model.id} is a causal LM (task 'text-generation'); "
+                                                   f"task {spec.task!r} does not fit it"})
+    uses_text = lm or any(ds.format == "text" for ds in datasets.values())
+    if model.format == "hf" and task != "image-classification" and uses_text:
+        errors.extend(_tokenizer_checks(model))
+    if lm:
+        errors.extend(_lm_checks(spec, model, datasets, others))
+    else:
+        if spec.evaluate.choices is not None:
+            errors.append({"field": "evaluate.choices", "message": "choices score a causal LM's log-likelihoods; they "
+                                                                   "apply to task 'text-generation' only"})
+    if spec.evaluate.max_perplexity_increase is not None:
+        if not lm:
+            errors.append({"field": "evaluate.max_perplexity_increase",
+                           "message": "a perplexity budget applies to task 'text-generation' (a causal LM) only"})
+        elif spec.data.eval is None:
+            errors.append({"field": "evaluate.max_perplexity_increase",
+                           "message": "a perplexity budget needs data.eval to measure the perplexity on"})
     return errors
 
 
@@ -105,6 +248,7 @@ def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
         return row
 
     model = model_exists(spec.model, "model")
+    others: list[tuple[str, Model]] = []  # distillation teachers and students given as uploads
     datasets: dict[str, Dataset] = {}
     for role in ROLES:
         ds_id = getattr(spec.data, role)
@@ -117,10 +261,12 @@ def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
             datasets[role] = ds
     for i, step in enumerate(spec.steps):
         if isinstance(step, DistillStep):
-            if step.teacher not in ("input", "current"):
-                model_exists(step.teacher, f"steps.{i}.teacher")
+            refs = [] if step.teacher in ("input", "current") else [(step.teacher, f"steps.{i}.teacher")]
             if isinstance(step.student, StudentModel):
-                model_exists(step.student.model, f"steps.{i}.student.model")
+                refs.append((step.student.model, f"steps.{i}.student.model"))
+            for ref, field in refs:
+                if (row := model_exists(ref, field)) is not None:
+                    others.append((field, row))
     _raise(errors)
     assert model is not None
     if model.format == "onnx":
@@ -128,5 +274,6 @@ def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
             if ds.format == "npz":
                 errors.extend(_npz_against_inputs(f"data.{role}", ds, model.meta or {}, spec.task))
     errors.extend(_budget_and_limits(spec, model))
+    errors.extend(_text_checks(spec, model, datasets, others))
     _raise(errors)
     return model

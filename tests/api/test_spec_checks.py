@@ -39,7 +39,8 @@ def _jobs() -> int:
 
 
 def _refused(client: TestClient, spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """POST the spec, assert a 422 validation problem that names its first field; its ``errors``."""
+    """POST the spec, assert a 422 validation problem that names its first field and made no job; its ``errors``."""
+    before = _jobs()
     r = client.post("/v1/jobs", json=spec)
     assert r.status_code == 422, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
@@ -47,7 +48,7 @@ def _refused(client: TestClient, spec: dict[str, Any]) -> list[dict[str, Any]]:
     assert problem["code"] == "validation_error" and problem["status"] == 422
     first = problem["errors"][0]
     assert problem["detail"] == f"{first['field']}: {first['message']}"
-    assert _jobs() == 0
+    assert _jobs() == before
     errors: list[dict[str, Any]] = problem["errors"]
     return errors
 
@@ -272,3 +273,190 @@ def test_text_max_length_over_the_models_positions_is_422(
     errors = _refused(client, {"model": model, "task": "text-classification", "text": {"max_length": limit + 1}})
     assert errors[0]["field"] == "text.max_length" and str(limit) in errors[0]["message"]
     _accepted(client, {"model": model, "task": "text-classification", "text": {"max_length": limit}})
+
+
+def test_text_max_length_over_gpt2s_n_positions_is_422(client: TestClient) -> None:
+    model = _hf_model({"model_type": "gpt2", "n_positions": 128})
+    errors = _refused(client, {"model": model, "task": "feature-extraction", "text": {"max_length": 129}})
+    assert errors[0] == {"field": "text.max_length",
+                         "message": "129 is more than the 128 positions the model has (n_positions); use at most 128"}
+
+
+# --- causal LMs and tokenizers (real uploads of tiny Llama / GPT-2 archives) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_zips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """Zipped tiny LMs: a sharded Llama, a GPT-2 with the same tokenizer, one with another tokenizer, one
+    without a tokenizer, one without a chat template, one whose tokenizer outgrows its config's vocab_size."""
+    import json as _json
+
+    from tests import factories_lm as lm
+    from tests.factories_train import zip_dir
+
+    tmp = tmp_path_factory.mktemp("lms")
+    dirs = {"llama": lm.tiny_lm_dir(tmp / "llama", layers=1, max_shard_size="100KB"),
+            "gpt2": lm.tiny_lm_dir(tmp / "gpt2", kind="gpt2", layers=1),
+            "other": lm.tiny_lm_dir(tmp / "other", layers=1, seed=1),
+            "bare": lm.tiny_lm_dir(tmp / "bare", layers=1, seed=2, tokenizer=False),
+            "plain": lm.tiny_lm_dir(tmp / "plain", layers=1, seed=3),
+            "small": lm.tiny_lm_dir(tmp / "small", layers=1, seed=4)}
+    lm.lm_tokenizer(dirs["other"], corpus=lm.licence_paragraphs(("Apache-2.0",)))
+    (dirs["plain"] / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = dirs["plain"] / "tokenizer_config.json"
+    cfg.write_text(_json.dumps({k: v for k, v in _json.loads(cfg.read_text()).items() if k != "chat_template"}))
+    config = _json.loads((dirs["small"] / "config.json").read_text())
+    (dirs["small"] / "config.json").write_text(_json.dumps({**config, "vocab_size": 300}))
+    return {name: zip_dir(d, tmp / f"{name}.zip", prefix=f"{name}/").read_bytes() for name, d in dirs.items()}
+
+
+def _upload_lm(client: TestClient, data: bytes) -> str:
+    r = client.put("/v1/models", params={"format": "hf"}, content=data)
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def _text_ds(client: TestClient, rows: list[dict[str, Any]]) -> str:
+    import json as _json
+
+    body = "".join(_json.dumps(r) + "\n" for r in rows).encode()
+    r = client.put("/v1/datasets", params={"format": "text"}, content=body)
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def _prompts(client: TestClient) -> str:
+    from tests import factories_lm as lm
+
+    return _text_ds(client, lm.prompt_rows(4))
+
+
+CHOICE_ROWS = [{"text": "Is this licence free?", "label": "yes"}, {"text": "Is it a warranty?", "label": "no"}]
+
+
+def test_an_lm_job_on_lm_uploads_is_accepted_and_generic_means_text_generation(
+    client: TestClient, lm_zips: dict[str, bytes]
+) -> None:
+    llama, gpt2 = _upload_lm(client, lm_zips["llama"]), _upload_lm(client, lm_zips["gpt2"])
+    train, eval_ = _prompts(client), _text_ds(client, CHOICE_ROWS)
+    spec = {"model": llama, "task": "text-generation", "data": {"train": train, "eval": eval_},
+            "steps": [{"type": "distill", "teacher": gpt2}],
+            "evaluate": {"choices": ["yes", "no"], "max_perplexity_increase": 0.1}}
+    _accepted(client, spec)
+    # generic on a causal LM is text-generation: a choice set without choices is refused the same way
+    errors = _refused(client, {"model": llama, "data": {"eval": eval_}})
+    assert errors == [{"field": "data.eval", "message": f"dataset {eval_} holds choice rows ({{\"text\", \"label\"}}), "
+                                                        "scored against evaluate.choices, which is not given"}]
+    _accepted(client, {"model": gpt2, "data": {"eval": eval_}, "evaluate": {"choices": ["yes", "no"]}})
+
+
+def test_text_generation_needs_an_hf_causal_lm_and_a_causal_lm_needs_text_generation(
+    client: TestClient, lm_zips: dict[str, bytes]
+) -> None:
+    onnx_model = builders.insert_model()
+    assert _refused(client, {"model": onnx_model, "task": "text-generation"}) == [
+        {"field": "task", "message": f"task 'text-generation' needs an hf causal LM (a *ForCausalLM archive); "
+                                     f"model {onnx_model} is an onnx model"}]
+    bert = client.put("/v1/models", params={"format": "hf"}, content=builders.zip_bytes(builders.hf_files())).json()
+    errors = _refused(client, {"model": bert["id"], "task": "text-generation"})
+    assert errors[0]["message"].endswith(f"model {bert['id']} is an hf 'text-classification' model")
+    llama = _upload_lm(client, lm_zips["llama"])
+    assert _refused(client, {"model": llama, "task": "text-classification"}) == [
+        {"field": "task", "message": f"model {llama} is a causal LM (task 'text-generation'); task "
+                                     "'text-classification' does not fit it"}]
+
+
+def test_an_lm_takes_text_datasets_and_chat_rows_need_a_chat_template(
+    client: TestClient, lm_zips: dict[str, bytes]
+) -> None:
+    from tests import factories_lm as lm
+
+    llama, plain = _upload_lm(client, lm_zips["llama"]), _upload_lm(client, lm_zips["plain"])
+    npz = _ds(X_4)
+    assert _refused(client, {"model": llama, "task": "text-generation", "data": {"calibration": npz}}) == [
+        {"field": "data.calibration", "message": f"dataset {npz} is npz; a causal LM takes text datasets (JSONL rows)"}]
+    chat = _text_ds(client, lm.chat_rows(2))
+    _accepted(client, {"model": llama, "task": "text-generation", "data": {"eval": chat}})
+    assert _refused(client, {"model": plain, "task": "text-generation", "data": {"eval": chat}}) == [
+        {"field": "data.eval", "message": f"dataset {chat} holds chat rows (messages) but model {plain} has no chat "
+                                          "template to render them"}]
+
+
+def test_choices_and_choice_rows_go_together(client: TestClient, lm_zips: dict[str, bytes]) -> None:
+    llama, prompts, choice = _upload_lm(client, lm_zips["llama"]), _prompts(client), _text_ds(client, CHOICE_ROWS)
+    base = {"model": llama, "task": "text-generation"}
+    assert _refused(client, {**base, "evaluate": {"choices": ["yes", "no"]}}) == [
+        {"field": "evaluate.choices", "message": "choices are scored on data.eval, which is not given"}]
+    errors = _refused(client, {**base, "data": {"eval": prompts}, "evaluate": {"choices": ["yes", "no"]}})
+    assert errors[0]["field"] == "evaluate.choices" and errors[0]["message"].endswith("holds prompt_completion rows")
+    assert _refused(client, {**base, "data": {"eval": choice}, "evaluate": {"choices": ["yes", "maybe"]}}) == [
+        {"field": "evaluate.choices", "message": "eval label 'no' is not one of the choices ['yes', 'maybe']"}]
+    errors = _refused(client, {**base, "data": {"eval": choice, "train": prompts},
+                               "evaluate": {"choices": ["yes", "no"], "few_shot": 2}})
+    assert errors == [{"field": "evaluate.few_shot", "message": "few-shot examples come from data.train, which holds "
+                                                                "prompt_completion rows, not choice rows"}]
+    _accepted(client, {**base, "data": {"eval": choice, "train": choice},
+                       "evaluate": {"choices": ["no", "yes"], "few_shot": 1}})
+    bert = builders.insert_model(format="hf")
+    assert _refused(client, {"model": bert, "task": "text-classification", "evaluate": {"choices": ["a", "b"]}}) == [
+        {"field": "evaluate.choices", "message": "choices score a causal LM's log-likelihoods; they apply to task "
+                                                 "'text-generation' only"}]
+
+
+def test_a_perplexity_budget_needs_eval_data_and_an_lm(client: TestClient, lm_zips: dict[str, bytes]) -> None:
+    llama = _upload_lm(client, lm_zips["llama"])
+    budget = {"max_perplexity_increase": 0.05}
+    assert _refused(client, {"model": llama, "task": "text-generation", "evaluate": budget}) == [
+        {"field": "evaluate.max_perplexity_increase",
+         "message": "a perplexity budget needs data.eval to measure the perplexity on"}]
+    assert _refused(client, {"model": builders.insert_model(), "data": {"eval": _ds(X_4)}, "evaluate": budget}) == [
+        {"field": "evaluate.max_perplexity_increase",
+         "message": "a perplexity budget applies to task 'text-generation' (a causal LM) only"}]
+    _accepted(client, {"model": llama, "data": {"eval": _prompts(client)}, "evaluate": budget})
+
+
+def test_a_missing_or_oversized_tokenizer_is_422_naming_the_check(
+    client: TestClient, lm_zips: dict[str, bytes]
+) -> None:
+    bare, small = _upload_lm(client, lm_zips["bare"]), _upload_lm(client, lm_zips["small"])
+    assert _refused(client, {"model": bare, "task": "text-generation"}) == [
+        {"field": "model", "message": f"tokenizer check: model {bare} has no tokenizer (tokenizer.json, vocab.txt, "
+                                      "...) to turn text into token ids; add it to the archive"}]
+    assert _refused(client, {"model": small, "data": {"eval": _prompts(client)}}) == [
+        {"field": "model", "message": f"tokenizer vocabulary check: model {small}'s tokenizer has 384 tokens but its "
+                                      "config's vocab_size is 300; ids from 300 up have no embedding"}]
+    files = builders.hf_files()
+    del files["vocab.txt"]
+    bert = client.put("/v1/models", params={"format": "hf"}, content=builders.zip_bytes(files)).json()["id"]
+    text = _text_ds(client, CHOICE_ROWS)
+    errors = _refused(client, {"model": bert, "task": "text-classification", "data": {"eval": text}})
+    assert errors[0]["field"] == "model" and errors[0]["message"].startswith("tokenizer check:")
+    _accepted(client, {"model": bert, "task": "text-classification"})  # no text to tokenise
+
+
+def test_distillation_between_lms_needs_the_same_tokenizer(client: TestClient, lm_zips: dict[str, bytes]) -> None:
+    llama, gpt2, other = (_upload_lm(client, lm_zips[n]) for n in ("llama", "gpt2", "other"))
+    train = _prompts(client)
+    base = {"model": llama, "task": "text-generation", "data": {"train": train}}
+    _accepted(client, {**base, "steps": _distill(teacher=gpt2, student={"model": gpt2})})
+    message = (f"model {other} has another tokenizer than model {llama} (tokenizer fingerprints differ): distillation "
+               "compares their predictions token by token, so both need the same tokenizer")
+    assert _refused(client, {**base, "steps": _distill(teacher=other)}) == [{"field": "steps.0.teacher",
+                                                                            "message": message}]
+    assert _refused(client, {**base, "steps": _distill(student={"model": other})}) == [
+        {"field": "steps.0.student.model", "message": message}]
+    onnx_teacher = builders.insert_model()
+    errors = _refused(client, {**base, "steps": _distill(teacher=onnx_teacher)})
+    assert errors == [{"field": "steps.0.teacher", "message": f"model {onnx_teacher} is not a causal LM (an hf "
+                                                              f"*ForCausalLM archive); it cannot distill with causal "
+                                                              f"LM {llama}"}]
+
+
+def test_generation_lengths_past_the_context_are_422(client: TestClient, lm_zips: dict[str, bytes]) -> None:
+    gpt2 = _upload_lm(client, lm_zips["gpt2"])
+    generation = {"prompt_tokens": 240, "max_new_tokens": 32}
+    assert _refused(client, {"model": gpt2, "evaluate": {"generation": generation}}) == [
+        {"field": "evaluate.generation.prompt_tokens",
+         "message": f"prompt_tokens + max_new_tokens = 272 is more than the 256 positions model {gpt2} has"}]
+    errors = _refused(client, {"model": gpt2, "text": {"max_length": 257}})
+    assert errors[0]["field"] == "text.max_length" and "(n_positions)" in errors[0]["message"]

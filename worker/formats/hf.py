@@ -1,7 +1,9 @@
 """Hugging Face models: a zip or tar.gz of a transformers directory (config.json, *.safetensors, tokenizer).
 
-Built from the config with the stock transformers classes; weights from safetensors only; never
-``trust_remote_code``, never a pickle.
+Built from the config with the stock transformers classes; weights from safetensors only (sharded with an
+index, or one file); never ``trust_remote_code``, never a pickle. A causal LM (an architecture in
+transformers' causal-LM table) loads as ``AutoModelForCausalLM`` with task ``text-generation``, inputs
+``input_ids``/``attention_mask`` and output ``logits``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ if TYPE_CHECKING:
     import numpy as np
 
 LIMITS = archive.HF_LIMITS  # the caps the API's inspection applied to the same upload
-TASKS = ("text-classification", "image-classification", "feature-extraction")
+TASKS = ("text-classification", "image-classification", "feature-extraction", "text-generation")
+LM_INPUTS = ["input_ids", "attention_mask"]
 
 
 def find_root(folder: Path) -> Path:
@@ -42,10 +45,20 @@ def extract(path: Path, workdir: Path) -> Path:
     return root
 
 
+def is_causal_lm(config: Any) -> bool:
+    """Whether the config names an architecture AutoModelForCausalLM builds (transformers' own table)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    known = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ((v,) if isinstance(v, str) else v)}
+    return any(arch in known for arch in getattr(config, "architectures", None) or [])
+
+
 def _task_of(config: Any, meta: dict[str, Any]) -> str:
     task = meta.get("task")
     if task in TASKS:
         return str(task)
+    if is_causal_lm(config):
+        return "text-generation"
     for arch in getattr(config, "architectures", None) or []:
         if arch.endswith("ForSequenceClassification"):
             return "text-classification"
@@ -61,6 +74,7 @@ def _auto_class(task: str) -> Any:
         "text-classification": transformers.AutoModelForSequenceClassification,
         "image-classification": transformers.AutoModelForImageClassification,
         "feature-extraction": transformers.AutoModel,
+        "text-generation": transformers.AutoModelForCausalLM,
     }[task]
 
 
@@ -81,6 +95,8 @@ def load(path: Path, meta: dict[str, Any], workdir: Path) -> WorkingModel:
     import transformers
 
     root = extract(path, Path(workdir))
+    if "auto_map" in _raw_config(root):
+        raise StepFailed("invalid_model", "config.json has 'auto_map' (custom model code), which is never run")
     try:
         config = transformers.AutoConfig.from_pretrained(root, local_files_only=True, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as exc:
@@ -96,10 +112,13 @@ def load(path: Path, meta: dict[str, Any], workdir: Path) -> WorkingModel:
     except (ValueError, KeyError, OSError) as exc:
         raise StepFailed("invalid_model", f"cannot build {cls.__name__} from this archive: {exc}") from exc
     module.eval()
-    input_names = list(meta.get("input_names") or default_input_names(module))
-    output_names = list(
-        meta.get("output_names") or (["last_hidden_state"] if task == "feature-extraction" else ["logits"])
-    )
+    if task == "text-generation":
+        input_names, output_names = list(LM_INPUTS), ["logits"]
+    else:
+        input_names = list(meta.get("input_names") or default_input_names(module))
+        output_names = list(
+            meta.get("output_names") or (["last_hidden_state"] if task == "feature-extraction" else ["logits"])
+        )
     return WorkingModel(
         form="torch",
         origin="hf",
@@ -114,6 +133,18 @@ def load(path: Path, meta: dict[str, Any], workdir: Path) -> WorkingModel:
             "architecture": type(module).__name__,
         },
     )
+
+
+def _raw_config(root: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        raw = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StepFailed("invalid_model", f"config.json is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise StepFailed("invalid_model", "config.json is not a JSON object")
+    return raw
 
 
 def label_index(names: list[str], model: WorkingModel) -> dict[str, int] | None:

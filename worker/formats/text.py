@@ -1,7 +1,13 @@
-"""Text datasets: JSONL or CSV rows with ``text`` and (optionally) ``label``, tokenised with the model's tokenizer.
+"""Text datasets: JSONL or CSV rows tokenised with the model's tokenizer.
 
-Padded and truncated to ``spec.text.max_length``; arrays named after the model's inputs; labels mapped
-through the model config's label2id when it names them, integers kept, other strings by sorted order.
+Classifiers and encoders: rows with ``text`` and (optionally) ``label``, padded and truncated to
+``spec.text.max_length``; arrays named after the model's inputs; labels mapped through the model config's
+label2id when it names them, integers kept, other strings by sorted order.
+
+Causal LMs (task ``text-generation``): the LM dataset of ``worker.lm`` (``input_ids``/``attention_mask``
+right-padded, token ``labels`` with ``-100`` where no loss is taken) built by ``worker.formats.lm_text``.
+Every text dataset passes the tokenizer checks there first (present, vocabulary within the model's,
+not mostly unknown tokens).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from models.spec import LM_TASKS
+from worker.formats.tokenizer import check_unknown_tokens, load_tokenizer
 from worker.passes.base import ArrayDataset, StepFailed, WorkingModel
 
 if TYPE_CHECKING:
@@ -61,6 +69,11 @@ def read_rows(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def is_lm(model: WorkingModel, spec: JobSpec) -> bool:
+    """Whether the data is for a causal LM: the job's task, or the loaded model's (a ``generic`` job on an LM)."""
+    return spec.task in LM_TASKS or model.meta.get("hf_task") in LM_TASKS
+
+
 def load(path: Path, meta: dict[str, Any], model: WorkingModel, spec: JobSpec, workdir: Path) -> ArrayDataset:
     """The JSONL/CSV file at ``path`` tokenised for ``model`` (which must carry an hf tokenizer)."""
     from worker.formats.hf import encode_labels
@@ -69,6 +82,10 @@ def load(path: Path, meta: dict[str, Any], model: WorkingModel, spec: JobSpec, w
         raise StepFailed(
             "dataset_mismatch", "text datasets need an hf model (its tokenizer tokenises the text)"
         )
+    if is_lm(model, spec):
+        from worker.formats.lm_text import lm_dataset
+
+        return lm_dataset(read_rows(Path(path), meta), meta, model, spec)
     text_field = meta.get("text_field", "text")
     label_field = meta.get("label_field", "label")
     rows = read_rows(Path(path), meta)
@@ -80,12 +97,11 @@ def load(path: Path, meta: dict[str, Any], model: WorkingModel, spec: JobSpec, w
     if any(have) and not all(have):
         raise StepFailed("invalid_dataset", f"some rows have a {label_field!r} and some do not")
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model.hf_dir, local_files_only=True, trust_remote_code=False)
+    tokenizer = load_tokenizer(model)
     enc = tokenizer(
         texts, padding="max_length", truncation=True, max_length=spec.text.max_length, return_tensors="np"
     )
+    check_unknown_tokens(np.asarray(enc["input_ids"]), np.asarray(enc["attention_mask"]), tokenizer)
     inputs: dict[str, np.ndarray] = {}
     for name in model.input_names:
         if name in enc:
