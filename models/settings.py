@@ -18,8 +18,13 @@ class Settings(BaseSettings):
     database_url: str = ""
     broker_url: str = ""
     storage_dir: Path | None = None
-    # The blob store (storage.backends): file:///folder; default a file URL of storage_dir.
+    # The blob store (storage.backends): file:///folder or s3://bucket/prefix; default a file URL of storage_dir.
     storage_url: str = ""
+    # The S3 backend (s3://bucket/prefix): multipart part size (also the upload's memory per request) and
+    # the workers' local cache of the blobs they read, bounded in bytes (least recently used go first).
+    s3_part_bytes: int = Field(16 * 1024**2, ge=1)
+    blob_cache_dir: Path | None = None
+    blob_cache_bytes: int = Field(10 * 1024**3, ge=0)
     max_upload_bytes: int = 4 * 1024**3
     # JSON request bodies (a job spec), counted while reading: 413 past it.
     max_json_body_bytes: int = Field(1024**2, ge=1)
