@@ -9,13 +9,16 @@ storage interface (uploads are committed in a thread already), so obstore's asyn
 Blobs are content-addressed like the local store's: ``<prefix>/ab/cd/<sha256>``. A commit re-reads
 the staged file part by part (``part_bytes`` in memory at a time) while hashing it again and completes
 the multipart upload only when the hash matches; any failure aborts it, so no partial object and no
-uploaded parts are left. A worker's ``local_copy`` goes through a bounded local cache (storage.cache),
+uploaded parts are left. Every request body carries its checksum (the object's sha256 on a single PUT,
+each part's MD5): SeaweedFS, for one, keeps an empty object when a PUT without one is cut short, which
+under a content address would be a corrupt blob that later uploads deduplicate against. A worker's ``local_copy`` goes through a bounded local cache (storage.cache),
 filled atomically and verified against the key; an interrupted download is retried, then reported as
 StorageUnavailable.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import logging
@@ -145,7 +148,7 @@ class S3BlobStore(BlobStore):
         check_key(staged.sha256)
         try:
             self.ensure_bucket()
-            if not self.exists(staged.sha256):
+            if self._stored_size(staged.sha256) != staged.size_bytes:  # absent (or, defensively, short)
                 if staged.size_bytes <= self.part_bytes:
                     self._put_single(staged)
                 else:
@@ -155,13 +158,21 @@ class S3BlobStore(BlobStore):
                 os.unlink(staged.path)
         return StoredBlob(key=staged.sha256, sha256=staged.sha256, size_bytes=staged.size_bytes)
 
+    def _stored_size(self, key: str) -> int | None:
+        try:
+            return self.size(key)
+        except BlobNotFound:
+            return None
+
     def _put_single(self, staged: Staged) -> None:
+        """One PUT with the body's sha256: the server refuses a body cut short (rather than keep what came)."""
         data = staged.path.read_bytes()
         if hashlib.sha256(data).hexdigest() != staged.sha256:
             raise StorageUnavailable(f"staged upload {staged.path.name} changed before it was stored")
         with self._calls("an upload"):
             self.client.put_object(Bucket=self.bucket, Key=self.object_key(staged.sha256), Body=data,
-                                   ContentLength=len(data))
+                                   ContentLength=len(data),
+                                   ChecksumSHA256=base64.b64encode(bytes.fromhex(staged.sha256)).decode())
 
     def _put_multipart(self, staged: Staged) -> None:
         key = self.object_key(staged.sha256)
@@ -174,9 +185,10 @@ class S3BlobStore(BlobStore):
                 number = 1
                 while data := fh.read(self.part_bytes):
                     h.update(data)
+                    md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()  # a part cut short is refused
                     with self._calls("an upload"):
                         etag = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                                       PartNumber=number, Body=data)["ETag"]
+                                                       PartNumber=number, Body=data, ContentMD5=md5)["ETag"]
                     parts.append({"ETag": etag, "PartNumber": number})
                     number += 1
                     del data
