@@ -55,7 +55,7 @@ class Weed:
 
     endpoint: str
     data_dir: Path
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | None  # None: a server someone else runs (.ci/run)
     log_path: Path
 
     def env(self) -> dict[str, str]:
@@ -67,7 +67,7 @@ class Weed:
         return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=15)
@@ -88,7 +88,13 @@ def _answers(endpoint: str) -> bool:
 
 @contextlib.contextmanager
 def weed_mini(data_dir: Path, timeout_s: float = 60) -> Iterator[Weed]:
-    """Start ``weed mini`` on free ports with its data in ``data_dir``, wait for its S3 endpoint, stop it after."""
+    """Start ``weed mini`` on free ports with its data in ``data_dir``, wait for its S3 endpoint, stop it after.
+
+    With ``MODELPRESS_TEST_S3`` set (``.ci/run`` starts one server for the whole run), that endpoint is
+    used instead: it must accept this module's key pair."""
+    if external := os.environ.get("MODELPRESS_TEST_S3"):
+        yield Weed(external, data_dir, None, data_dir / "weed.log")
+        return
     data_dir.mkdir(parents=True, exist_ok=True)
     ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
     args = [weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -109,3 +115,23 @@ def weed_mini(data_dir: Path, timeout_s: float = 60) -> Iterator[Weed]:
         yield weed
     finally:
         weed.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.storage.seaweed DIR``: run weed mini until SIGTERM; prints its S3 endpoint once ready."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("dir", type=Path)
+    a = p.parse_args(argv)
+    os.environ.pop("MODELPRESS_TEST_S3", None)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    with weed_mini(a.dir) as weed:
+        print(weed.endpoint, flush=True)
+        while not stop["now"] and weed.proc is not None and weed.proc.poll() is None:
+            time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    main()
