@@ -7,7 +7,8 @@ bounded here and a failed upload is aborted explicitly. The API is synchronous l
 storage interface (uploads are committed in a thread already), so obstore's async API buys nothing.
 
 Blobs are content-addressed like the local store's: ``<prefix>/ab/cd/<sha256>``. A commit re-reads
-the staged file part by part (``part_bytes`` in memory at a time) while hashing it again and completes
+the staged file part by part (at most ``upload_parallel`` parts of ``part_bytes`` in memory, sent
+concurrently) while hashing it again and completes
 the multipart upload only when the hash matches; any failure aborts it, so no partial object and no
 uploaded parts are left. Every request body carries its checksum (the object's sha256 on a single PUT,
 each part's MD5): SeaweedFS, for one, keeps an empty object when a PUT without one is cut short, which
@@ -19,6 +20,7 @@ StorageUnavailable.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import hashlib
 import logging
@@ -26,6 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 from urllib.parse import urlsplit
@@ -69,13 +72,15 @@ class S3BlobStore(BlobStore):
         staging_dir: Path | None = None,
         cache_dir: Path | None = None,
         cache_bytes: int = 10 * 1024**3,
-        part_bytes: int = 16 * MIB,
+        part_bytes: int = 8 * MIB,
+        upload_parallel: int = 4,
         retry_delay_s: float = 0.5,
     ) -> None:
         super().__init__(staging_dir)
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.part_bytes = part_bytes
+        self.upload_parallel = upload_parallel
         self.retry_delay_s = retry_delay_s
         self.client: S3Client = client if client is not None else make_client(endpoint_url)
         # /readyz answers within seconds: its bucket check does not wait through the retries.
@@ -175,9 +180,23 @@ class S3BlobStore(BlobStore):
                                    ChecksumSHA256=base64.b64encode(bytes.fromhex(staged.sha256)).decode())
 
     def _put_multipart(self, staged: Staged) -> None:
+        """Parts of ``part_bytes`` read (and hashed) in order, up to ``upload_parallel`` of them in flight.
+
+        Memory is bounded by ``upload_parallel * part_bytes``; the first failed part stops the reading,
+        waits for the parts in flight and aborts the upload."""
         key = self.object_key(staged.sha256)
         with self._calls("an upload"):
             upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+
+        def send(number: int, data: bytes) -> dict[str, Any]:
+            md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()  # refused when cut short
+            with self._calls("an upload"):
+                etag = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                               PartNumber=number, Body=data, ContentMD5=md5)["ETag"]
+            return {"ETag": etag, "PartNumber": number}
+
+        pool = ThreadPoolExecutor(max(1, self.upload_parallel), thread_name_prefix="s3-part")
+        in_flight: collections.deque[Future[dict[str, Any]]] = collections.deque()
         try:
             parts: list[dict[str, Any]] = []
             h = hashlib.sha256()
@@ -185,25 +204,30 @@ class S3BlobStore(BlobStore):
                 number = 1
                 while data := fh.read(self.part_bytes):
                     h.update(data)
-                    md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()  # a part cut short is refused
-                    with self._calls("an upload"):
-                        etag = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                                       PartNumber=number, Body=data, ContentMD5=md5)["ETag"]
-                    parts.append({"ETag": etag, "PartNumber": number})
-                    number += 1
+                    in_flight.append(pool.submit(send, number, data))
                     del data
+                    number += 1
+                    while len(in_flight) >= max(1, self.upload_parallel):
+                        parts.append(in_flight.popleft().result())
+            while in_flight:
+                parts.append(in_flight.popleft().result())
             if h.hexdigest() != staged.sha256:
                 raise StorageUnavailable(f"staged upload {staged.path.name} changed before it was stored")
             with self._calls("an upload"):
                 self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                                       MultipartUpload=cast(Any, {"Parts": parts}))
         except BaseException:
+            for pending in in_flight:
+                pending.cancel()
+            pool.shutdown(wait=True)  # no part may land after the abort
             try:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
             except Exception:
                 log.warning("could not abort multipart upload %s of %s (the bucket's lifecycle rule must)",
                             upload_id, key, exc_info=True)
             raise
+        finally:
+            pool.shutdown(wait=True)
 
     def open(self, key: str) -> BinaryIO:
         with self._calls("a download", key):
@@ -319,4 +343,5 @@ def from_url(url: str) -> S3BlobStore:
         cache_dir=settings.blob_cache_dir or settings.home / "blob-cache",
         cache_bytes=settings.blob_cache_bytes,
         part_bytes=settings.s3_part_bytes,
+        upload_parallel=settings.s3_upload_parallel,
     )
