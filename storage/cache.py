@@ -16,10 +16,13 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from storage.base import StorageUnavailable, check_key
+
+STALE_FILL_S = 3600.0  # a fill temp file this old was left by a process that died mid-download
 
 
 class CorruptDownload(StorageUnavailable):
@@ -94,6 +97,7 @@ class BlobCache:
         """Remove the least recently used entries until the cache fits; returns the evicted keys."""
         evicted: list[str] = []
         with self._lock():
+            self._drop_stale_fills()
             entries = self.entries()
             total = sum(size for _, size, _ in entries)
             for _, size, path in entries:
@@ -106,6 +110,13 @@ class BlobCache:
                     evicted.append(path.name)
                 total -= size
         return evicted
+
+    def _drop_stale_fills(self) -> None:
+        now = time.time()
+        for tmp in self.tmp.glob("fill-*") if self.tmp.exists() else ():
+            with contextlib.suppress(FileNotFoundError):
+                if now - tmp.stat().st_mtime > STALE_FILL_S:
+                    tmp.unlink()
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:

@@ -202,13 +202,16 @@ class S3BlobStore(BlobStore):
             h = hashlib.sha256()
             with open(staged.path, "rb") as fh:
                 number = 1
-                while data := fh.read(self.part_bytes):
+                while True:
+                    while len(in_flight) >= max(1, self.upload_parallel):  # room for one more part first
+                        parts.append(in_flight.popleft().result())
+                    data = fh.read(self.part_bytes)
+                    if not data:
+                        break
                     h.update(data)
                     in_flight.append(pool.submit(send, number, data))
                     del data
                     number += 1
-                    while len(in_flight) >= max(1, self.upload_parallel):
-                        parts.append(in_flight.popleft().result())
             while in_flight:
                 parts.append(in_flight.popleft().result())
             if h.hexdigest() != staged.sha256:
