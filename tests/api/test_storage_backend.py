@@ -168,6 +168,7 @@ def test_s3_unreachable_during_an_upload_is_503_and_records_nothing(
         monkeypatch.setenv("AWS_ENDPOINT_URL", p.endpoint)
         monkeypatch.setattr(backends, "_STORES", {})
         get_store().check()  # the bucket exists
+        art = builders.insert_artifact(builders.insert_job(builders.insert_model(), status="succeeded"), b"kept")
         p.die_after_request_bytes = p.request_bytes + len(body) // 2  # S3 goes away mid-upload
         r = s3_client.put("/v1/datasets", params={"name": "d", "format": "npz"}, content=body)
         assert r.status_code == 503, r.text
@@ -176,9 +177,11 @@ def test_s3_unreachable_during_an_upload_is_503_and_records_nothing(
         assert r.headers["content-type"].startswith("application/problem+json") and r.headers["retry-after"]
         ready = s3_client.get("/readyz")
         assert ready.status_code == 503 and "storage" in ready.json()["detail"]
+        down = s3_client.get(f"/v1/artifacts/{art}/content")  # a download while S3 is away: 503, not a 500 or a 404
+        assert down.status_code == 503 and down.json()["code"] == "storage_unavailable"
     with session_scope() as s:
         assert s.scalar(select(func.count()).select_from(Dataset)) == 0
     monkeypatch.setattr(backends, "_STORES", {})
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
-    assert _bucket_objects(s3_env) == []
+    assert _bucket_objects(s3_env) == [f"blobs/{k[:2]}/{k[2:4]}/{k}" for k in [hashlib.sha256(b"kept").hexdigest()]]
     assert temp_files(get_settings().home) == []  # the S3 store stages uploads under $HOME/tmp
