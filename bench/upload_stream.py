@@ -144,7 +144,7 @@ def s3_server() -> Iterator[dict[str, str]]:
     data = Path(tempfile.mkdtemp(prefix="seaweedfs-", dir=OUT))
     try:
         with weed_mini(data) as weed:
-            yield {**weed.env(), "MODELPRESS_STORAGE_URL": f"s3://bench-{new_run_id()}/blobs"}
+            yield {**weed.env(), "MODELPRESS_STORAGE_URL": f"s3://bench-{new_run_id()}/blobs"}  # one run's bucket
     finally:
         shutil.rmtree(data, ignore_errors=True)
 
@@ -165,6 +165,19 @@ def upload_once(src: Path, rows: int, small: Path, settle: float, drain: bool,
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _check_in_bucket(env: dict[str, str], sha256: str, size: int) -> None:
+    """The upload really went to the bucket (a run that only deduplicated would measure nothing)."""
+    from storage.s3 import make_client
+
+    client = make_client(env["AWS_ENDPOINT_URL"], access_key_id=env["AWS_ACCESS_KEY_ID"],
+                         secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    bucket, _, prefix = env["MODELPRESS_STORAGE_URL"].removeprefix("s3://").partition("/")
+    key = f"{prefix}/{sha256[:2]}/{sha256[2:4]}/{sha256}".lstrip("/")
+    stored = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    if stored != size:
+        raise RuntimeError(f"s3://{bucket}/{key} holds {stored} bytes, expected {size}")
 
 
 def _measure(svc: Any, src: Path, rows: int, small: Path, settle: float, drain: bool) -> dict[str, Any]:
@@ -197,6 +210,8 @@ def _measure(svc: Any, src: Path, rows: int, small: Path, settle: float, drain: 
     body = r.json()
     if body.get("num_samples") != rows:
         raise RuntimeError(f"upload recorded {body.get('num_samples')} samples, expected {rows}: {body}")
+    if "MODELPRESS_STORAGE_URL" in svc.env:
+        _check_in_bucket(svc.env, body["sha256"], src.stat().st_size)
     (storage / "tmp").mkdir(parents=True, exist_ok=True)
     copy_s, copy_fsync_s = copy_baseline(src, storage / "tmp")
     drain_s = _drain(src, svc.env) if drain else None
@@ -240,7 +255,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with s3_server() as s3_env:
             for i in range(a.repeats):
                 read_through(src)
-                res = upload_once(src, rows, small, a.settle, False, s3_env)
+                # A bucket of its own each time: the same bytes already stored would be deduplicated, not sent.
+                fresh = {**s3_env, "MODELPRESS_STORAGE_URL": f"s3://bench-{new_run_id()}/blobs"}
+                res = upload_once(src, rows, small, a.settle, False, fresh)
                 log(f"s3 repeat {i + 1}/{a.repeats}: upload {size / MIB / res['upload_s']:.0f} MiB/s, response "
                     f"{res['after_last_byte_s']:.2f} s after the last byte (the multipart upload), rss growth "
                     f"{res['rss_growth_mib']:.1f} MiB, API cpu {res['api_cpu_pct']:.0f}%")
