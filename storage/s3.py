@@ -52,6 +52,7 @@ log = logging.getLogger("modelpress.storage.s3")
 MIB = 1024 * 1024
 MIN_PART = 5 * MIB  # S3's smallest part (but the last)
 DOWNLOAD_ATTEMPTS = 3
+STALE_UPLOAD_S = 24 * 3600.0  # an unfinished multipart upload older than this was abandoned
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
 
 
@@ -90,6 +91,7 @@ class S3BlobStore(BlobStore):
         self.cache = BlobCache(cache_dir if cache_dir is not None else self.staging_dir / "blob-cache", cache_bytes)
         self._bucket_ready = False
         self._bucket_lock = threading.Lock()
+        self._swept = False
 
     def __repr__(self) -> str:
         return f"S3BlobStore(s3://{self.bucket}/{self.prefix})"
@@ -153,6 +155,7 @@ class S3BlobStore(BlobStore):
         check_key(staged.sha256)
         try:
             self.ensure_bucket()
+            self._sweep_once()
             if self._stored_size(staged.sha256) != staged.size_bytes:  # absent (or, defensively, short)
                 if staged.size_bytes <= self.part_bytes:
                     self._put_single(staged)
@@ -231,6 +234,37 @@ class S3BlobStore(BlobStore):
             raise
         finally:
             pool.shutdown(wait=True)
+
+    def abort_stale_uploads(self, older_than_s: float = STALE_UPLOAD_S) -> int:
+        """Abort the multipart uploads under the prefix begun over ``older_than_s`` ago; returns how many.
+
+        An upload is aborted as soon as it fails, but not when S3 itself was unreachable at that moment
+        or the process died: those parts are swept here, once per process on its first commit."""
+        import datetime as dt
+
+        now = dt.datetime.now(dt.UTC)
+        aborted = 0
+        with self._calls("the sweep of unfinished uploads"):
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "")
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    if (now - upload["Initiated"]).total_seconds() > older_than_s:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                           UploadId=upload["UploadId"])
+                        aborted += 1
+        if aborted:
+            log.info("aborted %d unfinished multipart uploads in %s", aborted, self.where)
+        return aborted
+
+    def _sweep_once(self) -> None:
+        if self._swept:
+            return
+        self._swept = True
+        try:
+            self.abort_stale_uploads()
+        except StorageUnavailable:
+            log.warning("could not sweep unfinished multipart uploads in %s", self.where, exc_info=True)
 
     def open(self, key: str) -> BinaryIO:
         with self._calls("a download", key):
