@@ -76,6 +76,14 @@ class Weed:
                 self.proc.wait()
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process goes away, even killed (Linux only)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _answers(endpoint: str) -> bool:
     import httpx
 
@@ -104,7 +112,7 @@ def weed_mini(data_dir: Path, timeout_s: float = 60) -> Iterator[Weed]:
     log_path = data_dir / "weed.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(args, cwd=data_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
     weed = Weed(f"http://127.0.0.1:{ports['s3.port']}", data_dir, proc, log_path)
     try:
         deadline = time.monotonic() + timeout_s

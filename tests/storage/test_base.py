@@ -129,6 +129,10 @@ def test_an_s3_url_selects_the_s3_backend(tmp_path: Path, monkeypatch: pytest.Mo
         assert store.cache.max_bytes == 1000 and store.cache.root == tmp_path / "home" / "blob-cache"
         with pytest.raises(StorageConfigError, match="names a bucket"):
             open_store("s3:///prefix")
+        monkeypatch.setenv("MODELPRESS_S3_PART_BYTES", str(1024 * 1024))
+        get_settings.cache_clear()
+        with pytest.raises(StorageConfigError, match="S3_PART_BYTES must be at least 5242880"):
+            open_store("s3://my-bucket")
     finally:
         get_settings.cache_clear()
 
