@@ -169,6 +169,20 @@ def test_a_download_that_breaks_off_is_retried_and_never_cached_partly(s3_server
         assert not (tmp_path / "job" / other.key).exists()
 
 
+def test_a_short_object_under_a_key_is_replaced_and_never_cached(s3_server: Weed, tmp_path: Path) -> None:
+    """What a server keeps of a PUT cut short (SeaweedFS: an empty object) is neither deduplicated against nor read."""
+    store = new_store(s3_server, tmp_path)
+    store.ensure_bucket()
+    data = b"the real bytes" * 1000
+    key = hashlib.sha256(data).hexdigest()
+    store.client.put_object(Bucket=store.bucket, Key=store.object_key(key), Body=b"")
+    with pytest.raises(StorageUnavailable, match=r"could not be downloaded .* hash to"):
+        store.local_copy(key, tmp_path / "job")
+    assert store.cache.get(key) is None and not (tmp_path / "job" / key).exists()
+    assert store.put([data]).size_bytes == len(data)  # the commit sees the wrong size and uploads again
+    assert store.size(key) == len(data) and store.local_copy(key, tmp_path / "job").read_bytes() == data
+
+
 def test_check_and_reads_when_s3_is_down(s3_server: Weed, tmp_path: Path) -> None:
     store = new_store(s3_server, tmp_path)
     store.check()  # creates the bucket
