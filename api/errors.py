@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect
 
 from models.ids import new_id
 from models.schemas import Problem
-from storage.base import UploadTooLarge
+from storage.base import StorageUnavailable, UploadTooLarge
 
 log = logging.getLogger("modelpress.api")
 
@@ -187,6 +187,15 @@ async def _too_large(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _storage_down(request: Request, exc: Exception) -> JSONResponse:
+    # Nothing was recorded: the upload's row is inserted only after its blob is stored.
+    log.warning("blob store unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        request, 503, "storage_unavailable", f"the blob store is unavailable, try again later: {exc}",
+        headers={"Retry-After": "5"},
+    )
+
+
 async def _disconnected(request: Request, exc: Exception) -> JSONResponse:
     log.info("client went away during %s %s", request.method, request.url.path)
     return problem_response(request, 400, "client_disconnected", "the client closed the connection mid-request")
@@ -214,6 +223,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(UploadTooLarge, _too_large)
+    app.add_exception_handler(StorageUnavailable, _storage_down)
     app.add_exception_handler(ClientDisconnect, _disconnected)
     app.add_exception_handler(DataError, _bad_data)
     app.add_exception_handler(Exception, _crash)

@@ -18,8 +18,14 @@ class Settings(BaseSettings):
     database_url: str = ""
     broker_url: str = ""
     storage_dir: Path | None = None
-    # The blob store (storage.backends): file:///folder; default a file URL of storage_dir.
+    # The blob store (storage.backends): file:///folder or s3://bucket/prefix; default a file URL of storage_dir.
     storage_url: str = ""
+    # The S3 backend (s3://bucket/prefix): multipart part size and parts sent at once (their product bounds an
+    # upload's memory), and the workers' local cache of the blobs they read, bounded in bytes (LRU eviction).
+    s3_part_bytes: int = Field(8 * 1024**2, ge=1)
+    s3_upload_parallel: int = Field(4, ge=1)  # parts in flight: an upload holds parallel * part bytes at most
+    blob_cache_dir: Path | None = None
+    blob_cache_bytes: int = Field(10 * 1024**3, ge=0)
     max_upload_bytes: int = 4 * 1024**3
     # JSON request bodies (a job spec), counted while reading: 413 past it.
     max_json_body_bytes: int = Field(1024**2, ge=1)

@@ -1,7 +1,15 @@
-"""Blob storage: a content-addressed interface (storage.base) with a local-filesystem backend, chosen by URL."""
+"""Blob storage: a content-addressed interface (storage.base) with local-filesystem and S3 backends, chosen by URL."""
 
 from storage.backends import get_store, open_store
-from storage.base import BlobNotFound, BlobStore, Staged, StorageConfigError, StoredBlob, UploadTooLarge
+from storage.base import (
+    BlobNotFound,
+    BlobStore,
+    Staged,
+    StorageConfigError,
+    StorageUnavailable,
+    StoredBlob,
+    UploadTooLarge,
+)
 from storage.local import LocalBlobStore
 
 __all__ = [
@@ -10,6 +18,7 @@ __all__ = [
     "LocalBlobStore",
     "Staged",
     "StorageConfigError",
+    "StorageUnavailable",
     "StoredBlob",
     "UploadTooLarge",
     "get_store",

@@ -16,10 +16,16 @@ def _local(url: str) -> BlobStore:
     return from_url(url)
 
 
+def _s3(url: str) -> BlobStore:
+    from storage.s3 import from_url
+
+    return from_url(url)
+
+
 # Scheme -> factory taking the whole URL. Tests register test doubles here.
-BACKENDS: dict[str, Factory] = {"file": _local}
+BACKENDS: dict[str, Factory] = {"file": _local, "s3": _s3}
 # Schemes DESIGN section 8 promises that no backend serves yet.
-PLANNED = frozenset({"s3"})
+PLANNED: frozenset[str] = frozenset()
 _STORES: dict[str, BlobStore] = {}
 
 

@@ -23,7 +23,16 @@ from storage.staging import Staged, UploadTooLarge
 CHUNK = 256 * 1024
 HEX = frozenset("0123456789abcdef")
 
-__all__ = ["BlobNotFound", "BlobStore", "Staged", "StorageConfigError", "StoredBlob", "UploadTooLarge", "check_key"]
+__all__ = [
+    "BlobNotFound",
+    "BlobStore",
+    "Staged",
+    "StorageConfigError",
+    "StorageUnavailable",
+    "StoredBlob",
+    "UploadTooLarge",
+    "check_key",
+]
 
 
 class BlobNotFound(FileNotFoundError):
@@ -32,6 +41,13 @@ class BlobNotFound(FileNotFoundError):
     def __init__(self, key: str) -> None:
         super().__init__(f"no blob {key}")
         self.key = key
+
+
+class StorageUnavailable(OSError):
+    """The store could not be reached (or kept failing) after its own retries; nothing partial was kept.
+
+    The API answers 503 ``storage_unavailable``; a worker fails the step with the same code. The message
+    names the operation and the store, never credentials."""
 
 
 class StorageConfigError(ValueError):

@@ -106,3 +106,30 @@ def sqlite_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
 
     reset_engines()
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real S3 endpoint for this test session: SeaweedFS ``weed mini`` on free ports, stopped at the end."""
+    from tests.storage.seaweed import weed_mini
+
+    with weed_mini(tmp_path_factory.mktemp("seaweedfs")) as weed:
+        yield weed
+
+
+@pytest.fixture
+def s3_env(s3_server: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """MODELPRESS_STORAGE_URL=s3://… on the session's SeaweedFS (a bucket of this test's own) + the AWS_* variables."""
+    from models.settings import get_settings
+    from storage import backends
+    from tests.storage.seaweed import Weed
+
+    assert isinstance(s3_server, Weed)
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    url = f"s3://mp-{RUN_ID}-{uuid.uuid4().hex[:8]}/blobs"
+    monkeypatch.setenv("MODELPRESS_STORAGE_URL", url)
+    monkeypatch.setattr(backends, "_STORES", {})
+    get_settings.cache_clear()
+    yield url
+    get_settings.cache_clear()

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -49,3 +50,28 @@ def test_dockerfile_copies_every_package_and_runs_a_cli_command() -> None:
     assert cmd is not None
     args = [a.strip().strip('"') for a in cmd.group(1).split(",")]
     assert args[0] == "modelpress" and _cli_help([args[1]]).returncode == 0
+
+
+def test_compose_runs_api_and_worker_on_s3_sharing_no_volume() -> None:
+    from models.settings import Settings
+
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    s3 = services["s3"]
+    assert s3["image"].startswith("chrislusf/seaweedfs") and s3["command"][0] == "mini"
+    flags = dict(c.lstrip("-").split("=", 1) for c in s3["command"][1:])
+    # weed mini's one S3 identity is the key pair in its environment: the same the API and worker sign with.
+    for name in ("api", "worker"):
+        env = services[name]["environment"]
+        assert env["MODELPRESS_STORAGE_URL"].startswith("s3://"), name
+        endpoint = urlsplit(env["AWS_ENDPOINT_URL"])
+        assert (endpoint.hostname, str(endpoint.port)) == ("s3", flags["s3.port"]) and flags["ip"] == "s3"
+        assert {k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")} == s3["environment"]
+        assert env["AWS_REGION"] and services[name]["depends_on"]["s3"]["condition"] == "service_healthy"
+        # Every MODELPRESS_* name is a setting (a misspelt one would be silently ignored).
+        unknown = {k for k in env if k.startswith("MODELPRESS_")} - {f"MODELPRESS_{f.upper()}" for f in Settings.model_fields}
+        assert not unknown, (name, unknown)
+        assert "MODELPRESS_STORAGE_DIR" not in env
+    assert services["worker"]["environment"]["MODELPRESS_BLOB_CACHE_BYTES"].isdigit()
+    assert services["api"]["environment"]["AWS_SECRET_ACCESS_KEY"].startswith("${MODELPRESS_S3_SECRET:?")
+    volumes = {name: {v.split(":")[0] for v in services[name].get("volumes", [])} for name in ("api", "worker", "s3")}
+    assert not volumes["api"] & volumes["worker"] and not (volumes["api"] | volumes["worker"]) & volumes["s3"]

@@ -38,7 +38,7 @@ from models.tables import (
     Model,
     utcnow,
 )
-from storage import get_store
+from storage import StorageUnavailable, get_store
 
 if TYPE_CHECKING:
     from worker.context import DBContext
@@ -149,7 +149,9 @@ class _Heartbeat(threading.Thread):
 def _make_context(claim: Claim, spec: JobSpec, workdir: Path) -> DBContext:
     from worker.context import DBContext
 
-    return DBContext(claim, workdir, spec, models=_model_refs(spec), datasets=_dataset_refs(spec))
+    # A remote store's inputs are linked into the attempt's folder (removed with it); the local store's are its own files.
+    inputs = workdir / "inputs"
+    return DBContext(claim, workdir, spec, models=_model_refs(spec, inputs), datasets=_dataset_refs(spec, inputs))
 
 
 def _model_refs(spec: JobSpec, dest: Path | None = None) -> dict[str, tuple[Path, str, dict[str, Any]]]:
@@ -283,9 +285,12 @@ def execute(job_id: str) -> str | None:
     workdir.mkdir(parents=True, exist_ok=True)
     beat = _Heartbeat(won, max(1.0, settings.job_lease_seconds / 4))
     beat.start()
+    phase = "setup"  # which part touched the blob store when it failed: fetching inputs or storing outputs
     try:
         ctx = _make_context(won, spec, workdir)
+        phase = "pipeline"
         out = run(spec, ctx)
+        phase = "store"
         _record_success(won, owner, out, spec, workdir)
         status: str = SUCCEEDED
     except JobCancelled:
@@ -301,6 +306,10 @@ def execute(job_id: str) -> str | None:
         if isinstance(e, SoftTimeLimitExceeded):
             error = {"code": "time_limit", "step": None,
                      "message": f"the job ran past the soft time limit of {settings.task_soft_time_limit} s"}
+        elif isinstance(e, StorageUnavailable):
+            # Reading inputs or storing outputs failed after the store's own retries: say so, not "internal".
+            log.warning("job %s: blob store unavailable: %s", job_id, e)
+            error = {"code": "storage_unavailable", "step": phase, "message": str(e)}
         else:
             log.exception("job %s failed outside a step", job_id)
             error = {"code": "internal_error", "step": "setup", "message": f"{type(e).__name__}: {e}"}

@@ -46,7 +46,7 @@ def check_broker() -> None:
 
 
 def check_storage() -> None:
-    """The configured blob store's own check (local: write and remove a temp file)."""
+    """The configured blob store's own check (local: write and remove a temp file; S3: the bucket answers)."""
     get_store().check()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -95,10 +97,38 @@ def test_readyz_asks_the_configured_store(pg_env: str, tmp_path: Path, monkeypat
             r = c.get("/readyz")
             assert r.status_code == 503
             assert r.json()["errors"] == [{"field": "storage", "message": "ConnectionError: memory store marked unhealthy"}]
-            monkeypatch.setenv("MODELPRESS_STORAGE_URL", "s3://bucket/blobs")
+            monkeypatch.setenv("MODELPRESS_STORAGE_URL", "gcs://bucket/blobs")
             get_settings.cache_clear()
             r = c.get("/readyz")
             assert r.status_code == 503 and [e["field"] for e in r.json()["errors"]] == ["storage"]
-            assert "s3:// backend is not implemented yet" in r.json()["errors"][0]["message"]
+            assert "unknown scheme gcs://" in r.json()["errors"][0]["message"]
     finally:
         get_settings.cache_clear()
+
+
+def test_readyz_checks_the_s3_bucket(pg_env: str, s3_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On S3 the storage check is the bucket (created when missing); S3 down is a 503 naming the bucket."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from storage import backends, get_store
+    from storage.s3 import S3BlobStore
+
+    bucket = s3_env.removeprefix("s3://").split("/")[0]
+    with TestClient(create_app(), raise_server_exceptions=False) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 200 and r.json()["checks"]["storage"] == "ok", r.text
+        store = get_store()
+        assert isinstance(store, S3BlobStore)
+        assert store.client.head_bucket(Bucket=bucket)["ResponseMetadata"]["HTTPStatusCode"] == 200
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+        monkeypatch.setattr(backends, "_STORES", {})
+        t0 = time.monotonic()
+        r = c.get("/readyz")
+        assert r.status_code == 503 and time.monotonic() - t0 < 5
+        (err,) = r.json()["errors"]
+        assert err["field"] == "storage" and f"S3 bucket {bucket!r} unavailable" in err["message"]
+        assert dead not in r.text  # /readyz is public: no endpoint in the answer

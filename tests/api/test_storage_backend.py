@@ -9,6 +9,7 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -90,3 +91,97 @@ def test_an_artifact_whose_blob_is_gone_is_404(mem_client: TestClient, store: me
     store.blobs.clear()
     r = mem_client.get(f"/v1/artifacts/{art}/content")
     assert r.status_code == 404 and "content is missing" in r.json()["detail"]
+
+
+# -- the same through the real S3 backend (SeaweedFS) ---------------------------------------------
+
+
+@pytest.fixture
+def s3_client(pg_env: str, s3_env: str) -> Iterator[TestClient]:
+    from api.main import create_app
+
+    with TestClient(create_app(), raise_server_exceptions=False) as c:
+        yield c
+
+
+def _bucket_objects(url: str) -> list[str]:
+    from storage import get_store
+    from storage.s3 import S3BlobStore
+
+    store = get_store()
+    assert isinstance(store, S3BlobStore) and store.where == url.rstrip("/")
+    out = store.client.list_objects_v2(Bucket=store.bucket)
+    return sorted(o["Key"] for o in out.get("Contents", []))
+
+
+def test_upload_worker_inputs_and_download_on_s3(s3_client: TestClient, s3_env: str, tmp_path: Path) -> None:
+    from models.settings import get_settings
+    from models.spec import JobSpec
+    from storage import get_store
+    from storage.s3 import S3BlobStore
+    from worker import jobs
+
+    data = builders.onnx_bytes(in_features=5)
+    r = s3_client.put("/v1/models", params={"name": "m", "format": "onnx"}, content=iter([data[:100], data[100:]]))
+    assert r.status_code == 201, r.text
+    model = r.json()
+    key = model["sha256"]
+    assert model["inputs"][0]["shape"] == ["batch", 5]
+    assert _bucket_objects(s3_env) == [f"blobs/{key[:2]}/{key[2:4]}/{key}"]
+    assert s3_client.get("/readyz").json()["checks"]["storage"] == "ok"
+
+    spec = JobSpec.model_validate({"model": model["id"], "steps": [{"type": "quantize", "mode": "dynamic"}]})
+    path, fmt, _ = jobs._model_refs(spec, tmp_path / "inputs")[model["id"]]
+    store = get_store()
+    assert isinstance(store, S3BlobStore)
+    assert fmt == "onnx" and path.read_bytes() == data and path.parent == tmp_path / "inputs"
+    assert store.cache.get(key) is not None  # the worker's cache keeps it for the next job
+
+    job_id = builders.insert_job(model["id"], status="succeeded")
+    out = tmp_path / "out.onnx"
+    out.write_bytes(bytes(range(256)) * 8)
+    (art_id,) = jobs._store_artifacts(jobs.Claim(job_id, 1), "local", {"model.onnx": ("model", out)})
+    url = f"/v1/artifacts/{art_id}/content"
+    whole = s3_client.get(url)
+    assert whole.status_code == 200 and whole.content == out.read_bytes()
+    part = s3_client.get(url, headers={"Range": "bytes=10-19"})
+    assert part.status_code == 206 and part.content == out.read_bytes()[10:20]
+    local_root = get_settings().blob_dir
+    assert blobs(local_root) == [] and temp_files(local_root) == []
+
+
+def test_s3_unreachable_during_an_upload_is_503_and_records_nothing(
+    s3_client: TestClient, s3_env: str, s3_server: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy import func, select
+
+    from models.db import session_scope
+    from models.settings import get_settings
+    from models.tables import Dataset
+    from storage import backends, get_store
+    from tests.storage.faults import proxy
+    from tests.storage.seaweed import Weed
+
+    assert isinstance(s3_server, Weed)
+    body = builders.npz_bytes({"x": np.random.default_rng(0).random((200, 64), dtype=np.float32)})
+    with proxy(s3_server.endpoint) as p:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", p.endpoint)
+        monkeypatch.setattr(backends, "_STORES", {})
+        get_store().check()  # the bucket exists
+        art = builders.insert_artifact(builders.insert_job(builders.insert_model(), status="succeeded"), b"kept")
+        p.die_after_request_bytes = p.request_bytes + len(body) // 2  # S3 goes away mid-upload
+        r = s3_client.put("/v1/datasets", params={"name": "d", "format": "npz"}, content=body)
+        assert r.status_code == 503, r.text
+        problem = r.json()
+        assert problem["code"] == "storage_unavailable" and "unavailable during" in problem["detail"]
+        assert r.headers["content-type"].startswith("application/problem+json") and r.headers["retry-after"]
+        ready = s3_client.get("/readyz")
+        assert ready.status_code == 503 and "storage" in ready.json()["detail"]
+        down = s3_client.get(f"/v1/artifacts/{art}/content")  # a download while S3 is away: 503, not a 500 or a 404
+        assert down.status_code == 503 and down.json()["code"] == "storage_unavailable"
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Dataset)) == 0
+    monkeypatch.setattr(backends, "_STORES", {})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    assert _bucket_objects(s3_env) == [f"blobs/{k[:2]}/{k[2:4]}/{k}" for k in [hashlib.sha256(b"kept").hexdigest()]]
+    assert temp_files(get_settings().home) == []  # the S3 store stages uploads under $HOME/tmp

@@ -1,4 +1,4 @@
-"""Live-service fixtures: one on Redis + PostgreSQL, one on the embedded defaults (SQLite)."""
+"""Live-service fixtures: on Redis + PostgreSQL, on Redis + PostgreSQL + S3 (nothing shared), on the embedded defaults."""
 
 from __future__ import annotations
 
@@ -35,3 +35,28 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
     home = tmp_path_factory.mktemp("embedded")
     with live_service(home, service_env(home, RUN_ID)) as svc:
         yield svc
+
+
+@pytest.fixture(scope="module")
+def distributed_s3(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, s3_server: object
+) -> Iterator[LiveService]:
+    """API + worker on PostgreSQL, Redis and S3 (SeaweedFS) only: each has a home of its own, no shared folder."""
+    from tests.storage.seaweed import Weed
+
+    assert isinstance(s3_server, Weed)
+    name = f"mp_e2e_{RUN_ID}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_DSN.rpartition("/")[0]
+    api_home, worker_home = tmp_path_factory.mktemp("s3-api"), tmp_path_factory.mktemp("s3-worker")
+    shared = {"database_url": _sqlalchemy_url(f"{base}/{name}"), "broker_url": redis_url,
+              "storage_url": f"s3://mp-e2e-{RUN_ID}-{uuid.uuid4().hex[:6]}/blobs"}
+    api_env = {**service_env(api_home, RUN_ID, **shared), **s3_server.env()}
+    worker_env = {**service_env(worker_home, RUN_ID, **shared), **s3_server.env()}
+    try:
+        with live_service(api_home, api_env, worker_env=worker_env) as svc:
+            yield svc
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

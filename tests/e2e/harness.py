@@ -35,15 +35,17 @@ class LiveService:
     port: int = field(default_factory=free_port)
     api: subprocess.Popen[bytes] | None = None
     worker: subprocess.Popen[bytes] | None = None
+    # The worker's own environment when it must share nothing with the API but the services (S3 runs).
+    worker_env: dict[str, str] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.home / log_name, "ab")  # noqa: SIM115 (closed with the process)
         return subprocess.Popen(
-            [sys.executable, *args], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, *args], cwd=ROOT, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -65,7 +67,8 @@ class LiveService:
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         queues = f"{self.env['MODELPRESS_CPU_QUEUE']},{self.env['MODELPRESS_GPU_QUEUE']}"
-        self.worker = self._spawn(["-m", "worker.main", "--queues", queues, "--loglevel", "INFO"], "worker.log")
+        self.worker = self._spawn(["-m", "worker.main", "--queues", queues, "--loglevel", "INFO"], "worker.log",
+                                  self.worker_env)
         return self.worker
 
     def worker_children(self) -> list[psutil.Process]:
@@ -122,10 +125,11 @@ def service_env(home: Path, run_id: str, **overrides: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def live_service(home: Path, env: dict[str, str], *, worker: bool = True) -> Iterator[LiveService]:
-    """Migrate, start the API (and a worker), yield, then stop both."""
+def live_service(home: Path, env: dict[str, str], *, worker: bool = True,
+                 worker_env: dict[str, str] | None = None) -> Iterator[LiveService]:
+    """Migrate, start the API (and a worker, with ``worker_env`` when given), yield, then stop both."""
     home.mkdir(parents=True, exist_ok=True)
-    svc = LiveService(home=home, env=env)
+    svc = LiveService(home=home, env=env, worker_env=worker_env)
     svc.migrate()
     try:
         svc.start_api()

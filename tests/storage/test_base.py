@@ -15,10 +15,14 @@ from tests.storage.memory import MemoryBlobStore
 DATA = bytes(range(256)) * 4000  # 1 024 000 bytes: several read chunks
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
     if request.param == "local":
         return LocalBlobStore(tmp_path / "blobs")
+    if request.param == "s3":  # the real SeaweedFS server, a bucket of this test's own
+        from tests.storage.test_s3 import new_store
+
+        return new_store(request.getfixturevalue("s3_server"), tmp_path)
     return MemoryBlobStore(tmp_path / "staging")
 
 
@@ -112,14 +116,30 @@ def test_the_default_url_is_the_storage_folder(tmp_path: Path, monkeypatch: pyte
         get_settings.cache_clear()
 
 
-def test_s3_is_named_as_not_implemented_yet() -> None:
-    with pytest.raises(StorageConfigError, match=r"s3:// backend is not implemented yet"):
-        open_store("s3://bucket/prefix")
+def test_an_s3_url_selects_the_s3_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.settings import get_settings
+    from storage.s3 import S3BlobStore
+
+    monkeypatch.setenv("MODELPRESS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MODELPRESS_BLOB_CACHE_BYTES", "1000")
+    get_settings.cache_clear()
+    try:
+        store = open_store("s3://my-bucket/some/prefix/")
+        assert isinstance(store, S3BlobStore) and (store.bucket, store.prefix) == ("my-bucket", "some/prefix")
+        assert store.cache.max_bytes == 1000 and store.cache.root == tmp_path / "home" / "blob-cache"
+        with pytest.raises(StorageConfigError, match="names a bucket"):
+            open_store("s3:///prefix")
+        monkeypatch.setenv("MODELPRESS_S3_PART_BYTES", str(1024 * 1024))
+        get_settings.cache_clear()
+        with pytest.raises(StorageConfigError, match="S3_PART_BYTES must be at least 5242880"):
+            open_store("s3://my-bucket")
+    finally:
+        get_settings.cache_clear()
 
 
 @pytest.mark.parametrize("url", ["gcs://bucket", "/srv/blobs", "ftp://host/x"])
 def test_unknown_schemes_are_a_clear_error(url: str) -> None:
-    with pytest.raises(StorageConfigError, match=r"unknown scheme .*supported: file://"):
+    with pytest.raises(StorageConfigError, match=r"unknown scheme .*supported: file://, s3://"):
         open_store(url)
 
 

@@ -134,3 +134,40 @@ def test_timestamps_read_back_aware_utc_on_every_database(any_db: str) -> None:
     job_id = _job(status="running", attempt=1)
     job = _get(job_id)
     assert job.created_at.tzinfo is not None and job.created_at.utcoffset() == timedelta(0)
+
+
+def test_inputs_that_keep_failing_to_download_fail_the_job_as_storage_unavailable(
+    pg_env: str, s3_env: str, s3_server: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3 breaks off every download of the model: retried, then the job fails in setup saying so; nothing cached."""
+    from models.settings import get_settings
+    from storage import backends, get_store
+    from storage.s3 import S3BlobStore
+    from tests.storage.faults import proxy
+    from tests.storage.seaweed import Weed
+
+    assert isinstance(s3_server, Weed)
+    with proxy(s3_server.endpoint) as p:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", p.endpoint)
+        monkeypatch.setattr(backends, "_STORES", {})
+        store = get_store()
+        assert isinstance(store, S3BlobStore)
+        blob = store.put([bytes(range(256)) * 4096])  # 1 MiB
+        with session_scope() as s:
+            m = Model(id=new_id("mdl"), owner="local", name="m", format="onnx", sha256=blob.sha256,
+                      size_bytes=blob.size_bytes, storage_key=blob.key, meta={})
+            s.add(m)
+            s.flush()
+            j = Job(id=new_id("job"), owner="local", status="queued", spec={"model": m.id}, model_id=m.id,
+                    queue="cpu", attempt=0, max_attempts=3, progress={})
+            s.add(j)
+            job_id = j.id
+        store.retry_delay_s = 0.05
+        p.after_bytes, p.break_responses = 64 * 1024, 100
+        store.client.close()  # new connections from here on: each one breaks off
+        assert jobs.execute(job_id) == "failed"
+        assert p.broken == 3  # three attempts
+    job = _get(job_id)
+    assert job.error is not None and job.error["code"] == "storage_unavailable" and job.error["step"] == "setup"
+    assert "could not be downloaded" in job.error["message"] and "3 attempts" in job.error["message"]
+    assert store.cache.get(blob.key) is None and not (get_settings().home / "work" / job_id).exists()
