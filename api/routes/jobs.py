@@ -6,9 +6,10 @@ from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.deps import DB, Owner, settings_dep
+from api.services import deletion
 from api.services import events as event_service
 from api.services import jobs as job_service
 from api.services.pagination import DEFAULT_LIMIT
@@ -59,6 +60,20 @@ async def get_job(job_id: str, owner: Owner, settings: Annotated[Settings, Depen
 def cancel_job(job_id: str, owner: Owner, db: DB) -> JobOut:
     """Cancel a queued job now, or ask a running one to stop; 409 when it already finished."""
     return job_service.job_out(db, job_service.cancel_job(db, owner, job_id))
+
+
+@router.delete(
+    "/{job_id}", status_code=204, response_class=Response,
+    responses={202: {"model": JobOut, "description": "cancel requested; deleted once the job has stopped"}},
+)
+def delete_job(job_id: str, owner: Owner, db: DB) -> Response:
+    """Delete a finished job with its events and artifacts (204); a queued job is cancelled and deleted
+    (204); a running one is asked to cancel and deleted once it has stopped (202 with the job)."""
+    out = deletion.delete_job(db, owner, job_id)
+    if out.job is None:
+        return Response(status_code=204)
+    body = job_service.job_out(db, out.job)
+    return JSONResponse(body.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
 @router.get("/{job_id}/events", response_model=Page[EventOut])
