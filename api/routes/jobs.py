@@ -97,14 +97,15 @@ async def stream_events(
     after: str | None = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
-    """Server-Sent Events of the job, resuming after ``Last-Event-ID`` (or ``after``); ends when it is done."""
+    """Server-Sent Events of the job, resuming after ``Last-Event-ID`` (or ``after``); ends when it is done,
+    or after MODELPRESS_STREAM_MAX_S with a ``reconnect`` event; 429 past the owner's open-stream cap."""
     await anyio.to_thread.run_sync(_check_job, owner, job_id)
     if last_event_id is not None and last_event_id.strip():
         start = event_service.parse_cursor(last_event_id, "Last-Event-ID")
     else:
         start = event_service.parse_cursor(after, "after")
     return StreamingResponse(
-        event_service.stream_events(job_id, start),
+        event_service.open_stream(owner, job_id, start),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
