@@ -60,8 +60,6 @@ class Settings(BaseSettings):
     # stream_max_per_owner streams are open per owner in one API process (429 past it).
     stream_max_s: float = Field(300, gt=0)
     stream_max_per_owner: int = Field(16, ge=1)
-    # Upload inspection reads at most this many bytes of array data into memory (npz value checks).
-    inspect_max_read_bytes: int = Field(16 * 1024**2, ge=1024)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
