@@ -186,6 +186,24 @@ def clean_leftovers(settings: Settings | None = None) -> GcReport:
     return report
 
 
+def finish_deferred_deletes() -> GcReport:
+    """Delete jobs whose DELETE waited for their cancel and that have stopped, with their blobs (the
+    reconciler's timer runs this every round, so they do not wait for the next full gc)."""
+    with session_scope() as s:
+        ids = sorted(s.scalars(select(Job.id).where(Job.delete_requested.is_(True), Job.status.in_(TERMINAL))))
+    report = GcReport()
+    if not ids:
+        return report
+    purged = _purge_in_batches(ids, "jobs")
+    report.jobs, report.artifacts, report.records = purged.jobs, purged.artifacts, purged.records
+    store = get_store()
+    for key in sorted(purged.keys):
+        swept = blobs.sweep_key(store, key)
+        report.blobs += swept.blobs
+        report.blob_bytes += swept.bytes
+    return report
+
+
 def run_gc(settings: Settings | None = None, now: datetime | None = None) -> GcReport:
     """One full gc pass (module doc); returns what it freed."""
     settings = settings or get_settings()

@@ -9,7 +9,8 @@ A broker restarted without persistence loses every queued message; with persiste
   redelivered task reclaims them (``worker.jobs.claim``), or fails them with ``worker_lost`` past
   ``max_attempts``;
 
-and moves ``cancelling`` jobs with a stale heartbeat to ``cancelled`` (nobody is left to stop them).
+and moves ``cancelling`` jobs with a stale heartbeat to ``cancelled`` (nobody is left to stop them);
+then it deletes the jobs whose DELETE waited for them to stop (``worker.gc.finish_deferred_deletes``).
 Each re-enqueue first bumps the row's ``updated_at`` with a guarded UPDATE, so two reconcilers never
 both send it and a job is re-sent at most once per threshold. Duplicate deliveries are harmless: the
 claim is one atomic UPDATE. The same thread runs ``worker.gc.run_gc`` every ``gc_interval_s``, starting
@@ -114,6 +115,13 @@ class Timers(threading.Thread):
             log.warning("%s failed", name, exc_info=True)
         return now + interval
 
+    @staticmethod
+    def _reconcile(s: Settings) -> None:
+        from worker.gc import finish_deferred_deletes
+
+        reconcile(s)
+        finish_deferred_deletes()
+
     def run(self) -> None:
         import time
 
@@ -127,7 +135,8 @@ class Timers(threading.Thread):
         while not self.stopped.is_set():
             now = time.monotonic()
             next_gc = self._every(s.gc_interval_s, next_gc, now, lambda: run_gc(s), "gc")
-            next_reconcile = self._every(s.reconcile_interval_s, next_reconcile, now, lambda: reconcile(s), "reconcile")
+            next_reconcile = self._every(s.reconcile_interval_s, next_reconcile, now, lambda: self._reconcile(s),
+                                         "reconcile")
             self.stopped.wait(tick)
 
 

@@ -138,3 +138,18 @@ def test_cli_prints_what_it_freed(pg_env: str) -> None:
     text = subprocess.run([sys.executable, "-m", "client.cli", "gc"], env=env, capture_output=True, text=True,
                           timeout=120, check=True).stdout
     assert text.startswith("freed 0 bytes: 0 records") and "0 blobs" in text
+
+
+def test_deferred_delete_finishes_once_the_job_stopped(pg_env: str) -> None:
+    from worker.gc import finish_deferred_deletes
+
+    job = builders.insert_job(builders.insert_model(), status="cancelling")
+    builders.insert_artifact(job, b"partial output")
+    with session_scope() as s:
+        s.execute(update(Job).where(Job.id == job).values(delete_requested=True))
+    assert finish_deferred_deletes().jobs == 0  # still stopping: left alone
+    builders.set_status(job, "cancelled")
+    report = finish_deferred_deletes()
+    assert (report.jobs, report.artifacts, report.blobs) == (1, 1, 1) and not _blob_exists(b"partial output")
+    with session_scope() as s:
+        assert s.get(Job, job) is None
