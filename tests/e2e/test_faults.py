@@ -3,6 +3,7 @@ SIGKILLed in the middle of an upload. Each starts its own servers (its own Redis
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -80,8 +81,17 @@ def test_broker_restart_loses_no_job_and_runs_none_twice(
     home = tmp_path / "home"
     env = service_env(home, f"{RUN_ID}-{uuid.uuid4().hex[:6]}", database_url=database, broker_url=broker.url,
                       reconcile_interval_s="1", reconcile_queued_after_s="5", gc_interval_s="0")
+    dead_attempt = home / "work" / "job_killed_earlier" / "attempt-1"  # a killed worker's work folder
+    dead_attempt.mkdir(parents=True)
+    (dead_attempt / "model.onnx").write_bytes(b"m" * 4096)
+    old = time.time() - 3600
+    os.utime(dead_attempt, (old, old))
     try:
         with live_service(home, env) as svc, httpx.Client(base_url=svc.url, timeout=30) as client:
+            deadline = time.monotonic() + 30
+            while dead_attempt.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not dead_attempt.exists(), svc.logs("worker.log")  # removed when the worker started
             model = _upload(client, "models", assets["model"], "onnx")
             train = _upload(client, "datasets", assets["train"], "npz")
             evald = _upload(client, "datasets", assets["eval"], "npz")
