@@ -38,8 +38,9 @@ def _set(job_id: str, seconds_ago: float, **values: object) -> None:
         s.execute(update(Job).where(Job.id == job_id).values(updated_at=then, **values))
 
 
-@pytest.fixture
-def settings(pg_env: str, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+@pytest.fixture(params=["pg_env", "sqlite_env"])
+def settings(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    request.getfixturevalue(request.param)  # the guarded UPDATE compares timestamps: both databases
     monkeypatch.setenv("MODELPRESS_RECONCILE_QUEUED_AFTER_S", "60")
     monkeypatch.setenv("MODELPRESS_JOB_LEASE_SECONDS", "30")
     get_settings.cache_clear()
