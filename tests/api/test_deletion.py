@@ -154,3 +154,56 @@ def test_delete_artifact_keeps_its_job(client: TestClient, storage_dir: Path) ->
     _problem(client.get(f"/v1/artifacts/{art}/content"), 404, "not_found")
     assert client.get(f"/v1/jobs/{job}").status_code == 200
     assert not _blob_path(storage_dir, b"artifact bytes").exists()
+
+
+def test_concurrent_upload_and_delete_of_the_same_bytes_never_orphan_a_record(client: TestClient) -> None:
+    """Uploads and deletes of the same bytes race; afterwards every record still has its blob."""
+    import threading
+
+    from api.services import deletion, uploads
+    from storage import get_store
+
+    store = get_store()
+    data = builders.onnx_bytes(seed=3)
+    key = hashlib.sha256(data).hexdigest()
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def upload_loop() -> None:
+        try:
+            for _ in range(25):
+                with store.stage([data]) as staged:
+                    up = uploads.record("model", store, staged, "local", "racy", "onnx")
+                assert up.row.storage_key == key
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            stop.set()
+
+    def delete_loop() -> None:
+        try:
+            while not stop.is_set():
+                with session_scope() as s:
+                    ids = list(s.scalars(select(Model.id).where(Model.sha256 == key)))
+                for model_id in ids:
+                    with session_scope() as s:
+                        try:
+                            deletion.delete_model(s, "local", model_id)
+                        except Exception as exc:  # deleted by the other pass meanwhile: a 404
+                            if getattr(exc, "status", None) != 404:
+                                raise
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=upload_loop), threading.Thread(target=delete_loop)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures
+    with session_scope() as s:
+        rows = s.scalars(select(Model).where(Model.sha256 == key)).all()
+    assert all(store.exists(r.storage_key) for r in rows)
+    for r in rows:
+        assert client.delete(f"/v1/models/{r.id}").status_code == 204
+    assert not store.exists(key) and _count(BlobOrphan) == 0
