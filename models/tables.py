@@ -125,6 +125,8 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # DELETE of an active job: cancel first, then the row goes once terminal (worker.gc finishes it).
     delete_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    # How often the reconciler re-sent this job while queued (each re-send waits twice as long as the last).
+    resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

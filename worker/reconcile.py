@@ -33,6 +33,7 @@ from models.settings import Settings, get_settings
 from models.tables import CANCELLED, CANCELLING, QUEUED, RUNNING, Job, JobEvent, utcnow
 
 log = logging.getLogger("modelpress.reconcile")
+MAX_DOUBLINGS = 5
 
 
 @dataclass
@@ -74,15 +75,19 @@ def reconcile(settings: Settings | None = None, now: datetime | None = None,
     lease_before = now - timedelta(seconds=settings.job_lease_seconds)
     stale_beat = or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < lease_before)
     with session_scope() as s:
-        queued = s.execute(select(Job.id, Job.queue, Job.updated_at)
-                           .where(Job.status == QUEUED, Job.updated_at < queued_before)).all()
+        candidates = s.execute(select(Job.id, Job.queue, Job.updated_at, Job.resends)
+                               .where(Job.status == QUEUED, Job.updated_at < queued_before)).all()
+        # A job that waits behind a long queue is not lost: each re-send waits twice as long as the last.
+        queued = [(jid, queue, seen) for jid, queue, seen, resends in candidates
+                  if seen < now - timedelta(seconds=settings.reconcile_queued_after_s * 2 ** min(resends, MAX_DOUBLINGS))]
         running = s.execute(select(Job.id, Job.queue, Job.updated_at)
                             .where(Job.status == RUNNING, stale_beat, Job.updated_at < lease_before)).all()
         cancelling = s.execute(select(Job.id, Job.updated_at)
                                .where(Job.status == CANCELLING, stale_beat, Job.updated_at < lease_before)).all()
     out = Reconciled()
     for job_id, queue, seen in queued:
-        if _bump(job_id, QUEUED, seen, "re-enqueued: queued with no worker on it (its message may be lost)"):
+        if _bump(job_id, QUEUED, seen, "re-enqueued: queued with no worker on it (its message may be lost)",
+                 resends=Job.resends + 1):
             enqueue(job_id, queue)
             out.queued.append(job_id)
     for job_id, queue, seen in running:

@@ -1,4 +1,4 @@
-"""gc: blob claims and orphans (safe sweeps), jobs.delete_requested (DELETE of an active job)
+"""gc: blob claims and orphans (safe sweeps), jobs.delete_requested (DELETE of an active job), jobs.resends
 
 Revision ID: gc
 Revises: 0001
@@ -32,10 +32,12 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.add_column(sa.Column('delete_requested', sa.Boolean(), server_default='0', nullable=False))
+        batch_op.add_column(sa.Column('resends', sa.Integer(), server_default='0', nullable=False))
 
 
 def downgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_column('resends')
         batch_op.drop_column('delete_requested')
     op.drop_table('blob_orphans')
     with op.batch_alter_table('blob_claims', schema=None) as batch_op:

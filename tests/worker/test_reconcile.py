@@ -126,3 +126,15 @@ def test_timers_thread_runs_both_and_survives_errors(settings, monkeypatch: pyte
         timers.stopped.set()
         timers.join(5)
     assert calls.count("gc") >= 2 and calls.count("reconcile") >= 3 and not timers.is_alive()
+
+
+def test_each_resend_of_a_queued_job_waits_twice_as_long(settings) -> None:  # type: ignore[no-untyped-def]
+    job = builders.insert_job(builders.insert_model(), status="queued")
+    _set(job, 90, resends=1)  # re-sent once already: the next one is due after 2 x 60 s
+    sent = Sent()
+    assert reconcile(settings, enqueue=sent).queued == []
+    _set(job, 130)
+    assert reconcile(settings, enqueue=sent).queued == [job]
+    with session_scope() as s:
+        row = s.get(Job, job)
+        assert row is not None and row.resends == 2
