@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 
 from api import errors
@@ -13,6 +16,22 @@ from api.services.metrics import Metrics, MetricsMiddleware
 from models.settings import get_settings
 
 log = logging.getLogger("modelpress.api")
+
+
+@asynccontextmanager
+async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    """At start: remove staged uploads that a killed API process left behind (storage/staging.py)."""
+    from storage import get_store
+    from storage.staging import sweep_leftovers
+
+    try:
+        swept = await anyio.to_thread.run_sync(
+            sweep_leftovers, get_store().staging_dir, get_settings().leftover_grace_s)
+        if swept.files:
+            log.warning("removed %d staged uploads (%d bytes) left by a killed process", swept.files, swept.bytes)
+    except Exception:  # a storage problem shows in /readyz; it must not keep the API from starting
+        log.warning("start-up sweep of staged uploads failed", exc_info=True)
+    yield
 
 
 def create_app() -> FastAPI:
@@ -25,6 +44,7 @@ def create_app() -> FastAPI:
         title="modelpress",
         version="0.1.0",
         description="Upload a model and data, submit an optimization job, download the ONNX and its report.",
+        lifespan=_lifespan,
     )
     errors.install(app)
     metrics = Metrics()

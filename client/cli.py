@@ -29,6 +29,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from client import gc_cli
 from client.errors import (
     APIError,
     APIServerError,
@@ -528,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add(sub, "migrate", cmd_migrate, "migrate the database to the latest schema")
     s.add_argument("--database-url", default=None, help="default: $MODELPRESS_DATABASE_URL")
+    gc_cli.register(sub, [as_json])
 
     for kind in ("models", "datasets"):
         grp = sub.add_parser(kind, help=f"upload or list {kind}").add_subparsers(dest="action", required=True)

@@ -146,9 +146,10 @@ class Job:
         """The event stream, reopened with ``Last-Event-ID`` after a drop; the page log fills the tail."""
         last = after if after is not None else -1
         transport = self._transport
+        lifetime_ended = False  # the server ended the stream at its lifetime: reopen with a fresh retry budget
 
         def connection() -> Iterator[EventOut]:
-            nonlocal last
+            nonlocal last, lifetime_ended
             headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
             if last >= 0:
                 headers["Last-Event-ID"] = str(last)
@@ -156,6 +157,9 @@ class Job:
                                       retry=False, timeout=transport.long_timeout(60.0))
             try:
                 for sse in EventSource(response).iter_sse():
+                    if sse.event == "reconnect":
+                        lifetime_ended = True
+                        continue
                     if not sse.data:
                         continue  # the retry hint, or the blank line after a keep-alive comment
                     try:
@@ -168,10 +172,14 @@ class Job:
             finally:
                 response.close()
             # The stream ends once the job is terminal and everything was sent; anything else was a drop.
-            if not self.refresh().done:
+            if not lifetime_ended and not self.refresh().done:
                 raise Reconnect(f"the event stream of job {self.id} ended early")
 
-        yield from transport.policy.iterate(connection, f"event stream of job {self.id} keeps dropping")
+        while True:
+            lifetime_ended = False
+            yield from transport.policy.iterate(connection, f"event stream of job {self.id} keeps dropping")
+            if not lifetime_ended or self.refresh().done:
+                break
         yield from self._page_events(last if last >= 0 else None)
 
     # -- artifacts -------------------------------------------------------------------------------

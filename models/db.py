@@ -42,10 +42,11 @@ def get_engine() -> Engine:
     return _ENGINES[url]
 
 
-def reset_engines() -> None:
-    """Dispose cached engines (tests, and in worker children after fork)."""
+def reset_engines(close: bool = True) -> None:
+    """Dispose cached engines (tests, and in worker children after fork: ``close=False`` leaves the
+    parent's pooled connections open for the parent instead of closing them from the child)."""
     for engine in _ENGINES.values():
-        engine.dispose()
+        engine.dispose(close=close)
     _ENGINES.clear()
 
 

@@ -48,6 +48,24 @@ class Settings(BaseSettings):
     # GET /v1/jobs/{id} is what clients poll: each API process may serve a body this many seconds old
     # (a terminal job's body never changes and is kept longer). 0 turns the cache off.
     job_read_cache_s: float = 0.25
+    # -- deletion, retention, gc, reconciler, streams (branch gc) --------------------------------
+    # Retention in days (0 keeps forever): artifacts of succeeded jobs (the job row stays), failed and
+    # cancelled jobs with everything they produced, and cache entries (local copies of remote blobs).
+    retain_artifacts_days: float = Field(0, ge=0)
+    retain_failed_jobs_days: float = Field(30, ge=0)
+    retain_cache_days: float = Field(7, ge=0)
+    # The worker runs gc (retention, orphan blobs, leftovers) this often; 0 turns the timer off.
+    gc_interval_s: float = Field(3600, ge=0)
+    # A staged upload or work folder untouched this long, with no live writer, is a leftover.
+    leftover_grace_s: float = Field(60, ge=0)
+    # The reconciler (worker/reconcile.py) re-enqueues queued jobs untouched this long, and running jobs
+    # whose heartbeat is older than job_lease_seconds, every reconcile_interval_s (0: off).
+    reconcile_interval_s: float = Field(30, ge=0)
+    reconcile_queued_after_s: float = Field(300, ge=1)
+    # An event stream ends after this many seconds (the client resumes with Last-Event-ID); at most
+    # stream_max_per_owner streams are open per owner in one API process (429 past it).
+    stream_max_s: float = Field(300, gt=0)
+    stream_max_per_owner: int = Field(16, ge=1)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

@@ -41,6 +41,7 @@ QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED = (
     "cancelled",
 )
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+ACTIVE_STATUSES = frozenset({QUEUED, RUNNING, CANCELLING})
 STATUSES = (QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED)
 
 
@@ -122,6 +123,10 @@ class Job(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # DELETE of an active job: cancel first, then the row goes once terminal (worker.gc finishes it).
+    delete_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    # How often the reconciler re-sent this job while queued (each re-send waits twice as long as the last).
+    resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -164,3 +169,27 @@ class Artifact(Base):
     storage_key: Mapped[str] = mapped_column(String(128))
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class BlobClaim(Base):
+    """A short-lived claim on a blob key: ``write`` while an upload commits and indexes it, ``delete``
+    while a sweep checks and removes it. Each side writes its claim, then looks for the other's (so
+    one of them always sees the other): an upload never indexes a blob a sweep is removing."""
+
+    __tablename__ = "blob_claims"
+    __table_args__ = (Index("ix_blob_claims_key", "key"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(128))
+    purpose: Mapped[str] = mapped_column(String(8))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class BlobOrphan(Base):
+    """A blob key whose last record may be gone: written in the transaction that deletes the record,
+    removed once the blob is swept (or found referenced again), so a crash in between leaks nothing."""
+
+    __tablename__ = "blob_orphans"
+
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    since: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

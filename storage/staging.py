@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import hashlib
 import os
+import stat
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,16 +50,65 @@ class Staged:
         return self.sha256
 
 
+PREFIX = "up-"
+
+
 @contextlib.contextmanager
 def _temp_file(folder: Path) -> Iterator[tuple[BinaryIO, Path]]:
+    """A new ``up-*`` file, exclusively flock-ed until the block ends (``sweep_leftovers`` skips locked ones)."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=folder, prefix="up-")
+    fd, name = tempfile.mkstemp(dir=folder, prefix=PREFIX)
+    # A second descriptor holds the lock for the whole life of the staged file (the writer's is closed
+    # before inspection); the kernel drops it when this process dies, however it dies.
+    lock_fd = os.open(name, os.O_RDONLY)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh, Path(name)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name)
+        os.close(lock_fd)
+
+
+@dataclass
+class Leftovers:
+    """What a sweep of a staging folder removed."""
+
+    files: int = 0
+    bytes: int = 0
+
+
+def sweep_leftovers(folder: Path, grace_s: float = 60.0) -> Leftovers:
+    """Remove staged files no live process holds (a killed upload's ``up-*``), untouched for ``grace_s``.
+
+    A staging upload holds an exclusive ``flock`` on its file until it is committed or discarded, so a
+    file that can be locked has no writer left. The grace period also covers filesystems where locks
+    do not reach other hosts."""
+    out = Leftovers()
+    if not folder.is_dir():
+        return out
+    now = time.time()
+    for path in folder.glob(f"{PREFIX}*"):
+        try:
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < grace_s:
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone meanwhile, or not ours to open
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live upload
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                out.files += 1
+                out.bytes += st.st_size
+        finally:
+            os.close(fd)
+    return out
 
 
 @contextlib.contextmanager

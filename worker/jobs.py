@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import or_, select, update
 
+from models import blobs
 from models.db import session_scope
 from models.ids import new_id
 from models.settings import get_settings
@@ -39,6 +40,8 @@ from models.tables import (
     utcnow,
 )
 from storage import StorageUnavailable, get_store
+from storage.base import StoredBlob
+from storage.staging import file_chunks
 
 if TYPE_CHECKING:
     from worker.context import DBContext
@@ -193,20 +196,29 @@ def _store_artifacts(claim: Claim, owner: str, files: dict[str, tuple[str, Path]
     store = get_store()
     ids: list[str] = []
     for name, (kind, path) in files.items():
-        blob = store.put_file(path)
-        with session_scope() as s:
-            art = s.scalar(select(Artifact).where(Artifact.job_id == claim.job_id, Artifact.name == name))
-            if art is None:
-                art = Artifact(id=new_id("art"), owner=owner, job_id=claim.job_id, name=name)
-                s.add(art)
-            art.kind = kind
-            art.media_type = _MEDIA_TYPES.get(path.suffix, "application/octet-stream")
-            art.sha256, art.size_bytes, art.storage_key = blob.sha256, blob.size_bytes, blob.key
-            art.meta = {"attempt": claim.attempt}
-            art.created_at = utcnow()
-            s.flush()
-            ids.append(art.id)
+        with store.stage(file_chunks(path)) as staged, blobs.writing(staged.sha256):
+            # the write claim keeps a concurrent sweep off the blob until the artifact row refers to it
+            blob = store.commit(staged)
+            ids.append(_index_artifact(claim, owner, name, kind, path, blob))
     return ids
+
+
+def _index_artifact(claim: Claim, owner: str, name: str, kind: str, path: Path, blob: StoredBlob) -> str:
+    """Insert or update the (job, name) artifact row; a replaced blob becomes an orphan for the sweep."""
+    with session_scope() as s:
+        art = s.scalar(select(Artifact).where(Artifact.job_id == claim.job_id, Artifact.name == name))
+        if art is None:
+            art = Artifact(id=new_id("art"), owner=owner, job_id=claim.job_id, name=name)
+            s.add(art)
+        art.kind = kind
+        art.media_type = _MEDIA_TYPES.get(path.suffix, "application/octet-stream")
+        if art.storage_key and art.storage_key != blob.key:
+            blobs.mark_orphans(s, [art.storage_key])
+        art.sha256, art.size_bytes, art.storage_key = blob.sha256, blob.size_bytes, blob.key
+        art.meta = {"attempt": claim.attempt}
+        art.created_at = utcnow()
+        s.flush()
+        return art.id
 
 
 def _finish(claim: Claim, status: str, *, error: dict[str, Any] | None = None,

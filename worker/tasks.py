@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 
 from worker.celery_app import TASK_NAME, get_celery
 
@@ -16,7 +16,15 @@ def _fresh_connections(**_: Any) -> None:
     """A forked pool child must not reuse the parent's DB connections."""
     from models.db import reset_engines
 
-    reset_engines()
+    reset_engines(close=False)  # the parent's connections stay the parent's (its timers thread uses them)
+
+
+@worker_ready.connect
+def _start_timers(**_: Any) -> None:
+    """The worker's main process runs the reconciler and gc (worker/reconcile.py) on their intervals."""
+    from worker.reconcile import start_timers
+
+    start_timers()
 
 
 @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from api.inspection.common import InspectionError, list_archive, sorted_labels
+from api.inspection.common import MAX_CLASSES, InspectionError, list_archive, sorted_labels
 from storage.archive import NPZ_LIMITS
 
-MAX_LABEL_BYTES = 1024**3
+# Array data is never loaded whole: labels are streamed from the zip member this many bytes at a time,
+# so inspecting a large upload costs a few MiB of memory, whatever its size.
+READ_CHUNK_BYTES = 4 * 1024**2
 
 
 def inspect_npz(path: Path) -> dict[str, Any]:
@@ -62,13 +64,37 @@ def inspect_npz(path: Path) -> dict[str, Any]:
             info = fields["labels"]
             if len(info["shape"]) != 1:
                 raise InspectionError(f"'labels' must be one-dimensional, got shape {info['shape']}")
-            if info["shape"][0] * dtypes["labels"].itemsize > MAX_LABEL_BYTES:
-                raise InspectionError("'labels' is too large")
-            try:
-                labels = npz["labels"]
-            except ValueError as exc:
-                raise InspectionError(f"'labels' could not be read: {exc}") from exc
-            if labels.dtype.kind not in "iubU":
-                raise InspectionError(f"'labels' must hold integers or strings, got {labels.dtype.name}")
-            classes = sorted_labels(np.unique(labels).tolist())
+            if dtypes["labels"].kind not in "iubU":
+                raise InspectionError(f"'labels' must hold integers or strings, got {dtypes['labels'].name}")
+            classes = sorted_labels(_distinct_labels(zf, "labels.npy", dtypes["labels"], info["shape"][0]))
     return {"num_samples": int(next(iter(counts.values()))), "fields": fields, "classes": classes}
+
+
+def _distinct_labels(zf: Any, member: str, dtype: Any, count: int) -> set[Any]:
+    """The distinct values of a 1-D array member, read in ``READ_CHUNK_BYTES`` pieces (never loaded whole)."""
+    import zipfile
+
+    import numpy as np
+
+    per_chunk = max(1, READ_CHUNK_BYTES // max(1, dtype.itemsize))
+    distinct: set[Any] = set()
+    left = count
+    try:
+        with zf.open(member) as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                np.lib.format.read_array_header_1_0(fh)
+            else:
+                np.lib.format.read_array_header_2_0(fh)
+            while left > 0:
+                n = min(per_chunk, left)
+                raw = fh.read(n * dtype.itemsize)
+                if len(raw) != n * dtype.itemsize:
+                    raise InspectionError(f"'labels' is truncated: {count - left + len(raw) // dtype.itemsize} of {count} values")
+                distinct.update(np.unique(np.frombuffer(raw, dtype=dtype)).tolist())
+                if len(distinct) > MAX_CLASSES:
+                    raise InspectionError(f"more than {MAX_CLASSES} distinct labels; labels must be class ids or names")
+                left -= n
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise InspectionError(f"'labels' could not be read: {exc}") from exc
+    return distinct

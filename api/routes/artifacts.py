@@ -9,6 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import DB, Owner, ShortDB
 from api.services import artifacts as service
+from api.services import deletion
 from models.schemas import ArtifactOut
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
@@ -53,3 +54,10 @@ def download(
         media_type=row.media_type,
         headers=headers,
     )
+
+
+@router.delete("/{artifact_id}", status_code=204, response_class=Response)
+def delete_artifact(artifact_id: str, owner: Owner, db: DB) -> Response:
+    """Delete one artifact (204); its job stays. The bytes go once no record of anyone refers to them."""
+    deletion.delete_artifact(db, owner, artifact_id)
+    return Response(status_code=204)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from api.deps import DB, Owner
-from api.services import catalog, uploads
+from api.services import catalog, deletion, uploads
 from api.services.lookup import get_owned
 from api.services.pagination import DEFAULT_LIMIT
 from models.schemas import DatasetOut, Page
@@ -46,3 +46,10 @@ def list_datasets(
 def get_dataset(dataset_id: str, owner: Owner, db: DB) -> DatasetOut:
     """One dataset."""
     return catalog.dataset_out(get_owned(db, Dataset, owner, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204, response_class=Response)
+def delete_dataset(dataset_id: str, owner: Owner, db: DB) -> Response:
+    """Delete the dataset (204); 409 while a job uses it. Its bytes go once no record of anyone refers to them."""
+    deletion.delete_dataset(db, owner, dataset_id)
+    return Response(status_code=204)

@@ -6,9 +6,10 @@ from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.deps import DB, Owner, settings_dep
+from api.services import deletion
 from api.services import events as event_service
 from api.services import jobs as job_service
 from api.services.pagination import DEFAULT_LIMIT
@@ -61,6 +62,20 @@ def cancel_job(job_id: str, owner: Owner, db: DB) -> JobOut:
     return job_service.job_out(db, job_service.cancel_job(db, owner, job_id))
 
 
+@router.delete(
+    "/{job_id}", status_code=204, response_class=Response,
+    responses={202: {"model": JobOut, "description": "cancel requested; deleted once the job has stopped"}},
+)
+def delete_job(job_id: str, owner: Owner, db: DB) -> Response:
+    """Delete a finished job with its events and artifacts (204); a queued job is cancelled and deleted
+    (204); a running one is asked to cancel and deleted once it has stopped (202 with the job)."""
+    out = deletion.delete_job(db, owner, job_id)
+    if out.job is None:
+        return Response(status_code=204)
+    body = job_service.job_out(db, out.job)
+    return JSONResponse(body.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+
 @router.get("/{job_id}/events", response_model=Page[EventOut])
 def list_events(
     job_id: str, owner: Owner, db: DB, after: str | None = None, limit: int = 100
@@ -82,14 +97,15 @@ async def stream_events(
     after: str | None = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
-    """Server-Sent Events of the job, resuming after ``Last-Event-ID`` (or ``after``); ends when it is done."""
+    """Server-Sent Events of the job, resuming after ``Last-Event-ID`` (or ``after``); ends when it is done,
+    or after MODELPRESS_STREAM_MAX_S with a ``reconnect`` event; 429 past the owner's open-stream cap."""
     await anyio.to_thread.run_sync(_check_job, owner, job_id)
     if last_event_id is not None and last_event_id.strip():
         start = event_service.parse_cursor(last_event_id, "Last-Event-ID")
     else:
         start = event_service.parse_cursor(after, "after")
     return StreamingResponse(
-        event_service.stream_events(job_id, start),
+        event_service.open_stream(owner, job_id, start),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from api.deps import DB, Owner
-from api.services import catalog, uploads
+from api.services import catalog, deletion, uploads
 from api.services.lookup import get_owned
 from api.services.pagination import DEFAULT_LIMIT
 from models.schemas import ModelOut, Page
@@ -46,3 +46,10 @@ def list_models(
 def get_model(model_id: str, owner: Owner, db: DB) -> ModelOut:
     """One model."""
     return catalog.model_out(get_owned(db, Model, owner, model_id))
+
+
+@router.delete("/{model_id}", status_code=204, response_class=Response)
+def delete_model(model_id: str, owner: Owner, db: DB) -> Response:
+    """Delete the model (204); 409 while a job uses it. Its bytes go once no record of anyone refers to them."""
+    deletion.delete_model(db, owner, model_id)
+    return Response(status_code=204)

@@ -5,23 +5,32 @@ events, so when a poll sees a terminal status and no new events, every event wri
 became terminal has been sent, and the stream ends. Every writer of a job's events holds the job's row
 lock while it inserts (it updates the row, or locks it first: ``worker.jobs.add_event``), so a job's
 event ids commit in order and resuming "after id N" never skips an event committed late.
+
+A stream lives at most ``MODELPRESS_STREAM_MAX_S`` seconds, then ends with a ``reconnect`` control
+message (clients resume with ``Last-Event-ID``), and one API process keeps at most
+``MODELPRESS_STREAM_MAX_PER_OWNER`` streams open per owner (429 past it).
 """
 
 from __future__ import annotations
 
+import collections
+import json
+import threading
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import anyio
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.errors import field_error
+from api.errors import ProblemError, field_error
 from api.services.numbers import INT64_MAX, parse_int64
 from api.services.pagination import paginate
 from models.db import session_scope
 from models.schemas import EventOut, Page
+from models.settings import get_settings
 from models.tables import TERMINAL, Job, JobEvent
 
 # Module-level so tests (and operators) can tune them.
@@ -71,12 +80,85 @@ def format_event(event: EventOut) -> str:
     return f"id: {event.id}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n"
 
 
-async def stream_events(job_id: str, after: int) -> AsyncIterator[str]:
-    """SSE text for a job's events after ``after``, until the job is terminal and everything was sent."""
+class StreamSlots:
+    """Open event streams per owner in this API process, capped: past the cap a new stream is a 429.
+
+    A slot is taken by the route before the response starts and given back when the stream's generator
+    ends, is cancelled by a disconnect, or is garbage collected without ever starting."""
+
+    def __init__(self) -> None:
+        self._open: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def open_count(self, owner: str) -> int:
+        with self._lock:
+            return self._open[owner]
+
+    def take(self, owner: str, cap: int) -> Callable[[], None]:
+        """A release function for a new slot of ``owner``'s; 429 problem when ``cap`` are open already."""
+        with self._lock:
+            if self._open[owner] >= cap:
+                raise ProblemError(
+                    429, "too_many_streams",
+                    f"{cap} event streams are open for this key already (MODELPRESS_STREAM_MAX_PER_OWNER); "
+                    "close one, or poll GET /v1/jobs/{id}/events",
+                    headers={"Retry-After": "5"},
+                )
+            self._open[owner] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if not released:
+                    released = True
+                    self._open[owner] -= 1
+                    if self._open[owner] <= 0:
+                        del self._open[owner]
+
+        return release
+
+
+SLOTS = StreamSlots()
+
+
+def open_stream(owner: str, job_id: str, after: int) -> AsyncIterator[str]:
+    """The SSE body of a job's events for ``owner``, holding one of the owner's stream slots while it lives."""
+    settings = get_settings()
+    release = SLOTS.take(owner, settings.stream_max_per_owner)
+    body = stream_events(job_id, after, max_s=settings.stream_max_s, on_close=release)
+    weakref.finalize(body, release)  # a body that never started still gives its slot back
+    return body
+
+
+def end_of_lifetime(max_s: float) -> str:
+    """The control message that ends a stream at its lifetime (no ``id``: the client resumes from its last event)."""
+    data = json.dumps({"reason": "lifetime", "max_s": max_s, "resume": "reconnect with Last-Event-ID"})
+    return f"event: reconnect\ndata: {data}\n\n"
+
+
+async def stream_events(
+    job_id: str, after: int, max_s: float | None = None, on_close: Callable[[], None] | None = None
+) -> AsyncIterator[str]:
+    """SSE text for a job's events after ``after``, until the job is terminal and everything was sent,
+    or, after ``max_s`` seconds, a ``reconnect`` control message (the client resumes with Last-Event-ID)."""
+    try:
+        async for text in _events_text(job_id, after, max_s):
+            yield text
+    finally:
+        if on_close is not None:
+            on_close()
+
+
+async def _events_text(job_id: str, after: int, max_s: float | None) -> AsyncIterator[str]:
     yield f"retry: {RETRY_MS}\n\n"
     last = after
     last_write = time.monotonic()
+    deadline = None if max_s is None else last_write + max_s
     while True:
+        if deadline is not None and time.monotonic() >= deadline:
+            yield end_of_lifetime(max_s or 0.0)
+            return
         poll = await anyio.to_thread.run_sync(_poll, job_id, last)
         for event in poll.events:
             yield format_event(event)

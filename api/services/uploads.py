@@ -21,6 +21,7 @@ from api import inspection
 from api.errors import ProblemError, field_error
 from api.services.multipart import MAX_FIELD_BYTES, MultipartStream
 from api.services.numbers import length_over
+from models import blobs
 from models.db import session_scope
 from models.ids import new_id
 from models.settings import get_settings
@@ -102,28 +103,31 @@ def record(
     if found is not None:
         return Uploaded(found, created=False)
     meta = _inspect(kind, fmt, staged)
-    blob = store.commit(staged)
-    table = TABLES[kind]
-    prefix = "mdl" if kind == "model" else "ds"
-    row = table(
-        id=new_id(prefix),
-        owner=owner,
-        name=name or f"{kind}-{blob.sha256[:12]}",
-        format=fmt,
-        sha256=blob.sha256,
-        size_bytes=blob.size_bytes,
-        storage_key=blob.key,
-        meta=meta,
-    )
-    try:
-        with session_scope() as session:  # rolls back when the insert fails
-            session.add(row)
-    except IntegrityError:
-        # A concurrent upload of the same bytes won the race: answer with its row (it holds the blob).
-        found = _existing(kind, owner, blob.sha256)
-        if found is None:
-            raise
-        return Uploaded(found, created=False)
+    # A write claim on the key keeps a concurrent sweep (models/blobs.py) from removing the blob
+    # between its commit and the insert of the row that refers to it.
+    with blobs.writing(staged.sha256):
+        blob = store.commit(staged)
+        table = TABLES[kind]
+        prefix = "mdl" if kind == "model" else "ds"
+        row = table(
+            id=new_id(prefix),
+            owner=owner,
+            name=name or f"{kind}-{blob.sha256[:12]}",
+            format=fmt,
+            sha256=blob.sha256,
+            size_bytes=blob.size_bytes,
+            storage_key=blob.key,
+            meta=meta,
+        )
+        try:
+            with session_scope() as session:  # rolls back when the insert fails
+                session.add(row)
+        except IntegrityError:
+            # A concurrent upload of the same bytes won the race: answer with its row (it holds the blob).
+            found = _existing(kind, owner, blob.sha256)
+            if found is None:
+                raise
+            return Uploaded(found, created=False)
     return Uploaded(row, created=True)
 
 

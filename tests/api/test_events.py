@@ -28,7 +28,7 @@ def parse_sse(text: str) -> list[dict[str, Any]]:
                 continue
             key, _, value = line.partition(": ")
             fields[key] = value
-        if "data" in fields:
+        if "data" in fields and "id" in fields:  # control messages (``reconnect``) carry no id
             out.append({"id": int(fields["id"]), "event": fields["event"], "data": json.loads(fields["data"])})
     return out
 
@@ -158,3 +158,93 @@ def test_out_of_range_event_ids_are_4xx_problems(client: TestClient, value: str)
         assert r.headers["content-type"].startswith("application/problem+json")
     ok = client.get(f"/v1/jobs/{job_id}/events", params={"after": "9223372036854775807"})
     assert ok.status_code == 200 and ok.json()["data"] == []
+
+
+def _limit_streams(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
+    from models.settings import get_settings
+
+    for key, value in env.items():
+        monkeypatch.setenv(f"MODELPRESS_{key.upper()}", value)
+    get_settings.cache_clear()
+
+
+def test_stream_ends_at_its_lifetime_and_resumes(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    _limit_streams(monkeypatch, stream_max_s="0.4")
+    job_id = builders.insert_job(builders.insert_model(), status="running")  # never finishes here
+    ids = builders.add_events(job_id, 2)
+    started = time.monotonic()
+    r = client.get(f"/v1/jobs/{job_id}/events/stream")
+    took = time.monotonic() - started
+    assert r.status_code == 200 and 0.4 <= took < 5
+    assert r.text.rstrip().splitlines()[-2] == "event: reconnect"
+    control = json.loads(r.text.rstrip().splitlines()[-1].removeprefix("data: "))
+    assert control["reason"] == "lifetime" and control["max_s"] == 0.4
+    got = parse_sse(r.text)
+    assert [e["id"] for e in got][-2:] == ids  # the control message has no id: Last-Event-ID stays on the last event
+    more = builders.add_events(job_id, 1)
+    resumed = parse_sse(client.get(f"/v1/jobs/{job_id}/events/stream", headers={"Last-Event-ID": str(ids[-1])}).text)
+    assert [e["id"] for e in resumed] == more
+
+
+def test_open_streams_per_owner_are_capped(live_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _limit_streams(monkeypatch, stream_max_per_owner="2")
+    job_id = builders.insert_job(builders.insert_model(), status="running")
+    url = f"{live_url}/v1/jobs/{job_id}/events/stream"
+    with httpx.Client(timeout=10) as client:
+        first = client.send(client.build_request("GET", url), stream=True)
+        second = client.send(client.build_request("GET", url), stream=True)
+        assert first.status_code == second.status_code == 200
+        over = client.get(url)
+        assert over.status_code == 429 and over.headers["content-type"].startswith("application/problem+json")
+        assert over.json()["code"] == "too_many_streams" and over.headers["retry-after"] == "5"
+        assert event_service.SLOTS.open_count("local") == 2
+        first.close()  # a disconnect gives the slot back (at the stream's next poll)
+        deadline = time.monotonic() + 5
+        while event_service.SLOTS.open_count("local") > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        again = client.send(client.build_request("GET", url), stream=True)
+        assert again.status_code == 200
+        again.close()
+        second.close()
+    deadline = time.monotonic() + 5
+    while event_service.SLOTS.open_count("local") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert event_service.SLOTS.open_count("local") == 0
+
+
+def test_unstarted_stream_body_gives_its_slot_back(pg_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from api.errors import ProblemError
+
+    _limit_streams(monkeypatch, stream_max_per_owner="1")
+    body = event_service.open_stream("nobody", "job_x", 0)  # the route made it; the client left before it started
+    with pytest.raises(ProblemError) as exc:
+        event_service.open_stream("nobody", "job_x", 0)
+    assert exc.value.status == 429 and exc.value.code == "too_many_streams"
+    del body
+    gc.collect()
+    assert event_service.SLOTS.open_count("nobody") == 0
+    event_service.open_stream("nobody", "job_x", 0)  # a slot is free again
+
+
+def test_sdk_follow_reopens_after_lifetime_ends(live_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from client import Client
+
+    _limit_streams(monkeypatch, stream_max_s="0.3")
+    job_id = builders.insert_job(builders.insert_model(), status="running")
+
+    def finish_later() -> None:
+        for _ in range(4):  # quiet spells longer than the lifetime, with events between them
+            time.sleep(0.5)
+            builders.add_events(job_id, 1, kind="progress")
+        builders.set_status(job_id, "succeeded")
+
+    worker = threading.Thread(target=finish_later)
+    worker.start()
+    with Client(live_url) as mp:
+        events = list(mp.job(job_id).events(follow=True))
+    worker.join()
+    kinds = [e.kind for e in events]
+    assert kinds == ["status", "progress", "progress", "progress", "progress", "status"]
+    assert len({e.id for e in events}) == len(events)
