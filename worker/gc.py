@@ -170,6 +170,8 @@ def clean_cache(folder: Path, max_age_s: float) -> tuple[int, int]:
             st = path.lstat()
         except OSError:
             continue
+        if path.name.startswith(".") or path.parent.name == "tmp":
+            continue  # the cache's lock file; fills in progress (the cache drops stale ones itself)
         if path.is_file() and now - max(st.st_mtime, st.st_atime) >= max_age_s:
             freed += _unlink(path)
             files += 1
@@ -214,6 +216,10 @@ def run_gc(settings: Settings | None = None, now: datetime | None = None) -> GcR
     swept = blobs.sweep_orphans(get_store())  # the keys purged above are orphans now, with any older ones
     report.blobs, report.blob_bytes = swept.blobs, swept.bytes
     report.stale_claims = blobs.drop_stale_claims()
-    report.cache_files, report.cache_bytes = clean_cache(settings.home / "blobs", settings.retain_cache_days * DAY_S)
+    # local copies handed to jobs ($HOME/blobs) and the S3 store's bounded read cache, by age
+    for folder in (settings.home / "blobs", settings.blob_cache_dir or settings.home / "blob-cache"):
+        files, freed = clean_cache(folder, settings.retain_cache_days * DAY_S)
+        report.cache_files += files
+        report.cache_bytes += freed
     log.info("gc: %s", report.summary())
     return report
