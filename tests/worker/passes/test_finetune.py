@@ -17,7 +17,7 @@ import torch
 from models.spec import FinetuneStep, PruneStep
 from tests import factories_lmtrain as lt
 from tests import factories_train as f
-from tests.factories_lm import licence_paragraphs
+from tests.factories_lm import licence_paragraphs, prompt_rows
 from worker import convert, metrics, torch_utils, training
 from worker.formats import hf, text
 from worker.lm.objectives import eval_loss
@@ -235,3 +235,19 @@ def test_lm_finetune_refuses_num_labels(gpl_llama: _Pretrained, tmp_path: Path) 
     with pytest.raises(StepFailed, match="num_labels") as err:
         FinetunePass().run(lt.lm_model(gpl_llama.path), FinetuneStep(type="finetune", num_labels=3), ctx)
     assert err.value.code == "invalid_step"
+
+
+def test_lora_on_gpt2_adapts_its_conv1d_attention_and_merges(tmp_path: Path) -> None:
+    path, tok = lt.tiny_lm(tmp_path / "gpt2", kind="gpt2", layers=2)
+    data = lt.prompt_dataset(tok, prompt_rows(12), 32)  # loss on the completions only
+    ctx = f.MemoryContext(tmp_path, f.spec("text-generation"), data={"train": data, "eval": data})
+    base = lt.lm_model(path)
+    before = {k: v.clone() for k, v in base.module.state_dict().items()}
+    step = FinetuneStep(type="finetune", mode="lora", epochs=2, batch_size=4, lr=2e-2)
+    result = FinetunePass().run(base, step, ctx)
+    assert type(result.model.module).__name__ == "GPT2LMHeadModel"
+    assert result.metrics["lora_targets"] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    state = result.model.module.state_dict()
+    changed = sorted(k for k in before if not torch.equal(state[k], before[k]))
+    assert changed == ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"]
+    assert result.metrics["eval_loss_after"] < result.metrics["eval_loss_before"]
