@@ -250,7 +250,7 @@ def distill_lm(
     """Token-level distillation of a causal LM into the working model, a layer-dropped copy or another upload."""
     from worker import training
     from worker.convert import ensure_torch
-    from worker.lm.objectives import LM_INPUTS, eval_loss, with_labels
+    from worker.lm.objectives import LM_INPUTS, eval_loss, is_lm, with_labels
     from worker.torch_utils import count_params
 
     device = ctx.device
@@ -273,6 +273,8 @@ def distill_lm(
         student = ensure_torch(model, ctx)
     if student.module is teacher.module:
         student = replace(student, module=copy.deepcopy(teacher.module))
+    if not is_lm(student, ctx.spec.task) or student.module.get_output_embeddings() is None:
+        raise StepFailed("invalid_student", "a causal-LM teacher distils into a causal-LM student only")
     check_same_tokenizer(student, teacher)
     s_module = student.module.to(device).requires_grad_(True)
     if evald is not None:

@@ -203,7 +203,7 @@ def unstructured(model: WorkingModel, params: PruneStep, ctx: PassContext) -> di
     return {"sparsity": zeros / total, "pruned_layers": len(targets), "note": UNSTRUCTURED_NOTE}
 
 
-def lm_layers(model: WorkingModel, params: PruneStep, data: ArrayDataset, device: str) -> dict[str, Any]:
+def lm_layers(model: WorkingModel, params: PruneStep, ctx: PassContext, data: ArrayDataset) -> dict[str, Any]:
     """Drop ``round(ratio * L)`` decoder layers of least block influence on ``data`` (ShortGPT); one at least stays."""
     from worker.lm.importance import decoder_layers, keep_layers, layer_importance, most_important
 
@@ -214,9 +214,12 @@ def lm_layers(model: WorkingModel, params: PruneStep, data: ArrayDataset, device
             "nothing_to_prune",
             f"ratio {params.ratio} of the model's {total} decoder layers rounds to no layer to drop",
         )
-    scores = layer_importance(model.module, data, device=device)
+    ctx.progress("pruning: scoring decoder layers", fraction=0.0)
+    scores = layer_importance(model.module, data, device=ctx.device)
+    ctx.check_cancelled()
     keep = most_important(scores, total - drop)
     keep_layers(model.module, keep)
+    ctx.progress("pruning", fraction=1.0)
     return {
         "target": "layers",
         "layers_before": total,
@@ -357,7 +360,7 @@ class PrunePass(Pass):
             if params.target == "width":
                 info = lm_width(model, params, ctx, data)
             else:
-                info = lm_layers(model, params, data, ctx.device)
+                info = lm_layers(model, params, ctx, data)
         elif params.method == "structured":
             info = structured(model, params, ctx, data, example)
         else:

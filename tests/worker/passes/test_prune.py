@@ -137,6 +137,8 @@ def test_lm_layer_prune_drops_the_redundant_layers(
     assert m["eval_loss_after_prune"] == pytest.approx(m["eval_loss_before_prune"], rel=1e-5)
     reloaded = _reloads(result.model.module, tmp_path / "saved", evald)
     assert reloaded.config.num_hidden_layers == 4 - len(identity)
+    progress = [(e["phase"], e["fraction"]) for e in ctx.events if e["kind"] == "progress"]
+    assert ("pruning: scoring decoder layers", 0.0) in progress and progress[-1] == ("pruning", 1.0)
 
 
 def test_lm_layer_prune_of_a_ratio_below_one_layer_fails_clearly(llama: tuple[Path, Any], tmp_path: Path) -> None:
