@@ -251,3 +251,17 @@ def test_lora_on_gpt2_adapts_its_conv1d_attention_and_merges(tmp_path: Path) -> 
     changed = sorted(k for k in before if not torch.equal(state[k], before[k]))
     assert changed == ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"]
     assert result.metrics["eval_loss_after"] < result.metrics["eval_loss_before"]
+
+
+def test_lm_finetune_without_eval_data_trains_the_last_layer(gpl_llama: _Pretrained, tmp_path: Path) -> None:
+    data = lt.token_dataset(gpl_llama.tok, licence_paragraphs(("GPL-3",))[:16], 32)
+    ctx = f.MemoryContext(tmp_path, f.spec("text-generation"), data={"train": data})
+    model = lt.lm_model(gpl_llama.path)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    step = FinetuneStep(type="finetune", mode="last_n", last_n=1, epochs=2, batch_size=8, lr=1e-2)
+    result = FinetunePass().run(model, step, ctx)
+    assert "eval_loss_after" not in result.metrics and result.metrics["best_eval_loss"] is None
+    assert [c["eval_metric"] for c in result.curve] == [None, None] and result.curve[1]["loss"] < result.curve[0]["loss"]
+    changed = {k.split(".")[2] if k.startswith("model.layers.") else k for k, v in
+               result.model.module.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"3", "model.norm.weight", "lm_head.weight"}  # the last decoder layer, final norm, head
