@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +81,19 @@ def autocast(device: str, enabled: bool) -> Any:
     import torch
 
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+
+
+@contextmanager
+def checkpointing(module: torch.nn.Module, device: str) -> Iterator[bool]:
+    """Gradient checkpointing of an hf model for the duration, on CUDA only (activations recomputed in backward)."""
+    enabled = device.startswith("cuda") and bool(getattr(module, "supports_gradient_checkpointing", False))
+    if enabled:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+    try:
+        yield enabled
+    finally:
+        if enabled:
+            module.gradient_checkpointing_disable()  # type: ignore[operator]
 
 
 def has_conv2d(module: torch.nn.Module) -> bool:
@@ -223,15 +236,16 @@ def _epoch(
 class _BestWeights:
     """Keeps the weights of the best eval metric so far and counts epochs without improvement."""
 
-    def __init__(self, module: torch.nn.Module, patience: int | None) -> None:
+    def __init__(self, module: torch.nn.Module, patience: int | None, higher_is_better: bool = True) -> None:
         self.module = module
+        self.sign = 1.0 if higher_is_better else -1.0
         self.patience = patience
         self.patience_left = patience
         self.state: dict[str, torch.Tensor] | None = None
 
     def record(self, outcome: TrainOutcome, value: float, epoch: int) -> bool:
         """Note ``value`` at ``epoch`` (keeping the weights if it is the best); True once patience ran out."""
-        if outcome.best_metric is None or value > outcome.best_metric:
+        if outcome.best_metric is None or self.sign * value > self.sign * outcome.best_metric:
             outcome.best_metric, outcome.best_epoch = value, epoch
             self.state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
             self.patience_left = self.patience
@@ -262,18 +276,20 @@ def train(
     phase: str = "training",
     seed: int = 0,
     keep_initial: bool = False,
+    higher_is_better: bool = True,
 ) -> TrainOutcome:
     """Train ``module``'s trainable parameters on ``data`` with ``loss_fn(batch)``; evaluate with ``eval_fn``.
 
     ``batch`` maps each input name (and ``labels`` when present) to a tensor on ``ctx.device``;
-    ``eval_fn`` returns metrics (higher ``metric`` is better) and drives early stopping and best-weight restore;
+    ``eval_fn`` returns metrics (higher ``metric`` is better, lower with ``higher_is_better=False``, as for an
+    eval loss) and drives early stopping and best-weight restore;
     with ``keep_initial`` the weights before training compete too (training never leaves the model worse).
     """
     import torch
 
     loop = _setup(module, params, ctx, len(data), seed, phase)
     outcome = TrainOutcome()
-    best = _BestWeights(module, params.early_stopping_patience)
+    best = _BestWeights(module, params.early_stopping_patience, higher_is_better)
     samples_seen, train_time = 0, 0.0
     if eval_fn is not None and keep_initial:
         module.eval()

@@ -75,6 +75,42 @@ def test_early_stopping_restores_best(tmp_path: Path) -> None:
     assert phases == [f"training epoch {i}/5" for i in range(1, 5)]
 
 
+def test_early_stopping_on_a_loss_keeps_the_lowest(tmp_path: Path) -> None:
+    import torch
+
+    module, ctx, train = _linear_setup(tmp_path)
+    losses = iter([2.0, 1.2, 1.5, 1.4, 0.5])
+    snapshots: list[torch.Tensor] = []
+
+    def eval_fn() -> dict[str, float]:
+        snapshots.append(module[1].weight.detach().clone())
+        return {"eval_loss": next(losses)}
+
+    params = TrainingParams(epochs=5, batch_size=64, lr=1e-2, early_stopping_patience=2)
+    out = training.train(
+        module, params, ctx, train, ["input"], _ce(module), eval_fn, metric="eval_loss", higher_is_better=False
+    )
+    assert out.stopped_early and out.epochs_run == 4
+    assert out.best_epoch == 2 and out.best_metric == 1.2
+    assert torch.equal(module[1].weight, snapshots[1])
+    assert [c["eval_metric"] for c in out.curve] == [2.0, 1.2, 1.5, 1.4]
+
+
+def test_checkpointing_only_on_cuda(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tests.factories_lm import tiny_lm_dir
+
+    module = AutoModelForCausalLM.from_pretrained(tiny_lm_dir(tmp_path / "lm", layers=1, tokenizer=False))
+    with training.checkpointing(module, "cpu") as enabled:
+        assert not enabled and not module.is_gradient_checkpointing
+    if not __import__("torch").cuda.is_available():
+        return
+    with training.checkpointing(module.cuda(), "cuda") as enabled:
+        assert enabled and module.is_gradient_checkpointing
+    assert not module.is_gradient_checkpointing
+
+
 def test_training_lowers_loss_and_is_seeded(tmp_path: Path) -> None:
     import torch
 

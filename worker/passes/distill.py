@@ -179,11 +179,158 @@ def _names_dataset(
     return ctx.dataset(role, target)  # type: ignore[arg-type]
 
 
+def lm_layer_student(
+    teacher: WorkingModel, k: int, data: ArrayDataset, device: str
+) -> tuple[WorkingModel, list[int], list[float]]:
+    """A copy of a causal-LM teacher keeping its ``k`` most important decoder layers (block influence on ``data``)."""
+    from worker.lm.importance import decoder_layers, keep_layers, layer_importance, most_important
+
+    module = copy.deepcopy(teacher.module)
+    total = len(decoder_layers(module))
+    if k >= total:
+        raise StepFailed("invalid_student", f"student.layers={k} must be below the teacher's {total} layers")
+    scores = layer_importance(module, data, device=device)
+    keep = most_important(scores, k)
+    keep_layers(module, keep)
+    return replace(teacher, module=module, meta={**teacher.meta, "student_layers": keep}), keep, scores
+
+
+def _vocabulary(model: WorkingModel) -> dict[str, int] | None:
+    """The token -> id map of the model's tokenizer (None when its folder has none)."""
+    if model.hf_dir is None or not any(
+        (model.hf_dir / n).is_file() for n in ("tokenizer.json", "vocab.json", "tokenizer.model")
+    ):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        vocab: dict[str, int] = AutoTokenizer.from_pretrained(model.hf_dir).get_vocab()
+    except (OSError, ValueError):  # a tokenizer transformers cannot load: compare by vocabulary size only
+        return None
+    return vocab
+
+
+def check_same_tokenizer(student: WorkingModel, teacher: WorkingModel) -> None:
+    """StepFailed unless student and teacher score the same vocabulary (token-level KD compares their logits)."""
+    sizes = [int(m.module.get_output_embeddings().weight.shape[0]) for m in (student, teacher)]
+    if sizes[0] != sizes[1]:
+        raise StepFailed(
+            "tokenizer_mismatch",
+            f"the student predicts {sizes[0]} tokens and the teacher {sizes[1]}: distillation needs the same tokenizer",
+        )
+    if student.hf_dir != teacher.hf_dir:
+        sv, tv = _vocabulary(student), _vocabulary(teacher)
+        if sv is not None and tv is not None and sv != tv:
+            raise StepFailed("tokenizer_mismatch", "the student's and the teacher's tokenizers map tokens differently")
+
+
+def lm_kd_loss(student: torch.nn.Module, teacher: torch.nn.Module, params: DistillStep) -> Any:
+    """loss_fn(batch) = alpha * token KL(teacher/T || student/T) * T^2 + (1 - alpha) * the student's LM loss."""
+    import torch
+
+    from worker.lm.objectives import token_kd
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        lm = params.alpha < 1.0
+        out = student(input_ids=ids, attention_mask=mask, labels=batch["labels"] if lm else None, use_cache=False)
+        loss = token_kd(out.logits, t_logits, mask, params.temperature)
+        if lm:
+            loss = params.alpha * loss + (1 - params.alpha) * out.loss.float()
+        return loss
+
+    return loss_fn
+
+
+def distill_lm(
+    model: WorkingModel, teacher: WorkingModel, params: DistillStep, ctx: PassContext
+) -> PassResult:
+    """Token-level distillation of a causal LM into the working model, a layer-dropped copy or another upload."""
+    from worker import training
+    from worker.convert import ensure_torch
+    from worker.lm.objectives import LM_INPUTS, eval_loss, is_lm, with_labels
+    from worker.torch_utils import count_params
+
+    device = ctx.device
+    train = ctx.dataset("train", model)
+    if train is None or not len(train):
+        raise StepFailed("no_data", "distillation needs data.train")
+    train = with_labels(train)
+    evald = ctx.dataset("eval", model)
+    evald = with_labels(evald) if evald is not None and len(evald) else None
+    teacher.module.to(device).eval().requires_grad_(False)
+    metrics: dict[str, Any] = {"teacher": params.teacher}
+    if isinstance(params.student, StudentLayers):
+        calibration = ctx.dataset("calibration", model) or train
+        student, keep, scores = lm_layer_student(teacher, params.student.layers, calibration, device)
+        metrics.update({"student_layers": keep, "layer_scores": scores})
+        ctx.log("student keeps the most important layers", kept=keep, scores=scores)
+    elif isinstance(params.student, StudentModel):
+        student = ensure_torch(ctx.load_model(params.student.model), ctx)
+    else:
+        student = ensure_torch(model, ctx)
+    if student.module is teacher.module:
+        student = replace(student, module=copy.deepcopy(teacher.module))
+    if not is_lm(student, ctx.spec.task) or student.module.get_output_embeddings() is None:
+        raise StepFailed("invalid_student", "a causal-LM teacher distils into a causal-LM student only")
+    check_same_tokenizer(student, teacher)
+    s_module = student.module.to(device).requires_grad_(True)
+    if evald is not None:
+        teacher_eval = eval_loss(teacher.module, evald, device)
+        before = eval_loss(s_module, evald, device)
+        metrics.update(
+            {
+                "teacher_eval_loss": teacher_eval["eval_loss"],
+                "teacher_perplexity": teacher_eval["perplexity"],
+                "student_eval_loss_before": before["eval_loss"],
+                "student_perplexity_before": before["perplexity"],
+            }
+        )
+    eval_fn = None if evald is None else (lambda: eval_loss(s_module, evald, device))
+    with training.checkpointing(s_module, device) as checkpointed:
+        outcome = training.train(
+            s_module,
+            params,
+            ctx,
+            train,
+            [n for n in LM_INPUTS if n in train.inputs],
+            lm_kd_loss(s_module, teacher.module, params),
+            eval_fn,
+            metric="eval_loss",
+            higher_is_better=False,
+            phase="distilling",
+            seed=ctx.spec.seed,
+            keep_initial=params.student is None,  # the working model is already a candidate result
+        )
+    s_module.eval()
+    if evald is not None:
+        after = eval_loss(s_module, evald, device)
+        metrics.update({"student_eval_loss_after": after["eval_loss"], "student_perplexity_after": after["perplexity"]})
+    metrics.update(
+        {
+            "metric": "eval_loss",
+            "best": outcome.best_metric,
+            "best_epoch": outcome.best_epoch,
+            "epochs_run": outcome.epochs_run,
+            "optimizer_steps": outcome.steps,
+            "teacher_params": count_params(teacher.module),
+            "student_params": count_params(s_module),
+            "gradient_checkpointing": checkpointed,
+            "train_samples_per_s": outcome.samples_per_s,
+        }
+    )
+    return PassResult(student, metrics, outcome.curve)
+
+
 class DistillPass(Pass):
     """Knowledge distillation (Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015):
     alpha * KL(teacher/T || student/T) * T^2 + (1 - alpha) * cross-entropy; cosine/MSE on embeddings for
     feature extraction; layer-dropped students initialised from the teacher as in DistilBERT (Sanh et al.
-    2019), with optional hidden-state matching.
+    2019), with optional hidden-state matching. Causal LMs: the KL term per token over non-padding positions
+    plus the LM loss, a layer-dropped student keeping the layers of highest block influence (ShortGPT, Men
+    et al. 2024).
     """
 
     name = "distill"
@@ -192,6 +339,7 @@ class DistillPass(Pass):
         """Train the student against the frozen teacher on data.train."""
         from worker import training
         from worker.convert import ensure_torch
+        from worker.lm.objectives import is_lm
         from worker.metrics import torch_metric
         from worker.torch_utils import count_params, interface, predict
 
@@ -201,6 +349,8 @@ class DistillPass(Pass):
         else:
             teacher = ensure_torch(ctx.load_model(params.teacher), ctx)
         teacher.module.eval().requires_grad_(False)
+        if is_lm(teacher, ctx.spec.task):
+            return distill_lm(model, teacher, params, ctx)
         metrics: dict[str, Any] = {"teacher": params.teacher}
         if isinstance(params.student, StudentLayers):
             student, keep = drop_layers(teacher, params.student.layers)

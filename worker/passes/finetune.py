@@ -170,11 +170,138 @@ def accuracy_eval(wrapper: torch.nn.Module, data: ArrayDataset | None, names: li
     return eval_fn
 
 
+def lm_lora_wrap(module: torch.nn.Module, params: FinetuneStep) -> tuple[Any, list[str]]:
+    """A causal LM wrapped by peft LoRA (``TaskType.CAUSAL_LM``) and the modules it adapts.
+
+    Targets: the step's ``lora.target_modules``, else peft's defaults for the architecture (Llama ``q_proj``,
+    ``v_proj``; GPT-2 ``c_attn``; ...), else every Linear but the LM head.
+    """
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    targets = params.lora.target_modules
+    model_type = str(getattr(getattr(module, "config", None), "model_type", ""))
+    if targets is None and model_type not in DEFAULTS:
+        head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None  # type: ignore[operator]
+        targets = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in module.named_modules()
+                if isinstance(m, torch.nn.Linear) and m is not head
+            }
+        )
+        if not targets:
+            raise StepFailed("unsupported_model", "no Linear layers to attach LoRA adapters to")
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=params.lora.r,
+        lora_alpha=params.lora.alpha,
+        lora_dropout=params.lora.dropout,
+        target_modules=None if targets is None else list(targets),
+    )
+    try:
+        wrapped = get_peft_model(module, config)
+    except ValueError as exc:  # e.g. target modules that are not in the model
+        raise StepFailed("invalid_step", f"lora: {exc}") from exc
+    return wrapped, sorted(getattr(wrapped.base_model, "targeted_module_names", []))
+
+
+def lm_trainable(module: torch.nn.Module, params: FinetuneStep) -> None:
+    """Mark what a non-LoRA LM fine-tune trains: everything, the LM head, or the last N decoder layers."""
+    from worker.lm.importance import decoder_layers
+
+    if params.mode == "full":
+        module.requires_grad_(True)
+        return
+    module.requires_grad_(False)
+    head = module.get_output_embeddings()  # type: ignore[operator]
+    if head is None:
+        raise StepFailed("unsupported_model", "the model has no LM head to fine-tune")
+    head.requires_grad_(True)
+    if params.mode == "last_n":
+        for block in list(decoder_layers(module))[-int(params.last_n or 1) :]:
+            block.requires_grad_(True)
+        for name, m in module.named_modules():  # the final norm after the stack
+            if name.split(".")[-1] in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
+                m.requires_grad_(True)
+
+
+def finetune_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassResult:
+    """Fine-tune a causal LM with its own LM loss on labelled tokens; early stopping on the eval loss."""
+    from worker import training
+    from worker.lm.objectives import LM_INPUTS, eval_loss, lm_loss_fn, with_labels
+    from worker.torch_utils import count_params
+
+    if params.num_labels is not None:
+        raise StepFailed("invalid_step", "num_labels does not apply to a text-generation model (it has no classes)")
+    train = ctx.dataset("train", model)
+    if train is None or not len(train):
+        raise StepFailed("no_data", "fine-tuning needs data.train")
+    train = with_labels(train)
+    evald = ctx.dataset("eval", model)
+    evald = with_labels(evald) if evald is not None and len(evald) else None
+    device = ctx.device
+    inner = model.module
+    inner.to(device)
+    metrics: dict[str, Any] = {"mode": params.mode, "total_params": count_params(inner)}
+    if evald is not None:
+        before = eval_loss(inner, evald, device)
+        metrics.update({"eval_loss_before": before["eval_loss"], "perplexity_before": before["perplexity"]})
+        ctx.log("eval before fine-tuning", **before)
+
+    peft_model = None
+    if params.mode == "lora":
+        peft_model, targets = lm_lora_wrap(inner, params)
+        metrics["lora_targets"] = targets
+    else:
+        lm_trainable(inner, params)
+    trained = peft_model if peft_model is not None else inner
+    metrics["trainable_params"] = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    eval_fn = None if evald is None else (lambda: eval_loss(trained, evald, device))
+    with training.checkpointing(trained, device) as checkpointed:
+        outcome = training.train(
+            trained,
+            params,
+            ctx,
+            train,
+            [n for n in LM_INPUTS if n in train.inputs],
+            lm_loss_fn(trained),
+            eval_fn,
+            metric="eval_loss",
+            higher_is_better=False,
+            phase="training",
+            seed=ctx.spec.seed,
+        )
+    if peft_model is not None:
+        inner = peft_model.merge_and_unload()  # export sees a plain model
+        model = replace(model, module=inner)
+    inner.requires_grad_(True)
+    inner.eval()
+    metrics.update(
+        {
+            "best_eval_loss": outcome.best_metric,
+            "best_epoch": outcome.best_epoch,
+            "epochs_run": outcome.epochs_run,
+            "optimizer_steps": outcome.steps,
+            "stopped_early": outcome.stopped_early,
+            "gradient_checkpointing": checkpointed,
+            "train_samples_per_s": outcome.samples_per_s,
+        }
+    )
+    if evald is not None:
+        after = eval_loss(inner, evald, device)
+        metrics.update({"eval_loss_after": after["eval_loss"], "perplexity_after": after["perplexity"]})
+    return PassResult(model, metrics, outcome.curve)
+
+
 class FinetunePass(Pass):
     """Supervised fine-tuning with AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization",
     ICLR 2019) and warm-up + cosine decay (Loshchilov & Hutter, "SGDR", 2017): full, frozen backbone with a
     new head (transfer learning, Yosinski et al. 2014), last-N layers, or LoRA (Hu et al., "LoRA:
-    Low-Rank Adaptation of Large Language Models", 2021) through peft, merged before export.
+    Low-Rank Adaptation of Large Language Models", 2021) through peft, merged before export. Causal LMs
+    train on their own next-token loss over labelled tokens (prompts and padding masked) with early stopping
+    on the eval loss, gradient checkpointing and bf16 autocast on CUDA.
     """
 
     name = "finetune"
@@ -183,9 +310,12 @@ class FinetunePass(Pass):
         """Train the working model on data.train; return it (LoRA merged) with the training curve."""
         from worker import training
         from worker.convert import ensure_torch
+        from worker.lm.objectives import is_lm
         from worker.torch_utils import count_params, example_inputs, interface
 
         model = ensure_torch(model, ctx)
+        if is_lm(model, ctx.spec.task):
+            return finetune_lm(model, params, ctx)
         train = ctx.dataset("train", model)
         if train is None or train.labels is None:
             raise StepFailed("no_labels", "fine-tuning needs a labelled data.train")

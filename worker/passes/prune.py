@@ -203,10 +203,137 @@ def unstructured(model: WorkingModel, params: PruneStep, ctx: PassContext) -> di
     return {"sparsity": zeros / total, "pruned_layers": len(targets), "note": UNSTRUCTURED_NOTE}
 
 
+def lm_layers(model: WorkingModel, params: PruneStep, ctx: PassContext, data: ArrayDataset) -> dict[str, Any]:
+    """Drop ``round(ratio * L)`` decoder layers of least block influence on ``data`` (ShortGPT); one at least stays."""
+    from worker.lm.importance import decoder_layers, keep_layers, layer_importance, most_important
+
+    total = len(decoder_layers(model.module))
+    drop = min(total - 1, round(params.ratio * total))
+    if drop < 1:
+        raise StepFailed(
+            "nothing_to_prune",
+            f"ratio {params.ratio} of the model's {total} decoder layers rounds to no layer to drop",
+        )
+    ctx.progress("pruning: scoring decoder layers", fraction=0.0)
+    scores = layer_importance(model.module, data, device=ctx.device)
+    ctx.check_cancelled()
+    keep = most_important(scores, total - drop)
+    keep_layers(model.module, keep)
+    ctx.progress("pruning", fraction=1.0)
+    return {
+        "target": "layers",
+        "layers_before": total,
+        "layers_after": len(keep),
+        "kept_layers": keep,
+        "dropped_layers": [i for i in range(total) if i not in keep],
+        "layer_scores": scores,
+    }
+
+
+# the Linear layers of a gated MLP (Llama, Mistral, Qwen, Gemma, Phi-3 style): intermediate width is
+# the output width of gate and up and the input width of down
+GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _gated_mlps(module: torch.nn.Module) -> list[Any]:
+    """The MLP of every decoder layer, or StepFailed when one is not a gated Linear MLP."""
+    import torch
+
+    from worker.lm.importance import decoder_layers
+
+    mlps = []
+    for i, block in enumerate(decoder_layers(module)):
+        mlp = getattr(block, "mlp", None)
+        if mlp is None or not all(isinstance(getattr(mlp, n, None), torch.nn.Linear) for n in GATED_MLP):
+            kind = type(mlp).__name__ if mlp is not None else type(block).__name__
+            parts = ", ".join(f"{n}: {type(c).__name__}" for n, c in (mlp or block).named_children())
+            raise StepFailed(
+                "unsupported_model",
+                f"MLP width pruning needs gated Linear MLPs (gate_proj, up_proj, down_proj: Llama, Mistral, "
+                f"Qwen); layer {i} has {kind} ({parts}), which torch-pruning cannot narrow here; "
+                "use target: layers",
+            )
+        mlps.append(mlp)
+    return mlps
+
+
+def _channel_scores(mlp: Any, kind: str) -> torch.Tensor:
+    """Importance of each intermediate channel: its gate/up rows and down column (l1, l2 or |w * grad|)."""
+    import torch
+
+    rows = [mlp.gate_proj.weight, mlp.up_proj.weight]
+    cols = mlp.down_proj.weight
+    if kind == "taylor":
+        terms = [(w * w.grad).abs().sum(1) if w.grad is not None else torch.zeros(w.shape[0]) for w in rows]
+        terms.append((cols * cols.grad).abs().sum(0) if cols.grad is not None else torch.zeros(cols.shape[1]))
+        return torch.stack([t.detach().float().cpu() for t in terms]).sum(0)
+    p = 1 if kind == "l1" else 2
+    norms = [w.detach().float().abs().pow(p).sum(1) for w in rows] + [cols.detach().float().abs().pow(p).sum(0)]
+    return torch.stack([n.cpu() for n in norms]).sum(0)
+
+
+def _lm_taylor_grads(module: torch.nn.Module, data: ArrayDataset, batches: int, device: str) -> None:
+    """Gradients of the LM loss over a few batches of 8 (Taylor importance reads them)."""
+    import torch
+
+    from worker.lm.objectives import with_labels
+
+    data = with_labels(data)
+    assert data.labels is not None
+    module.zero_grad(set_to_none=True)
+    for b in range(batches):
+        sl = slice(b * 8, (b + 1) * 8)
+        if sl.start >= len(data):
+            break
+        batch = {k: torch.from_numpy(v[sl]).to(device) for k, v in data.inputs.items() if k in ("input_ids", "attention_mask")}
+        module(**batch, labels=torch.from_numpy(data.labels[sl]).to(device), use_cache=False).loss.backward()
+
+
+def lm_width(model: WorkingModel, params: PruneStep, ctx: PassContext, data: ArrayDataset) -> dict[str, Any]:
+    """Narrow every decoder layer's gated MLP by ``ratio`` with torch-pruning; config ``intermediate_size`` follows."""
+    import torch_pruning as tp
+
+    if params.scope == "global" or params.skip_layers:
+        raise StepFailed(
+            "invalid_step",
+            "MLP width pruning of a causal LM is uniform (one intermediate_size in its config): "
+            "scope: global and skip_layers do not apply",
+        )
+    module = model.module
+    mlps = _gated_mlps(module)
+    width = int(mlps[0].gate_proj.out_features)
+    new = width - round(params.ratio * width)
+    if params.round_to:
+        new = max(params.round_to, new // params.round_to * params.round_to)
+    new = max(1, min(width, new))
+    if new == width:
+        raise StepFailed("nothing_to_prune", f"ratio {params.ratio} of MLP width {width} removes no channel")
+    if params.importance == "taylor":
+        _lm_taylor_grads(module, data, params.taylor_batches, ctx.device)
+    for i, mlp in enumerate(mlps):
+        ctx.check_cancelled()
+        if int(mlp.gate_proj.out_features) != width:
+            raise StepFailed("unsupported_model", f"layer {i}'s MLP is {mlp.gate_proj.out_features} wide, not {width}")
+        order = _channel_scores(mlp, params.importance).argsort()
+        idxs = sorted(int(j) for j in order[: width - new])
+        tp.prune_linear_out_channels(mlp.gate_proj, idxs)
+        tp.prune_linear_out_channels(mlp.up_proj, idxs)
+        tp.prune_linear_in_channels(mlp.down_proj, idxs)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = new
+        ctx.progress("pruning", fraction=(i + 1) / len(mlps))
+    module.zero_grad(set_to_none=True)
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "intermediate_size"):
+        config.intermediate_size = new
+    return {"target": "width", "mlp_width_before": width, "mlp_width_after": new, "layers": len(mlps)}
+
+
 class PrunePass(Pass):
     """Structured pruning with torch-pruning's dependency graph (Fang et al., "DepGraph: Towards Any
     Structural Pruning", CVPR 2023; magnitude importance after Li et al. 2017, Taylor after Molchanov et
     al. 2019), or unstructured magnitude pruning (Han et al., "Learning both Weights and Connections", 2015).
+    Causal LMs: whole decoder layers by block influence (ShortGPT, Men et al. 2024), or gated-MLP width.
     """
 
     name = "prune"
@@ -214,18 +341,27 @@ class PrunePass(Pass):
     def run(self, model: WorkingModel, params: PruneStep, ctx: PassContext) -> PassResult:
         """Prune the torch module in place; report params and MACs before and after."""
         from worker.convert import ensure_torch
+        from worker.lm.objectives import eval_loss, is_lm
         from worker.metrics import torch_metric
         from worker.torch_utils import example_inputs, interface
 
         model = ensure_torch(model, ctx)
+        lm = is_lm(model, ctx.spec.task)
         data = any_data(ctx, model)
-        if params.importance == "taylor":
-            data = ctx.dataset("train", model) or data
+        if params.importance == "taylor" or (lm and params.method == "structured"):
+            data = ctx.dataset("calibration", model) or ctx.dataset("train", model) or data
         example = example_inputs(model, data, ctx.device)
         model.module.eval()
         macs_before, params_before = _ops(interface(model), example)
+        evald = ctx.dataset("eval", model)
+        lm_before = eval_loss(model.module, evald, ctx.device) if lm and evald is not None and len(evald) else None
         ctx.progress("pruning", fraction=0.0)
-        if params.method == "structured":
+        if params.method == "structured" and lm:
+            if params.target == "width":
+                info = lm_width(model, params, ctx, data)
+            else:
+                info = lm_layers(model, params, ctx, data)
+        elif params.method == "structured":
             info = structured(model, params, ctx, data, example)
         else:
             info = unstructured(model, params, ctx)
@@ -241,8 +377,11 @@ class PrunePass(Pass):
             "macs_ratio": macs_before / max(1, macs_after),
             **info,
         }
-        evald = ctx.dataset("eval", model)
-        if evald is not None and evald.labels is not None:
+        if lm_before is not None and evald is not None:
+            lm_after = eval_loss(model.module, evald, ctx.device)
+            metrics.update({f"{k}_before_prune": v for k, v in lm_before.items()})
+            metrics.update({f"{k}_after_prune": v for k, v in lm_after.items()})
+        elif not lm and evald is not None and evald.labels is not None:
             metrics.update({f"{k}_after_prune": v for k, v in torch_metric(model, evald, ctx.spec).items()})
         ctx.log("pruned", **{k: v for k, v in metrics.items() if not isinstance(v, list)})
         meta = {**model.meta, "pruned": {"method": params.method, "ratio": params.ratio}}

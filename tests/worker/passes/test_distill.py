@@ -1,20 +1,28 @@
 """DistillPass: a layer-dropped BERT student keeps k evenly spaced teacher layers; distilling a pruned CNN
-from its unpruned teacher beats the pruned-only model; feature-extraction students match embeddings."""
+from its unpruned teacher beats the pruned-only model; feature-extraction students match embeddings; a causal-LM student keeps the teacher's most important layers
+(never one made an identity) and distillation lowers its eval loss; the LM loss mixes token KL and LM loss."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from models.spec import DistillStep, PruneStep
+from models.spec import DistillStep, FinetuneStep, PruneStep
+from tests import factories_lmtrain as lt
 from tests import factories_train as f
+from tests.factories_lm import licence_paragraphs, prompt_rows, tiny_lm_dir
 from worker import convert, metrics, torch_utils
 from worker.formats import hf, text
-from worker.passes.base import WorkingModel
-from worker.passes.distill import DistillPass, kd_loss, kept_layers
+from worker.lm import importance
+from worker.lm.objectives import eval_loss, token_kd
+from worker.passes.base import StepFailed, WorkingModel
+from worker.passes.distill import DistillPass, kd_loss, kept_layers, lm_kd_loss
+from worker.passes.finetune import FinetunePass
 from worker.passes.prune import PrunePass
 
 
@@ -106,3 +114,92 @@ def test_current_teacher_is_the_working_model_not_the_input(tmp_path: Path) -> N
     assert result.metrics["teacher_metrics"]["accuracy"] == pytest.approx(
         float((ctx.data["eval"].labels == 0).mean()), abs=1e-6
     )
+
+
+# --- causal LMs: token-level KD into the teacher's most important layers ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A tiny 4-layer Llama trained on GPL-3 text whose layer 1 is then made an identity, saved with its tokenizer."""
+    tmp = tmp_path_factory.mktemp("teacher")
+    path, tok = lt.tiny_lm(tmp / "init", layers=4)
+    gpl = licence_paragraphs(("GPL-3",))
+    ctx = f.MemoryContext(tmp, f.spec("text-generation"), data={"train": lt.token_dataset(tok, gpl[:48], 48)})
+    step = FinetuneStep(type="finetune", mode="full", epochs=3, batch_size=8, lr=1e-2)
+    module = FinetunePass().run(lt.lm_model(path), step, ctx).model.module
+    lt.make_identity(module, [1])
+    module.save_pretrained(tmp / "teacher")
+    tok.save_pretrained(tmp / "teacher")
+    return tmp / "teacher", tok
+
+
+def test_lm_kd_loss_mixes_token_kl_and_lm_loss(lm_teacher: tuple[Path, Any]) -> None:
+    path, tok = lm_teacher
+    teacher = lt.lm_model(path).module
+    student = importance.keep_layers(lt.lm_model(path).module, [0, 3])
+    data = lt.prompt_dataset(tok, prompt_rows(4), 32)
+    batch = {k: torch.from_numpy(v) for k, v in data.inputs.items()}
+    batch["labels"] = torch.from_numpy(data.labels)  # type: ignore[arg-type]
+
+    def loss(s: torch.nn.Module, **kw: Any) -> float:
+        with torch.no_grad():
+            return float(lm_kd_loss(s, teacher, DistillStep(type="distill", **kw))(batch))
+
+    assert loss(copy.deepcopy(teacher), alpha=1.0) == pytest.approx(0.0, abs=1e-6)  # the teacher itself
+    with torch.no_grad():
+        out = student(**batch)
+        kl = float(token_kd(out.logits, teacher(**data_inputs(batch)).logits, batch["attention_mask"], 2.0))
+    assert kl > 0
+    assert loss(student, alpha=1.0, temperature=2.0) == pytest.approx(kl, rel=1e-5)
+    assert loss(student, alpha=0.0) == pytest.approx(float(out.loss), rel=1e-5)  # LM loss on the completion only
+    mixed = loss(student, alpha=0.25, temperature=2.0)
+    assert mixed == pytest.approx(0.25 * kl + 0.75 * float(out.loss), rel=1e-5)
+
+
+def data_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def test_lm_student_keeps_the_important_layers_and_learns(lm_teacher: tuple[Path, Any], tmp_path: Path) -> None:
+    path, tok = lm_teacher
+    gpl = licence_paragraphs(("GPL-3",))
+    evald = lt.token_dataset(tok, gpl[80:], 48)
+    ctx = f.MemoryContext(tmp_path, f.spec("text-generation"),
+                          data={"train": lt.token_dataset(tok, gpl[:48], 48), "eval": evald},
+                          models={"input": lambda: lt.lm_model(path)})
+    step = DistillStep(type="distill", teacher="input", student={"layers": 2}, epochs=2, batch_size=8, lr=5e-3)
+    result = DistillPass().run(lt.lm_model(path), step, ctx)
+    m = result.metrics
+    scores, kept = m["layer_scores"], m["student_layers"]
+    print("layer scores", [round(s, 4) for s in scores], "kept", kept)
+    assert scores[1] == pytest.approx(0.0, abs=1e-9) and 1 not in kept  # the identity layer goes first
+    assert kept == importance.most_important(scores, 2)
+    assert min(scores[i] for i in kept) >= max(s for i, s in enumerate(scores) if i not in kept)
+
+    student = result.model.module
+    assert len(importance.decoder_layers(student)) == 2 and student.config.num_hidden_layers == 2
+    assert m["student_params"] < m["teacher_params"]
+    print(f"student eval loss {m['student_eval_loss_before']:.3f} -> {m['student_eval_loss_after']:.3f} "
+          f"(teacher {m['teacher_eval_loss']:.3f})")
+    assert m["student_eval_loss_after"] < m["student_eval_loss_before"] - 0.02
+    assert eval_loss(student, evald, "cpu")["eval_loss"] == pytest.approx(m["student_eval_loss_after"], rel=1e-6)
+    assert all({"loss", "eval_metric", "eval_loss", "perplexity"} <= set(c) for c in result.curve)
+    assert any(e["kind"] == "log" and e.get("kept") == kept for e in ctx.events)
+
+
+def test_lm_distill_refuses_another_tokenizer(lm_teacher: tuple[Path, Any], tmp_path: Path) -> None:
+    path, tok = lm_teacher
+    other = tiny_lm_dir(tmp_path / "other", layers=1, tokenizer=False)  # a model without the tokenizer ...
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(other)
+    config.vocab_size = 200  # ... and a smaller vocabulary
+    AutoModelForCausalLM.from_config(config).save_pretrained(other)
+    data = lt.token_dataset(tok, licence_paragraphs(("GPL-3",))[:4], 24)
+    ctx = f.MemoryContext(tmp_path, f.spec("text-generation"), data={"train": data},
+                          models={"input": lambda: lt.lm_model(path), "small": lambda: lt.lm_model(other)})
+    step = DistillStep(type="distill", teacher="input", student={"model": "small"}, epochs=1)
+    with pytest.raises(StepFailed, match="same tokenizer") as err:
+        DistillPass().run(lt.lm_model(path), step, ctx)
+    assert err.value.code == "tokenizer_mismatch"

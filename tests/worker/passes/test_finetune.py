@@ -1,20 +1,27 @@
 """FinetunePass: full fine-tuning recovers a pruned CNN; head mode with a new label set; last-N; LoRA trains
-only adapters (and the head) and merges into a plain module that exports."""
+only adapters (and the head) and merges into a plain module that exports; on causal LMs full and LoRA
+fine-tuning lower the eval loss (LoRA adapting to a new domain with low-rank updates of its targets only)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import copy
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from models.spec import FinetuneStep, PruneStep
+from tests import factories_lmtrain as lt
 from tests import factories_train as f
+from tests.factories_lm import licence_paragraphs, prompt_rows
 from worker import convert, metrics, torch_utils, training
 from worker.formats import hf, text
-from worker.passes.base import WorkingModel
+from worker.lm.objectives import eval_loss
+from worker.passes.base import JobCancelled, StepFailed, WorkingModel
 from worker.passes.finetune import FinetunePass, classification_loss, head_name, lora_wrap
 from worker.passes.prune import PrunePass
 
@@ -136,3 +143,125 @@ def test_lora_pass_returns_plain_merged_module(tmp_path: Path) -> None:
     assert result.metrics["trainable_params"] < 0.2 * result.metrics["total_params"]
     out = torch_utils.predict(torch_utils.interface(result.model), ctx.data["eval"], result.model.input_names, "cpu")
     assert out.shape == (60, 3) and np.isfinite(out).all()
+
+
+# --- causal LMs (task text-generation): the model's own LM loss on labelled tokens ---------------------------
+
+@dataclass(frozen=True)
+class _Pretrained:
+    """A tiny Llama fully fine-tuned on GPL-3 text: the result, the model before, and the tokenizer."""
+
+    result: Any
+    before: dict[str, torch.Tensor]
+    eval_before: float
+    tok: Any
+    path: Path
+
+
+@pytest.fixture(scope="module")
+def gpl_llama(tmp_path_factory: pytest.TempPathFactory) -> _Pretrained:
+    tmp = tmp_path_factory.mktemp("gpl")
+    path, tok = lt.tiny_lm(tmp / "lm", layers=4)
+    gpl = licence_paragraphs(("GPL-3",))
+    evald = lt.token_dataset(tok, gpl[80:], 48)
+    ctx = f.MemoryContext(tmp, f.spec("text-generation"), data={"train": lt.token_dataset(tok, gpl[:64], 48),
+                                                              "eval": evald})
+    model = lt.lm_model(path)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    eval_before = eval_loss(model.module, evald, "cpu")["eval_loss"]
+    step = FinetuneStep(type="finetune", mode="full", epochs=4, batch_size=8, lr=1e-2)
+    return _Pretrained(FinetunePass().run(model, step, ctx), before, eval_before, tok, path)
+
+
+def test_full_finetune_lowers_lm_eval_loss(gpl_llama: _Pretrained) -> None:
+    result = gpl_llama.result
+    m = result.metrics
+    print(f"full fine-tune eval loss {m['eval_loss_before']:.3f} -> {m['eval_loss_after']:.3f}")
+    assert m["eval_loss_before"] == pytest.approx(gpl_llama.eval_before)
+    assert m["eval_loss_after"] < 0.93 * m["eval_loss_before"]
+    assert m["trainable_params"] == m["total_params"] == torch_utils.count_params(result.model.module)
+    assert [c["epoch"] for c in result.curve] == [1, 2, 3, 4]
+    assert all({"loss", "eval_metric", "eval_loss", "perplexity", "lr"} <= set(c) for c in result.curve)
+    assert result.curve[-1]["loss"] < result.curve[0]["loss"]
+    assert m["eval_loss_after"] == pytest.approx(min(c["eval_loss"] for c in result.curve))  # best kept
+    assert m["gradient_checkpointing"] is False  # CPU
+
+
+def test_lora_adapts_to_a_new_domain_and_trains_only_adapters(gpl_llama: _Pretrained, tmp_path: Path) -> None:
+    base = copy.deepcopy(gpl_llama.result.model)
+    base_state = {k: v.clone() for k, v in base.module.state_dict().items()}
+    upper = [p.upper() for p in licence_paragraphs(("Apache-2.0",))]  # a domain the base has not seen
+    evald = lt.token_dataset(gpl_llama.tok, upper[18:], 48)
+    ctx = f.MemoryContext(tmp_path, f.spec("text-generation"),
+                          data={"train": lt.token_dataset(gpl_llama.tok, upper[:18], 48), "eval": evald})
+    step = FinetuneStep(type="finetune", mode="lora", epochs=3, batch_size=4, lr=2e-2)
+    result = FinetunePass().run(base, step, ctx)
+    before = eval_loss(lt.lm_model(gpl_llama.path).module, evald, "cpu")
+    after = eval_loss(result.model.module, evald, "cpu")
+    print(f"LoRA on the new domain: perplexity {math.exp(result.metrics['eval_loss_before']):.1f} -> "
+          f"{after['perplexity']:.1f} (untrained {before['perplexity']:.1f})")
+    assert after["eval_loss"] == pytest.approx(result.metrics["eval_loss_after"], rel=1e-6)
+    assert after["perplexity"] < 0.5 * math.exp(result.metrics["eval_loss_before"])
+
+    assert type(result.model.module).__name__ == "LlamaForCausalLM"
+    state = result.model.module.state_dict()
+    assert set(state) == set(base_state)  # merged: no adapter tensors left
+    targets = result.metrics["lora_targets"]
+    assert sorted(t.rsplit(".", 1)[-1] for t in targets) == sorted(["q_proj", "v_proj"] * 4)  # Llama default
+    r = step.lora.r
+    for key, value in state.items():
+        module_name = key.rsplit(".", 1)[0]
+        if module_name in targets and key.endswith(".weight"):
+            delta = (value - base_state[key]).double()
+            sv = torch.linalg.svdvals(delta)
+            assert sv[0] > 1e-3 and sv[r] < 1e-4 * sv[0], (key, sv[: r + 2])  # a rank-r update, merged in fp32
+        else:
+            assert torch.equal(value, base_state[key]), key  # frozen
+    per_layer = r * (64 + 64) + r * (64 + 32)  # q_proj 64->64, v_proj 64->32 (2 kv heads of 16)
+    assert result.metrics["trainable_params"] == 4 * per_layer
+
+
+def test_lm_finetune_is_cancellable(gpl_llama: _Pretrained, tmp_path: Path) -> None:
+    data = lt.token_dataset(gpl_llama.tok, licence_paragraphs(("GPL-3",))[:64], 32)
+    ctx = f.MemoryContext(tmp_path, f.spec("text-generation"), data={"train": data}, cancel_after=2)
+    with pytest.raises(JobCancelled):
+        FinetunePass().run(lt.lm_model(gpl_llama.path), FinetuneStep(type="finetune", epochs=3, batch_size=4), ctx)
+    assert ctx.cancel_checks == 3  # inside the first epoch, every few batches
+
+
+def test_lm_finetune_refuses_num_labels(gpl_llama: _Pretrained, tmp_path: Path) -> None:
+    data = lt.token_dataset(gpl_llama.tok, ["Everyone is permitted to copy."], 16)
+    ctx = f.MemoryContext(tmp_path, f.spec("text-generation"), data={"train": data})
+    with pytest.raises(StepFailed, match="num_labels") as err:
+        FinetunePass().run(lt.lm_model(gpl_llama.path), FinetuneStep(type="finetune", num_labels=3), ctx)
+    assert err.value.code == "invalid_step"
+
+
+def test_lora_on_gpt2_adapts_its_conv1d_attention_and_merges(tmp_path: Path) -> None:
+    path, tok = lt.tiny_lm(tmp_path / "gpt2", kind="gpt2", layers=2)
+    data = lt.prompt_dataset(tok, prompt_rows(12), 32)  # loss on the completions only
+    ctx = f.MemoryContext(tmp_path, f.spec("text-generation"), data={"train": data, "eval": data})
+    base = lt.lm_model(path)
+    before = {k: v.clone() for k, v in base.module.state_dict().items()}
+    step = FinetuneStep(type="finetune", mode="lora", epochs=2, batch_size=4, lr=2e-2)
+    result = FinetunePass().run(base, step, ctx)
+    assert type(result.model.module).__name__ == "GPT2LMHeadModel"
+    assert result.metrics["lora_targets"] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    state = result.model.module.state_dict()
+    changed = sorted(k for k in before if not torch.equal(state[k], before[k]))
+    assert changed == ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"]
+    assert result.metrics["eval_loss_after"] < result.metrics["eval_loss_before"]
+
+
+def test_lm_finetune_without_eval_data_trains_the_last_layer(gpl_llama: _Pretrained, tmp_path: Path) -> None:
+    data = lt.token_dataset(gpl_llama.tok, licence_paragraphs(("GPL-3",))[:16], 32)
+    ctx = f.MemoryContext(tmp_path, f.spec("text-generation"), data={"train": data})
+    model = lt.lm_model(gpl_llama.path)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    step = FinetuneStep(type="finetune", mode="last_n", last_n=1, epochs=2, batch_size=8, lr=1e-2)
+    result = FinetunePass().run(model, step, ctx)
+    assert "eval_loss_after" not in result.metrics and result.metrics["best_eval_loss"] is None
+    assert [c["eval_metric"] for c in result.curve] == [None, None] and result.curve[1]["loss"] < result.curve[0]["loss"]
+    changed = {k.split(".")[2] if k.startswith("model.layers.") else k for k, v in
+               result.model.module.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"3", "model.norm.weight", "lm_head.weight"}  # the last decoder layer, final norm, head

@@ -1,18 +1,23 @@
 """PrunePass: structured channel pruning through residual/concat couplings of an ONNX-born CNN, unstructured
-magnitude pruning, and head/MLP pruning of a tiny BERT that still runs and exports."""
+magnitude pruning, and head/MLP pruning of a tiny BERT that still runs and exports; on causal LMs, the
+pass-through decoder layers or dead MLP channels go first and the pruned model reloads with the same outputs."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from models.spec import PruneStep
+from tests import factories_lmtrain as lt
 from tests import factories_train as f
 from worker import convert, torch_utils
 from worker.formats import hf
-from worker.passes.base import WorkingModel
+from worker.lm import importance
+from worker.passes.base import StepFailed, WorkingModel
 from worker.passes.prune import PrunePass
 
 
@@ -84,3 +89,110 @@ def test_bert_heads_and_mlp_pruned_still_runs_and_exports(tmp_path: Path) -> Non
     assert after.shape == before and np.isfinite(after).all()
     exported = convert.to_onnx(result.model, ctx, 17, name="bert-pruned")
     assert exported.meta["parity"]["max_abs_diff"] < 1e-3
+
+
+# --- causal LMs: decoder layers by block influence, gated-MLP width, magnitude ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    return lt.tiny_lm(tmp_path_factory.mktemp("llama") / "lm", layers=4)
+
+
+def _lm_ctx(tmp_path: Path, tok: Any) -> f.MemoryContext:
+    train, evald = lt.licence_split(16, 8)
+    return f.MemoryContext(tmp_path, f.spec("text-generation"),
+                           data={"train": lt.token_dataset(tok, train, 40), "eval": lt.token_dataset(tok, evald, 40)})
+
+
+def _logits(module: torch.nn.Module, data: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return module(**{k: torch.from_numpy(v) for k, v in data.inputs.items()}).logits
+
+
+def _reloads(module: torch.nn.Module, folder: Path, data: Any) -> torch.nn.Module:
+    module.save_pretrained(folder)
+    reloaded = lt.lm_model(folder).module
+    torch.testing.assert_close(_logits(reloaded, data), _logits(module, data))
+    return reloaded
+
+
+@pytest.mark.parametrize(("ratio", "identity"), [(0.25, [2]), (0.5, [1, 3])])
+def test_lm_layer_prune_drops_the_redundant_layers(
+    llama: tuple[Path, Any], tmp_path: Path, ratio: float, identity: list[int]
+) -> None:
+    path, tok = llama
+    ctx = _lm_ctx(tmp_path, tok)
+    model = lt.lm_model(path)
+    lt.make_identity(model.module, identity)
+    evald = ctx.data["eval"]
+    original = _logits(model.module, evald)
+    result = PrunePass().run(model, PruneStep(type="prune", ratio=ratio), ctx)  # target auto = layers on an LM
+    m = result.metrics
+    assert m["target"] == "layers" and m["dropped_layers"] == identity
+    assert m["layers_before"] == 4 and m["layers_after"] == 4 - len(identity)
+    assert all(m["layer_scores"][i] == pytest.approx(0.0, abs=1e-9) for i in identity)
+    assert m["params_after"] < m["params_before"] and m["macs_after"] < m["macs_before"]
+    torch.testing.assert_close(_logits(result.model.module, evald), original)  # only pass-through layers went
+    assert m["eval_loss_after_prune"] == pytest.approx(m["eval_loss_before_prune"], rel=1e-5)
+    reloaded = _reloads(result.model.module, tmp_path / "saved", evald)
+    assert reloaded.config.num_hidden_layers == 4 - len(identity)
+    progress = [(e["phase"], e["fraction"]) for e in ctx.events if e["kind"] == "progress"]
+    assert ("pruning: scoring decoder layers", 0.0) in progress and progress[-1] == ("pruning", 1.0)
+
+
+def test_lm_layer_prune_of_a_ratio_below_one_layer_fails_clearly(llama: tuple[Path, Any], tmp_path: Path) -> None:
+    path, tok = llama
+    with pytest.raises(StepFailed, match="rounds to no layer") as err:
+        PrunePass().run(lt.lm_model(path), PruneStep(type="prune", ratio=0.1, target="layers"), _lm_ctx(tmp_path, tok))
+    assert err.value.code == "nothing_to_prune"
+
+
+def test_lm_width_prune_removes_the_dead_mlp_channels(llama: tuple[Path, Any], tmp_path: Path) -> None:
+    path, tok = llama
+    ctx = _lm_ctx(tmp_path, tok)
+    model = lt.lm_model(path)
+    dead = torch.arange(0, 128, 2)  # every other channel of each MLP contributes nothing
+    with torch.no_grad():
+        for block in importance.decoder_layers(model.module):
+            block.mlp.gate_proj.weight[dead] = 0
+            block.mlp.up_proj.weight[dead] = 0
+            block.mlp.down_proj.weight[:, dead] = 0
+    evald = ctx.data["eval"]
+    original = _logits(model.module, evald)
+    result = PrunePass().run(model, PruneStep(type="prune", ratio=0.5, target="width"), ctx)
+    m = result.metrics
+    assert (m["mlp_width_before"], m["mlp_width_after"]) == (128, 64)
+    module = result.model.module
+    assert module.config.intermediate_size == 64
+    assert all(b.mlp.down_proj.in_features == 64 for b in importance.decoder_layers(module))
+    assert m["params_before"] - m["params_after"] == 4 * 3 * 64 * 64  # 3 matrices of 64 x 64 channels per layer
+    torch.testing.assert_close(_logits(module, evald), original)  # the l2-weakest channels were the dead ones
+    _reloads(module, tmp_path / "saved", evald)
+
+
+def test_lm_width_prune_taylor_reloads(llama: tuple[Path, Any], tmp_path: Path) -> None:
+    path, tok = llama
+    ctx = _lm_ctx(tmp_path, tok)
+    step = PruneStep(type="prune", ratio=0.25, target="width", importance="taylor", round_to=8)
+    result = PrunePass().run(lt.lm_model(path), step, ctx)
+    assert result.metrics["mlp_width_after"] == 96
+    assert all(p.grad is None for p in result.model.module.parameters())
+    assert _reloads(result.model.module, tmp_path / "saved", ctx.data["eval"]).config.intermediate_size == 96
+
+
+def test_lm_width_prune_of_gpt2_says_why_not(tmp_path: Path) -> None:
+    path, tok = lt.tiny_lm(tmp_path / "gpt2", kind="gpt2", layers=2)
+    with pytest.raises(StepFailed, match="Conv1D") as err:
+        PrunePass().run(lt.lm_model(path), PruneStep(type="prune", target="width"), _lm_ctx(tmp_path, tok))
+    assert err.value.code == "unsupported_model" and "target: layers" in err.value.message
+
+
+def test_lm_unstructured_prune_keeps_working(llama: tuple[Path, Any], tmp_path: Path) -> None:
+    path, tok = llama
+    ctx = _lm_ctx(tmp_path, tok)
+    result = PrunePass().run(lt.lm_model(path), PruneStep(type="prune", method="unstructured", ratio=0.5), ctx)
+    assert result.metrics["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert torch.isfinite(_logits(result.model.module, ctx.data["eval"])).all()
+    assert result.metrics["eval_loss_after_prune"] > 0
+    assert "eval_loss_before_prune" in result.metrics
