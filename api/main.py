@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.bodylimit import JsonBodyLimit
-from api.routes import artifacts, datasets, health, jobs, models, passes, ui
+from api.routes import artifacts, datasets, health, jobs, keys, models, passes, ui
 from api.services.metrics import Metrics, MetricsMiddleware
 from models.settings import get_settings
 
@@ -32,7 +32,7 @@ def create_app() -> FastAPI:
     app.add_middleware(JsonBodyLimit)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.routers = []
-    for module in (health, models, datasets, jobs, artifacts, passes, ui):
+    for module in (health, models, datasets, jobs, artifacts, passes, keys, ui):
         app.include_router(module.router)
         app.state.routers.append(module.router)
     return app

@@ -42,6 +42,17 @@ class Settings(BaseSettings):
     # GET /v1/jobs/{id} is what clients poll: each API process may serve a body this many seconds old
     # (a terminal job's body never changes and is kept longer). 0 turns the cache off.
     job_read_cache_s: float = 0.25
+    # Per-owner quotas (api/services/quotas.py), the same for every owner; 0 turns one off.
+    # Stored bytes count the owner's models, datasets and artifacts (a blob shared with others counts for each).
+    quota_stored_bytes: int = Field(0, ge=0)
+    # Queued + running (+ cancelling) jobs at a time.
+    quota_active_jobs: int = Field(100, ge=0)
+    # Per-key token buckets (api/services/ratelimit.py): sustained requests per minute and burst size;
+    # a rate of 0 turns the limit off. Shared through Redis when the broker is Redis, else per process.
+    upload_rate_per_minute: float = Field(120.0, ge=0)
+    upload_rate_burst: int = Field(120, ge=1)
+    submit_rate_per_minute: float = Field(120.0, ge=0)
+    submit_rate_burst: int = Field(120, ge=1)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

@@ -69,7 +69,7 @@ def _truncate(url: str) -> None:
 
     engine = make_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE job_events, artifacts, jobs, datasets, models RESTART IDENTITY CASCADE"))
+        conn.execute(text("TRUNCATE job_events, artifacts, jobs, datasets, models, api_keys RESTART IDENTITY CASCADE"))
     engine.dispose()
 
 
