@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ProblemError, not_found
 from api.services.pagination import paginate
-from models.db import session_scope
+from models.db import get_engine, session_scope
 from models.ids import new_id
 from models.schemas import KeyCreated, KeyOut, Page
 from models.tables import SCOPES, ApiKey, utcnow
@@ -120,34 +120,34 @@ def revoke_key(session: Session, key_id: str) -> ApiKey:
     return row
 
 
-def _touch(session: Session, row: ApiKey) -> None:
-    """Record a use, at most once per TOUCH_INTERVAL per key (a guarded UPDATE: one writer wins)."""
-    now = utcnow()
-    if row.last_used_at is not None and now - row.last_used_at < TOUCH_INTERVAL:
-        return
-    session.execute(
-        update(ApiKey)
-        .where(ApiKey.id == row.id, or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < now - TOUCH_INTERVAL))
-        .values(last_used_at=now)
-        .execution_options(synchronize_session=False)
-    )
-
-
 def authenticate(token: str) -> Principal | None:
-    """The principal of a per-owner key, or None when it is malformed, unknown, wrong or revoked."""
+    """The principal of a per-owner key, or None when it is malformed, unknown, wrong or revoked.
+
+    One primary-key read on an autocommit connection (every request with a key makes it); a use is
+    recorded at most once per TOUCH_INTERVAL per key, by a guarded UPDATE that only one process wins."""
     key_id = key_id_of(token)
     if key_id is None:
         return None
-    with session_scope() as session:
-        row = session.get(ApiKey, key_id)
+    t = ApiKey.__table__
+    with get_engine().execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+        row = conn.execute(
+            select(t.c.owner, t.c.scope, t.c.secret_sha256, t.c.revoked_at, t.c.last_used_at).where(t.c.id == key_id)
+        ).first()
         # Compared even when the row is missing, so an unknown id takes as long as a wrong secret.
         stored = row.secret_sha256 if row is not None else "0" * 64
         if not hmac.compare_digest(digest(token).encode(), stored.encode()) or row is None:
             return None
         if row.revoked_at is not None:
             return None
-        _touch(session, row)
-        return Principal(row.owner, row.scope, row.id)
+        now = utcnow()
+        if row.last_used_at is None or now - row.last_used_at >= TOUCH_INTERVAL:
+            conn.execute(
+                update(ApiKey)
+                .where(ApiKey.id == key_id,
+                       or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < now - TOUCH_INTERVAL))
+                .values(last_used_at=now)
+            )
+        return Principal(row.owner, row.scope, key_id)
 
 
 def session_principal(key_id: str, owner: str) -> Principal | None:
