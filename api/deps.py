@@ -140,6 +140,10 @@ async def admin_principal(principal: Annotated[Principal, Depends(current_princi
     return principal
 
 
+# The rate-limited owner dependencies and their action (the OpenAPI document lists their 429).
+RATE_LIMITED: dict[Callable[..., Awaitable[str]], ratelimit.Action] = {}
+
+
 def _rate_limited(action: ratelimit.Action) -> Callable[..., Awaitable[str]]:
     async def owner(
         principal: Annotated[Principal, Depends(current_principal)],
@@ -149,6 +153,7 @@ def _rate_limited(action: ratelimit.Action) -> Callable[..., Awaitable[str]]:
         return principal.owner
 
     owner.__doc__ = f"The owner of this request after taking a token from its key's {action} bucket (429 when empty)."
+    RATE_LIMITED[owner] = action
     return owner
 
 

@@ -6,7 +6,7 @@ import logging
 
 from fastapi import FastAPI
 
-from api import errors
+from api import errors, openapi
 from api.bodylimit import JsonBodyLimit
 from api.routes import artifacts, datasets, health, jobs, keys, models, passes, ui
 from api.services.metrics import Metrics, MetricsMiddleware
@@ -35,6 +35,7 @@ def create_app() -> FastAPI:
     for module in (health, models, datasets, jobs, artifacts, passes, keys, ui):
         app.include_router(module.router)
         app.state.routers.append(module.router)
+    openapi.install(app)
     return app
 
 
