@@ -233,8 +233,8 @@ def create_job(
         if existing is not None:
             return _same_request(existing, spec), False
     model = check_references(session, owner, spec)
-    quotas.lock_owner(session, owner)  # held until the commit below: concurrent submits count each other
-    quotas.check_jobs(session, owner, settings)
+    # The owner's lock is held until the commit below, so concurrent submissions count each other.
+    quotas.check_jobs(session, owner, settings, lock=True)
     queue = resolve_queue(spec, settings)
     job = Job(
         id=new_id("job"),

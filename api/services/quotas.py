@@ -44,11 +44,15 @@ def lock_owner(session: Session, owner: str) -> None:
     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
-def check_storage(session: Session, owner: str, adding: int, settings: Settings) -> None:
-    """413 ``storage_quota_exceeded`` when ``adding`` more bytes would take ``owner`` past the quota."""
+def check_storage(session: Session, owner: str, adding: int, settings: Settings, *, lock: bool = False) -> None:
+    """413 ``storage_quota_exceeded`` when ``adding`` more bytes would take ``owner`` past the quota.
+
+    ``lock``: take the owner's lock first (the check right before the insert that it guards)."""
     limit = settings.quota_stored_bytes
     if not limit:
         return
+    if lock:
+        lock_owner(session, owner)
     usage = stored_bytes(session, owner)
     if usage + adding <= limit:
         return
@@ -62,11 +66,15 @@ def check_storage(session: Session, owner: str, adding: int, settings: Settings)
     )
 
 
-def check_jobs(session: Session, owner: str, settings: Settings) -> None:
-    """429 ``job_quota_exceeded`` when ``owner`` already has the allowed number of queued + running jobs."""
+def check_jobs(session: Session, owner: str, settings: Settings, *, lock: bool = False) -> None:
+    """429 ``job_quota_exceeded`` when ``owner`` already has the allowed number of queued + running jobs.
+
+    ``lock``: take the owner's lock first, held until the caller's transaction (that inserts the job) ends."""
     limit = settings.quota_active_jobs
     if not limit:
         return
+    if lock:
+        lock_owner(session, owner)
     usage = active_jobs(session, owner)
     if usage < limit:
         return

@@ -121,8 +121,7 @@ def record(
     )
     try:
         with session_scope() as session:  # rolls back when the insert fails
-            quotas.lock_owner(session, owner)
-            quotas.check_storage(session, owner, blob.size_bytes, settings)
+            quotas.check_storage(session, owner, blob.size_bytes, settings, lock=True)
             session.add(row)
     except IntegrityError:
         # A concurrent upload of the same bytes won the race: answer with its row (it holds the blob).

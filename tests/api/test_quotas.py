@@ -144,3 +144,27 @@ def test_the_owner_lock_holds_until_the_transaction_ends(pg_env: str) -> None:
             quotas.lock_owner(other, "bob")  # another owner is not held up
     with session_scope() as other:
         assert other.execute(text(probe), {"key": key}).scalar() is True
+
+
+def test_concurrent_submissions_cannot_both_slip_under_the_quota(
+    pg_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from api.main import create_app
+
+    monkeypatch.setenv("MODELPRESS_QUOTA_ACTIVE_JOBS", "1")
+    get_settings.cache_clear()
+    model_id = builders.insert_model()
+    barrier = Barrier(4)
+    with TestClient(create_app(), raise_server_exceptions=False) as client:
+        def submit(_: int) -> int:
+            barrier.wait()
+            return _submit(client, model_id)[0]
+
+        with ThreadPoolExecutor(4) as pool:
+            codes = sorted(pool.map(submit, range(4)))
+    assert codes == [202, 429, 429, 429]
+    with session_scope() as s:
+        assert s.query(Job).count() == 1
