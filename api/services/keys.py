@@ -17,7 +17,7 @@ from datetime import timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from api.errors import ProblemError, not_found
+from api.errors import not_found
 from api.services.pagination import paginate
 from models.db import get_engine, session_scope
 from models.ids import new_id
@@ -63,7 +63,7 @@ def key_id_of(token: str) -> str | None:
     if not looks_like_key(token) or len(token) > MAX_KEY_CHARS:
         return None
     public, sep, secret = token[len(KEY_PREFIX):].partition("_")
-    if not sep or not public or not secret or not public.isalnum():
+    if not sep or not public or not secret or not (public.isascii() and public.isalnum()):
         return None
     return ID_PREFIX + public
 
@@ -158,10 +158,3 @@ def session_principal(key_id: str, owner: str) -> Principal | None:
             return None
         return Principal(row.owner, "read", row.id)
 
-
-def check_scope(scope: str) -> str:
-    """``scope`` when it is one of read, write, admin; else a 422 naming it."""
-    if scope not in SCOPES:
-        raise ProblemError(422, "validation_error", f"scope: must be one of {', '.join(SCOPES)}",
-                           errors=[{"field": "scope", "message": f"must be one of {', '.join(SCOPES)}"}])
-    return scope
