@@ -142,3 +142,14 @@ def test_the_list_filters_by_owner_and_pages_newest_first(keyed: TestClient) -> 
     assert [k["id"] for k in rest["data"]] == [alice[0]] and rest["next_cursor"] is None
     everyone = keyed.get("/v1/keys", headers=ADMIN).json()["data"]
     assert [k["id"] for k in everyone] == ids[::-1]
+
+
+def test_keys_work_on_the_embedded_sqlite_database(sqlite_env: str) -> None:
+    key_id, key = make_key("alice", "admin", "ci")
+    principal = keys.authenticate(key)
+    assert principal == keys.Principal("alice", "admin", key_id)
+    assert _row(key_id).last_used_at is not None
+    with session_scope() as s:
+        keys.revoke_key(s, key_id)
+        assert keys.list_keys(s, "alice", None, 10, include_revoked=False).data == []
+    assert keys.authenticate(key) is None
