@@ -99,8 +99,9 @@ def login(
     if principal is None:
         return _html(request, "login.html", status=401, next=_local(next), failed=True, refresh=None)
     response = RedirectResponse(_local(next), status_code=303)
+    cookie = sessions.issue(settings, principal.owner, key_id=principal.key_id)  # ends when that key is revoked
     response.set_cookie(
-        sessions.COOKIE, sessions.issue(settings, principal.owner, key_id=principal.key_id), max_age=settings.session_ttl_s, path="/",
+        sessions.COOKIE, cookie, max_age=settings.session_ttl_s, path="/",
         httponly=True, samesite="strict", secure=request.url.scheme == "https",
     )
     return response
