@@ -14,7 +14,7 @@ from api.services.numbers import length_over
 from models.settings import get_settings
 
 # (method, path) of the routes whose body is a JSON document.
-JSON_ROUTES = frozenset({("POST", "/v1/jobs")})
+JSON_ROUTES = frozenset({("POST", "/v1/jobs"), ("POST", "/v1/keys")})
 
 
 def _is_json(content_type: str) -> bool:

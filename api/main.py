@@ -9,9 +9,9 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
-from api import errors
+from api import errors, openapi
 from api.bodylimit import JsonBodyLimit
-from api.routes import artifacts, datasets, health, jobs, models, passes, ui
+from api.routes import artifacts, datasets, health, jobs, keys, models, passes, ui
 from api.services.metrics import Metrics, MetricsMiddleware
 from models.settings import get_settings
 
@@ -52,9 +52,10 @@ def create_app() -> FastAPI:
     app.add_middleware(JsonBodyLimit)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.routers = []
-    for module in (health, models, datasets, jobs, artifacts, passes, ui):
+    for module in (health, models, datasets, jobs, artifacts, passes, keys, ui):
         app.include_router(module.router)
         app.state.routers.append(module.router)
+    openapi.install(app)
     return app
 
 

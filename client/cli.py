@@ -29,7 +29,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from client import gc_cli
+from client import gc_cli, keys_cli
 from client.errors import (
     APIError,
     APIServerError,
@@ -561,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
     s = add(grp, "cancel", cmd_jobs_cancel, "cancel a job", [as_json])
     s.add_argument("id")
+
+    keys_cli.add_commands(sub, add, [as_json])
 
     s = add(sub, "download", cmd_download, "download a job's artifacts (sha256 verified)", [as_json])
     s.add_argument("job_id")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -140,3 +140,35 @@ class Problem(BaseModel):
     code: str
     instance: str | None = None
     errors: list[dict[str, Any]] | None = None
+
+
+# An owner name: what rows are scoped by (letters, digits, ``.``, ``_``, ``@``, ``-``; at most 64).
+OWNER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
+
+
+class KeyCreate(BaseModel):
+    """``POST /v1/keys``: a new API key for ``owner`` with ``scope`` (read, write or admin)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    owner: str = Field(pattern=OWNER_PATTERN)
+    scope: Literal["read", "write", "admin"] = "write"
+    name: str = Field("", max_length=255, pattern=r"^[^\x00]*$")
+
+
+class KeyOut(_Out):
+    """An API key as listed: never its secret."""
+
+    id: str
+    owner: str
+    name: str
+    scope: str
+    created_at: UTCTimestamp
+    last_used_at: UTCTimestamp | None = None
+    revoked_at: UTCTimestamp | None = None
+
+
+class KeyCreated(KeyOut):
+    """A key just created: ``key`` is shown this once and never stored (only its sha256 is)."""
+
+    key: str

@@ -66,6 +66,17 @@ class Settings(BaseSettings):
     # stream_max_per_owner streams are open per owner in one API process (429 past it).
     stream_max_s: float = Field(300, gt=0)
     stream_max_per_owner: int = Field(16, ge=1)
+    # Per-owner quotas (api/services/quotas.py), the same for every owner; 0 turns one off.
+    # Stored bytes count the owner's models, datasets and artifacts (a blob shared with others counts for each).
+    quota_stored_bytes: int = Field(0, ge=0)
+    # Queued + running (+ cancelling) jobs at a time.
+    quota_active_jobs: int = Field(100, ge=0)
+    # Per-key token buckets (api/services/ratelimit.py): sustained requests per minute and burst size;
+    # a rate of 0 turns the limit off. Shared through Redis when the broker is Redis, else per process.
+    upload_rate_per_minute: float = Field(120.0, ge=0)
+    upload_rate_burst: int = Field(120, ge=1)
+    submit_rate_per_minute: float = Field(120.0, ge=0)
+    submit_rate_burst: int = Field(120, ge=1)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

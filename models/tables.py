@@ -1,4 +1,4 @@
-"""SQLAlchemy tables: models, datasets, jobs, job events, artifacts. Every row has an owner."""
+"""SQLAlchemy tables: models, datasets, jobs, job events, artifacts, API keys. Every row has an owner."""
 
 from __future__ import annotations
 
@@ -193,3 +193,22 @@ class BlobOrphan(Base):
 
     key: Mapped[str] = mapped_column(String(128), primary_key=True)
     since: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+# API key scopes, each including the ones before it: read (GET/HEAD), write (+ uploads, jobs), admin (+ /v1/keys).
+SCOPES = ("read", "write", "admin")
+
+
+class ApiKey(Base):
+    """A per-owner API key: only the sha256 of its secret is stored; ``revoked_at`` set means it no longer works."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(255), default="")
+    scope: Mapped[str] = mapped_column(String(16))
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -52,10 +52,14 @@ def _apply_env(monkeypatch: pytest.MonkeyPatch, home: Path, **env: str) -> None:
 
     monkeypatch.setenv("MODELPRESS_HOME", str(home))
     for key in ("DATABASE_URL", "BROKER_URL", "STORAGE_DIR", "MAX_UPLOAD_BYTES", "CPU_QUEUE", "GPU_QUEUE",
-                "API_KEY", "JOB_READ_CACHE_S", "PUBLIC_DOCS", "MAX_JSON_BODY_BYTES"):
+                "API_KEY", "JOB_READ_CACHE_S", "PUBLIC_DOCS", "MAX_JSON_BODY_BYTES", "QUOTA_STORED_BYTES",
+                "QUOTA_ACTIVE_JOBS", "UPLOAD_RATE_PER_MINUTE", "SUBMIT_RATE_PER_MINUTE"):
         monkeypatch.delenv(f"MODELPRESS_{key}", raising=False)
     # In-process API tests change job rows behind the API's back: no read cache unless a test asks.
     monkeypatch.setenv("MODELPRESS_JOB_READ_CACHE_S", "0")
+    # One process runs every API test as the same owner: no per-key rate limits unless a test asks.
+    monkeypatch.setenv("MODELPRESS_UPLOAD_RATE_PER_MINUTE", "0")
+    monkeypatch.setenv("MODELPRESS_SUBMIT_RATE_PER_MINUTE", "0")
     for key, value in env.items():
         monkeypatch.setenv(f"MODELPRESS_{key.upper()}", value)
     get_settings.cache_clear()
@@ -69,7 +73,7 @@ def _truncate(url: str) -> None:
 
     engine = make_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE job_events, artifacts, jobs, datasets, models, blob_claims, blob_orphans RESTART IDENTITY CASCADE"))
+        conn.execute(text("TRUNCATE job_events, artifacts, jobs, datasets, models, blob_claims, blob_orphans, api_keys RESTART IDENTITY CASCADE"))
     engine.dispose()
 
 

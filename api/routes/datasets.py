@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from api.deps import DB, Owner
+from api.deps import DB, Owner, UploadOwner
 from api.services import catalog, deletion, uploads
 from api.services.lookup import get_owned
 from api.services.pagination import DEFAULT_LIMIT
@@ -22,14 +22,14 @@ def _answer(response: Response, up: uploads.Uploaded) -> DatasetOut:
 
 @router.put("", response_model=DatasetOut, status_code=201)
 async def put_dataset(
-    request: Request, response: Response, owner: Owner, name: str | None = None, format: str | None = None
+    request: Request, response: Response, owner: UploadOwner, name: str | None = None, format: str | None = None
 ) -> DatasetOut:
     """Upload a dataset as the raw body (``format`` npz, imagefolder or text); same bytes give the existing one."""
     return _answer(response, await uploads.upload_raw(request, "dataset", owner, name, format))
 
 
 @router.post("", response_model=DatasetOut, status_code=201)
-async def post_dataset(request: Request, response: Response, owner: Owner) -> DatasetOut:
+async def post_dataset(request: Request, response: Response, owner: UploadOwner) -> DatasetOut:
     """Upload a dataset as multipart/form-data (``file``, ``name``, ``format`` parts)."""
     return _answer(response, await uploads.upload_multipart(request, "dataset", owner))
 

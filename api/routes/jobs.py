@@ -8,7 +8,7 @@ import anyio
 from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from api.deps import DB, Owner, settings_dep
+from api.deps import DB, Owner, SubmitOwner, settings_dep
 from api.services import deletion
 from api.services import events as event_service
 from api.services import jobs as job_service
@@ -25,7 +25,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 def create_job(
     spec: JobSpec,
     response: Response,
-    owner: Owner,
+    owner: SubmitOwner,
     db: DB,
     settings: Annotated[Settings, Depends(settings_dep)],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from api.deps import DB, Owner
+from api.deps import DB, Owner, UploadOwner
 from api.services import catalog, deletion, uploads
 from api.services.lookup import get_owned
 from api.services.pagination import DEFAULT_LIMIT
@@ -22,14 +22,14 @@ def _answer(response: Response, up: uploads.Uploaded) -> ModelOut:
 
 @router.put("", response_model=ModelOut, status_code=201)
 async def put_model(
-    request: Request, response: Response, owner: Owner, name: str | None = None, format: str | None = None
+    request: Request, response: Response, owner: UploadOwner, name: str | None = None, format: str | None = None
 ) -> ModelOut:
     """Upload a model as the raw body (``format`` onnx or hf); same bytes give the existing record (200)."""
     return _answer(response, await uploads.upload_raw(request, "model", owner, name, format))
 
 
 @router.post("", response_model=ModelOut, status_code=201)
-async def post_model(request: Request, response: Response, owner: Owner) -> ModelOut:
+async def post_model(request: Request, response: Response, owner: UploadOwner) -> ModelOut:
     """Upload a model as multipart/form-data (``file``, ``name``, ``format`` parts)."""
     return _answer(response, await uploads.upload_multipart(request, "model", owner))
 

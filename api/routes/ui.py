@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from api.deps import DB, MaybeOwner, owner_for_key, settings_dep, unauthorized
+from api.deps import DB, MaybeOwner, principal_for_key, settings_dep, unauthorized
 from api.errors import ProblemError
 from api.services import pages, sessions
 from api.services.pagination import MAX_LIMIT
@@ -95,12 +95,13 @@ def login(
     _same_origin(request)
     if not settings.api_key:
         return RedirectResponse(_local(next), status_code=303)
-    owner = owner_for_key(settings, key or None)
-    if owner is None:
+    principal = principal_for_key(settings, key or None)
+    if principal is None:
         return _html(request, "login.html", status=401, next=_local(next), failed=True, refresh=None)
     response = RedirectResponse(_local(next), status_code=303)
+    cookie = sessions.issue(settings, principal.owner, key_id=principal.key_id)  # ends when that key is revoked
     response.set_cookie(
-        sessions.COOKIE, sessions.issue(settings, owner), max_age=settings.session_ttl_s, path="/",
+        sessions.COOKIE, cookie, max_age=settings.session_ttl_s, path="/",
         httponly=True, samesite="strict", secure=request.url.scheme == "https",
     )
     return response

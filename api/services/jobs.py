@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import ProblemError, field_error, not_found
+from api.services import quotas
 from api.services.artifacts import artifact_out
 from api.services.lookup import get_owned
 from api.services.pagination import paginate
@@ -232,6 +233,8 @@ def create_job(
         if existing is not None:
             return _same_request(existing, spec), False
     model = check_references(session, owner, spec)
+    # The owner's lock is held until the commit below, so concurrent submissions count each other.
+    quotas.check_jobs(session, owner, settings, lock=True)
     queue = resolve_queue(spec, settings)
     job = Job(
         id=new_id("job"),

@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api import inspection
 from api.errors import ProblemError, field_error
+from api.services import quotas
 from api.services.multipart import MAX_FIELD_BYTES, MultipartStream
 from api.services.numbers import length_over
 from models import blobs
@@ -102,6 +103,9 @@ def record(
     found = _existing(kind, owner, staged.sha256)
     if found is not None:
         return Uploaded(found, created=False)
+    settings = get_settings()
+    with session_scope() as session:  # refused before anything is stored; checked again at the insert
+        quotas.check_storage(session, owner, staged.size_bytes, settings)
     meta = _inspect(kind, fmt, staged)
     # A write claim on the key keeps a concurrent sweep (models/blobs.py) from removing the blob
     # between its commit and the insert of the row that refers to it.
@@ -121,6 +125,7 @@ def record(
         )
         try:
             with session_scope() as session:  # rolls back when the insert fails
+                quotas.check_storage(session, owner, blob.size_bytes, settings, lock=True)
                 session.add(row)
         except IntegrityError:
             # A concurrent upload of the same bytes won the race: answer with its row (it holds the blob).
