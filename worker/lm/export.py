@@ -14,9 +14,13 @@ Two exporters:
   architectures it knows (Llama, Mistral, Qwen, Phi, Gemma, ...). Its ``kv_cache_dim`` is fixed to the
   head size here so that the file states its own cache shape.
 
-``auto`` picks ``genai`` where the builder supports the architecture, else ``torch``. Measured on the
-tiny Llama of tests/factories_lm.py (4 layers, hidden 64, GQA 4/2 heads, vocab 384; 2-core AMD EPYC,
-1 thread, ORT 1.32; ``python -m bench.lm_export``): see ``MEASURED`` below and the README.
+``auto`` picks ``genai`` where the builder supports the architecture, else ``torch``: measured with
+``python -m bench.lm_export`` (random-init Llama with GQA, 1 ORT thread, 128-token prompt, 32 new tokens,
+medians of 3 interleaved rounds; 2 shared cores, load average 9), genai decodes 6.4x faster on the tiny
+model of tests/factories_lm.py (1110 vs 172 tokens/s; prefill 1.7 vs 23 ms) and 1.42x faster on an
+8-layer, hidden-512 model (56 vs 39 tokens/s; prefill equal, 200 vs 198 ms), exports in 12 vs 31 s there,
+and its parity is the same (max logit diff 2e-6, 32 greedy tokens identical). Decode, where the
+builder's fused GroupQueryAttention (rotary embedding inside) replaces the traced attention, is what it wins.
 
 Every export is checked against torch: logits on the check text within ``atol + rtol*|torch|`` and
 greedy decoding of ``generate_tokens`` tokens identical (a divergence is accepted only where torch's own
@@ -52,8 +56,6 @@ GENAI_ARCHITECTURES = frozenset({
     "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "OlmoForCausalLM", "GraniteForCausalLM",
     "SmolLM3ForCausalLM", "NemotronForCausalLM",
 })
-# python -m bench.lm_export (tiny Llama, 1 thread): filled from the measurement the choice rests on.
-MEASURED: dict[str, dict[str, float]] = {}
 
 
 @dataclass
