@@ -401,12 +401,23 @@ def export_causal_lm(module: Any, out_path: Path, *, opset: int = 17, hf_dir: Pa
     out_path = Path(out_path)
     plain = _plain(module)
     chosen = choose_method(plain, method)
-    layout = genai_export(plain, out_path, hf_dir) if chosen == "genai" else torch_export(plain, out_path, opset)
     if check_ids is None:
         check_ids, check_mask = _check_text(int(plain.config.get_text_config().vocab_size))
     elif check_mask is None:
         check_mask = np.ones_like(check_ids)
-    assert check_mask is not None
-    layout.parity = check_parity(plain, out_path, np.asarray(check_ids, np.int64), np.asarray(check_mask, np.int64),
-                                 atol=atol, generate_tokens=generate_tokens, layout=layout)
-    return layout
+    ids, mask = np.asarray(check_ids, np.int64), np.asarray(check_mask, np.int64)
+
+    def export_and_check(how: str) -> LMLayout:
+        layout = genai_export(plain, out_path, hf_dir) if how == "genai" else torch_export(plain, out_path, opset)
+        layout.parity = check_parity(plain, out_path, ids, mask, atol=atol, generate_tokens=generate_tokens,
+                                     layout=layout)
+        return layout
+
+    if chosen == "genai" and method == "auto":
+        try:
+            return export_and_check("genai")
+        except StepFailed as exc:  # auto: the builder's graph is the faster one, torch.onnx the general one
+            layout = export_and_check("torch")
+            layout.parity["genai_failed"] = f"[{exc.code}] {exc.message}"
+            return layout
+    return export_and_check(chosen)

@@ -1,4 +1,5 @@
-"""Export: torch -> ONNX with dynamic batch/sequence axes and a parity check on eval samples."""
+"""Export: torch -> ONNX with dynamic batch/sequence axes and a parity check on eval samples; causal LMs
+(task text-generation) with a KV cache through ``worker.lm.export`` (logits and 32 greedy tokens checked)."""
 
 from __future__ import annotations
 

@@ -113,3 +113,11 @@ def test_big_models_are_written_with_external_data(
     assert (tmp_path / "model.onnx.data").stat().st_size > 500_000
     assert path.stat().st_size < 200_000
     assert len(LMSession(path).generate([5, 6, 7], 4)) == 4
+
+
+def test_auto_falls_back_to_torch_when_the_builder_fails(llama_dir: Path, tmp_path: Path) -> None:
+    # no tokenizer files beside the weights: the genai builder cannot run, auto exports with torch.onnx
+    layout = export_causal_lm(load_lm(llama_dir), tmp_path / "model.onnx", hf_dir=None, generate_tokens=4)
+    assert layout.method == "torch" and "genai_failed" in layout.parity
+    assert "tokenizer" in layout.parity["genai_failed"]
+    assert len(LMSession(tmp_path / "model.onnx").generate([5, 6], 4)) == 4

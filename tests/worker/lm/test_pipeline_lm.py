@@ -120,3 +120,16 @@ def test_choice_accuracy_budget_for_lms() -> None:
     kept = pipeline.build_report(spec, _side(10.0, acc=0.8), _side(12.0, acc=0.78), [], "cpu")["budget"]
     assert kept["met"] is True
     assert np.isclose(kept["accuracy_drop"], 0.02)
+
+
+def test_an_onnx_step_after_export_runs_on_the_kv_cache_graph(tmp_path: Path, llama_dir: Path, tokenizer: Any) -> None:
+    spec = _spec([{"type": "export"}, {"type": "quantize", "mode": "dynamic"}])
+    result = pipeline.run(spec, _ctx(tmp_path, spec, llama_dir, tokenizer))
+    b, a = result.report["input"], result.report["output"]
+    assert a["size_bytes"] < 0.5 * b["size_bytes"]  # int8 weights
+    assert a["perplexity"] == pytest.approx(b["perplexity"], rel=0.1)  # a random-init model barely notices
+    assert 0.5 < a["agreement"]["top1"] <= 1.0 and a["agreement"]["mean_kl"] > 0
+    assert len(a["generations"]) == 2 and a["decode"]["tokens_per_s"] > 0
+    # the quantized file still has the cache interface the session feeds an empty past to
+    assert LMLayout.from_onnx(result.output_path).layers == 4
+    assert len(LMSession(result.output_path).generate([5, 6, 7], 6)) == 6
