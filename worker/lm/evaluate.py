@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 # The reference log-probabilities kept for KL: positions x vocab elements (float16: 128 MB).
 REFERENCE_ELEMENTS = 64 * 1024 * 1024
+# The logits of one eval batch: batch x tokens x vocab elements (float32: 256 MB); batches shrink to fit.
+BATCH_LOGIT_ELEMENTS = 64 * 1024 * 1024
+MAX_EVAL_BATCH = 8
 DECODE_RUNS = 3
 
 
@@ -58,14 +61,14 @@ def scored_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class _Accumulator:
     """Running NLL, token count, and the agreement/KL against a reference over batches."""
 
-    def __init__(self, reference: dict[str, np.ndarray] | None, vocab: int, keep_reference: bool) -> None:
+    def __init__(self, reference: dict[str, np.ndarray] | None, keep_reference: bool) -> None:
         self.nll = 0.0
         self.tokens = 0
         self.reference = reference
         self.keep = keep_reference
         self.argmax: list[np.ndarray] = []
         self.logprobs: list[np.ndarray] = []
-        self.budget = max(1, REFERENCE_ELEMENTS // max(1, vocab))  # positions whose log-probs are kept
+        self.budget: int | None = None  # positions whose log-probs are kept (set from the first batch's vocab)
         self.kept = 0
         self.agree = 0
         self.compared = 0
@@ -75,6 +78,8 @@ class _Accumulator:
     def add(self, logits: np.ndarray, labels: np.ndarray) -> None:
         mask, targets = scored_positions(labels)
         lp = log_softmax(logits[:, :-1][mask])  # [n, V] at the scored positions, in order
+        if self.budget is None:
+            self.budget = max(1, REFERENCE_ELEMENTS // max(1, lp.shape[-1]))
         tgt = targets[mask]
         self.nll -= float(lp[np.arange(len(tgt)), tgt].sum())
         start = self.tokens
@@ -105,6 +110,12 @@ class _Accumulator:
             "argmax": np.concatenate(self.argmax) if self.argmax else np.zeros(0, np.int32),
             "logprobs": np.concatenate(self.logprobs) if self.logprobs else np.zeros((0, vocab_dim), np.float16),
         }
+
+
+def eval_batch_size(requested: int, tokens: int, vocab: int | None) -> int:
+    """Rows per eval batch: at most ``requested`` and MAX_EVAL_BATCH, and logits within BATCH_LOGIT_ELEMENTS."""
+    fit = BATCH_LOGIT_ELEMENTS // max(1, tokens * (vocab or 32_000))
+    return max(1, min(requested, MAX_EVAL_BATCH, fit))
 
 
 def _batches(data: ArrayDataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -276,9 +287,11 @@ def evaluate_lm(
         sess = LMSession(onnx_path, threads=threads, layout=layout)
         if data is not None and len(data) and data.labels is not None:
             vocab = sess.session.get_outputs()[0].shape[-1]
-            acc = _Accumulator(reference, vocab if isinstance(vocab, int) else 32000, keep_reference=reference is None)
+            acc = _Accumulator(reference, keep_reference=reference is None)
             t0 = time.perf_counter()
-            for ids, mask, labels in _batches(data, min(cfg.batch_size, 8)):
+            batch_rows = eval_batch_size(cfg.batch_size, data.inputs["input_ids"].shape[1],
+                                   vocab if isinstance(vocab, int) else None)
+            for ids, mask, labels in _batches(data, batch_rows):
                 check_cancelled()
                 acc.add(sess.logits(ids, mask), labels)
             report["eval_s"] = time.perf_counter() - t0
@@ -339,7 +352,7 @@ def evaluate_lm(
 # torch side (after a training step)
 
 
-def torch_perplexity(model: WorkingModel, data: ArrayDataset, batch_size: int = 8,
+def torch_perplexity(model: WorkingModel, data: ArrayDataset, batch_size: int = MAX_EVAL_BATCH,
                      check_cancelled: Callable[[], None] = _never) -> dict[str, Any]:
     """Perplexity of a torch-form causal LM on ``data`` (same positions and shift as the ONNX harness)."""
     import torch
@@ -351,9 +364,11 @@ def torch_perplexity(model: WorkingModel, data: ArrayDataset, batch_size: int = 
     was_training = module.training
     module.eval()
     nll, tokens = 0.0, 0
+    vocab = getattr(module.config.get_text_config(), "vocab_size", None) if hasattr(module, "config") else None
     try:
         with torch.inference_mode():
-            for ids, mask, labels in _batches(data, batch_size):
+            for ids, mask, labels in _batches(data, eval_batch_size(batch_size, data.inputs["input_ids"].shape[1],
+                                                                    vocab)):
                 check_cancelled()
                 logits = module(input_ids=torch.from_numpy(ids).to(device),
                                 attention_mask=torch.from_numpy(mask).to(device)).logits

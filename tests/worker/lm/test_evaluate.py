@@ -150,3 +150,17 @@ def test_evaluation_is_cancellable(llama_onnx: tuple[Path, LMLayout], llama_dir:
     with pytest.raises(JobCancelled):
         evaluate_lm(path, eval_data, CFG, hf_dir=llama_dir, layout=layout, check_cancelled=cancel_on_third)
     assert len(calls) == 3
+
+
+def test_eval_batches_shrink_to_keep_the_logits_bounded(
+    llama_onnx: tuple[Path, LMLayout], llama_dir: Path, eval_data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, layout = llama_onnx
+    whole = evaluate_lm(path, eval_data, CFG, hf_dir=llama_dir, layout=layout, latency=False)
+    assert lm_eval.eval_batch_size(64, 40, 384) == lm_eval.MAX_EVAL_BATCH
+    monkeypatch.setattr(lm_eval, "BATCH_LOGIT_ELEMENTS", 1 * 40 * 384)
+    assert lm_eval.eval_batch_size(64, 40, 384) == 1
+    assert lm_eval.eval_batch_size(64, 4096, 128_000) == 1  # never below one row
+    rowwise = evaluate_lm(path, eval_data, CFG, whole.outputs, hf_dir=llama_dir, layout=layout, latency=False)
+    assert rowwise["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
+    assert rowwise["agreement"]["top1"] == 1.0
