@@ -133,3 +133,21 @@ def test_an_onnx_step_after_export_runs_on_the_kv_cache_graph(tmp_path: Path, ll
     # the quantized file still has the cache interface the session feeds an empty past to
     assert LMLayout.from_onnx(result.output_path).layers == 4
     assert len(LMSession(result.output_path).generate([5, 6, 7], 6)) == 6
+
+
+def test_big_lm_weights_travel_as_a_second_artifact(
+    tmp_path: Path, llama_dir: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.lm import export as lm_export
+
+    monkeypatch.setattr(lm_export, "TWO_GB", 100_000)  # the tiny model's 0.8 MB count as "over 2 GB"
+    spec = _spec([{"type": "export"}], metrics=["accuracy", "size"])
+    result = pipeline.run(spec, _ctx(tmp_path, spec, llama_dir, tokenizer))
+    data_file = result.files["model.onnx.data"]
+    assert data_file == result.output_path.with_name("model.onnx.data") and data_file.stat().st_size > 500_000
+    assert result.report["output"]["size_bytes"] > result.output_path.stat().st_size + 500_000  # counts both
+    folder = tmp_path / "downloaded"  # what a client gets: both artifacts in one folder
+    folder.mkdir()
+    for name, path in {"model.onnx": result.output_path, **result.files}.items():
+        (folder / name).write_bytes(path.read_bytes())
+    assert len(LMSession(folder / "model.onnx").generate([5, 6, 7], 4)) == 4
