@@ -103,8 +103,8 @@ def lm_to_onnx(model: WorkingModel, ctx: PassContext, opset: int, *, name: str, 
     layout = export_causal_lm(model.module, path, opset=opset, hf_dir=model.hf_dir, check_ids=ids,
                               check_mask=mask, atol=atol)
     ctx.log("exported", method=layout.method, parity=layout.parity)
-    meta = {**model.meta, "lm": layout.to_meta(), "parity": layout.parity, "opset": opset,
-            "hf_task": "text-generation"}
+    meta = {**model.meta, "lm": layout.to_meta(), "parity": layout.parity, "opset": layout.opset or opset,
+            "export_method": layout.method, "hf_task": "text-generation"}
     return dataclasses.replace(model, form="onnx", onnx_path=path, module=None, meta=meta,
                                input_names=["input_ids", "attention_mask"], output_names=["logits"])
 

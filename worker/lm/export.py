@@ -71,6 +71,7 @@ class LMLayout:
     float_type: str = "float32"
     method: str = "torch"
     parity: dict[str, Any] = field(default_factory=dict)
+    opset: int | None = None  # of the default domain (the genai builder writes its own, with com.microsoft ops)
 
     def to_meta(self) -> dict[str, Any]:
         """JSON-safe form (tuples become lists)."""
@@ -92,7 +93,9 @@ class LMLayout:
         """The layout read from an ONNX file's inputs and outputs (weights not loaded)."""
         import onnx
 
-        graph = onnx.load(str(path), load_external_data=False).graph
+        proto = onnx.load(str(path), load_external_data=False)
+        graph = proto.graph
+        opset = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         inputs = {i.name: i for i in graph.input}
         outputs = [o.name for o in graph.output]
         past: list[tuple[str, str]] = []
@@ -113,7 +116,8 @@ class LMLayout:
             raise StepFailed("not_a_kv_model", f"{past[0][0]} must be [batch, kv_heads, past_seq, head_dim]"
                                                f" with fixed kv_heads and head_dim, not {dims}")
         float_type = onnx.helper.tensor_dtype_to_np_dtype(first.elem_type).name
-        return cls(len(past), int(dims[1]), int(dims[3]), past, present, "position_ids" in inputs, float_type)
+        return cls(len(past), int(dims[1]), int(dims[3]), past, present, "position_ids" in inputs, float_type,
+                   opset=opset)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -224,7 +228,7 @@ def torch_export(module: Any, out_path: Path, opset: int = 17) -> LMLayout:
 
         _save(onnx.load(str(raw)), out_path)
     wrapper.eval()  # the exporter restores the caller's training flag recursively
-    return LMLayout(layers, kv, head_dim, past, present, False, "float32", "torch")
+    return LMLayout(layers, kv, head_dim, past, present, False, "float32", "torch", opset=opset)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -31,7 +31,9 @@ class ExportPass(Pass):
         assert out.onnx_path is not None
         metrics = {
             **out.meta.get("parity", {}),
-            "opset": params.opset,
+            "opset": out.meta.get("opset", params.opset),  # an LM's genai export has the builder's own
             "size_bytes": out.onnx_path.stat().st_size,
         }
+        if "export_method" in out.meta:
+            metrics["method"] = out.meta["export_method"]
         return PassResult(out, metrics)

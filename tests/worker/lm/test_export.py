@@ -38,6 +38,7 @@ def test_export_generates_the_same_tokens_as_torch(
     layout = export_causal_lm(module, path, hf_dir=folder, method=method, check_ids=ids, check_mask=mask)  # type: ignore[arg-type]
 
     assert layout.method == method
+    assert layout.opset == (17 if method == "torch" else LMLayout.from_onnx(path).opset)
     assert layout.layers == 4 and layout.head_dim == 16
     assert layout.kv_heads == (2 if kind == "llama" else 4)  # GQA: 4 query heads share 2 kv heads
     assert layout.parity["greedy_identical"] and layout.parity["max_abs_diff"] < 1e-4

@@ -62,6 +62,7 @@ def test_export_job_reports_lm_metrics_and_writes_a_kv_cache_onnx(
     assert [g["text"] for g in b["generations"]] == [g["text"] for g in a["generations"]]
     step = report["steps"][0]
     assert step["eval"]["perplexity"] == a["perplexity"] and step["metrics"]["greedy_identical"] is True
+    assert step["metrics"]["method"] == "genai" and step["metrics"]["opset"] >= 17  # auto on a Llama
 
     # the artifact is a KV-cache model that generates what torch generates
     assert result.output_path.name == "model.onnx" and not result.files
