@@ -143,7 +143,7 @@ def _plain(module: Any) -> Any:
     return inner.cpu().float().eval()
 
 
-def _kv_wrapper(module: Any, layers: int) -> torch.nn.Module:
+def _kv_wrapper(module: Any, layers: int, position_ids: bool = False) -> torch.nn.Module:
     import inspect
 
     import torch
@@ -153,18 +153,20 @@ def _kv_wrapper(module: Any, layers: int) -> torch.nn.Module:
     kw = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
     class KVWrapper(torch.nn.Module):
-        """``(input_ids, attention_mask, *past) -> (logits, *present)`` over a flat key/value list."""
+        """``(input_ids, attention_mask, [position_ids], *past) -> (logits, *present)`` over a flat key/value list."""
 
         def __init__(self) -> None:
             super().__init__()
             self.model = module
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor) -> Any:
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *rest: torch.Tensor) -> Any:
+            extra = {"position_ids": rest[0]} if position_ids else {}
+            past = rest[1:] if position_ids else rest
             cache = DynamicCache(config=self.model.config)
             for i in range(layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                             return_dict=True, **{kw: cache})
+                             return_dict=True, **extra, **{kw: cache})
             present = out.past_key_values if kw == "past_key_values" else getattr(out, "past_key_values", cache)
             flat: list[Any] = []
             for layer in present.layers[:layers]:
@@ -191,24 +193,28 @@ def _save(proto: Any, out_path: Path) -> None:
         onnx.save_model(proto, str(out_path))
 
 
-def torch_export(module: Any, out_path: Path, opset: int = 17) -> LMLayout:
-    """``torch.onnx.export`` of ``module`` (an eval-mode float32 causal LM) with a KV cache to ``out_path``."""
+def torch_export(module: Any, out_path: Path, opset: int = 17, position_ids: bool = False) -> LMLayout:
+    """``torch.onnx.export`` of ``module`` (an eval-mode float32 causal LM) with a KV cache to ``out_path``;
+    ``position_ids``: an explicit ``position_ids`` input (``[batch, seq]``) instead of positions counted
+    from the cache length (for left-padded batches)."""
     import torch
 
     layers, kv, head_dim = _dims(module.config)
     past, present = _names(layers)
-    wrapper = _kv_wrapper(module, layers)
+    wrapper = _kv_wrapper(module, layers, position_ids)
     vocab = int(module.config.get_text_config().vocab_size)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (2, 5), generator=gen)
     mask = torch.ones(2, 8, dtype=torch.int64)
     flat_past = [torch.zeros(2, kv, 3, head_dim) for _ in range(2 * layers)]
-    in_names = ["input_ids", "attention_mask", *[n for p in past for n in p]]
+    pos = [torch.arange(3, 8).repeat(2, 1)] if position_ids else []
+    in_names = ["input_ids", "attention_mask", *(["position_ids"] if position_ids else []), *[n for p in past for n in p]]
     out_names = ["logits", *[n for p in present for n in p]]
     axes: dict[str, dict[int, str]] = {
         "input_ids": {0: "batch", 1: "sequence"},
         "attention_mask": {0: "batch", 1: "total_sequence"},
         "logits": {0: "batch", 1: "sequence"},
+        **({"position_ids": {0: "batch", 1: "sequence"}} if position_ids else {}),
     }
     axes.update({n: {0: "batch", 2: "past_sequence"} for p in past for n in p})
     axes.update({n: {0: "batch", 2: "total_sequence"} for p in present for n in p})
@@ -218,7 +224,7 @@ def torch_export(module: Any, out_path: Path, opset: int = 17) -> LMLayout:
         try:
             with warnings.catch_warnings(), torch.inference_mode():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(wrapper, (ids, mask, *flat_past), str(raw), input_names=in_names,
+                torch.onnx.export(wrapper, (ids, mask, *pos, *flat_past), str(raw), input_names=in_names,
                                   output_names=out_names, dynamic_axes=axes, opset_version=opset,
                                   do_constant_folding=True, dynamo=False)
         except Exception as exc:  # the exporter raises many types; the user needs the message
@@ -228,7 +234,7 @@ def torch_export(module: Any, out_path: Path, opset: int = 17) -> LMLayout:
 
         _save(onnx.load(str(raw)), out_path)
     wrapper.eval()  # the exporter restores the caller's training flag recursively
-    return LMLayout(layers, kv, head_dim, past, present, False, "float32", "torch", opset=opset)
+    return LMLayout(layers, kv, head_dim, past, present, position_ids, "float32", "torch", opset=opset)
 
 
 # ----------------------------------------------------------------------------------------------------------
