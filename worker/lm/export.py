@@ -329,18 +329,27 @@ def _check_text(vocab: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _torch_greedy(module: Any, prompt: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy tokens of ``module`` (full recompute per step) and its last-position logits at each step."""
+    """Greedy tokens of ``module`` (with its own KV cache) and its last-position logits at each step."""
+    import inspect
+
     import torch
 
-    ids = list(prompt)
+    kw = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    tokens: list[int] = []
     logits_seen: list[np.ndarray] = []
+    x = torch.tensor([prompt], dtype=torch.int64)
+    past = None
     with torch.inference_mode():
         for _ in range(steps):
-            x = torch.tensor([ids], dtype=torch.int64)
-            last = module(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].float().numpy()
+            total = len(prompt) + len(tokens)
+            out = module(input_ids=x, attention_mask=torch.ones(1, total, dtype=torch.int64), use_cache=True,
+                         **({kw: past} if past is not None else {}))
+            past = out.past_key_values
+            last = out.logits[0, -1].float().numpy()
             logits_seen.append(last)
-            ids.append(int(last.argmax()))
-    return ids[len(prompt):], logits_seen
+            tokens.append(int(last.argmax()))
+            x = torch.tensor([[tokens[-1]]], dtype=torch.int64)
+    return tokens, logits_seen
 
 
 def check_parity(module: Any, onnx_path: Path, input_ids: np.ndarray, attention_mask: np.ndarray, *,
