@@ -311,10 +311,17 @@ def step_rows(report: dict[str, Any]) -> list[StepRow]:
 LATENCY_NOISE = 0.05
 
 
-def regressions(baseline: dict[str, Any], output: dict[str, Any]) -> list[dict[str, Any]]:
-    """Warnings for an output that is slower (beyond LATENCY_NOISE) or larger than its input.
+def _rate(v: float) -> str:
+    """A rate for people: whole numbers from 100 up ('10,246'), three significant digits below."""
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
-    Each is ``{"code", "message", "ratio"}``, ratio = after / before (3.2 means 3.2 times slower or larger).
+
+def regressions(baseline: dict[str, Any], output: dict[str, Any]) -> list[dict[str, Any]]:
+    """Warnings for an output that is slower (beyond LATENCY_NOISE) or larger than its input; for causal
+    LMs also one whose decode tokens/s fell (``slower_decoding``).
+
+    Each is ``{"code", "message", "ratio"}``, ratio = after / before (3.2 means 3.2 times slower or larger;
+    for decoding, before / after tokens/s).
     """
     out: list[dict[str, Any]] = []
     lb, la = latency_median(baseline), latency_median(output)
@@ -323,6 +330,13 @@ def regressions(baseline: dict[str, Any], output: dict[str, Any]) -> list[dict[s
         out.append({"code": "slower_than_input", "ratio": round(ratio, 3),
                     "message": f"{ratio:.1f}{TIMES} slower than the input model "
                                f"({fmt_number(float(lb), 3)} \u2192 {fmt_number(float(la), 3)} ms median)"})
+    rates: list[Any] = [(side.get("decode") or {}).get("tokens_per_s") for side in (baseline, output)]
+    if all(is_num(r) for r in rates) and 0 < float(rates[1]) * (1 + LATENCY_NOISE) < float(rates[0]):
+        db, da = float(rates[0]), float(rates[1])
+        ratio = db / da
+        out.append({"code": "slower_decoding", "ratio": round(ratio, 3),
+                    "message": f"decodes {ratio:.1f}{TIMES} slower than the input model "
+                               f"({_rate(db)} \u2192 {_rate(da)} tokens/s)"})
     sb, sa = baseline.get("size_bytes") or 0, output.get("size_bytes") or 0
     if is_num(sb) and is_num(sa) and float(sb) > 0 and float(sa) > float(sb):
         ratio = float(sa) / float(sb)

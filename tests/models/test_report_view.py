@@ -150,3 +150,12 @@ def test_generation_rows_pair_by_prompt() -> None:
     assert [(g.prompt, g.before, g.after) for g in rv.generation_rows(report)] == [
         ("a", "1", "-"), ("b", "2", "3"), ("c", "-", "4")]
     assert rv.generation_rows(sample_report()) == []
+
+
+def test_a_slower_decode_is_a_warning() -> None:
+    side = {"latency_ms": {"median": 1.0}, "size_bytes": 100}
+    found = rv.regressions({**side, "decode": {"tokens_per_s": 1000.0}}, {**side, "decode": {"tokens_per_s": 250.0}})
+    assert [(w["code"], w["ratio"]) for w in found] == [("slower_decoding", 4.0)]
+    assert found[0]["message"] == "decodes 4.0\u00d7 slower than the input model (1,000 \u2192 250 tokens/s)"
+    within_noise = rv.regressions({**side, "decode": {"tokens_per_s": 100.0}}, {**side, "decode": {"tokens_per_s": 96.0}})
+    assert within_noise == []
