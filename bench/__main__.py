@@ -8,7 +8,15 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from bench import api_latency, bert_pipeline, digits_pipeline, job_overhead, train_throughput, upload_stream
+from bench import (
+    api_latency,
+    bert_pipeline,
+    digits_pipeline,
+    job_overhead,
+    lm_export,
+    train_throughput,
+    upload_stream,
+)
 
 MODEST: dict[str, tuple[Callable[[list[str] | None], dict[str, Any]], list[str]]] = {
     "api_latency": (api_latency.main, ["--duration", "5", "--warmup", "1", "--rounds", "2"]),
@@ -17,6 +25,7 @@ MODEST: dict[str, tuple[Callable[[list[str] | None], dict[str, Any]], list[str]]
     "digits_pipeline": (digits_pipeline.main, ["--latency-runs", "100", "--rounds", "1"]),
     "bert_pipeline": (bert_pipeline.main, ["--train-rows", "1000", "--eval-rows", "300", "--latency-runs", "100"]),
     "train_throughput": (train_throughput.main, ["--samples", "1024"]),
+    "lm_export": (lm_export.main, ["--rounds", "1", "--runs", "10"]),
 }
 
 

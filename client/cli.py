@@ -47,6 +47,7 @@ from models.report_view import (
     comparison_rows,
     fmt_bytes,
     fmt_number,
+    generation_rows,
     progress_text,
     quality_rows,
     warning_lines,
@@ -148,6 +149,19 @@ def report_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def generations_table(report: dict[str, Any]) -> Table | None:
+    """A causal LM's greedy generations, input and output model side by side; None when there are none."""
+    rows = generation_rows(report)
+    if not rows:
+        return None
+    table = Table(title="generations (greedy)")
+    for col in ("prompt", "before", "after"):
+        table.add_column(col, overflow="fold")
+    for g in rows:
+        table.add_row(Text(g.prompt), Text(g.before), Text(g.after))
+    return table
+
+
 def warning_texts(job: Job) -> list[Text]:
     """A job's regression warnings ('3.2 times slower ...'), in red."""
     result = job.data.result
@@ -156,8 +170,9 @@ def warning_texts(job: Job) -> list[Text]:
 
 
 def _report_out(job: Job) -> list[Any]:
-    """What follows a finished job's status line: its warnings, then its before/after table."""
-    return [*warning_texts(job), *([report_table(job.report)] if job.report else [])]
+    """What follows a finished job's status line: its warnings, its before/after table, an LM's generations."""
+    gens = generations_table(job.report) if job.report else None
+    return [*warning_texts(job), *([report_table(job.report)] if job.report else []), *([gens] if gens else [])]
 
 
 class _JobProgress:

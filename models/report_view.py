@@ -84,20 +84,61 @@ def _ratio_row(key: str, label: str, before: Any, after: Any, text: Any = fmt_nu
     return ComparisonRow(key, label, before, after, text(before), text(after), fmt_ratio(before, after), better)
 
 
+def _throughput_row(key: str, label: str, before: Any, after: Any) -> ComparisonRow:
+    """A rate (higher is better), its change in words: '2.79x faster' or '1.50x slower'."""
+    better, change = None, "-"
+    if is_num(before) and is_num(after) and float(before) > 0 and float(after) > 0:
+        better = float(after) >= float(before)
+        change = f"{float(after) / float(before):.2f}{TIMES} faster" if better else \
+            f"{float(before) / float(after):.2f}{TIMES} slower"
+    return ComparisonRow(key, label, before, after, fmt_number(before), fmt_number(after), change, better)
+
+
+def is_lm_report(report: dict[str, Any]) -> bool:
+    """A causal-LM report (task text-generation, or sides measured with perplexity)."""
+    sides = [report.get("input") or {}, report.get("output") or {}]
+    return report.get("task") == "text-generation" or any("perplexity" in s for s in sides if isinstance(s, dict))
+
+
+def _lm_rows(b: dict[str, Any], a: dict[str, Any]) -> list[ComparisonRow]:
+    """Perplexity, decode tokens/s and session peak memory of a causal-LM report."""
+    rows = [_ratio_row("perplexity", "perplexity (eval text)", b.get("perplexity"), a.get("perplexity"))]
+    db, da = b.get("decode") or {}, a.get("decode") or {}
+    if db or da:
+        rows.append(_throughput_row("decode_tokens_per_s", "decode tokens/s (KV cache, batch 1)",
+                                    db.get("tokens_per_s"), da.get("tokens_per_s")))
+    if b.get("peak_memory_bytes") is not None or a.get("peak_memory_bytes") is not None:
+        rows.append(_ratio_row("peak_memory_bytes", "session peak memory", b.get("peak_memory_bytes"),
+                               a.get("peak_memory_bytes"), fmt_bytes))
+    return rows
+
+
+def _latency_label(b: dict[str, Any], a: dict[str, Any], lm: bool) -> str:
+    if not lm:
+        return "latency"
+    setup = b.get("latency_setup") or a.get("latency_setup") or {}
+    tokens = setup.get("prompt_tokens") if isinstance(setup, dict) else None
+    return f"prefill {tokens} tokens" if tokens else "prefill"
+
+
 def comparison_rows(report: dict[str, Any]) -> list[ComparisonRow]:
-    """The before/after rows of a report: size, latency (median, p90, mean), parameters, MACs, accuracy."""
+    """The before/after rows of a report: size, latency (median, p90, mean), parameters, MACs, accuracy;
+    for causal LMs also perplexity, decode tokens/s and peak memory (latency is the prompt's prefill)."""
     b = report.get("input") or {}
     a = report.get("output") or {}
+    lm = is_lm_report(report)
+    lat = _latency_label(b, a, lm)
     rows = [
         _ratio_row("size_bytes", "size", b.get("size_bytes"), a.get("size_bytes"), fmt_bytes),
-        _ratio_row("latency_ms", "latency median (ms)", latency_median(b), latency_median(a)),
+        *(_lm_rows(b, a) if lm else []),
+        _ratio_row("latency_ms", f"{lat} median (ms)", latency_median(b), latency_median(a)),
     ]
     lb, la = b.get("latency_ms"), a.get("latency_ms")
     if isinstance(lb, dict) or isinstance(la, dict):
         lb, la = lb if isinstance(lb, dict) else {}, la if isinstance(la, dict) else {}
         for key in ("p90", "mean"):
             if key in lb or key in la:
-                rows.append(_ratio_row(f"latency_{key}", f"latency {key} (ms)", lb.get(key), la.get(key)))
+                rows.append(_ratio_row(f"latency_{key}", f"{lat} {key} (ms)", lb.get(key), la.get(key)))
     rows.append(_ratio_row("params", "parameters", b.get("params"), a.get("params")))
     if b.get("macs") is not None or a.get("macs") is not None:
         rows.append(_ratio_row("macs", "MACs", b.get("macs"), a.get("macs")))
@@ -107,7 +148,7 @@ def comparison_rows(report: dict[str, Any]) -> list[ComparisonRow]:
         if is_num(acc_b) and is_num(acc_a):
             delta = float(cast(float, acc_a)) - float(cast(float, acc_b))
             change, better = f"{delta:+.4f}", delta >= 0
-        label = f"accuracy ({report.get('task') or 'task'})"
+        label = "choice accuracy" if lm else f"accuracy ({report.get('task') or 'task'})"
         rows.append(ComparisonRow("accuracy", label, acc_b, acc_a, fmt_number(acc_b), fmt_number(acc_a), change, better))
     return rows
 
@@ -128,11 +169,28 @@ def quality_rows(report: dict[str, Any]) -> list[QualityRow]:
     """The accuracy budget (met or missed) and the fidelity measures of a report."""
     rows = []
     budget = report.get("budget") or {}
+    lm = is_lm_report(report)
     if isinstance(budget, dict) and budget:
         met = budget.get("met")
         text = "met" if met else ("missed" if met is not None else "-")
-        label = f"accuracy budget (max drop {fmt_number(budget.get('max_accuracy_drop'))})"
+        if lm:
+            bounds = []
+            if is_num(budget.get("max_perplexity_increase")):
+                bounds.append(f"perplexity +{float(budget['max_perplexity_increase']) * 100:.2f}%")
+            if is_num(budget.get("max_accuracy_drop")):
+                bounds.append(f"accuracy drop {fmt_number(budget.get('max_accuracy_drop'))}")
+            label = f"budget (max {', '.join(bounds)})" if bounds else "budget (none set)"
+        else:
+            label = f"accuracy budget (max drop {fmt_number(budget.get('max_accuracy_drop'))})"
         rows.append(QualityRow(label, text, None if met is None else bool(met)))
+        if lm and is_num(budget.get("perplexity_increase")):
+            rows.append(QualityRow("perplexity change", f"{float(budget['perplexity_increase']) * 100:+.2f}%"))
+    agreement = (report.get("output") or {}).get("agreement") if lm else None
+    if isinstance(agreement, dict):
+        for key, label, digits in (("top1", "next-token top-1 agreement", 4), ("mean_kl", "mean KL (nats)", 4)):
+            if key in agreement:
+                rows.append(QualityRow(f"vs input: {label}", fmt_number(agreement.get(key), digits)))
+        return rows
     fidelity = report.get("fidelity") or {}
     if isinstance(fidelity, dict):
         for key, label in FIDELITY_LABELS:
@@ -158,10 +216,12 @@ class Gain:
     better: bool | None = None
 
 
-GAIN_WORDS = (("size_ratio", "smaller"), ("latency_ratio", "faster"), ("params_ratio", "fewer parameters"))
+GAIN_WORDS = (("size_ratio", "smaller"), ("latency_ratio", "faster"), ("params_ratio", "fewer parameters"),
+              ("decode_speedup", "faster decoding"))
 
 
-WORSE_WORDS = {"smaller": "larger", "faster": "slower", "fewer parameters": "more parameters"}
+WORSE_WORDS = {"smaller": "larger", "faster": "slower", "fewer parameters": "more parameters",
+               "faster decoding": "slower decoding"}
 
 
 def ratio_words(ratio: float, word: str, digits: int = 2) -> tuple[str, bool]:
@@ -188,6 +248,26 @@ def gains(report: dict[str, Any]) -> list[Gain]:
         delta = float(found["accuracy_delta"])
         out.append(Gain(f"{delta:+.4f}", "accuracy", delta >= 0))
     return out
+
+
+@dataclass(frozen=True)
+class GenerationRow:
+    """One eval prompt with the input model's and the output model's greedy continuation."""
+
+    prompt: str
+    before: str
+    after: str
+
+
+def generation_rows(report: dict[str, Any]) -> list[GenerationRow]:
+    """The causal-LM report's greedy generations side by side, paired by prompt (input order)."""
+    def by_prompt(side: Any) -> dict[str, str]:
+        found = side.get("generations") if isinstance(side, dict) else None
+        return {str(g.get("prompt")): str(g.get("text", "")) for g in found or [] if isinstance(g, dict)}
+
+    before, after = by_prompt(report.get("input")), by_prompt(report.get("output"))
+    prompts = list(before) + [p for p in after if p not in before]
+    return [GenerationRow(p, before.get(p, "-"), after.get(p, "-")) for p in prompts]
 
 
 CURVE_SERIES = ("loss", "eval_metric", "lr")
@@ -231,10 +311,17 @@ def step_rows(report: dict[str, Any]) -> list[StepRow]:
 LATENCY_NOISE = 0.05
 
 
-def regressions(baseline: dict[str, Any], output: dict[str, Any]) -> list[dict[str, Any]]:
-    """Warnings for an output that is slower (beyond LATENCY_NOISE) or larger than its input.
+def _rate(v: float) -> str:
+    """A rate for people: whole numbers from 100 up ('10,246'), three significant digits below."""
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
-    Each is ``{"code", "message", "ratio"}``, ratio = after / before (3.2 means 3.2 times slower or larger).
+
+def regressions(baseline: dict[str, Any], output: dict[str, Any]) -> list[dict[str, Any]]:
+    """Warnings for an output that is slower (beyond LATENCY_NOISE) or larger than its input; for causal
+    LMs also one whose decode tokens/s fell (``slower_decoding``).
+
+    Each is ``{"code", "message", "ratio"}``, ratio = after / before (3.2 means 3.2 times slower or larger;
+    for decoding, before / after tokens/s).
     """
     out: list[dict[str, Any]] = []
     lb, la = latency_median(baseline), latency_median(output)
@@ -243,6 +330,13 @@ def regressions(baseline: dict[str, Any], output: dict[str, Any]) -> list[dict[s
         out.append({"code": "slower_than_input", "ratio": round(ratio, 3),
                     "message": f"{ratio:.1f}{TIMES} slower than the input model "
                                f"({fmt_number(float(lb), 3)} \u2192 {fmt_number(float(la), 3)} ms median)"})
+    rates: list[Any] = [(side.get("decode") or {}).get("tokens_per_s") for side in (baseline, output)]
+    if all(is_num(r) for r in rates) and 0 < float(rates[1]) * (1 + LATENCY_NOISE) < float(rates[0]):
+        db, da = float(rates[0]), float(rates[1])
+        ratio = db / da
+        out.append({"code": "slower_decoding", "ratio": round(ratio, 3),
+                    "message": f"decodes {ratio:.1f}{TIMES} slower than the input model "
+                               f"({_rate(db)} \u2192 {_rate(da)} tokens/s)"})
     sb, sa = baseline.get("size_bytes") or 0, output.get("size_bytes") or 0
     if is_num(sb) and is_num(sa) and float(sb) > 0 and float(sa) > float(sb):
         ratio = float(sa) / float(sb)

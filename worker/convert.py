@@ -76,6 +76,39 @@ def import_onnx2torch() -> Any:
 # torch -> ONNX
 
 
+def is_causal_lm(model: WorkingModel) -> bool:
+    """Whether ``model`` is a decoder-only LM (task ``text-generation``): exported with a KV cache."""
+    return model.meta.get("hf_task") == "text-generation" or "lm" in model.meta
+
+
+def _lm_check_text(data: ArrayDataset, rows: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """A few eval rows for the export's logits parity, cut after the longest row's last real token."""
+    ids, mask = data.inputs["input_ids"][:rows], data.inputs["attention_mask"][:rows]
+    width = max(2, int(mask.sum(axis=1).max()) if mask.size else 2)
+    return np.ascontiguousarray(ids[:, :width]), np.ascontiguousarray(mask[:, :width])
+
+
+def lm_to_onnx(model: WorkingModel, ctx: PassContext, opset: int, *, name: str, atol: float = 1e-3,
+               data: ArrayDataset | None = None) -> WorkingModel:
+    """A torch-form causal LM as ``ctx.workdir/<name>/model.onnx`` with a KV cache (``worker.lm.export``),
+    checked against torch on eval text and 32 greedy tokens; the layout goes to ``meta["lm"]``."""
+    from worker.lm.export import export_causal_lm
+
+    if model.form != "torch" or model.module is None:
+        raise StepFailed("wrong_form", "export needs a torch-form model")
+    data = data if data is not None else any_data(ctx, model)
+    ids, mask = _lm_check_text(data)
+    path = Path(ctx.workdir) / name / "model.onnx"  # its own folder: external data and genai_config beside it
+    ctx.log("exporting the causal LM to ONNX with a KV cache", opset=opset)
+    layout = export_causal_lm(model.module, path, opset=opset, hf_dir=model.hf_dir, check_ids=ids,
+                              check_mask=mask, atol=atol)
+    ctx.log("exported", method=layout.method, parity=layout.parity)
+    meta = {**model.meta, "lm": layout.to_meta(), "parity": layout.parity, "opset": layout.opset or opset,
+            "export_method": layout.method, "hf_task": "text-generation"}
+    return dataclasses.replace(model, form="onnx", onnx_path=path, module=None, meta=meta,
+                               input_names=["input_ids", "attention_mask"], output_names=["logits"])
+
+
 def _dynamic_axes(
     model: WorkingModel, data: ArrayDataset, batch: bool, sequence: bool
 ) -> dict[str, dict[int, str]]:
@@ -131,6 +164,8 @@ def to_onnx(
     """Export a torch-form model to ``ctx.workdir/<name>.onnx`` and check parity on a few eval samples."""
     import torch
 
+    if model.form == "torch" and is_causal_lm(model):
+        return lm_to_onnx(model, ctx, opset, name=name, atol=atol, data=data)
     if model.form != "torch" or model.module is None:
         raise StepFailed("wrong_form", "export needs a torch-form model")
     data = (data if data is not None else any_data(ctx, model)).take(samples)
@@ -203,6 +238,12 @@ def to_torch(model: WorkingModel, ctx: PassContext) -> WorkingModel:
         return model
     if model.onnx_path is None:
         raise StepFailed("wrong_form", "the working model has no ONNX file")
+    if is_causal_lm(model):
+        raise StepFailed(
+            "unsupported_model",
+            "a causal LM in ONNX form (KV-cache graph) cannot be made trainable again; put the torch steps "
+            "(prune, finetune, distill, export) before the ONNX ones (quantize)",
+        )
     import onnx
 
     convert = import_onnx2torch()

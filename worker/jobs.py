@@ -271,8 +271,9 @@ def _record_success(claim: Claim, owner: str, out: PipelineResult, spec: JobSpec
 
         change = accuracy_drop_text(budget.get("accuracy_drop"), spec.evaluate.max_accuracy_drop,
                                     (out.report.get("output") or {}).get("num_samples"))
+        what = budget["reason"] if "perplexity_increase" in budget else f"accuracy {change}"  # causal LMs
         error = {"code": "accuracy_budget_exceeded", "step": "evaluate",
-                 "message": f"accuracy {change}; the model is still downloadable"}
+                 "message": f"{what}; the model is still downloadable"}
         _finish(claim, FAILED, error=error, result=result, message="failed: accuracy budget exceeded")
     else:
         _finish(claim, SUCCEEDED, result=result, message="succeeded")

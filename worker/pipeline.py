@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from models.report_view import regressions
-from models.spec import step_label
+from models.spec import LM_TASKS, step_label
 from worker.passes.base import JobCancelled, Pass, StepFailed, WorkingModel
 
 if TYPE_CHECKING:
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 # Keys of an evaluation kept in a step's after-step measurement (ONNX form).
 _STEP_EVAL_KEYS = ("accuracy", "metric", "fidelity", "size_bytes", "params", "macs", "num_samples")
+# ... and for causal LMs.
+_LM_STEP_EVAL_KEYS = ("accuracy", "metric", "perplexity", "nll", "tokens", "agreement", "size_bytes", "params",
+                      "num_samples")
 
 
 @dataclass
@@ -69,10 +72,24 @@ def pass_for(step_type: str) -> Pass:
     return load_passes()[step_type]()
 
 
+def is_lm(spec: JobSpec, model: WorkingModel) -> bool:
+    """Whether the job works on a decoder-only LM (task ``text-generation`` or an hf causal LM)."""
+    from worker.convert import is_causal_lm
+
+    return spec.task in LM_TASKS or is_causal_lm(model)
+
+
 def _to_form(model: WorkingModel, form: str, ctx: PipelineContext, opset: int, name: str) -> WorkingModel:
     if model.form == form:
         return model
     from worker import convert
+
+    if form == "torch" and is_lm(ctx.spec, model):
+        raise StepFailed(
+            "unsupported_model",
+            "this step needs the causal LM in torch form, but it is already ONNX (a KV-cache graph cannot be "
+            "made trainable again): put prune, finetune, distill and export before quantize",
+        )
 
     if form == "onnx":
         return convert.to_onnx(model, ctx, opset, name=name)
@@ -92,6 +109,14 @@ def _measure_after_step(
     data = ctx.dataset("eval", model)
     if data is None:
         return {"measured": False, "reason": "no eval dataset"}
+    if is_lm(spec, model):
+        if model.form == "onnx" and model.onnx_path is not None:
+            ev = _evaluate(model, ctx, spec, reference, latency=False)
+            return {"measured": True, **{k: ev[k] for k in _LM_STEP_EVAL_KEYS if k in ev}}
+        from worker.lm.evaluate import torch_perplexity
+
+        return {"measured": True, **torch_perplexity(model, data.take(spec.evaluate.max_samples),
+                                                     check_cancelled=ctx.check_cancelled)}
     if model.form == "onnx" and model.onnx_path is not None:
         from worker.evaluate import evaluate
 
@@ -138,6 +163,51 @@ def _environment(spec: JobSpec, device: str) -> dict[str, Any]:
     }
 
 
+def _lm_budget(spec: JobSpec, baseline: dict[str, Any], output: dict[str, Any]) -> dict[str, Any]:
+    """Causal LMs: the relative perplexity increase against ``max_perplexity_increase`` and the choice
+    accuracy drop against ``max_accuracy_drop``; ``met`` only when every given bound holds."""
+    cfg = spec.evaluate
+    in_ppl, out_ppl = baseline.get("perplexity"), output.get("perplexity")
+    in_acc, out_acc = baseline.get("accuracy"), output.get("accuracy")
+    increase = None if not in_ppl or out_ppl is None else float(out_ppl) / float(in_ppl) - 1.0
+    drop = None if in_acc is None or out_acc is None else float(in_acc) - float(out_acc)
+    budget: dict[str, Any] = {
+        "max_accuracy_drop": cfg.max_accuracy_drop,
+        "max_perplexity_increase": cfg.max_perplexity_increase,
+        "metric": (baseline.get("metric") or {}).get("name"),
+        "accuracy_drop": drop,
+        "perplexity_increase": increase,
+        "met": True,
+    }
+    missed: list[str] = []
+    if cfg.max_perplexity_increase is not None:
+        if increase is None:
+            missed.append("perplexity could not be measured (no eval text)")
+        elif increase > cfg.max_perplexity_increase + 1e-12:
+            missed.append(f"perplexity rose {increase * 100:.2f}% ({in_ppl:.4g} -> {out_ppl:.4g}; "
+                          f"allowed {cfg.max_perplexity_increase * 100:.2f}%)")
+    if cfg.max_accuracy_drop is not None:
+        if drop is None:
+            missed.append("choice accuracy could not be measured (no eval rows with evaluate.choices)")
+        elif drop > cfg.max_accuracy_drop + 1e-12:
+            missed.append(f"choice accuracy fell {drop * 100:.2f} points (allowed {cfg.max_accuracy_drop * 100:.2f})")
+    if missed:
+        budget["met"] = False
+        budget["reason"] = "; ".join(missed)
+    return budget
+
+
+def _lm_gains(baseline: dict[str, Any], output: dict[str, Any]) -> dict[str, Any]:
+    def tps(ev: dict[str, Any]) -> float | None:
+        return (ev.get("decode") or {}).get("tokens_per_s")
+
+    return {
+        "decode_speedup": _ratio(tps(output), tps(baseline)),
+        "perplexity_ratio": _ratio(output.get("perplexity"), baseline.get("perplexity")),
+        "memory_ratio": _ratio(baseline.get("peak_memory_bytes"), output.get("peak_memory_bytes")),
+    }
+
+
 def build_report(
     spec: JobSpec, baseline: dict[str, Any], output: dict[str, Any], steps: list[dict[str, Any]], device: str
 ) -> dict[str, Any]:
@@ -145,6 +215,7 @@ def build_report(
     in_metric, out_metric = _metric_value(baseline), _metric_value(output)
     in_acc, out_acc = baseline.get("accuracy"), output.get("accuracy")
     drop = None if in_metric is None or out_metric is None else in_metric - out_metric
+    lm = spec.task in LM_TASKS
     max_drop = spec.evaluate.max_accuracy_drop
     budget: dict[str, Any] = {
         "max_accuracy_drop": max_drop,
@@ -158,7 +229,9 @@ def build_report(
             budget["reason"] = "the metric could not be measured (no eval data or no labels)"
         else:
             budget["met"] = bool(drop <= max_drop + 1e-12)
-    return {
+    if lm:
+        budget = _lm_budget(spec, baseline, output)
+    report: dict[str, Any] = {
         "task": spec.task,
         "pipeline": [s["label"] for s in steps],
         "input": baseline,
@@ -178,16 +251,30 @@ def build_report(
         "warnings": regressions(baseline, output),
         "environment": _environment(spec, device),
     }
+    if lm:
+        report["gains"].update(_lm_gains(baseline, output))
+        report["fidelity"] = output.get("agreement")
+    return report
 
 
 def _evaluate(
-    model: WorkingModel, ctx: PipelineContext, spec: JobSpec, reference: dict[str, Any] | None
+    model: WorkingModel, ctx: PipelineContext, spec: JobSpec, reference: dict[str, Any] | None,
+    latency: bool | None = None,
 ) -> Evaluation:
-    from worker.evaluate import evaluate
-
     assert model.onnx_path is not None
     data = ctx.dataset("eval", model)
-    return evaluate(model.onnx_path, data, spec.evaluate, spec.task, reference, check_cancelled=ctx.check_cancelled)
+    if is_lm(spec, model):
+        from worker.lm.evaluate import evaluate_lm
+        from worker.lm.export import LMLayout
+
+        train = ctx.dataset("train", model) if spec.evaluate.few_shot else None
+        layout = LMLayout.from_meta(model.meta["lm"]) if "lm" in model.meta else None
+        return evaluate_lm(model.onnx_path, data, spec.evaluate, reference, hf_dir=model.hf_dir, train=train,
+                           layout=layout, latency=latency, check_cancelled=ctx.check_cancelled)
+    from worker.evaluate import evaluate
+
+    return evaluate(model.onnx_path, data, spec.evaluate, spec.task, reference, latency=latency,
+                    check_cancelled=ctx.check_cancelled)
 
 
 def run(spec: JobSpec, ctx: PipelineContext) -> PipelineResult:
@@ -236,13 +323,20 @@ def run(spec: JobSpec, ctx: PipelineContext) -> PipelineResult:
     ctx.check_cancelled()
     ctx.begin_step(total - 1, total, "export + evaluate output")
     with _stage("export"):
+        if not spec.steps and is_lm(spec, model):
+            model = baseline_onnx  # nothing changed the LM: its (costly, parity-checked) export is the output
         model = _to_form(model, "onnx", ctx, opset, "output")
     assert model.onnx_path is not None
     with _stage("evaluate output"):
         output, wall = _timed(lambda: _evaluate(model, ctx, spec, reference))
     output_report = {**output, "wall_s": wall}
+    keys = _LM_STEP_EVAL_KEYS if is_lm(spec, model) else _STEP_EVAL_KEYS
     if steps and not steps[-1]["eval"]:
-        steps[-1]["eval"] = {"measured": True, **{k: output[k] for k in _STEP_EVAL_KEYS if k in output}}
+        steps[-1]["eval"] = {"measured": True, **{k: output[k] for k in keys if k in output}}
 
     report = build_report(spec, baseline_report, output_report, steps, ctx.device)
-    return PipelineResult(output_path=Path(model.onnx_path), report=report)
+    out_path = Path(model.onnx_path)
+    # Weights over 2 GB live beside the file (worker.lm.export): they travel as an artifact of their own.
+    data_file = out_path.with_name(out_path.name + ".data")
+    files = {"model.onnx.data": data_file} if out_path.name == "model.onnx" and data_file.is_file() else {}
+    return PipelineResult(output_path=out_path, report=report, files=files)

@@ -58,6 +58,7 @@ class ReportPage:
     curves: list[tuple[str, list[Markup]]]
     steps: list[rv.StepRow]
     step_chart: Markup
+    generations: list[rv.GenerationRow]
     artifacts: list[ArtifactLink]
     running: bool
     refresh: int | None
@@ -135,6 +136,10 @@ def before_after_charts(report: dict[str, Any]) -> list[Markup]:
         charts.before_after("macs", "MACs", b.get("macs"), a.get("macs")),
         charts.before_after("accuracy", "accuracy", b.get("accuracy"), a.get("accuracy")),
     ]
+    if rv.is_lm_report(report):  # causal LMs: perplexity and decode speed
+        tps = [(side.get("decode") or {}).get("tokens_per_s") for side in (b, a)]
+        made += [charts.before_after("perplexity", "perplexity", b.get("perplexity"), a.get("perplexity")),
+                 charts.before_after("decode", "decode tokens/s", tps[0], tps[1])]
     return [c for c in made if c]
 
 
@@ -170,6 +175,7 @@ def report_page(session: Session, owner: str, job_id: str) -> ReportPage:
         charts=before_after_charts(report) if has_sides else [],
         curves=curve_charts(steps), steps=steps,
         step_chart=charts.step_times("wall time per step (s)", [(s.label, s.wall_s) for s in steps]),
+        generations=rv.generation_rows(report),
         artifacts=_links(job.result.artifacts if job.result else []),
         running=running, refresh=REFRESH_S if running else None,
     )

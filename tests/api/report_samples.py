@@ -99,3 +99,39 @@ def bar_widths(page: str, chart: str = "chart-") -> list[float]:
     """The drawn widths of the bars whose ids start with ``chart`` (in page order)."""
     return [max(x for x, _ in pts) - min(x for x, _ in pts)
             for ident, pts in chart_shapes(page).items() if ident.startswith(chart) and "-bar-" in ident]
+
+
+def lm_report() -> dict[str, Any]:
+    """The report a text-generation job (export -> quantize int4) stores: LM metrics and generations."""
+    gens_in = [{"prompt": "This License applies to", "text": " any program or other work"},
+               {"prompt": "TERMS AND CONDITIONS", "text": " FOR USE, REPRODUCTION"},
+               {"prompt": "You may convey <b>verbatim</b>", "text": " copies of the Program's <i>source</i>"}]
+    gens_out = [{"prompt": "This License applies to", "text": " any work or program"},
+                {"prompt": "TERMS AND CONDITIONS", "text": " FOR USE, REPRODUCTION"},
+                {"prompt": "You may convey <b>verbatim</b>", "text": " copies of the source code"}]
+    side = {"num_samples": 64, "tokens": 8123, "latency_setup": {"what": "prefill", "prompt_tokens": 128}}
+    return {
+        "task": "text-generation",
+        "pipeline": ["export (opset 17)", "quantize (int4)"],
+        "input": {**side, "size_bytes": 3_221_225_472, "params": 805_306_368, "perplexity": 12.41, "nll": 2.5185,
+                  "latency_ms": {"median": 412.0, "p90": 430.2, "mean": 415.5},
+                  "decode": {"tokens_per_s": 9.8, "ms_per_token": 102.0, "new_tokens": 32},
+                  "peak_memory_bytes": 3_500_000_000, "accuracy": None,
+                  "metric": {"name": "perplexity", "value": 12.41, "higher_is_better": False},
+                  "generations": gens_in},
+        "output": {**side, "size_bytes": 905_969_664, "params": 805_306_368, "perplexity": 12.97, "nll": 2.5626,
+                   "latency_ms": {"median": 201.0, "p90": 214.9, "mean": 203.3},
+                   "decode": {"tokens_per_s": 27.3, "ms_per_token": 36.6, "new_tokens": 32},
+                   "peak_memory_bytes": 1_200_000_000, "accuracy": None,
+                   "metric": {"name": "perplexity", "value": 12.97, "higher_is_better": False},
+                   "agreement": {"top1": 0.9137, "mean_kl": 0.0412, "tokens": 8123, "kl_tokens": 2048},
+                   "generations": gens_out},
+        "steps": [{"index": 0, "type": "export", "label": "export (opset 17)", "wall_s": 40.2,
+                   "metrics": {"max_abs_diff": 2.1e-5, "greedy_identical": True}},
+                  {"index": 1, "type": "quantize", "label": "quantize (int4)", "wall_s": 55.0, "metrics": {}}],
+        "fidelity": {"top1": 0.9137, "mean_kl": 0.0412},
+        "gains": {"size_ratio": 3.556, "latency_ratio": 2.05, "params_ratio": 1.0, "decode_speedup": 2.786,
+                  "perplexity_ratio": 1.0451},
+        "budget": {"max_perplexity_increase": 0.05, "max_accuracy_drop": None, "metric": "perplexity",
+                   "perplexity_increase": 0.0451, "accuracy_drop": None, "met": True},
+    }

@@ -92,3 +92,32 @@ def test_unknown_job_is_problem_json_404(client: TestClient) -> None:
     assert r.headers["content-type"].startswith("application/problem+json")
     assert r.json()["code"] == "not_found"
     assert "job_nope" in r.json()["detail"]
+
+
+def test_lm_report_shows_lm_rows_and_generations_side_by_side(client: TestClient) -> None:
+    import html as html_lib
+
+    from tests.api.report_samples import lm_report
+
+    job_id, _ = insert_job(report=lm_report())
+    page = client.get(f"/v1/jobs/{job_id}/report.html").text
+    for text in ("perplexity (eval text)", "12.41", "12.97", "decode tokens/s (KV cache, batch 1)", "9.8", "27.3",
+                 "2.79\u00d7 faster", "prefill 128 tokens median (ms)", "412", "session peak memory", "3.26 GB",
+                 "next-token top-1 agreement", "0.9137", "mean KL (nats)", "0.0412", "perplexity +5.00%",
+                 "+4.51%", "faster decoding"):
+        assert text in page, text
+    # generations: one row per prompt, the input's continuation left of the output's, escaped
+    table = page[page.index('<table class="generations">'):]
+    table = table[: table.index("</table>")]
+    rows = re.findall(r'<tr class="generation"><td class="prompt">(.*?)</td><td class="before">(.*?)</td>'
+                      r'<td class="after">(.*?)</td></tr>', table, re.S)
+    assert [tuple(html_lib.unescape(c) for c in r) for r in rows] == [
+        ("This License applies to", " any program or other work", " any work or program"),
+        ("TERMS AND CONDITIONS", " FOR USE, REPRODUCTION", " FOR USE, REPRODUCTION"),
+        ("You may convey <b>verbatim</b>", " copies of the Program's <i>source</i>", " copies of the source code"),
+    ]
+    assert "<b>verbatim" not in page and "&lt;b&gt;verbatim" in page
+    # perplexity and decode-speed charts beside the usual ones
+    assert bar_widths(page, "chart-perplexity-") and bar_widths(page, "chart-decode-")
+    before_w, after_w = bar_widths(page, "chart-decode-")
+    assert after_w > before_w * 2.5

@@ -192,3 +192,30 @@ def test_optimize_end_to_end(live_worker_service: LiveService, files: dict[str, 
     job_id = json.loads(mp("jobs", "list", "--json", url=live_worker_service.url, check=0).stdout)[0]["id"]
     logs = mp("jobs", "logs", job_id, "--follow", "--json", url=live_worker_service.url, check=0)
     assert [json.loads(line)["job_id"] for line in logs.stdout.splitlines()] and job_id in logs.stdout
+
+
+def test_report_table_shows_the_lm_rows_and_the_generations() -> None:
+    from rich.console import Console
+
+    from client.cli import generations_table, report_table
+    from tests.api.report_samples import lm_report
+
+    report = lm_report()
+    console = Console(record=True, width=200, color_system=None)
+    console.print(report_table(report))
+    table = generations_table(report)
+    assert table is not None
+    console.print(table)
+    lines = console.export_text().splitlines()
+
+    def line_of(label: str) -> str:
+        return next(line for line in lines if label in line)
+
+    assert all(t in line_of("perplexity (eval text)") for t in ("12.41", "12.97", "0.96\u00d7"))
+    assert all(t in line_of("decode tokens/s") for t in ("9.8", "27.3", "2.79\u00d7 faster"))
+    assert all(t in line_of("prefill 128 tokens median (ms)") for t in ("412", "201", "2.05\u00d7"))
+    assert all(t in line_of("session peak memory") for t in ("3.26 GB", "1.12 GB"))
+    assert "0.9137" in line_of("next-token top-1 agreement") and "0.0412" in line_of("mean KL")
+    assert "met" in line_of("budget (max perplexity +5.00%)")
+    row = line_of("This License applies to")
+    assert row.index("any program or other work") < row.index("any work or program")

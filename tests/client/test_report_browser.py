@@ -193,3 +193,33 @@ def test_a_slower_output_shows_a_red_warning(server: str, browser: Browser) -> N
     browser.open(f"{server}/v1/jobs/{job_id}/report.html")
     gains = browser.evaluate("document.querySelector('p.gains').textContent")
     assert "3.20\u00d7 slower" in gains and "faster" not in gains, gains
+
+
+# What a person reads in each generation row: the prompt, then the input's and the output's text, left to right.
+GENERATION_ROWS = """JSON.stringify(Array.from(document.querySelectorAll('table.generations tbody tr')).map(tr =>
+  Array.from(tr.cells).map(td => ({text: td.innerText, left: td.getBoundingClientRect().left,
+                                   width: td.getBoundingClientRect().width}))))"""
+
+
+def test_lm_report_shows_generations_before_and_after_side_by_side(
+    server: str, browser: Browser, tmp_path: Path
+) -> None:
+    from tests.api.report_samples import lm_report
+
+    report = lm_report()
+    job_id, _ = insert_job(report=report)
+    browser.open(f"{server}/v1/jobs/{job_id}/report.html")
+    rows = json.loads(browser.evaluate(GENERATION_ROWS))
+    want = [(i["prompt"], i["text"], o["text"])
+            for i, o in zip(report["input"]["generations"], report["output"]["generations"], strict=True)]
+    assert [tuple(c["text"].strip() for c in row) for row in rows] == [tuple(t.strip() for t in w) for w in want]
+    for prompt, before, after in rows:
+        assert prompt["left"] < before["left"] < after["left"]  # side by side, input left of output
+        assert before["width"] > 100 and after["width"] > 100
+    # the escaped markup in a prompt is shown as text, not as an element
+    assert browser.evaluate("document.querySelectorAll('table.generations b, table.generations i').length") == 0
+    headers = browser.evaluate("Array.from(document.querySelectorAll('table.generations th')).map(e => e.innerText)")
+    assert headers == ["prompt", "before (input model)", "after (output model)"]
+    png = browser.screenshot(SHOTS / "lm-report.png" if SHOTS else tmp_path / "lm-report.png")
+    _assert_screenshot(png)
+    _assert_local_only(browser, server)

@@ -109,3 +109,53 @@ def test_progress_text_of_a_failed_job_is_not_a_percentage() -> None:
 def test_accuracy_drop_text_rounds_for_people() -> None:
     assert rv.accuracy_drop_text(0.010101, 0.01, 397) == "\u22121.01 points, 4 of 397 samples (allowed \u22121.00)"
     assert rv.accuracy_drop_text(None) == "the metric could not be measured"
+
+
+def test_lm_comparison_rows() -> None:
+    from tests.api.report_samples import lm_report
+
+    report = lm_report()
+    rows = {r.key: r for r in rv.comparison_rows(report)}
+    assert list(rows)[:5] == ["size_bytes", "perplexity", "decode_tokens_per_s", "peak_memory_bytes", "latency_ms"]
+    ppl = rows["perplexity"]
+    assert (ppl.before_text, ppl.after_text, ppl.better) == ("12.41", "12.97", False)  # lower is better
+    dec = rows["decode_tokens_per_s"]
+    assert (dec.change_text, dec.better) == ("2.79\u00d7 faster", True)
+    assert rows["latency_ms"].label == "prefill 128 tokens median (ms)" and rows["latency_ms"].better is True
+    assert rows["peak_memory_bytes"].after_text == "1.12 GB"
+    # a slower decode reads slower, and a classifier report keeps its plain latency label
+    report["output"]["decode"]["tokens_per_s"] = 4.9
+    assert {r.key: r for r in rv.comparison_rows(report)}["decode_tokens_per_s"].change_text == "2.00\u00d7 slower"
+    assert rv.comparison_rows(sample_report())[1].label == "latency median (ms)"
+
+
+def test_lm_quality_rows_and_gains() -> None:
+    from tests.api.report_samples import lm_report
+
+    report = lm_report()
+    quality = {q.label: q for q in rv.quality_rows(report)}
+    assert quality["budget (max perplexity +5.00%)"].value_text == "met"
+    assert quality["perplexity change"].value_text == "+4.51%"
+    assert quality["vs input: next-token top-1 agreement"].value_text == "0.9137"
+    assert not any(label.startswith("fidelity") for label in quality)
+    words = [(g.value_text, g.word) for g in rv.gains(report)]
+    assert ("2.79\u00d7", "faster decoding") in words
+    report["gains"]["decode_speedup"] = 0.5
+    assert ("2.00\u00d7", "slower decoding") in [(g.value_text, g.word) for g in rv.gains(report)]
+
+
+def test_generation_rows_pair_by_prompt() -> None:
+    report = {"input": {"generations": [{"prompt": "a", "text": "1"}, {"prompt": "b", "text": "2"}]},
+              "output": {"generations": [{"prompt": "b", "text": "3"}, {"prompt": "c", "text": "4"}]}}
+    assert [(g.prompt, g.before, g.after) for g in rv.generation_rows(report)] == [
+        ("a", "1", "-"), ("b", "2", "3"), ("c", "-", "4")]
+    assert rv.generation_rows(sample_report()) == []
+
+
+def test_a_slower_decode_is_a_warning() -> None:
+    side = {"latency_ms": {"median": 1.0}, "size_bytes": 100}
+    found = rv.regressions({**side, "decode": {"tokens_per_s": 1000.0}}, {**side, "decode": {"tokens_per_s": 250.0}})
+    assert [(w["code"], w["ratio"]) for w in found] == [("slower_decoding", 4.0)]
+    assert found[0]["message"] == "decodes 4.0\u00d7 slower than the input model (1,000 \u2192 250 tokens/s)"
+    within_noise = rv.regressions({**side, "decode": {"tokens_per_s": 100.0}}, {**side, "decode": {"tokens_per_s": 96.0}})
+    assert within_noise == []

@@ -171,3 +171,21 @@ def test_inputs_that_keep_failing_to_download_fail_the_job_as_storage_unavailabl
     assert job.error is not None and job.error["code"] == "storage_unavailable" and job.error["step"] == "setup"
     assert "could not be downloaded" in job.error["message"] and "3 attempts" in job.error["message"]
     assert store.cache.get(blob.key) is None and not (get_settings().home / "work" / job_id).exists()
+
+
+def test_a_missed_perplexity_budget_fails_the_job_saying_which_bound(pg_env: str, tmp_path: Path) -> None:
+    from models.spec import JobSpec
+    from worker.pipeline import PipelineResult, build_report
+
+    spec = JobSpec.model_validate({"model": "mdl_x", "task": "text-generation", "data": {"eval": "ds_e"},
+                                   "evaluate": {"max_perplexity_increase": 0.05}})
+    side = {"size_bytes": 10, "params": 5, "latency_ms": {"median": 1.0}, "accuracy": None}
+    report = build_report(spec, {**side, "perplexity": 10.0}, {**side, "perplexity": 11.0}, [], "cpu")
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not really onnx, only stored")
+    job_id = _job(status="running", attempt=1)
+    jobs._record_success(jobs.Claim(job_id, 1), "local", PipelineResult(model, report), spec, tmp_path)
+    job = _get(job_id)
+    assert job.status == "failed" and job.error is not None and job.error["code"] == "accuracy_budget_exceeded"
+    assert "perplexity rose 10.00% (10 -> 11; allowed 5.00%)" in job.error["message"]
+    assert "still downloadable" in job.error["message"] and job.result is not None and job.result["artifact_ids"]

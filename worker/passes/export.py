@@ -1,4 +1,5 @@
-"""Export: torch -> ONNX with dynamic batch/sequence axes and a parity check on eval samples."""
+"""Export: torch -> ONNX with dynamic batch/sequence axes and a parity check on eval samples; causal LMs
+(task text-generation) with a KV cache through ``worker.lm.export`` (logits and 32 greedy tokens checked)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ class ExportPass(Pass):
         assert out.onnx_path is not None
         metrics = {
             **out.meta.get("parity", {}),
-            "opset": params.opset,
+            "opset": out.meta.get("opset", params.opset),  # an LM's genai export has the builder's own
             "size_bytes": out.onnx_path.stat().st_size,
         }
+        if "export_method" in out.meta:
+            metrics["method"] = out.meta["export_method"]
         return PassResult(out, metrics)

@@ -72,3 +72,33 @@ def test_broken_parity_fails_with_numbers(tmp_path: Path) -> None:
         ExportPass().run(model, ExportStep(type="export", atol=1e-3), ctx)
     assert err.value.code == "export_mismatch"
     assert "max abs diff 0.5" in err.value.message
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_causal_lm_export_has_a_kv_cache_and_generates_like_torch(tmp_path: Path, kind: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.factories_lm import licence_paragraphs, tiny_lm_dir
+    from worker.lm.export import LMLayout
+    from worker.lm.session import LMSession
+    from worker.passes.base import ArrayDataset, WorkingModel
+
+    torch.set_num_threads(1)
+    folder = tiny_lm_dir(tmp_path / kind, kind=kind)
+    module = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = np.array([tok(p)["input_ids"][:24] for p in licence_paragraphs()[:2]], dtype=np.int64)
+    data = ArrayDataset({"input_ids": ids, "attention_mask": np.ones_like(ids)}, ids.copy(), None, {"shape": "text"})
+    ctx = f.MemoryContext(tmp_path / "work", f.spec("text-generation"), data={"eval": data})
+    model = WorkingModel("torch", "hf", ["input_ids", "attention_mask"], ["logits"], module=module, hf_dir=folder,
+                         meta={"hf_task": "text-generation"})
+    result = ExportPass().run(model, ExportStep(type="export"), ctx)
+    out = result.model
+    assert out.form == "onnx" and out.onnx_path is not None and out.hf_dir == folder
+    assert result.metrics["method"] == ("genai" if kind == "llama" else "torch")  # auto
+    assert result.metrics["greedy_identical"] is True and result.metrics["max_abs_diff"] < 1e-4
+    assert LMLayout.from_meta(out.meta["lm"]).layers == 4
+    prompt = [int(t) for t in ids[0, :10]]
+    want = module.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                           pad_token_id=tok.pad_token_id)[0, 10:].tolist()
+    assert LMSession(out.onnx_path).generate(prompt, 16) == want

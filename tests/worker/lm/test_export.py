@@ -1,0 +1,124 @@
+"""KV-cache export: the ONNX file generates the same tokens as torch, for torch.onnx and the genai builder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.factories_lm import licence_paragraphs
+from tests.worker.lm.builders import text_dataset, torch_greedy
+from tests.worker.lm.conftest import load_lm
+from worker.lm import export as lm_export
+from worker.lm.export import LMLayout, check_parity, export_causal_lm
+from worker.lm.session import LMSession
+from worker.passes.base import StepFailed
+
+
+def _eval_text(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    data = text_dataset(tok, licence_paragraphs()[:3], max_length=40)
+    data.inputs["attention_mask"][2, 25:] = 0  # one right-padded row
+    return data.inputs["input_ids"], data.inputs["attention_mask"]
+
+
+@pytest.mark.parametrize(("kind", "method"), [("llama", "torch"), ("gpt2", "torch"), ("llama", "genai")])
+def test_export_generates_the_same_tokens_as_torch(
+    kind: str, method: str, lm_dirs: Callable[[str], Path], tmp_path: Path
+) -> None:
+    folder = lm_dirs(kind)
+    module = load_lm(folder)
+    ids, mask = _eval_text(folder)
+    path = tmp_path / "model.onnx"
+    layout = export_causal_lm(module, path, hf_dir=folder, method=method, check_ids=ids, check_mask=mask)  # type: ignore[arg-type]
+
+    assert layout.method == method
+    assert layout.opset == (17 if method == "torch" else LMLayout.from_onnx(path).opset)
+    assert layout.layers == 4 and layout.head_dim == 16
+    assert layout.kv_heads == (2 if kind == "llama" else 4)  # GQA: 4 query heads share 2 kv heads
+    assert layout.parity["greedy_identical"] and layout.parity["max_abs_diff"] < 1e-4
+    assert not list(tmp_path.glob("*.data")), "a small model is one file"
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert [o.name for o in graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+    assert {"input_ids", "attention_mask", "past_key_values.3.value"} <= {i.name for i in graph.input}
+
+    # independently of the export's own check: greedy 32 tokens from the file == torch without a cache
+    sess = LMSession(path)
+    prompt = [int(t) for t in ids[0, :12]]
+    assert sess.generate(prompt, 32) == torch_greedy(module, prompt, 32)
+    import torch
+
+    with torch.inference_mode():
+        want = module(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    got = sess.logits(ids, mask)
+    valid = mask.astype(bool)
+    assert np.abs(got - want)[valid].max() < 1e-4
+
+
+def test_auto_picks_genai_where_the_builder_supports_the_architecture(lm_dirs: Callable[[str], Path]) -> None:
+    assert lm_export.choose_method(load_lm(lm_dirs("llama")), "auto") == "genai"
+    assert lm_export.choose_method(load_lm(lm_dirs("gpt2")), "auto") == "torch"
+    with pytest.raises(StepFailed) as err:
+        lm_export.choose_method(load_lm(lm_dirs("gpt2")), "genai")
+    assert err.value.code == "export_failed" and "GPT2LMHeadModel" in err.value.message
+
+
+def test_parity_check_fails_on_a_file_that_is_not_the_module(llama_onnx: tuple[Path, LMLayout], llama_dir: Path) -> None:
+    import torch
+
+    path, layout = llama_onnx
+    other = load_lm(llama_dir)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(1.5)  # a different model than the one in the file
+    ids, mask = _eval_text(llama_dir)
+    with pytest.raises(StepFailed) as err:
+        check_parity(other, path, ids, mask, layout=layout)
+    assert err.value.code == "export_mismatch" and "logits differ" in err.value.message
+
+
+def test_layout_round_trips_through_meta_and_the_file(llama_onnx: tuple[Path, LMLayout]) -> None:
+    import json
+
+    path, layout = llama_onnx
+    again = LMLayout.from_meta(json.loads(json.dumps(layout.to_meta())))
+    assert again == layout
+    read = LMLayout.from_onnx(path)
+    assert (read.layers, read.kv_heads, read.head_dim, read.past_names, read.float_type) == (
+        4, 2, 16, layout.past_names, "float32")
+    assert read.past_names[1] == ("past_key_values.1.key", "past_key_values.1.value")
+
+
+def test_a_file_without_a_cache_is_refused(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.INT64, [1, 4])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])],
+                                                  "g", [x], [y])), str(tmp_path / "plain.onnx"))
+    with pytest.raises(StepFailed) as err:
+        LMLayout.from_onnx(tmp_path / "plain.onnx")
+    assert err.value.code == "not_a_kv_model"
+
+
+def test_big_models_are_written_with_external_data(
+    llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lm_export, "TWO_GB", 100_000)  # the tiny model's 0.8 MB of weights count as big
+    path = tmp_path / "model.onnx"
+    export_causal_lm(load_lm(llama_dir), path, method="torch", generate_tokens=4)
+    assert (tmp_path / "model.onnx.data").stat().st_size > 500_000
+    assert path.stat().st_size < 200_000
+    assert len(LMSession(path).generate([5, 6, 7], 4)) == 4
+
+
+def test_auto_falls_back_to_torch_when_the_builder_fails(llama_dir: Path, tmp_path: Path) -> None:
+    # no tokenizer files beside the weights: the genai builder cannot run, auto exports with torch.onnx
+    layout = export_causal_lm(load_lm(llama_dir), tmp_path / "model.onnx", hf_dir=None, generate_tokens=4)
+    assert layout.method == "torch" and "genai_failed" in layout.parity
+    assert "tokenizer" in layout.parity["genai_failed"]
+    assert len(LMSession(tmp_path / "model.onnx").generate([5, 6], 4)) == 4
