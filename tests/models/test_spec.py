@@ -28,7 +28,8 @@ def test_defaults_and_round_trip() -> None:
     [
         ({"steps": [{"type": "prune", "ratio": 1.5}]}, ("steps", 0, "prune", "ratio")),
         ({"steps": [{"type": "bogus"}]}, ("steps", 0)),
-        ({"steps": [{"type": "quantize", "mode": "int4"}]}, ("steps", 0, "quantize", "mode")),
+        ({"steps": [{"type": "quantize", "mode": "int2"}]}, ("steps", 0, "quantize", "mode")),
+        ({"steps": [{"type": "quantize", "mode": "int4", "block_size": 512}]}, ("steps", 0, "quantize", "block_size")),
         ({"steps": [{"type": "quantize", "colour": "red"}]}, ("steps", 0, "quantize", "colour")),
     ],
 )
@@ -90,3 +91,22 @@ def test_step_label_of_an_invalid_dict_is_its_type() -> None:
 def test_task_sets() -> None:
     assert {"image-classification", "text-classification"} == CLASSIFICATION_TASKS
     assert CLASSIFICATION_TASKS | {"generic"} == ACCURACY_TASKS and "feature-extraction" not in ACCURACY_TASKS
+
+
+def test_weight_only_parameters_belong_to_the_weight_only_modes() -> None:
+    spec = JobSpec.model_validate({"model": "m", "steps": [{"type": "quantize", "mode": "int4", "block_size": 32,
+                                                            "bits": {"lm_head*": 8}}]})
+    assert spec.steps[0].block_size == 32 and spec.steps[0].bits == {"lm_head*": 8}
+    with pytest.raises(ValidationError, match="apply to modes int4 and int8_weight only"):
+        JobSpec.model_validate({"model": "m", "steps": [{"type": "quantize", "mode": "dynamic", "block_size": 32}]})
+    with pytest.raises(ValidationError, match="power of two"):
+        JobSpec.model_validate({"model": "m", "steps": [{"type": "quantize", "mode": "int4", "block_size": 48}]})
+    with pytest.raises(ValidationError, match="gptq' needs calibration text"):
+        JobSpec.model_validate({"model": "m", "steps": [{"type": "quantize", "mode": "int4", "algorithm": "gptq"}]})
+
+
+def test_few_shot_needs_choices_and_train_data() -> None:
+    with pytest.raises(ValidationError, match="few_shot needs evaluate.choices"):
+        JobSpec.model_validate({"model": "m", "evaluate": {"few_shot": 2}})
+    with pytest.raises(ValidationError, match="draws its examples from data.train"):
+        JobSpec.model_validate({"model": "m", "evaluate": {"few_shot": 2, "choices": ["a", "b"]}})
