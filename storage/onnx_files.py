@@ -13,6 +13,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
+from storage import archive
+
 # The protobuf limit: above it a model must be checked by path and saved with external data.
 PROTOBUF_LIMIT = 2**31 - 1
 
@@ -138,3 +140,43 @@ def safe_load(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto
     if externals and load_external_data:
         onnx.load_external_data_for_model(model, str(base_dir))
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# An ONNX model with its external data, uploaded as one zip or tar.gz (torch.onnx.export's default output:
+# ``model.onnx`` + ``model.onnx.data``).
+
+ONNX_ARCHIVE_LIMITS = archive.Limits(max_total_bytes=64 * 1024**3, max_entries=10_000, max_ratio=200.0)
+
+
+def archive_model_entry(entries: list[archive.Entry]) -> archive.Entry:
+    """The one ``.onnx`` file among an archive's members (OS clutter ignored); OnnxFileError when none or several."""
+    models = [e for e in entries if not e.is_dir and e.name.lower().endswith(".onnx") and not archive.is_junk(e.name)]
+    if not models:
+        raise OnnxFileError("the archive holds no .onnx file; put the model file and its external data in it")
+    if len(models) > 1:
+        names = ", ".join(repr(e.name) for e in models[:4])
+        raise OnnxFileError(f"the archive holds {len(models)} .onnx files ({names}); upload one model per archive")
+    return models[0]
+
+
+def extract_archive(path: Path, dest: Path, limits: archive.Limits = ONNX_ARCHIVE_LIMITS) -> Path:
+    """Extract an ONNX archive into the empty folder ``dest`` and validate it; the model file's path in ``dest``.
+
+    The archive's members pass the archive rules (caps, no links, no ``..``, no absolute names); the model's
+    external-data locations must then name regular files inside the model's own folder (``safe_load``).
+    """
+    try:
+        entries = archive.list_entries(Path(path), limits)
+        model_entry = archive_model_entry(entries)
+        archive.extract(Path(path), dest, limits)
+    except archive.ArchiveError as exc:
+        raise OnnxFileError(f"unsafe or unreadable archive: {exc}") from exc
+    model_path = Path(dest) / model_entry.name
+    safe_load(model_path, load_external_data=False)
+    return model_path
+
+
+def is_archive(path: Path) -> bool:
+    """Whether the stored upload at ``path`` is a zip or tar archive (an ONNX file is neither)."""
+    return archive.detect_kind(Path(path)) is not None

@@ -92,3 +92,60 @@ def test_external_data_in_a_local_function_is_validated(tmp_path: Path, location
     path.write_bytes(model.SerializeToString())
     with pytest.raises(OnnxFileError, match="external data location"):
         safe_load(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ONNX archives: torch.onnx.export's model.onnx + model.onnx.data in one zip / tar.gz
+
+
+def test_an_archive_extracts_to_a_model_whose_external_data_loads(tmp_path: Path) -> None:
+    from storage.onnx_files import extract_archive
+    from tests import factories_onnx
+
+    src = factories_onnx.opset20_cnn(tmp_path / "src")
+    for kind in ("zip", "tar"):
+        packed = factories_onnx.archive_of(src, tmp_path / f"m.{kind}", kind, prefix="export/")
+        model_path = extract_archive(packed, tmp_path / f"out-{kind}")
+        assert model_path == tmp_path / f"out-{kind}" / "export" / "model.onnx"
+        model = onnx.load(str(model_path))  # external data resolved next to the model
+        assert numpy_helper.to_array(model.graph.initializer[0]).shape == (8, 1, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("members", "needle"),
+    [
+        ({"readme.txt": b"hi"}, "no .onnx file"),
+        ({"a.onnx": b"x", "b/b.onnx": b"y"}, "2 .onnx files"),
+        ({"../model.onnx": b"x"}, "'..' in path"),
+        ({"/abs/model.onnx": b"x"}, "absolute path"),
+    ],
+)
+def test_archives_that_are_refused(tmp_path: Path, members: dict[str, bytes], needle: str) -> None:
+    from storage.onnx_files import extract_archive
+    from tests import factories_onnx
+
+    packed = factories_onnx.pack(dict(members), tmp_path / "m.tar.gz", "tar")
+    with pytest.raises(OnnxFileError, match=needle):
+        extract_archive(packed, tmp_path / "out")
+
+
+def test_an_archive_without_the_data_file_or_with_a_link_is_refused(tmp_path: Path) -> None:
+    from storage.onnx_files import extract_archive
+    from tests import factories_onnx
+
+    src = factories_onnx.opset20_cnn(tmp_path / "src")
+    alone = factories_onnx.pack({"model.onnx": src}, tmp_path / "alone.zip")
+    with pytest.raises(OnnxFileError, match=r"'model\.onnx\.data' does not exist"):
+        extract_archive(alone, tmp_path / "out1")
+    linked = factories_onnx.tar_with_link(tmp_path / "link.tar.gz", src, "/etc/passwd")
+    with pytest.raises(OnnxFileError, match="links are not allowed"):
+        extract_archive(linked, tmp_path / "out2")
+    outside = onnx.load(str(src), load_external_data=False)
+    for t in outside.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../src/model.onnx.data"
+    bad = factories_onnx.pack({"m/model.onnx": outside.SerializeToString(), "m/model.onnx.data":
+                               (src.parent / "model.onnx.data")}, tmp_path / "dotdot.zip")
+    with pytest.raises(OnnxFileError, match=r"leaves the model's folder \('\.\.'\)"):
+        extract_archive(bad, tmp_path / "out3")

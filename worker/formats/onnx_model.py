@@ -117,9 +117,24 @@ def input_dtypes(path: Path) -> dict[str, np.dtype[Any]]:
     return {s["name"]: np.dtype(s["dtype"]) for s in interface(path)[0] if s["dtype"]}
 
 
+def extract_archive(path: Path, workdir: Path) -> Path:
+    """The model file of an uploaded ONNX archive, extracted under ``workdir`` and validated (InvalidModel if not)."""
+    import tempfile
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    dest = Path(tempfile.mkdtemp(prefix="onnx-archive-", dir=workdir))
+    try:
+        return onnx_files.extract_archive(Path(path), dest)
+    except onnx_files.OnnxFileError as e:
+        raise InvalidModel(f"ONNX archive rejected: {e}") from e
+
+
 def load(path: Path, meta: dict[str, Any], workdir: Path) -> WorkingModel:
-    """The uploaded ONNX model at ``path``, validated and copied (with its external data) into ``workdir``."""
+    """The uploaded ONNX model at ``path`` (a file, or a zip/tar.gz with its external data), validated and
+    copied (with its external data) into ``workdir``."""
     path = Path(path)
+    if onnx_files.is_archive(path):
+        path = extract_archive(path, workdir)
     model = safe_load(path, load_external_data=False)
     workdir.mkdir(parents=True, exist_ok=True)
     dst = workdir / "model.onnx"
