@@ -21,8 +21,11 @@ INPUT = "input"
 OUTPUT = "logits"
 
 
-def opset20_cnn(folder: Path, *, seed: int = 0, classes: int = 10, external: bool = True) -> Path:
-    """``folder/model.onnx`` (+ ``model.onnx.data`` when ``external``): 1x8x8 in, ``classes`` logits out."""
+def opset20_cnn(folder: Path, *, seed: int = 0, classes: int = 10, external: bool = True, mish: bool = False) -> Path:
+    """``folder/model.onnx`` (+ ``model.onnx.data`` when ``external``): 1x8x8 in, ``classes`` logits out.
+
+    ``mish`` puts a Mish activation (an ONNX op no onnx2torch converter handles) after the first Relu.
+    """
     rng = np.random.default_rng(seed)
 
     def init(name: str, *shape: int) -> onnx.TensorProto:
@@ -31,7 +34,8 @@ def opset20_cnn(folder: Path, *, seed: int = 0, classes: int = 10, external: boo
     nodes = [
         helper.make_node("Conv", [INPUT, "c1.weight", "c1.bias"], ["c1"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Mish", ["r1"], ["a1"]) if mish else helper.make_node("Identity", ["r1"], ["a1"]),
+        helper.make_node("MaxPool", ["a1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
         helper.make_node("Conv", ["p1", "c2.weight", "c2.bias"], ["c2"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c2"], ["r2"]),
         helper.make_node("AveragePool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2], dilations=[1, 1]),

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.errors import ProblemError
+from api.services.convertibility import torch_step_errors
 from api.services.lookup import find_owned
 from models.spec import CLASSIFICATION_TASKS, DistillStep, JobSpec, StudentModel
 from models.tables import Dataset, Model
@@ -127,6 +128,7 @@ def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
         for role, ds in datasets.items():
             if ds.format == "npz":
                 errors.extend(_npz_against_inputs(f"data.{role}", ds, model.meta or {}, spec.task))
+        errors.extend(torch_step_errors(spec, model.meta or {}))
     errors.extend(_budget_and_limits(spec, model))
     _raise(errors)
     return model
