@@ -44,6 +44,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def metrics_message(phase: str, metrics: dict[str, Any] | None) -> str:
+    """An event's text: the phase and its numeric metrics (``finetune epoch 2/3  loss=0.4123 accuracy=0.931``)."""
+    shown = [
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in (metrics or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
+    return f"{phase}  {' '.join(shown)}" if shown else phase
+
+
 def _safe_dir_name(ref: str) -> str:
     """A directory name for a model id: client-supplied strings never become paths as they are."""
     stem = re.sub(r"[^A-Za-z0-9_-]", "_", ref)[:40] or "model"
@@ -166,8 +176,8 @@ class DBContext(LocalContext):
         milestone = epoch is not None or metrics is not None
         self._write(phase, progress, force=milestone)
         if milestone:
-            add_event(self.claim.job_id, "progress", phase, epoch=epoch, epochs=progress.get("epochs"),
-                      metrics=metrics or {})
+            add_event(self.claim.job_id, "progress", metrics_message(phase, metrics), epoch=epoch,
+                      epochs=progress.get("epochs"), metrics=metrics or {})
 
     def log(self, message: str, **data: Any) -> None:
         """Record a log event for the job."""

@@ -45,6 +45,7 @@ def test_same_bytes_give_the_same_record(client: TestClient) -> None:
     again = client.put("/v1/models", params={"name": "b", "format": "onnx"}, content=data)
     assert (first.status_code, again.status_code) == (201, 200)
     assert first.json()["id"] == again.json()["id"] and again.json()["name"] == "a"
+    assert (first.json()["deduplicated"], again.json()["deduplicated"]) == (False, True)
     assert _model_rows() == 1
 
 
