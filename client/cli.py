@@ -428,6 +428,7 @@ def build_optimize_spec(
     queue: str | None = None,
     model_meta: dict[str, Any] | None = None,
     notes: list[str] | None = None,
+    latency: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The job spec ``optimize`` submits: prune -> finetune -> distill -> quantize (each optional).
 
@@ -458,6 +459,8 @@ def build_optimize_spec(
         spec["task"] = task
     if max_accuracy_drop is not None:
         spec["evaluate"] = {"max_accuracy_drop": max_accuracy_drop}
+    if latency:
+        spec.setdefault("evaluate", {})["latency"] = dict(latency)
     if queue:
         spec["queue"] = queue
     return spec
@@ -488,6 +491,8 @@ def cmd_optimize(ctx: _Ctx) -> int:
         model_ref, refs["train"], refs["eval"], refs["calibration"], task=a.task, prune=a.prune,
         distill=a.distill, finetune=a.finetune, recover=not a.no_recover, quantize=a.quantize,
         epochs=a.epochs, max_accuracy_drop=a.max_accuracy_drop, queue=a.queue, model_meta=model_meta, notes=notes,
+        latency={k: v for k, v in (("threads", a.threads), ("batch_size", a.batch_size), ("provider", a.provider))
+                 if v is not None},
     )
     for note in notes:
         ctx.err.print(f"quantize int8 -> {note}", markup=False)
@@ -601,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=None)
     s.add_argument("--max-accuracy-drop", type=float, default=None)
     s.add_argument("--queue", choices=("cpu", "gpu"), default=None)
+    s.add_argument("--threads", type=int, default=None, help="latency: ONNX Runtime intra-op threads (default 1)")
+    s.add_argument("--batch-size", type=int, default=None, help="latency: samples per timed run (default 1)")
+    s.add_argument("--provider", default=None, help="latency: execution provider (default CPUExecutionProvider)")
     s.add_argument("--model-format", default=None)
     s.add_argument("--data-format", default=None)
     s.add_argument("--timeout", type=float, default=None)

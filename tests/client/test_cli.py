@@ -241,3 +241,14 @@ def test_logs_print_the_metric_values_of_the_events(api_service: LiveService, fi
     out = mp("jobs", "logs", job_id, url=api_service.url, check=0).stdout
     assert "finetune epoch 2/3  loss=0.4123 accuracy=0.9" in out
     assert "finetune: early stop  best_epoch=2" in out
+
+
+def test_optimize_takes_the_latency_settings(files: dict[str, Path]) -> None:
+    out = mp("--url", f"http://127.0.0.1:{free_port()}", "optimize", str(files["model"]), "--quantize", "fp16",
+             "--threads", "4", "--batch-size", "8", "--provider", "CPUExecutionProvider", "--out", "x",
+             "--dry-run", check=0)
+    latency = JobSpec.model_validate(json.loads(out.stdout)).evaluate.latency
+    assert (latency.threads, latency.batch_size, latency.provider) == (4, 8, "CPUExecutionProvider")
+    bad = mp("optimize", "m.onnx", "--quantize", "fp16", "--provider", "NoSuchProvider", "--out", "x",
+             "--dry-run", check=2)
+    assert "evaluate.latency.provider" in bad.stderr
