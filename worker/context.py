@@ -119,6 +119,16 @@ class LocalContext:
             self._dataset_cache[key] = load_dataset(path, fmt, meta, model, self.spec, self.workdir / "data")
         return self._dataset_cache[key]
 
+    def classes(self) -> list[str] | None:
+        """The class names (by label index) of the eval, else train, data this job loaded; None if none had any."""
+        roles: tuple[Role, ...] = ("eval", "train")
+        for role in roles:
+            ref = self.dataset_ref(role)
+            for key, data in self._dataset_cache.items():
+                if key[0] == ref and ref is not None and data is not None and data.classes:
+                    return list(data.classes)
+        return None
+
     @staticmethod
     def _dtypes_key(model: WorkingModel) -> tuple[tuple[str, str], ...]:
         if model.form != "onnx" or model.onnx_path is None:
