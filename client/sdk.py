@@ -39,12 +39,31 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def _archive_names(path: Path) -> list[str]:
+    """The member names of a zip or tar archive (empty when it cannot be read: the server will say why)."""
+    import tarfile
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                return zf.namelist()
+        with tarfile.open(path, "r:*") as tf:
+            return tf.getnames()
+    except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError):
+        return []
+
+
 def infer_model_format(path: str | Path) -> str:
-    """``onnx`` for ``.onnx``, ``hf`` for an archive of a Hugging Face folder."""
+    """``onnx`` for ``.onnx`` or an archive holding a ``.onnx`` file and no ``config.json`` (an ONNX model with
+    its external data), ``hf`` for another archive (a Hugging Face folder)."""
     suffix = _suffix(Path(path))
     if suffix == ".onnx":
         return "onnx"
     if suffix in _ARCHIVE_SUFFIXES:
+        names = [n.rsplit("/", 1)[-1] for n in _archive_names(Path(path))]
+        if any(n.lower().endswith(".onnx") for n in names) and "config.json" not in names:
+            return "onnx"
         return "hf"
     raise ValueError(f"cannot infer the model format of {Path(path).name!r}; pass format= (onnx or hf)")
 
