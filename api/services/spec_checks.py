@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.errors import ProblemError
-from api.services.convertibility import torch_step_errors
+from api.services.convertibility import distill_model_errors, torch_step_errors
 from api.services.lookup import find_owned
 from models.spec import CLASSIFICATION_TASKS, DistillStep, JobSpec, StudentModel
 from models.tables import Dataset, Model
@@ -130,5 +130,6 @@ def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
                 errors.extend(_npz_against_inputs(f"data.{role}", ds, model.meta or {}, spec.task))
         errors.extend(torch_step_errors(spec, model.meta or {}))
     errors.extend(_budget_and_limits(spec, model))
+    errors.extend(distill_model_errors(session, owner, spec))
     _raise(errors)
     return model

@@ -50,3 +50,20 @@ def test_todays_default_export_of_a_cnn_is_accepted_for_pruning(
     r = client.post("/v1/jobs", json={"model": model, "steps": [{"type": "prune", "ratio": 0.5}]})
     assert r.status_code == 202, r.text
     assert len(enqueued) == 1
+
+
+def test_a_distill_teacher_that_cannot_be_converted_is_named(
+    client: TestClient, tmp_path: Path, enqueued: list[str]
+) -> None:
+    from tests.api import builders
+
+    student = _upload(client, tmp_path / "s")
+    teacher = _upload(client, tmp_path / "t", mish=True)
+    train = builders.insert_dataset(meta={"num_samples": 8, "classes": None,
+                                          "fields": {"input": {"dtype": "float32", "shape": [8, 1, 8, 8]}}})
+    spec = {"model": student, "data": {"train": train}, "steps": [{"type": "distill", "teacher": teacher}]}
+    r = client.post("/v1/jobs", json=spec)
+    assert r.status_code == 422, r.text
+    error = r.json()["errors"][0]
+    assert error["field"] == "steps.0.teacher" and "uses Mish" in error["message"]
+    assert "distillation (as the teacher)" in error["message"] and enqueued == []
