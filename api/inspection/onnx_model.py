@@ -57,14 +57,15 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
 
 
 def _inspect_archive(path: Path) -> dict[str, Any]:
-    """An ONNX file with its external data in a zip or tar.gz: extracted to a scratch folder and checked there."""
+    """An ONNX file with its external data in a zip or tar.gz: its layout rebuilt in a scratch folder (the model
+    file, sparse placeholders for the rest) and checked there."""
     import onnx
 
     from storage import onnx_files
 
     with tempfile.TemporaryDirectory(prefix="mp-onnx-", dir=path.parent) as scratch:
         try:
-            model_path = onnx_files.extract_archive(path, Path(scratch))
+            model_path = onnx_files.check_archive_layout(path, Path(scratch))
             model = onnx.load_model(str(model_path), load_external_data=False)
             externals = onnx_files.external_data_files(model, model_path.parent)
         except onnx_files.OnnxFileError as exc:
