@@ -271,8 +271,10 @@ def cmd_migrate(ctx: _Ctx) -> int:
 
 def cmd_upload(ctx: _Ctx) -> int:
     record = _upload(ctx, ctx.args.kind, ctx.args.path, ctx.args.format, ctx.args.name)
-    return ctx.emit(record, f"{record.id}  {record.name}  {record.format}  {fmt_bytes(record.size_bytes)}  "
-                            f"sha256={record.sha256[:12]}")
+    line = f"{record.id}  {record.name}  {record.format}  {fmt_bytes(record.size_bytes)}  sha256={record.sha256[:12]}"
+    if record.deduplicated:
+        line += f"\ndeduplicated: the server already holds these bytes as {record.id} ({record.name!r}); nothing uploaded"
+    return ctx.emit(record, line)
 
 
 def cmd_list_records(ctx: _Ctx) -> int:
@@ -314,8 +316,20 @@ def _wait_and_finish(ctx: _Ctx, job: Job) -> int:
     return _finish(ctx, done)
 
 
+def _meta_pairs(pairs: list[str] | None) -> dict[str, str]:
+    """``--meta k=v`` options as a dict; ValueError (a usage error) for one without ``=``."""
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--meta {pair!r}: expected key=value")
+        out[key] = value
+    return out
+
+
 def cmd_submit(ctx: _Ctx) -> int:
-    job = ctx.client.submit(_load_spec(ctx.args.spec), idempotency_key=ctx.args.idempotency_key)
+    job = ctx.client.submit(_load_spec(ctx.args.spec), idempotency_key=ctx.args.idempotency_key,
+                            name=ctx.args.name, metadata=_meta_pairs(ctx.args.meta))
     if not ctx.args.wait:
         return ctx.emit(job, job.id)
     ctx.err.print(f"submitted {job.id}")
@@ -329,12 +343,12 @@ def _progress(job: Job) -> str:
 
 def cmd_jobs_list(ctx: _Ctx) -> int:
     jobs = []
-    for job in ctx.client.jobs(status=ctx.args.status):
+    for job in ctx.client.jobs(status=ctx.args.status, name=ctx.args.name, metadata=_meta_pairs(ctx.args.meta)):
         jobs.append(job)
         if ctx.args.limit and len(jobs) >= ctx.args.limit:
             break
-    return ctx.emit([j.data for j in jobs], _table("jobs", ("id", "status", "phase", "progress", "created"), (
-        (j.id, j.status, j.data.phase, _progress(j), _when(j.data.timestamps.created_at))
+    return ctx.emit([j.data for j in jobs], _table("jobs", ("id", "name", "status", "phase", "progress", "created"), (
+        (j.id, j.data.name or "", j.status, j.data.phase, _progress(j), _when(j.data.timestamps.created_at))
         for j in jobs
     )))
 
@@ -346,6 +360,9 @@ def cmd_jobs_show(ctx: _Ctx) -> int:
         return EXIT_OK
     d = job.data
     ctx.out.print(f"[bold]{d.id}[/bold]  status={d.status}  phase={d.phase}  attempt={d.attempt}  queue={d.queue}")
+    if d.name or d.metadata:
+        ctx.out.print(f"name: {d.name or '-'}" + "".join(f"  {k}={v}" for k, v in sorted(d.metadata.items())),
+                      markup=False)
     p = d.progress
     ctx.out.print("progress: " + _progress(job)
                   + (f"  {_metrics(p.metrics)}" if p.metrics else ""))
@@ -372,7 +389,9 @@ def cmd_jobs_logs(ctx: _Ctx) -> int:
             sys.stdout.write(ev.model_dump_json() + "\n")
             sys.stdout.flush()
         else:
-            ctx.out.print(f"{ev.ts:%H:%M:%S} {ev.kind:<8} {ev.message}", markup=False)
+            extra = _metrics(ev.data) if ev.kind == "log" and ev.data else ""
+            ctx.out.print(f"{ev.ts:%H:%M:%S} {ev.kind:<8} {ev.message}" + (f"  {extra}" if extra else ""),
+                          markup=False)
     return EXIT_OK
 
 
@@ -425,6 +444,7 @@ def build_optimize_spec(
     queue: str | None = None,
     model_meta: dict[str, Any] | None = None,
     notes: list[str] | None = None,
+    latency: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The job spec ``optimize`` submits: prune -> finetune -> distill -> quantize (each optional).
 
@@ -455,6 +475,8 @@ def build_optimize_spec(
         spec["task"] = task
     if max_accuracy_drop is not None:
         spec["evaluate"] = {"max_accuracy_drop": max_accuracy_drop}
+    if latency:
+        spec.setdefault("evaluate", {})["latency"] = dict(latency)
     if queue:
         spec["queue"] = queue
     return spec
@@ -485,6 +507,8 @@ def cmd_optimize(ctx: _Ctx) -> int:
         model_ref, refs["train"], refs["eval"], refs["calibration"], task=a.task, prune=a.prune,
         distill=a.distill, finetune=a.finetune, recover=not a.no_recover, quantize=a.quantize,
         epochs=a.epochs, max_accuracy_drop=a.max_accuracy_drop, queue=a.queue, model_meta=model_meta, notes=notes,
+        latency={k: v for k, v in (("threads", a.threads), ("batch_size", a.batch_size), ("provider", a.provider))
+                 if v is not None},
     )
     for note in notes:
         ctx.err.print(f"quantize int8 -> {note}", markup=False)
@@ -563,9 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", action="store_true", help="wait with a progress bar")
     s.add_argument("--timeout", type=float, default=None)
     s.add_argument("--idempotency-key", default=None)
+    s.add_argument("--name", default=None, help="a name for the job (overrides the spec file's name)")
+    s.add_argument("--meta", action="append", metavar="KEY=VALUE", help="a metadata key/value (repeatable)")
     s = add(grp, "list", cmd_jobs_list, "list jobs", [as_json])
     s.add_argument("--status", default=None)
     s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--name", default=None, help="only jobs with this name")
+    s.add_argument("--meta", action="append", metavar="KEY=VALUE", help="only jobs with this metadata (repeatable)")
     s = add(grp, "show", cmd_jobs_show, "show one job", [as_json])
     s.add_argument("id")
     s = add(grp, "wait", cmd_jobs_wait, "wait for a job with a live progress bar", [as_json])
@@ -597,6 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=None)
     s.add_argument("--max-accuracy-drop", type=float, default=None)
     s.add_argument("--queue", choices=("cpu", "gpu"), default=None)
+    s.add_argument("--threads", type=int, default=None, help="latency: ONNX Runtime intra-op threads (default 1)")
+    s.add_argument("--batch-size", type=int, default=None, help="latency: samples per timed run (default 1)")
+    s.add_argument("--provider", default=None, help="latency: execution provider (default CPUExecutionProvider)")
     s.add_argument("--model-format", default=None)
     s.add_argument("--data-format", default=None)
     s.add_argument("--timeout", type=float, default=None)

@@ -39,12 +39,31 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def _archive_names(path: Path) -> list[str]:
+    """The member names of a zip or tar archive (empty when it cannot be read: the server will say why)."""
+    import tarfile
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                return zf.namelist()
+        with tarfile.open(path, "r:*") as tf:
+            return tf.getnames()
+    except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError):
+        return []
+
+
 def infer_model_format(path: str | Path) -> str:
-    """``onnx`` for ``.onnx``, ``hf`` for an archive of a Hugging Face folder."""
+    """``onnx`` for ``.onnx`` or an archive holding a ``.onnx`` file and no ``config.json`` (an ONNX model with
+    its external data), ``hf`` for another archive (a Hugging Face folder)."""
     suffix = _suffix(Path(path))
     if suffix == ".onnx":
         return "onnx"
     if suffix in _ARCHIVE_SUFFIXES:
+        names = [n.rsplit("/", 1)[-1] for n in _archive_names(Path(path))]
+        if any(n.lower().endswith(".onnx") for n in names) and "config.json" not in names:
+            return "onnx"
         return "hf"
     raise ValueError(f"cannot infer the model format of {Path(path).name!r}; pass format= (onnx or hf)")
 
@@ -152,7 +171,7 @@ class Client:
             if found is not None:
                 if on_progress:
                     on_progress(size, size)
-                return found
+                return found.model_copy(update={"deduplicated": True})
 
         def body() -> Iterator[bytes]:
             sent = 0
@@ -207,9 +226,28 @@ class Client:
         except PydanticValidationError as exc:
             raise spec_validation_error(exc) from exc
 
-    def submit(self, spec: Mapping[str, Any] | JobSpec, idempotency_key: str | None = None) -> Job:
-        """Submit a job; an idempotency key (generated when not given) makes retries safe."""
-        body = self.build_spec(spec).model_dump(mode="json", exclude_none=True)
+    def submit(
+        self,
+        spec: Mapping[str, Any] | JobSpec,
+        idempotency_key: str | None = None,
+        *,
+        name: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Job:
+        """Submit a job; an idempotency key (generated when not given) makes retries safe.
+
+        ``name`` and ``metadata`` (string key/values, filterable in ``jobs()``) label the job; a spec mapping
+        may carry them too (top-level ``name`` / ``metadata``), the arguments win.
+        """
+        labels: dict[str, Any] = {}
+        if not isinstance(spec, JobSpec):
+            spec = dict(spec)
+            labels = {k: spec.pop(k) for k in ("name", "metadata") if k in spec}
+        if name is not None:
+            labels["name"] = name
+        if metadata:
+            labels["metadata"] = {**(labels.get("metadata") or {}), **metadata}
+        body = {**self.build_spec(spec).model_dump(mode="json", exclude_none=True), **labels}
         key = idempotency_key or uuid.uuid4().hex
         response = self._transport.send(
             "POST", "/v1/jobs", json_body=body, headers={"Idempotency-Key": key}, retry=True
@@ -220,9 +258,20 @@ class Client:
         """One job by id."""
         return Job(self._transport, JobOut.model_validate(self._transport.get_json(f"/v1/jobs/{job_id}")))
 
-    def jobs(self, status: str | None = None, limit: int = 50) -> Iterator[Job]:
-        """Every job (newest first, as the server orders them), lazily across pages."""
-        for item in self._transport.paginate("/v1/jobs", {"status": status}, limit):
+    def jobs(
+        self,
+        status: str | None = None,
+        limit: int = 50,
+        *,
+        name: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Iterator[Job]:
+        """Every job (newest first, as the server orders them), lazily across pages; filtered by status, name
+        and metadata key/values (all must match)."""
+        params: dict[str, Any] = {"status": status, "name": name}
+        if metadata:
+            params["meta"] = [f"{k}={v}" for k, v in metadata.items()]
+        for item in self._transport.paginate("/v1/jobs", params, limit):
             yield Job(self._transport, JobOut.model_validate(item))
 
     def artifact(self, artifact_id: str) -> ArtifactOut:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from models.clock import as_utc
 from models.spec import JobSpec
@@ -37,6 +37,8 @@ class ModelOut(_Out):
     outputs: list[TensorInfo] = Field(default_factory=list)
     meta: dict[str, Any] = Field(default_factory=dict)
     created_at: UTCTimestamp
+    # True on an upload answered with the existing record (same bytes, same owner); its name is the first one.
+    deduplicated: bool = False
 
 
 class DatasetOut(_Out):
@@ -50,6 +52,7 @@ class DatasetOut(_Out):
     classes: list[str] | None = None
     meta: dict[str, Any] = Field(default_factory=dict)
     created_at: UTCTimestamp
+    deduplicated: bool = False  # as ModelOut.deduplicated
 
 
 class Progress(BaseModel):
@@ -94,8 +97,41 @@ class Timestamps(BaseModel):
     finished_at: UTCTimestamp | None = None
 
 
+MAX_METADATA_KEYS = 32
+# No NUL (PostgreSQL text cannot hold it); a job's name and metadata are labels, never paths.
+JobName = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00]+$")]
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00=]+$")]
+MetadataValue = Annotated[str, StringConstraints(max_length=512, pattern=r"^[^\x00]*$")]
+
+
+class JobLabels(BaseModel):
+    """What a submitter may attach to a job besides its spec: a name and free string key/values."""
+
+    name: JobName | None = None
+    metadata: dict[MetadataKey, MetadataValue] = Field(default_factory=dict)
+
+    @field_validator("metadata")
+    @classmethod
+    def _few_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_METADATA_KEYS:
+            raise ValueError(f"at most {MAX_METADATA_KEYS} keys")
+        return value
+
+
+class JobCreate(JobSpec, JobLabels):
+    """``POST /v1/jobs``'s body: a JobSpec plus the job's optional ``name`` and ``metadata``."""
+
+    def split(self) -> tuple[JobSpec, JobLabels]:
+        """The spec (what the worker runs) and the labels (what the job is called), apart."""
+        labels = JobLabels(name=self.name, metadata=self.metadata)
+        spec = JobSpec.model_validate(self.model_dump(exclude={"name", "metadata"}))
+        return spec, labels
+
+
 class JobOut(BaseModel):
     id: str
+    name: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
     status: str
     phase: str
     progress: Progress

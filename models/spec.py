@@ -254,12 +254,21 @@ class ExportConfig(_Strict):
     opset: int = Field(17, ge=11, le=23)
 
 
+# ONNX Runtime execution providers a latency measurement may ask for (the worker must have it installed).
+Provider = Literal[
+    "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider", "OpenVINOExecutionProvider",
+    "DmlExecutionProvider", "CoreMLExecutionProvider", "ROCMExecutionProvider",
+]
+
+
 class LatencyConfig(_Strict):
     warmup: int = Field(5, ge=0, le=1000)
     runs: int = Field(30, ge=1, le=1000)
     # Clamped by the worker to the cores it has (the report records the threads used).
     threads: int = Field(1, ge=1, le=256)
     batch_size: int = Field(1, ge=1, le=1024)
+    # The provider latency is measured with (and the report names); a worker without it fails the job saying so.
+    provider: Provider = "CPUExecutionProvider"
 
 
 Metric = Literal["accuracy", "latency", "size", "fidelity"]

@@ -110,6 +110,7 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key"),
         Index("ix_jobs_owner_status_id", "owner", "status", "id"),
+        Index("ix_jobs_owner_name", "owner", "name"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -136,6 +137,9 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The submitter's label and free string key/values (``GET /v1/jobs?name=&meta=k=v`` filters on them).
+    name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
 
 
 class JobEvent(Base):

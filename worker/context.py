@@ -44,6 +44,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def metrics_message(phase: str, metrics: dict[str, Any] | None) -> str:
+    """An event's text: the phase and its numeric metrics (``finetune epoch 2/3  loss=0.4123 accuracy=0.931``)."""
+    shown = [
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in (metrics or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
+    return f"{phase}  {' '.join(shown)}" if shown else phase
+
+
 def _safe_dir_name(ref: str) -> str:
     """A directory name for a model id: client-supplied strings never become paths as they are."""
     stem = re.sub(r"[^A-Za-z0-9_-]", "_", ref)[:40] or "model"
@@ -109,6 +119,16 @@ class LocalContext:
             self._dataset_cache[key] = load_dataset(path, fmt, meta, model, self.spec, self.workdir / "data")
         return self._dataset_cache[key]
 
+    def classes(self) -> list[str] | None:
+        """The class names (by label index) of the eval, else train, data this job loaded; None if none had any."""
+        roles: tuple[Role, ...] = ("eval", "train")
+        for role in roles:
+            ref = self.dataset_ref(role)
+            for key, data in self._dataset_cache.items():
+                if key[0] == ref and ref is not None and data is not None and data.classes:
+                    return list(data.classes)
+        return None
+
     @staticmethod
     def _dtypes_key(model: WorkingModel) -> tuple[tuple[str, str], ...]:
         if model.form != "onnx" or model.onnx_path is None:
@@ -166,8 +186,8 @@ class DBContext(LocalContext):
         milestone = epoch is not None or metrics is not None
         self._write(phase, progress, force=milestone)
         if milestone:
-            add_event(self.claim.job_id, "progress", phase, epoch=epoch, epochs=progress.get("epochs"),
-                      metrics=metrics or {})
+            add_event(self.claim.job_id, "progress", metrics_message(phase, metrics), epoch=epoch,
+                      epochs=progress.get("epochs"), metrics=metrics or {})
 
     def log(self, message: str, **data: Any) -> None:
         """Record a log event for the job."""

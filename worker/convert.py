@@ -69,6 +69,9 @@ def import_onnx2torch() -> Any:
                     del sys.modules[name]
     from onnx2torch import convert
 
+    from worker.onnx2torch_ops import register
+
+    register()  # the opset-18+ converters onnx2torch lacks (idempotent)
     return convert
 
 

@@ -62,8 +62,39 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def make_session(onnx_path: Path, threads: int) -> ort.InferenceSession:
-    """An ORT CPU session with the harness's fixed settings (threads, sequential, all graph optimizations)."""
+def cpu_model() -> str:
+    """The CPU's model name (``model name`` in /proc/cpuinfo), else what ``platform`` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def check_provider(provider: str) -> None:
+    """StepFailed (``provider_unavailable``) when this worker's onnxruntime lacks ``provider``."""
+    import onnxruntime as ort
+
+    from worker.passes.base import StepFailed
+
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise StepFailed(
+            "provider_unavailable",
+            f"evaluate.latency.provider {provider!r} is not available on this worker "
+            f"(onnxruntime {ort.__version__} has {', '.join(available)})",
+        )
+
+
+def make_session(onnx_path: Path, threads: int, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
+    """An ORT session on ``provider`` (CPU for the nodes it lacks) with the harness's fixed settings
+    (threads, sequential, all graph optimizations)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -72,7 +103,9 @@ def make_session(onnx_path: Path, threads: int) -> ort.InferenceSession:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    return ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+    check_provider(provider)
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    return ort.InferenceSession(str(onnx_path), sess_options=so, providers=providers)
 
 
 class _Runner:
@@ -308,7 +341,7 @@ def evaluate(
         data = data.take(cfg.max_samples)
     report["macs"] = count_macs(onnx_path, _sample_shapes(data))
     threads = max(1, min(cfg.latency.threads, available_cores()))
-    session = make_session(onnx_path, threads)
+    session = make_session(onnx_path, threads, cfg.latency.provider)
     runner = _Runner(session)
     report["fixed_batch"] = runner.fixed_batch
     if latency if latency is not None else "latency" in cfg.metrics:
@@ -319,6 +352,7 @@ def evaluate(
             **measured["setup"],
             "threads": threads,
             "threads_requested": cfg.latency.threads,
+            "provider": session.get_providers()[0],
             "synthetic_inputs": data is None or len(data) == 0,
         }
     outputs: dict[str, np.ndarray] | None = None

@@ -44,7 +44,7 @@ from storage.base import StoredBlob
 from storage.staging import file_chunks
 
 if TYPE_CHECKING:
-    from worker.context import DBContext
+    from worker.context import DBContext, LocalContext
     from worker.pipeline import PipelineResult
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,8 @@ def _local_files(
     return {rid: (store.local_copy(key, folder), fmt, meta) for rid, key, fmt, meta in rows}
 
 
-_MEDIA_TYPES = {".onnx": "application/octet-stream", ".json": "application/json", ".html": "text/html"}
+_MEDIA_TYPES = {".onnx": "application/octet-stream", ".json": "application/json", ".html": "text/html",
+                ".zip": "application/zip"}
 
 
 def _store_artifacts(claim: Claim, owner: str, files: dict[str, tuple[str, Path]]) -> list[str]:
@@ -256,12 +257,21 @@ def _finish(claim: Claim, status: str, *, error: dict[str, Any] | None = None,
     return done is not None
 
 
-def _record_success(claim: Claim, owner: str, out: PipelineResult, spec: JobSpec, workdir: Path) -> None:
+def _record_success(
+    claim: Claim, owner: str, out: PipelineResult, spec: JobSpec, workdir: Path, ctx: LocalContext | None = None
+) -> None:
     import json
+
+    from worker import deliverables
 
     report_path = workdir / "report.json"
     report_path.write_text(json.dumps(out.report, indent=2, default=str))
-    files: dict[str, tuple[str, Path]] = {"model.onnx": ("model", out.output_path), "report.json": ("report", report_path)}
+    files = deliverables.prepare(
+        out.output_path, spec, job_id=claim.job_id, workdir=workdir,
+        model_ref=ctx.models.get(spec.model) if ctx is not None else None,
+        classes=ctx.classes() if ctx is not None else None,
+    )
+    files["report.json"] = ("report", report_path)
     files.update({name: ("extra", path) for name, path in out.files.items()})
     artifact_ids = _store_artifacts(claim, owner, files)
     result = {"artifact_ids": artifact_ids, "report": out.report, "warnings": out.report.get("warnings") or []}
@@ -304,7 +314,7 @@ def execute(job_id: str) -> str | None:
         phase = "pipeline"
         out = run(spec, ctx)
         phase = "store"
-        _record_success(won, owner, out, spec, workdir)
+        _record_success(won, owner, out, spec, workdir, ctx)
         status: str = SUCCEEDED
     except JobCancelled:
         _finish(won, CANCELLED, message="cancelled")

@@ -151,13 +151,16 @@ def _environment(spec: JobSpec, device: str) -> dict[str, Any]:
     import onnx
     import onnxruntime as ort
 
+    from worker.evaluate import cpu_model
+
     return {
         "onnxruntime": ort.__version__,
         "onnx": onnx.__version__,
-        "execution_provider": "CPUExecutionProvider",
+        "execution_provider": spec.evaluate.latency.provider,
         "threads": spec.evaluate.latency.threads,
         "device": device,
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
     }

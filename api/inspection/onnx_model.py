@@ -1,8 +1,11 @@
-"""Inspection of a single-file ONNX model: inputs, outputs, opsets, IR version, producer, parameters."""
+"""Inspection of an ONNX model (a single file, or a zip/tar.gz with its external data): inputs, outputs,
+opsets, IR version, producer, parameters, operator counts."""
 
 from __future__ import annotations
 
 import math
+import tempfile
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +48,38 @@ def _value_info(value: Any) -> dict[str, Any]:
 
 
 def inspect_onnx(path: Path) -> dict[str, Any]:
-    """Inputs, outputs, opset, IR version, producer and parameter count of a single-file ONNX model."""
+    """Inputs, outputs, opset, IR version, producer and parameter count of an ONNX file or ONNX archive."""
+    from storage import onnx_files
+
+    if onnx_files.is_archive(path):
+        return _inspect_archive(path)
+    return _inspect_file(path)
+
+
+def _inspect_archive(path: Path) -> dict[str, Any]:
+    """An ONNX file with its external data in a zip or tar.gz: its layout rebuilt in a scratch folder (the model
+    file, sparse placeholders for the rest) and checked there."""
+    import onnx
+
+    from storage import onnx_files
+
+    with tempfile.TemporaryDirectory(prefix="mp-onnx-", dir=path.parent) as scratch:
+        try:
+            model_path = onnx_files.check_archive_layout(path, Path(scratch))
+            model = onnx.load_model(str(model_path), load_external_data=False)
+            externals = onnx_files.external_data_files(model, model_path.parent)
+        except onnx_files.OnnxFileError as exc:
+            raise InspectionError(str(exc)) from exc
+        root = model_path.parent.resolve()
+        return {
+            **_onnx_meta(model),
+            "archive": "zip" if zipfile.is_zipfile(path) else "tar",
+            "model_file": model_path.relative_to(Path(scratch)).as_posix(),
+            "external_data": [f.relative_to(root).as_posix() for f in externals],
+        }
+
+
+def _inspect_file(path: Path) -> dict[str, Any]:
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -64,7 +98,8 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         raise InspectionError(
             f"tensor {external[0]!r} references external data, which a single-file upload cannot carry; "
             "save the model with all tensors inside the file (onnx.save(..., save_as_external_data=False)) "
-            "or upload it as an archive"
+            "or upload the .onnx file together with its external-data file(s) as one zip or tar.gz "
+            "(format=onnx)"
         )
     try:
         onnx.checker.check_model(model)

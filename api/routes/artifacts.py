@@ -32,28 +32,30 @@ def download(
 ) -> Response:
     """The artifact's bytes, streamed; 304 when the ETag matches, 206 for a satisfiable byte range."""
     row = service.get_artifact(db, owner, artifact_id)
-    etag = service.etag_of(row)
-    headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "private, max-age=0, must-revalidate"}
-    if service.etag_matches(if_none_match, etag):
-        return Response(status_code=304, headers=headers)
-    size = service.check_blob(row)
-    headers["Content-Disposition"] = service.content_disposition(row.name)
-    wanted = service.parse_range(range_, size)
-    if wanted is not None and if_range is not None and if_range.strip() != etag:
-        wanted = None  # the client's copy is stale: send the whole representation
-    if wanted is None:
-        headers["Content-Length"] = str(size)
-        return StreamingResponse(
-            service.read_blob(row.storage_key, 0, size), media_type=row.media_type, headers=headers
-        )
-    headers["Content-Range"] = f"bytes {wanted.start}-{wanted.end}/{size}"
-    headers["Content-Length"] = str(wanted.length)
+    plan = service.plan_download(row, range_, if_none_match, if_range)
+    if plan.status == 304:
+        return Response(status_code=304, headers=plan.headers)
     return StreamingResponse(
-        service.read_blob(row.storage_key, wanted.start, wanted.length),
-        status_code=206,
+        service.read_blob(row.storage_key, plan.start, plan.length),
+        status_code=plan.status,
         media_type=row.media_type,
-        headers=headers,
+        headers=plan.headers,
     )
+
+
+@router.head("/{artifact_id}/content", response_model=None)
+def head_download(
+    artifact_id: str,
+    owner: Owner,
+    db: ShortDB,
+    range_: Annotated[str | None, Header(alias="Range")] = None,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
+    if_range: Annotated[str | None, Header(alias="If-Range")] = None,
+) -> Response:
+    """What GET would answer (status, ``Content-Length``, ``ETag``, type, disposition), without the bytes."""
+    row = service.get_artifact(db, owner, artifact_id)
+    plan = service.plan_download(row, range_, if_none_match, if_range)
+    return Response(status_code=plan.status, headers=plan.headers)
 
 
 @router.delete("/{artifact_id}", status_code=204, response_class=Response)

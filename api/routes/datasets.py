@@ -17,7 +17,9 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 def _answer(response: Response, up: uploads.Uploaded) -> DatasetOut:
     response.status_code = 201 if up.created else 200
     response.headers["Location"] = f"/v1/datasets/{up.row.id}"
-    return catalog.dataset_out(up.row)  # type: ignore[arg-type]
+    out = catalog.dataset_out(up.row)  # type: ignore[arg-type]
+    out.deduplicated = not up.created
+    return out
 
 
 @router.put("", response_model=DatasetOut, status_code=201)

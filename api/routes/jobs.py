@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Depends, Header, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.deps import DB, Owner, SubmitOwner, settings_dep
@@ -14,24 +14,26 @@ from api.services import events as event_service
 from api.services import jobs as job_service
 from api.services.pagination import DEFAULT_LIMIT
 from models.db import session_scope
-from models.schemas import EventOut, JobOut, Page
+from models.schemas import EventOut, JobCreate, JobOut, Page
 from models.settings import Settings
-from models.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 @router.post("", response_model=JobOut, status_code=202)
 def create_job(
-    spec: JobSpec,
+    body: JobCreate,
     response: Response,
     owner: SubmitOwner,
     db: DB,
     settings: Annotated[Settings, Depends(settings_dep)],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobOut:
-    """Validate and queue a job (202 + Location); a repeated Idempotency-Key returns the first job (200)."""
-    job, created = job_service.create_job(db, owner, spec, idempotency_key, settings)
+    """Validate and queue a job (202 + Location); a repeated Idempotency-Key returns the first job (200).
+
+    The body is a job spec plus an optional ``name`` and ``metadata`` (string key/values) for the job."""
+    spec, labels = body.split()
+    job, created = job_service.create_job(db, owner, spec, idempotency_key, settings, labels)
     response.status_code = 202 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_service.job_out(db, job)
@@ -39,10 +41,17 @@ def create_job(
 
 @router.get("", response_model=Page[JobOut])
 def list_jobs(
-    owner: Owner, db: DB, status: str | None = None, after: str | None = None, limit: int = DEFAULT_LIMIT
+    owner: Owner,
+    db: DB,
+    status: str | None = None,
+    after: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+    name: str | None = None,
+    meta: Annotated[list[str] | None, Query(description="key=value, repeatable; all must match")] = None,
 ) -> Page[JobOut]:
-    """The owner's jobs, newest first, optionally filtered by status."""
-    return job_service.list_jobs(db, owner, status, after, limit)
+    """The owner's jobs, newest first, optionally filtered by status, name and metadata (``meta=k=v``)."""
+    wanted = job_service.parse_meta_filters(meta)
+    return job_service.list_jobs(db, owner, status, after, limit, name, wanted)
 
 
 @router.get("/{job_id}", response_model=JobOut, response_class=Response)

@@ -17,7 +17,9 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 def _answer(response: Response, up: uploads.Uploaded) -> ModelOut:
     response.status_code = 201 if up.created else 200
     response.headers["Location"] = f"/v1/models/{up.row.id}"
-    return catalog.model_out(up.row)  # type: ignore[arg-type]
+    out = catalog.model_out(up.row)  # type: ignore[arg-type]
+    out.deduplicated = not up.created
+    return out
 
 
 @router.put("", response_model=ModelOut, status_code=201)

@@ -121,3 +121,33 @@ def check_blob(row: Artifact) -> int:
         return get_store().size(row.storage_key)
     except BlobNotFound:
         raise ProblemError(404, "not_found", f"artifact {row.id} is indexed but its content is missing") from None
+
+
+@dataclass(frozen=True)
+class Download:
+    """What a GET (or HEAD) of an artifact's content answers: status, headers and the byte span to send."""
+
+    status: int
+    headers: dict[str, str]
+    start: int = 0
+    length: int = 0
+
+
+def plan_download(row: Artifact, range_: str | None, if_none_match: str | None, if_range: str | None) -> Download:
+    """The answer to a download request: 304 on a matching ETag, 206 for a satisfiable range, else 200."""
+    etag = etag_of(row)
+    headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "private, max-age=0, must-revalidate"}
+    if etag_matches(if_none_match, etag):
+        return Download(304, headers)
+    size = check_blob(row)
+    headers["Content-Disposition"] = content_disposition(row.name)
+    headers["Content-Type"] = row.media_type
+    wanted = parse_range(range_, size)
+    if wanted is not None and if_range is not None and if_range.strip() != etag:
+        wanted = None  # the client's copy is stale: send the whole representation
+    if wanted is None:
+        headers["Content-Length"] = str(size)
+        return Download(200, headers, 0, size)
+    headers["Content-Range"] = f"bytes {wanted.start}-{wanted.end}/{size}"
+    headers["Content-Length"] = str(wanted.length)
+    return Download(206, headers, wanted.start, wanted.length)

@@ -22,7 +22,7 @@ from api.services.pagination import paginate
 from api.services.spec_checks import check_references
 from models.db import get_engine
 from models.ids import new_id
-from models.schemas import JobError, JobOut, JobResult, Page, Progress, Timestamps
+from models.schemas import JobError, JobLabels, JobOut, JobResult, Page, Progress, Timestamps
 from models.settings import Settings
 from models.spec import JobSpec
 from models.tables import (
@@ -84,6 +84,8 @@ def job_out(session: Session, job: Job) -> JobOut:
         )
     return JobOut(
         id=job.id,
+        name=job.name,
+        metadata=job.metadata_ or {},
         status=job.status,
         phase=job.phase,
         progress=Progress.model_validate(job.progress or {}),
@@ -188,6 +190,8 @@ def _query_job_json(owner: str, job_id: str) -> tuple[bytes, str]:
                  "step": job.error.get("step")}
     body = {
         "id": job.id,
+        "name": job.name,
+        "metadata": job.metadata or {},
         "status": job.status,
         "phase": job.phase,
         "progress": {**_PROGRESS_DEFAULTS, **(job.progress or {})},
@@ -223,9 +227,15 @@ def _same_request(job: Job, spec: JobSpec) -> Job:
 
 
 def create_job(
-    session: Session, owner: str, spec: JobSpec, idempotency_key: str | None, settings: Settings
+    session: Session,
+    owner: str,
+    spec: JobSpec,
+    idempotency_key: str | None,
+    settings: Settings,
+    labels: JobLabels | None = None,
 ) -> tuple[Job, bool]:
     """Validate references, insert the job and its first event, commit, then enqueue; (job, created)."""
+    labels = labels or JobLabels()
     if idempotency_key is not None:
         if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
             raise field_error(422, "validation_error", "Idempotency-Key", f"1 to {MAX_IDEMPOTENCY_KEY} characters")
@@ -248,6 +258,8 @@ def create_job(
         attempt=0,
         max_attempts=settings.max_attempts,
         idempotency_key=idempotency_key,
+        name=labels.name,
+        metadata_=dict(labels.metadata) or None,
     )
     session.add(job)
     session.add(JobEvent(job_id=job.id, kind="status", message=f"queued on {queue}", data={"status": QUEUED}))
@@ -290,13 +302,37 @@ def _enqueue(session: Session, job: Job) -> None:
         ) from exc
 
 
-def list_jobs(session: Session, owner: str, status: str | None, after: str | None, limit: int) -> Page[JobOut]:
-    """A page of the owner's jobs, newest first, optionally of one status; cursor = last id of the page."""
+def parse_meta_filters(values: list[str] | None) -> dict[str, str]:
+    """``["k=v", ...]`` (the ``meta`` query parameter, repeated) as a dict; 422 naming ``meta`` otherwise."""
+    wanted: dict[str, str] = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or "\x00" in item:
+            raise field_error(422, "validation_error", "meta", f"{item!r} is not key=value")
+        wanted[key] = value
+    return wanted
+
+
+def list_jobs(
+    session: Session,
+    owner: str,
+    status: str | None,
+    after: str | None,
+    limit: int,
+    name: str | None = None,
+    meta: dict[str, str] | None = None,
+) -> Page[JobOut]:
+    """A page of the owner's jobs, newest first, optionally of one status, one name and metadata key/values
+    (all must match); cursor = last id of the page."""
     query = select(Job).where(Job.owner == owner)
     if status is not None:
         if status not in STATUSES:
             raise field_error(422, "validation_error", "status", f"{status!r} is not one of {', '.join(STATUSES)}")
         query = query.where(Job.status == status)
+    if name is not None:
+        query = query.where(Job.name == name)
+    for key, value in (meta or {}).items():
+        query = query.where(Job.metadata_[key].as_string() == value)
     rows, cursor = paginate(session, query, Job.id, after, limit)
     return Page[JobOut](data=[job_out(session, j) for j in rows], next_cursor=cursor)
 

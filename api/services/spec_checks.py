@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.errors import ProblemError
+from api.services.convertibility import distill_model_errors, torch_step_errors
 from api.services.lookup import find_owned
 from models.spec import CLASSIFICATION_TASKS, LM_TASKS, DistillStep, JobSpec, StudentModel
 from models.tables import Dataset, Model
@@ -273,7 +274,9 @@ def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
         for role, ds in datasets.items():
             if ds.format == "npz":
                 errors.extend(_npz_against_inputs(f"data.{role}", ds, model.meta or {}, spec.task))
+        errors.extend(torch_step_errors(spec, model.meta or {}))
     errors.extend(_budget_and_limits(spec, model))
     errors.extend(_text_checks(spec, model, datasets, others))
+    errors.extend(distill_model_errors(session, owner, spec))
     _raise(errors)
     return model

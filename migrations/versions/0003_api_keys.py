@@ -1,7 +1,7 @@
 """api keys: per-owner keys, stored as the sha256 of their secret, with a scope and revocation
 
 Revision ID: keys
-Revises: 0001
+Revises: gc
 """
 
 from collections.abc import Sequence

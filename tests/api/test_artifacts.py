@@ -98,3 +98,19 @@ def test_huge_range_numbers_are_416_not_500(client: TestClient, value: str) -> N
     assert r.status_code == 416, r.text[:300]
     assert r.headers["content-type"].startswith("application/problem+json")
     assert r.json()["code"] == "range_not_satisfiable"
+
+
+def test_head_answers_what_get_would_without_the_bytes(client: TestClient) -> None:
+    art = _artifact()
+    url = f"/v1/artifacts/{art}/content"
+    got = client.get(url)
+    head = client.head(url)
+    assert head.status_code == 200 and head.content == b""
+    for name in ("etag", "content-length", "content-type", "content-disposition", "accept-ranges"):
+        assert head.headers[name] == got.headers[name], name
+    assert head.headers["content-length"] == str(len(DATA))
+    part = client.head(url, headers={"Range": "bytes=0-9"})
+    assert part.status_code == 206 and part.headers["content-length"] == "10" and part.content == b""
+    assert client.head(url, headers={"If-None-Match": got.headers["etag"]}).status_code == 304
+    assert client.head(url, headers={"Range": f"bytes={len(DATA)}-"}).status_code == 416
+    assert client.head("/v1/artifacts/art_missing/content").status_code == 404

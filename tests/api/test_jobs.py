@@ -296,3 +296,50 @@ def test_a_non_json_spec_is_415(client: TestClient, ctype: str) -> None:
     assert r.status_code == 415 and r.headers["content-type"].startswith("application/problem+json"), r.text
     assert r.json()["code"] == "unsupported_media_type"
     assert _jobs() == 0
+
+
+def test_a_job_has_a_name_and_metadata_the_list_filters_on(client: TestClient) -> None:
+    model = _upload_model(client)["id"]
+    spec = {"model": model, "steps": [{"type": "quantize"}]}
+    first = client.post("/v1/jobs", json={**spec, "name": "nightly", "metadata": {"team": "vision", "run": "7"}})
+    assert first.status_code == 202, first.text
+    body = first.json()
+    assert body["name"] == "nightly" and body["metadata"] == {"team": "vision", "run": "7"}
+    assert "name" not in body["spec"] and "metadata" not in body["spec"]  # the spec is what the worker runs
+    fetched = client.get(f"/v1/jobs/{body['id']}").json()
+    assert fetched["name"] == "nightly" and fetched["metadata"] == {"team": "vision", "run": "7"}
+    other = client.post("/v1/jobs", json={**spec, "metadata": {"team": "nlp"}}).json()
+    plain = client.post("/v1/jobs", json=spec).json()
+    assert plain["name"] is None and plain["metadata"] == {}
+
+    def ids(**params: Any) -> list[str]:
+        r = client.get("/v1/jobs", params=params)
+        assert r.status_code == 200, r.text
+        return [j["id"] for j in r.json()["data"]]
+
+    assert ids(name="nightly") == [body["id"]]
+    assert ids(meta="team=vision") == [body["id"]] and ids(meta="team=nlp") == [other["id"]]
+    assert ids(meta=["team=vision", "run=7"]) == [body["id"]] and ids(meta=["team=vision", "run=8"]) == []
+    assert set(ids()) == {body["id"], other["id"], plain["id"]}
+    bad = client.get("/v1/jobs", params={"meta": "team"})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "meta"
+
+
+@pytest.mark.parametrize(
+    ("labels", "field"),
+    [
+        ({"name": "x" * 256}, "name"),
+        ({"name": ""}, "name"),
+        ({"metadata": {"k": "v" * 513}}, "metadata.k"),
+        ({"metadata": {f"k{i}": "v" for i in range(33)}}, "metadata"),
+        ({"metadata": {"k": 3}}, "metadata.k"),
+    ],
+)
+def test_bad_names_and_metadata_are_422_naming_the_field(
+    client: TestClient, labels: dict[str, Any], field: str
+) -> None:
+    model = _upload_model(client)["id"]
+    r = client.post("/v1/jobs", json={"model": model, **labels})
+    assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json"), r.text
+    assert r.json()["errors"][0]["field"] == field
+    assert _jobs() == 0

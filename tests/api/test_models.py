@@ -45,6 +45,7 @@ def test_same_bytes_give_the_same_record(client: TestClient) -> None:
     again = client.put("/v1/models", params={"name": "b", "format": "onnx"}, content=data)
     assert (first.status_code, again.status_code) == (201, 200)
     assert first.json()["id"] == again.json()["id"] and again.json()["name"] == "a"
+    assert (first.json()["deduplicated"], again.json()["deduplicated"]) == (False, True)
     assert _model_rows() == 1
 
 
@@ -354,3 +355,28 @@ def test_concurrent_uploads_of_the_same_bytes_are_settled_by_the_unique_constrai
     assert _model_rows() == 1
     root = get_settings().blob_dir
     assert [p.name for p in blobs(root)] == [hashlib.sha256(data).hexdigest()] and temp_files(root) == []
+
+
+def test_onnx_archive_with_external_data_is_accepted(client: TestClient, tmp_path: Path) -> None:
+    from tests import factories_onnx
+
+    src = factories_onnx.opset20_cnn(tmp_path / "src")
+    packed = factories_onnx.archive_of(src, tmp_path / "cnn.zip", "zip")
+    r = client.put("/v1/models", params={"name": "cnn", "format": "onnx"}, content=packed.read_bytes())
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["meta"]["archive"] == "zip" and body["meta"]["external_data"] == ["model.onnx.data"]
+    assert body["inputs"][0]["shape"] == ["batch", 1, 8, 8] and body["meta"]["opset"] == 20
+
+
+def test_onnx_archive_with_a_link_is_422_and_leaves_nothing(
+    client: TestClient, storage_dir: Path, tmp_path: Path
+) -> None:
+    from tests import factories_onnx
+
+    src = factories_onnx.opset20_cnn(tmp_path / "src")
+    packed = factories_onnx.tar_with_link(tmp_path / "evil.tar.gz", src, "../../modelpress.db")
+    r = client.put("/v1/models", params={"format": "onnx"}, content=packed.read_bytes())
+    assert r.status_code == 422 and r.json()["code"] == "invalid_model", r.text
+    assert "links are not allowed" in r.json()["detail"]
+    assert _model_rows() == 0 and blobs(storage_dir) == [] and temp_files(storage_dir) == []

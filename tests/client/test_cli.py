@@ -219,3 +219,63 @@ def test_report_table_shows_the_lm_rows_and_the_generations() -> None:
     assert "met" in line_of("budget (max perplexity +5.00%)")
     row = line_of("This License applies to")
     assert row.index("any program or other work") < row.index("any work or program")
+
+
+def test_a_reupload_says_it_was_deduplicated(api_service: LiveService, files: dict[str, Path]) -> None:
+    from client import Client
+
+    first = json.loads(mp("models", "upload", str(files["model"]), "--name", "first", "--json",
+                          url=api_service.url, check=0).stdout)
+    again = mp("models", "upload", str(files["model"]), "--name", "second", url=api_service.url, check=0).stdout
+    assert f"deduplicated: the server already holds these bytes as {first['id']}" in again
+    with Client(api_service.url) as c:  # the server itself says so too, when the SDK does not look first
+        record = c.upload_model(files["model"], name="third", skip_existing=False)
+    assert record.id == first["id"] and record.deduplicated is True and record.name == first["name"]
+
+
+def test_jobs_get_a_name_and_metadata_and_list_filters_on_them(
+    api_service: LiveService, files: dict[str, Path]
+) -> None:
+    model = json.loads(mp("models", "upload", str(files["model"]), "--json", url=api_service.url, check=0).stdout)
+    spec = files["dir"] / "named.yaml"
+    spec.write_text(f"model: {model['id']}\nname: from-file\nmetadata: {{team: vision}}\n"
+                    "steps:\n  - type: quantize\n")
+    named = mp("jobs", "submit", str(spec), "--name", "nightly", "--meta", "run=7", url=api_service.url,
+               check=0).stdout.strip()
+    plain = mp("jobs", "submit", str(spec), url=api_service.url, check=0).stdout.strip()
+    shown = json.loads(mp("jobs", "show", named, "--json", url=api_service.url, check=0).stdout)
+    assert shown["name"] == "nightly" and shown["metadata"] == {"team": "vision", "run": "7"}
+    assert "name: nightly  run=7  team=vision" in mp("jobs", "show", named, url=api_service.url, check=0).stdout
+    by_meta = json.loads(mp("jobs", "list", "--meta", "run=7", "--meta", "team=vision", "--json",
+                            url=api_service.url, check=0).stdout)
+    assert [j["id"] for j in by_meta] == [named]
+    by_name = json.loads(mp("jobs", "list", "--name", "from-file", "--json", url=api_service.url, check=0).stdout)
+    assert [j["id"] for j in by_name] == [plain]
+    assert "expected key=value" in mp("jobs", "list", "--meta", "run", url=api_service.url, check=2).stderr
+
+
+def test_logs_print_the_metric_values_of_the_events(api_service: LiveService, files: dict[str, Path]) -> None:
+    from models.tables import JobEvent
+    from tests.client.conftest import service_db
+    from worker.context import metrics_message
+
+    model = json.loads(mp("models", "upload", str(files["model"]), "--json", url=api_service.url, check=0).stdout)
+    job_id = insert_job(api_service, model["id"], status="succeeded")
+    with service_db(api_service) as s:
+        s.add(JobEvent(job_id=job_id, kind="progress", data={"metrics": {"loss": 0.41234, "accuracy": 0.9}},
+                       message=metrics_message("finetune epoch 2/3", {"loss": 0.41234, "accuracy": 0.9})))
+        s.add(JobEvent(job_id=job_id, kind="log", message="finetune: early stop", data={"best_epoch": 2}))
+    out = mp("jobs", "logs", job_id, url=api_service.url, check=0).stdout
+    assert "finetune epoch 2/3  loss=0.4123 accuracy=0.9" in out
+    assert "finetune: early stop  best_epoch=2" in out
+
+
+def test_optimize_takes_the_latency_settings(files: dict[str, Path]) -> None:
+    out = mp("--url", f"http://127.0.0.1:{free_port()}", "optimize", str(files["model"]), "--quantize", "fp16",
+             "--threads", "4", "--batch-size", "8", "--provider", "CPUExecutionProvider", "--out", "x",
+             "--dry-run", check=0)
+    latency = JobSpec.model_validate(json.loads(out.stdout)).evaluate.latency
+    assert (latency.threads, latency.batch_size, latency.provider) == (4, 8, "CPUExecutionProvider")
+    bad = mp("optimize", "m.onnx", "--quantize", "fp16", "--provider", "NoSuchProvider", "--out", "x",
+             "--dry-run", check=2)
+    assert "evaluate.latency.provider" in bad.stderr

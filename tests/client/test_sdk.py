@@ -64,6 +64,16 @@ def test_formats_are_inferred_from_file_names() -> None:
         infer_model_format("weights.bin")
 
 
+def test_an_archive_of_an_onnx_file_and_its_data_is_an_onnx_model(tmp_path: Path) -> None:
+    from tests import factories_onnx
+
+    src = factories_onnx.opset20_cnn(tmp_path / "src")
+    assert infer_model_format(factories_onnx.archive_of(src, tmp_path / "cnn.zip")) == "onnx"
+    assert infer_model_format(factories_onnx.archive_of(src, tmp_path / "cnn.tar.gz", "tar", "export/")) == "onnx"
+    hf = factories_onnx.pack({"m/config.json": b"{}", "m/model.onnx": b"x"}, tmp_path / "hf.zip")
+    assert infer_model_format(hf) == "hf"
+
+
 def test_typed_errors_from_problem_json(api_service: LiveService, uploaded: dict[str, str]) -> None:
     with Client(api_service.url) as mp:
         with pytest.raises(ResourceNotFound) as nf:

@@ -106,7 +106,7 @@ def test_weight_only_parameters_belong_to_the_weight_only_modes() -> None:
 
 
 def test_few_shot_needs_choices_and_train_data() -> None:
-    with pytest.raises(ValidationError, match="few_shot needs evaluate.choices"):
+    with pytest.raises(ValidationError, match=r"few_shot needs evaluate\.choices"):
         JobSpec.model_validate({"model": "m", "evaluate": {"few_shot": 2}})
-    with pytest.raises(ValidationError, match="draws its examples from data.train"):
+    with pytest.raises(ValidationError, match=r"draws its examples from data\.train"):
         JobSpec.model_validate({"model": "m", "evaluate": {"few_shot": 2, "choices": ["a", "b"]}})

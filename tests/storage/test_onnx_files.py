@@ -92,3 +92,89 @@ def test_external_data_in_a_local_function_is_validated(tmp_path: Path, location
     path.write_bytes(model.SerializeToString())
     with pytest.raises(OnnxFileError, match="external data location"):
         safe_load(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ONNX archives: torch.onnx.export's model.onnx + model.onnx.data in one zip / tar.gz
+
+
+def test_an_archive_extracts_to_a_model_whose_external_data_loads(tmp_path: Path) -> None:
+    from storage.onnx_files import extract_archive
+    from tests import factories_onnx
+
+    src = factories_onnx.opset20_cnn(tmp_path / "src")
+    for kind in ("zip", "tar"):
+        packed = factories_onnx.archive_of(src, tmp_path / f"m.{kind}", kind, prefix="export/")
+        model_path = extract_archive(packed, tmp_path / f"out-{kind}")
+        assert model_path == tmp_path / f"out-{kind}" / "export" / "model.onnx"
+        model = onnx.load(str(model_path))  # external data resolved next to the model
+        assert numpy_helper.to_array(model.graph.initializer[0]).shape == (8, 1, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("members", "needle"),
+    [
+        ({"readme.txt": b"hi"}, "no .onnx file"),
+        ({"a.onnx": b"x", "b/b.onnx": b"y"}, "2 .onnx files"),
+        ({"../model.onnx": b"x"}, "'..' in path"),
+        ({"/abs/model.onnx": b"x"}, "absolute path"),
+    ],
+)
+def test_archives_that_are_refused(tmp_path: Path, members: dict[str, bytes], needle: str) -> None:
+    from storage.onnx_files import extract_archive
+    from tests import factories_onnx
+
+    packed = factories_onnx.pack(dict(members), tmp_path / "m.tar.gz", "tar")
+    with pytest.raises(OnnxFileError, match=needle):
+        extract_archive(packed, tmp_path / "out")
+
+
+def test_an_archive_without_the_data_file_or_with_a_link_is_refused(tmp_path: Path) -> None:
+    from storage.onnx_files import extract_archive
+    from tests import factories_onnx
+
+    src = factories_onnx.opset20_cnn(tmp_path / "src")
+    alone = factories_onnx.pack({"model.onnx": src}, tmp_path / "alone.zip")
+    with pytest.raises(OnnxFileError, match=r"'model\.onnx\.data' does not exist"):
+        extract_archive(alone, tmp_path / "out1")
+    from storage.onnx_files import check_archive_layout
+
+    with pytest.raises(OnnxFileError, match=r"'model\.onnx\.data' does not exist"):
+        check_archive_layout(alone, tmp_path / "out1b")
+    linked = factories_onnx.tar_with_link(tmp_path / "link.tar.gz", src, "/etc/passwd")
+    with pytest.raises(OnnxFileError, match="links are not allowed"):
+        extract_archive(linked, tmp_path / "out2")
+    outside = onnx.load(str(src), load_external_data=False)
+    for t in outside.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../src/model.onnx.data"
+    bad = factories_onnx.pack({"m/model.onnx": outside.SerializeToString(), "m/model.onnx.data":
+                               (src.parent / "model.onnx.data")}, tmp_path / "dotdot.zip")
+    with pytest.raises(OnnxFileError, match=r"leaves the model's folder \('\.\.'\)"):
+        extract_archive(bad, tmp_path / "out3")
+    with pytest.raises(OnnxFileError, match=r"leaves the model's folder \('\.\.'\)"):
+        check_archive_layout(bad, tmp_path / "out4")
+
+
+def test_the_layout_check_writes_the_model_and_only_placeholders_for_the_data(tmp_path: Path) -> None:
+    from storage.onnx_files import check_archive_layout
+    from tests import factories_onnx
+
+    src = factories_onnx.opset20_cnn(tmp_path / "src")
+    packed = factories_onnx.archive_of(src, tmp_path / "m.zip", prefix="export/")
+    model_path = check_archive_layout(packed, tmp_path / "out")
+    assert model_path.read_bytes() == src.read_bytes()
+    data = model_path.with_name("model.onnx.data")
+    assert data.stat().st_size == (src.parent / "model.onnx.data").stat().st_size
+    assert data.stat().st_blocks == 0  # sparse: nothing inflated
+
+
+def test_external_data_past_the_end_of_its_file_is_refused(tmp_path: Path) -> None:
+    from tests import factories_onnx
+
+    src = factories_onnx.opset20_cnn(tmp_path / "src")
+    data = src.parent / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])  # truncated: the later tensors point past its end
+    with pytest.raises(OnnxFileError, match="runs past the end of the file"):
+        safe_load(src)

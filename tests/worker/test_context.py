@@ -81,17 +81,19 @@ def test_db_context_writes_progress_events_and_reads_the_cancel_flag(
     job_id = _running_job()
     ctx = DBContext(Claim(job_id, 1), tmp_path, _spec({}), models={})
     ctx.begin_step(1, 4, "finetune (full)")
-    ctx.progress("training epoch 1/2", fraction=0.5, epoch=1, epochs=2, metrics={"loss": 0.25})
+    ctx.progress("training epoch 1/2", fraction=0.5, epoch=1, epochs=2, metrics={"loss": 0.25, "accuracy": 0.93125})
     ctx.log("note", k="v")
     with session_scope() as s:
         job = s.get(Job, job_id)
         assert job is not None
         assert job.phase == "training epoch 1/2"
         assert job.progress == {"step": 2, "steps": 4, "percent": 37.5, "epoch": 1, "epochs": 2,
-                                "metrics": {"loss": 0.25}}
+                                "metrics": {"loss": 0.25, "accuracy": 0.93125}}
         events = [(e.kind, e.message) for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
                                                          .order_by(JobEvent.id))]
-    assert events == [("phase", "finetune (full)"), ("progress", "training epoch 1/2"), ("log", "note")]
+    # the metric values are in the event's text (what `modelpress jobs logs` prints), not only in its data
+    assert events == [("phase", "finetune (full)"), ("progress", "training epoch 1/2  loss=0.25 accuracy=0.9313"),
+                      ("log", "note")]
     ctx.check_cancelled()
     with session_scope() as s:
         s.get(Job, job_id).cancel_requested = True  # type: ignore[union-attr]

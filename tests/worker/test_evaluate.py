@@ -151,3 +151,29 @@ def test_latency_bounds(field: str, value: int) -> None:
     with pytest.raises(ValidationError):
         EvaluateConfig.model_validate({"latency": {field: value}})
     EvaluateConfig.model_validate({"latency": {field: value - 1}})
+
+
+def test_the_provider_is_used_and_recorded_and_a_missing_one_fails_the_step(digits_mlp: DigitsFiles) -> None:
+    import onnxruntime as ort
+
+    from worker.passes.base import StepFailed
+
+    cfg = EvaluateConfig.model_validate(
+        {"latency": {"warmup": 0, "runs": 2, "batch_size": 4, "threads": 1, "provider": "CPUExecutionProvider"}})
+    report = evaluate(digits_mlp.model, None, cfg, "generic")
+    assert report["latency_setup"]["provider"] == "CPUExecutionProvider"
+    assert report["latency_setup"]["batch_size"] == 4
+    missing = next(p for p in ("TensorrtExecutionProvider", "CoreMLExecutionProvider")
+                   if p not in ort.get_available_providers())
+    cfg = EvaluateConfig.model_validate({"latency": {"provider": missing}})
+    with pytest.raises(StepFailed, match=f"{missing}' is not available on this worker") as err:
+        evaluate(digits_mlp.model, None, cfg, "generic")
+    assert err.value.code == "provider_unavailable"
+
+
+def test_cpu_model_is_the_model_name_of_proc_cpuinfo() -> None:
+    from worker.evaluate import cpu_model
+
+    names = [line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")]
+    assert names and cpu_model() == names[0]

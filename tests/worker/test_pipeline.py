@@ -58,6 +58,7 @@ def test_baseline_and_dynamic_quantization_report(tmp_path: Path, digits_mlp: Di
     assert r["fidelity"]["cosine"] > 0.99 and r["fidelity"]["top1_agreement"] > 0.97
     assert r["budget"]["met"] is True and r["budget"]["max_accuracy_drop"] == 0.02
     assert r["environment"]["onnxruntime"] == ort.__version__ and r["environment"]["threads"] == 1
+    assert r["environment"]["execution_provider"] == "CPUExecutionProvider" and r["environment"]["cpu_model"]
     (step,) = r["steps"]
     assert step["index"] == 0 and step["type"] == "quantize" and step["label"] == "quantize (dynamic)"
     assert step["wall_s"] > 0 and step["metrics"]["mode"] == "dynamic"

@@ -71,11 +71,14 @@ def _size_cached(path: str, mtime_ns: int, size: int) -> int:
     return size + sum(f.stat().st_size for f in external_data_files(model, Path(path).parent))
 
 
-def _copy(src: Path, dst: Path) -> None:
+def _copy(src: Path, dst: Path, *, move: bool = False) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
         dst.unlink()
-    shutil.copyfile(src, dst)
+    if move:
+        os.replace(src, dst)  # a file this job extracted itself: no second copy of the weights
+    else:
+        shutil.copyfile(src, dst)
 
 
 def tensor_specs(values: Sequence[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
@@ -117,16 +120,33 @@ def input_dtypes(path: Path) -> dict[str, np.dtype[Any]]:
     return {s["name"]: np.dtype(s["dtype"]) for s in interface(path)[0] if s["dtype"]}
 
 
+def extract_archive(path: Path, workdir: Path) -> Path:
+    """The model file of an uploaded ONNX archive, extracted under ``workdir`` and validated (InvalidModel if not)."""
+    import tempfile
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    dest = Path(tempfile.mkdtemp(prefix="onnx-archive-", dir=workdir))
+    try:
+        return onnx_files.extract_archive(Path(path), dest)
+    except onnx_files.OnnxFileError as e:
+        raise InvalidModel(f"ONNX archive rejected: {e}") from e
+
+
 def load(path: Path, meta: dict[str, Any], workdir: Path) -> WorkingModel:
-    """The uploaded ONNX model at ``path``, validated and copied (with its external data) into ``workdir``."""
+    """The uploaded ONNX model at ``path`` (a file, or a zip/tar.gz with its external data), validated and
+    copied (with its external data) into ``workdir``."""
     path = Path(path)
+    extracted = onnx_files.is_archive(path)
+    if extracted:
+        path = extract_archive(path, workdir)
     model = safe_load(path, load_external_data=False)
     workdir.mkdir(parents=True, exist_ok=True)
     dst = workdir / "model.onnx"
-    _copy(path, dst)
     base = path.parent.resolve()
-    for ext in external_data_files(model, path.parent):
-        _copy(ext, workdir / ext.relative_to(base))
+    externals = external_data_files(model, path.parent)
+    _copy(path, dst, move=extracted)
+    for ext in externals:
+        _copy(ext, workdir / ext.relative_to(base), move=extracted)
     inputs = graph_inputs(model)
     return WorkingModel(
         form="onnx",

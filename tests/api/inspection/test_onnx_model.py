@@ -59,3 +59,22 @@ def test_a_graph_the_checker_rejects(tmp_path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(InspectionError, match="the ONNX model is invalid"):
         inspect_onnx(_write(tmp_path, model.SerializeToString()))
+
+
+def test_an_archive_with_external_data_is_inspected(tmp_path: Path) -> None:
+    from tests import factories_onnx
+
+    src = factories_onnx.opset20_cnn(tmp_path / "src")
+    packed = factories_onnx.archive_of(src, tmp_path / "up-staged", "tar", prefix="export/")
+    meta = inspect_onnx(packed)
+    assert meta["archive"] == "tar" and meta["model_file"] == "export/model.onnx"
+    assert meta["external_data"] == ["model.onnx.data"]
+    assert meta["opset"] == 20 and meta["parameters"] == 8 * 9 + 8 + 16 * 72 + 16 + 160 + 10 + 2 + 2
+    assert meta["op_types"]["AveragePool"] == 1
+    assert meta["inputs"] == [{"name": "input", "dtype": "float32", "shape": ["batch", 1, 8, 8]}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "up-staged"]  # the scratch folder is gone
+
+
+def test_a_single_file_with_external_data_names_the_archive_format(tmp_path: Path) -> None:
+    with pytest.raises(InspectionError, match=r"as one zip or tar\.gz \(format=onnx\)"):
+        inspect_onnx(_write(tmp_path, builders.onnx_external_bytes()))

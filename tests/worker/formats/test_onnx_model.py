@@ -184,3 +184,28 @@ def test_count_macs_of_a_tiny_bert_with_dynamic_batch_and_sequence(tmp_path: Pat
     assert count_macs(path, {"input_ids": [8, seq], "attention_mask": [8, seq]}) == layers * (
         projections + attention
     )
+
+
+def test_an_onnx_archive_loads_with_its_external_data(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from tests import factories_onnx
+
+    src = factories_onnx.opset20_cnn(tmp_path / "src")
+    packed = factories_onnx.archive_of(src, tmp_path / "blob", "zip", prefix="export/")
+    wm = load_model(packed, "onnx", {}, tmp_path / "work")
+    assert wm.onnx_path == tmp_path / "work" / "model.onnx" and wm.meta["opset"] == 20
+    assert (tmp_path / "work" / "model.onnx.data").read_bytes() == (src.parent / "model.onnx.data").read_bytes()
+    x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    got = ort.InferenceSession(str(wm.onnx_path)).run(None, {"input": x})[0]
+    want = ort.InferenceSession(str(src)).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_an_onnx_archive_missing_its_data_fails_the_step(tmp_path: Path) -> None:
+    from tests import factories_onnx
+
+    src = factories_onnx.opset20_cnn(tmp_path / "src")
+    packed = factories_onnx.pack({"model.onnx": src}, tmp_path / "blob", "tar")
+    with pytest.raises(InvalidModel, match=r"ONNX archive rejected: .*'model\.onnx\.data' does not exist"):
+        load_model(packed, "onnx", {}, tmp_path / "work")

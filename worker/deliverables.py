@@ -1,0 +1,167 @@
+"""What a job hands back besides its report: the output ONNX model described in its own metadata, and, for a
+Hugging Face model, ``bundle.zip`` laid out as Optimum's ``ORTModelFor…from_pretrained`` loads a folder.
+
+Every output model gets ``metadata_props`` (read with ``InferenceSession.get_modelmeta().custom_metadata_map``):
+``modelpress.task``, ``modelpress.labels`` (JSON list of class names by output index, when known),
+``modelpress.inputs`` / ``modelpress.outputs`` (JSON ``[{name, dtype, shape}]``), ``modelpress.job`` and
+``modelpress.source_model``; graph inputs and outputs get a one-line ``doc_string``. A model whose weights sit in
+external-data files is rewritten as one file when it fits in protobuf's 2 GiB, so ``model.onnx`` downloads alone.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from storage import archive, onnx_files
+
+if TYPE_CHECKING:
+    from models.spec import JobSpec
+
+# The files of a transformers folder a tokenizer (or image processor) loads from; copied into the bundle.
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+    "preprocessor_config.json", "chat_template.jinja", "generation_config.json",
+})
+MAX_SIDE_FILE = 256 * 1024 * 1024
+CLASSIFIERS = ("image-classification", "text-classification")
+
+
+def label_names(spec: JobSpec, model_meta: dict[str, Any], classes: list[str] | None) -> list[str] | None:
+    """Class names by output index: the classes the job's data was encoded with, else the hf config's id2label."""
+    if spec.task not in CLASSIFIERS:
+        return None
+    if classes:
+        return [str(c) for c in classes]
+    id2label = (model_meta.get("config") or {}).get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        try:
+            return [str(v) for _, v in sorted(((int(k), v) for k, v in id2label.items()))]
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _describe(spec_: dict[str, Any], role: str, labels: list[str] | None, task: str) -> str:
+    shape = ", ".join("?" if d is None else str(d) for d in spec_.get("shape") or [])
+    text = f"{role} {spec_['name']}: {spec_.get('dtype') or '?'} [{shape}]"
+    if role == "output" and labels and task in CLASSIFIERS:
+        shown = ", ".join(labels[:20]) + (", ..." if len(labels) > 20 else "")
+        text += f"; scores over {len(labels)} classes in order: {shown} (see modelpress.labels)"
+    return text
+
+
+def stamp(path: Path, spec: JobSpec, *, job_id: str, labels: list[str] | None) -> dict[str, str]:
+    """Write the description into the ONNX file at ``path`` (external data untouched); the props written."""
+    import onnx
+
+    from worker.formats.onnx_model import graph_inputs, tensor_specs
+
+    model = onnx.load(str(path), load_external_data=False)
+    inputs, outputs = tensor_specs(graph_inputs(model)), tensor_specs(model.graph.output)
+    props = {
+        "modelpress.task": spec.task,
+        "modelpress.inputs": json.dumps(inputs),
+        "modelpress.outputs": json.dumps(outputs),
+        "modelpress.job": job_id,
+        "modelpress.source_model": spec.model,
+    }
+    if labels:
+        props["modelpress.labels"] = json.dumps(labels)
+    kept = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    by_name = {v.name: v for v in model.graph.input}
+    for s in inputs:
+        by_name[s["name"]].doc_string = _describe(s, "input", labels, spec.task)
+    for value, s in zip(model.graph.output, outputs, strict=True):
+        value.doc_string = _describe(s, "output", labels, spec.task)
+    model.doc_string = f"optimized by modelpress job {job_id} from {spec.model} ({spec.task})"
+    onnx.save_model(model, str(path))
+    return props
+
+
+def single_file(path: Path) -> Path:
+    """The model at ``path`` as one file (``<stem>-single.onnx`` next to it) when it has external data that fits
+    in 2 GiB; else ``path`` itself (a model past 2 GiB keeps its data files, stored as artifacts by name)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    externals = onnx_files.external_data_files(model, path.parent)
+    if not externals or path.stat().st_size + sum(f.stat().st_size for f in externals) > onnx_files.PROTOBUF_LIMIT:
+        return path
+    onnx.load_external_data_for_model(model, str(path.parent))
+    out = path.with_name(f"{path.stem}-single.onnx")
+    onnx.save_model(model, str(out), save_as_external_data=False)
+    return out
+
+
+def external_files(path: Path) -> dict[str, Path]:
+    """The external-data files of the ONNX model at ``path`` by their location (relative to its folder)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    root = path.parent.resolve()
+    return {f.relative_to(root).as_posix(): f for f in onnx_files.external_data_files(model, path.parent)}
+
+
+def _hf_side_files(hf_archive: Path, meta: dict[str, Any]) -> dict[str, bytes]:
+    """config.json and the tokenizer / preprocessor files at the top of the uploaded hf archive, by name."""
+    entries = archive.list_entries(hf_archive, archive.HF_LIMITS)
+    root = str(meta["root"]) if meta.get("root") is not None else archive.common_root(entries)
+    out: dict[str, bytes] = {}
+    for entry in entries:
+        if entry.is_dir or not entry.name.startswith(root):
+            continue
+        rel = entry.name[len(root):]
+        if "/" in rel or (rel != "config.json" and rel not in TOKENIZER_FILES):
+            continue
+        out[rel] = archive.read_member(hf_archive, entry, MAX_SIDE_FILE)
+    return out
+
+
+def hf_bundle(model_path: Path, hf_archive: Path, meta: dict[str, Any], labels: list[str] | None, dest: Path) -> Path:
+    """``dest`` (a zip): ``model.onnx`` (one file), ``config.json`` with ``id2label``/``label2id`` and the upload's
+    tokenizer files, the folder layout Optimum's ``ORTModelFor…from_pretrained`` and transformers' Auto* read."""
+    side = _hf_side_files(hf_archive, meta)
+    config = json.loads(side.pop("config.json", b"{}") or b"{}")
+    if labels:
+        config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+        config["label2id"] = {name: i for i, name in enumerate(labels)}
+        config["num_labels"] = len(labels)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(single_file(model_path), "model.onnx")
+        zf.writestr("config.json", json.dumps(config, indent=2, sort_keys=True))
+        for name, data in sorted(side.items()):
+            zf.writestr(str(PurePosixPath(name)), data)
+    return dest
+
+
+def prepare(
+    output_path: Path,
+    spec: JobSpec,
+    *,
+    job_id: str,
+    model_ref: tuple[Path, str, dict[str, Any]] | None,
+    classes: list[str] | None,
+    workdir: Path,
+) -> dict[str, tuple[str, Path]]:
+    """The model artifacts of a finished job by name (``model.onnx``, its data files if over 2 GiB, and
+    ``bundle.zip`` for an hf upload), the output described in its metadata."""
+    model_meta = model_ref[2] if model_ref else {}
+    labels = label_names(spec, model_meta, classes)
+    stamp(output_path, spec, job_id=job_id, labels=labels)
+    model_file = single_file(output_path)
+    files: dict[str, tuple[str, Path]] = {"model.onnx": ("model", model_file)}
+    if model_file == output_path:
+        files.update({name: ("model-data", p) for name, p in external_files(output_path).items()})
+    if model_ref is not None and model_ref[1] == "hf":
+        files["bundle.zip"] = ("bundle", hf_bundle(model_file, model_ref[0], model_meta, labels,
+                                                   workdir / "bundle.zip"))
+    return files
