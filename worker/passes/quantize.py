@@ -463,8 +463,12 @@ class QuantizePass(Pass):
         ORT's ``neural_compressor.gptq_quantize`` is called directly: ``MatMulNBitsQuantizer`` hands it
         every MatMul and ignores ``nodes_to_exclude`` on this path.
         """
+        import contextlib
+        import io
+
         from onnxruntime.quantization.neural_compressor import gptq_quantize
 
+        _quiet_ort_quantizer_logs()
         data = ctx.dataset("calibration", model)
         if data is None or len(data) == 0:
             raise StepFailed("calibration_data_missing", "algorithm gptq needs a calibration dataset")
@@ -485,16 +489,17 @@ class QuantizePass(Pass):
             target = str(target_path)
         ctx.progress("calibrating (gptq)", fraction=0.2)
         try:
-            quantized = gptq_quantize(
-                target,
-                ((feed, None) for feed in feeds),
-                weight_config=config,
-                num_bits=4,
-                group_size=s.block_size,
-                scheme=scheme,
-                n_samples=-1,
-                accuracy_level=s.accuracy_level or 0,
-            )
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress bar writes to stdout
+                quantized = gptq_quantize(
+                    target,
+                    ((feed, None) for feed in feeds),
+                    weight_config=config,
+                    num_bits=4,
+                    group_size=s.block_size,
+                    scheme=scheme,
+                    n_samples=-1,
+                    accuracy_level=s.accuracy_level or 0,
+                )
         except Exception as e:  # ORT raises many types from its calibration session
             raise StepFailed("quantize_failed", f"GPTQ failed: {type(e).__name__}: {e}") from e
         return quantized.model, {"method": "gptq", "samples": len(data), "batch": batch}
@@ -643,9 +648,21 @@ def _gather_config(s: WeightOnlySettings) -> Any:
     )
 
 
+def _quiet_ort_quantizer_logs() -> None:
+    """ORT's weight-only quantizer logs every node at INFO (and sets up root logging at import): warnings only."""
+    import logging
+
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (its import configures the logger)
+
+    for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "neural_compressor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _nbits(m: onnx.ModelProto, names: list[str], config: Any) -> onnx.ModelProto:
     """``MatMulNBitsQuantizer`` over ``m`` with ``config``, restricted to the nodes named ``names``."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    _quiet_ort_quantizer_logs()
 
     keep = set(names)
     others = [n.name for n in m.graph.node if n.name not in keep]

@@ -3,6 +3,7 @@ weight-only INT4/INT8 on a tiny trained causal LM (MatMulNBits, per-node bits, e
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,8 +285,13 @@ def _nbits(path: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("algorithm", ["rtn", "hqq", "gptq"])
-def test_int4_loads_in_ort_is_smaller_and_its_logits_track_fp32(tmp_path: Path, lm: LMFiles, algorithm: str) -> None:
+def test_int4_loads_in_ort_is_smaller_and_its_logits_track_fp32(
+    tmp_path: Path, lm: LMFiles, algorithm: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     out, metrics = _quantize_lm(tmp_path, lm.onnx, lm.data, mode="int4", algorithm=algorithm, block_size=32)
+    # ORT's per-node INFO lines and GPTQ's stdout progress bar stay out of the worker's output
+    assert "Progress" not in capsys.readouterr().out
+    assert logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").getEffectiveLevel() >= logging.WARNING
     bits = _nbits(out)
     # 2 layers x (q, k, v, o, gate, up, down) at 4 bits; the head (last MatMul) at the default 8 bits
     assert sorted(bits.values()) == [4] * 14 + [8] and bits["/m/lm_head/MatMul_Q8"] == 8
