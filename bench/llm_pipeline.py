@@ -18,6 +18,10 @@ Figures per variant: file size, held-out perplexity (``worker.lm.session.LMSessi
 every test token), decode tokens/s at batch 1 (``LMSession.time_decode``, greedy with the KV cache).
 Goals: INT4 >= 3.5x smaller than fp32, decode >= 2x fp32, and a perplexity increase at most half of what
 ORT's quantizer with its defaults loses on the same model.
+
+LoRA domain adaptation (``--lora-steps``, 0 to skip): the ``finetune`` pass (``mode: lora``) on a new domain,
+the Python documentation that ships with CPython (``pydoc_data.topics``, every 10th topic held out); goal:
+the domain's held-out perplexity >= 10 % lower.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import numpy as np
 
 from bench.common import OUT, emit, fmt_ratio, goal_met, log, machine_info, ratio
 
-GOAL_SIZE, GOAL_DECODE, GOAL_PPL_SHARE = 3.5, 2.0, 0.5
+GOAL_SIZE, GOAL_DECODE, GOAL_PPL_SHARE, GOAL_LORA = 3.5, 2.0, 0.5, 0.9
 LICENCES = Path("/usr/share/common-licenses")
 
 # name -> quantize step parameters (besides type and mode int4); "ours" is the pass with its defaults.
@@ -103,6 +107,14 @@ def token_rows(tok: Any, texts: list[str], length: int) -> np.ndarray:
         ids += tok(t)["input_ids"] + [tok.eos_token_id]
     n = len(ids) // length
     return np.asarray(ids[: n * length], dtype=np.int64).reshape(n, length)
+
+
+def python_docs_corpus(every: int = 10) -> tuple[list[str], list[str]]:
+    """The topics of CPython's bundled documentation (``pydoc_data.topics``), split into (train, test)."""
+    from pydoc_data.topics import topics
+
+    texts = [" ".join(topics[k].split()) for k in sorted(topics)]
+    return [t for i, t in enumerate(texts) if i % every != every - 1], texts[every - 1 :: every]
 
 
 @dataclass
@@ -231,6 +243,48 @@ def quantize_ours(src: Path, work: Path, params: dict[str, Any], calibration: An
     return result.model.onnx_path, result.metrics
 
 
+def lora_domain(a: argparse.Namespace, lm: Trained) -> dict[str, Any]:
+    """The finetune pass (LoRA) on the Python docs: held-out perplexity of that domain before and after."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from models.spec import FinetuneStep, JobSpec
+    from worker.context import LocalContext
+    from worker.passes.base import ArrayDataset, WorkingModel
+    from worker.passes.finetune import FinetunePass
+
+    tok = AutoTokenizer.from_pretrained(lm.hf_dir)
+    train, test = python_docs_corpus()
+
+    def rows(texts: list[str]) -> ArrayDataset:
+        ids = token_rows(tok, texts, a.seq)
+        return ArrayDataset(inputs={"input_ids": ids, "attention_mask": np.ones_like(ids)}, labels=ids.copy(),
+                            meta={"shape": "text"})
+
+    data = {"train": rows(train), "eval": rows(test).take(a.lora_eval_rows)}
+
+    class Ctx(LocalContext):
+        def dataset(self, role: Any, model: WorkingModel) -> Any:
+            return data.get(role)
+
+    torch.manual_seed(a.seed)
+    torch.set_num_threads(a.threads)
+    spec = JobSpec.model_validate({"model": "mdl_lm", "task": "text-generation", "seed": a.seed})
+    with tempfile.TemporaryDirectory(prefix="bench-llm-lora-") as tmp:
+        ctx = Ctx(Path(tmp), spec, models={}, device="cpu")
+        model = WorkingModel(form="torch", origin="hf", input_names=["input_ids", "attention_mask"],
+                             output_names=["logits"], module=AutoModelForCausalLM.from_pretrained(lm.hf_dir).eval(),
+                             hf_dir=lm.hf_dir, meta={"hf_task": "text-generation"})
+        step = FinetuneStep.model_validate({"type": "finetune", "mode": "lora", "epochs": 100, "max_steps": a.lora_steps,
+                                            "batch_size": a.batch, "lr": a.lora_lr, "lora": {"r": 16, "alpha": 32}})
+        t0 = time.perf_counter()
+        metrics = FinetunePass().run(model, step, ctx).metrics
+    before, after = float(metrics["perplexity_before"]), float(metrics["perplexity_after"])
+    return {"domain_train_rows": len(data["train"]), "domain_eval_rows": len(data["eval"]), "steps": a.lora_steps,
+            "trainable_params": metrics.get("trainable_params"), "perplexity_before": before,
+            "perplexity_after": after, "ratio": after / before, "train_s": time.perf_counter() - t0}
+
+
 # --- the run -------------------------------------------------------------------------------------------
 
 
@@ -254,6 +308,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--candidates", default="all", help="comma-separated CANDIDATES names, or all")
     p.add_argument("--decode-all", action="store_true", help="time decode for every candidate, not just ours")
+    p.add_argument("--lora-steps", type=int, default=100, help="LoRA domain-adaptation steps (0: skip)")
+    p.add_argument("--lora-lr", type=float, default=2e-3)
+    p.add_argument("--lora-eval-rows", type=int, default=64)
     a = p.parse_args(argv)
     names = list(CANDIDATES) if a.candidates == "all" else ["ours", *[n for n in a.candidates.split(",") if n != "ours"]]
     with tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
@@ -303,6 +360,10 @@ def _run(a: argparse.Namespace, names: list[str], work: Path) -> dict[str, Any]:
     print(f"ours vs fp32: size {fmt_ratio(ours['size_ratio'], GOAL_SIZE)}, decode "
           f"{fmt_ratio(ours['decode_ratio'], GOAL_DECODE)}; perplexity +{100 * ours['ppl_increase']:.1f}% vs ORT "
           f"defaults +{100 * ort_def['ppl_increase']:.1f}%: share {fmt_ratio(share, GOAL_PPL_SHARE, higher_is_better=False)}")
+    lora = lora_domain(a, lm) if a.lora_steps else None
+    if lora is not None:
+        print(f"LoRA on the Python docs ({lora['steps']} steps): domain perplexity {lora['perplexity_before']:.2f} -> "
+              f"{lora['perplexity_after']:.2f}: {fmt_ratio(lora['ratio'], GOAL_LORA, higher_is_better=False)}")
     figures = {
         "machine": machine_info(),
         "model": {"params": lm.params, "train_loss": lm.train_loss, "train_s": lm.train_s, "hidden": a.hidden,
@@ -313,7 +374,9 @@ def _run(a: argparse.Namespace, names: list[str], work: Path) -> dict[str, Any]:
             "size": goal_met(ours["size_ratio"], GOAL_SIZE),
             "decode": goal_met(ours["decode_ratio"], GOAL_DECODE),
             "ppl_share": goal_met(share, GOAL_PPL_SHARE, higher_is_better=False),
+            **({"lora": goal_met(lora["ratio"], GOAL_LORA, higher_is_better=False)} if lora else {}),
         },
+        "lora": lora,
     }
     emit("llm_pipeline", f"int4 {ours['size_ratio']:.2f}x smaller, decode {ours['decode_ratio']:.2f}x, ppl "
          f"+{100 * ours['ppl_increase']:.1f}% (ORT defaults +{100 * ort_def['ppl_increase']:.1f}%)", figures)
