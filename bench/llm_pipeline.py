@@ -203,14 +203,20 @@ def file_size(path: Path) -> int:
     return int(model_size_bytes(path))
 
 
-def measure(path: Path, rows: np.ndarray, a: argparse.Namespace, decode: bool) -> dict[str, Any]:
-    """Size, held-out perplexity and (when ``decode``) greedy decode tokens/s of one ONNX file."""
-    session = open_session(path, a.threads)
-    out: dict[str, Any] = {"size_bytes": file_size(path), "perplexity": perplexity(session, rows)}
-    if decode:
-        timing = session.time_decode(a.prompt_tokens, a.new_tokens, a.runs)
-        out["tokens_per_s"] = float(timing["tokens_per_s"])
-    return out
+def measure(path: Path, rows: np.ndarray, a: argparse.Namespace) -> dict[str, Any]:
+    """Size and held-out perplexity of one ONNX file."""
+    return {"size_bytes": file_size(path), "perplexity": perplexity(open_session(path, a.threads), rows)}
+
+
+def decode_speeds(paths: dict[str, Path], a: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Greedy decode tokens/s of each file at batch 1, in ``a.runs`` interleaved rounds (each file once per
+    round, so a busy minute on a shared machine hits all of them): the best round and the median."""
+    sessions = {name: open_session(path, a.threads) for name, path in paths.items()}
+    seen: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(a.runs):
+        for name, session in sessions.items():
+            seen[name].append(float(session.time_decode(a.prompt_tokens, a.new_tokens, 1)["tokens_per_s"]))
+    return {name: {"tokens_per_s": max(v), "tokens_per_s_median": float(np.median(v))} for name, v in seen.items()}
 
 
 def quantize_by_hand(src: Path, dst: Path) -> Path:
@@ -305,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=1, help="torch and ORT intra-op threads")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=7, help="interleaved decode timing rounds")
     p.add_argument("--candidates", default="all", help="comma-separated CANDIDATES names, or all")
     p.add_argument("--decode-all", action="store_true", help="time decode for every candidate, not just ours")
     p.add_argument("--lora-steps", type=int, default=100, help="LoRA domain-adaptation steps (0: skip)")
@@ -331,19 +337,25 @@ def _run(a: argparse.Namespace, names: list[str], work: Path) -> dict[str, Any]:
     calib_ids = lm.train_rows[:32]
     calibration = ArrayDataset(inputs={"input_ids": calib_ids, "attention_mask": np.ones_like(calib_ids)},
                                labels=calib_ids.copy(), meta={"shape": "text"})
-    results: dict[str, dict[str, Any]] = {"fp32": measure(fp32, lm.test_rows, a, decode=True)}
+    results: dict[str, dict[str, Any]] = {"fp32": measure(fp32, lm.test_rows, a)}
     t0 = time.perf_counter()
     by_hand = quantize_by_hand(fp32, work / "ort-defaults.onnx")
-    results["ort defaults"] = {**measure(by_hand, lm.test_rows, a, decode=True), "quantize_s": time.perf_counter() - t0}
+    results["ort defaults"] = {**measure(by_hand, lm.test_rows, a), "quantize_s": time.perf_counter() - t0}
+    timed = {"fp32": fp32, "ort defaults": by_hand}
     for name in names:
         t0 = time.perf_counter()
         path, metrics = quantize_ours(fp32, work / re.sub(r"\W+", "-", name), CANDIDATES[name], calibration)
-        row = measure(path, lm.test_rows, a, decode=name == "ours" or a.decode_all)
+        row = measure(path, lm.test_rows, a)
+        if name == "ours" or a.decode_all:
+            timed[name] = path
         row["quantize_s"] = time.perf_counter() - t0
         row["weight_only"] = {k: metrics["weight_only"][k] for k in ("algorithm", "block_size", "symmetric",
                                                                       "accuracy_level", "matmul_bits", "embeddings")}
         results[name] = row
         log(f"{name}: ppl {row['perplexity']:.3f}, {row['size_bytes'] / 1e6:.2f} MB")
+    log(f"timing decode of {len(timed)} files in {a.runs} interleaved rounds")
+    for name, speed in decode_speeds(timed, a).items():
+        results[name].update(speed)
     base = results["fp32"]
     for row in results.values():
         row["size_ratio"] = ratio(base["size_bytes"], row["size_bytes"])
