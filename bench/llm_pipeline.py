@@ -60,6 +60,11 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "gptq b32 asym head8": {"algorithm": "gptq", "block_size": 32, "symmetric": False},
     "hqq b32 head8 down8": {"algorithm": "hqq", "block_size": 32, "bits": {"*lm_head*": 8, "*down_proj*": 8}},
     "hqq b32 head8 emb4": {"algorithm": "hqq", "block_size": 32, "quantize_embeddings": True},
+    "hqq b64 head8 emb4": {"algorithm": "hqq", "block_size": 64, "quantize_embeddings": True},
+    "rtn b32 asym head8 emb4": {"algorithm": "rtn", "block_size": 32, "symmetric": False, "quantize_embeddings": True},
+    "rtn b64 asym head8 emb4": {"algorithm": "rtn", "block_size": 64, "symmetric": False, "quantize_embeddings": True},
+    "gptq b64 asym head8 emb4": {"algorithm": "gptq", "block_size": 64, "symmetric": False,
+                                 "quantize_embeddings": True},
     "hqq b32 head8 acc0": {"algorithm": "hqq", "block_size": 32, "accuracy_level": 0},
 }
 
