@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _run(a: argparse.Namespace, names: list[str], work: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    from worker.passes.base import ArrayDataset
+    from worker.passes.base import ArrayDataset, StepFailed
 
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     lm = train_lm(a)
@@ -347,9 +347,15 @@ def _run(a: argparse.Namespace, names: list[str], work: Path) -> dict[str, Any]:
     by_hand = quantize_by_hand(fp32, work / "ort-defaults.onnx")
     results["ort defaults"] = {**measure(by_hand, lm.test_rows, a), "quantize_s": time.perf_counter() - t0}
     timed = {"fp32": fp32, "ort defaults": by_hand}
+    failed: dict[str, str] = {}
     for name in names:
         t0 = time.perf_counter()
-        path, metrics = quantize_ours(fp32, work / re.sub(r"\W+", "-", name), CANDIDATES[name], calibration)
+        try:
+            path, metrics = quantize_ours(fp32, work / re.sub(r"\W+", "-", name), CANDIDATES[name], calibration)
+        except StepFailed as e:  # a candidate the quantizer cannot do on this graph is a finding, not a crash
+            log(f"{name}: failed: {e.code}: {e.message}")
+            failed[name] = f"{e.code}: {e.message}"
+            continue
         row = measure(path, lm.test_rows, a)
         if name == "ours" or a.decode_all:
             timed[name] = path
@@ -372,6 +378,8 @@ def _run(a: argparse.Namespace, names: list[str], work: Path) -> dict[str, Any]:
         tps = f"{row['tokens_per_s']:8.1f} {row['decode_ratio']:6.2f}x" if "tokens_per_s" in row else ""
         print(f"{name:<24} {row['size_bytes'] / 1e6:7.2f} {row['size_ratio']:7.2f}x {row['perplexity']:8.3f} "
               f"{100 * row['ppl_increase']:+7.1f}% {tps}")
+    for name, why in failed.items():
+        print(f"{name:<24} failed: {why[:120]}")
     ours, ort_def = results["ours"], results["ort defaults"]
     share = ratio(ours["ppl_increase"], ort_def["ppl_increase"])
     print(f"ours vs fp32: size {fmt_ratio(ours['size_ratio'], GOAL_SIZE)}, decode "
@@ -386,6 +394,7 @@ def _run(a: argparse.Namespace, names: list[str], work: Path) -> dict[str, Any]:
         "model": {"params": lm.params, "train_loss": lm.train_loss, "train_s": lm.train_s, "hidden": a.hidden,
                   "layers": a.layers, "vocab": a.vocab, "test_tokens": int(lm.test_rows.size)},
         "results": results,
+        "failed": failed,
         "ppl_share_of_ort_defaults": share,
         "goals": {
             "size": goal_met(ours["size_ratio"], GOAL_SIZE),
