@@ -477,11 +477,22 @@ class QuantizePass(Pass):
         feeds = list(calibration_feeds(data, list(m.graph.input), batch, ctx))
         chosen = set(names)
         scheme = "sym" if s.symmetric else "asym"
-        config: dict[str, Any] = {
-            n.name: {"bits": 4, "group_size": s.block_size, "scheme": scheme} if n.name in chosen else "fp32"
-            for n in m.graph.node
-            if n.op_type == "MatMul"
-        }
+        rows = {t.name: int(t.dims[0]) for t in m.graph.initializer if len(t.dims) == 2}
+        config: dict[str, Any] = {}
+        odd: list[str] = []
+        for n in m.graph.node:
+            if n.op_type != "MatMul":
+                continue
+            if n.name not in chosen:
+                config[n.name] = "fp32"
+                continue
+            node_scheme = scheme
+            if scheme == "asym" and -(-rows.get(n.input[1], 0) // s.block_size) % 2:
+                # ORT's GPTQ packs two 4-bit zero points per byte across columns and breaks on an odd
+                # number of blocks per column (K / block_size): those weights go symmetric (no zero points)
+                node_scheme = "sym"
+                odd.append(n.name)
+            config[n.name] = {"bits": 4, "group_size": s.block_size, "scheme": node_scheme}
         target: Any = m
         if large:  # the quantizer serializes the model for its session: > 2 GiB must go by path
             target_path = _unique_path(ctx.workdir, "quantize-gptq-src")
@@ -502,7 +513,10 @@ class QuantizePass(Pass):
                 )
         except Exception as e:  # ORT raises many types from its calibration session
             raise StepFailed("quantize_failed", f"GPTQ failed: {type(e).__name__}: {e}") from e
-        return quantized.model, {"method": "gptq", "samples": len(data), "batch": batch}
+        info: dict[str, Any] = {"method": "gptq", "samples": len(data), "batch": batch}
+        if odd:
+            info["symmetric_nodes"] = odd
+        return quantized.model, info
 
 
 @dataclasses.dataclass(frozen=True)

@@ -422,3 +422,15 @@ def test_calibration_feeds_fill_an_empty_kv_cache_and_positions(tmp_path: Path) 
     with pytest.raises(StepFailed) as e:
         list(calibration_feeds(ArrayDataset(inputs={"input_ids": ids}), inputs, 2, _LMContext(tmp_path, data)))
     assert e.value.code == "calibration_data_mismatch" and "attention_mask" in e.value.message
+
+
+def test_gptq_asymmetric_with_an_odd_block_count_per_column(tmp_path: Path, lm: LMFiles) -> None:
+    """ORT's GPTQ breaks packing zero points when K / block_size is odd: those weights go symmetric."""
+    out, metrics = _quantize_lm(tmp_path, lm.onnx, lm.data, mode="int4", algorithm="gptq", block_size=128,
+                                symmetric=False)
+    odd = metrics["weight_only"]["calibration"]["symmetric_nodes"]
+    assert "/m/model/layers.0/self_attn/q_proj/MatMul" in odd  # K = 128: one block
+    assert not [n for n in odd if "down_proj" in n]  # K = 256: two blocks, zero points kept
+    assert len(_nbits(out)) == 15
+    top1, kl = _track(_logits(lm.onnx, lm.data), _logits(out, lm.data))
+    assert top1 >= 0.8 and kl < 0.15, (top1, kl)
