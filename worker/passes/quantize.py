@@ -47,10 +47,22 @@ _QUANT_OPS = frozenset(
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 # -- weight-only (int4 / int8_weight) defaults, for the spec's None --
-# Chosen with ``python -m bench.llm_pipeline`` (figures in README, "LLM pipeline"): see the comment on
-# each value for the measurement behind it.
-DEFAULT_ALGORITHM = "hqq"
-DEFAULT_BLOCK_SIZE = 32
+# Chosen with ``python -m bench.llm_pipeline`` (a 4.0 M-parameter Llama trained on the OS licence texts,
+# genai-builder KV export, held-out perplexity 62.41 in fp32, 2 shared cores; figures in README). Against
+# ORT's quantizer with its defaults (RTN, block 128, asymmetric, head at 4 bits: +1.3 % perplexity, 3.88x
+# smaller):
+# - algorithm rtn: HQQ lost less (+0.2..0.4 %) but its float zero points take ORT's slow CPU path, 0.07-0.19x
+#   of fp32 decode speed against 1.5-4x for RTN; GPTQ b32 (+0.6 %) needs calibration text and was no better
+#   than RTN b64.
+# - block 64: +0.4 % at 3.58x smaller; block 32 +0.6 % (3.39x: the scales eat the size goal), block 128
+#   with a 4-bit head +1.3 %.
+# - asymmetric: at block 32 symmetric lost the same (+0.6 %) and saved 1 %; zero points help at larger blocks.
+# - head at 8 bits: the head at 4 bits cost +0.1 point of perplexity per block size tried.
+# - embeddings in float (``quantize_embeddings`` False): 4-bit embeddings made files 5-6x smaller but lost
+#   +1.0..1.2 %, as much as ORT's defaults.
+# - accuracy level 4 (int8 activations in MatMulNBits): the fast CPU kernel; see README for acc 0 vs 4.
+DEFAULT_ALGORITHM = "rtn"
+DEFAULT_BLOCK_SIZE = 64
 DEFAULT_SYMMETRIC = False
 DEFAULT_ACCURACY_LEVEL = 4
 # Bits of the output head (the last MatMul with a constant weight) when the spec gives no ``bits``.
