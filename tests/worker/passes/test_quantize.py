@@ -181,6 +181,7 @@ class LMFiles:
     onnx: Path
     data: ArrayDataset
     gpt2_onnx: Path
+    hf_dir: Path
 
 
 class _LMContext(LocalContext):
@@ -241,6 +242,7 @@ def lm(tmp_path_factory: pytest.TempPathFactory) -> LMFiles:
         torch.set_num_threads(threads)
     assert loss.item() < 4.0, f"the tiny LM trained to a loss of only {loss.item():.2f}"
     model.eval()
+    model.save_pretrained(folder, safe_serialization=True)  # the trained weights, for the KV-cache export
     held = rows[-24:].numpy().astype(np.int64)
     data = ArrayDataset(
         inputs={"input_ids": held, "attention_mask": np.ones_like(held)}, labels=held.copy(), meta={"shape": "text"}
@@ -250,6 +252,7 @@ def lm(tmp_path_factory: pytest.TempPathFactory) -> LMFiles:
         onnx=_export_logits(model, root / "llama.onnx", rows[:2]),
         data=data,
         gpt2_onnx=_export_logits(gpt2, root / "gpt2.onnx", rows[:2]),
+        hf_dir=folder,
     )
 
 
@@ -434,3 +437,28 @@ def test_gptq_asymmetric_with_an_odd_block_count_per_column(tmp_path: Path, lm: 
     assert len(_nbits(out)) == 15
     top1, kl = _track(_logits(lm.onnx, lm.data), _logits(out, lm.data))
     assert top1 >= 0.8 and kl < 0.15, (top1, kl)
+
+
+@pytest.mark.parametrize("method", ["torch", "genai"])
+def test_every_mode_on_a_kv_cache_export(tmp_path: Path, lm: LMFiles, method: str) -> None:
+    """On lmeval's KV-cache export (past_key_values inputs; GroupQueryAttention from the genai builder): each
+    file loads, its logits track fp32 and greedy decoding with the cache matches its own full-sequence argmax."""
+    export = pytest.importorskip("worker.lm.export")
+    session = pytest.importorskip("worker.lm.session")
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "kv.onnx"
+    export.export_causal_lm(AutoModelForCausalLM.from_pretrained(lm.hf_dir).eval(), src, hf_dir=lm.hf_dir,
+                            method=method)
+    ids, mask = lm.data.inputs["input_ids"][:8], lm.data.inputs["attention_mask"][:8]
+    ref = session.LMSession(src).logits(ids, mask).astype(np.float64)
+    for params in ({"mode": "int4", "algorithm": "gptq"}, {"mode": "int4"}, {"mode": "int8_weight"},
+                   {"mode": "dynamic"}, {"mode": "fp16"}):
+        out, _ = _quantize_lm(tmp_path / "-".join(map(str, params.values())), src, lm.data, **params)
+        s = session.LMSession(out)
+        top1, kl = _track(ref, s.logits(ids, mask).astype(np.float64))
+        assert top1 >= 0.85 and kl < 0.1, (params, top1, kl)
+        prompt = ids[0, :8].tolist()
+        new = s.generate(prompt, 6)
+        full = s.logits(np.asarray([prompt + new[:-1]]), np.ones((1, len(prompt) + 5), dtype=np.int64))
+        assert new == full[0, len(prompt) - 1 :].argmax(-1).tolist(), params
