@@ -1,7 +1,11 @@
-"""ORT quantization on the digits MLP: smaller files, close outputs, accuracy kept, exclusions honoured."""
+"""ORT quantization on the digits MLP (smaller files, close outputs, accuracy kept, exclusions honoured) and
+weight-only INT4/INT8 on a tiny trained causal LM (MatMulNBits, per-node bits, embeddings, logits vs fp32)."""
 
 from __future__ import annotations
 
+import logging
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +16,12 @@ import pytest
 
 from models.spec import JobSpec, QuantizeStep
 from tests.factories import digits_split
+from tests.factories_lm import licence_paragraphs, tiny_lm_dir
 from tests.worker.conftest import DigitsFiles
 from worker.context import LocalContext
 from worker.formats.onnx_model import count_params
 from worker.passes import REGISTRY
-from worker.passes.base import JobCancelled, WorkingModel
+from worker.passes.base import ArrayDataset, JobCancelled, StepFailed, WorkingModel
 from worker.passes.quantize import QuantizePass
 
 
@@ -162,3 +167,298 @@ def test_dynamic_reduce_range_is_reported_and_stays_close(tmp_path: Path, digits
     _, (x, _) = digits_split()
     ref, out = _run(digits_mlp.model, x), _run(model.onnx_path, x)
     assert np.abs(ref - out).max() < 0.05 * np.abs(ref).max()
+
+
+# -- weight-only INT4 / INT8 on a causal LM ---------------------------------------------------------------
+
+LM_T = 48
+
+
+@dataclass(frozen=True)
+class LMFiles:
+    """A tiny Llama briefly trained on licence text, exported to ONNX (logits, no cache), and token rows."""
+
+    onnx: Path
+    data: ArrayDataset
+    gpt2_onnx: Path
+    hf_dir: Path
+
+
+class _LMContext(LocalContext):
+    def __init__(self, workdir: Path, data: ArrayDataset | None) -> None:
+        spec = JobSpec.model_validate({"model": "mdl_lm", "task": "text-generation"})
+        super().__init__(workdir, spec, models={}, device="cpu")
+        self.data = data
+
+    def dataset(self, role: Any, model: WorkingModel) -> ArrayDataset | None:
+        return self.data
+
+
+def _export_logits(module: Any, path: Path, ids: Any) -> Path:
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = module
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    axes = {n: {0: "batch", 1: "seq"} for n in ("input_ids", "attention_mask", "logits")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits().eval(), (ids, torch.ones_like(ids)), str(path), input_names=["input_ids", "attention_mask"],
+                          output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory: pytest.TempPathFactory) -> LMFiles:
+    """Trained for 80 AdamW steps so its logits are peaked (a random-init LM's near-uniform logits make
+    top-1 agreement a coin toss under any quantization)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("lm")
+    folder = tiny_lm_dir(root / "llama", hidden=128, heads=4, kv_heads=2, layers=2)
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = [t for p in licence_paragraphs() for t in tok(p)["input_ids"]]
+    rows = torch.tensor(ids[: len(ids) // LM_T * LM_T]).view(-1, LM_T)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small runs several times slower on two contended threads
+    try:
+        for _ in range(80):
+            batch = rows[torch.randint(0, len(rows), (16,))]
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert loss.item() < 4.0, f"the tiny LM trained to a loss of only {loss.item():.2f}"
+    model.eval()
+    model.save_pretrained(folder, safe_serialization=True)  # the trained weights, for the KV-cache export
+    held = rows[-24:].numpy().astype(np.int64)
+    data = ArrayDataset(
+        inputs={"input_ids": held, "attention_mask": np.ones_like(held)}, labels=held.copy(), meta={"shape": "text"}
+    )
+    gpt2 = AutoModelForCausalLM.from_pretrained(tiny_lm_dir(root / "gpt2", kind="gpt2", hidden=64, layers=2)).eval()
+    return LMFiles(
+        onnx=_export_logits(model, root / "llama.onnx", rows[:2]),
+        data=data,
+        gpt2_onnx=_export_logits(gpt2, root / "gpt2.onnx", rows[:2]),
+        hf_dir=folder,
+    )
+
+
+def _logits(path: Path, data: ArrayDataset) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.asarray(sess.run(["logits"], dict(data.inputs))[0], dtype=np.float64)
+
+
+def _track(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(ref || got) in nats) over every token."""
+    def logp(x: np.ndarray) -> np.ndarray:
+        x = x - x.max(-1, keepdims=True)
+        return np.asarray(x - np.log(np.exp(x).sum(-1, keepdims=True)))
+
+    lr, lg = logp(ref), logp(got)
+    kl = float((np.exp(lr) * (lr - lg)).sum(-1).mean())
+    return float((ref.argmax(-1) == got.argmax(-1)).mean()), kl
+
+
+def _quantize_lm(tmp_path: Path, src: Path, data: ArrayDataset | None, **params: Any) -> tuple[Path, dict[str, Any]]:
+    ctx = _LMContext(tmp_path / "work", data)
+    model = WorkingModel(form="onnx", origin="hf", input_names=["input_ids", "attention_mask"],
+                         output_names=["logits"], onnx_path=src, meta={"hf_task": "text-generation"})
+    result = QuantizePass().run(model, QuantizeStep(type="quantize", **params), ctx)
+    assert result.model.onnx_path is not None and result.model.meta["quantized"] == params["mode"]
+    return result.model.onnx_path, result.metrics
+
+
+def _nbits(path: Path) -> dict[str, int]:
+    """MatMulNBits node name -> its ``bits`` attribute."""
+    return {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"}
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "hqq", "gptq"])
+def test_int4_loads_in_ort_is_smaller_and_its_logits_track_fp32(
+    tmp_path: Path, lm: LMFiles, algorithm: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, metrics = _quantize_lm(tmp_path, lm.onnx, lm.data, mode="int4", algorithm=algorithm, block_size=32)
+    # ORT's per-node INFO lines and GPTQ's stdout progress bar stay out of the worker's output
+    assert "Progress" not in capsys.readouterr().out
+    assert logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").getEffectiveLevel() >= logging.WARNING
+    bits = _nbits(out)
+    # 2 layers x (q, k, v, o, gate, up, down) at 4 bits; the head (last MatMul) at the default 8 bits
+    assert sorted(bits.values()) == [4] * 14 + [8] and bits["/m/lm_head/MatMul_Q8"] == 8
+    proto = onnx.load(str(out))
+    weights = {t.name for t in proto.graph.initializer}
+    assert not [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert metrics["weight_only"]["algorithm"] == algorithm and metrics["weight_only"]["block_size"] == 32
+    assert metrics["weight_only"]["matmul_bits"] == {"4": 14, "8": 1}
+    assert metrics["quantized_ops"]["MatMulNBits"] == 15
+    assert metrics["size_ratio"] > 2.0 and metrics["size_bytes_after"] == out.stat().st_size
+    top1, kl = _track(_logits(lm.onnx, lm.data), _logits(out, lm.data))
+    assert top1 >= 0.85 and kl < 0.1, (top1, kl)
+    if algorithm == "gptq":
+        assert metrics["weight_only"]["calibration"]["samples"] == len(lm.data)
+
+
+def test_int4_matches_ort_quantizer_called_by_hand(tmp_path: Path, lm: LMFiles) -> None:
+    """rtn with the head at 4 bits and no accuracy level is exactly ORT's quantizer with the same settings."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    out, _ = _quantize_lm(tmp_path, lm.onnx, lm.data, mode="int4", algorithm="rtn", block_size=64, symmetric=True,
+                          accuracy_level=0, bits={})
+    q = MatMulNBitsQuantizer(onnx.load(str(lm.onnx)), block_size=64, is_symmetric=True, accuracy_level=0)
+    q.process()
+    onnx.save(q.model.model, str(tmp_path / "by-hand.onnx"))
+    np.testing.assert_allclose(_logits(out, lm.data), _logits(tmp_path / "by-hand.onnx", lm.data), atol=1e-5)
+
+
+def test_bits_override_keeps_the_matching_matmuls_at_8_bits(tmp_path: Path, lm: LMFiles) -> None:
+    out, metrics = _quantize_lm(tmp_path, lm.onnx, lm.data, mode="int4", algorithm="hqq",
+                                bits={"*mlp/down_proj*": 8})
+    bits = _nbits(out)
+    eight = sorted(name for name, b in bits.items() if b == 8)
+    assert eight == ["/m/model/layers.0/mlp/down_proj/MatMul_Q8", "/m/model/layers.1/mlp/down_proj/MatMul_Q8"]
+    assert bits["/m/lm_head/MatMul_Q4"] == 4  # an explicit ``bits`` replaces the default head override
+    assert metrics["weight_only"]["bits_overrides"] == {
+        "/m/model/layers.0/mlp/down_proj/MatMul": 8, "/m/model/layers.1/mlp/down_proj/MatMul": 8}
+    top1, kl = _track(_logits(lm.onnx, lm.data), _logits(out, lm.data))
+    assert top1 >= 0.8 and kl < 0.15, (top1, kl)
+
+
+def test_op_type_pattern_override_and_int8_weight(tmp_path: Path, lm: LMFiles) -> None:
+    out, _ = _quantize_lm(tmp_path / "a", lm.onnx, lm.data, mode="int4", bits={"MatMul": 8})
+    assert set(_nbits(out).values()) == {8}
+    out8, metrics8 = _quantize_lm(tmp_path / "b", lm.onnx, lm.data, mode="int8_weight")
+    assert set(_nbits(out8).values()) == {8} and metrics8["weight_only"]["algorithm"] == "rtn"
+    top1, kl = _track(_logits(lm.onnx, lm.data), _logits(out8, lm.data))
+    assert top1 >= 0.97 and kl < 0.005, (top1, kl)
+
+
+def test_quantize_embeddings_writes_gather_block_quantized(tmp_path: Path, lm: LMFiles) -> None:
+    out, metrics = _quantize_lm(tmp_path, lm.onnx, lm.data, mode="int4", quantize_embeddings=True)
+    proto = onnx.load(str(out))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and metrics["weight_only"]["embeddings"] == 1
+    assert next(o.version for o in proto.opset_import if o.domain == "") == 21
+    embed = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized")
+    inits = {t.name: t for t in proto.graph.initializer}
+    assert inits[embed.input[0]].data_type == onnx.TensorProto.UINT4
+    top1, kl = _track(_logits(lm.onnx, lm.data), _logits(out, lm.data))
+    assert top1 >= 0.85 and kl < 0.1, (top1, kl)
+
+
+def test_excluded_nodes_and_op_types_stay_float(tmp_path: Path, lm: LMFiles) -> None:
+    q_proj = "/m/model/layers.0/self_attn/q_proj/MatMul"
+    out, metrics = _quantize_lm(tmp_path, lm.onnx, lm.data, mode="int4", quantize_embeddings=True,
+                                nodes_to_exclude=[q_proj], op_types_to_exclude=["Gather"])
+    proto = onnx.load(str(out))
+    node = next(n for n in proto.graph.node if n.name == q_proj)
+    inits = {t.name: t for t in proto.graph.initializer}
+    assert node.op_type == "MatMul" and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT
+    assert "GatherBlockQuantized" not in [n.op_type for n in proto.graph.node]
+    assert len(_nbits(out)) == 14
+    assert {e["node"] for e in metrics["weight_only"]["excluded"]} == {q_proj, "/m/model/embed_tokens/Gather"}
+
+
+def test_gpt2_gemm_weights_become_matmul_nbits(tmp_path: Path, lm: LMFiles) -> None:
+    """GPT-2's Conv1D exports as Gemm: rewritten to MatMul + Add so its weights are quantized too."""
+    assert "Gemm" in _ops(lm.gpt2_onnx)
+    out, _ = _quantize_lm(tmp_path, lm.gpt2_onnx, None, mode="int8_weight")
+    assert "Gemm" not in _ops(out) and len(_nbits(out)) == 2 * 4 + 1
+    ref, got = _logits(lm.gpt2_onnx, lm.data), _logits(out, lm.data)
+    assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "fp16"])
+def test_dynamic_and_fp16_still_work_on_an_lm(tmp_path: Path, lm: LMFiles, mode: str) -> None:
+    out, metrics = _quantize_lm(tmp_path, lm.onnx, lm.data, mode=mode)
+    assert metrics["size_ratio"] > 1.5
+    top1, kl = _track(_logits(lm.onnx, lm.data), _logits(out, lm.data))
+    assert top1 >= 0.9 and kl < 0.05, (top1, kl)
+
+
+def test_weight_only_failures_say_why(tmp_path: Path, lm: LMFiles) -> None:
+    with pytest.raises(StepFailed) as e:
+        _quantize_lm(tmp_path / "a", lm.onnx, None, mode="int4", algorithm="gptq")
+    assert e.value.code == "calibration_data_missing"
+    with pytest.raises(StepFailed) as e:
+        _quantize_lm(tmp_path / "b", lm.onnx, None, mode="int8_weight", algorithm="hqq")
+    assert e.value.code == "unsupported_algorithm" and "zero points" in e.value.message
+    with pytest.raises(StepFailed) as e:
+        _quantize_lm(tmp_path / "c", lm.onnx, None, mode="int4", op_types_to_exclude=["MatMul"])
+    assert e.value.code == "nothing_to_quantize" and "15 excluded" in e.value.message
+    assert not list((tmp_path / "c" / "work").glob("quantized-*.onnx"))
+
+
+def test_calibration_feeds_fill_an_empty_kv_cache_and_positions(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    from worker.passes.quantize import calibration_feeds
+
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["batch", 2, "past", 16]),
+        helper.make_tensor_value_info("past_key_values.0.value", TensorProto.FLOAT16, ["batch", 2, "past", 16]),
+    ]
+    ids = np.arange(30, dtype=np.int32).reshape(5, 6)
+    mask = np.ones((5, 6), dtype=np.int64)
+    mask[1, 4:] = 0
+    data = ArrayDataset(inputs={"input_ids": ids, "attention_mask": mask})
+    feeds = list(calibration_feeds(data, inputs, 2, _LMContext(tmp_path, data)))
+    assert [f["input_ids"].shape[0] for f in feeds] == [2, 2, 1] and feeds[0]["input_ids"].dtype == np.int64
+    assert feeds[0]["past_key_values.0.key"].shape == (2, 2, 0, 16)
+    assert feeds[2]["past_key_values.0.value"].dtype == np.float16
+    assert feeds[0]["position_ids"][1].tolist() == [0, 1, 2, 3, 3, 3]
+    with pytest.raises(StepFailed) as e:
+        list(calibration_feeds(ArrayDataset(inputs={"input_ids": ids}), inputs, 2, _LMContext(tmp_path, data)))
+    assert e.value.code == "calibration_data_mismatch" and "attention_mask" in e.value.message
+
+
+def test_gptq_asymmetric_with_an_odd_block_count_per_column(tmp_path: Path, lm: LMFiles) -> None:
+    """ORT's GPTQ breaks packing zero points when K / block_size is odd: those weights go symmetric."""
+    out, metrics = _quantize_lm(tmp_path, lm.onnx, lm.data, mode="int4", algorithm="gptq", block_size=128,
+                                symmetric=False)
+    odd = metrics["weight_only"]["calibration"]["symmetric_nodes"]
+    assert "/m/model/layers.0/self_attn/q_proj/MatMul" in odd  # K = 128: one block
+    assert not [n for n in odd if "down_proj" in n]  # K = 256: two blocks, zero points kept
+    assert len(_nbits(out)) == 15
+    top1, kl = _track(_logits(lm.onnx, lm.data), _logits(out, lm.data))
+    assert top1 >= 0.8 and kl < 0.15, (top1, kl)
+
+
+@pytest.mark.parametrize("method", ["torch", "genai"])
+def test_every_mode_on_a_kv_cache_export(tmp_path: Path, lm: LMFiles, method: str) -> None:
+    """On lmeval's KV-cache export (past_key_values inputs; GroupQueryAttention from the genai builder): each
+    file loads, its logits track fp32 and greedy decoding with the cache matches its own full-sequence argmax."""
+    export = pytest.importorskip("worker.lm.export")
+    session = pytest.importorskip("worker.lm.session")
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "kv.onnx"
+    export.export_causal_lm(AutoModelForCausalLM.from_pretrained(lm.hf_dir).eval(), src, hf_dir=lm.hf_dir,
+                            method=method)
+    ids, mask = lm.data.inputs["input_ids"][:8], lm.data.inputs["attention_mask"][:8]
+    ref = session.LMSession(src).logits(ids, mask).astype(np.float64)
+    for params in ({"mode": "int4", "algorithm": "gptq"}, {"mode": "int4"}, {"mode": "int8_weight"},
+                   {"mode": "dynamic"}, {"mode": "fp16"}):
+        out, _ = _quantize_lm(tmp_path / "-".join(map(str, params.values())), src, lm.data, **params)
+        s = session.LMSession(out)
+        top1, kl = _track(ref, s.logits(ids, mask).astype(np.float64))
+        assert top1 >= 0.85 and kl < 0.1, (params, top1, kl)
+        prompt = ids[0, :8].tolist()
+        new = s.generate(prompt, 6)
+        full = s.logits(np.asarray([prompt + new[:-1]]), np.ones((1, len(prompt) + 5), dtype=np.int64))
+        assert new == full[0, len(prompt) - 1 :].argmax(-1).tolist(), params
