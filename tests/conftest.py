@@ -69,7 +69,7 @@ def _truncate(url: str) -> None:
 
     engine = make_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE job_events, artifacts, jobs, datasets, models, blob_claims, blob_orphans RESTART IDENTITY CASCADE"))
+        conn.execute(text("TRUNCATE job_events, artifacts, jobs, datasets, models, blob_claims, blob_orphans, stage_cache RESTART IDENTITY CASCADE"))
     engine.dispose()
 
 
