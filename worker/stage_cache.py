@@ -243,10 +243,13 @@ class StageCache:
 
     def remember(self) -> None:
         """Once the job succeeded: note it under its whole-job key."""
-        with session_scope() as s:
-            if s.scalar(select(Job.status).where(Job.id == self.job_id)) != "succeeded":
-                return
-        remember_job(self.owner, self.job_id, self.job_key)
+        try:
+            with session_scope() as s:
+                if s.scalar(select(Job.status).where(Job.id == self.job_id)) != "succeeded":
+                    return
+            remember_job(self.owner, self.job_id, self.job_key)
+        except Exception:  # e.g. an identical job noted itself at the same moment: the job stays succeeded
+            log.warning("stage cache: could not note job %s", self.job_id, exc_info=True)
 
     def finish(self, entries: list[dict[str, Any]]) -> None:
         """The last step's eval, filled in from the output's evaluation: store it in that step's entry."""

@@ -149,6 +149,7 @@ def _submit(spec: dict[str, Any]) -> str:
 def test_a_repeated_job_through_the_worker_succeeds_at_once_from_the_cache(
     pg_env: str, tmp_path: Path, digits_mlp: DigitsFiles, counted: Counter[str]
 ) -> None:
+    from api.services.jobs import job_out
     from worker import jobs
 
     model = _upload(digits_mlp.model, Model, "mdl", "onnx")
@@ -172,6 +173,9 @@ def test_a_repeated_job_through_the_worker_succeeds_at_once_from_the_cache(
         assert set(arts) == {"model.onnx", "report.json"} and sorted(b.result["artifact_ids"]) == sorted(
             x.id for x in arts.values())
         assert arts["model.onnx"].storage_key == olds["model.onnx"].storage_key  # the same blob, stored once
+        served = job_out(s, b)  # what GET /v1/jobs/{id} returns
+        assert served.result is not None and served.result.cached_from == first
+        assert {x.name for x in served.result.artifacts} == {"model.onnx", "report.json"}
     assert b"cached_from" in Path(get_store().local_copy(arts["report.json"].storage_key, tmp_path)).read_bytes()
     # cache: false runs the pass again
     assert jobs.execute(_submit({**spec, "cache": False})) == "succeeded" and counted == {"quantize": 2}
