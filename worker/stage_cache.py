@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +32,7 @@ from sqlalchemy import delete, select, update
 from models import blobs
 from models.db import session_scope
 from models.ids import new_id
+from models.settings import get_settings
 from models.spec import DistillStep, JobSpec, StudentModel
 from models.tables import Artifact, Dataset, Job, Model, StageCacheEntry, utcnow
 from storage import get_store
@@ -44,7 +46,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STAGE, JOB = "stage", "job"
+STAGE, JOB, RUN = "stage", "job", "run"
+WAIT_POLL_S = 0.5
+WAIT_MAX_S = 1800.0  # the longest a job waits for another computing the same step
+
+
+def _run_key(key: str) -> str:
+    """The marker key of a step key being computed."""
+    return hashlib.sha256(f"run:{key}".encode()).hexdigest()
 
 
 def modelpress_version() -> str:
@@ -172,25 +181,76 @@ class StageCache:
             return row
 
     def resume(self, ctx: PipelineContext, input_model: WorkingModel) -> Resumed | None:
-        """The longest prefix of the job's steps found in the cache, its model in the workdir; None if none."""
-        if input_model.origin != "onnx":
+        """The longest prefix of the job's steps found in the cache, its model in the workdir; None if none.
+
+        When another live job of the owner is computing the next step this job would run (a search's
+        trials started together), this waits for its entry rather than running the same step twice;
+        then it marks the steps it will compute itself."""
+        if input_model.origin != "onnx" or not self.keys:
             return None
+        deadline = time.monotonic() + WAIT_MAX_S
+        waited = False
+        while True:
+            found = self._find()
+            start = 0 if found is None else found[0] + 1
+            if start >= len(self.keys) or time.monotonic() > deadline or not self._computing(self.keys[start]):
+                if found is None:
+                    break
+                try:
+                    model = self._load(found[1], ctx, input_model, found[0])
+                except Exception:  # a lost blob is a miss, never a failed job
+                    log.warning("stage cache entry %s unreadable; running the steps", found[1].key, exc_info=True)
+                    self._drop(found[1].key)
+                    continue
+                break
+            if not waited:
+                ctx.log(f"waiting for another job computing steps[{start}] (the stage cache shares it)")
+                waited = True
+            ctx.check_cancelled()
+            time.sleep(WAIT_POLL_S)
+        self._mark(start)
+        if found is None:
+            return None
+        i, row = found
+        entries = [{**e, "cached": True, "cached_from": e.get("cached_from") or row.job_id}
+                   for e in row.entry["steps"]]
+        self.hits = list(range(i + 1))
+        ctx.log(f"steps 0..{i} from the stage cache", cached_from=row.job_id)
+        return Resumed(i + 1, model, entries)
+
+    def _find(self) -> tuple[int, StageCacheEntry] | None:
         for i in reversed(range(len(self.keys))):
             row = self._row(self.keys[i])
-            if row is None or row.blob_key is None:
+            if row is not None and row.blob_key is not None:
+                return i, row
+        return None
+
+    # -- steps in progress: a marker row per (owner, step key) a live job is computing ----------------
+
+    def _computing(self, key: str) -> bool:
+        """Whether another active job (heartbeat within the lease) has marked ``key`` as in progress."""
+        fresh = utcnow() - timedelta(seconds=get_settings().job_lease_seconds)
+        with session_scope() as s:
+            return s.scalar(
+                select(StageCacheEntry.id).join(Job, Job.id == StageCacheEntry.job_id).where(
+                    StageCacheEntry.owner == self.owner, StageCacheEntry.key == _run_key(key),
+                    StageCacheEntry.kind == RUN, StageCacheEntry.job_id != self.job_id,
+                    Job.status.in_(("running", "cancelling")), Job.heartbeat_at > fresh).limit(1)
+            ) is not None
+
+    def _mark(self, start: int) -> None:
+        for key in self.keys[start:]:
+            run_key = _run_key(key)
+            if self._computing(key):
                 continue
             try:
-                model = self._load(row, ctx, input_model, i)
-            except Exception:  # a lost blob is a miss, never a failed job
-                log.warning("stage cache entry %s unreadable; running the steps", row.key, exc_info=True)
-                self._drop(row.key)
-                continue
-            entries = [{**e, "cached": True, "cached_from": e.get("cached_from") or row.job_id}
-                       for e in row.entry["steps"]]
-            self.hits = list(range(i + 1))
-            ctx.log(f"steps 0..{i} from the stage cache", cached_from=row.job_id)
-            return Resumed(i + 1, model, entries)
-        return None
+                with session_scope() as s:
+                    s.execute(delete(StageCacheEntry).where(
+                        StageCacheEntry.owner == self.owner, StageCacheEntry.key == run_key))
+                    s.add(StageCacheEntry(owner=self.owner, key=run_key, kind=RUN, blob_key=None, size_bytes=0,
+                                          entry={"for": key}, job_id=self.job_id))
+            except Exception:  # another job marked it at the same moment
+                log.debug("stage cache: %s marked meanwhile", key, exc_info=True)
 
     def _load(self, row: StageCacheEntry, ctx: PipelineContext, input_model: WorkingModel, i: int) -> WorkingModel:
         assert row.blob_key is not None
@@ -272,6 +332,8 @@ class StageCache:
                     return  # a concurrent trial stored the same prefix first
                 s.add(StageCacheEntry(owner=self.owner, key=key, kind=STAGE, blob_key=blob.key,
                                       size_bytes=blob.size_bytes, entry=entry, job_id=self.job_id))
+                s.execute(delete(StageCacheEntry).where(
+                    StageCacheEntry.owner == self.owner, StageCacheEntry.key == _run_key(key)))
 
 
 def _plain(entry: dict[str, Any]) -> dict[str, Any]:

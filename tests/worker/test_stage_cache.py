@@ -129,6 +129,39 @@ def test_a_repeated_run_runs_no_pass_and_a_shared_prefix_runs_once(
     assert counted == {"prune": 2, "quantize": 3}
 
 
+def test_a_trial_started_beside_another_waits_for_the_shared_prefix(
+    pg_env: str, tmp_path: Path, digits_mlp: DigitsFiles, counted: Counter[str]
+) -> None:
+    """Two trials of one search at once: the second waits for the first's prune and runs nothing of it."""
+    import threading
+
+    from worker.stage_cache import RUN, _run_key
+
+    spec = _spec([PRUNE, DYNAMIC])
+    with session_scope() as s:  # job_x is live (running, fresh heartbeat) and has begun its steps
+        m = Model(id="mdl_x", owner="alice", name="m", format="onnx", sha256="0" * 64, size_bytes=1,
+                  storage_key="0" * 64, meta={})
+        s.add(m)
+        s.flush()
+        s.add(Job(id="job_x", owner="alice", status="running", spec={"model": "mdl_x"}, model_id="mdl_x",
+                  queue="cpu", attempt=1, progress={}, heartbeat_at=utcnow()))
+        s.flush()
+        key0 = stage_key(spec, 0, SHAS, "cpu")
+        s.add(StageCacheEntry(owner="alice", key=_run_key(key0), kind=RUN, entry={}, job_id="job_x", size_bytes=0))
+    reports: dict[str, dict[str, Any]] = {}
+    waiter = threading.Thread(target=lambda: reports.update(b=_run(tmp_path, digits_mlp, _spec([PRUNE, STATIC]),
+                                                                   "job_b")))
+    waiter.start()
+    reports["x"] = _run(tmp_path, digits_mlp, spec, "job_x")
+    waiter.join(timeout=120)
+    assert not waiter.is_alive()
+    assert counted == {"prune": 1, "quantize": 2}  # the prune ran once, in job_x
+    assert reports["b"]["steps"][0]["cached_from"] == "job_x" and "cached" not in reports["b"]["steps"][1]
+    with session_scope() as s:  # job_x's markers went as it stored its steps
+        assert s.scalar(select(StageCacheEntry.id).where(StageCacheEntry.job_id == "job_x",
+                                                         StageCacheEntry.kind == RUN).limit(1)) is None
+
+
 def _upload(path: Path, table: type[Model] | type[Dataset], prefix: str, fmt: str) -> str:
     blob = get_store().put([path.read_bytes()])
     rid = new_id(prefix)
