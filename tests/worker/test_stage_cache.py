@@ -129,6 +129,17 @@ def test_a_repeated_run_runs_no_pass_and_a_shared_prefix_runs_once(
     assert counted == {"prune": 2, "quantize": 3}
 
 
+def test_a_torch_step_after_a_cached_prefix_trains_the_reloaded_model(
+    pg_env: str, tmp_path: Path, digits_mlp: DigitsFiles, counted: Counter[str]
+) -> None:
+    _run(tmp_path, digits_mlp, _spec([PRUNE]), "job_a")
+    finetune = {"type": "finetune", "mode": "full", "epochs": 1, "batch_size": 64}
+    report = _run(tmp_path, digits_mlp, _spec([PRUNE, finetune]), "job_b")
+    assert counted == {"prune": 1, "finetune": 1}
+    assert report["steps"][0]["cached_from"] == "job_a" and "cached" not in report["steps"][1]
+    assert report["output"]["accuracy"] >= 0.85 and report["output"]["params"] < report["input"]["params"]
+
+
 def test_a_trial_started_beside_another_waits_for_the_shared_prefix(
     pg_env: str, tmp_path: Path, digits_mlp: DigitsFiles, counted: Counter[str]
 ) -> None:
