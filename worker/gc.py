@@ -74,7 +74,7 @@ class GcReport:
         return (f"freed {self.freed_bytes} bytes: {self.records} records ({self.jobs} jobs, {self.artifacts} artifacts), "
                 f"{self.blobs} blobs ({self.blob_bytes} B), {self.staged_files} staged uploads ({self.staged_bytes} B), "
                 f"{self.work_folders} work folders ({self.work_bytes} B), {self.cache_files} cache files "
-                f"({self.cache_bytes} B)")
+                f"({self.cache_bytes} B), {self.stage_entries} stage-cache entries")
 
 
 def _purge_in_batches(ids: list[str], purge: str) -> Purged:

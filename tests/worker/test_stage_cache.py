@@ -254,6 +254,7 @@ def test_gc_collects_entries_by_age_and_by_size(pg_env: str, monkeypatch: pytest
     get_settings.cache_clear()
     report = run_gc()
     assert report.stage_entries == 2  # the 10-day-old one; then the least recently used past 1000 bytes
+    assert report.summary().endswith("2 stage-cache entries") and report.blobs == 2 and report.blob_bytes == 700
     store = get_store()
     assert not store.exists(old) and not store.exists(lru) and store.exists(fresh)
     with session_scope() as s:
