@@ -140,6 +140,24 @@ def test_a_torch_step_after_a_cached_prefix_trains_the_reloaded_model(
     assert report["output"]["accuracy"] >= 0.85 and report["output"]["params"] < report["input"]["params"]
 
 
+def test_an_entry_whose_blob_was_lost_is_a_miss_and_is_stored_anew(
+    sqlite_env: str, tmp_path: Path, digits_mlp: DigitsFiles, counted: Counter[str]
+) -> None:
+    """On the embedded SQLite database too: a cache entry whose bytes went is forgotten, never a failure."""
+    _run(tmp_path, digits_mlp, _spec([DYNAMIC]), "job_a")
+    with session_scope() as s:
+        (blob_key,) = s.scalars(select(StageCacheEntry.blob_key).where(StageCacheEntry.kind == "stage"))
+    assert blob_key is not None
+    get_store().delete(blob_key)
+    report = _run(tmp_path, digits_mlp, _spec([DYNAMIC]), "job_b")
+    assert counted == {"quantize": 2} and "cached" not in report["steps"][0]
+    with session_scope() as s:
+        assert list(s.scalars(select(StageCacheEntry.job_id).where(StageCacheEntry.kind == "stage"))) == ["job_b"]
+    assert get_store().exists(blob_key)  # the same bytes, stored again
+    assert _run(tmp_path, digits_mlp, _spec([DYNAMIC]), "job_c")["steps"][0]["cached_from"] == "job_b"
+    assert counted == {"quantize": 2}
+
+
 def test_a_trial_started_beside_another_waits_for_the_shared_prefix(
     pg_env: str, tmp_path: Path, digits_mlp: DigitsFiles, counted: Counter[str]
 ) -> None:
