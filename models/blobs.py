@@ -24,7 +24,7 @@ from sqlalchemy import delete, exists, select, union_all
 from sqlalchemy.orm import Session
 
 from models.db import session_scope
-from models.tables import Artifact, BlobClaim, BlobOrphan, Dataset, Model, utcnow
+from models.tables import Artifact, BlobClaim, BlobOrphan, Dataset, Model, StageCacheEntry, utcnow
 
 if TYPE_CHECKING:
     from storage.base import BlobStore
@@ -71,11 +71,12 @@ def _claimed(s: Session, key: str, purpose: str) -> bool:
 
 
 def referenced(s: Session, key: str) -> bool:
-    """Whether any record of any owner (model, dataset, artifact) refers to blob ``key``."""
+    """Whether any record of any owner (model, dataset, artifact, stage-cache entry) refers to blob ``key``."""
     refs = union_all(
         select(Model.id).where(Model.storage_key == key),
         select(Dataset.id).where(Dataset.storage_key == key),
         select(Artifact.id).where(Artifact.storage_key == key),
+        select(StageCacheEntry.job_id).where(StageCacheEntry.blob_key == key),
     ).subquery()
     return s.scalar(select(exists(select(refs.c.id)))) is True
 

@@ -88,6 +88,8 @@ class JobResult(BaseModel):
     report: dict[str, Any] = Field(default_factory=dict)
     # A latency or size regression against the input: {code: slower_than_input | larger_than_input, message, ratio}.
     warnings: list[dict[str, Any]] = Field(default_factory=list)
+    # The finished job this one repeated: its result was reused from the stage cache, no pass ran.
+    cached_from: str | None = None
 
 
 class Timestamps(BaseModel):

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     retain_artifacts_days: float = Field(0, ge=0)
     retain_failed_jobs_days: float = Field(30, ge=0)
     retain_cache_days: float = Field(7, ge=0)
+    # The stage cache's entries beyond this many bytes (least recently used first) are collected by gc; 0: no bound.
+    stage_cache_max_bytes: int = Field(10 * 1024**3, ge=0)
     # The worker runs gc (retention, orphan blobs, leftovers) this often; 0 turns the timer off.
     gc_interval_s: float = Field(3600, ge=0)
     # A staged upload or work folder untouched this long, with no live writer, is a leftover.

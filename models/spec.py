@@ -326,6 +326,8 @@ class JobSpec(_Strict):
     image: ImageConfig = Field(default_factory=ImageConfig)
     seed: int = 0
     queue: Literal["cpu", "gpu"] | None = None
+    # The stage cache (worker.stage_cache): false runs every step afresh and stores nothing (benchmarks).
+    cache: bool = True
 
     @model_validator(mode="after")
     def _check_order_and_data(self) -> JobSpec:

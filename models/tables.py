@@ -216,3 +216,24 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class StageCacheEntry(Base):
+    """A stage-cache entry (worker.stage_cache): one owner's working model after a pipeline prefix
+    (``kind='stage'``, the ONNX file in ``blob_key``, the step's report entry in ``entry``), or a whole
+    finished job (``kind='job'``, ``job_id`` names it). ``key`` is the sha256 of what determines it."""
+
+    __tablename__ = "stage_cache"
+    __table_args__ = (UniqueConstraint("owner", "key"), Index("ix_stage_cache_last_used_at", "last_used_at"))
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))
+    blob_key: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    entry: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # the job that wrote it (not a foreign key: a stage entry outlives its job)
+    job_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

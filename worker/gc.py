@@ -6,9 +6,11 @@ it imports nothing heavy. In order:
 1. jobs whose DELETE waited for their cancel, now terminal, are deleted;
 2. failed and cancelled jobs finished more than ``retain_failed_jobs_days`` ago are deleted, and the
    artifacts of succeeded jobs finished more than ``retain_artifacts_days`` ago (the job row stays);
-3. orphan blobs (keys whose records were deleted, including deletes a crash interrupted) are swept
+3. stage-cache entries (``worker.stage_cache``) unused for ``retain_cache_days`` are deleted, then the
+   least recently used beyond ``stage_cache_max_bytes`` in all; their blobs become orphans;
+4. orphan blobs (keys whose records were deleted, including deletes a crash interrupted) are swept
    when no record of any owner refers to them (``models.blobs``);
-4. staged uploads no live process holds (``storage/tmp/up-*`` of a killed upload), work folders of
+5. staged uploads no live process holds (``storage/tmp/up-*`` of a killed upload), work folders of
    attempts that no longer run, and cache entries (local copies of remote blobs) older than
    ``retain_cache_days`` are removed.
 """
@@ -58,6 +60,7 @@ class GcReport:
     cache_files: int = 0
     cache_bytes: int = 0
     stale_claims: int = 0
+    stage_entries: int = 0
 
     @property
     def freed_bytes(self) -> int:
@@ -71,7 +74,7 @@ class GcReport:
         return (f"freed {self.freed_bytes} bytes: {self.records} records ({self.jobs} jobs, {self.artifacts} artifacts), "
                 f"{self.blobs} blobs ({self.blob_bytes} B), {self.staged_files} staged uploads ({self.staged_bytes} B), "
                 f"{self.work_folders} work folders ({self.work_bytes} B), {self.cache_files} cache files "
-                f"({self.cache_bytes} B)")
+                f"({self.cache_bytes} B), {self.stage_entries} stage-cache entries")
 
 
 def _purge_in_batches(ids: list[str], purge: str) -> Purged:
@@ -213,6 +216,10 @@ def run_gc(settings: Settings | None = None, now: datetime | None = None) -> GcR
     report = clean_leftovers(settings)
     purged = expired(settings, now)
     report.jobs, report.artifacts, report.records = purged.jobs, purged.artifacts, purged.records
+    from worker.stage_cache import collect
+
+    max_age = timedelta(days=settings.retain_cache_days) if settings.retain_cache_days > 0 else None
+    report.stage_entries, _ = collect(max_age, settings.stage_cache_max_bytes, now)
     swept = blobs.sweep_orphans(get_store())  # the keys purged above are orphans now, with any older ones
     report.blobs, report.blob_bytes = swept.blobs, swept.bytes
     report.stale_claims = blobs.drop_stale_claims()

@@ -310,12 +310,18 @@ def execute(job_id: str) -> str | None:
     beat.start()
     phase = "setup"  # which part touched the blob store when it failed: fetching inputs or storing outputs
     try:
-        ctx = _make_context(won, spec, workdir)
-        phase = "pipeline"
-        out = run(spec, ctx)
-        phase = "store"
-        _record_success(won, owner, out, spec, workdir, ctx)
+        from worker import stage_cache
+
         status: str = SUCCEEDED
+        if not (spec.cache and stage_cache.reuse_finished(won, owner, spec, workdir)):
+            ctx = _make_context(won, spec, workdir)
+            phase = "pipeline"
+            cache = stage_cache.StageCache.for_job(owner, job_id, spec, ctx.device) if spec.cache else None
+            out = run(spec, ctx, cache)
+            phase = "store"
+            _record_success(won, owner, out, spec, workdir, ctx)
+            if cache is not None:
+                cache.remember()
     except JobCancelled:
         _finish(won, CANCELLED, message="cancelled")
         status = CANCELLED

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from models.spec import JobSpec
     from worker.evaluate import Evaluation
     from worker.passes.base import PipelineContext
+    from worker.stage_cache import StageCache
 
 T = TypeVar("T")
 # Keys of an evaluation kept in a step's after-step measurement (ONNX form).
@@ -280,8 +281,11 @@ def _evaluate(
                     check_cancelled=ctx.check_cancelled)
 
 
-def run(spec: JobSpec, ctx: PipelineContext) -> PipelineResult:
-    """Run the whole job: baseline, steps, export, output evaluation; the report says what it gained."""
+def run(spec: JobSpec, ctx: PipelineContext, cache: StageCache | None = None) -> PipelineResult:
+    """Run the whole job: baseline, steps, export, output evaluation; the report says what it gained.
+
+    With a ``cache``, the longest cached prefix of the steps is reused (its passes do not run) and each
+    step's output is stored for later jobs."""
     total = len(spec.steps) + 2
     opset = spec.export.opset
 
@@ -295,7 +299,12 @@ def run(spec: JobSpec, ctx: PipelineContext) -> PipelineResult:
     reference = baseline.outputs
 
     steps: list[dict[str, Any]] = []
+    resumed = cache.resume(ctx, model) if cache is not None else None
+    if resumed is not None:
+        model, steps = resumed.model, resumed.entries
     for i, step in enumerate(spec.steps):
+        if i < len(steps):
+            continue  # from the stage cache
         ctx.check_cancelled()
         label = step_label(step)
         ctx.begin_step(i + 1, total, label)
@@ -322,6 +331,8 @@ def run(spec: JobSpec, ctx: PipelineContext) -> PipelineResult:
             }
         )
         ctx.log(f"step {label} done", wall_s=wall, eval=after)
+        if cache is not None:
+            cache.store(i, model, ctx, steps)
 
     ctx.check_cancelled()
     ctx.begin_step(total - 1, total, "export + evaluate output")
@@ -336,6 +347,8 @@ def run(spec: JobSpec, ctx: PipelineContext) -> PipelineResult:
     keys = _LM_STEP_EVAL_KEYS if is_lm(spec, model) else _STEP_EVAL_KEYS
     if steps and not steps[-1]["eval"]:
         steps[-1]["eval"] = {"measured": True, **{k: output[k] for k in keys if k in output}}
+        if cache is not None:
+            cache.finish(steps)
 
     report = build_report(spec, baseline_report, output_report, steps, ctx.device)
     out_path = Path(model.onnx_path)

@@ -74,7 +74,7 @@ def job_out(session: Session, job: Job) -> JobOut:
     if stored or artifacts:
         report = stored.get("report") if "report" in stored else {k: v for k, v in stored.items() if k != "artifacts"}
         result = JobResult(artifacts=[artifact_out(a) for a in artifacts], report=report or {},
-                           warnings=_warnings(stored, report))
+                           warnings=_warnings(stored, report), cached_from=stored.get("cached_from"))
     error: JobError | None = None
     if job.error:
         error = JobError(
@@ -183,7 +183,8 @@ def _query_job_json(owner: str, job_id: str) -> tuple[bytes, str]:
     result = None
     if stored or artifacts:
         report = stored.get("report") if "report" in stored else {k: v for k, v in stored.items() if k != "artifacts"}
-        result = {"artifacts": artifacts, "report": report or {}, "warnings": _warnings(stored, report)}
+        result = {"artifacts": artifacts, "report": report or {}, "warnings": _warnings(stored, report),
+                  "cached_from": stored.get("cached_from")}
     error = None
     if job.error:
         error = {"code": str(job.error.get("code", "error")), "message": str(job.error.get("message", "")),
