@@ -60,3 +60,6 @@ def distributed_s3(
     finally:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+from tests.e2e.pg_server import private_pg  # noqa: E402,F401  (the fixture, for tests that restart PostgreSQL)
