@@ -172,10 +172,10 @@ def test_postgres_restart_while_an_upload_streams(
         arrays = dict(z)
     first = next(k for k in arrays if k != "labels")
     arrays[first] = arrays[first] + np.float32(len(when) / 1000)
-    np.savez(path, **arrays)  # type: ignore[arg-type]
+    np.savez(path, **arrays)
     data = path.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
-    body, out = _SlowBody(data), {}
+    body, out = _SlowBody(data), dict[str, httpx.Response]()
     t = _slow_upload(svc, path, body, out)
     if when == "mid_stream":
         assert body.halfway.wait(30)
