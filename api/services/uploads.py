@@ -139,10 +139,12 @@ def record(
     return Uploaded(row, created=True)
 
 
-@retry_transient(INSERT_RETRY_S)
 def _insert(row: Model | Dataset) -> None:
-    with session_scope() as session:  # rolls back when the insert fails
-        session.add(row)
+    def once() -> None:
+        with session_scope() as session:  # rolls back when the insert fails
+            session.add(row)
+
+    retry_transient(INSERT_RETRY_S)(once)()
 
 
 def _inspect(kind: Kind, fmt: str, staged: Staged) -> dict[str, Any]:

@@ -91,40 +91,51 @@ def _assert_nothing_left_behind(svc: LiveService, pg: PgServer) -> None:
     assert stray == set(), stray
 
 
+def _exactly_once(pg: PgServer, job: dict[str, Any]) -> None:
+    """One success, one claim per attempt (a reclaim after the lease is clean), one artifact per name."""
+    job_id = job["id"]
+    statuses = [d["status"] for (d,) in _rows(pg, "SELECT data FROM job_events WHERE job_id = %s AND kind = 'status' "
+                                                  "ORDER BY id", job_id)]
+    assert statuses.count("succeeded") == 1 and statuses[-1] == "succeeded", statuses
+    assert statuses.count("running") == job["attempt"], statuses
+    arts = _rows(pg, "SELECT name, count(*) FROM artifacts WHERE job_id = %s GROUP BY name", job_id)
+    assert dict(arts) == {"model.onnx": 1, "report.json": 1}, arts
+
+
 def test_postgres_restart_while_a_job_runs(svc: LiveService, pg: PgServer, inputs: dict[str, Path]) -> None:
+    """A finetune is training and two quantize jobs wait in the queue when PostgreSQL goes down for 2 s."""
+    latency = {"latency": {"runs": 5, "warmup": 1}}
     with httpx.Client(base_url=svc.url, timeout=30) as client:
         model = _upload(client, "models", inputs["model"], "onnx")
         train = _upload(client, "datasets", inputs["train"], "npz")
         ev = _upload(client, "datasets", inputs["eval"], "npz")
-        r = client.post("/v1/jobs", json={
-            "model": model["id"], "task": "image-classification",
-            "data": {"train": train["id"], "eval": ev["id"]},
-            "steps": [{"type": "finetune", "epochs": 40, "batch_size": 16}],
-            "evaluate": {"latency": {"runs": 5, "warmup": 1}}})
-        assert r.status_code == 202, r.text
-        job_id = r.json()["id"]
+        specs = [{"model": model["id"], "task": "image-classification",
+                  "data": {"train": train["id"], "eval": ev["id"]},
+                  "steps": [{"type": "finetune", "epochs": 40, "batch_size": 16}], "evaluate": latency}]
+        specs += [{"model": model["id"], "task": "image-classification", "data": {"eval": ev["id"]},
+                   "steps": [{"type": "quantize", "mode": "dynamic"}], "evaluate": latency}] * 2
+        ids = []
+        for spec in specs:
+            r = client.post("/v1/jobs", json=spec)
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # wait until it trains (a few epochs in)
-            job = client.get(f"/v1/jobs/{job_id}").json()
+        while time.monotonic() < deadline:  # wait until the finetune trains (a few epochs in)
+            job = client.get(f"/v1/jobs/{ids[0]}").json()
             if (job["progress"] or {}).get("epoch") or job["status"] not in ("queued", "running"):
                 break
             time.sleep(0.1)
         assert job["status"] == "running", job  # the outage hits a running job, not a finished one
         _outage(pg)
-        assert _rows(pg, "SELECT status FROM jobs WHERE id = %s", job_id)[0][0] in ("running", "succeeded")
-        done = svc.wait_job(client, job_id, timeout=180)
-    assert done["status"] == "succeeded", (done, svc.logs("worker.log"))
-    # Exactly once: one success, one claim (or a clean reclaim after the lease), every epoch's result kept once.
-    statuses = [d["status"] for (d,) in _rows(pg, "SELECT data FROM job_events WHERE job_id = %s AND kind = 'status' "
-                                                  "ORDER BY id", job_id)]
-    assert statuses.count("succeeded") == 1 and statuses[-1] == "succeeded", statuses
-    assert statuses.count("running") == done["attempt"], statuses
-    arts = _rows(pg, "SELECT name, count(*) FROM artifacts WHERE job_id = %s GROUP BY name", job_id)
-    assert dict(arts) == {"model.onnx": 1, "report.json": 1}, arts
+        done = [svc.wait_job(client, job_id, timeout=180) for job_id in ids]
+    assert [d["status"] for d in done] == ["succeeded"] * 3, (done, svc.logs("worker.log"))
+    for job in done:
+        _exactly_once(pg, job)
+    # Every epoch's result was recorded once, and the trained model is as good as without the outage.
     epochs = [d["epoch"] for (d,) in _rows(pg, "SELECT data FROM job_events WHERE job_id = %s AND kind = 'progress'"
-                                               " ORDER BY id", job_id) if d.get("epoch") is not None]
+                                               " ORDER BY id", ids[0]) if d.get("epoch") is not None]
     assert epochs[-1] == 40 and len(set(epochs)) == 40, epochs
-    assert done["result"]["report"]["output"]["accuracy"] >= 0.9
+    assert done[0]["result"]["report"]["output"]["accuracy"] >= 0.9
     _assert_nothing_left_behind(svc, pg)
 
 
