@@ -8,11 +8,20 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from bench import api_latency, bert_pipeline, digits_pipeline, job_overhead, train_throughput, upload_stream
+from bench import (
+    api_latency,
+    bert_pipeline,
+    digits_pipeline,
+    job_overhead,
+    load,
+    train_throughput,
+    upload_stream,
+)
 
 MODEST: dict[str, tuple[Callable[[list[str] | None], dict[str, Any]], list[str]]] = {
     "api_latency": (api_latency.main, ["--duration", "5", "--warmup", "1", "--rounds", "2"]),
     "upload_stream": (upload_stream.main, ["--size-mib", "256"]),
+    "load": (load.main, ["--reads", "10"]),
     "job_overhead": (job_overhead.main, ["--repeats", "2", "--samples", "32"]),
     "digits_pipeline": (digits_pipeline.main, ["--latency-runs", "100", "--rounds", "1"]),
     "bert_pipeline": (bert_pipeline.main, ["--train-rows", "1000", "--eval-rows", "300", "--latency-runs", "100"]),
