@@ -122,6 +122,7 @@ class Case:
     params: dict[str, str] = field(default_factory=dict)
     content_type: str | None = None
     method: str = "PUT"
+    multipart: bool = False  # POST as ``curl -F file=@… -F format=…`` instead of a raw PUT body
 
 
 def _model(fmt: str) -> dict[str, str]:
@@ -190,6 +191,14 @@ CASES = [
     Case("hf-auto_map", "/v1/models",
          lambda: zip_bytes(hf_files({**BERT_CONFIG, "auto_map": {"AutoModel": "modeling_evil.EvilModel"}})),
          422, "invalid_model", ("auto_map",), _model("hf")),
+    # -- the multipart route (curl -F) refuses the same --
+    Case("multipart-hf-pickle", "/v1/models", lambda: zip_bytes(_without_safetensors(**{"pytorch_model.bin": PICKLE})),
+         422, "invalid_model", ("pytorch_model.bin",), _model("hf"), method="POST", multipart=True),
+    Case("multipart-npz-object-array", "/v1/datasets",
+         lambda: npz_bytes({"x": np.zeros((2, 4), np.float32), "meta": np.array([{"a": 1}, None], dtype=object)}),
+         422, "invalid_dataset", ("meta", "object"), _model("npz"), method="POST", multipart=True),
+    Case("multipart-zip-bomb", "/v1/models", lambda: _zip_bomb(hf_files(), "pad.safetensors"), 422, "invalid_model",
+         ("compression ratio",), _model("hf"), method="POST", multipart=True),
     # -- job specs --
     Case("spec-50MB", "/v1/jobs", _big_spec, 413, "body_too_large", ("larger than the limit",),
          content_type="application/json", method="POST"),
@@ -214,8 +223,13 @@ def _rows() -> dict[str, int]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_a_bad_input_is_a_named_4xx_and_leaves_nothing(client: TestClient, storage_dir: Path, case: Case) -> None:
-    headers = {"content-type": case.content_type} if case.content_type else {}
-    r = client.request(case.method, case.path, params=case.params, content=case.body(), headers=headers)
+    if case.multipart:
+        body = case.body()
+        assert isinstance(body, bytes)
+        r = client.post(case.path, data=case.params, files={"file": ("upload.bin", body)})
+    else:
+        headers = {"content-type": case.content_type} if case.content_type else {}
+        r = client.request(case.method, case.path, params=case.params, content=case.body(), headers=headers)
     assert r.status_code == case.status, r.text
     assert r.headers["content-type"].startswith("application/problem+json"), r.headers
     problem = r.json()
