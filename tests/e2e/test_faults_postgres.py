@@ -214,3 +214,36 @@ def test_postgres_restart_while_an_upload_streams(
     assert again.status_code in (200, 201), again.text
     assert again.json()["sha256"] == sha and _records(pg, sha) == 1
     _assert_nothing_left_behind(svc, pg)
+
+
+def test_a_job_submitted_while_postgres_is_down(svc: LiveService, pg: PgServer, inputs: dict[str, Path]) -> None:
+    """The submit is a 503 that records and enqueues nothing; the same submit afterwards runs once."""
+    import redis
+
+    with httpx.Client(base_url=svc.url, timeout=30) as client:
+        model = _upload(client, "models", inputs["model"], "onnx")
+        ev = _upload(client, "datasets", inputs["eval"], "npz")
+        spec = {"model": model["id"], "task": "image-classification", "data": {"eval": ev["id"]},
+                "steps": [{"type": "quantize", "mode": "dynamic"}], "evaluate": {"latency": {"runs": 5, "warmup": 1}}}
+        before = int(_rows(pg, "SELECT count(*) FROM jobs")[0][0])
+        pg.stop()
+        try:
+            r = client.post("/v1/jobs", json=spec, headers={"Idempotency-Key": "submit-during-outage"})
+        finally:
+            pg.start()
+        assert r.status_code == 503, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["code"] == "database_unavailable" and r.headers["retry-after"]
+        queues = [svc.env["MODELPRESS_CPU_QUEUE"], svc.env["MODELPRESS_GPU_QUEUE"]]
+        broker = redis.Redis.from_url(svc.env["MODELPRESS_BROKER_URL"])
+        assert sum(broker.llen(q) for q in queues) == 0  # nothing was enqueued for the refused submit
+        assert int(_rows(pg, "SELECT count(*) FROM jobs")[0][0]) == before
+        r = client.post("/v1/jobs", json=spec, headers={"Idempotency-Key": "submit-during-outage"})
+        assert r.status_code == 202, r.text
+        done = svc.wait_job(client, r.json()["id"])
+    assert done["status"] == "succeeded", (done, svc.logs("worker.log"))
+    _exactly_once(pg, done)
+    assert int(_rows(pg, "SELECT count(*) FROM jobs")[0][0]) == before + 1
+    assert sum(broker.llen(q) for q in queues) == 0
+    broker.close()
+    _assert_nothing_left_behind(svc, pg)
