@@ -10,10 +10,11 @@ from typing import Any, TypedDict, Unpack
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from models.db import is_transient
 from models.ids import new_id
 from models.schemas import Problem
 from storage.base import StorageUnavailable, UploadTooLarge
@@ -209,6 +210,17 @@ async def _bad_data(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if not is_transient(exc):
+        return await _crash(request, exc)
+    # PostgreSQL restarting or unreachable: the transaction rolled back, so nothing was recorded.
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+    return problem_response(
+        request, 503, "database_unavailable", "the database is unavailable, try again later",
+        headers={"Retry-After": "2"},
+    )
+
+
 async def _crash(request: Request, exc: Exception) -> JSONResponse:
     ref = new_id("err")
     log.error("unhandled error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)
@@ -226,4 +238,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StorageUnavailable, _storage_down)
     app.add_exception_handler(ClientDisconnect, _disconnected)
     app.add_exception_handler(DataError, _bad_data)
+    app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _crash)

@@ -14,6 +14,7 @@ from bench import (
     digits_pipeline,
     job_overhead,
     lm_export,
+    load,
     train_throughput,
     upload_stream,
 )
@@ -21,6 +22,7 @@ from bench import (
 MODEST: dict[str, tuple[Callable[[list[str] | None], dict[str, Any]], list[str]]] = {
     "api_latency": (api_latency.main, ["--duration", "5", "--warmup", "1", "--rounds", "2"]),
     "upload_stream": (upload_stream.main, ["--size-mib", "256"]),
+    "load": (load.main, ["--reads", "10"]),
     "job_overhead": (job_overhead.main, ["--repeats", "2", "--samples", "32"]),
     "digits_pipeline": (digits_pipeline.main, ["--latency-runs", "100", "--rounds", "1"]),
     "bert_pipeline": (bert_pipeline.main, ["--train-rows", "1000", "--eval-rows", "300", "--latency-runs", "100"]),

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.settings import get_settings
@@ -26,9 +30,10 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    # Enough pooled connections for the API's thread pool (40), so bursts do not churn connections;
-    # recycled instead of pinged on every checkout (a dropped connection fails one request, then reconnects).
-    return create_engine(url, pool_size=20, max_overflow=20, pool_recycle=1800)
+    # Enough pooled connections for the API's thread pool (40), so bursts do not churn connections.
+    # Pinged on checkout: after a PostgreSQL restart every pooled connection is dead, and without the ping
+    # each one would fail a request (or a worker's final status write) before the pool noticed.
+    return create_engine(url, pool_size=20, max_overflow=20, pool_recycle=1800, pool_pre_ping=True)
 
 
 _ENGINES: dict[str, Engine] = {}
@@ -62,3 +67,42 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a database error that a retry can cure: the server went away, restarted or refused a connection."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (OperationalError, InterfaceError))
+
+
+def retry_transient(within_s: float = 60.0, *, first_delay_s: float = 0.2) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """Decorate a function that runs whole transactions: rerun it on a transient DB error for up to ``within_s``.
+
+    The function must be safe to rerun (each call opens its own ``session_scope``; its writes are guarded by
+    conditions, so a commit whose acknowledgement was lost is not applied twice)."""
+
+    def wrap(fn: Callable[P, T]) -> Callable[P, T]:
+        @functools.wraps(fn)
+        def run(*args: P.args, **kwargs: P.kwargs) -> T:
+            deadline = time.monotonic() + within_s
+            delay = first_delay_s
+            while True:
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as exc:
+                    if not is_transient(exc) or time.monotonic() + delay > deadline:
+                        raise
+                    log.warning("%s: database unavailable (%s); retrying in %.1f s",
+                                fn.__qualname__, type(exc).__name__, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+
+        return run
+
+    return wrap

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 from sqlalchemy import select, update
 
-from models.db import session_scope
+from models.db import retry_transient, session_scope
 from models.tables import Job, utcnow
 from worker.jobs import ACTIVE, Claim, add_event
 from worker.passes.base import ArrayDataset, JobCancelled, Progress, Role, WorkingModel
@@ -199,9 +199,13 @@ class DBContext(LocalContext):
         now = time.monotonic()
         if now - self._last_cancel_check >= CANCEL_POLL_INTERVAL_S:
             self._last_cancel_check = now
-            with session_scope() as s:
-                self.cancelled = bool(s.scalar(select(Job.cancel_requested).where(Job.id == self.claim.job_id)))
+            self.cancelled = self._cancel_requested()
         super().check_cancelled()
+
+    @retry_transient()
+    def _cancel_requested(self) -> bool:
+        with session_scope() as s:
+            return bool(s.scalar(select(Job.cancel_requested).where(Job.id == self.claim.job_id)))
 
     def _write(self, phase: str, progress: Progress, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -213,6 +217,10 @@ class DBContext(LocalContext):
         row: dict[str, Any] = {"step": self._step + 1, "steps": self._steps, "percent": round(percent, 1),
                                "epoch": progress.get("epoch"), "epochs": progress.get("epochs"),
                                "metrics": progress.get("metrics") or {}}
+        self._write_row(phase, row)
+
+    @retry_transient()
+    def _write_row(self, phase: str, row: dict[str, Any]) -> None:
         with session_scope() as s:
             s.execute(
                 update(Job)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import or_, select, update
 
 from models import blobs
-from models.db import session_scope
+from models.db import retry_transient, session_scope
 from models.ids import new_id
 from models.settings import get_settings
 from models.spec import DistillStep, JobSpec, StudentModel
@@ -60,6 +60,7 @@ class Claim:
     attempt: int
 
 
+@retry_transient()
 def add_event(job_id: str, kind: str, message: str, **data: Any) -> None:
     """Append an event to a job's log in its own short transaction.
 
@@ -71,6 +72,7 @@ def add_event(job_id: str, kind: str, message: str, **data: Any) -> None:
         s.add(JobEvent(job_id=job_id, kind=kind, message=message, data=data))
 
 
+@retry_transient()
 def claim(job_id: str, worker: str) -> Claim | None:
     """Atomically move a queued job to running (attempt + 1); None if another worker has it or it ended.
 
@@ -157,6 +159,7 @@ def _make_context(claim: Claim, spec: JobSpec, workdir: Path) -> DBContext:
     return DBContext(claim, workdir, spec, models=_model_refs(spec, inputs), datasets=_dataset_refs(spec, inputs))
 
 
+@retry_transient()
 def _model_refs(spec: JobSpec, dest: Path | None = None) -> dict[str, tuple[Path, str, dict[str, Any]]]:
     ids = {spec.model}
     for step in spec.steps:
@@ -170,6 +173,7 @@ def _model_refs(spec: JobSpec, dest: Path | None = None) -> dict[str, tuple[Path
     return _local_files(rows, dest)
 
 
+@retry_transient()
 def _dataset_refs(spec: JobSpec, dest: Path | None = None) -> dict[str, tuple[Path, str, dict[str, Any]]]:
     ids = {i for i in (spec.data.train, spec.data.eval, spec.data.calibration) if i}
     with session_scope() as s:
@@ -192,6 +196,7 @@ _MEDIA_TYPES = {".onnx": "application/octet-stream", ".json": "application/json"
                 ".zip": "application/zip"}
 
 
+@retry_transient()
 def _store_artifacts(claim: Claim, owner: str, files: dict[str, tuple[str, Path]]) -> list[str]:
     """Store files as the job's artifacts, keyed by (job, name): a re-run overwrites, never duplicates."""
     store = get_store()
@@ -204,6 +209,7 @@ def _store_artifacts(claim: Claim, owner: str, files: dict[str, tuple[str, Path]
     return ids
 
 
+@retry_transient()
 def _index_artifact(claim: Claim, owner: str, name: str, kind: str, path: Path, blob: StoredBlob) -> str:
     """Insert or update the (job, name) artifact row; a replaced blob becomes an orphan for the sweep."""
     with session_scope() as s:
@@ -222,6 +228,7 @@ def _index_artifact(claim: Claim, owner: str, name: str, kind: str, path: Path, 
         return art.id
 
 
+@retry_transient()
 def _finish(claim: Claim, status: str, *, error: dict[str, Any] | None = None,
             result: dict[str, Any] | None = None, message: str = "") -> bool:
     """Move the job to a terminal state if this attempt still owns it; False if it lost ownership."""
@@ -300,10 +307,7 @@ def execute(job_id: str) -> str | None:
     if won is None:
         log.info("job %s not claimed (taken, finished or cancelled)", job_id)
         return None
-    with session_scope() as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        spec, owner = JobSpec.model_validate(job.spec), job.owner
+    spec, owner = _spec_and_owner(job_id)
     workdir = settings.home / "work" / job_id / f"attempt-{won.attempt}"
     workdir.mkdir(parents=True, exist_ok=True)
     beat = _Heartbeat(won, max(1.0, settings.job_lease_seconds / 4))
@@ -349,6 +353,19 @@ def execute(job_id: str) -> str | None:
         shutil.rmtree(workdir, ignore_errors=True)
         with contextlib.suppress(OSError):
             workdir.parent.rmdir()  # the job's folder, once no other attempt's workdir is in it
-    with session_scope() as s:
-        final = s.scalar(select(Job.status).where(Job.id == job_id))
+    final = _status(job_id)
     return final if final in TERMINAL else status
+
+
+@retry_transient()
+def _spec_and_owner(job_id: str) -> tuple[JobSpec, str]:
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return JobSpec.model_validate(job.spec), job.owner
+
+
+@retry_transient()
+def _status(job_id: str) -> str | None:
+    with session_scope() as s:
+        return s.scalar(select(Job.status).where(Job.id == job_id))

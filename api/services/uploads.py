@@ -23,9 +23,9 @@ from api.services import quotas
 from api.services.multipart import MAX_FIELD_BYTES, MultipartStream
 from api.services.numbers import length_over
 from models import blobs
-from models.db import session_scope
+from models.db import is_transient, retry_transient, session_scope
 from models.ids import new_id
-from models.settings import get_settings
+from models.settings import Settings, get_settings
 from models.tables import Dataset, Model
 from storage import get_store
 from storage.base import BlobStore, Staged, UploadTooLarge
@@ -82,6 +82,10 @@ def check_declared_length(request: Request, overhead: int = 0) -> None:
         raise UploadTooLarge(limit)
 
 
+# How long an upload whose bytes are already stored waits for the database to come back before it gives up.
+INSERT_RETRY_S = 10.0
+
+
 def _existing(kind: Kind, owner: str, sha256: str) -> Model | Dataset | None:
     with session_scope() as session:
         if kind == "model":
@@ -110,6 +114,7 @@ def record(
     # A write claim on the key keeps a concurrent sweep (models/blobs.py) from removing the blob
     # between its commit and the insert of the row that refers to it.
     with blobs.writing(staged.sha256):
+        was_stored = store.exists(staged.sha256)
         blob = store.commit(staged)
         table = TABLES[kind]
         prefix = "mdl" if kind == "model" else "ds"
@@ -124,16 +129,31 @@ def record(
             meta=meta,
         )
         try:
-            with session_scope() as session:  # rolls back when the insert fails
-                quotas.check_storage(session, owner, blob.size_bytes, settings, lock=True)
-                session.add(row)
+            _insert(row, owner, settings)
         except IntegrityError:
             # A concurrent upload of the same bytes won the race: answer with its row (it holds the blob).
             found = _existing(kind, owner, blob.sha256)
             if found is None:
                 raise
             return Uploaded(found, created=False)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # The database went away after the blob was stored: take back a blob this upload added (no record
+            # can refer to it, the insert never happened), then answer 503 (api.errors) so the client retries.
+            if not was_stored:
+                store.delete(blob.key)
+            raise
     return Uploaded(row, created=True)
+
+
+def _insert(row: Model | Dataset, owner: str, settings: Settings) -> None:
+    def once() -> None:
+        with session_scope() as session:  # rolls back when the insert fails
+            quotas.check_storage(session, owner, row.size_bytes, settings, lock=True)
+            session.add(row)
+
+    retry_transient(INSERT_RETRY_S)(once)()
 
 
 def _inspect(kind: Kind, fmt: str, staged: Staged) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import PG_ADMIN_DSN, RUN_ID, _sqlalchemy_url
 from tests.e2e.harness import LiveService, live_service, service_env
+from tests.e2e.pg_server import private_pg  # noqa: F401  (the fixture, for tests that restart PostgreSQL)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from sqlalchemy import select
 from models.db import session_scope
 from models.ids import new_id
 from models.tables import Job, JobEvent, Model, utcnow
+from tests.e2e.pg_server import PgServer, pg_server
 from worker import jobs
 
 
@@ -189,3 +191,35 @@ def test_a_missed_perplexity_budget_fails_the_job_saying_which_bound(pg_env: str
     assert job.status == "failed" and job.error is not None and job.error["code"] == "accuracy_budget_exceeded"
     assert "perplexity rose 10.00% (10 -> 11; allowed 5.00%)" in job.error["message"]
     assert "still downloadable" in job.error["message"] and job.result is not None and job.result["artifact_ids"]
+
+
+@pytest.fixture
+def on_private_pg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PgServer]:
+    """MODELPRESS_* on a migrated PostgreSQL of this test's own, which the test may stop and start."""
+    from migrations import upgrade
+    from models.db import reset_engines
+    from tests.conftest import _apply_env
+
+    with pg_server() as server:
+        upgrade(server.url)
+        _apply_env(monkeypatch, tmp_path / "home", database_url=server.url)
+        yield server
+        reset_engines()
+
+
+def test_the_final_status_write_and_events_wait_out_a_postgres_restart(on_private_pg: PgServer) -> None:
+    """PostgreSQL stops while the job runs (every pooled connection dies) and is back 1.5 s later."""
+    job_id = _job()
+    won = jobs.claim(job_id, "w1")
+    assert won is not None
+    on_private_pg.stop()
+    threading.Timer(1.5, on_private_pg.start).start()
+    jobs.add_event(job_id, "log", "written once the database is back")
+    assert jobs._finish(won, "succeeded", result={"artifact_ids": []}, message="succeeded")
+    job = _get(job_id)
+    assert job.status == "succeeded" and job.attempt == 1
+    with session_scope() as s:
+        events = [(e.kind, e.data.get("status")) for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
+                                                                     .order_by(JobEvent.id))]
+    assert events == [("status", "running"), ("log", None), ("status", "succeeded")]
+    assert not jobs._finish(won, "succeeded")  # rerunning the write (a lost acknowledgement) changes nothing
