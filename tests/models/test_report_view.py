@@ -109,3 +109,14 @@ def test_progress_text_of_a_failed_job_is_not_a_percentage() -> None:
 def test_accuracy_drop_text_rounds_for_people() -> None:
     assert rv.accuracy_drop_text(0.010101, 0.01, 397) == "\u22121.01 points, 4 of 397 samples (allowed \u22121.00)"
     assert rv.accuracy_drop_text(None) == "the metric could not be measured"
+
+
+def test_step_rows_show_auto_exclude_and_budget_held() -> None:
+    quantize = {"index": 0, "type": "quantize", "metrics": {"mode": "dynamic", "auto_exclude": {
+        "kept_float": ["/0/Gemm"], "met": True, "cost": {"size_bytes": 48419, "latency_ms": 0.0021}}}}
+    finetune = {"index": 1, "type": "finetune", "metrics": {"budget_held": False, "epochs_run": 6}}
+    q, ft = rv.step_rows({"steps": [quantize, finetune]})
+    assert q.metrics_text == "mode=dynamic kept_float=/0/Gemm target_met=yes float_cost=47.28 KB,0.0021ms"
+    assert ft.metrics_text == "budget_held=no epochs_run=6"
+    assert rv.auto_exclude_text({"auto_exclude": {"kept_float": [], "met": False}}) == (
+        "kept_float=none target_met=no float_cost=-,-ms")
