@@ -382,6 +382,10 @@ class JobSpec(_Strict):
                 self.data.calibration or self.data.train or self.data.eval
             ):
                 raise ValueError(f"steps.{i}: static quantization needs data.calibration")
+            if isinstance(step, QuantizeStep) and step.auto_exclude is not None and not (
+                self.data.calibration or self.data.train or self.data.eval
+            ):
+                raise ValueError(f"steps.{i}: auto_exclude measures sensitivity on data.calibration, which is not given")
             if isinstance(step, QuantizeStep) and step.algorithm == "gptq" and not (
                 self.data.calibration or self.data.train or self.data.eval
             ):

@@ -90,3 +90,20 @@ def test_step_label_of_an_invalid_dict_is_its_type() -> None:
 def test_task_sets() -> None:
     assert {"image-classification", "text-classification"} == CLASSIFICATION_TASKS
     assert CLASSIFICATION_TASKS | {"generic"} == ACCURACY_TASKS and "feature-extraction" not in ACCURACY_TASKS
+
+
+def test_auto_exclude_and_until_are_validated_in_a_job_spec() -> None:
+    step = {"type": "quantize", "auto_exclude": {"min_fidelity": 0.99}}
+    with pytest.raises(ValidationError, match=r"steps\.0: auto_exclude measures sensitivity on data.calibration"):
+        JobSpec.model_validate({"model": "m", "steps": [step]})
+    spec = JobSpec.model_validate({"model": "m", "data": {"calibration": "ds"}, "steps": [step]})
+    assert spec.steps[0].auto_exclude.max_nodes == 8  # type: ignore[attr-defined]
+    with pytest.raises(ValidationError, match="exactly one of min_fidelity and max_accuracy_drop"):
+        JobSpec.model_validate({"model": "m", "data": {"calibration": "ds"},
+                                "steps": [{"type": "quantize", "auto_exclude": {}}]})
+    ft = {"type": "finetune", "until": {"max_accuracy_drop": 0.01}, "max_epochs": 20}
+    spec = JobSpec.model_validate({"model": "m", "data": {"train": "ds"}, "steps": [ft]})
+    assert spec.steps[0].planned_epochs() == 20  # type: ignore[attr-defined]
+    with pytest.raises(ValidationError, match="max_epochs applies with until only"):
+        JobSpec.model_validate({"model": "m", "data": {"train": "ds"},
+                                "steps": [{"type": "distill", "max_epochs": 5}]})
