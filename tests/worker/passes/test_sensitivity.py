@@ -118,3 +118,28 @@ def test_auto_exclude_spec_needs_one_target_and_an_int8_mode() -> None:
         _step(min_fidelity=0.9, max_accuracy_drop=0.01)
     with pytest.raises(ValueError, match="dynamic and static only"):
         QuantizeStep(type="quantize", mode="fp16", auto_exclude={"min_fidelity": 0.9})
+
+
+def test_static_qdq_keeps_the_sensitive_node_without_dequantized_weights(
+    tmp_path: Path, digits_mlp: DigitsFiles
+) -> None:
+    path = tmp_path / "outlier.onnx"
+    sensitive = _outlier_model(digits_mlp.model, path)
+    ctx = _ctx(tmp_path, digits_mlp, path)
+    step = QuantizeStep(
+        type="quantize", mode="static", per_channel=False, calibration={"samples": 64},
+        auto_exclude={"min_fidelity": 0.99, "samples": 64},
+    )
+    result = QuantizePass().run(ctx.load_model("input"), step, ctx)
+    report = result.metrics["auto_exclude"]
+    assert report["kept_float"] == [sensitive] and report["met"] is True
+    assert result.model.onnx_path is not None
+    graph = onnx.load(str(result.model.onnx_path)).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    node = next(n for n in graph.node if n.name == sensitive)
+    assert producers.get(node.input[1]) != "DequantizeLinear"  # float weights
+    others = [n for n in graph.node if n.op_type == "Gemm" and n.name != sensitive]
+    assert others and all(producers.get(n.input[1]) == "DequantizeLinear" for n in others)
+    _, (x, _) = digits_split()
+    agree = (_logits(result.model.onnx_path, x).argmax(1) == _logits(path, x).argmax(1)).mean()
+    assert agree >= 0.98
