@@ -296,7 +296,7 @@ def test_until_recovers_to_the_budget_and_stops_early_without_the_eval_set(tmp_p
     ctx, model, after_prune = _pruned_cnn_with_input(tmp_path)
     _, input_acc = f.cnn_onnx()
     step = FinetuneStep(
-        type="finetune", batch_size=32, lr=3e-3, until={"max_accuracy_drop": 0.03}, max_epochs=12
+        type="finetune", batch_size=32, lr=3e-3, until={"max_accuracy_drop": 0.05}, max_epochs=12
     )
     result = FinetunePass().run(model, step, ctx)
     m = result.metrics
@@ -307,7 +307,7 @@ def test_until_recovers_to_the_budget_and_stops_early_without_the_eval_set(tmp_p
     budget = m["budget"]
     assert budget["validation_samples"] == 120 and budget["split"] == "data.train"
     assert budget["reference_accuracy"] >= 0.9
-    assert budget["best_validation_accuracy"] >= budget["reference_accuracy"] - 0.03
+    assert budget["best_validation_accuracy"] >= budget["reference_accuracy"] - 0.05
     acc = metrics.torch_metric(result.model, f.digits()[1], ctx.spec)["accuracy"]
     assert acc > after_prune + 0.3 and acc >= input_acc - 0.06  # the unseen eval set agrees
 
