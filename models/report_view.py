@@ -286,6 +286,20 @@ class StepRow:
     curves: dict[str, list[tuple[Any, Any]]]
 
 
+def auto_exclude_text(metrics: Any) -> str:
+    """A quantize step's ``auto_exclude`` in words: the nodes kept in float, whether the target held, their cost."""
+    ae = metrics.get("auto_exclude") if isinstance(metrics, dict) else None
+    if not isinstance(ae, dict):
+        return ""
+    nodes = ",".join(str(n) for n in ae.get("kept_float") or []) or "none"
+    cost = ae.get("cost")
+    cost = cost if isinstance(cost, dict) else {}
+    return (
+        f"kept_float={nodes} target_met={fmt_number(ae.get('met'))} "
+        f"float_cost={fmt_bytes(cost.get('size_bytes'))},{fmt_number(cost.get('latency_ms'), 3)}ms"
+    )
+
+
 def step_rows(report: dict[str, Any]) -> list[StepRow]:
     """The report's steps in order, with the series (loss, eval_metric, lr) their curves hold."""
     rows = []
@@ -297,6 +311,7 @@ def step_rows(report: dict[str, Any]) -> list[StepRow]:
         shown = " ".join(
             f"{k}={fmt_number(v)}" for k, v in metrics.items() if not isinstance(v, dict | list)
         ) if isinstance(metrics, dict) else ""
+        shown = " ".join(t for t in (shown, auto_exclude_text(metrics)) if t)
         points = [c for c in step.get("curve") or [] if isinstance(c, dict)]
         curves = {
             key: [(c.get("epoch"), c.get(key)) for c in points]

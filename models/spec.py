@@ -39,6 +39,29 @@ class Calibration(_Strict):
     percentile: float = Field(99.999, gt=90.0, le=100.0)
 
 
+class AutoExclude(_Strict):
+    """Sensitivity-guided mixed precision: keep in float the fewest nodes that meet one target.
+
+    ``min_fidelity``: worst-case agreement with the input model on the calibration samples (top-1
+    agreement for classifiers, the worst sample's output cosine otherwise); ``max_accuracy_drop``:
+    accuracy on labelled calibration samples at most this far below the unquantized model's.
+    ``max_nodes`` caps the nodes kept in float, ``samples`` the calibration samples measured,
+    ``max_rounds`` the quantize+evaluate rounds (one per candidate node, plus the greedy additions).
+    """
+
+    min_fidelity: float | None = Field(None, gt=0.0, le=1.0)
+    max_accuracy_drop: float | None = Field(None, ge=0.0, le=1.0)
+    max_nodes: int = Field(8, ge=1, le=256)
+    samples: int = Field(32, ge=1, le=4096)
+    max_rounds: int = Field(200, ge=2, le=2000)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> AutoExclude:
+        if (self.min_fidelity is None) == (self.max_accuracy_drop is None):
+            raise ValueError("auto_exclude needs exactly one of min_fidelity and max_accuracy_drop")
+        return self
+
+
 QuantizeMode = Literal["dynamic", "static", "fp16", "int4", "int8_weight"]
 # Weight-only modes: MatMul weights to ONNX Runtime's MatMulNBits (4 or 8 bits), activations stay float.
 WEIGHT_ONLY_MODES: frozenset[str] = frozenset({"int4", "int8_weight"})
@@ -72,9 +95,13 @@ class QuantizeStep(StepParams):
     quantize_embeddings: bool = False
     # {"<node name or op type, fnmatch pattern>": 4 | 8}: per-node bit widths (e.g. keep the head at 8).
     bits: dict[str, Literal[4, 8]] = Field(default_factory=dict, max_length=256)
+    # Measure each node's sensitivity on calibration data and keep the most sensitive ones in float.
+    auto_exclude: AutoExclude | None = None
 
     @model_validator(mode="after")
     def _weight_only_fields(self) -> QuantizeStep:
+        if self.auto_exclude is not None and self.mode not in ("dynamic", "static"):
+            raise ValueError(f"auto_exclude applies to modes dynamic and static only, not {self.mode!r}")
         if self.mode not in WEIGHT_ONLY_MODES:
             given = [f for f in ("algorithm", "block_size", "symmetric", "accuracy_level") if getattr(self, f) is not None]
             given += [f for f in ("quantize_embeddings", "bits") if f in self.model_fields_set and getattr(self, f)]
@@ -109,6 +136,13 @@ class LoraConfig(_Strict):
     target_modules: list[str] | None = None
 
 
+class Until(_Strict):
+    """Train until the budget holds on a validation split carved from data.train (never the eval set):
+    the task metric at most ``max_accuracy_drop`` below the input model's on the same split."""
+
+    max_accuracy_drop: float = Field(ge=0.0, le=1.0)
+
+
 class TrainingParams(_Strict):
     """Optimizer and loop settings shared by fine-tuning and distillation (AdamW, warm-up + cosine)."""
 
@@ -121,6 +155,19 @@ class TrainingParams(_Strict):
     early_stopping_patience: int | None = Field(None, ge=1)
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     max_steps: int | None = Field(None, ge=1)
+    # Stop as soon as the accuracy budget holds (checked after each epoch), at most ``max_epochs``.
+    until: Until | None = None
+    max_epochs: int | None = Field(None, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _until_epochs(self) -> TrainingParams:
+        if self.max_epochs is not None and self.until is None:
+            raise ValueError("max_epochs applies with until only (without it, set epochs)")
+        return self
+
+    def planned_epochs(self) -> int:
+        """The most epochs the loop runs: ``max_epochs`` with ``until`` (default ``epochs``), else ``epochs``."""
+        return self.max_epochs if self.until is not None and self.max_epochs is not None else self.epochs
 
 
 class FinetuneStep(TrainingParams, StepParams):
@@ -346,6 +393,10 @@ class JobSpec(_Strict):
                 self.data.calibration or self.data.train or self.data.eval
             ):
                 raise ValueError(f"steps.{i}: static quantization needs data.calibration")
+            if isinstance(step, QuantizeStep) and step.auto_exclude is not None and not (
+                self.data.calibration or self.data.train or self.data.eval
+            ):
+                raise ValueError(f"steps.{i}: auto_exclude measures sensitivity on data.calibration, which is not given")
             if isinstance(step, QuantizeStep) and step.algorithm == "gptq" and not (
                 self.data.calibration or self.data.train or self.data.eval
             ):

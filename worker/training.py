@@ -2,7 +2,8 @@
 
 AdamW with decoupled weight decay (Loshchilov & Hutter 2019; none on biases and norm weights), linear
 warm-up then cosine decay, gradient accumulation, early stopping on the eval metric with the best weights
-restored, ``max_steps``, bf16 autocast and channels_last on CUDA, seeded shuffling, and no per-batch host
+restored, ``max_steps``, ``until`` (stop once an accuracy budget holds on a validation split carved from
+the train data, never the eval set), bf16 autocast and channels_last on CUDA, seeded shuffling, and no per-batch host
 syncs (the loss is summed on the device and read once per epoch).
 """
 
@@ -17,15 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.passes.base import ArrayDataset
+from worker.passes.base import ArrayDataset, StepFailed
 
 if TYPE_CHECKING:
     import torch
 
     from models.spec import TrainingParams
-    from worker.passes.base import PassContext
+    from worker.passes.base import PassContext, WorkingModel
 
 CANCEL_EVERY = 4  # batches between cancellation checks
+VALIDATION_FRACTION = 0.1  # of data.train, carved off as the validation split of ``until``
+MIN_VALIDATION = 32  # samples in that split at the least (and as many left to train on)
 LossFn = Callable[[dict[str, "torch.Tensor"]], "torch.Tensor"]
 EvalFn = Callable[[], dict[str, float]]
 
@@ -41,6 +44,97 @@ class TrainOutcome:
     steps: int = 0
     stopped_early: bool = False
     samples_per_s: float = 0.0
+    budget_held: bool | None = None  # with a Budget: whether the metric reached it
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``until``: stop once the eval metric is at least ``reference - max_drop`` (both on the same split)."""
+
+    reference: float
+    max_drop: float
+
+    @property
+    def threshold(self) -> float:
+        return self.reference - self.max_drop
+
+    def holds(self, value: float) -> bool:
+        return value >= self.threshold - 1e-12
+
+
+def subset(data: ArrayDataset, index: np.ndarray) -> ArrayDataset:
+    """The samples of ``data`` at ``index`` (labels and classes kept)."""
+    labels = None if data.labels is None else data.labels[index]
+    return ArrayDataset({k: v[index] for k, v in data.inputs.items()}, labels, data.classes, dict(data.meta))
+
+
+def carve_validation(
+    data: ArrayDataset, seed: int, fraction: float = VALIDATION_FRACTION, minimum: int = MIN_VALIDATION
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, validation): a seeded random ``fraction`` of ``data`` (at least ``minimum``) held out."""
+    n = len(data)
+    k = max(minimum, round(fraction * n))
+    if n - k < minimum:
+        raise StepFailed(
+            "too_little_data",
+            f"until needs a validation split of {k} samples carved from data.train and {minimum} left to "
+            f"train on; data.train has {n}",
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    return subset(data, np.sort(order[k:])), subset(data, np.sort(order[:k]))
+
+
+def input_accuracy(ctx: PassContext, data: ArrayDataset) -> float:
+    """Top-1 accuracy of the job's input model on ``data`` (ONNX Runtime for an ONNX upload)."""
+    model: WorkingModel = ctx.load_model("input")
+    if data.labels is None:
+        raise StepFailed("no_labels", "until needs a labelled data.train")
+    if model.form == "onnx" and model.onnx_path is not None:
+        from worker.evaluate import _Runner, make_session
+
+        runner = _Runner(make_session(model.onnx_path, 1))
+        out = runner.run_all({k: data.inputs[k] for k in model.input_names}, 256, ctx.check_cancelled)
+        logits = out[runner.output_names[0]]
+    else:
+        from worker.torch_utils import interface, predict
+
+        model.module.to(ctx.device)
+        logits = predict(interface(model), data, model.input_names, ctx.device)
+    if logits.ndim != 2:
+        raise StepFailed("unsupported_task", "until.max_accuracy_drop needs a classifier (2-D logits)")
+    return float((np.asarray(logits).argmax(1) == data.labels).mean())
+
+
+def budget_split(
+    params: TrainingParams, ctx: PassContext, train: ArrayDataset
+) -> tuple[ArrayDataset, ArrayDataset, Budget]:
+    """``until``: (train, validation, budget), the reference being the input model's accuracy on validation."""
+    from models.spec import ACCURACY_TASKS
+
+    assert params.until is not None
+    if ctx.spec.task not in ACCURACY_TASKS or train.labels is None:
+        raise StepFailed(
+            "invalid_step", "until.max_accuracy_drop applies to classifiers trained on labelled data.train"
+        )
+    rest, val = carve_validation(train, ctx.spec.seed)
+    budget = Budget(input_accuracy(ctx, val), params.until.max_accuracy_drop)
+    ctx.log("until: validation split carved from data.train", samples=len(val), reference_accuracy=budget.reference)
+    return rest, val, budget
+
+
+def budget_metrics(outcome: TrainOutcome, budget: Budget, validation: ArrayDataset) -> dict[str, Any]:
+    """The step metrics of ``until``: whether the budget held, on what split, against what reference."""
+    return {
+        "budget_held": bool(outcome.budget_held),
+        "budget": {
+            "max_accuracy_drop": budget.max_drop,
+            "reference_accuracy": budget.reference,
+            "threshold": budget.threshold,
+            "best_validation_accuracy": outcome.best_metric,
+            "validation_samples": len(validation),
+            "split": "data.train",
+        },
+    }
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
@@ -170,7 +264,7 @@ def _setup(module: torch.nn.Module, params: TrainingParams, ctx: PassContext, n:
     optimizer = torch.optim.AdamW(groups, lr=params.lr, fused=cuda)
     per_epoch = num_batches(n, params.batch_size)
     updates_per_epoch = max(1, math.ceil(per_epoch / params.grad_accum))
-    total = updates_per_epoch * params.epochs
+    total = updates_per_epoch * params.planned_epochs()
     if params.max_steps is not None:
         total = min(total, params.max_steps)
     warmup = int(params.warmup_ratio * total)
@@ -178,7 +272,7 @@ def _setup(module: torch.nn.Module, params: TrainingParams, ctx: PassContext, n:
     ctx.log(
         f"{phase}: start",
         samples=n,
-        epochs=params.epochs,
+        epochs=params.planned_epochs(),
         batch_size=params.batch_size,
         grad_accum=params.grad_accum,
         optimizer_steps=total,
@@ -277,13 +371,16 @@ def train(
     seed: int = 0,
     keep_initial: bool = False,
     higher_is_better: bool = True,
+    budget: Budget | None = None,
 ) -> TrainOutcome:
     """Train ``module``'s trainable parameters on ``data`` with ``loss_fn(batch)``; evaluate with ``eval_fn``.
 
     ``batch`` maps each input name (and ``labels`` when present) to a tensor on ``ctx.device``;
     ``eval_fn`` returns metrics (higher ``metric`` is better, lower with ``higher_is_better=False``, as for an
     eval loss) and drives early stopping and best-weight restore;
-    with ``keep_initial`` the weights before training compete too (training never leaves the model worse).
+    with ``keep_initial`` the weights before training compete too (training never leaves the model worse);
+    with ``budget`` (``until``; ``eval_fn`` then measures the validation split) training stops after the
+    first epoch whose ``metric`` meets it, at most ``params.planned_epochs()``, best weights restored.
     """
     import torch
 
@@ -291,13 +388,20 @@ def train(
     outcome = TrainOutcome()
     best = _BestWeights(module, params.early_stopping_patience, higher_is_better)
     samples_seen, train_time = 0, 0.0
+    if budget is not None and eval_fn is None:
+        raise ValueError("a budget needs an eval_fn on the validation split")
+    epochs = params.planned_epochs()
     if eval_fn is not None and keep_initial:
         module.eval()
         initial = eval_fn().get(metric)
         if initial is not None:
             best.record(outcome, initial, 0)
             ctx.log(f"{phase}: eval before training", **{metric: initial})
-    for epoch in range(1, params.epochs + 1):
+            if budget is not None and budget.holds(initial):
+                epochs = 0  # the budget holds already: nothing to recover
+                outcome.budget_held = outcome.stopped_early = True
+                ctx.log(f"{phase}: budget holds before training", **{metric: initial}, threshold=budget.threshold)
+    for epoch in range(1, epochs + 1):
         ctx.check_cancelled()
         started = time.perf_counter()
         epoch_loss, seen = _epoch(loop, params, ctx, data, input_names, loss_fn, outcome)
@@ -312,18 +416,27 @@ def train(
         lr = float(loop.optimizer.param_groups[0]["lr"])
         outcome.curve.append({"epoch": epoch, "loss": epoch_loss, "eval_metric": value, "lr": lr, **metrics})
         ctx.progress(
-            f"{phase} epoch {epoch}/{params.epochs}",
-            fraction=epoch / params.epochs,
+            f"{phase} epoch {epoch}/{epochs}",
+            fraction=epoch / epochs,
             epoch=epoch,
-            epochs=params.epochs,
+            epochs=epochs,
             metrics={"loss": epoch_loss, **({metric: value} if value is not None else {})},
         )
-        if value is not None and best.record(outcome, value, epoch):
+        patience_out = value is not None and best.record(outcome, value, epoch)
+        if budget is not None and value is not None and budget.holds(value):
+            outcome.budget_held = True
+            outcome.stopped_early = epoch < epochs
+            ctx.log(f"{phase}: budget holds", epoch=epoch, **{metric: value}, threshold=budget.threshold)
+            break
+        if patience_out:
             outcome.stopped_early = True
             ctx.log(f"{phase}: early stop", epoch=epoch, best_epoch=outcome.best_epoch)
             break
         if outcome.steps >= loop.total:
             break
+    if budget is not None and not outcome.budget_held:
+        outcome.budget_held = False
+        ctx.log(f"{phase}: budget did not hold", best=outcome.best_metric, threshold=budget.threshold)
     if best.restore(outcome):
         ctx.log(f"{phase}: restored best weights", best_epoch=outcome.best_epoch, best=outcome.best_metric)
     module.eval()

@@ -159,3 +159,14 @@ def test_a_slower_decode_is_a_warning() -> None:
     assert found[0]["message"] == "decodes 4.0\u00d7 slower than the input model (1,000 \u2192 250 tokens/s)"
     within_noise = rv.regressions({**side, "decode": {"tokens_per_s": 100.0}}, {**side, "decode": {"tokens_per_s": 96.0}})
     assert within_noise == []
+
+
+def test_step_rows_show_auto_exclude_and_budget_held() -> None:
+    quantize = {"index": 0, "type": "quantize", "metrics": {"mode": "dynamic", "auto_exclude": {
+        "kept_float": ["/0/Gemm"], "met": True, "cost": {"size_bytes": 48419, "latency_ms": 0.0021}}}}
+    finetune = {"index": 1, "type": "finetune", "metrics": {"budget_held": False, "epochs_run": 6}}
+    q, ft = rv.step_rows({"steps": [quantize, finetune]})
+    assert q.metrics_text == "mode=dynamic kept_float=/0/Gemm target_met=yes float_cost=47.28 KB,0.0021ms"
+    assert ft.metrics_text == "budget_held=no epochs_run=6"
+    assert rv.auto_exclude_text({"auto_exclude": {"kept_float": [], "met": False}}) == (
+        "kept_float=none target_met=no float_cost=-,-ms")

@@ -110,3 +110,20 @@ def test_few_shot_needs_choices_and_train_data() -> None:
         JobSpec.model_validate({"model": "m", "evaluate": {"few_shot": 2}})
     with pytest.raises(ValidationError, match=r"draws its examples from data\.train"):
         JobSpec.model_validate({"model": "m", "evaluate": {"few_shot": 2, "choices": ["a", "b"]}})
+
+
+def test_auto_exclude_and_until_are_validated_in_a_job_spec() -> None:
+    step = {"type": "quantize", "auto_exclude": {"min_fidelity": 0.99}}
+    with pytest.raises(ValidationError, match=r"steps\.0: auto_exclude measures sensitivity on data.calibration"):
+        JobSpec.model_validate({"model": "m", "steps": [step]})
+    spec = JobSpec.model_validate({"model": "m", "data": {"calibration": "ds"}, "steps": [step]})
+    assert spec.steps[0].auto_exclude.max_nodes == 8  # type: ignore[attr-defined]
+    with pytest.raises(ValidationError, match="exactly one of min_fidelity and max_accuracy_drop"):
+        JobSpec.model_validate({"model": "m", "data": {"calibration": "ds"},
+                                "steps": [{"type": "quantize", "auto_exclude": {}}]})
+    ft = {"type": "finetune", "until": {"max_accuracy_drop": 0.01}, "max_epochs": 20}
+    spec = JobSpec.model_validate({"model": "m", "data": {"train": "ds"}, "steps": [ft]})
+    assert spec.steps[0].planned_epochs() == 20  # type: ignore[attr-defined]
+    with pytest.raises(ValidationError, match="max_epochs applies with until only"):
+        JobSpec.model_validate({"model": "m", "data": {"train": "ds"},
+                                "steps": [{"type": "distill", "max_epochs": 5}]})

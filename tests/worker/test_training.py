@@ -8,12 +8,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from models.spec import TrainingParams
 from tests import factories_train as f
 from worker import training
-from worker.passes.base import ArrayDataset, JobCancelled
+from worker.passes.base import ArrayDataset, JobCancelled, StepFailed
 
 
 def test_schedule_warms_up_then_decays_to_zero() -> None:
@@ -147,3 +148,64 @@ def test_cancellation_within_a_few_batches(tmp_path: Path) -> None:
     with pytest.raises(JobCancelled):
         training.train(module, params, ctx, train, ["input"], counting)
     assert batches <= 2 * training.CANCEL_EVERY
+
+
+def test_carve_validation_is_seeded_disjoint_and_sized() -> None:
+    train, _ = f.digits()
+    rest, val = training.carve_validation(train, seed=3)
+    assert len(val) == 120 and len(rest) == 1080
+    again_val = training.carve_validation(train, seed=3)[1]
+    assert np.array_equal(val.inputs["input"], again_val.inputs["input"])
+    rows = {r.tobytes() for r in train.inputs["input"]}
+    assert {r.tobytes() for r in val.inputs["input"]} <= rows
+    assert val.labels is not None and rest.labels is not None and val.classes == train.classes
+    other = training.carve_validation(train, seed=4)[1]
+    assert not np.array_equal(val.inputs["input"], other.inputs["input"])
+    small = train.take(50)
+    assert len(training.carve_validation(train.take(400), seed=0)[1]) == 40
+    with pytest.raises(StepFailed) as err:
+        training.carve_validation(small, seed=0)  # 32 to validate would leave 18 to train on
+    assert err.value.code == "too_little_data"
+
+
+def test_budget_stops_at_the_first_epoch_it_holds(tmp_path: Path) -> None:
+    module, ctx, train = _linear_setup(tmp_path)
+    scores = iter([0.5, 0.8, 0.91, 0.99, 0.99])
+    params = TrainingParams(epochs=2, batch_size=64, lr=1e-2, until={"max_accuracy_drop": 0.05}, max_epochs=5)
+    budget = training.Budget(reference=0.95, max_drop=0.05)
+    out = training.train(
+        module, params, ctx, train, ["input"], _ce(module), lambda: {"accuracy": next(scores)}, budget=budget
+    )
+    assert out.budget_held is True and out.stopped_early and out.epochs_run == 3
+    assert out.best_epoch == 3 and out.best_metric == 0.91
+    phases = [e["phase"] for e in ctx.events if e["kind"] == "progress"]
+    assert phases == [f"training epoch {i}/5" for i in range(1, 4)]  # max_epochs, not epochs
+
+
+def test_budget_that_never_holds_runs_max_epochs_and_restores_best(tmp_path: Path) -> None:
+    import torch
+
+    module, ctx, train = _linear_setup(tmp_path)
+    scores = iter([0.5, 0.8, 0.6])
+    snapshots: list[torch.Tensor] = []
+
+    def eval_fn() -> dict[str, float]:
+        snapshots.append(module[1].weight.detach().clone())
+        return {"accuracy": next(scores)}
+
+    params = TrainingParams(batch_size=64, lr=1e-2, until={"max_accuracy_drop": 0.01}, max_epochs=3)
+    budget = training.Budget(reference=0.95, max_drop=0.01)
+    out = training.train(module, params, ctx, train, ["input"], _ce(module), eval_fn, budget=budget)
+    assert out.budget_held is False and not out.stopped_early and out.epochs_run == 3
+    assert out.best_epoch == 2 and torch.equal(module[1].weight, snapshots[1])
+    assert any(e.get("message") == "training: budget did not hold" for e in ctx.events)
+
+
+def test_until_spec_validation() -> None:
+    assert TrainingParams(until={"max_accuracy_drop": 0.02}, max_epochs=7).planned_epochs() == 7
+    assert TrainingParams(epochs=4, until={"max_accuracy_drop": 0.02}).planned_epochs() == 4
+    assert TrainingParams(epochs=4).planned_epochs() == 4
+    with pytest.raises(ValueError, match="max_epochs applies with until only"):
+        TrainingParams(max_epochs=3)
+    with pytest.raises(ValueError):
+        TrainingParams(until={})

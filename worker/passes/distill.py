@@ -350,6 +350,8 @@ class DistillPass(Pass):
             teacher = ensure_torch(ctx.load_model(params.teacher), ctx)
         teacher.module.eval().requires_grad_(False)
         if is_lm(teacher, ctx.spec.task):
+            if params.until is not None:
+                raise StepFailed("invalid_step", "until.max_accuracy_drop applies to classifiers, not text-generation")
             return distill_lm(model, teacher, params, ctx)
         metrics: dict[str, Any] = {"teacher": params.teacher}
         if isinstance(params.student, StudentLayers):
@@ -366,7 +368,11 @@ class DistillPass(Pass):
         train = _names_dataset(ctx, "train", student, teacher)
         if train is None:
             raise StepFailed("no_data", "distillation needs data.train")
-        evald = _names_dataset(ctx, "eval", student, teacher)
+        budget = None
+        if params.until is None:
+            evald = _names_dataset(ctx, "eval", student, teacher)
+        else:  # stop on a validation split carved from train: the eval set stays unseen
+            train, evald, budget = training.budget_split(params, ctx, train)
         task = ctx.spec.task
         reference = None
         if evald is not None:
@@ -392,7 +398,10 @@ class DistillPass(Pass):
             phase="distilling",
             seed=ctx.spec.seed,
             keep_initial=params.student is None,  # the working model is already a candidate result
+            budget=budget,
         )
+        if budget is not None and evald is not None:
+            metrics.update(training.budget_metrics(outcome, budget, evald))
         student.module.eval()
         if evald is not None:
             metrics["student_metrics_after"] = torch_metric(

@@ -235,6 +235,8 @@ def finetune_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> 
 
     if params.num_labels is not None:
         raise StepFailed("invalid_step", "num_labels does not apply to a text-generation model (it has no classes)")
+    if params.until is not None:
+        raise StepFailed("invalid_step", "until.max_accuracy_drop applies to classifiers, not text-generation")
     train = ctx.dataset("train", model)
     if train is None or not len(train):
         raise StepFailed("no_data", "fine-tuning needs data.train")
@@ -319,7 +321,12 @@ class FinetunePass(Pass):
         train = ctx.dataset("train", model)
         if train is None or train.labels is None:
             raise StepFailed("no_labels", "fine-tuning needs a labelled data.train")
-        evald = ctx.dataset("eval", model)
+        budget = None
+        if params.until is None:
+            evald = ctx.dataset("eval", model)
+        else:  # stop on a validation split carved from train: the eval set stays unseen
+            train, evald, budget = training.budget_split(params, ctx, train)
+        assert train.labels is not None
         example = example_inputs(model, train, ctx.device)
         head = head_name(model, example)
         metrics: dict[str, Any] = {"mode": params.mode, "head": head}
@@ -364,7 +371,10 @@ class FinetunePass(Pass):
             metric="accuracy",
             phase="training",
             seed=ctx.spec.seed,
+            budget=budget,
         )
+        if budget is not None and evald is not None:
+            metrics.update(training.budget_metrics(outcome, budget, evald))
         if peft_model is not None:
             model = replace(model, module=peft_model.merge_and_unload())
         model.module.requires_grad_(True)

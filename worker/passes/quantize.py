@@ -223,6 +223,11 @@ class QuantizePass(Pass):
             pre, how = self._preprocess(src, ctx)
             metrics["preprocess"] = how
             ctx.check_cancelled()
+            if p.auto_exclude is not None:  # sensitivity-guided mixed precision (worker/passes/sensitivity.py)
+                from worker.passes import sensitivity
+
+                kept, metrics["auto_exclude"] = sensitivity.select(self, pre, p, model, ctx)
+                p = p.model_copy(update={"nodes_to_exclude": [*p.nodes_to_exclude, *kept]})
             if p.mode == "dynamic":
                 out = self._dynamic(pre, p, ctx)
             else:

@@ -203,3 +203,30 @@ def test_lm_distill_refuses_another_tokenizer(lm_teacher: tuple[Path, Any], tmp_
     with pytest.raises(StepFailed, match="same tokenizer") as err:
         DistillPass().run(lt.lm_model(path), step, ctx)
     assert err.value.code == "tokenizer_mismatch"
+
+
+def test_distill_until_stops_once_the_budget_holds_on_a_split_of_train(tmp_path: Path) -> None:
+    path, input_acc = f.cnn_onnx()
+    train, evald = f.digits()
+    roles: list[str] = []
+
+    class Recording(f.MemoryContext):
+        def dataset(self, role: str, model: WorkingModel) -> Any:
+            roles.append(role)
+            return super().dataset(role, model)
+
+    ctx = Recording(
+        tmp_path, f.spec(), data={"train": train, "eval": evald}, models={"input": lambda: f.onnx_model(path)}
+    )
+    pruned = PrunePass().run(convert.to_torch(f.onnx_model(path), ctx), PruneStep(type="prune", ratio=0.5), ctx)
+    roles.clear()
+    step = DistillStep(type="distill", batch_size=32, lr=3e-3, until={"max_accuracy_drop": 0.06}, max_epochs=10)
+    result = DistillPass().run(pruned.model, step, ctx)
+    m = result.metrics
+    print(m["budget"], m["epochs_run"])
+    assert roles == ["train"]  # the eval set is never read
+    assert m["budget_held"] is True and m["epochs_run"] < 10 and m["metric"] == "accuracy"
+    assert m["budget"]["best_validation_accuracy"] >= m["budget"]["threshold"]
+    assert m["teacher_metrics"]["accuracy"] == pytest.approx(m["budget"]["reference_accuracy"])
+    acc = metrics.torch_metric(result.model, evald, ctx.spec)["accuracy"]
+    assert acc >= input_acc - 0.08

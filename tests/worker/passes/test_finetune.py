@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -265,3 +265,69 @@ def test_lm_finetune_without_eval_data_trains_the_last_layer(gpl_llama: _Pretrai
     changed = {k.split(".")[2] if k.startswith("model.layers.") else k for k, v in
                result.model.module.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"3", "model.norm.weight", "lm_head.weight"}  # the last decoder layer, final norm, head
+
+
+@dataclass
+class _RolesContext(f.MemoryContext):
+    """A MemoryContext that records which data roles a pass asks for."""
+
+    roles: list[str] = field(default_factory=list)
+
+    def dataset(self, role: str, model: WorkingModel) -> Any:
+        self.roles.append(role)
+        return super().dataset(role, model)
+
+
+def _pruned_cnn_with_input(tmp_path: Path) -> tuple[_RolesContext, WorkingModel, float]:
+    """A pruned CNN whose context serves the unpruned input and an eval set with scrambled labels (a
+    stopping rule that read it would never see the budget hold)."""
+    path, _ = f.cnn_onnx()
+    train, evald = f.digits()
+    scrambled = f.ArrayDataset(evald.inputs, np.roll(evald.labels, 1), evald.classes)
+    ctx = _RolesContext(
+        tmp_path, f.spec(), data={"train": train, "eval": scrambled}, models={"input": lambda: f.onnx_model(path)}
+    )
+    pruned = PrunePass().run(convert.to_torch(f.onnx_model(path), ctx), PruneStep(type="prune", ratio=0.5), ctx)
+    ctx.roles.clear()
+    return ctx, pruned.model, pruned.metrics["accuracy_after_prune"]
+
+
+def test_until_recovers_to_the_budget_and_stops_early_without_the_eval_set(tmp_path: Path) -> None:
+    ctx, model, after_prune = _pruned_cnn_with_input(tmp_path)
+    _, input_acc = f.cnn_onnx()
+    step = FinetuneStep(
+        type="finetune", batch_size=32, lr=3e-3, until={"max_accuracy_drop": 0.05}, max_epochs=12
+    )
+    result = FinetunePass().run(model, step, ctx)
+    m = result.metrics
+    print(f"input {input_acc:.3f} pruned {after_prune:.3f} -> {m['budget']} in {m['epochs_run']} epochs")
+    assert "eval" not in ctx.roles and "train" in ctx.roles
+    assert m["budget_held"] is True and m["stopped_early"] and m["epochs_run"] < 12
+    assert len(result.curve) == m["epochs_run"]
+    budget = m["budget"]
+    assert budget["validation_samples"] == 120 and budget["split"] == "data.train"
+    assert budget["reference_accuracy"] >= 0.9
+    assert budget["best_validation_accuracy"] >= budget["reference_accuracy"] - 0.05
+    acc = metrics.torch_metric(result.model, f.digits()[1], ctx.spec)["accuracy"]
+    assert acc > after_prune + 0.3 and acc >= input_acc - 0.06  # the unseen eval set agrees
+
+
+def test_until_reports_a_budget_that_did_not_hold(tmp_path: Path) -> None:
+    ctx, model, _ = _pruned_cnn_with_input(tmp_path)
+    step = FinetuneStep(
+        type="finetune", batch_size=64, lr=1e-6, until={"max_accuracy_drop": 0.0}, max_epochs=1
+    )
+    result = FinetunePass().run(model, step, ctx)
+    assert result.metrics["budget_held"] is False and result.metrics["epochs_run"] == 1
+    assert "eval" not in ctx.roles
+
+
+def test_until_is_refused_for_a_causal_lm(tmp_path: Path) -> None:
+    step = FinetuneStep(type="finetune", until={"max_accuracy_drop": 0.01})
+    ctx = f.MemoryContext(tmp_path, f.spec("text-generation"))
+    model = WorkingModel(form="torch", origin="hf", input_names=["input_ids"], output_names=["logits"])
+    from worker.passes.finetune import finetune_lm
+
+    with pytest.raises(StepFailed) as err:
+        finetune_lm(model, step, ctx)
+    assert err.value.code == "invalid_step" and "until" in err.value.message

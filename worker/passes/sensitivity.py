@@ -1,0 +1,221 @@
+"""Sensitivity-guided mixed precision for the quantize step (``auto_exclude``).
+
+Each weighted node (MatMul, Gemm, Conv) is measured by leaving it out alone (everything else quantized with
+the step's own onnxruntime.quantization settings) on a few calibration samples; nodes are ranked by how
+much leaving them out restores the worst sample's output cosine, then the most sensitive are kept in float
+one by one until the target holds. The step's metrics get which nodes, the rounds run and their cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from models.spec import ACCURACY_TASKS, AutoExclude, QuantizeStep
+from worker.passes.base import ArrayDataset, PassContext, StepFailed, WorkingModel
+
+if TYPE_CHECKING:
+    from worker.passes.quantize import QuantizePass
+
+# Ops whose weights the quantizer turns into integers: the nodes worth keeping in float.
+WEIGHTED_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
+LATENCY_RUNS = 20
+
+
+@dataclass(frozen=True)
+class Score:
+    """One quantized candidate on the samples: the target's value and the worst sample's output cosine."""
+
+    value: float
+    min_cosine: float
+
+
+def candidates(path: Path, p: QuantizeStep) -> list[tuple[str, str]]:
+    """(name, op) of the weighted nodes the step would quantize (constant weights, not excluded)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    consts = {t.name for t in m.graph.initializer} | {
+        o for n in m.graph.node if n.op_type == "Constant" for o in n.output
+    }
+    excluded = set(p.nodes_to_exclude)
+    out = []
+    for n in m.graph.node:
+        if n.op_type not in WEIGHTED_OPS or n.op_type in p.op_types_to_exclude or n.name in excluded:
+            continue
+        if len(n.input) > 1 and n.input[1] in consts:
+            out.append((n.name, n.op_type))
+    return out
+
+
+def exclusion_names(nodes: list[tuple[str, str]], mode: str) -> list[str]:
+    """Names to pass as ``nodes_to_exclude``: dynamic quantization renames a Gemm ``<name>_MatMul`` first."""
+    names = []
+    for name, op in nodes:
+        names.append(name)
+        if op == "Gemm" and mode == "dynamic":
+            names.append(f"{name}_MatMul")
+    return names
+
+
+def _outputs(path: Path, data: ArrayDataset) -> np.ndarray:
+    from worker.evaluate import _Runner, make_session
+
+    runner = _Runner(make_session(path, 1))
+    outs = runner.run_all(data.inputs, 64)
+    return outs[runner.output_names[0]]
+
+
+class _Judge:
+    """Scores a quantized model's outputs against the float model's on the calibration samples."""
+
+    def __init__(self, target: AutoExclude, task: str, data: ArrayDataset, reference: np.ndarray) -> None:
+        from worker.evaluate import embeddings
+
+        self.target, self.data, self.reference = target, data, reference
+        self.mask = data.inputs.get("attention_mask")
+        self.ref_emb = embeddings(reference, self.mask)
+        logits = reference.ndim == 2 and reference.shape[1] > 1
+        self.classifier = task in ACCURACY_TASKS and logits
+        if target.max_accuracy_drop is not None:
+            if data.labels is None or not logits:
+                raise StepFailed(
+                    "calibration_data_unlabelled",
+                    "auto_exclude.max_accuracy_drop needs labelled calibration data for a classifier",
+                )
+            self.judged_by = "accuracy_drop"
+            self.ref_acc = float((reference.argmax(1) == data.labels).mean())
+        else:
+            self.judged_by = "top1_agreement" if self.classifier else "min_cosine"
+
+    def score(self, out: np.ndarray) -> Score:
+        from worker.evaluate import _cosine_rows, embeddings
+
+        emb = embeddings(out, self.mask)
+        min_cos = float(_cosine_rows(emb, self.ref_emb).min()) if emb.shape == self.ref_emb.shape else -1.0
+        if self.judged_by == "accuracy_drop":
+            assert self.data.labels is not None
+            value = self.ref_acc - float((out.argmax(1) == self.data.labels).mean())
+        elif self.judged_by == "top1_agreement":
+            value = float((out.argmax(1) == self.reference.argmax(1)).mean())
+        else:
+            value = min_cos
+        return Score(value, min_cos)
+
+    def met(self, s: Score) -> bool:
+        if self.target.max_accuracy_drop is not None:
+            return s.value <= self.target.max_accuracy_drop + 1e-12
+        return s.value >= float(self.target.min_fidelity or 0.0) - 1e-12
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    Path(str(path) + ".data").unlink(missing_ok=True)
+
+
+def _latency_ms(path: Path, data: ArrayDataset) -> float:
+    from worker.evaluate import make_session, measure_latency
+
+    batch = {k: v[:1] for k, v in data.inputs.items()}
+    return float(measure_latency(make_session(path, 1), batch, 3, LATENCY_RUNS)["ms"]["median"])
+
+
+def select(
+    qpass: QuantizePass, pre: Path, p: QuantizeStep, model: WorkingModel, ctx: PassContext
+) -> tuple[list[str], dict[str, Any]]:
+    """The node names to keep in float so that ``p.auto_exclude``'s target holds, and the report of it."""
+    from worker.formats.onnx_model import model_size_bytes
+
+    target = p.auto_exclude
+    assert target is not None
+    data = ctx.dataset("calibration", model)
+    if data is None or len(data) == 0:
+        raise StepFailed("calibration_data_missing", "auto_exclude measures sensitivity on calibration data")
+    samples = data.take(target.samples)
+    nodes = candidates(pre, p)
+    if len(nodes) + 1 > target.max_rounds:
+        raise StepFailed(
+            "too_many_nodes",
+            f"auto_exclude: {len(nodes)} candidate nodes need more than max_rounds={target.max_rounds} "
+            "quantize+evaluate rounds; raise max_rounds or exclude op types",
+        )
+    judge = _Judge(target, ctx.spec.task, samples, _outputs(pre, samples))
+    rounds = 0
+
+    def quantize(kept: list[tuple[str, str]], keep_file: bool = False) -> tuple[Score, Path]:
+        nonlocal rounds
+        ctx.check_cancelled()
+        rounds += 1
+        names = [*p.nodes_to_exclude, *exclusion_names(kept, p.mode)]
+        step = p.model_copy(update={"nodes_to_exclude": names, "auto_exclude": None})
+        out = qpass._dynamic(pre, step, ctx) if p.mode == "dynamic" else qpass._static(pre, step, model, ctx)[0]
+        score = judge.score(_outputs(out, samples))
+        if not keep_file:
+            _remove(out)
+        return score, out
+
+    ctx.progress("auto_exclude: all nodes quantized", fraction=0.0)
+    full, full_path = quantize([], keep_file=True)
+    report: dict[str, Any] = {
+        "target": target.model_dump(include={"min_fidelity", "max_accuracy_drop"}, exclude_none=True),
+        "judged_by": judge.judged_by,
+        "samples": len(samples),
+        "candidates": len(nodes),
+        "all_quantized": full.value,
+    }
+    kept: list[tuple[str, str]] = []
+    final, final_path = full, full_path
+    ranking: list[tuple[float, str, str]] = []
+    if not judge.met(full):
+        for i, (name, op) in enumerate(nodes):
+            ctx.progress(f"auto_exclude: leaving out {name}", fraction=0.8 * i / max(1, len(nodes)))
+            s, _ = quantize([(name, op)])
+            ranking.append((s.min_cosine, name, op))
+        ranking.sort(key=lambda r: -r[0])
+        for name, op in [(n, o) for _, n, o in ranking]:
+            if len(kept) >= target.max_nodes or rounds >= target.max_rounds:
+                break
+            kept.append((name, op))
+            ctx.progress(f"auto_exclude: keeping {len(kept)} node(s) in float", fraction=0.9)
+            score, path = quantize(kept, keep_file=True)
+            if final_path != full_path:
+                _remove(final_path)
+            final, final_path = score, path
+            if judge.met(score):
+                break
+    met = judge.met(final)
+    size_full, size_final = model_size_bytes(full_path), model_size_bytes(final_path)
+    lat_full = _latency_ms(full_path, samples)
+    lat_final = lat_full if final_path == full_path else _latency_ms(final_path, samples)
+    for path in {full_path, final_path}:
+        _remove(path)
+    report.update(
+        {
+            "kept_float": [name for name, _ in kept],
+            "value": final.value,
+            "met": met,
+            "rounds": rounds,
+            "sensitivity": [
+                {"node": n, "op": o, "min_cosine_left_out": round(c, 6)} for c, n, o in ranking[:20]
+            ],
+            "cost": {
+                "size_bytes": size_final - size_full,
+                "latency_ms": lat_final - lat_full,
+                "size_bytes_all_quantized": size_full,
+                "latency_ms_all_quantized": lat_full,
+            },
+        }
+    )
+    ctx.log(
+        "auto_exclude: kept nodes in float",
+        nodes=report["kept_float"],
+        met=met,
+        value=final.value,
+        rounds=rounds,
+    )
+    if not met:
+        ctx.log("auto_exclude: the target does not hold within max_nodes/max_rounds", target=report["target"])
+    return exclusion_names(kept, p.mode), report
