@@ -85,6 +85,8 @@ class JobResult(BaseModel):
     report: dict[str, Any] = Field(default_factory=dict)
     # A latency or size regression against the input: {code: slower_than_input | larger_than_input, message, ratio}.
     warnings: list[dict[str, Any]] = Field(default_factory=list)
+    # A search: the winning trial ({trial, job_id, label, steps, metric, size_bytes, latency_ms}).
+    best: dict[str, Any] | None = None
 
 
 class Timestamps(BaseModel):

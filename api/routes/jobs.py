@@ -38,10 +38,11 @@ def create_job(
 
 @router.get("", response_model=Page[JobOut])
 def list_jobs(
-    owner: Owner, db: DB, status: str | None = None, after: str | None = None, limit: int = DEFAULT_LIMIT
+    owner: Owner, db: DB, status: str | None = None, after: str | None = None, limit: int = DEFAULT_LIMIT,
+    parent: str | None = None,
 ) -> Page[JobOut]:
-    """The owner's jobs, newest first, optionally filtered by status."""
-    return job_service.list_jobs(db, owner, status, after, limit)
+    """The owner's jobs, newest first, optionally filtered by status or by search (``parent``: its trials)."""
+    return job_service.list_jobs(db, owner, status, after, limit, parent)
 
 
 @router.get("/{job_id}", response_model=JobOut, response_class=Response)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -73,7 +74,7 @@ def job_out(session: Session, job: Job) -> JobOut:
     if stored or artifacts:
         report = stored.get("report") if "report" in stored else {k: v for k, v in stored.items() if k != "artifacts"}
         result = JobResult(artifacts=[artifact_out(a) for a in artifacts], report=report or {},
-                           warnings=_warnings(stored, report))
+                           warnings=_warnings(stored, report), best=stored.get("best"))
     error: JobError | None = None
     if job.error:
         error = JobError(
@@ -180,7 +181,8 @@ def _query_job_json(owner: str, job_id: str) -> tuple[bytes, str]:
     result = None
     if stored or artifacts:
         report = stored.get("report") if "report" in stored else {k: v for k, v in stored.items() if k != "artifacts"}
-        result = {"artifacts": artifacts, "report": report or {}, "warnings": _warnings(stored, report)}
+        result = {"artifacts": artifacts, "report": report or {}, "warnings": _warnings(stored, report),
+                  "best": stored.get("best")}
     error = None
     if job.error:
         error = {"code": str(job.error.get("code", "error")), "message": str(job.error.get("message", "")),
@@ -287,15 +289,35 @@ def _enqueue(session: Session, job: Job) -> None:
         ) from exc
 
 
-def list_jobs(session: Session, owner: str, status: str | None, after: str | None, limit: int) -> Page[JobOut]:
-    """A page of the owner's jobs, newest first, optionally of one status; cursor = last id of the page."""
+def list_jobs(session: Session, owner: str, status: str | None, after: str | None, limit: int,
+              parent: str | None = None) -> Page[JobOut]:
+    """A page of the owner's jobs, newest first, optionally of one status or one search's trials
+    (``parent``: the search job's id, 404 unless the owner's); cursor = last id of the page."""
     query = select(Job).where(Job.owner == owner)
+    if parent is not None:
+        get_job(session, owner, parent)
+        query = query.where(Job.parent_id == parent)
     if status is not None:
         if status not in STATUSES:
             raise field_error(422, "validation_error", "status", f"{status!r} is not one of {', '.join(STATUSES)}")
         query = query.where(Job.status == status)
     rows, cursor = paginate(session, query, Job.id, after, limit)
     return Page[JobOut](data=[job_out(session, j) for j in rows], next_cursor=cursor)
+
+
+def _cancel_trials(session: Session, owner: str, search: Job) -> None:
+    """A cancelled search cancels every trial not yet ended, then asks a worker to wind the search up
+    (its trials' workers would otherwise be the only ones to advance it, and queued trials have none)."""
+    from worker.celery_app import enqueue_advance
+
+    children = session.scalars(select(Job.id).where(Job.parent_id == search.id, Job.status.not_in(TERMINAL)))
+    for child_id in list(children):
+        with contextlib.suppress(ProblemError):
+            cancel_job(session, owner, child_id)
+    try:
+        enqueue_advance(search.id, search.queue)
+    except Exception as exc:  # the trials' workers still advance it as each trial ends
+        log.warning("advance of cancelled search %s not queued: %s", search.id, exc)
 
 
 def cancel_job(session: Session, owner: str, job_id: str) -> Job:
@@ -328,6 +350,8 @@ def cancel_job(session: Session, owner: str, job_id: str) -> Job:
             session.add(event)
             session.commit()
             READ_CACHE.drop(job_id)
+            if job.status == RUNNING and (job.spec or {}).get("search") is not None:
+                _cancel_trials(session, owner, job)
             return get_job(session, owner, job_id)
         session.rollback()  # the worker moved the job meanwhile: look again
     raise ProblemError(409, "conflict", f"job {job_id} kept changing state; try again")
