@@ -65,7 +65,7 @@ def plan(spec: JobSpec, model_format: str, model_meta: dict[str, Any]) -> list[d
         space = auto_space(spec.task, model_format, model_meta, train=spec.data.train is not None,
                            calibration=bool(spec.data.calibration or spec.data.eval))
     else:
-        space = [[s.model_dump(mode="json", exclude_defaults=True) | {"type": s.type} for s in steps]
+        space = [[s.model_dump(mode="json") for s in steps]
                  for steps in search.space]
     table = []
     for i, c in enumerate(candidates(space)):

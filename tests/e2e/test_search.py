@@ -18,6 +18,7 @@ import psutil
 import psycopg
 import pytest
 
+from models.spec import JobSpec
 from tests.conftest import PG_ADMIN_DSN, RUN_ID, _sqlalchemy_url
 from tests.e2e.harness import LiveService, live_service, service_env
 from tests.factories import digits_split, train_digits_mlp_onnx, write_npz
@@ -79,6 +80,12 @@ def _wait(svc: LiveService, client: httpx.Client, job_id: str, timeout: float = 
     raise TimeoutError(f"{job_id}: {job}\n{svc.logs('worker.log')}\n{svc.logs('worker2.log')}")
 
 
+def _key(steps: list[dict[str, Any]]) -> str:
+    """A trial's steps with every default filled in, as text (the table stores them in full)."""
+    full = JobSpec.model_validate({"model": "m", "data": {"train": "d"}, "steps": steps}).steps
+    return json.dumps([s.model_dump(mode="json") for s in full], sort_keys=True)
+
+
 def _pool_pids(proc: Any) -> set[int]:
     return {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
 
@@ -106,12 +113,12 @@ def test_search_fans_out_over_both_workers_and_picks_a_winner_meeting_the_constr
         done = _wait(svc, client, search_id)
         assert done["status"] == "succeeded", (done, svc.logs("worker.log"), svc.logs("worker2.log"))
         trials = done["result"]["report"]["search"]["trials"]
-        by_steps = {json.dumps(t["steps"], sort_keys=True): t for t in trials}
+        by_steps = {_key(t["steps"]): t for t in trials}
         assert len(by_steps) == 4
-        dynamic, fp16 = (by_steps[json.dumps(space[i], sort_keys=True)] for i in (0, 1))
+        dynamic, fp16 = (by_steps[_key(space[i])] for i in (0, 1))
         assert dynamic["state"] == fp16["state"] == "succeeded"
         skipped = [t for t in trials if t["state"] == "skipped"]
-        assert [t["steps"] for t in skipped] == [space[2]], trials
+        assert [_key(t["steps"]) for t in skipped] == [_key(space[2])], trials
         assert skipped[0]["reason"].startswith("cannot beat the best")
         pruned = next(t for t in trials if t["steps"][0]["type"] == "prune")
         assert pruned["state"] == "failed" and pruned["met"] is False, pruned
