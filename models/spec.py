@@ -413,10 +413,10 @@ class JobSpec(_Strict):
 
     def _check_search(self, search: SearchSpec) -> None:
         if self.steps:
-            raise ValueError("steps must be empty when search is given (the search's space holds the steps)")
+            raise ValueError("steps: must be empty when search is given (the search's space holds the steps)")
         if self.data.eval is None:
             for name in search.constraints.needing_eval():
-                raise ValueError(f"search.constraints.{name} is measured on eval data: give data.eval")
+                raise ValueError(f"search.constraints.{name}: measured on eval data, which is not given (data.eval)")
         if isinstance(search.space, list):
             for i, steps in enumerate(search.space):
                 try:
