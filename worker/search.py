@@ -101,6 +101,10 @@ def start(claim: Claim, spec: JobSpec, owner: str) -> str:
             job.phase = "searching"
             s.add(JobEvent(job_id=job.id, kind="log", message=f"search: {len(table)} trials planned",
                            data={"trials": [{"index": t["index"], "label": t["label"]} for t in table]}))
+            for t in table:
+                if t["state"] == SKIPPED:
+                    s.add(JobEvent(job_id=job.id, kind="log", data={"trial": _trial_view(t)},
+                                   message=f"trial {t['index']} ({t['label']}) skipped: {t['reason']}"))
     advance(claim.job_id)
     return RUNNING
 

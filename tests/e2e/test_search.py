@@ -67,7 +67,7 @@ def uploaded(fleet: tuple[LiveService, Any], tmp_path_factory: pytest.TempPathFa
                        content=(d / "eval.npz").read_bytes())
         assert m.status_code in (200, 201) and e.status_code in (200, 201), (m.text, e.text)
     return {"model": m.json()["id"], "eval": e.json()["id"], "x": x_ev.astype(np.float32), "y": y_ev,
-            "input": name}
+            "input": name, "model_path": model, "eval_path": d / "eval.npz"}
 
 
 def _wait(svc: LiveService, client: httpx.Client, job_id: str, timeout: float = 150.0) -> dict[str, Any]:
@@ -184,3 +184,20 @@ def test_children_of_another_owner_are_not_listed(fleet: tuple[LiveService, Any]
     with httpx.Client(base_url=svc.url, timeout=30) as client:
         r = client.get("/v1/jobs", params={"parent": "job_nope"})
         assert r.status_code == 404 and r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_cli_optimize_auto_streams_the_trials_and_downloads_the_winner(
+    fleet: tuple[LiveService, Any], uploaded: dict[str, Any], tmp_path: Path
+) -> None:
+    from tests.client.test_cli import mp
+
+    svc, _ = fleet
+    out = mp("optimize", str(uploaded["model_path"]), "--eval", str(uploaded["eval_path"]), "--auto",
+             "--task", "image-classification", "--objective", "size", "--max-accuracy-drop", "0.02",
+             "--max-trials", "2", "--out", str(tmp_path / "out"), url=svc.url, check=0)
+    lines = out.stdout.splitlines()
+    trials = [line for line in lines if line.startswith("trial ")]
+    # auto on an ONNX MLP with eval data: fp16, dynamic, static; max_trials 2 leaves static skipped.
+    assert len(trials) == 3 and sum("skipped (budget: max_trials 2)" in t for t in trials) == 1, out.stdout
+    assert any(line.startswith("winner: trial ") for line in lines), out.stdout
+    assert (tmp_path / "out" / "model.onnx").stat().st_size > 0
