@@ -201,3 +201,36 @@ def test_cli_optimize_auto_streams_the_trials_and_downloads_the_winner(
     assert len(trials) == 3 and sum("skipped (budget: max_trials 2)" in t for t in trials) == 1, out.stdout
     assert any(line.startswith("winner: trial ") for line in lines), out.stdout
     assert (tmp_path / "out" / "model.onnx").stat().st_size > 0
+
+
+def test_a_trial_whose_worker_is_killed_is_retried_and_the_search_completes(
+    fleet: tuple[LiveService, Any], uploaded: dict[str, Any]
+) -> None:
+    svc, second = fleet
+    space = [[{"type": "quantize", "mode": m}] for m in ("dynamic", "fp16")]
+    spec = {"model": uploaded["model"], "task": "image-classification", "data": {"eval": uploaded["eval"]},
+            "evaluate": {"latency": {"runs": 400, "warmup": 2, "batch_size": 256}},
+            "search": {"objective": "size", "space": space, "parallelism": 2}}
+    with httpx.Client(base_url=svc.url, timeout=30) as client:
+        search_id = client.post("/v1/jobs", json=spec).json()["id"]
+        deadline = time.monotonic() + 60
+        running: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and not running:
+            kids = client.get("/v1/jobs", params={"parent": search_id}).json()["data"]
+            running = [k for k in kids if k["status"] == "running" and k["phase"] != "starting"]
+            time.sleep(0.2)
+        assert running, kids
+        killed = 0
+        for proc in (svc.worker, second):  # every pool process dies mid-trial; the workers fork new ones
+            for pid in _pool_pids(proc):
+                psutil.Process(pid).send_signal(signal.SIGKILL)
+                killed += 1
+        assert killed == 2
+        done = _wait(svc, client, search_id, timeout=150)
+        assert done["status"] == "succeeded", done
+        kids = client.get("/v1/jobs", params={"parent": search_id}).json()["data"]
+        assert len(kids) == 2 and all(k["status"] == "succeeded" for k in kids)  # each trial one job
+        attempts = {k["id"]: k["attempt"] for k in kids}
+        assert all(attempts[k["id"]] == 2 for k in running), attempts  # the killed trials ran again, once
+        events = client.get(f"/v1/jobs/{running[0]['id']}/events").json()["data"]
+        assert sum(e["data"].get("status") == "succeeded" for e in events) == 1
