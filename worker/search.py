@@ -17,6 +17,7 @@ import json
 import logging
 import statistics
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,25 @@ def advance(search_id: str) -> str | None:
         if job is None or job.status not in (RUNNING, CANCELLING):
             return None if job is None else job.status
         state = json.loads(json.dumps((job.progress or {}).get("metrics", {}).get("search") or {}))
+        if not state:
+            return job.status
+        if state.get("finalizing"):
+            # Finalize beats the search's heartbeat; a stale one means its worker died: take it over.
+            lease = timedelta(seconds=get_settings().job_lease_seconds)
+            if job.heartbeat_at is not None and job.heartbeat_at > utcnow() - lease:
+                return job.status
+            job.heartbeat_at = utcnow()
+            finalize_again = Claim(search_id, job.attempt)
+        else:
+            finalize_again = None
+    if finalize_again is not None:
+        log.warning("search %s: finalize taken over (the worker finalizing it stopped beating)", search_id)
+        return finalize(finalize_again)
+    with session_scope() as s:
+        job = s.execute(select(Job).where(Job.id == search_id).with_for_update()).scalar_one_or_none()
+        if job is None or job.status not in (RUNNING, CANCELLING):
+            return None if job is None else job.status
+        state = json.loads(json.dumps((job.progress or {}).get("metrics", {}).get("search") or {}))
         if not state or state.get("finalizing"):
             return job.status
         spec = JobSpec.model_validate(job.spec)
@@ -302,7 +322,19 @@ def remeasure(paths: dict[str, Path], threads: int, batch_size: int, warmup: int
 
 
 def finalize(claim: Claim) -> str:
-    """Re-measure the finalists' latency, pick the winner meeting the constraints, adopt its artifacts."""
+    """Re-measure the finalists' latency, pick the winner meeting the constraints, adopt its artifacts
+    (beating the search's heartbeat meanwhile, so a worker that dies here is taken over)."""
+    from worker.jobs import _Heartbeat
+
+    beat = _Heartbeat(claim, max(1.0, get_settings().job_lease_seconds / 4))
+    beat.start()
+    try:
+        return _finalize(claim)
+    finally:
+        beat.stopped.set()
+
+
+def _finalize(claim: Claim) -> str:
     from worker.evaluate import available_cores
 
     settings = get_settings()
