@@ -223,6 +223,23 @@ def _same_request(job: Job, spec: JobSpec) -> Job:
     return job
 
 
+def _check_trials(session: Session, owner: str, spec: JobSpec) -> None:
+    """Each explicit trial of a search passes the submit checks a job with its steps would (422 naming
+    ``search.space.<i>.<field>``); ``auto`` trials are derived from what these checks already accepted."""
+    from models.spec import trial_spec
+
+    assert spec.search is not None
+    if not isinstance(spec.search.space, list):
+        return
+    for i, steps in enumerate(spec.search.space):
+        try:
+            check_references(session, owner, trial_spec(spec, steps))
+        except ProblemError as e:
+            errors = [{**err, "field": f"search.space.{i}.{err.get('field')}"} for err in e.errors or []]
+            detail = "; ".join(f"{err['field']}: {err.get('message', '')}" for err in errors) or e.detail
+            raise ProblemError(e.status, e.code, detail, errors=errors) from e
+
+
 def create_job(
     session: Session, owner: str, spec: JobSpec, idempotency_key: str | None, settings: Settings
 ) -> tuple[Job, bool]:
@@ -234,6 +251,8 @@ def create_job(
         if existing is not None:
             return _same_request(existing, spec), False
     model = check_references(session, owner, spec)
+    if spec.search is not None:
+        _check_trials(session, owner, spec)
     queue = resolve_queue(spec, settings)
     job = Job(
         id=new_id("job"),

@@ -115,6 +115,17 @@ def test_spec_errors_name_the_field(client: TestClient, spec: dict[str, Any], fi
     assert _jobs() == 0
 
 
+def test_a_search_trial_with_an_unknown_teacher_is_422_naming_the_trial(client: TestClient) -> None:
+    model = _upload_model(client)
+    ds = _upload_npz(client, {"x": np.ones((8, 4), np.float32)})
+    space = [[{"type": "quantize"}], [{"type": "distill", "teacher": "mdl_teacher"}]]
+    r = client.post("/v1/jobs", json={"model": model["id"], "data": {"train": ds["id"]}, "search": {"space": space}})
+    assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json"), r.text
+    assert r.json()["errors"][0]["field"] == "search.space.1.steps.0.teacher"
+    assert "unknown model 'mdl_teacher'" in r.json()["detail"]
+    assert _jobs() == 0
+
+
 def test_teacher_and_student_ids_are_checked(client: TestClient) -> None:
     model = _upload_model(client)
     ds = _upload_npz(client, {"x": np.ones((8, 4), np.float32)})
