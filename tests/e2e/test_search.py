@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -44,10 +47,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
             yield svc, second
             if second.poll() is None:
                 second.send_signal(signal.SIGTERM)
-                second.wait(timeout=20)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    second.wait(timeout=10)
     finally:
         if second is not None and second.poll() is None:
-            second.kill()
+            os.killpg(second.pid, signal.SIGKILL)  # its own session: the pool processes go with it
+            second.wait()
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
