@@ -141,9 +141,9 @@ def _latency_batch(runner: _Runner, data: ArrayDataset | None, batch_size: int) 
     return out
 
 
-def synthetic_batch(session: ort.InferenceSession, batch_size: int) -> dict[str, np.ndarray]:
-    """The latency harness's batch for a model without data (seeded random floats, zero ids)."""
-    return _latency_batch(_Runner(session), None, batch_size)
+def latency_batch(session: ort.InferenceSession, data: ArrayDataset | None, batch_size: int) -> dict[str, np.ndarray]:
+    """The latency harness's batch: ``batch_size`` eval samples, or synthetic ones without data."""
+    return _latency_batch(_Runner(session), data, batch_size)
 
 
 def measure_latency(

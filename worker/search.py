@@ -17,9 +17,10 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
@@ -44,6 +45,9 @@ from models.tables import (
 )
 from storage import get_store
 from worker.jobs import Claim, _finish
+
+if TYPE_CHECKING:
+    from worker.passes.base import ArrayDataset
 
 log = logging.getLogger(__name__)
 
@@ -299,14 +303,16 @@ def _artifacts(job_id: str) -> dict[str, Artifact]:
 
 
 def remeasure(paths: dict[str, Path], threads: int, batch_size: int, warmup: int, runs: int,
-              rounds: int = LATENCY_ROUNDS) -> dict[str, dict[str, float]]:
+              rounds: int = LATENCY_ROUNDS, data: Callable[[Path], ArrayDataset | None] | None = None,
+              ) -> dict[str, dict[str, float]]:
     """Latency of each model, interleaved: ``rounds`` rounds each timing every model for ``runs/rounds``
-    runs (the order rotating), one harness and one process, so drift hits all of them alike.
+    runs (the order rotating), one harness and one process, so drift hits all of them alike; on
+    ``data(path)``'s samples (the eval set shaped for that model) or synthetic ones.
     ``{id: {median, min, rounds}}`` in milliseconds per batch (the median of the round medians)."""
-    from worker.evaluate import make_session, measure_latency, synthetic_batch
+    from worker.evaluate import latency_batch, make_session, measure_latency
 
     sessions = {k: make_session(p, threads) for k, p in paths.items()}
-    batches = {k: synthetic_batch(sess, batch_size) for k, sess in sessions.items()}
+    batches = {k: latency_batch(sess, data(paths[k]) if data else None, batch_size) for k, sess in sessions.items()}
     for k, sess in sessions.items():
         measure_latency(sess, batches[k], warmup, 1)
     per_round = max(1, runs // rounds)
@@ -319,6 +325,34 @@ def remeasure(paths: dict[str, Path], threads: int, batch_size: int, warmup: int
             medians[k].append(ms["median"])
             mins[k] = min(mins[k], ms["min"])
     return {k: {"median": statistics.median(v), "min": mins[k], "rounds": float(rounds)} for k, v in medians.items()}
+
+
+def _eval_loader(spec: JobSpec, folder: Path) -> Callable[[Path], ArrayDataset | None] | None:
+    """Loads the eval set shaped for an ONNX file, for the re-measure's batches (array formats only: text
+    needs the tokenizer of an hf upload); None without eval data or for other formats."""
+    if spec.data.eval is None:
+        return None
+    from worker.jobs import _dataset_refs
+
+    refs = _dataset_refs(spec, folder)
+    path, fmt, meta = refs[spec.data.eval]
+    if fmt not in ("npz", "imagefolder"):
+        return None
+
+    def load(onnx_path: Path) -> ArrayDataset | None:
+        import onnx
+
+        from worker.formats import load_dataset
+        from worker.passes.base import WorkingModel
+
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+        init = {i.name for i in graph.initializer}
+        model = WorkingModel("onnx", "onnx", [i.name for i in graph.input if i.name not in init],
+                             [o.name for o in graph.output], onnx_path=onnx_path)
+        data = load_dataset(path, fmt, meta, model, spec, folder / onnx_path.parent.name)
+        return data.take(spec.evaluate.max_samples) if spec.evaluate.max_samples else data
+
+    return load
 
 
 def finalize(claim: Claim) -> str:
@@ -346,7 +380,7 @@ def _finalize(claim: Claim) -> str:
         state = json.loads(json.dumps(job.progress["metrics"]["search"]))
         model = s.get(Model, spec.model)
         assert model is not None
-        input_key = model.storage_key
+        input_key = model.storage_key if model.format == "onnx" else None  # an hf upload is no ONNX file
     search = spec.search
     assert search is not None
     constraints = search.constraints.model_dump()
@@ -360,12 +394,16 @@ def _finalize(claim: Claim) -> str:
     workdir.mkdir(parents=True, exist_ok=True)
     store = get_store()
     remeasured: dict[str, dict[str, float]] = {}
+    synthetic = True
     lat = spec.evaluate.latency
     if front:
         paths = {jid: store.local_copy(_artifacts(jid)["model.onnx"].storage_key, workdir / jid) for jid in front}
-        paths["input"] = store.local_copy(input_key, workdir / "input")
+        if input_key is not None:
+            paths["input"] = store.local_copy(input_key, workdir / "input")
+        loader = _eval_loader(spec, workdir / "data")
         remeasured = remeasure(paths, max(1, min(lat.threads, available_cores())), lat.batch_size,
-                               lat.warmup, lat.runs)
+                               lat.warmup, lat.runs, data=loader)
+        synthetic = loader is None
     for t in table:
         t["pareto"] = t["job_id"] in front
         if t["job_id"] in remeasured:
@@ -384,7 +422,7 @@ def _finalize(claim: Claim) -> str:
             for t in table],
         "pareto": front, "input_latency_ms_remeasured": (remeasured.get("input") or {}).get("median"),
         "latency_harness": {"rounds": LATENCY_ROUNDS, "runs": lat.runs, "threads": lat.threads,
-                            "batch_size": lat.batch_size, "interleaved": True, "synthetic_inputs": True},
+                            "batch_size": lat.batch_size, "interleaved": True, "synthetic_inputs": synthetic},
         **_counts(table),
     }
     try:

@@ -153,6 +153,7 @@ def test_search_fans_out_over_both_workers_and_picks_a_winner_meeting_the_constr
         accuracy = float((np.asarray(logits).argmax(1) == uploaded["y"]).mean())
         assert accuracy == pytest.approx(winner["result"]["report"]["output"]["accuracy"], abs=1e-6)
         assert done["result"]["report"]["search"]["input_latency_ms_remeasured"] > 0
+        assert done["result"]["report"]["search"]["latency_harness"]["synthetic_inputs"] is False  # eval samples
         assert dynamic["latency_ms_remeasured"] > 0
         # Every trial's model stays downloadable.
         fp16 = client.get(f"/v1/jobs/{fp16['job_id']}").json()
