@@ -165,30 +165,35 @@ def _counts(table: list[dict[str, Any]]) -> dict[str, int]:
             "pending": sum(t["state"] == PENDING for t in table)}
 
 
+def _take_over_finalize(search_id: str) -> Claim | None:
+    """While the search is finalizing, wait for it to end or for its heartbeat (which finalize beats) to go
+    stale, i.e. for its worker to have died: then this worker takes finalize over (the claim it runs under).
+    None when the search is not finalizing (or ended meanwhile)."""
+    lease = get_settings().job_lease_seconds
+    deadline = time.monotonic() + lease * 2 + 5
+    while time.monotonic() < deadline:
+        with session_scope() as s:
+            job = s.execute(select(Job).where(Job.id == search_id).with_for_update()).scalar_one_or_none()
+            if job is None or job.status not in (RUNNING, CANCELLING):
+                return None
+            if not ((job.progress or {}).get("metrics", {}).get("search") or {}).get("finalizing"):
+                return None
+            if job.heartbeat_at is None or job.heartbeat_at < utcnow() - timedelta(seconds=lease):
+                job.heartbeat_at = utcnow()
+                return Claim(search_id, job.attempt)
+        time.sleep(min(2.0, lease / 4))
+    return None
+
+
 def advance(search_id: str) -> str | None:
     """Bring the search up to date (idempotent; under its row lock): record ended trials, skip or start
     the next ones, cancel them all when the search is cancelling, finalize when none is left."""
     to_enqueue: list[tuple[str, str]] = []
     finalize_claim: Claim | None = None
-    with session_scope() as s:
-        job = s.execute(select(Job).where(Job.id == search_id).with_for_update()).scalar_one_or_none()
-        if job is None or job.status not in (RUNNING, CANCELLING):
-            return None if job is None else job.status
-        state = json.loads(json.dumps((job.progress or {}).get("metrics", {}).get("search") or {}))
-        if not state:
-            return job.status
-        if state.get("finalizing"):
-            # Finalize beats the search's heartbeat; a stale one means its worker died: take it over.
-            lease = timedelta(seconds=get_settings().job_lease_seconds)
-            if job.heartbeat_at is not None and job.heartbeat_at > utcnow() - lease:
-                return job.status
-            job.heartbeat_at = utcnow()
-            finalize_again = Claim(search_id, job.attempt)
-        else:
-            finalize_again = None
-    if finalize_again is not None:
+    taken = _take_over_finalize(search_id)
+    if taken is not None:
         log.warning("search %s: finalize taken over (the worker finalizing it stopped beating)", search_id)
-        return finalize(finalize_again)
+        return finalize(taken)
     with session_scope() as s:
         job = s.execute(select(Job).where(Job.id == search_id).with_for_update()).scalar_one_or_none()
         if job is None or job.status not in (RUNNING, CANCELLING):

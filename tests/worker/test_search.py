@@ -102,3 +102,23 @@ def test_advance_of_a_finished_or_unknown_search_does_nothing(pg_env: str) -> No
         assert job is not None
         job.status = "succeeded"
     assert search.advance(parent) == "succeeded"
+
+
+def test_a_finalize_whose_worker_died_is_taken_over(pg_env: str) -> None:
+    from datetime import timedelta
+
+    from models.tables import utcnow
+
+    spec = _spec([[{"type": "quantize", "mode": "fp16"}]], constraints={"max_accuracy_drop": 0.01})
+    table = search.plan(spec, "onnx", {})
+    table[0].update(state="failed", job_id="job_gone", met=False, misses=["quality: accuracy drop 0.05 > 0.01"])
+    parent, _ = _rows(spec, table)
+    with session_scope() as s:
+        job = s.get(Job, parent)
+        assert job is not None
+        job.progress = {"metrics": {"search": {"trials": table, "started": 0.0, "finalizing": True}}}
+        job.heartbeat_at = utcnow() - timedelta(hours=1)  # the finalizing worker stopped beating long ago
+    assert search.advance(parent) == "failed"
+    with session_scope() as s:
+        job = s.get(Job, parent)
+        assert job is not None and job.error is not None and job.error["code"] == "no_trial_met_constraints"
