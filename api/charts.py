@@ -169,3 +169,48 @@ def _draw_curve(cid: str, title: str, pts: tuple[tuple[float, float], ...], colo
     ax.grid(axis="y", color="#eceef2", linewidth=0.8)
     ax.set_axisbelow(True)
     return _to_svg(ax, cid, title)
+
+
+def search_scatter(name: str, title: str, trials: Sequence[dict[str, Any]], objective: str,
+                   metric_name: str, baseline_metric: Any = None, min_metric: Any = None) -> Markup:
+    """A search's trials: objective (x: latency ms or size MB) vs task metric (y); the Pareto front joined,
+    the winner ringed, trials that missed the constraints hollow, ``min_metric`` (the constraint) dashed.
+    ``trials``: ``{"label", "x", "y", "met", "pareto", "winner"}``; '' when no trial has both numbers."""
+    pts = tuple((str(t.get("label", "")), float(t["x"]), float(t["y"]), bool(t.get("met")), bool(t.get("pareto")),
+                 bool(t.get("winner"))) for t in trials if is_num(t.get("x")) and is_num(t.get("y")))
+    if not pts:
+        return Markup("")
+    floor = float(min_metric) if is_num(min_metric) else None
+    base = float(baseline_metric) if is_num(baseline_metric) else None
+    with _DRAWING:
+        return _draw_search_scatter(chart_id(name), title, pts, objective, metric_name, base, floor)
+
+
+def _draw_search_scatter(cid: str, title: str, pts: tuple[tuple[str, float, float, bool, bool, bool], ...],
+                         objective: str, metric_name: str, base: float | None, floor: float | None) -> Markup:
+    ax = _axes(5.4, 3.2, left=0.7, bottom=0.55)
+    for i, (label, x, y, met, _front, winner) in enumerate(pts):
+        dot = ax.scatter([x], [y], s=70 if winner else 36, color=SERIES_COLOURS[0] if met else "white",
+                         edgecolors=SERIES_COLOURS[1] if winner else SERIES_COLOURS[0], linewidths=2.5 if winner else 1.2,
+                         zorder=3)
+        dot.set_gid(f"trial-{i}")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8, color=MUTED)
+    front = sorted((x, y) for _, x, y, _, f, _ in pts if f)
+    if len(front) > 1:
+        (line,) = ax.plot([p[0] for p in front], [p[1] for p in front], color=SERIES_COLOURS[2], linewidth=1.5,
+                          zorder=2)
+        line.set_gid("pareto")
+    if floor is not None:
+        limit = ax.axhline(floor, color=SERIES_COLOURS[3], linestyle="--", linewidth=1)
+        limit.set_gid("constraint")
+    if base is not None:
+        ref = ax.axhline(base, color=BEFORE, linestyle=":", linewidth=1)
+        ref.set_gid("input")
+    ax.set_xlabel("latency (ms)" if objective == "latency" else "size (MB)")
+    ax.set_ylabel(metric_name)
+    ax.set_title(title, loc="left", fontsize=11, fontweight="bold", color=INK)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.grid(color="#eceef2", linewidth=0.8)
+    ax.set_axisbelow(True)
+    return _to_svg(ax, cid, title)

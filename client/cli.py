@@ -482,6 +482,26 @@ def build_optimize_spec(
     return spec
 
 
+def _optimize_auto(ctx: _Ctx, model_ref: str, data: dict[str, str]) -> int:
+    from client.search_cli import build_search_spec, stream_trials
+
+    a = ctx.args
+    spec = Client.build_spec(build_search_spec(
+        model_ref, data, task=a.task, objective=a.objective, max_accuracy_drop=a.max_accuracy_drop,
+        max_trials=a.max_trials, parallelism=a.parallelism, queue=a.queue))
+    if a.dry_run:
+        ctx.print_json(spec.model_dump(mode="json", exclude_none=True))
+        return EXIT_OK
+    job = ctx.client.submit(spec)
+    ctx.err.print(f"submitted search {job.id}")
+    job = stream_trials(job, lambda line: ctx.out.print(line, markup=False)).raise_for_status()
+    for p in _download(ctx, job, a.out):
+        ctx.err.print(f"downloaded {p}")
+    if a.json:
+        ctx.print_json(job)
+    return EXIT_OK
+
+
 def cmd_optimize(ctx: _Ctx) -> int:
     a = ctx.args
     train, _, eval_from_data = (a.data or "").partition(",")
@@ -502,6 +522,8 @@ def cmd_optimize(ctx: _Ctx) -> int:
             if path and path not in uploaded:
                 uploaded[path] = _upload(ctx, "datasets", path, a.data_format, None).id
             refs[key] = uploaded[path] if path else None
+    if a.auto:  # a search over the service's own recipes (client/search_cli.py)
+        return _optimize_auto(ctx, model_ref, {k: v for k, v in refs.items() if v})
     notes: list[str] = []
     spec = build_optimize_spec(
         model_ref, refs["train"], refs["eval"], refs["calibration"], task=a.task, prune=a.prune,
@@ -633,6 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=None)
     s.add_argument("--out", required=True, help="where to download the results")
     s.add_argument("--dry-run", action="store_true", help="print the spec; upload and submit nothing")
+    s.add_argument("--auto", action="store_true", help="search: try the recipes the model and data allow, keep the best")
+    s.add_argument("--objective", choices=("latency", "size"), default="latency", help="what --auto minimizes")
+    s.add_argument("--max-trials", type=int, default=None, help="--auto: at most this many trials")
+    s.add_argument("--parallelism", type=int, default=None, help="--auto: trials running at once")
     return p
 
 

@@ -90,6 +90,8 @@ class JobResult(BaseModel):
     warnings: list[dict[str, Any]] = Field(default_factory=list)
     # The finished job this one repeated: its result was reused from the stage cache, no pass ran.
     cached_from: str | None = None
+    # A search: the winning trial ({trial, job_id, label, steps, metric, size_bytes, latency_ms}).
+    best: dict[str, Any] | None = None
 
 
 class Timestamps(BaseModel):

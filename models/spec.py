@@ -360,6 +360,68 @@ class ImageConfig(_Strict):
     std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
+Objective = Literal["latency", "size"]
+
+
+class SearchConstraints(_Strict):
+    """What a trial must meet to win (DESIGN: search). ``min_fidelity`` is judged on the worst case:
+    the lowest per-sample cosine to the input model's outputs (top-1 agreement for classifiers)."""
+
+    max_accuracy_drop: float | None = Field(None, ge=0.0, le=1.0)
+    min_fidelity: float | None = Field(None, ge=-1.0, le=1.0)
+    max_perplexity_increase: float | None = Field(None, ge=0.0, le=100.0)
+    max_latency_ms: float | None = Field(None, gt=0.0)
+    max_size_mb: float | None = Field(None, gt=0.0)
+
+    def needing_eval(self) -> list[str]:
+        """The constraints set that are measured on eval data."""
+        names = ("max_accuracy_drop", "min_fidelity", "max_perplexity_increase")
+        return [n for n in names if getattr(self, n) is not None]
+
+
+class SearchBudget(_Strict):
+    max_trials: int = Field(8, ge=1, le=64)
+    max_wall_s: float | None = Field(None, gt=0.0)
+
+
+class SearchSpec(_Strict):
+    """An auto-optimize search: trials (each a steps list) fanned out as child jobs, the best one wins.
+
+    ``space``: ``"auto"`` (derived from the task, the model and the data given) or explicit step lists,
+    each validated like ``steps``; ``parallelism``: trials running at once."""
+
+    objective: Objective = "latency"
+    constraints: SearchConstraints = Field(default_factory=SearchConstraints)
+    budget: SearchBudget = Field(default_factory=SearchBudget)
+    space: Literal["auto"] | list[list[Step]] = "auto"
+    parallelism: int = Field(2, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _space_not_empty(self) -> SearchSpec:
+        if isinstance(self.space, list):
+            if not self.space or len(self.space) > 64:
+                raise ValueError("search.space: give 1 to 64 step lists, or 'auto'")
+            for i, steps in enumerate(self.space):
+                if not steps:
+                    raise ValueError(f"search.space.{i}: a trial needs at least one step")
+        return self
+
+
+def trial_spec(spec: JobSpec, steps: list[Any]) -> JobSpec:
+    """The spec of one trial of a search: the parent's, with ``steps`` and the search's eval budgets."""
+    assert spec.search is not None
+    c = spec.search.constraints
+    evaluate = spec.evaluate.model_copy(update={
+        "max_accuracy_drop": c.max_accuracy_drop if c.max_accuracy_drop is not None else spec.evaluate.max_accuracy_drop,
+        "max_perplexity_increase": (c.max_perplexity_increase if c.max_perplexity_increase is not None
+                                    else spec.evaluate.max_perplexity_increase),
+    })
+    body = spec.model_dump(mode="json", exclude={"search", "steps", "evaluate"})
+    body["evaluate"] = evaluate.model_dump(mode="json")
+    body["steps"] = [s if isinstance(s, dict) else s.model_dump(mode="json") for s in steps]
+    return JobSpec.model_validate(body)
+
+
 class JobSpec(_Strict):
     """A whole job: input model, data, ordered steps, export and evaluation settings."""
 
@@ -375,9 +437,13 @@ class JobSpec(_Strict):
     queue: Literal["cpu", "gpu"] | None = None
     # The stage cache (worker.stage_cache): false runs every step afresh and stores nothing (benchmarks).
     cache: bool = True
+    # An auto-optimize search instead of ``steps`` (models/search_space.py derives the ``auto`` space).
+    search: SearchSpec | None = None
 
     @model_validator(mode="after")
     def _check_order_and_data(self) -> JobSpec:
+        if self.search is not None:
+            self._check_search(self.search)
         quantized_at: int | None = None
         for i, step in enumerate(self.steps):
             if step.type == "quantize":
@@ -406,6 +472,20 @@ class JobSpec(_Strict):
         if self.evaluate.few_shot and self.data.train is None:
             raise ValueError("evaluate.few_shot draws its examples from data.train, which is not given")
         return self
+
+    def _check_search(self, search: SearchSpec) -> None:
+        if self.steps:
+            raise ValueError("steps: must be empty when search is given (the search's space holds the steps)")
+        if self.data.eval is None:
+            for name in search.constraints.needing_eval():
+                raise ValueError(f"search.constraints.{name}: measured on eval data, which is not given (data.eval)")
+        if isinstance(search.space, list):
+            for i, steps in enumerate(search.space):
+                try:
+                    trial_spec(self, steps)
+                except ValidationError as e:
+                    first = e.errors()[0]
+                    raise ValueError(f"search.space.{i}: {str(first['msg']).removeprefix('Value error, ')}") from None
 
     def needs_training(self) -> bool:
         """Whether any step works on the torch module (such jobs go to the GPU queue by default)."""

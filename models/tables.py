@@ -140,6 +140,8 @@ class Job(Base):
     # The submitter's label and free string key/values (``GET /v1/jobs?name=&meta=k=v`` filters on them).
     name: Mapped[str | None] = mapped_column(String(255), nullable=True)
     metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
+    # A search's trial: the search job that created it (same owner); None for every other job.
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)
 
 
 class JobEvent(Base):

@@ -9,6 +9,7 @@ from celery import Celery
 from models.settings import get_settings
 
 TASK_NAME = "modelpress.run_job"
+ADVANCE_TASK = "modelpress.advance_search"
 
 
 def make_celery() -> Celery:
@@ -50,3 +51,8 @@ def get_celery() -> Celery:
 def enqueue_job(job_id: str, queue: str) -> None:
     """Send the run-job task for ``job_id`` to ``queue`` (call only after the job row is committed)."""
     get_celery().send_task(TASK_NAME, args=[job_id], queue=queue)
+
+
+def enqueue_advance(search_id: str, queue: str) -> None:
+    """Ask a worker to advance search ``search_id`` (start/skip trials, finalize): idempotent, cheap."""
+    get_celery().send_task(ADVANCE_TASK, args=[search_id], queue=queue)

@@ -174,6 +174,11 @@ def _latency_batch(runner: _Runner, data: ArrayDataset | None, batch_size: int) 
     return out
 
 
+def latency_batch(session: ort.InferenceSession, data: ArrayDataset | None, batch_size: int) -> dict[str, np.ndarray]:
+    """The latency harness's batch: ``batch_size`` eval samples, or synthetic ones without data."""
+    return _latency_batch(_Runner(session), data, batch_size)
+
+
 def measure_latency(
     session: ort.InferenceSession,
     batch: dict[str, np.ndarray],

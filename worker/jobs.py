@@ -298,16 +298,45 @@ def _record_success(
 
 def execute(job_id: str) -> str | None:
     """Claim and run ``job_id``; returns the terminal status this worker set (None if it did not run it)."""
-    from worker.passes.base import JobCancelled
-    from worker.pipeline import StepError, run
-
-    settings = get_settings()
     me = f"{socket.gethostname()}:{threading.get_native_id()}"
     won = claim(job_id, me)
     if won is None:
         log.info("job %s not claimed (taken, finished or cancelled)", job_id)
+        _notify_parent(job_id)  # a trial cancelled while queued still advances its search
         return None
     spec, owner = _spec_and_owner(job_id)
+    if spec.search is not None:
+        from worker.search import start
+
+        return start(won, spec, owner)
+    try:
+        return _execute_claimed(won, spec, owner)
+    finally:
+        _notify_parent(job_id)
+
+
+def _notify_parent(job_id: str) -> None:
+    """A search's trial that ended queues the search's ``advance`` (which is idempotent)."""
+    with session_scope() as s:
+        row = s.execute(select(Job.parent_id, Job.status).where(Job.id == job_id)).one_or_none()
+        parent = None if row is None or row.parent_id is None else s.get(Job, row.parent_id)
+        target = None if parent is None or row is None or row.status not in TERMINAL else (parent.id, parent.queue)
+    if target is not None:
+        from worker.celery_app import enqueue_advance
+
+        try:
+            enqueue_advance(*target)
+        except Exception:
+            log.exception("advance of search %s not queued after trial %s", target[0], job_id)
+
+
+def _execute_claimed(won: Claim, spec: JobSpec, owner: str) -> str | None:
+    """Run a claimed (non-search) job to its end; the terminal status."""
+    from worker.passes.base import JobCancelled
+    from worker.pipeline import StepError, run
+
+    settings = get_settings()
+    job_id = won.job_id
     workdir = settings.home / "work" / job_id / f"attempt-{won.attempt}"
     workdir.mkdir(parents=True, exist_ok=True)
     beat = _Heartbeat(won, max(1.0, settings.job_lease_seconds / 4))

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import exists, or_, select, update
+from sqlalchemy.orm import aliased
 
 from models.db import session_scope
 from models.settings import Settings, get_settings
@@ -74,6 +75,10 @@ def reconcile(settings: Settings | None = None, now: datetime | None = None,
     queued_before = now - timedelta(seconds=settings.reconcile_queued_after_s)
     lease_before = now - timedelta(seconds=settings.job_lease_seconds)
     stale_beat = or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < lease_before)
+    # A search (worker/search.py) stays running with no worker on it while its trials run; its trials'
+    # ends advance it. Re-sending it would only burn its attempts, so a job with trials is left alone.
+    trial = aliased(Job)
+    not_a_search = ~exists().where(trial.parent_id == Job.id)
     with session_scope() as s:
         candidates = s.execute(select(Job.id, Job.queue, Job.updated_at, Job.resends)
                                .where(Job.status == QUEUED, Job.updated_at < queued_before)).all()
@@ -81,9 +86,9 @@ def reconcile(settings: Settings | None = None, now: datetime | None = None,
         queued = [(jid, queue, seen) for jid, queue, seen, resends in candidates
                   if seen < now - timedelta(seconds=settings.reconcile_queued_after_s * 2 ** min(resends, MAX_DOUBLINGS))]
         running = s.execute(select(Job.id, Job.queue, Job.updated_at)
-                            .where(Job.status == RUNNING, stale_beat, Job.updated_at < lease_before)).all()
+                            .where(Job.status == RUNNING, stale_beat, Job.updated_at < lease_before, not_a_search)).all()
         cancelling = s.execute(select(Job.id, Job.updated_at)
-                               .where(Job.status == CANCELLING, stale_beat, Job.updated_at < lease_before)).all()
+                               .where(Job.status == CANCELLING, stale_beat, Job.updated_at < lease_before, not_a_search)).all()
     out = Reconciled()
     for job_id, queue, seen in queued:
         if _bump(job_id, QUEUED, seen, "re-enqueued: queued with no worker on it (its message may be lost)",

@@ -6,7 +6,7 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_ready
 
-from worker.celery_app import TASK_NAME, get_celery
+from worker.celery_app import ADVANCE_TASK, TASK_NAME, get_celery
 
 app = get_celery()
 
@@ -33,3 +33,11 @@ def run_job(job_id: str) -> str | None:
     from worker.jobs import execute
 
     return execute(job_id)
+
+
+@app.task(name=ADVANCE_TASK, acks_late=True, reject_on_worker_lost=True)
+def advance_search(search_id: str) -> str | None:
+    """Advance search ``search_id`` after one of its trials ended (or it was cancelled)."""
+    from worker.search import advance
+
+    return advance(search_id)

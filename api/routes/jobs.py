@@ -48,10 +48,12 @@ def list_jobs(
     limit: int = DEFAULT_LIMIT,
     name: str | None = None,
     meta: Annotated[list[str] | None, Query(description="key=value, repeatable; all must match")] = None,
+    parent: str | None = None,
 ) -> Page[JobOut]:
-    """The owner's jobs, newest first, optionally filtered by status, name and metadata (``meta=k=v``)."""
+    """The owner's jobs, newest first, optionally filtered by status, name, metadata (``meta=k=v``) or
+    search (``parent``: its trials)."""
     wanted = job_service.parse_meta_filters(meta)
-    return job_service.list_jobs(db, owner, status, after, limit, name, wanted)
+    return job_service.list_jobs(db, owner, status, after, limit, name, wanted, parent)
 
 
 @router.get("/{job_id}", response_model=JobOut, response_class=Response)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -74,7 +75,8 @@ def job_out(session: Session, job: Job) -> JobOut:
     if stored or artifacts:
         report = stored.get("report") if "report" in stored else {k: v for k, v in stored.items() if k != "artifacts"}
         result = JobResult(artifacts=[artifact_out(a) for a in artifacts], report=report or {},
-                           warnings=_warnings(stored, report), cached_from=stored.get("cached_from"))
+                           warnings=_warnings(stored, report), cached_from=stored.get("cached_from"),
+                           best=stored.get("best"))
     error: JobError | None = None
     if job.error:
         error = JobError(
@@ -184,7 +186,7 @@ def _query_job_json(owner: str, job_id: str) -> tuple[bytes, str]:
     if stored or artifacts:
         report = stored.get("report") if "report" in stored else {k: v for k, v in stored.items() if k != "artifacts"}
         result = {"artifacts": artifacts, "report": report or {}, "warnings": _warnings(stored, report),
-                  "cached_from": stored.get("cached_from")}
+                  "cached_from": stored.get("cached_from"), "best": stored.get("best")}
     error = None
     if job.error:
         error = {"code": str(job.error.get("code", "error")), "message": str(job.error.get("message", "")),
@@ -227,6 +229,23 @@ def _same_request(job: Job, spec: JobSpec) -> Job:
     return job
 
 
+def _check_trials(session: Session, owner: str, spec: JobSpec) -> None:
+    """Each explicit trial of a search passes the submit checks a job with its steps would (422 naming
+    ``search.space.<i>.<field>``); ``auto`` trials are derived from what these checks already accepted."""
+    from models.spec import trial_spec
+
+    assert spec.search is not None
+    if not isinstance(spec.search.space, list):
+        return
+    for i, steps in enumerate(spec.search.space):
+        try:
+            check_references(session, owner, trial_spec(spec, steps))
+        except ProblemError as e:
+            errors = [{**err, "field": f"search.space.{i}.{err.get('field')}"} for err in e.errors or []]
+            detail = "; ".join(f"{err['field']}: {err.get('message', '')}" for err in errors) or e.detail
+            raise ProblemError(e.status, e.code, detail, errors=errors) from e
+
+
 def create_job(
     session: Session,
     owner: str,
@@ -246,6 +265,8 @@ def create_job(
     model = check_references(session, owner, spec)
     # The owner's lock is held until the commit below, so concurrent submissions count each other.
     quotas.check_jobs(session, owner, settings, lock=True)
+    if spec.search is not None:
+        _check_trials(session, owner, spec)
     queue = resolve_queue(spec, settings)
     job = Job(
         id=new_id("job"),
@@ -322,10 +343,15 @@ def list_jobs(
     limit: int,
     name: str | None = None,
     meta: dict[str, str] | None = None,
+    parent: str | None = None,
 ) -> Page[JobOut]:
-    """A page of the owner's jobs, newest first, optionally of one status, one name and metadata key/values
-    (all must match); cursor = last id of the page."""
+    """A page of the owner's jobs, newest first, optionally of one status, one name, metadata key/values
+    (all must match) or one search's trials (``parent``: the search job's id, 404 unless the owner's);
+    cursor = last id of the page."""
     query = select(Job).where(Job.owner == owner)
+    if parent is not None:
+        get_job(session, owner, parent)
+        query = query.where(Job.parent_id == parent)
     if status is not None:
         if status not in STATUSES:
             raise field_error(422, "validation_error", "status", f"{status!r} is not one of {', '.join(STATUSES)}")
@@ -336,6 +362,21 @@ def list_jobs(
         query = query.where(Job.metadata_[key].as_string() == value)
     rows, cursor = paginate(session, query, Job.id, after, limit)
     return Page[JobOut](data=[job_out(session, j) for j in rows], next_cursor=cursor)
+
+
+def _cancel_trials(session: Session, owner: str, search: Job) -> None:
+    """A cancelled search cancels every trial not yet ended, then asks a worker to wind the search up
+    (its trials' workers would otherwise be the only ones to advance it, and queued trials have none)."""
+    from worker.celery_app import enqueue_advance
+
+    children = session.scalars(select(Job.id).where(Job.parent_id == search.id, Job.status.not_in(TERMINAL)))
+    for child_id in list(children):
+        with contextlib.suppress(ProblemError):
+            cancel_job(session, owner, child_id)
+    try:
+        enqueue_advance(search.id, search.queue)
+    except Exception as exc:  # the trials' workers still advance it as each trial ends
+        log.warning("advance of cancelled search %s not queued: %s", search.id, exc)
 
 
 def cancel_job(session: Session, owner: str, job_id: str) -> Job:
@@ -368,6 +409,8 @@ def cancel_job(session: Session, owner: str, job_id: str) -> Job:
             session.add(event)
             session.commit()
             READ_CACHE.drop(job_id)
+            if job.status == RUNNING and (job.spec or {}).get("search") is not None:
+                _cancel_trials(session, owner, job)
             return get_job(session, owner, job_id)
         session.rollback()  # the worker moved the job meanwhile: look again
     raise ProblemError(409, "conflict", f"job {job_id} kept changing state; try again")

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from api import charts
 from api.services import jobs as job_service
+from api.services.search_page import SearchView, search_view
 from models import report_view as rv
 from models.schemas import ArtifactOut, JobError, JobOut
 from models.spec import step_label
@@ -62,6 +63,7 @@ class ReportPage:
     artifacts: list[ArtifactLink]
     running: bool
     refresh: int | None
+    search: SearchView | None = None
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ def report_page(session: Session, owner: str, job_id: str) -> ReportPage:
         step_chart=charts.step_times("wall time per step (s)", [(s.label, s.wall_s) for s in steps]),
         generations=rv.generation_rows(report),
         artifacts=_links(job.result.artifacts if job.result else []),
-        running=running, refresh=REFRESH_S if running else None,
+        running=running, refresh=REFRESH_S if running else None, search=search_view(report),
     )
 
 

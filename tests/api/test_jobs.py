@@ -95,6 +95,11 @@ def test_training_jobs_go_to_the_gpu_queue(client: TestClient) -> None:
         ({"data": {"eval": "ds_missing"}}, "data.eval", "unknown dataset"),
         ({"steps": [{"type": "distill", "teacher": "mdl_t"}], "data": {"train": "ds_x"}}, "data.train", "unknown"),
         ({"unknown_key": 1}, "unknown_key", "Extra inputs"),
+        ({"search": {"constraints": {"min_fidelity": 0.9}}}, "search.constraints.min_fidelity", "data.eval"),
+        ({"search": {"space": [[{"type": "distill"}]]}}, "search.space.0", "needs data.train"),
+        ({"search": {}, "steps": [{"type": "quantize"}]}, "steps", "must be empty"),
+        ({"search": {"parallelism": 0}}, "search.parallelism", "greater than or equal to 1"),
+        ({"search": {"budget": {"max_trials": 65}}}, "search.budget.max_trials", "less than or equal to 64"),
     ],
 )
 def test_spec_errors_name_the_field(client: TestClient, spec: dict[str, Any], field: str, needle: str) -> None:
@@ -107,6 +112,17 @@ def test_spec_errors_name_the_field(client: TestClient, spec: dict[str, Any], fi
     assert problem["code"] == "validation_error"
     assert problem["errors"][0]["field"] == field, problem
     assert problem["detail"].startswith(f"{field}: ") and needle in problem["detail"], problem
+    assert _jobs() == 0
+
+
+def test_a_search_trial_with_an_unknown_teacher_is_422_naming_the_trial(client: TestClient) -> None:
+    model = _upload_model(client)
+    ds = _upload_npz(client, {"x": np.ones((8, 4), np.float32)})
+    space = [[{"type": "quantize"}], [{"type": "distill", "teacher": "mdl_teacher"}]]
+    r = client.post("/v1/jobs", json={"model": model["id"], "data": {"train": ds["id"]}, "search": {"space": space}})
+    assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json"), r.text
+    assert r.json()["errors"][0]["field"] == "search.space.1.steps.0.teacher"
+    assert "unknown model 'mdl_teacher'" in r.json()["detail"]
     assert _jobs() == 0
 
 
@@ -343,3 +359,46 @@ def test_bad_names_and_metadata_are_422_naming_the_field(
     assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json"), r.text
     assert r.json()["errors"][0]["field"] == field
     assert _jobs() == 0
+
+
+def test_a_search_is_one_queued_job_and_lists_its_trials(client: TestClient, enqueued: list[tuple[str, str]]) -> None:
+    model = _upload_model(client)
+    r = client.post("/v1/jobs", json={"model": model["id"], "search": {"objective": "size"}})
+    assert r.status_code == 202, r.text
+    search = r.json()
+    assert search["spec"]["search"]["space"] == "auto" and search["spec"]["steps"] == []
+    assert enqueued == [(search["id"], search["queue"])]
+    trial = builders.insert_job(model["id"], "running")
+    other = builders.insert_job(model["id"], "queued")
+    with session_scope() as s:
+        row = s.get(Job, trial)
+        assert row is not None
+        row.parent_id = search["id"]
+    listed = client.get("/v1/jobs", params={"parent": search["id"]}).json()["data"]
+    assert [j["id"] for j in listed] == [trial] and other not in {j["id"] for j in listed}
+    missing = client.get("/v1/jobs", params={"parent": "job_nope"})
+    assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+
+
+def test_cancel_of_a_running_search_cancels_its_trials(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.celery_app
+
+    advanced: list[str] = []
+    monkeypatch.setattr(worker.celery_app, "enqueue_advance", lambda job_id, queue: advanced.append(job_id))
+    model_id = builders.insert_model()
+    search = builders.insert_job(model_id, "running")
+    queued, running, done = (builders.insert_job(model_id, st) for st in ("queued", "running", "succeeded"))
+    with session_scope() as s:
+        for jid in (queued, running, done):
+            row = s.get(Job, jid)
+            assert row is not None
+            row.parent_id = search
+        parent = s.get(Job, search)
+        assert parent is not None
+        parent.spec = {**parent.spec, "search": {"objective": "size"}}
+    r = client.post(f"/v1/jobs/{search}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelling"
+    with session_scope() as s:
+        status = {jid: s.get(Job, jid).status for jid in (queued, running, done)}  # type: ignore[union-attr]
+    assert status == {queued: "cancelled", running: "cancelling", done: "succeeded"}
+    assert advanced == [search]  # a worker winds the search up once its trials end

@@ -127,3 +127,25 @@ def test_auto_exclude_and_until_are_validated_in_a_job_spec() -> None:
     with pytest.raises(ValidationError, match="max_epochs applies with until only"):
         JobSpec.model_validate({"model": "m", "data": {"train": "ds"},
                                 "steps": [{"type": "distill", "max_epochs": 5}]})
+
+
+def test_a_trial_spec_is_the_search_spec_with_its_steps_and_the_search_budgets() -> None:
+    from models.spec import trial_spec
+
+    spec = JobSpec.model_validate({
+        "model": "m", "task": "image-classification", "data": {"eval": "e"},
+        "evaluate": {"latency": {"runs": 7}},
+        "search": {"constraints": {"max_accuracy_drop": 0.01}, "space": [[{"type": "quantize", "mode": "fp16"}]]},
+    })
+    trial = trial_spec(spec, [{"type": "quantize", "mode": "fp16"}])
+    assert trial.search is None and [s.type for s in trial.steps] == ["quantize"]
+    assert trial.evaluate.max_accuracy_drop == 0.01 and trial.evaluate.latency.runs == 7
+    assert trial.data == spec.data and trial.task == spec.task
+
+
+def test_a_search_space_entry_is_validated_like_steps() -> None:
+    with pytest.raises(ValidationError, match=r"search.space.1: steps.1: a 'prune' step cannot follow 'quantize'"):
+        JobSpec.model_validate({"model": "m", "search": {"space": [
+            [{"type": "quantize"}], [{"type": "quantize"}, {"type": "prune"}]]}})
+    with pytest.raises(ValidationError, match="a trial needs at least one step"):
+        JobSpec.model_validate({"model": "m", "search": {"space": [[]]}})

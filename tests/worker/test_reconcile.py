@@ -138,3 +138,17 @@ def test_each_resend_of_a_queued_job_waits_twice_as_long(settings) -> None:  # t
     with session_scope() as s:
         row = s.get(Job, job)
         assert row is not None and row.resends == 2
+
+
+def test_a_search_waiting_on_its_trials_is_not_resent(settings) -> None:  # type: ignore[no-untyped-def]
+    """A search is running with no worker on it while its trials run: a stale heartbeat is not a lost worker."""
+    model = builders.insert_model()
+    search = builders.insert_job(model, status="running")
+    _set(search, 600, heartbeat_at=utcnow() - timedelta(seconds=600), attempt=1)
+    trial = builders.insert_job(model, status="running")
+    _set(trial, 5, heartbeat_at=utcnow(), attempt=1, parent_id=search)
+    lone = builders.insert_job(model, status="running")  # the same staleness without trials: resent
+    _set(lone, 600, heartbeat_at=utcnow() - timedelta(seconds=600), attempt=1)
+    sent = Sent()
+    out = reconcile(settings, enqueue=sent)
+    assert out.running == [lone] and sent.calls == [(lone, "cpu")]

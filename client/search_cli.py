@@ -1,0 +1,66 @@
+"""``modelpress optimize --auto``: submit a search and stream its trials as they finish."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from client.jobs import Job
+
+
+def build_search_spec(
+    model: str,
+    data: dict[str, str],
+    *,
+    task: str | None = None,
+    objective: str = "latency",
+    max_accuracy_drop: float | None = None,
+    max_trials: int | None = None,
+    parallelism: int | None = None,
+    queue: str | None = None,
+) -> dict[str, Any]:
+    """The job spec of an ``auto`` search (the service derives the trials from the model and the data)."""
+    search: dict[str, Any] = {"objective": objective, "space": "auto"}
+    if max_accuracy_drop is not None:
+        search["constraints"] = {"max_accuracy_drop": max_accuracy_drop}
+    if max_trials is not None:
+        search["budget"] = {"max_trials": max_trials}
+    if parallelism is not None:
+        search["parallelism"] = parallelism
+    spec: dict[str, Any] = {"model": model, "data": data, "search": search}
+    if task:
+        spec["task"] = task
+    if queue:
+        spec["queue"] = queue
+    return spec
+
+
+def _num(v: Any, unit: str = "") -> str:
+    return f"{v:.4g}{unit}" if isinstance(v, int | float) and not isinstance(v, bool) else "-"
+
+
+def trial_line(trial: dict[str, Any]) -> str:
+    """One finished (or skipped) trial as a line: index, recipe, state, metric, size, latency, why."""
+    size = trial.get("size_bytes")
+    head = f"trial {trial.get('index')}: {trial.get('label', '')} — {trial.get('state', '')}"
+    if trial.get("state") == "skipped":
+        return f"{head} ({trial.get('reason', '')})"
+    line = (f"{head}: metric {_num(trial.get('metric'))}, size "
+            f"{_num(size / 1e6 if isinstance(size, int | float) else None, ' MB')}, latency "
+            f"{_num(trial.get('latency_ms'), ' ms')}")
+    if trial.get("met") is False:
+        line += f" (misses: {'; '.join(trial.get('misses') or [])})"
+    return line
+
+
+def stream_trials(job: Job, emit: Callable[[str], None]) -> Job:
+    """Print each trial as the search records it, until the search ends; the refreshed job."""
+    for event in job.events(follow=True):
+        trial = (event.data or {}).get("trial")
+        if isinstance(trial, dict):
+            emit(trial_line(trial))
+    done = job.refresh()
+    best = (done.result.best if done.result is not None else None) or {}
+    if best:
+        emit(f"winner: trial {best.get('trial')} ({best.get('label')}), job {best.get('job_id')}")
+    return done
