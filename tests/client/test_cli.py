@@ -172,6 +172,19 @@ def test_int8_picks_static_for_a_calibrated_conv_graph_and_dynamic_for_matmul() 
         "static INT8 (QDQ): the graph has 4 Conv nodes and calibration data was given"]
 
 
+def test_optimize_on_a_causal_lm_fine_tunes_with_lora_and_quantizes_to_int4() -> None:
+    from client import Client
+    from client.cli import build_optimize_spec
+
+    spec = build_optimize_spec("mdl_x", "ds_t", "ds_e", None, finetune=True, quantize="int4",
+                               max_perplexity_increase=0.05, model_meta={"task": "text-generation"})
+    validated = Client.build_spec(spec)
+    assert validated.task == "text-generation" and validated.evaluate.max_perplexity_increase == 0.05
+    assert [(s.type, getattr(s, "mode", None)) for s in validated.steps] == [("finetune", "lora"), ("quantize", "int4")]
+    plain = build_optimize_spec("mdl_x", "ds_t", None, None, finetune=True, model_meta={"task": "text-classification"})
+    assert plain["steps"] == [{"type": "finetune"}] and "task" not in plain
+
+
 def test_optimize_int8_says_which_mode_it_picked_from_the_uploaded_record(
     api_service: LiveService, files: dict[str, Path]
 ) -> None:
