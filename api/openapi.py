@@ -36,6 +36,7 @@ REASONS = {
     422: "A parameter or the body is not valid; ``errors`` names each field",
     429: "Past the key's rate limit (with ``Retry-After``) or the owner's job quota",
     503: "A service this operation needs is unavailable",
+    507: "The server has no space left to store the upload (``storage_full``); nothing was stored",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again", "schema": {"type": "integer"}}}
 # One Server-Sent Event (OpenAPI 3.1: the schema of a text/event-stream describes each event).
@@ -124,7 +125,7 @@ def statuses(route: APIRoute, method: str) -> set[int]:
     if actions:
         found.add(429)
     if "upload" in actions:
-        found |= {413, 422}  # too large or past the storage quota; a format or file that is not valid
+        found |= {413, 422, 507}  # too large or past the quota; a format or file that is not valid; disk full
     if (method, route.path) in JSON_ROUTES:
         found |= {413, 415}
     if dependant.body_params:
