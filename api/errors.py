@@ -201,8 +201,7 @@ async def _storage_full(request: Request, exc: Exception) -> JSONResponse:
     log.error("blob store full on %s %s: %s", request.method, request.url.path, exc)
     return problem_response(
         request, 507, "storage_full",
-        f"the server has no space left to store this upload; nothing was stored, try again once space is freed: "
-        f"{exc.strerror if isinstance(exc, OSError) else exc}",
+        f"{exc.strerror if isinstance(exc, OSError) else exc}; nothing was stored, try again once space is freed",
     )
 
 

@@ -69,8 +69,8 @@ def is_full(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def full_disk(what: str) -> Iterator[None]:
-    """Re-raise an ENOSPC/EDQUOT ``OSError`` from the block as ``StorageFull`` saying what was being written."""
+def full_disk(what: str = "the blob store") -> Iterator[None]:
+    """Re-raise an ENOSPC/EDQUOT ``OSError`` from the block as ``StorageFull`` saying where it ran out."""
     try:
         yield
     except StorageFull:
@@ -78,7 +78,7 @@ def full_disk(what: str) -> Iterator[None]:
     except OSError as exc:
         if exc.errno not in FULL_ERRNOS:
             raise
-        raise StorageFull(exc.errno, f"no space left to store {what}: {exc.strerror}") from exc
+        raise StorageFull(exc.errno, f"no space left in {what}: {exc.strerror}") from exc
 
 
 class StorageConfigError(ValueError):
@@ -155,13 +155,13 @@ class BlobStore(ABC):
     @contextlib.contextmanager
     def stage(self, chunks: Iterable[bytes], limit: int | None = None) -> Iterator[Staged]:
         """Receive ``chunks`` into a local temp file (UploadTooLarge past ``limit``); ``commit`` it to keep it."""
-        with full_disk("the upload"), staging.stage(chunks, self.staging_dir, limit) as staged:
+        with full_disk(), staging.stage(chunks, self.staging_dir, limit) as staged:
             yield staged
 
     @contextlib.asynccontextmanager
     async def stage_async(self, chunks: AsyncIterator[bytes], limit: int | None = None) -> AsyncIterator[Staged]:
         """Like ``stage`` for an async body stream, hashing and writing overlapped with receiving."""
-        with full_disk("the upload"):
+        with full_disk():
             async with staging.stage_async(chunks, self.staging_dir, limit) as staged:
                 yield staged
 

@@ -29,7 +29,7 @@ class LocalBlobStore(BlobStore):
     def commit(self, staged: Staged) -> StoredBlob:
         """Rename the staged file into place, or drop it when the same bytes are already stored."""
         dest = self.path(staged.sha256)
-        with full_disk(f"blob {staged.sha256}"):  # a full disk refuses the folder (or its inode), not the rename
+        with full_disk():  # a full disk refuses the folder (or its inode), not the rename
             dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists():
             with contextlib.suppress(FileNotFoundError):
