@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 from models.db import is_transient
 from models.ids import new_id
 from models.schemas import Problem
-from storage.base import StorageUnavailable, UploadTooLarge
+from storage.base import StorageFull, StorageUnavailable, UploadTooLarge
 
 log = logging.getLogger("modelpress.api")
 
@@ -197,6 +197,15 @@ async def _storage_down(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _storage_full(request: Request, exc: Exception) -> JSONResponse:
+    # Nothing was recorded and the staged temp file is gone: the row is inserted only after its blob is stored.
+    log.error("blob store full on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        request, 507, "storage_full",
+        f"{exc.strerror if isinstance(exc, OSError) else exc}; nothing was stored, try again once space is freed",
+    )
+
+
 async def _disconnected(request: Request, exc: Exception) -> JSONResponse:
     log.info("client went away during %s %s", request.method, request.url.path)
     return problem_response(request, 400, "client_disconnected", "the client closed the connection mid-request")
@@ -236,6 +245,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(UploadTooLarge, _too_large)
     app.add_exception_handler(StorageUnavailable, _storage_down)
+    app.add_exception_handler(StorageFull, _storage_full)
     app.add_exception_handler(ClientDisconnect, _disconnected)
     app.add_exception_handler(DataError, _bad_data)
     app.add_exception_handler(DBAPIError, _database_error)

@@ -36,6 +36,7 @@ REASONS = {
     422: "A parameter or the body is not valid; ``errors`` names each field",
     429: "Past the key's rate limit (with ``Retry-After``) or the owner's job quota",
     503: "A service this operation needs is unavailable",
+    507: "The server has no space left to store the upload (``storage_full``); nothing was stored",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again", "schema": {"type": "integer"}}}
 # One Server-Sent Event (OpenAPI 3.1: the schema of a text/event-stream describes each event).
@@ -80,6 +81,7 @@ ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/v1/jobs"): {"503": 503, "200": SameAs("202", "A repeated Idempotency-Key: the first job")},
     ("GET", "/v1/jobs/{job_id}"): {"200": {"description": "The job", "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/JobOut"}}}}},
+    ("GET", "/v1/jobs"): {"404": 404},  # ?parent= names a search the owner does not have
     ("POST", "/v1/jobs/{job_id}/cancel"): {"409": 409},
     ("DELETE", "/v1/models/{model_id}"): {"409": 409},
     ("DELETE", "/v1/datasets/{dataset_id}"): {"409": 409},
@@ -124,7 +126,7 @@ def statuses(route: APIRoute, method: str) -> set[int]:
     if actions:
         found.add(429)
     if "upload" in actions:
-        found |= {413, 422}  # too large or past the storage quota; a format or file that is not valid
+        found |= {413, 422, 507}  # too large or past the quota; a format or file that is not valid; disk full
     if (method, route.path) in JSON_ROUTES:
         found |= {413, 415}
     if dependant.body_params:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -28,6 +29,7 @@ __all__ = [
     "BlobStore",
     "Staged",
     "StorageConfigError",
+    "StorageFull",
     "StorageUnavailable",
     "StoredBlob",
     "UploadTooLarge",
@@ -48,6 +50,35 @@ class StorageUnavailable(OSError):
 
     The API answers 503 ``storage_unavailable``; a worker fails the step with the same code. The message
     names the operation and the store, never credentials."""
+
+
+# The errors a full filesystem (or a spent disk quota) gives a write, a rename or a mkdir.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class StorageFull(OSError):
+    """A write into the store (or its staging folder) found no space left; nothing partial was kept.
+
+    The API answers 507 ``storage_full``; a worker fails the job with the same code and the step that
+    was writing. The caller's records are not written, so a later try (after space is freed) can succeed."""
+
+
+def is_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the quota) is full."""
+    return isinstance(exc, StorageFull) or (isinstance(exc, OSError) and exc.errno in FULL_ERRNOS)
+
+
+@contextlib.contextmanager
+def full_disk(what: str = "the blob store") -> Iterator[None]:
+    """Re-raise an ENOSPC/EDQUOT ``OSError`` from the block as ``StorageFull`` saying where it ran out."""
+    try:
+        yield
+    except StorageFull:
+        raise
+    except OSError as exc:
+        if exc.errno not in FULL_ERRNOS:
+            raise
+        raise StorageFull(exc.errno, f"no space left in {what}: {exc.strerror}") from exc
 
 
 class StorageConfigError(ValueError):
@@ -124,14 +155,15 @@ class BlobStore(ABC):
     @contextlib.contextmanager
     def stage(self, chunks: Iterable[bytes], limit: int | None = None) -> Iterator[Staged]:
         """Receive ``chunks`` into a local temp file (UploadTooLarge past ``limit``); ``commit`` it to keep it."""
-        with staging.stage(chunks, self.staging_dir, limit) as staged:
+        with full_disk(), staging.stage(chunks, self.staging_dir, limit) as staged:
             yield staged
 
     @contextlib.asynccontextmanager
     async def stage_async(self, chunks: AsyncIterator[bytes], limit: int | None = None) -> AsyncIterator[Staged]:
         """Like ``stage`` for an async body stream, hashing and writing overlapped with receiving."""
-        async with staging.stage_async(chunks, self.staging_dir, limit) as staged:
-            yield staged
+        with full_disk():
+            async with staging.stage_async(chunks, self.staging_dir, limit) as staged:
+                yield staged
 
     def put(self, chunks: Iterable[bytes], limit: int | None = None) -> StoredBlob:
         """Store a stream of bytes; raise UploadTooLarge (leaving nothing) past ``limit``."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
-from storage.base import BlobNotFound, BlobStore, Staged, StorageConfigError, StoredBlob, check_key
+from storage.base import BlobNotFound, BlobStore, Staged, StorageConfigError, StoredBlob, check_key, full_disk
 
 
 class LocalBlobStore(BlobStore):
@@ -29,7 +29,8 @@ class LocalBlobStore(BlobStore):
     def commit(self, staged: Staged) -> StoredBlob:
         """Rename the staged file into place, or drop it when the same bytes are already stored."""
         dest = self.path(staged.sha256)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        with full_disk():  # a full disk refuses the folder (or its inode), not the rename
+            dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged.path)

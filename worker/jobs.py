@@ -40,7 +40,7 @@ from models.tables import (
     utcnow,
 )
 from storage import StorageUnavailable, get_store
-from storage.base import StoredBlob
+from storage.base import StorageFull, StoredBlob, is_full
 from storage.staging import file_chunks
 
 if TYPE_CHECKING:
@@ -198,34 +198,60 @@ _MEDIA_TYPES = {".onnx": "application/octet-stream", ".json": "application/json"
 
 @retry_transient()
 def _store_artifacts(claim: Claim, owner: str, files: dict[str, tuple[str, Path]]) -> list[str]:
-    """Store files as the job's artifacts, keyed by (job, name): a re-run overwrites, never duplicates."""
+    """Store files as the job's artifacts, all or nothing, keyed by (job, name): a re-run overwrites, never duplicates.
+
+    Every blob is committed first (each under a write claim, held until the rows refer to it), then all
+    the rows are written in one transaction. When any blob or the transaction fails (a full disk, an
+    unreachable store, anything), no row of this attempt is written and the blobs already committed are
+    marked orphans, so gc's sweep removes them unless another record refers to the same bytes."""
     store = get_store()
-    ids: list[str] = []
-    for name, (kind, path) in files.items():
-        with store.stage(file_chunks(path)) as staged, blobs.writing(staged.sha256):
-            # the write claim keeps a concurrent sweep off the blob until the artifact row refers to it
-            blob = store.commit(staged)
-            ids.append(_index_artifact(claim, owner, name, kind, path, blob))
-    return ids
+    stored: list[tuple[str, str, Path, StoredBlob]] = []
+    with contextlib.ExitStack() as claims:
+        try:
+            for name, (kind, path) in files.items():
+                try:
+                    with store.stage(file_chunks(path)) as staged:
+                        claims.enter_context(blobs.writing(staged.sha256))
+                        stored.append((name, kind, path, store.commit(staged)))
+                except StorageFull as exc:
+                    raise StorageFull(exc.errno, f"{exc.strerror}, storing artifact {name}") from exc
+            return _index_artifacts(claim, owner, stored)
+        except BaseException:
+            _orphan_blobs([blob.key for *_, blob in stored])
+            raise
+
+
+def _orphan_blobs(keys: list[str]) -> None:
+    """Mark what a failed store committed as orphans (best effort: the original error is the one to report)."""
+    if not keys:
+        return
+    try:
+        with session_scope() as s:
+            blobs.mark_orphans(s, keys)
+    except Exception:
+        log.warning("could not mark %d blobs of a failed store as orphans", len(keys), exc_info=True)
 
 
 @retry_transient()
-def _index_artifact(claim: Claim, owner: str, name: str, kind: str, path: Path, blob: StoredBlob) -> str:
-    """Insert or update the (job, name) artifact row; a replaced blob becomes an orphan for the sweep."""
+def _index_artifacts(claim: Claim, owner: str, stored: list[tuple[str, str, Path, StoredBlob]]) -> list[str]:
+    """Insert or update every (job, name) artifact row in one transaction; a replaced blob becomes an orphan."""
+    ids: list[str] = []
     with session_scope() as s:
-        art = s.scalar(select(Artifact).where(Artifact.job_id == claim.job_id, Artifact.name == name))
-        if art is None:
-            art = Artifact(id=new_id("art"), owner=owner, job_id=claim.job_id, name=name)
-            s.add(art)
-        art.kind = kind
-        art.media_type = _MEDIA_TYPES.get(path.suffix, "application/octet-stream")
-        if art.storage_key and art.storage_key != blob.key:
-            blobs.mark_orphans(s, [art.storage_key])
-        art.sha256, art.size_bytes, art.storage_key = blob.sha256, blob.size_bytes, blob.key
-        art.meta = {"attempt": claim.attempt}
-        art.created_at = utcnow()
-        s.flush()
-        return art.id
+        for name, kind, path, blob in stored:
+            art = s.scalar(select(Artifact).where(Artifact.job_id == claim.job_id, Artifact.name == name))
+            if art is None:
+                art = Artifact(id=new_id("art"), owner=owner, job_id=claim.job_id, name=name)
+                s.add(art)
+            art.kind = kind
+            art.media_type = _MEDIA_TYPES.get(path.suffix, "application/octet-stream")
+            if art.storage_key and art.storage_key != blob.key:
+                blobs.mark_orphans(s, [art.storage_key])
+            art.sha256, art.size_bytes, art.storage_key = blob.sha256, blob.size_bytes, blob.key
+            art.meta = {"attempt": claim.attempt}
+            art.created_at = utcnow()
+            s.flush()
+            ids.append(art.id)
+    return ids
 
 
 @retry_transient()
@@ -368,13 +394,18 @@ def _execute_claimed(won: Claim, spec: JobSpec, owner: str) -> str | None:
         if isinstance(e, SoftTimeLimitExceeded):
             error = {"code": "time_limit", "step": None,
                      "message": f"the job ran past the soft time limit of {settings.task_soft_time_limit} s"}
+        elif is_full(e):
+            # No space for the inputs, the work files or the outputs: no artifact of this attempt was recorded.
+            log.error("job %s: no space left (%s): %s", job_id, phase, e)
+            error = {"code": "storage_full", "step": phase, "message": str(e)}
         elif isinstance(e, StorageUnavailable):
             # Reading inputs or storing outputs failed after the store's own retries: say so, not "internal".
             log.warning("job %s: blob store unavailable: %s", job_id, e)
             error = {"code": "storage_unavailable", "step": phase, "message": str(e)}
         else:
             log.exception("job %s failed outside a step", job_id)
-            error = {"code": "internal_error", "step": "setup", "message": f"{type(e).__name__}: {e}"}
+            error = {"code": "internal_error", "step": "store" if phase == "store" else "setup",
+                     "message": f"{type(e).__name__}: {e}"}
         _finish(won, FAILED, error=error, message=f"failed: {error['message']}")
         status = FAILED
     finally:

@@ -149,3 +149,38 @@ def test_a_registered_backend_is_selected_by_its_scheme(memory_store: MemoryBlob
     assert get_store() is memory_store
     blob = get_store().put([b"in memory"])
     assert memory_store.blobs == {blob.key: b"in memory"}
+
+
+def test_a_full_staging_disk_is_storage_full_and_leaves_nothing(tmp_path: Path) -> None:
+    """Sync and async staging onto a real 256 KiB tmpfs: StorageFull (an OSError, errno ENOSPC), no temp file."""
+    import errno
+
+    from storage import StorageFull
+    from storage.base import is_full
+    from tests.factories_disk import small_filesystem
+
+    with small_filesystem(tmp_path / "staging", 256 * 1024) as folder:
+        store = MemoryBlobStore(folder)
+        with pytest.raises(StorageFull) as caught:
+            store.put([DATA])
+        assert caught.value.errno == errno.ENOSPC and is_full(caught.value)
+        assert "no space left in the blob store" in str(caught.value)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(0, len(DATA), 65536):
+                yield DATA[i:i + 65536]
+
+        with pytest.raises(StorageFull):
+            anyio.run(store.put_async, chunks())
+        assert _staged_files(store) == []
+        assert store.put([DATA[:1000]]).size_bytes == 1000  # the failures left the room they had
+
+
+def test_other_os_errors_are_not_storage_full() -> None:
+    import errno
+
+    from storage.base import full_disk, is_full
+
+    with pytest.raises(PermissionError) as caught, full_disk():
+        raise PermissionError(errno.EACCES, "Permission denied")
+    assert not is_full(caught.value) and not is_full(ValueError("x"))

@@ -104,3 +104,15 @@ def test_file_urls(tmp_path: Path) -> None:
     for bad in ("file://otherhost/srv", "file:relative/path"):
         with pytest.raises(StorageConfigError, match="absolute folder"):
             from_url(bad)
+
+
+def test_a_commit_without_room_for_the_blob_folder_is_storage_full(tmp_path: Path) -> None:
+    """Inodes for the root, tmp/ and the staged file only: the commit's mkdir fails ENOSPC; nothing is kept."""
+    from storage import StorageFull
+    from tests.factories_disk import small_filesystem
+
+    with small_filesystem(tmp_path / "blobs", 1024 * 1024, inodes=3) as root:
+        store = LocalBlobStore(root)
+        with pytest.raises(StorageFull):
+            store.put([b"some bytes"])
+        assert [p for p in root.rglob("*") if p.is_file()] == []

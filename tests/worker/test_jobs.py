@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from models import blobs
 from models.db import session_scope
 from models.ids import new_id
-from models.tables import Job, JobEvent, Model, utcnow
+from models.tables import Artifact, BlobOrphan, Job, JobEvent, Model, utcnow
 from tests.e2e.pg_server import PgServer, pg_server
 from worker import jobs
 
@@ -184,7 +185,9 @@ def test_a_missed_perplexity_budget_fails_the_job_saying_which_bound(pg_env: str
     side = {"size_bytes": 10, "params": 5, "latency_ms": {"median": 1.0}, "accuracy": None}
     report = build_report(spec, {**side, "perplexity": 10.0}, {**side, "perplexity": 11.0}, [], "cpu")
     model = tmp_path / "model.onnx"
-    model.write_bytes(b"not really onnx, only stored")
+    from tests.api import builders
+
+    model.write_bytes(builders.onnx_bytes())  # a real model: deliverables stamp its metadata before storing
     job_id = _job(status="running", attempt=1)
     jobs._record_success(jobs.Claim(job_id, 1), "local", PipelineResult(model, report), spec, tmp_path)
     job = _get(job_id)
@@ -223,3 +226,107 @@ def test_the_final_status_write_and_events_wait_out_a_postgres_restart(on_privat
                                                                      .order_by(JobEvent.id))]
     assert events == [("status", "running"), ("log", None), ("status", "succeeded")]
     assert not jobs._finish(won, "succeeded")  # rerunning the write (a lost acknowledgement) changes nothing
+
+
+def _job_with_stored_input() -> str:
+    """A queued job whose input model is a real blob of the configured store."""
+    from storage import get_store
+
+    blob = get_store().put([b"the input model's bytes"])
+    with session_scope() as s:
+        m = Model(id=new_id("mdl"), owner="local", name="m", format="onnx", sha256=blob.sha256,
+                  size_bytes=blob.size_bytes, storage_key=blob.key, meta={})
+        s.add(m)
+        s.flush()
+        j = Job(id=new_id("job"), owner="local", status="queued", spec={"model": m.id}, model_id=m.id,
+                queue="cpu", attempt=0, max_attempts=3, progress={})
+        s.add(j)
+        return j.id
+
+
+def _pipeline_gives(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, report: dict[str, object]) -> Path:
+    """The pipeline (not what is under test here) hands back a real tiny ONNX model and ``report``."""
+    from tests.api import builders
+    from worker import pipeline
+
+    out = tmp_path / "out.onnx"
+    out.write_bytes(builders.onnx_bytes(in_features=4, out_features=3))
+    monkeypatch.setattr(pipeline, "run", lambda spec, ctx, cache=None: pipeline.PipelineResult(out, dict(report)))
+    return out
+
+
+def _artifact_rows(job_id: str) -> list[Artifact]:
+    with session_scope() as s:
+        return list(s.scalars(select(Artifact).where(Artifact.job_id == job_id)))
+
+
+def test_artifacts_are_stored_all_or_nothing_when_the_disk_fills(
+    pg_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.onnx fits on a 1 MiB store, report.json (2 MiB) does not: no artifact row, the job fails in store
+    with storage_full, gc's sweep removes model.onnx's blob, and a later attempt stores its artifacts."""
+    import hashlib
+
+    from models.settings import get_settings
+    from storage import get_store
+    from tests.factories_disk import small_filesystem
+
+    with small_filesystem(get_settings().blob_dir, 1024 * 1024):
+        store = get_store()
+        job_id = _job_with_stored_input()
+        out = _pipeline_gives(monkeypatch, tmp_path, {"warnings": [], "notes": "x" * (2 * 1024 * 1024)})
+        assert jobs.execute(job_id) == "failed"
+        job = _get(job_id)
+        assert job.error is not None and job.error["code"] == "storage_full" and job.error["step"] == "store"
+        assert "no space left" in job.error["message"] and "storing artifact report.json" in job.error["message"]
+        assert _artifact_rows(job_id) == []
+        model_key = hashlib.sha256(out.read_bytes()).hexdigest()  # the stamped model, stored first
+        assert store.exists(model_key)
+        with session_scope() as s:
+            assert list(s.scalars(select(BlobOrphan.key))) == [model_key]
+        swept = blobs.sweep_orphans(store)
+        assert swept.blobs == 1 and not store.exists(model_key)
+        assert store.exists(_get_model_key(job_id))  # the input is untouched
+        assert list((get_settings().blob_dir / "tmp").iterdir()) == []
+        # Another attempt, with room for its files, stores them all.
+        small = tmp_path / "report.json"
+        small.write_text("{}")
+        ids = jobs._store_artifacts(jobs.Claim(job_id, 2), "local",
+                                    {"model.onnx": ("model", out), "report.json": ("report", small)})
+        assert sorted(a.id for a in _artifact_rows(job_id)) == sorted(ids) and len(ids) == 2
+
+
+def _get_model_key(job_id: str) -> str:
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.model_id is not None
+        model = s.get(Model, job.model_id)
+        assert model is not None
+        return model.storage_key
+
+
+def test_any_failure_storing_an_artifact_leaves_no_artifact_rows(
+    pg_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store becomes unreachable at the 2nd artifact: no row, storage_unavailable in store, one orphan."""
+    from storage import StorageUnavailable, get_store
+
+    store = get_store()
+    job_id = _job_with_stored_input()
+    _pipeline_gives(monkeypatch, tmp_path, {"warnings": []})
+    commit, calls = store.commit, []
+
+    def flaky(staged: object) -> object:
+        calls.append(staged)
+        if len(calls) == 2:
+            raise StorageUnavailable("storing blob: the store stopped answering after 3 attempts")
+        return commit(staged)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "commit", flaky)
+    assert jobs.execute(job_id) == "failed"
+    job = _get(job_id)
+    assert job.error is not None and job.error["code"] == "storage_unavailable" and job.error["step"] == "store"
+    assert _artifact_rows(job_id) == [] and len(calls) == 2
+    with session_scope() as s:
+        orphans = list(s.scalars(select(BlobOrphan.key)))
+    assert len(orphans) == 1 and blobs.sweep_orphans(store).blobs == 1 and not store.exists(orphans[0])
