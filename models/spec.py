@@ -416,7 +416,9 @@ def trial_spec(spec: JobSpec, steps: list[Any]) -> JobSpec:
         "max_perplexity_increase": (c.max_perplexity_increase if c.max_perplexity_increase is not None
                                     else spec.evaluate.max_perplexity_increase),
     })
-    body = spec.model_dump(mode="json", exclude={"search", "steps", "evaluate"})
+    # JobSpec's own fields only: the API's JobCreate adds the job's name and metadata, which a trial's spec has not
+    own = set(JobSpec.model_fields) - {"search", "steps", "evaluate"}
+    body = spec.model_dump(mode="json", include=own)
     body["evaluate"] = evaluate.model_dump(mode="json")
     body["steps"] = [s if isinstance(s, dict) else s.model_dump(mode="json") for s in steps]
     return JobSpec.model_validate(body)
