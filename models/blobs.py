@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, exists, select, union_all
 from sqlalchemy.orm import Session
 
-from models.db import session_scope
+from models.db import retry_transient, session_scope
 from models.tables import Artifact, BlobClaim, BlobOrphan, Dataset, Model, StageCacheEntry, utcnow
 
 if TYPE_CHECKING:
@@ -51,6 +51,9 @@ class Swept:
         self.kept += other.kept
 
 
+# A claim waits out a database restart like the writes around it (a lost acknowledgement leaves at most a
+# stale extra claim, which gc drops).
+@retry_transient(10.0)
 def _claim(key: str, purpose: str) -> int:
     with session_scope() as s:
         row = BlobClaim(key=key, purpose=purpose)
@@ -59,6 +62,7 @@ def _claim(key: str, purpose: str) -> int:
         return int(row.id)
 
 
+@retry_transient(10.0)
 def _release(claim_id: int) -> None:
     with session_scope() as s:
         s.execute(delete(BlobClaim).where(BlobClaim.id == claim_id))

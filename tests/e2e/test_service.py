@@ -111,17 +111,19 @@ def test_static_quantization_on_redis_and_postgres(
 
 
 def _unconvertible_onnx(path: Path) -> None:
-    """A valid ONNX model with an operator (ThresholdedRelu) that onnx2torch cannot convert."""
+    """A valid ONNX model that passes the submit-time operator check (Pad-19 converts) but whose ``Pad`` uses
+    ``mode='wrap'``, which torch cannot express: the conversion fails in the worker, inside the step."""
     w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32), "w")
+    pads = numpy_helper.from_array(np.array([0, 1, 0, 1], dtype=np.int64), "pads")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["h"]),
-         helper.make_node("ThresholdedRelu", ["h"], ["y"], alpha=-1e30)],
+         helper.make_node("Pad", ["h", "pads"], ["y"], mode="wrap")],
         "unconvertible",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
-        [w],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 12])],
+        [w, pads],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
 
 
 def test_failing_step_names_the_step(distributed: LiveService, assets: dict[str, Path], tmp_path: Path) -> None:
@@ -136,7 +138,7 @@ def test_failing_step_names_the_step(distributed: LiveService, assets: dict[str,
         done = distributed.wait_job(client, job["id"])
         assert done["status"] == "failed"
         assert done["error"]["step"].startswith("steps[0] prune"), done["error"]
-        assert "ThresholdedRelu" in done["error"]["message"]
+        assert "Pad with mode='wrap'" in done["error"]["message"], done["error"]
         assert done["result"] is None or not done["result"].get("artifacts")
 
 
