@@ -83,9 +83,11 @@ def _upload(client: httpx.Client, kind: str, path: Path, fmt: str) -> dict[str, 
 
 
 def _assert_nothing_left_behind(svc: LiveService, pg: PgServer) -> None:
-    """Every blob belongs to a record and every record's blob is there; no staged or job temp file remains."""
+    """Every blob belongs to a record (or a stage-cache entry) and every record's blob is there; no staged or job
+    temp file remains."""
     keys = {k for (k,) in _rows(pg, "SELECT storage_key FROM models UNION SELECT storage_key FROM datasets "
-                                    "UNION SELECT storage_key FROM artifacts")}
+                                    "UNION SELECT storage_key FROM artifacts "
+                                    "UNION SELECT blob_key FROM stage_cache WHERE blob_key IS NOT NULL")}
     assert _blob_files(svc) == keys
     stray = {p for p in _home_files(svc) if not (p.name in keys and "storage" in p.parts)}
     assert stray == set(), stray
