@@ -489,6 +489,17 @@ class JobSpec(_Strict):
                     first = e.errors()[0]
                     raise ValueError(f"search.space.{i}: {str(first['msg']).removeprefix('Value error, ')}") from None
 
+    def model_ids(self) -> set[str]:
+        """Every model id the job may read: the input, distillation teachers and students."""
+        ids = {self.model}
+        for step in self.steps:
+            if isinstance(step, DistillStep):
+                if step.teacher not in ("input", "current"):
+                    ids.add(step.teacher)
+                if isinstance(step.student, StudentModel):
+                    ids.add(step.student.model)
+        return ids
+
     def needs_training(self) -> bool:
         """Whether any step works on the torch module (such jobs go to the GPU queue by default)."""
         return any(STEP_KINDS[s.type].gpu for s in self.steps)

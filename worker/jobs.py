@@ -23,7 +23,7 @@ from models import blobs
 from models.db import retry_transient, session_scope
 from models.ids import new_id
 from models.settings import get_settings
-from models.spec import DistillStep, JobSpec, StudentModel
+from models.spec import JobSpec
 from models.tables import (
     CANCELLED,
     CANCELLING,
@@ -161,13 +161,7 @@ def _make_context(claim: Claim, spec: JobSpec, workdir: Path) -> DBContext:
 
 @retry_transient()
 def _model_refs(spec: JobSpec, dest: Path | None = None) -> dict[str, tuple[Path, str, dict[str, Any]]]:
-    ids = {spec.model}
-    for step in spec.steps:
-        if isinstance(step, DistillStep):
-            if step.teacher not in ("input", "current"):
-                ids.add(step.teacher)
-            if isinstance(step.student, StudentModel):
-                ids.add(step.student.model)
+    ids = spec.model_ids()
     with session_scope() as s:
         rows = [(m.id, m.storage_key, m.format, dict(m.meta)) for m in s.scalars(select(Model).where(Model.id.in_(ids)))]
     return _local_files(rows, dest)

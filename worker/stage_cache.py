@@ -63,16 +63,6 @@ def modelpress_version() -> str:
         return "0+unknown"
 
 
-def model_refs(spec: JobSpec) -> set[str]:
-    """Every model id the job may read: the input, distillation teachers and students."""
-    ids = {spec.model}
-    for step in spec.steps:
-        if isinstance(step, DistillStep):
-            if step.teacher not in ("input", "current"):
-                ids.add(step.teacher)
-            if isinstance(step.student, StudentModel):
-                ids.add(step.student.model)
-    return ids
 
 
 def dataset_refs(spec: JobSpec) -> set[str]:
@@ -81,7 +71,7 @@ def dataset_refs(spec: JobSpec) -> set[str]:
 
 def db_shas(spec: JobSpec) -> dict[str, str]:
     """``{id: sha256}`` of the models and datasets the job reads, from their rows."""
-    models, datasets = model_refs(spec), dataset_refs(spec)
+    models, datasets = spec.model_ids(), dataset_refs(spec)
     with session_scope() as s:
         rows = list(s.execute(select(Model.id, Model.sha256).where(Model.id.in_(models))))
         rows += list(s.execute(select(Dataset.id, Dataset.sha256).where(Dataset.id.in_(datasets))))

@@ -97,6 +97,22 @@ def reduce_range(p: QuantizeStep) -> bool:
     return cpu_lacks_vnni() if p.reduce_range is None else p.reduce_range
 
 
+def name_unnamed_nodes(m: onnx.ModelProto) -> bool:
+    """Give every unnamed node a unique ``<op>_<index>`` name (exclusions by name, Gemm->MatMul renaming
+    and per-node bits need names); whether any node was renamed."""
+    names = {n.name for n in m.graph.node if n.name}
+    changed = False
+    for i, node in enumerate(m.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in names:
+                name += "_"
+            node.name = name
+            names.add(name)
+            changed = True
+    return changed
+
+
 def _unique_path(workdir: Path, stem: str) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / f"{stem}.onnx"
@@ -297,17 +313,7 @@ class QuantizePass(Pass):
         import onnx
 
         m = onnx.load(str(path))
-        names = {n.name for n in m.graph.node if n.name}
-        changed = False
-        for i, node in enumerate(m.graph.node):
-            if not node.name:
-                name = f"{node.op_type}_{i}"
-                while name in names:
-                    name += "_"
-                node.name = name
-                names.add(name)
-                changed = True
-        if not changed:
+        if not name_unnamed_nodes(m):
             return path
         dst = _unique_path(ctx.workdir, "quantize-named")
         onnx.save_model(m, str(dst))
@@ -596,14 +602,7 @@ def prepare_for_nbits(m: onnx.ModelProto, *, embeddings: bool) -> None:
     from onnx import version_converter
     from onnxruntime.quantization.onnx_model import ONNXModel
 
-    names = {n.name for n in m.graph.node if n.name}
-    for i, node in enumerate(m.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in names:
-                name += "_"
-            node.name = name
-            names.add(name)
+    name_unnamed_nodes(m)
     if any(n.op_type == "Gemm" for n in m.graph.node):
         ONNXModel(m).replace_gemm_with_matmul()
     opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 21)
