@@ -110,6 +110,17 @@ def external_files(path: Path) -> dict[str, Path]:
     return {f.relative_to(root).as_posix(): f for f in onnx_files.external_data_files(model, path.parent)}
 
 
+def model_archive(model: Path, externals: dict[str, Path], dest: Path) -> Path:
+    """``model.onnx`` and its external-data files (by their relative locations) in one uncompressed zip
+    (zip64 past 4 GiB): unpacked anywhere, the ONNX file finds its data beside it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        zf.write(model, "model.onnx")
+        for name, path in sorted(externals.items()):
+            zf.write(path, name)
+    return dest
+
+
 def _hf_side_files(hf_archive: Path, meta: dict[str, Any]) -> dict[str, bytes]:
     """config.json and the tokenizer / preprocessor files at the top of the uploaded hf archive, by name."""
     entries = archive.list_entries(hf_archive, archive.HF_LIMITS)
@@ -152,15 +163,17 @@ def prepare(
     classes: list[str] | None,
     workdir: Path,
 ) -> dict[str, tuple[str, Path]]:
-    """The model artifacts of a finished job by name (``model.onnx``, its data files if over 2 GiB, and
+    """The model artifacts of a finished job by name (``model.onnx``; past 2 GiB also ``model.zip`` with its data
+    files, and
     ``bundle.zip`` for an hf upload), the output described in its metadata."""
     model_meta = model_ref[2] if model_ref else {}
     labels = label_names(spec, model_meta, classes)
     stamp(output_path, spec, job_id=job_id, labels=labels)
     model_file = single_file(output_path)
     files: dict[str, tuple[str, Path]] = {"model.onnx": ("model", model_file)}
-    if model_file == output_path:
-        files.update({name: ("model-data", p) for name, p in external_files(output_path).items()})
+    if model_file == output_path and (externals := external_files(output_path)):
+        # past protobuf's 2 GiB the weights must stay in their own files: one archive carries them together
+        files["model.zip"] = ("model-archive", model_archive(output_path, externals, workdir / "model.zip"))
     if model_ref is not None and model_ref[1] == "hf":
         files["bundle.zip"] = ("bundle", hf_bundle(model_file, model_ref[0], model_meta, labels,
                                                    workdir / "bundle.zip"))

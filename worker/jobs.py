@@ -299,7 +299,9 @@ def _record_success(
         classes=ctx.classes() if ctx is not None else None,
     )
     files["report.json"] = ("report", report_path)
-    files.update({name: ("extra", path) for name, path in out.files.items()})
+    # the output's own data files travel inside model.zip (deliverables.prepare) when there is one
+    files.update({name: ("extra", path) for name, path in out.files.items()
+                  if not (name == "model.onnx.data" and "model.zip" in files)})
     artifact_ids = _store_artifacts(claim, owner, files)
     result = {"artifact_ids": artifact_ids, "report": out.report, "warnings": out.report.get("warnings") or []}
     budget = out.report.get("budget") or {}

@@ -352,7 +352,7 @@ def run(spec: JobSpec, ctx: PipelineContext, cache: StageCache | None = None) ->
 
     report = build_report(spec, baseline_report, output_report, steps, ctx.device)
     out_path = Path(model.onnx_path)
-    # Weights over 2 GB live beside the file (worker.lm.export): they travel as an artifact of their own.
+    # Weights over 2 GB live beside the file (worker.lm.export); the job stores them in model.zip with it.
     data_file = out_path.with_name(out_path.name + ".data")
     files = {"model.onnx.data": data_file} if out_path.name == "model.onnx" and data_file.is_file() else {}
     return PipelineResult(output_path=out_path, report=report, files=files)

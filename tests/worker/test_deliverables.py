@@ -60,6 +60,30 @@ def test_an_external_data_model_comes_back_as_one_file(tmp_path: Path) -> None:
     assert "modelpress.labels" not in ort.InferenceSession(str(alone)).get_modelmeta().custom_metadata_map
 
 
+def test_an_output_past_the_protobuf_limit_comes_back_as_one_archive(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Past 2 GiB the weights cannot be inlined: ``model.zip`` carries model.onnx with its data file, and the
+    unpacked folder loads and matches (the limit is lowered here so that a small model stands in for a big one)."""
+    from storage import onnx_files
+
+    src = factories_onnx.opset20_cnn(tmp_path / "src")
+    packed = factories_onnx.archive_of(src, tmp_path / "cnn.tar.gz", "tar")
+    spec = JobSpec.model_validate({"model": "m", "evaluate": FAST})
+    ctx = LocalContext(tmp_path / "work", spec, models={"m": (packed, "onnx", {})}, device="cpu")
+    out = pipeline.run(spec, ctx)
+    monkeypatch.setattr(onnx_files, "PROTOBUF_LIMIT", 1024)
+    files = deliverables.prepare(out.output_path, spec, job_id="job_3", model_ref=ctx.models["m"],
+                                 classes=None, workdir=tmp_path / "work")
+    assert files["model.onnx"][1] == out.output_path  # not inlined: it stays with its data file
+    assert files["model.zip"][0] == "model-archive"
+    with zipfile.ZipFile(files["model.zip"][1]) as zf:
+        names = zf.namelist()
+        zf.extractall(tmp_path / "unpacked")
+    assert names[0] == "model.onnx" and len(names) >= 2
+    x = np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32)
+    got = ort.InferenceSession(str(tmp_path / "unpacked" / "model.onnx")).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, ort.InferenceSession(str(src)).run(None, {"input": x})[0], rtol=1e-5)
+
+
 def test_an_hf_job_has_a_bundle_that_loads_like_an_optimum_folder(tmp_path: Path) -> None:
     """Optimum's ORTModelForSequenceClassification cannot be installed next to transformers 5 (optimum-onnx
     0.1.0 requires transformers<4.58 and fails to import with 5.x), so the bundle is loaded the way it loads a
