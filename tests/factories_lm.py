@@ -73,6 +73,7 @@ def tiny_lm_dir(folder: Path, *, kind: str = "llama", layers: int = 4, hidden: i
                                   "pad_token_id": tok.pad_token_id}
     torch.manual_seed(seed)
     model: Any
+    config: Any
     if kind == "llama":
         config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
                              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
