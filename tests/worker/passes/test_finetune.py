@@ -309,7 +309,9 @@ def test_until_recovers_to_the_budget_and_stops_early_without_the_eval_set(tmp_p
     assert budget["reference_accuracy"] >= 0.9
     assert budget["best_validation_accuracy"] >= budget["reference_accuracy"] - 0.05
     acc = metrics.torch_metric(result.model, f.digits()[1], ctx.spec)["accuracy"]
-    assert acc > after_prune + 0.3 and acc >= input_acc - 0.06  # the unseen eval set agrees
+    # The unseen eval set agrees within the budget plus the sampling error of a 120-sample validation split
+    # (two standard errors at 90 % accuracy: 0.055): the budget is held on validation, not promised on eval.
+    assert acc > after_prune + 0.3 and acc >= input_acc - 0.05 - 0.055
 
 
 def test_until_reports_a_budget_that_did_not_hold(tmp_path: Path) -> None:
