@@ -15,6 +15,7 @@ from bench import (
     job_overhead,
     lm_export,
     load,
+    search,
     train_throughput,
     upload_stream,
 )
@@ -28,6 +29,7 @@ MODEST: dict[str, tuple[Callable[[list[str] | None], dict[str, Any]], list[str]]
     "bert_pipeline": (bert_pipeline.main, ["--train-rows", "1000", "--eval-rows", "300", "--latency-runs", "100"]),
     "train_throughput": (train_throughput.main, ["--samples", "1024"]),
     "lm_export": (lm_export.main, ["--rounds", "1", "--runs", "10"]),
+    "search": (search.main, ["--quick"]),
 }
 
 
