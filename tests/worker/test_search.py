@@ -73,7 +73,8 @@ def test_no_trial_meeting_the_constraints_fails_the_search_keeping_the_trials(
     assert len(started) == 2  # parallelism 2: the third waits
     with session_scope() as s:
         kids = list(s.scalars(select(Job).where(Job.parent_id == parent).order_by(Job.id)))
-        assert [k.spec["steps"][0]["mode"] for k in kids] == ["fp16", "dynamic"]
+        # the two cheapest trials started (ids made in the same millisecond do not sort by creation)
+        assert sorted(k.spec["steps"][0]["mode"] for k in kids) == ["dynamic", "fp16"]
         assert all(k.spec["evaluate"]["max_accuracy_drop"] == 0.01 and k.owner == "local" for k in kids)
         for k in kids:  # both miss the accuracy budget, as a real trial reports it
             k.status = "failed"
