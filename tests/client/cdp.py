@@ -46,11 +46,15 @@ class Browser:
         self._from_chrome, from_chrome_w = os.pipe()
         cmd = " ".join([f'"{binary}"', *[f"'{f}'" for f in CHROMIUM_FLAGS],
                         f"'--user-data-dir={profile}'", "--remote-debugging-pipe", "about:blank"])
+        # Chromium's log goes to a file: a pipe nobody reads would fill and stall it.
+        profile.mkdir(parents=True, exist_ok=True)
+        self._log = profile.parent / f"{profile.name}.log"
         # bash places the pipe ends on fds 3 and 4 for Chromium, then execs it.
-        self.proc = subprocess.Popen(
-            ["bash", "-c", f'exec {cmd} 3<&{to_chrome_r} 4>&{from_chrome_w}'],
-            pass_fds=(to_chrome_r, from_chrome_w), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
+        with self._log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                ["bash", "-c", f'exec {cmd} 3<&{to_chrome_r} 4>&{from_chrome_w}'],
+                pass_fds=(to_chrome_r, from_chrome_w), stdout=subprocess.DEVNULL, stderr=log,
+            )
         os.close(to_chrome_r)
         os.close(from_chrome_w)
         self._next_id = 0
@@ -59,10 +63,15 @@ class Browser:
         self._cv = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        self.call("Network.enable", session=True)
-        self.call("Page.enable", session=True)
+        try:
+            # The first command waits for Chromium to start: slow on a loaded 2-core machine.
+            target = self.call("Target.createTarget", {"url": "about:blank"}, timeout=90)["targetId"]
+            self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            self.call("Network.enable", session=True)
+            self.call("Page.enable", session=True)
+        except BaseException:
+            self.close()
+            raise
 
     def _read(self) -> None:
         buf = b""
@@ -94,12 +103,18 @@ class Browser:
             while msg["id"] not in self._replies:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.proc.poll() is not None:
-                    raise TimeoutError(f"{method}: no reply from Chromium")
+                    raise TimeoutError(f"{method}: no reply from Chromium ({self._state()})")
                 self._cv.wait(left)
             reply = self._replies.pop(msg["id"])
         if "error" in reply:
             raise RuntimeError(f"{method}: {reply['error']}")
         return dict(reply.get("result", {}))
+
+    def _state(self) -> str:
+        """Whether Chromium still runs, and what it printed when it did not."""
+        code = self.proc.poll()
+        err = self._log.read_text(errors="replace")[-2000:]
+        return f"{'still running' if code is None else f'exited with {code}'}; its log ends: {err}"
 
     def wait_event(self, method: str, since: int, timeout: float = 30.0) -> dict[str, Any]:
         """The first event named ``method`` after index ``since`` of ``events``."""
@@ -150,6 +165,17 @@ class Browser:
         for fd in (self._to_chrome, self._from_chrome):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def launch(binary: str, folder: Path, tries: int = 2) -> Browser:
+    """A started Browser with its profile under ``folder``; a start that stalls is retried afresh."""
+    for attempt in range(1, tries + 1):
+        try:
+            return Browser(binary, folder / f"profile-{attempt}")
+        except TimeoutError:
+            if attempt == tries:
+                raise
+    raise AssertionError("unreachable")
 
 
 def png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:

@@ -17,7 +17,7 @@ import uvicorn
 
 from api.main import create_app
 from tests.api.report_samples import insert_job
-from tests.client.cdp import Browser, distinct_colours, find_chromium
+from tests.client.cdp import Browser, distinct_colours, find_chromium, launch
 from tests.e2e.harness import free_port
 
 CHROMIUM = find_chromium()
@@ -64,7 +64,7 @@ def server(pg_env: str) -> Iterator[str]:
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Browser]:
     assert CHROMIUM is not None
-    b = Browser(CHROMIUM, tmp_path / "profile")
+    b = launch(CHROMIUM, tmp_path)
     yield b
     b.close()
 

@@ -21,7 +21,8 @@ def distributed(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Ite
         conn.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_DSN.rpartition("/")[0]
     home = tmp_path_factory.mktemp("distributed")
-    env = service_env(home, RUN_ID, database_url=_sqlalchemy_url(f"{base}/{name}"), broker_url=redis_url)
+    # A queue of its own: two live stacks on one Redis must never take each other's tasks.
+    env = service_env(home, name, database_url=_sqlalchemy_url(f"{base}/{name}"), broker_url=redis_url)
     try:
         with live_service(home, env) as svc:
             yield svc
@@ -53,11 +54,19 @@ def distributed_s3(
     api_home, worker_home = tmp_path_factory.mktemp("s3-api"), tmp_path_factory.mktemp("s3-worker")
     shared = {"database_url": _sqlalchemy_url(f"{base}/{name}"), "broker_url": redis_url,
               "storage_url": f"s3://mp-e2e-{RUN_ID}-{uuid.uuid4().hex[:6]}/blobs"}
-    api_env = {**service_env(api_home, RUN_ID, **shared), **s3_server.env()}
-    worker_env = {**service_env(worker_home, RUN_ID, **shared), **s3_server.env()}
+    api_env = {**service_env(api_home, name, **shared), **s3_server.env()}
+    worker_env = {**service_env(worker_home, name, **shared), **s3_server.env()}
     try:
         with live_service(api_home, api_env, worker_env=worker_env) as svc:
             yield svc
     finally:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module", params=["distributed", "distributed_s3"])
+def stack(request: pytest.FixtureRequest) -> LiveService:
+    """The distributed service, twice: on a shared local store, then on S3 with nothing shared but the services
+    (a test that takes ``stack`` runs on both)."""
+    svc: LiveService = request.getfixturevalue(request.param)
+    return svc

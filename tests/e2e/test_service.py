@@ -1,4 +1,5 @@
-"""End to end over HTTP: uvicorn + a real Celery worker, on the embedded defaults and on Redis + PostgreSQL."""
+"""End to end over HTTP: uvicorn + a real Celery worker, on the embedded defaults, on Redis + PostgreSQL, and on
+Redis + PostgreSQL + S3 with nothing else shared between API and worker (every ``stack`` test runs on both)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def _download_model(client: httpx.Client, job: dict[str, Any], dest: Path) -> Pa
     return dest
 
 
-@pytest.mark.parametrize("service", ["embedded", "distributed"])
+@pytest.mark.parametrize("service", ["embedded", "distributed", "distributed_s3"])
 def test_dynamic_quantization_round_trip(
     service: str, request: pytest.FixtureRequest, assets: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -90,10 +91,10 @@ def test_dynamic_quantization_round_trip(
         assert kinds[0] == "status" and kinds[-1] == "status" and "phase" in kinds
 
 
-def test_static_quantization_on_redis_and_postgres(
-    distributed: LiveService, assets: dict[str, Path], tmp_path: Path
+def test_static_quantization(
+    stack: LiveService, assets: dict[str, Path], tmp_path: Path
 ) -> None:
-    with httpx.Client(base_url=distributed.url, timeout=30) as client:
+    with httpx.Client(base_url=stack.url, timeout=30) as client:
         model = _upload(client, "models", assets["model"], "onnx")
         evald = _upload(client, "datasets", assets["eval"], "npz")
         calib = _upload(client, "datasets", assets["calib"], "npz")
@@ -101,7 +102,7 @@ def test_static_quantization_on_redis_and_postgres(
                                "steps": [{"type": "quantize", "mode": "static",
                                           "calibration": {"method": "minmax", "samples": 128}}],
                                "evaluate": {"latency": {"runs": 5, "warmup": 1}}})
-        done = distributed.wait_job(client, job["id"])
+        done = stack.wait_job(client, job["id"])
         assert done["status"] == "succeeded", done
         out = _download_model(client, done, tmp_path / "static.onnx")
         ops = {n.op_type for n in onnx.load(str(out)).graph.node}
@@ -126,26 +127,26 @@ def _unconvertible_onnx(path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
 
 
-def test_failing_step_names_the_step(distributed: LiveService, assets: dict[str, Path], tmp_path: Path) -> None:
+def test_failing_step_names_the_step(stack: LiveService, assets: dict[str, Path], tmp_path: Path) -> None:
     _unconvertible_onnx(tmp_path / "odd.onnx")
-    with httpx.Client(base_url=distributed.url, timeout=30) as client:
+    with httpx.Client(base_url=stack.url, timeout=30) as client:
         model = _upload(client, "models", tmp_path / "odd.onnx", "onnx")
         x = np.random.default_rng(0).normal(size=(32, 64)).astype(np.float32)
         np.savez(tmp_path / "odd.npz", x=x)
         evald = _upload(client, "datasets", tmp_path / "odd.npz", "npz")
         job = _submit(client, {"model": model["id"], "data": {"eval": evald["id"]},
                                "steps": [{"type": "prune", "method": "structured", "ratio": 0.5}]})
-        done = distributed.wait_job(client, job["id"])
+        done = stack.wait_job(client, job["id"])
         assert done["status"] == "failed"
         assert done["error"]["step"].startswith("steps[0] prune"), done["error"]
         assert "Pad with mode='wrap'" in done["error"]["message"], done["error"]
         assert done["result"] is None or not done["result"].get("artifacts")
 
 
-def test_cancel_a_queued_job(distributed: LiveService, assets: dict[str, Path]) -> None:
-    distributed.stop_worker()
+def test_cancel_a_queued_job(stack: LiveService, assets: dict[str, Path]) -> None:
+    stack.stop_worker()
     try:
-        with httpx.Client(base_url=distributed.url, timeout=30) as client:
+        with httpx.Client(base_url=stack.url, timeout=30) as client:
             model = _upload(client, "models", assets["model"], "onnx")
             job = _submit(client, {"model": model["id"], "steps": [{"type": "quantize"}]})
             r = client.post(f"/v1/jobs/{job['id']}/cancel")
@@ -154,8 +155,8 @@ def test_cancel_a_queued_job(distributed: LiveService, assets: dict[str, Path]) 
             again = client.post(f"/v1/jobs/{job['id']}/cancel")
             assert again.status_code == 409 and again.json()["code"] == "job_terminal"
     finally:
-        distributed.start_worker()
-    with httpx.Client(base_url=distributed.url, timeout=30) as client:
+        stack.start_worker()
+    with httpx.Client(base_url=stack.url, timeout=30) as client:
         time.sleep(3)  # the worker receives the task and must leave the cancelled job alone
         final = client.get(f"/v1/jobs/{job['id']}").json()
         assert final["status"] == "cancelled" and final["attempt"] == 0
@@ -191,26 +192,26 @@ def _training_job_in_its_first_epoch(
     return job
 
 
-def test_cancel_a_running_job(distributed: LiveService, assets: dict[str, Path]) -> None:
-    with httpx.Client(base_url=distributed.url, timeout=30) as client:
-        job = _training_job_in_its_first_epoch(distributed, client, assets, epochs=500)
+def test_cancel_a_running_job(stack: LiveService, assets: dict[str, Path]) -> None:
+    with httpx.Client(base_url=stack.url, timeout=30) as client:
+        job = _training_job_in_its_first_epoch(stack, client, assets, epochs=500)
         t0 = time.monotonic()
         r = client.post(f"/v1/jobs/{job['id']}/cancel")
         assert r.status_code in (200, 202) and r.json()["status"] in ("cancelling", "cancelled")
-        done = distributed.wait_job(client, job["id"], timeout=60)
+        done = stack.wait_job(client, job["id"], timeout=60)
         assert done["status"] == "cancelled"
         assert time.monotonic() - t0 < 30
 
 
-def test_worker_killed_mid_job_is_retried_and_completes_once(distributed: LiveService, assets: dict[str, Path]) -> None:
-    with httpx.Client(base_url=distributed.url, timeout=30) as client:
-        job = _training_job_in_its_first_epoch(distributed, client, assets, epochs=6)
-        children = distributed.worker_children()
+def test_worker_killed_mid_job_is_retried_and_completes_once(stack: LiveService, assets: dict[str, Path]) -> None:
+    with httpx.Client(base_url=stack.url, timeout=30) as client:
+        job = _training_job_in_its_first_epoch(stack, client, assets, epochs=6)
+        children = stack.worker_children()
         assert children, "the worker has no pool process"
         for child in children:
             child.kill()  # SIGKILL the process running the task, as the OOM killer would
-        done = distributed.wait_job(client, job["id"], timeout=240)
-        assert done["status"] == "succeeded", (done, distributed.logs("worker.log"))
+        done = stack.wait_job(client, job["id"], timeout=240)
+        assert done["status"] == "succeeded", (done, stack.logs("worker.log"))
         assert done["attempt"] == 2
         names = [a["name"] for a in done["result"]["artifacts"]]
         assert names.count("model.onnx") == 1
