@@ -175,9 +175,11 @@ def search_scatter(name: str, title: str, trials: Sequence[dict[str, Any]], obje
                    metric_name: str, baseline_metric: Any = None, min_metric: Any = None) -> Markup:
     """A search's trials: objective (x: latency ms or size MB) vs task metric (y); the Pareto front joined,
     the winner ringed, trials that missed the constraints hollow, ``min_metric`` (the constraint) dashed.
-    ``trials``: ``{"label", "x", "y", "met", "pareto", "winner"}``; '' when no trial has both numbers."""
-    pts = tuple((str(t.get("label", "")), float(t["x"]), float(t["y"]), bool(t.get("met")), bool(t.get("pareto")),
-                 bool(t.get("winner"))) for t in trials if is_num(t.get("x")) and is_num(t.get("y")))
+    ``trials``: ``{"index", "label", "x", "y", "met", "pareto", "winner"}`` (marker ids ``-trial-<index>``);
+    '' when no trial has both numbers."""
+    pts = tuple((int(t.get("index", i)), str(t.get("label", "")), float(t["x"]), float(t["y"]), bool(t.get("met")),
+                 bool(t.get("pareto")), bool(t.get("winner")))
+                for i, t in enumerate(trials) if is_num(t.get("x")) and is_num(t.get("y")))
     if not pts:
         return Markup("")
     floor = float(min_metric) if is_num(min_metric) else None
@@ -186,26 +188,67 @@ def search_scatter(name: str, title: str, trials: Sequence[dict[str, Any]], obje
         return _draw_search_scatter(chart_id(name), title, pts, objective, metric_name, base, floor)
 
 
-def _draw_search_scatter(cid: str, title: str, pts: tuple[tuple[str, float, float, bool, bool, bool], ...],
+def _focus_range(ys: Sequence[float], focus: Sequence[float]) -> tuple[float, float] | None:
+    """The y range that keeps what matters readable (the trials that met the constraints, the budget line,
+    the input's metric) when the other trials lie so far off that they would squash it; None: plot all."""
+    if not focus:
+        return None
+    lo, hi = min(focus), max(focus)
+    pad = 0.3 * (hi - lo) if hi > lo else max(abs(hi) * 0.05, 1e-6)
+    lo, hi = lo - pad, hi + pad
+    if (min(ys) >= lo and max(ys) <= hi) or max(ys) - min(ys) <= 3 * (hi - lo):
+        return None
+    return lo, hi
+
+
+def _draw_search_scatter(cid: str, title: str, pts: tuple[tuple[int, str, float, float, bool, bool, bool], ...],
                          objective: str, metric_name: str, base: float | None, floor: float | None) -> Markup:
-    ax = _axes(5.4, 3.2, left=0.7, bottom=0.55)
-    for i, (label, x, y, met, _front, winner) in enumerate(pts):
-        dot = ax.scatter([x], [y], s=70 if winner else 36, color=SERIES_COLOURS[0] if met else "white",
+    from matplotlib.lines import Line2D
+
+    ax = _axes(7.8, 3.2, left=0.7, bottom=0.55, right=2.4)
+    focus = [y for _, _, _, y, met, _, _ in pts if met] + [v for v in (floor, base) if v is not None]
+    view = _focus_range([p[3] for p in pts], focus)
+    drawn: list[tuple[float, float]] = []
+    for index, label, x, y, met, _front, winner in pts:
+        shown, marker, note = y, "o", label
+        if view is not None and not view[0] <= y <= view[1]:  # off the scale: pinned to the edge, value printed
+            below = y < view[0]
+            shown, marker = (view[0], "v") if below else (view[1], "^")
+            note = f"{label} {fmt_number(y)} {'↓' if below else '↑'}"
+        drawn.append((x, shown))
+        dot = ax.scatter([x], [shown], s=70 if winner else 36, marker=marker,
+                         color=SERIES_COLOURS[0] if met else "white",
                          edgecolors=SERIES_COLOURS[1] if winner else SERIES_COLOURS[0], linewidths=2.5 if winner else 1.2,
-                         zorder=3)
-        dot.set_gid(f"trial-{i}")
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8, color=MUTED)
-    front = sorted((x, y) for _, x, y, _, f, _ in pts if f)
+                         zorder=3, clip_on=False)
+        dot.set_gid(f"trial-{index}")
+        ax.annotate(note, (x, shown), textcoords="offset points", xytext=(5, 4), fontsize=8, color=MUTED)
+    keys = [Line2D([], [], linestyle="", marker="o", markersize=6, markerfacecolor=SERIES_COLOURS[0],
+                   markeredgecolor=SERIES_COLOURS[0], label="met the constraints"),
+            Line2D([], [], linestyle="", marker="o", markersize=6, markerfacecolor="white",
+                   markeredgecolor=SERIES_COLOURS[0], label="missed them"),
+            Line2D([], [], linestyle="", marker="o", markersize=8, markerfacecolor=SERIES_COLOURS[0],
+                   markeredgecolor=SERIES_COLOURS[1], markeredgewidth=2.5, label="winner")]
+    front = sorted((x, shown) for (x, shown), p in zip(drawn, pts, strict=True) if p[5])
     if len(front) > 1:
         (line,) = ax.plot([p[0] for p in front], [p[1] for p in front], color=SERIES_COLOURS[2], linewidth=1.5,
                           zorder=2)
         line.set_gid("pareto")
+        keys.append(Line2D([], [], color=SERIES_COLOURS[2], linewidth=1.5, label="Pareto front"))
     if floor is not None:
         limit = ax.axhline(floor, color=SERIES_COLOURS[3], linestyle="--", linewidth=1)
         limit.set_gid("constraint")
+        keys.append(Line2D([], [], color=SERIES_COLOURS[3], linestyle="--", linewidth=1,
+                           label="budget (input minus max drop)"))
     if base is not None:
         ref = ax.axhline(base, color=BEFORE, linestyle=":", linewidth=1)
         ref.set_gid("input")
+        keys.append(Line2D([], [], color=BEFORE, linestyle=":", linewidth=1, label="input model"))
+    if view is not None:
+        ax.set_ylim(*view)
+        keys.append(Line2D([], [], linestyle="", marker="v", markersize=6, markerfacecolor="white",
+                           markeredgecolor=SERIES_COLOURS[0], label="off the scale (value shown)"))
+    legend = ax.legend(handles=keys, loc="upper left", bbox_to_anchor=(1.03, 1.0), frameon=False, fontsize=8)
+    legend.set_gid("legend")
     ax.set_xlabel("latency (ms)" if objective == "latency" else "size (MB)")
     ax.set_ylabel(metric_name)
     ax.set_title(title, loc="left", fontsize=11, fontweight="bold", color=INK)

@@ -135,3 +135,24 @@ def lm_report() -> dict[str, Any]:
         "budget": {"max_perplexity_increase": 0.05, "max_accuracy_drop": None, "metric": "perplexity",
                    "perplexity_increase": 0.0451, "accuracy_drop": None, "met": True},
     }
+
+
+def search_report() -> dict[str, Any]:
+    """A finished search: two trials on the front (the first wins), one skipped, one missing the budget."""
+    trials = [
+        {"index": 0, "label": "quantize dynamic", "state": "succeeded", "job_id": "job_a", "met": True,
+         "metric": 0.95, "metric_name": "accuracy", "size_bytes": 30_000, "latency_ms": 0.2,
+         "latency_ms_remeasured": 0.1, "pareto": True},
+        {"index": 1, "label": "quantize fp16", "state": "succeeded", "job_id": "job_b", "met": True,
+         "metric": 0.96, "size_bytes": 60_000, "latency_ms": 0.3, "latency_ms_remeasured": 0.15, "pareto": True},
+        {"index": 2, "label": "quantize <fp16>", "state": "skipped", "job_id": None,
+         "reason": "cannot beat the best: estimated size ratio 0.50 vs 0.27 measured"},
+        {"index": 3, "label": "prune 0.95", "state": "failed", "job_id": "job_d", "met": False, "metric": 0.2,
+         "size_bytes": 5_000, "latency_ms": 0.05, "misses": ["quality: accuracy drop 0.76 > 0.02"]},
+    ]
+    section = {"objective": "latency", "constraints": {"max_accuracy_drop": 0.02}, "trials": trials,
+               "best": {"trial": 0, "job_id": "job_a", "label": "quantize dynamic"}, "done": 3, "skipped": 1,
+               "total": 4}
+    report = sample_report()
+    report["input"]["metric"] = {"name": "accuracy", "value": report["input"]["accuracy"]}
+    return {**report, "search": section}

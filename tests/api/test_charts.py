@@ -86,3 +86,17 @@ def test_matplotlib_is_imported_only_to_draw() -> None:
     code = "import sys, api.main, api.charts; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_search_scatter_zooms_only_when_an_outlier_would_squash_the_trials_that_matter() -> None:
+    from api.charts import _focus_range
+
+    near = [0.95, 0.96, 0.93]
+    assert _focus_range(near, [*near, 0.91]) is None  # everything close: the whole range is drawn
+    lo, hi = _focus_range([*near, 0.2], [*near, 0.91]) or (0.0, 0.0)  # one trial at 0.2: zoom on the rest
+    assert 0.2 < lo < 0.91 and 0.96 < hi < 1.0
+    assert _focus_range([0.2, 0.3], []) is None  # nothing met and no budget: nothing to zoom on
+    svg = str(charts.search_scatter("s", "t", [{"index": 4, "label": "#4", "x": 1.0, "y": 0.2, "met": False},
+                                               {"index": 7, "label": "#7", "x": 2.0, "y": 0.95, "met": True}],
+                                    "latency", "accuracy", 0.96, 0.94))
+    assert 'id="chart-s-trial-4"' in svg and 'id="chart-s-trial-7"' in svg and "#4 0.2 ↓" in svg

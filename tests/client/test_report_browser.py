@@ -223,3 +223,66 @@ def test_lm_report_shows_generations_before_and_after_side_by_side(
     png = browser.screenshot(SHOTS / "lm-report.png" if SHOTS else tmp_path / "lm-report.png")
     _assert_screenshot(png)
     _assert_local_only(browser, server)
+
+
+# Each trial marker's centre and size, the constraint line's height, the front's points, as drawn on screen.
+SEARCH_SHAPES = """JSON.stringify((() => {
+  const box = e => { const b = e.getBoundingClientRect();
+                     return {x: b.left + b.width / 2, y: b.top + b.height / 2, w: b.width, h: b.height}; };
+  const marks = Array.from(document.querySelectorAll('[id^="chart-search-trial-"]'));
+  const fill = e => getComputedStyle(e.querySelector('use') || e).fill;  // the marker drawn, not its def
+  return {trials: marks.map(e => ({id: e.id, fill: fill(e), ...box(e)})),
+          constraint: box(document.getElementById('chart-search-constraint')),
+          input: box(document.getElementById('chart-search-input')),
+          front: box(document.getElementById('chart-search-pareto')),
+          labels: Object.fromEntries(Array.from(document.querySelectorAll('#search svg text'))
+            .map(e => e.textContent.trim()).filter(t => t.startsWith('#')).map(t => [t.split(' ')[0], t])),
+          legend: Array.from(document.querySelectorAll('[id="chart-search-legend"] text')).map(e => e.textContent.trim()),
+          rows: Array.from(document.querySelectorAll('#search tbody tr')).map(tr => ({
+            cls: tr.className, cells: Array.from(tr.cells).map(td => td.innerText.trim())}))};
+})())"""
+
+
+def test_search_report_scatter_places_every_trial_by_its_numbers(
+    server: str, browser: Browser, tmp_path: Path
+) -> None:
+    """Markers sit where their latency and metric put them, the budget line at input minus max drop, the winner
+    is the biggest marker and the trial that missed the budget is hollow; the table lists every trial."""
+    from tests.api.report_samples import search_report
+
+    report = search_report()
+    job_id, _ = insert_job(report=report)
+    browser.open(f"{server}/v1/jobs/{job_id}/report.html")
+    got = json.loads(browser.evaluate(SEARCH_SHAPES))
+    drawn = [t for t in report["search"]["trials"] if "metric" in t]  # the skipped trial has no point
+    marks = {t["id"]: t for t in got["trials"]}
+    assert len(marks) == len(drawn) == 3, marks
+    pts = [(t.get("latency_ms_remeasured", t["latency_ms"]), t["metric"], marks[f"chart-search-trial-{t['index']}"])
+           for t in drawn]
+    # Both axes linear: screen position is an affine map of the value (y grows downwards). Trials 0 and 1
+    # (0.95, 0.96) met the budget; trial 3 (0.2) is pinned below the scale so that 0.95 and 0.96 stay apart.
+    (xa, ya, a), (xb, yb, b), (xc, yc, c) = pts
+    sx, sy = (b["x"] - a["x"]) / (xb - xa), (b["y"] - a["y"]) / (yb - ya)
+    assert sx > 0 and sy < -200, (sx, sy)  # 0.01 of accuracy is over 2 px: the two front trials read apart
+    assert abs(a["x"] + (xc - xa) * sx - c["x"]) <= 1.5, (xc, c)
+    floor = report["input"]["metric"]["value"] - report["search"]["constraints"]["max_accuracy_drop"]
+    assert abs(a["y"] + (floor - ya) * sy - got["constraint"]["y"]) <= 1.5, got["constraint"]
+    assert abs(a["y"] + (report["input"]["metric"]["value"] - ya) * sy - got["input"]["y"]) <= 1.5
+    assert got["constraint"]["y"] + 10 < c["y"] < a["y"] + (yc - ya) * sy  # below the budget, above its value
+    assert got["labels"]["#3"] == "#3 0.2 ↓", got["labels"]  # its value printed beside it
+    # The front joins the two trials on it: its box spans from the one to the other.
+    front = [m for t, (_, _, m) in zip(drawn, pts, strict=True) if t.get("pareto")]
+    assert abs(got["front"]["w"] - abs(front[0]["x"] - front[1]["x"])) <= 2, (got["front"], front)
+    winner = marks["chart-search-trial-0"]
+    assert all(winner["w"] > m["w"] + 2 for k, m in marks.items() if k != "chart-search-trial-0")
+    assert marks["chart-search-trial-3"]["fill"] in ("rgb(255, 255, 255)", "#ffffff"), marks  # missed: hollow
+    assert marks["chart-search-trial-1"]["fill"] not in ("rgb(255, 255, 255)", "#ffffff", "none")
+    assert got["legend"] == ["met the constraints", "missed them", "winner", "Pareto front",
+                             "budget (input minus max drop)", "input model", "off the scale (value shown)"]
+    rows = got["rows"]
+    assert [r["cells"][2] for r in rows] == ["succeeded", "succeeded", "skipped", "failed"]
+    assert rows[0]["cls"] == "winner" and rows[0]["cells"][0].endswith("★")
+    assert rows[0]["cells"][5] == "0.1"  # the winner's latency as re-measured at the end
+    png = browser.screenshot(SHOTS / "search-report.png" if SHOTS else tmp_path / "search-report.png")
+    _assert_screenshot(png)
+    _assert_local_only(browser, server)
