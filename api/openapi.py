@@ -97,6 +97,9 @@ ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
         "206": {"description": "The requested byte range", "content": {"application/octet-stream": _BINARY,
                                                                         "*/*": _BINARY}},
         "304": {"description": "The client's copy (If-None-Match) is current"},
+        "307": {"description": "With MODELPRESS_S3_PRESIGN_S on an S3 store: the bytes are at the presigned "
+                               "URL in Location (send Range there; no Authorization header)",
+                "headers": {"Location": {"schema": {"type": "string", "format": "uri"}}}},
         "416": 416},
 }
 

@@ -135,12 +135,21 @@ class Trained:
 def train_lm(a: argparse.Namespace) -> Trained:
     """Train (or load from bench/out/) the LM and its tokenizer; rows of ``a.seq`` tokens for train and test."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     from tests.factories_lm import lm_tokenizer
 
     train, test = licence_corpus()
-    key = f"llm-v{a.vocab}-h{a.hidden}-l{a.layers}-i{a.intermediate}-t{a.seq}-s{a.steps}-b{a.batch}-seed{a.seed}"
+    arch = "" if a.arch == "llama" else f"{a.arch}-"
+    key = (f"llm-{arch}v{a.vocab}-h{a.hidden}-l{a.layers}-i{a.intermediate}-t{a.seq}-s{a.steps}-b{a.batch}"
+           f"-seed{a.seed}")
     folder = OUT / key
     meta_path = folder / "bench.json"
     if not meta_path.exists():
@@ -149,13 +158,18 @@ def train_lm(a: argparse.Namespace) -> Trained:
         tmp = OUT / (key + ".tmp")
         tok = lm_tokenizer(tmp, train, vocab_size=a.vocab)
         rows = torch.from_numpy(token_rows(tok, train, a.seq))
-        config = LlamaConfig(
-            vocab_size=len(tok), hidden_size=a.hidden, intermediate_size=a.intermediate,
-            num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-            max_position_embeddings=max(512, 2 * a.seq), tie_word_embeddings=False,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        )
-        model = LlamaForCausalLM(config)
+        special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                   "pad_token_id": tok.pad_token_id}
+        model: Any
+        if a.arch == "gpt2":  # another shape: Conv1D weights, GELU MLP, learned positions, tied embeddings
+            model = GPT2LMHeadModel(GPT2Config(
+                vocab_size=len(tok), n_embd=a.hidden, n_inner=a.intermediate, n_layer=a.layers, n_head=a.heads,
+                n_positions=max(512, 2 * a.seq), **special))
+        else:
+            model = LlamaForCausalLM(LlamaConfig(
+                vocab_size=len(tok), hidden_size=a.hidden, intermediate_size=a.intermediate,
+                num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+                max_position_embeddings=max(512, 2 * a.seq), tie_word_embeddings=False, **special))
         opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.95))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps, pct_start=0.1)
         log(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M-parameter LM for {a.steps} "
@@ -302,6 +316,8 @@ def lora_domain(a: argparse.Namespace, lm: Trained) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m bench.llm_pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=("llama", "gpt2"), default="llama",
+                   help="llama: GQA + SwiGLU, untied head; gpt2: MHA + GELU, tied head (--kv-heads unused)")
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -391,7 +407,8 @@ def _run(a: argparse.Namespace, names: list[str], work: Path) -> dict[str, Any]:
               f"{lora['perplexity_after']:.2f}: {fmt_ratio(lora['ratio'], GOAL_LORA, higher_is_better=False)}")
     figures = {
         "machine": machine_info(),
-        "model": {"params": lm.params, "train_loss": lm.train_loss, "train_s": lm.train_s, "hidden": a.hidden,
+        "model": {"arch": a.arch, "params": lm.params, "train_loss": lm.train_loss, "train_s": lm.train_s,
+                  "hidden": a.hidden,
                   "layers": a.layers, "vocab": a.vocab, "test_tokens": int(lm.test_rows.size)},
         "results": results,
         "failed": failed,

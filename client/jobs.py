@@ -205,7 +205,7 @@ class Job:
         def rest(fh: Any) -> Iterator[int]:
             nonlocal h, written
             headers = {"Range": f"bytes={written}-", "If-Range": f'"{art.sha256}"'} if written else {}
-            response = transport.send("GET", url, headers=headers, stream=True, retry=False)
+            response = transport.send("GET", url, headers=headers, stream=True, retry=False, follow_redirects=True)
             try:
                 if written and response.status_code != 206:  # the server sent the whole file again
                     fh.seek(0)

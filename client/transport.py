@@ -121,10 +121,13 @@ class Transport:
         retry: bool | None = None,
         stream: bool = False,
         timeout: httpx.Timeout | None = None,
+        follow_redirects: bool = False,
     ) -> httpx.Response:
         """Send a request (retried under the policy when it is safe to repeat); raise typed errors for 4xx/5xx.
 
         ``content`` is a factory, called once per attempt, so that a retried upload streams again.
+        ``follow_redirects``: for downloads, which may be sent to a presigned URL (httpx drops the
+        Authorization header when a redirect leaves the API's origin).
         """
         may_retry = method.upper() in IDEMPOTENT_METHODS if retry is None else retry
         clean = {k: v for k, v in (params or {}).items() if v is not None}
@@ -140,7 +143,7 @@ class Transport:
                 timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
             )
             try:
-                response = self.http.send(request, stream=stream)
+                response = self.http.send(request, stream=stream, follow_redirects=follow_redirects)
             except httpx.TransportError as exc:
                 raise ConnectionFailed(f"cannot reach {self.base_url}: {exc!r}") from exc
             if response.status_code >= 400:

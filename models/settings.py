@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     # upload's memory), and the workers' local cache of the blobs they read, bounded in bytes (LRU eviction).
     s3_part_bytes: int = Field(8 * 1024**2, ge=1)
     s3_upload_parallel: int = Field(4, ge=1)  # parts in flight: an upload holds parallel * part bytes at most
+    # Artifact downloads from an S3 store answered with a 307 to a presigned GET URL valid this long (0: the
+    # API streams the bytes itself), signed for s3_presign_endpoint: the S3 address clients reach (default:
+    # the one the API uses, AWS_ENDPOINT_URL).
+    s3_presign_s: int = Field(0, ge=0, le=7 * 24 * 3600)
+    s3_presign_endpoint: str | None = None
     blob_cache_dir: Path | None = None
     blob_cache_bytes: int = Field(10 * 1024**3, ge=0)
     max_upload_bytes: int = 4 * 1024**3

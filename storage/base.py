@@ -136,6 +136,11 @@ class BlobStore(ABC):
     def check(self) -> None:
         """Raise when the store cannot be written and read (``/readyz``)."""
 
+    def download_url(self, key: str, *, disposition: str, media_type: str, expires_s: int) -> str | None:
+        """A URL a client can GET the blob from directly for ``expires_s`` seconds, answered with these
+        ``Content-Disposition`` and ``Content-Type``; None when the backend has none (the API streams it)."""
+        return None
+
     # -- built on the above ----------------------------------------------------------------------
 
     def iter_chunks(self, key: str, start: int = 0, length: int | None = None, chunk_size: int = CHUNK) -> Iterator[bytes]:

@@ -76,6 +76,7 @@ class S3BlobStore(BlobStore):
         part_bytes: int = 8 * MIB,
         upload_parallel: int = 4,
         retry_delay_s: float = 0.5,
+        presign_endpoint: str | None = None,
     ) -> None:
         super().__init__(staging_dir)
         self.bucket = bucket
@@ -89,6 +90,9 @@ class S3BlobStore(BlobStore):
             client if client is not None else make_client(endpoint_url, connect_timeout=2, read_timeout=3, max_attempts=1)
         )
         self.cache = BlobCache(cache_dir if cache_dir is not None else self.staging_dir / "blob-cache", cache_bytes)
+        # Presigned URLs are signed for the host clients use, which may not be the API's (a private name).
+        self.presign_endpoint = presign_endpoint
+        self._presign_client: S3Client | None = None
         self._bucket_ready = False
         self._bucket_lock = threading.Lock()
         self._swept = False
@@ -332,6 +336,16 @@ class S3BlobStore(BlobStore):
         with contextlib.suppress(FileNotFoundError):
             self.cache.path(key).unlink()
 
+    def download_url(self, key: str, *, disposition: str, media_type: str, expires_s: int) -> str | None:
+        """A presigned GET of the object for the endpoint clients reach (``presign_endpoint``; signing is
+        local, nothing is sent); S3 answers it with the disposition and type the API would send."""
+        if self._presign_client is None:
+            self._presign_client = make_client(self.presign_endpoint) if self.presign_endpoint else self.client
+        params = {"Bucket": self.bucket, "Key": self.object_key(key), "ResponseContentDisposition": disposition,
+                  "ResponseContentType": media_type}
+        with self._calls("presigning a download", key):
+            return str(self._presign_client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s))
+
     def check(self) -> None:
         """The bucket answers (and exists: it is created when missing)."""
         self._bucket_ready = False
@@ -353,6 +367,7 @@ def make_client(endpoint_url: str | None = None, *, connect_timeout: float = 5, 
         read_timeout=read_timeout,
         retries={"max_attempts": max_attempts, "mode": "standard"},
         s3={"addressing_style": "path" if endpoint else "auto"},
+        signature_version="s3v4",  # presigned URLs too (boto3 would sign those with SigV2, which servers refuse)
         # Not every S3-compatible server checks the new default CRC32 trailers; sha256 is checked here.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
@@ -381,4 +396,5 @@ def from_url(url: str) -> S3BlobStore:
         cache_bytes=settings.blob_cache_bytes,
         part_bytes=settings.s3_part_bytes,
         upload_parallel=settings.s3_upload_parallel,
+        presign_endpoint=settings.s3_presign_endpoint,
     )

@@ -30,11 +30,16 @@ def download(
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
     if_range: Annotated[str | None, Header(alias="If-Range")] = None,
 ) -> Response:
-    """The artifact's bytes, streamed; 304 when the ETag matches, 206 for a satisfiable byte range."""
+    """The artifact's bytes, streamed; 304 when the ETag matches, 206 for a satisfiable byte range; with
+    MODELPRESS_S3_PRESIGN_S on an S3 store, a 307 to a presigned URL of the object (send Range there)."""
     row = service.get_artifact(db, owner, artifact_id)
     plan = service.plan_download(row, range_, if_none_match, if_range)
     if plan.status == 304:
         return Response(status_code=304, headers=plan.headers)
+    direct = service.presigned_url(row)
+    if direct is not None:
+        return Response(status_code=307, headers={"Location": direct, "ETag": plan.headers["ETag"],
+                                                  "Cache-Control": "private, no-store"})
     return StreamingResponse(
         service.read_blob(row.storage_key, plan.start, plan.length),
         status_code=plan.status,

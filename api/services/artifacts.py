@@ -110,6 +110,18 @@ def content_disposition(name: str) -> str:
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(base, safe='')}"
 
 
+def presigned_url(row: Artifact) -> str | None:
+    """Where to send a client for the artifact's bytes when the store hands out direct URLs and
+    MODELPRESS_S3_PRESIGN_S is set; None: the API streams them."""
+    from models.settings import get_settings
+
+    expires = get_settings().s3_presign_s
+    if expires <= 0:
+        return None
+    return get_store().download_url(row.storage_key, disposition=content_disposition(row.name),
+                                    media_type=row.media_type, expires_s=expires)
+
+
 def read_blob(key: str, start: int, length: int) -> Iterator[bytes]:
     """Stream ``length`` bytes of a blob from ``start`` (iterated in a threadpool by the response)."""
     yield from get_store().iter_chunks(key, start, length, CHUNK)

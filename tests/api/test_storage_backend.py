@@ -6,6 +6,7 @@ none, and the local storage folder must stay empty."""
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -185,3 +186,83 @@ def test_s3_unreachable_during_an_upload_is_503_and_records_nothing(
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
     assert _bucket_objects(s3_env) == [f"blobs/{k[:2]}/{k[2:4]}/{k}" for k in [hashlib.sha256(b"kept").hexdigest()]]
     assert temp_files(get_settings().home) == []  # the S3 store stages uploads under $HOME/tmp
+
+
+@pytest.fixture
+def presigning(s3_env: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The S3 store with presigned downloads on (60 s)."""
+    from models.settings import get_settings
+    from storage import backends
+
+    monkeypatch.setenv("MODELPRESS_S3_PRESIGN_S", "60")
+    monkeypatch.setattr(backends, "_STORES", {})
+    get_settings.cache_clear()
+    yield s3_env
+    get_settings.cache_clear()
+
+
+def test_a_presigned_download_redirects_to_s3_with_the_name_type_and_ranges(
+    pg_env: str, presigning: str, s3_server: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx
+
+    from api.main import create_app
+    from models.settings import get_settings
+    from storage import backends
+    from tests.storage.seaweed import Weed
+
+    assert isinstance(s3_server, Weed)
+    data = bytes(range(256)) * 64
+    job = builders.insert_job(builders.insert_model(), status="succeeded")
+    art = builders.insert_artifact(job, data, name="résumé model.onnx")
+    theirs = builders.insert_artifact(builders.insert_job(builders.insert_model(owner="bob"), status="succeeded",
+                                                          owner="bob"), b"bob's", owner="bob")
+    with TestClient(create_app(), raise_server_exceptions=False) as api:
+        r = api.get(f"/v1/artifacts/{art}/content", follow_redirects=False)
+        assert r.status_code == 307, r.text
+        where = r.headers["location"]
+        assert where.startswith(s3_server.endpoint + "/") and "X-Amz-Signature=" in where
+        assert r.headers["etag"] == f'"{hashlib.sha256(data).hexdigest()}"'
+        assert api.get(f"/v1/artifacts/{theirs}/content", follow_redirects=False).status_code == 404
+        assert api.head(f"/v1/artifacts/{art}/content").headers["content-length"] == str(len(data))  # no redirect
+        assert api.get(f"/v1/artifacts/{art}/content", headers={"If-None-Match": r.headers["etag"]},
+                       follow_redirects=False).status_code == 304
+    whole = httpx.get(where)  # no Authorization: the URL itself is the grant
+    assert whole.status_code == 200 and whole.content == data
+    assert whole.headers["content-disposition"] == "attachment; filename=\"r_sum_ model.onnx\"; " \
+                                                   "filename*=UTF-8''r%C3%A9sum%C3%A9%20model.onnx"
+    part = httpx.get(where, headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == data[100:200]
+    assert httpx.get(where.replace("X-Amz-Signature=", "X-Amz-Signature=0")).status_code == 403  # tampered
+    from storage import get_store
+
+    brief = get_store().download_url(hashlib.sha256(data).hexdigest(), disposition="attachment",
+                                      media_type="application/octet-stream", expires_s=1)
+    assert brief is not None and httpx.get(brief).status_code == 200
+    time.sleep(2.1)
+    assert httpx.get(brief).status_code == 403  # expired
+
+    # Signed for the address clients use, when it is not the API's own.
+    public = s3_server.endpoint.replace("127.0.0.1", "localhost")
+    monkeypatch.setenv("MODELPRESS_S3_PRESIGN_ENDPOINT", public)
+    monkeypatch.setattr(backends, "_STORES", {})
+    get_settings.cache_clear()
+    with TestClient(create_app(), raise_server_exceptions=False) as api:
+        there = api.get(f"/v1/artifacts/{art}/content", follow_redirects=False).headers["location"]
+    assert there.startswith(public + "/")
+    assert httpx.get(there).content == data
+
+
+def test_the_sdk_follows_a_presigned_download_and_verifies_it(
+    pg_env: str, presigning: str, tmp_path: Path
+) -> None:
+    from api.main import create_app
+    from client import Client
+    from tests.e2e.harness import serve_in_thread
+
+    data = b"weights" * 5000
+    job = builders.insert_job(builders.insert_model(), status="succeeded")
+    builders.insert_artifact(job, data, name="model.onnx")
+    with serve_in_thread(create_app()) as url, Client(url) as mp:
+        (path,) = mp.job(job).download(tmp_path / "out")
+    assert path.read_bytes() == data

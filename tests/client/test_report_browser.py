@@ -5,20 +5,17 @@ from __future__ import annotations
 import json
 import os
 import struct
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from api.main import create_app
 from tests.api.report_samples import insert_job
 from tests.client.cdp import Browser, distinct_colours, find_chromium, launch
-from tests.e2e.harness import free_port
+from tests.e2e.harness import serve_in_thread
 
 CHROMIUM = find_chromium()
 # Set MODELPRESS_TEST_SCREENSHOTS=DIR to keep the screenshots and look at them.
@@ -46,19 +43,8 @@ WALL_S = (3.2, 61.7, 1.4)
 @pytest.fixture
 def server(pg_env: str) -> Iterator[str]:
     """The API served by uvicorn in a thread, on this test's database."""
-    app = create_app()
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    yield url
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(create_app()) as url:
+        yield url
 
 
 @pytest.fixture
