@@ -46,6 +46,15 @@ def test_export_generates_the_same_tokens_as_torch(
     graph = onnx.load(str(path), load_external_data=False).graph
     assert [o.name for o in graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
     assert {"input_ids", "attention_mask", "past_key_values.3.value"} <= {i.name for i in graph.input}
+    ops = {n.op_type for n in graph.node}
+    if method == "torch" and kind == "gpt2":  # onnxruntime's fusions matched, and the fused file passed parity
+        assert layout.fusions.get("SkipLayerNormalization") == 8 and layout.fusions.get("FastGelu") == 4, layout
+        assert {"SkipLayerNormalization", "FastGelu"} <= ops
+        assert not list(tmp_path.glob(".*")), "no fused/plain temp copy left"
+    if layout.fusions:
+        assert set(layout.fusions) <= ops
+        assert "com.microsoft" in {o.domain for o in onnx.load(str(path), load_external_data=False).opset_import}
+        onnx.shape_inference.infer_shapes_path(str(path), str(tmp_path / "inferred.onnx"))  # a valid file
 
     # independently of the export's own check: greedy 32 tokens from the file == torch without a cache
     sess = LMSession(path)
@@ -114,6 +123,31 @@ def test_big_models_are_written_with_external_data(
     assert (tmp_path / "model.onnx.data").stat().st_size > 500_000
     assert path.stat().st_size < 200_000
     assert len(LMSession(path).generate([5, 6, 7], 4)) == 4
+
+
+def test_a_fused_graph_that_fails_parity_is_dropped_for_the_traced_one(
+    lm_dirs: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fusions are pattern matching: should one change the numbers, the export keeps the plain trace."""
+    folder = lm_dirs("gpt2")
+    fuse = lm_export.fuse
+
+    def wrong_fusion(src: Path, dst: Path, config: object) -> dict[str, int]:
+        found = fuse(src, dst, config)
+        proto = onnx.load(str(dst))
+        ln = next(n for n in proto.graph.node if n.op_type == "SkipLayerNormalization")
+        gamma = next(t for t in proto.graph.initializer if t.name == ln.input[2])
+        gamma.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(gamma) * 3, gamma.name))
+        onnx.save(proto, str(dst))
+        return found
+
+    monkeypatch.setattr(lm_export, "fuse", wrong_fusion)
+    path = tmp_path / "model.onnx"
+    layout = export_causal_lm(load_lm(folder), path, hf_dir=folder, method="torch")
+    assert layout.fusions == {} and "export_mismatch" in layout.parity["fusion_failed"]
+    assert layout.parity["greedy_identical"]
+    assert "SkipLayerNormalization" not in {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
 def test_auto_falls_back_to_torch_when_the_builder_fails(llama_dir: Path, tmp_path: Path) -> None:
