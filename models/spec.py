@@ -92,7 +92,8 @@ class QuantizeStep(StepParams):
     block_size: int | None = Field(None, ge=16, le=256)
     symmetric: bool | None = None
     accuracy_level: int | None = Field(None, ge=0, le=4)
-    quantize_embeddings: bool = False
+    # None: on (int4) when the output head's weight is the embedding table (tied), else off.
+    quantize_embeddings: bool | None = None
     # {"<node name or op type, fnmatch pattern>": 4 | 8}: per-node bit widths (e.g. keep the head at 8).
     bits: dict[str, Literal[4, 8]] = Field(default_factory=dict, max_length=256)
     # Measure each node's sensitivity on calibration data and keep the most sensitive ones in float.

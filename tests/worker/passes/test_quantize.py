@@ -358,6 +358,27 @@ def test_quantize_embeddings_writes_gather_block_quantized(tmp_path: Path, lm: L
     assert top1 >= 0.85 and kl < 0.1, (top1, kl)
 
 
+def test_int4_quantizes_the_embeddings_by_default_only_where_the_head_is_tied_to_them(
+    tmp_path: Path, lm: LMFiles
+) -> None:
+    """GPT-2 ties its head to the token embeddings (the float table would be the biggest tensor left);
+    the Llama here does not (4-bit embeddings cost it perplexity): each gets its default, and a spec's
+    explicit ``quantize_embeddings: false`` wins."""
+    from worker.passes.quantize import tied_embeddings
+
+    assert tied_embeddings(onnx.load(str(lm.gpt2_onnx))) and not tied_embeddings(onnx.load(str(lm.onnx)))
+    ops = lambda path: [n.op_type for n in onnx.load(str(path)).graph.node]  # noqa: E731
+    gpt2, metrics = _quantize_lm(tmp_path / "g", lm.gpt2_onnx, None, mode="int4")
+    # both of its tables: tokens and (GPT-2's learned) positions
+    assert ops(gpt2).count("GatherBlockQuantized") == 2 and metrics["weight_only"]["embeddings"] == 2
+    kept, _ = _quantize_lm(tmp_path / "k", lm.gpt2_onnx, None, mode="int4", quantize_embeddings=False)
+    assert "GatherBlockQuantized" not in ops(kept) and gpt2.stat().st_size < 0.8 * kept.stat().st_size
+    llama, metrics = _quantize_lm(tmp_path / "l", lm.onnx, None, mode="int4")
+    assert "GatherBlockQuantized" not in ops(llama) and metrics["weight_only"]["embeddings"] == 0
+    eight, _ = _quantize_lm(tmp_path / "e", lm.gpt2_onnx, None, mode="int8_weight")  # 4-bit tables only
+    assert "GatherBlockQuantized" not in ops(eight)
+
+
 def test_excluded_nodes_and_op_types_stay_float(tmp_path: Path, lm: LMFiles) -> None:
     q_proj = "/m/model/layers.0/self_attn/q_proj/MatMul"
     out, metrics = _quantize_lm(tmp_path, lm.onnx, lm.data, mode="int4", quantize_embeddings=True,
