@@ -51,6 +51,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "ours": {},
     "rtn b128 asym head4": {"algorithm": "rtn", "block_size": 128, "symmetric": False, "bits": {}, "quantize_embeddings": False},
     "rtn b128 asym head8": {"algorithm": "rtn", "block_size": 128, "symmetric": False, "quantize_embeddings": False},
+    "rtn b64 asym head8": {"algorithm": "rtn", "block_size": 64, "symmetric": False, "quantize_embeddings": False},
     "rtn b64 asym head4": {"algorithm": "rtn", "block_size": 64, "symmetric": False, "bits": {}, "quantize_embeddings": False},
     "rtn b64 sym head8": {"algorithm": "rtn", "block_size": 64, "symmetric": True, "quantize_embeddings": False},
     "rtn b64 asym head8 acc0": {"algorithm": "rtn", "block_size": 64, "accuracy_level": 0, "quantize_embeddings": False},
