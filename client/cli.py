@@ -140,7 +140,7 @@ def report_table(report: dict[str, Any]) -> Table:
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    table.add_column("before/after", justify="right")
+    table.add_column("change", justify="right")
     for row in comparison_rows(report):
         change = Text(row.change_text, style=_CHANGE_STYLE[row.better])
         table.add_row(Text(row.label), Text(row.before_text), Text(row.after_text), change)

@@ -77,11 +77,43 @@ class ComparisonRow:
     better: bool | None = None
 
 
+SAME_WITHIN = 0.005  # a ratio within 0.5 % of 1 reads "same"
+
+
+def change_words(before: Any, after: Any, less: str, more: str) -> tuple[str, bool | None]:
+    """A quantity where less is better, changed from ``before`` to ``after``, as a person reads it:
+    ('7.83x smaller', True), ('1.50x slower', False), ('same', None); ('-', None) when not both numbers."""
+    if not (is_num(before) and is_num(after)):
+        return "-", None
+    if float(after) <= 0 or float(before) <= 0:
+        return fmt_ratio(before, after), float(after) <= float(before)
+    ratio = float(before) / float(after)
+    if abs(ratio - 1) <= SAME_WITHIN:
+        return "same", None
+    if ratio > 1:
+        return f"{ratio:.2f}{TIMES} {less}", True
+    return f"{1 / ratio:.2f}{TIMES} {more}", False
+
+
+# Each ratio row's words for less and for more of its quantity (all of them: less is better).
+_RATIO_WORDS = {"size_bytes": ("smaller", "larger"), "latency_ms": ("faster", "slower"),
+                "latency_p90": ("faster", "slower"), "latency_mean": ("faster", "slower"),
+                "params": ("fewer", "more"), "macs": ("fewer", "more"), "peak_memory_bytes": ("less", "more")}
+
+
 def _ratio_row(key: str, label: str, before: Any, after: Any, text: Any = fmt_number) -> ComparisonRow:
-    better = None
-    if is_num(before) and is_num(after):
-        better = float(after) <= float(before)
-    return ComparisonRow(key, label, before, after, text(before), text(after), fmt_ratio(before, after), better)
+    less, more = _RATIO_WORDS[key]
+    change, better = change_words(before, after, less, more)
+    return ComparisonRow(key, label, before, after, text(before), text(after), change, better)
+
+
+def _relative_row(key: str, label: str, before: Any, after: Any) -> ComparisonRow:
+    """A quality measure where lower is better (perplexity): its change in percent, '+4.51 %'."""
+    change, better = "-", None
+    if is_num(before) and is_num(after) and float(before) > 0:
+        rel = float(after) / float(before) - 1
+        change, better = f"{100 * rel:+.2f} %", (None if abs(rel) <= SAME_WITHIN / 10 else rel < 0)
+    return ComparisonRow(key, label, before, after, fmt_number(before), fmt_number(after), change, better)
 
 
 def _throughput_row(key: str, label: str, before: Any, after: Any) -> ComparisonRow:
@@ -102,7 +134,7 @@ def is_lm_report(report: dict[str, Any]) -> bool:
 
 def _lm_rows(b: dict[str, Any], a: dict[str, Any]) -> list[ComparisonRow]:
     """Perplexity, decode tokens/s and session peak memory of a causal-LM report."""
-    rows = [_ratio_row("perplexity", "perplexity (eval text)", b.get("perplexity"), a.get("perplexity"))]
+    rows = [_relative_row("perplexity", "perplexity (eval text)", b.get("perplexity"), a.get("perplexity"))]
     db, da = b.get("decode") or {}, a.get("decode") or {}
     if db or da:
         rows.append(_throughput_row("decode_tokens_per_s", "decode tokens/s (KV cache, batch 1)",
@@ -241,6 +273,8 @@ def gains(report: dict[str, Any]) -> list[Gain]:
         return []
     out = []
     for key, word in GAIN_WORDS:
+        if key == "params_ratio" and is_num(found.get(key)) and abs(float(found[key]) - 1) <= SAME_WITHIN:
+            continue  # quantization keeps every parameter: "1.00x fewer parameters" says nothing
         if is_num(found.get(key)):
             text, better = ratio_words(float(found[key]), word)
             out.append(Gain(text, word if better else WORSE_WORDS[word], None if better else False))

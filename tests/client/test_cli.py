@@ -224,10 +224,10 @@ def test_report_table_shows_the_lm_rows_and_the_generations() -> None:
     def line_of(label: str) -> str:
         return next(line for line in lines if label in line)
 
-    assert all(t in line_of("perplexity (eval text)") for t in ("12.41", "12.97", "0.96\u00d7"))
+    assert all(t in line_of("perplexity (eval text)") for t in ("12.41", "12.97", "+4.51 %"))
     assert all(t in line_of("decode tokens/s") for t in ("9.8", "27.3", "2.79\u00d7 faster"))
-    assert all(t in line_of("prefill 128 tokens median (ms)") for t in ("412", "201", "2.05\u00d7"))
-    assert all(t in line_of("session peak memory") for t in ("3.26 GB", "1.12 GB"))
+    assert all(t in line_of("prefill 128 tokens median (ms)") for t in ("412", "201", "2.05\u00d7 faster"))
+    assert all(t in line_of("session peak memory") for t in ("3.26 GB", "1.12 GB", "2.92\u00d7 less"))
     assert "0.9137" in line_of("next-token top-1 agreement") and "0.0412" in line_of("mean KL")
     assert "met" in line_of("budget (max perplexity +5.00%)")
     row = line_of("This License applies to")

@@ -12,12 +12,12 @@ def test_comparison_rows_of_a_full_report() -> None:
     rows = {r.key: r for r in rv.comparison_rows(sample_report())}
     assert list(rows) == ["size_bytes", "latency_ms", "latency_p90", "latency_mean", "params", "macs", "accuracy"]
     size = rows["size_bytes"]
-    assert (size.before_text, size.after_text, size.change_text, size.better) == ("44.00 MB", "5.62 MB", f"7.83{X}", True)
+    assert (size.before_text, size.after_text, size.change_text, size.better) == ("44.00 MB", "5.62 MB", f"7.83{X} smaller", True)
     assert (size.before, size.after) == (46_137_344, 5_890_113)
     lat = rows["latency_ms"]
-    assert (lat.label, lat.before_text, lat.after_text, lat.change_text) == ("latency median (ms)", "23.4", "7.8", f"3.00{X}")
-    assert rows["latency_p90"].change_text == f"2.92{X}"
-    assert rows["params"].before_text == "11,689,512" and rows["params"].change_text == f"1.99{X}"
+    assert (lat.label, lat.before_text, lat.after_text, lat.change_text) == ("latency median (ms)", "23.4", "7.8", f"3.00{X} faster")
+    assert rows["latency_p90"].change_text == f"2.92{X} faster"
+    assert rows["params"].before_text == "11,689,512" and rows["params"].change_text == f"1.99{X} fewer"
     acc = rows["accuracy"]
     assert acc.label == "accuracy (image-classification)"
     assert (acc.before_text, acc.after_text, acc.change_text, acc.better) == ("0.9312", "0.9247", "-0.0065", False)
@@ -26,11 +26,25 @@ def test_comparison_rows_of_a_full_report() -> None:
 def test_comparison_rows_of_partial_and_old_reports() -> None:
     rows = rv.comparison_rows({"input": {"size_bytes": 1000, "latency_ms": 4.0}, "output": {"size_bytes": 250}})
     assert [r.key for r in rows] == ["size_bytes", "latency_ms", "params"]  # no p90/mean, MACs or accuracy
-    assert rows[0].change_text == f"4.00{X}" and rows[0].before_text == "1000 B"
+    assert rows[0].change_text == f"4.00{X} smaller" and rows[0].before_text == "1000 B"
     assert (rows[1].before_text, rows[1].after_text, rows[1].change_text, rows[1].better) == ("4", "-", "-", None)
     slower = rv.comparison_rows({"input": {"latency_ms": {"median": 2.0}}, "output": {"latency_ms": {"median": 3.0}}})
-    assert slower[1].better is False and slower[1].change_text == f"0.67{X}"
+    assert slower[1].better is False and slower[1].change_text == f"1.50{X} slower"
     assert rv.comparison_rows({"input": {"size_bytes": 10}, "output": {"size_bytes": 0}})[0].change_text == "-"
+    same = rv.comparison_rows({"input": {"params": 1000, "size_bytes": 100}, "output": {"params": 1000, "size_bytes": 104}})
+    assert {r.key: (r.change_text, r.better) for r in same}["params"] == ("same", None)  # quantization keeps them
+    assert same[0].change_text == f"1.04{X} larger" and same[0].better is False
+
+
+def test_perplexity_changes_in_percent_and_memory_in_words() -> None:
+    from tests.api.report_samples import lm_report
+
+    rows = {r.key: r for r in rv.comparison_rows(lm_report())}
+    assert (rows["perplexity"].change_text, rows["perplexity"].better) == ("+4.51 %", False)  # 12.41 -> 12.97
+    assert rows["peak_memory_bytes"].change_text.endswith(" less") and rows["peak_memory_bytes"].better
+    int4 = lm_report()
+    int4["gains"]["params_ratio"] = 1.0
+    assert "fewer parameters" not in [g.word for g in rv.gains(int4)]
 
 
 def test_formatters() -> None:
