@@ -334,6 +334,20 @@ def auto_exclude_text(metrics: Any) -> str:
     )
 
 
+def weight_only_text(metrics: Any) -> str:
+    """A weight-only quantize step's settings in words: 'rtn block=64 asym 4-bit=16 8-bit=1 embeddings=2'."""
+    wo = metrics.get("weight_only") if isinstance(metrics, dict) else None
+    if not isinstance(wo, dict):
+        return ""
+    found = wo.get("matmul_bits")
+    bits: dict[Any, Any] = found if isinstance(found, dict) else {}
+    parts = [str(wo.get("algorithm") or ""), f"block={fmt_number(wo.get('block_size'))}",
+             "sym" if wo.get("symmetric") else "asym",
+             *(f"{b}-bit={fmt_number(n)}" for b, n in sorted(bits.items())),
+             f"embeddings={fmt_number(wo.get('embeddings'))}"]
+    return " ".join(p for p in parts if p)
+
+
 def step_rows(report: dict[str, Any]) -> list[StepRow]:
     """The report's steps in order, with the series (loss, eval_metric, lr) their curves hold."""
     rows = []
@@ -345,7 +359,7 @@ def step_rows(report: dict[str, Any]) -> list[StepRow]:
         shown = " ".join(
             f"{k}={fmt_number(v)}" for k, v in metrics.items() if not isinstance(v, dict | list)
         ) if isinstance(metrics, dict) else ""
-        shown = " ".join(t for t in (shown, auto_exclude_text(metrics)) if t)
+        shown = " ".join(t for t in (shown, auto_exclude_text(metrics), weight_only_text(metrics)) if t)
         points = [c for c in step.get("curve") or [] if isinstance(c, dict)]
         curves = {
             key: [(c.get("epoch"), c.get(key)) for c in points]

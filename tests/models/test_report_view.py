@@ -184,3 +184,11 @@ def test_step_rows_show_auto_exclude_and_budget_held() -> None:
     assert ft.metrics_text == "budget_held=no epochs_run=6"
     assert rv.auto_exclude_text({"auto_exclude": {"kept_float": [], "met": False}}) == (
         "kept_float=none target_met=no float_cost=-,-ms")
+
+
+def test_a_weight_only_step_shows_its_settings() -> None:
+    report = {"steps": [{"index": 0, "type": "quantize", "label": "quantize (int4)", "wall_s": 3.0, "metrics": {
+        "weight_only": {"algorithm": "rtn", "block_size": 64, "symmetric": False, "accuracy_level": 4,
+                        "matmul_bits": {"4": 16, "8": 1}, "embeddings": 2}}}]}
+    (row,) = rv.step_rows(report)
+    assert row.metrics_text == "rtn block=64 asym 4-bit=16 8-bit=1 embeddings=2"
