@@ -344,11 +344,14 @@ def list_jobs(
     name: str | None = None,
     meta: dict[str, str] | None = None,
     parent: str | None = None,
+    top_level: bool = False,
 ) -> Page[JobOut]:
     """A page of the owner's jobs, newest first, optionally of one status, one name, metadata key/values
     (all must match) or one search's trials (``parent``: the search job's id, 404 unless the owner's);
-    cursor = last id of the page."""
+    ``top_level``: no search trials (the dashboard lists a search once); cursor = last id of the page."""
     query = select(Job).where(Job.owner == owner)
+    if top_level:
+        query = query.where(Job.parent_id.is_(None))
     if parent is not None:
         get_job(session, owner, parent)
         query = query.where(Job.parent_id == parent)

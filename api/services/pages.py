@@ -71,6 +71,7 @@ class DashboardRow:
     """One job line of the dashboard."""
 
     id: str
+    name: str
     status: str
     phase: str
     pipeline: list[str]
@@ -188,9 +189,14 @@ def _dashboard_row(job: JobOut) -> DashboardRow:
     percent = 100.0 if job.status == SUCCEEDED else min(max(float(p.percent or 0.0), 0.0), 100.0)
     text = rv.progress_text(job.status, p.step, p.steps, percent, p.epoch, p.epochs)
     error = f"{job.error.code}: {job.error.message[:160]}" if job.error else ""
-    pipeline = [step_label(s) for s in _spec(job).get("steps") or [] if isinstance(s, dict)]
+    spec = _spec(job)
+    pipeline = [step_label(s) for s in spec.get("steps") or [] if isinstance(s, dict)]
+    search = spec.get("search")
+    if isinstance(search, dict):  # its trials are not listed: the search stands for them
+        pipeline = [f"search for {search.get('objective', 'latency')}"]
     return DashboardRow(
-        id=job.id, status=job.status, phase=job.phase, pipeline=pipeline, error=error, percent=percent,
+        id=job.id, name=job.name or "", status=job.status, phase=job.phase, pipeline=pipeline, error=error,
+        percent=percent,
         progress_text=text, created=when(job.timestamps.created_at),
         artifacts=_links(job.result.artifacts if job.result else []), warnings=_warning_lines(job),
     )
@@ -200,5 +206,5 @@ def dashboard(session: Session, owner: str, status: str | None, limit: int) -> D
     """The owner's newest jobs (optionally of one status) for the dashboard; an unknown status lists none."""
     if status and status not in STATUSES:
         return Dashboard(rows=[], status=status)
-    page = job_service.list_jobs(session, owner, status or None, None, limit)
+    page = job_service.list_jobs(session, owner, status or None, None, limit, top_level=True)
     return Dashboard(rows=[_dashboard_row(j) for j in page.data], status=status or None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from fastapi.testclient import TestClient
 
 from api.errors import ProblemError
 from api.services import pages
@@ -65,6 +66,32 @@ def test_dashboard_rows(pg_env: str) -> None:
     assert rows[failed].percent == 10.0 and rows[failed].error == "step_failed: " + "x" * 160
     assert rows[done].pipeline == ["prune (structured 0.5)", "distill", "quantize (dynamic)"]  # the step table's labels
     assert "cancelling" not in board.filters and board.status is None and board.refresh == pages.REFRESH_S
+
+
+def test_dashboard_lists_a_search_once_and_shows_job_names(pg_env: str, client: TestClient) -> None:
+    """A search with its trials is one row (its trials are on its report page); a named job shows its name."""
+    from models.tables import Job
+
+    search, _ = insert_job(status="running", phase="2 trials running")
+    trial, _ = insert_job(status="running", phase="quantizing")
+    named, _ = insert_job()
+    with session_scope() as s:
+        parent = s.get(Job, search)
+        assert parent is not None
+        parent.spec = {**parent.spec, "steps": [], "search": {"objective": "size", "space": "auto"}}
+        row = s.get(Job, trial)
+        assert row is not None
+        row.parent_id = search
+        job = s.get(Job, named)
+        assert job is not None
+        job.name = "resnet for the kiosk"
+    with session_scope() as s:
+        board = pages.dashboard(s, "local", None, 100)
+    rows = {r.id: r for r in board.rows}
+    assert set(rows) == {search, named}
+    assert rows[search].pipeline == ["search for size"] and rows[named].name == "resnet for the kiosk"
+    html = client.get("/").text
+    assert trial not in html and "<strong>resnet for the kiosk</strong>" in html
 
 
 def test_dashboard_filters_and_limits(pg_env: str) -> None:
