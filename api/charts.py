@@ -14,7 +14,7 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from markupsafe import Markup
 
@@ -171,14 +171,26 @@ def _draw_curve(cid: str, title: str, pts: tuple[tuple[float, float], ...], colo
     return _to_svg(ax, cid, title)
 
 
+class _Trial(NamedTuple):
+    """One trial's point on the search scatter (``trial``: its index in the search)."""
+
+    trial: int
+    label: str
+    x: float
+    y: float
+    met: bool
+    pareto: bool
+    winner: bool
+
+
 def search_scatter(name: str, title: str, trials: Sequence[dict[str, Any]], objective: str,
                    metric_name: str, baseline_metric: Any = None, min_metric: Any = None) -> Markup:
     """A search's trials: objective (x: latency ms or size MB) vs task metric (y); the Pareto front joined,
     the winner ringed, trials that missed the constraints hollow, ``min_metric`` (the constraint) dashed.
     ``trials``: ``{"index", "label", "x", "y", "met", "pareto", "winner"}`` (marker ids ``-trial-<index>``);
     '' when no trial has both numbers."""
-    pts = tuple((int(t.get("index", i)), str(t.get("label", "")), float(t["x"]), float(t["y"]), bool(t.get("met")),
-                 bool(t.get("pareto")), bool(t.get("winner")))
+    pts = tuple(_Trial(int(t.get("index", i)), str(t.get("label", "")), float(t["x"]), float(t["y"]),
+                       bool(t.get("met")), bool(t.get("pareto")), bool(t.get("winner")))
                 for i, t in enumerate(trials) if is_num(t.get("x")) and is_num(t.get("y")))
     if not pts:
         return Markup("")
@@ -201,15 +213,15 @@ def _focus_range(ys: Sequence[float], focus: Sequence[float]) -> tuple[float, fl
     return lo, hi
 
 
-def _draw_search_scatter(cid: str, title: str, pts: tuple[tuple[int, str, float, float, bool, bool, bool], ...],
+def _draw_search_scatter(cid: str, title: str, pts: tuple[_Trial, ...],
                          objective: str, metric_name: str, base: float | None, floor: float | None) -> Markup:
     from matplotlib.lines import Line2D
 
     ax = _axes(7.8, 3.2, left=0.7, bottom=0.55, right=2.4)
-    focus = [y for _, _, _, y, met, _, _ in pts if met] + [v for v in (floor, base) if v is not None]
-    view = _focus_range([p[3] for p in pts], focus)
+    focus = [p.y for p in pts if p.met] + [v for v in (floor, base) if v is not None]
+    view = _focus_range([p.y for p in pts], focus)
     drawn: list[tuple[float, float]] = []
-    for index, label, x, y, met, _front, winner in pts:
+    for trial, label, x, y, met, _front, winner in pts:
         shown, marker, note = y, "o", label
         if view is not None and not view[0] <= y <= view[1]:  # off the scale: pinned to the edge, value printed
             below = y < view[0]
@@ -220,7 +232,7 @@ def _draw_search_scatter(cid: str, title: str, pts: tuple[tuple[int, str, float,
                          color=SERIES_COLOURS[0] if met else "white",
                          edgecolors=SERIES_COLOURS[1] if winner else SERIES_COLOURS[0], linewidths=2.5 if winner else 1.2,
                          zorder=3, clip_on=False)
-        dot.set_gid(f"trial-{index}")
+        dot.set_gid(f"trial-{trial}")
         ax.annotate(note, (x, shown), textcoords="offset points", xytext=(5, 4), fontsize=8, color=MUTED)
     keys = [Line2D([], [], linestyle="", marker="o", markersize=6, markerfacecolor=SERIES_COLOURS[0],
                    markeredgecolor=SERIES_COLOURS[0], label="met the constraints"),
@@ -228,7 +240,7 @@ def _draw_search_scatter(cid: str, title: str, pts: tuple[tuple[int, str, float,
                    markeredgecolor=SERIES_COLOURS[0], label="missed them"),
             Line2D([], [], linestyle="", marker="o", markersize=8, markerfacecolor=SERIES_COLOURS[0],
                    markeredgecolor=SERIES_COLOURS[1], markeredgewidth=2.5, label="winner")]
-    front = sorted((x, shown) for (x, shown), p in zip(drawn, pts, strict=True) if p[5])
+    front = sorted((x, shown) for (x, shown), p in zip(drawn, pts, strict=True) if p.pareto)
     if len(front) > 1:
         (line,) = ax.plot([p[0] for p in front], [p[1] for p in front], color=SERIES_COLOURS[2], linewidth=1.5,
                           zorder=2)

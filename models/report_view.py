@@ -90,9 +90,8 @@ def change_words(before: Any, after: Any, less: str, more: str) -> tuple[str, bo
     ratio = float(before) / float(after)
     if abs(ratio - 1) <= SAME_WITHIN:
         return "same", None
-    if ratio > 1:
-        return f"{ratio:.2f}{TIMES} {less}", True
-    return f"{1 / ratio:.2f}{TIMES} {more}", False
+    text, better = ratio_words(ratio, less)
+    return f"{text} {less if better else more}", better
 
 
 # Each ratio row's words for less and for more of its quantity (all of them: less is better).

@@ -60,8 +60,8 @@ def search_view(report: dict[str, Any]) -> SearchView | None:
             note=str(t.get("reason") or misses), winner=winner, pareto=bool(t.get("pareto")),
         ))
         x = latency if objective == "latency" else _mb(t.get("size_bytes"))
-        points.append({"index": int(t.get("index", 0)), "label": f"#{t.get('index', '')}", "x": x, "y": t.get("metric"), "met": t.get("met"),
-                       "pareto": t.get("pareto"), "winner": winner})
+        points.append({"index": int(t.get("index", 0)), "label": f"#{t.get('index', '')}", "x": x,
+                       "y": t.get("metric"), "met": t.get("met"), "pareto": t.get("pareto"), "winner": winner})
     input_metric: Any = ((report.get("input") or {}).get("metric") or {}).get("value")
     max_drop: Any = (section.get("constraints") or {}).get("max_accuracy_drop")
     floor = input_metric - max_drop if is_num(input_metric) and is_num(max_drop) else None

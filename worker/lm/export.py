@@ -38,6 +38,7 @@ import copy
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -130,13 +131,19 @@ class LMLayout:
 # torch.onnx
 
 
+def _heads_hidden(config: Any) -> tuple[Any, int, int]:
+    """(text config, attention heads, hidden size) of an hf causal LM config (Llama or GPT-2 names)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(getattr(text, "num_attention_heads", None) or text.n_head)
+    hidden = int(getattr(text, "hidden_size", None) or text.n_embd)
+    return text, heads, hidden
+
+
 def _dims(config: Any) -> tuple[int, int, int]:
     """(layers, kv_heads, head_dim) of an hf causal LM config."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text, heads, hidden = _heads_hidden(config)
     layers = int(getattr(text, "num_hidden_layers", None) or text.n_layer)
-    heads = int(getattr(text, "num_attention_heads", None) or text.n_head)
     kv = int(getattr(text, "num_key_value_heads", None) or heads)
-    hidden = int(getattr(text, "hidden_size", None) or text.n_embd)
     head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
     return layers, kv, head_dim
 
@@ -255,9 +262,7 @@ def fuse(src: Path, dst: Path, config: Any) -> dict[str, int]:
     import onnx
     from onnxruntime.transformers.optimizer import optimize_model
 
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = int(getattr(text, "num_attention_heads", None) or getattr(text, "n_head", 0) or 0)
-    hidden = int(getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0) or 0)
+    _, heads, hidden = _heads_hidden(config)
     quiet = logging.getLogger("onnxruntime.transformers")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -275,6 +280,35 @@ def fuse(src: Path, dst: Path, config: Any) -> dict[str, int]:
             proto.opset_import.append(onnx.helper.make_opsetid(domain, 1))  # the optimizer leaves it out
         _save(proto, dst)
     return fused
+
+
+def _keep_fused_if_it_matches(out_path: Path, layout: LMLayout, config: Any,
+                              parity: Callable[[LMLayout], dict[str, Any]]) -> str:
+    """Replace the traced ``out_path`` by its fused form when onnxruntime's fusions match and the fused
+    file passes ``parity`` (``layout.fusions`` and ``layout.parity`` then set); else leave the trace in
+    place and say why ('' when nothing matched). Not over 2 GB: the optimizer holds the whole protobuf,
+    and external data names its own file."""
+    if out_path.with_name(out_path.name + ".data").exists():
+        return ""
+    fused_path = out_path.with_name(f".{out_path.name}.fused")
+    try:
+        fusions = fuse(out_path, fused_path, config)
+    except Exception as exc:  # the optimizer is pattern matching: a graph it trips on stays unfused
+        fused_path.unlink(missing_ok=True)
+        return f"{type(exc).__name__}: {exc}"
+    if not fusions:
+        return ""
+    plain_copy = out_path.with_name(f".{out_path.name}.plain")
+    out_path.replace(plain_copy)
+    fused_path.replace(out_path)
+    try:
+        layout.parity = parity(layout)
+    except StepFailed as exc:
+        plain_copy.replace(out_path)
+        return f"[{exc.code}] {exc.message}"
+    layout.fusions = fusions
+    plain_copy.unlink()
+    return ""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -475,31 +509,11 @@ def export_causal_lm(module: Any, out_path: Path, *, opset: int = 17, hf_dir: Pa
             layout.parity = parity(layout)
             return layout
         layout = torch_export(plain, out_path, opset)
-        # The traced graph with onnxruntime's fusions where they match, kept only if it passes the same check
-        # (not over 2 GB: the optimizer holds the whole protobuf, and external data names its own file).
-        fused_path = out_path.with_name(f".{out_path.name}.fused")
-        fusions, why = {}, ""
-        if not out_path.with_name(out_path.name + ".data").exists():
-            try:
-                fusions = fuse(out_path, fused_path, plain.config)
-            except Exception as exc:  # the optimizer is pattern matching: a graph it trips on stays unfused
-                why = f"{type(exc).__name__}: {exc}"
-                fused_path.unlink(missing_ok=True)
-        if fusions:
-            plain_copy = out_path.with_name(f".{out_path.name}.plain")
-            out_path.replace(plain_copy)
-            fused_path.replace(out_path)
-            try:
-                layout.parity = parity(layout)
-                layout.fusions = fusions
-                plain_copy.unlink()
-                return layout
-            except StepFailed as exc:
-                why = f"[{exc.code}] {exc.message}"
-                plain_copy.replace(out_path)
-        layout.parity = parity(layout)
-        if why:
-            layout.parity["fusion_failed"] = why
+        why = _keep_fused_if_it_matches(out_path, layout, plain.config, parity)
+        if not layout.fusions:
+            layout.parity = parity(layout)
+            if why:
+                layout.parity["fusion_failed"] = why
         return layout
 
     if chosen == "genai" and method == "auto":

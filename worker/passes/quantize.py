@@ -433,12 +433,13 @@ class QuantizePass(Pass):
         large = _is_large(src)
         ctx.progress("preparing weight-only quantization", fraction=0.0)
         m = onnx.load(str(src))
-        prepare_for_nbits(m, embeddings=p.quantize_embeddings is True)
+        prepare_for_nbits(m)
         if p.quantize_embeddings is None and s.mode_bits == 4 and tied_embeddings(m):
             p = p.model_copy(update={"quantize_embeddings": True})
-            prepare_for_nbits(m, embeddings=True)
             ctx.log("the output head shares the embedding table: quantizing the embeddings too "
                     "(quantize_embeddings: false keeps them in float)")
+        if p.quantize_embeddings:
+            opset_for_int4_tables(m)
         plan = plan_weight_only(m, p, s)
         if not plan.four and not plan.eight and not plan.gathers:
             raise StepFailed(
@@ -604,19 +605,23 @@ def _attr(node: onnx.NodeProto, name: str) -> Any:
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
 
 
-def prepare_for_nbits(m: onnx.ModelProto, *, embeddings: bool) -> None:
+def prepare_for_nbits(m: onnx.ModelProto) -> None:
     """In place: unique names for unnamed nodes, Gemm with a constant weight as MatMul + Add (GPT-2's
-    Conv1D exports as Gemm, which MatMulNBits does not cover), opset 21 when embeddings go to int4."""
-    from onnx import version_converter
+    Conv1D exports as Gemm, which MatMulNBits does not cover)."""
     from onnxruntime.quantization.onnx_model import ONNXModel
 
     name_unnamed_nodes(m)
     if any(n.op_type == "Gemm" for n in m.graph.node):
         ONNXModel(m).replace_gemm_with_matmul()
+
+
+def opset_for_int4_tables(m: onnx.ModelProto) -> None:
+    """In place: opset 21 at least, for embeddings going to int4 (ORT's quantizer would only relabel it)."""
+    from onnx import version_converter
+
     opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 21)
-    if embeddings and opset < 21:  # int4 tensors need opset 21; ORT's quantizer would only relabel it
-        converted = version_converter.convert_version(m, 21)
-        m.CopyFrom(converted)
+    if opset < 21:
+        m.CopyFrom(version_converter.convert_version(m, 21))
 
 
 def tied_embeddings(m: onnx.ModelProto) -> bool:
