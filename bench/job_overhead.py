@@ -170,8 +170,8 @@ def _in_process(model_path: Path, data_path: Path, spec_json: str, repeats: int,
     from api.inspection import inspect_npz, inspect_onnx
     from models.spec import JobSpec, QuantizeStep
     from worker.context import LocalContext
+    from worker.core import ArrayDataset
     from worker.evaluate import evaluate
-    from worker.passes.base import ArrayDataset
     from worker.pipeline import run
 
     spec = JobSpec.model_validate_json(spec_json)

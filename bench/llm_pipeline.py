@@ -255,7 +255,7 @@ def quantize_ours(src: Path, work: Path, params: dict[str, Any], calibration: An
     """The quantize pass (mode int4 and ``params``) on the fp32 export, calibration rows for GPTQ."""
     from models.spec import JobSpec, QuantizeStep
     from worker.context import LocalContext
-    from worker.passes.base import WorkingModel
+    from worker.core import WorkingModel
     from worker.passes.quantize import QuantizePass
 
     class Ctx(LocalContext):
@@ -277,7 +277,7 @@ def lora_domain(a: argparse.Namespace, lm: Trained) -> dict[str, Any]:
 
     from models.spec import FinetuneStep, JobSpec
     from worker.context import LocalContext
-    from worker.passes.base import ArrayDataset, WorkingModel
+    from worker.core import ArrayDataset, WorkingModel
     from worker.passes.finetune import FinetunePass
 
     tok = AutoTokenizer.from_pretrained(lm.hf_dir)
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _run(a: argparse.Namespace, names: list[str], work: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    from worker.passes.base import ArrayDataset, StepFailed
+    from worker.core import ArrayDataset, StepFailed
 
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     lm = train_lm(a)

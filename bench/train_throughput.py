@@ -100,7 +100,7 @@ def pass_loop(module: Any, npz: Path, work: Path, a: argparse.Namespace) -> dict
     """The service's finetune pass (mode full) on the same module and data, over a LocalContext."""
     from models.spec import FinetuneStep, JobSpec
     from worker.context import LocalContext
-    from worker.passes.base import WorkingModel
+    from worker.core import WorkingModel
     from worker.passes.finetune import FinetunePass
 
     step = {"type": "finetune", "mode": "full", "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr,

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from models.spec import JobSpec
 
 
 class Settings(BaseSettings):
@@ -41,7 +45,7 @@ class Settings(BaseSettings):
     # Signs the pages' login cookie (default: derived from api_key); changing api_key ends every session.
     secret_key: str | None = None
     session_ttl_s: int = 12 * 3600
-    # Worker reliability (DESIGN section 6): soft < hard < broker visibility timeout.
+    # Worker reliability (docs/architecture.md §7): soft < hard < broker visibility timeout.
     task_soft_time_limit: int = 6 * 3600
     task_hard_time_limit: int = 6 * 3600 + 300
     max_attempts: int = 3
@@ -119,6 +123,12 @@ class Settings(BaseSettings):
     def visibility_timeout(self) -> int:
         """Redis visibility timeout: above the hard limit so a running task is never redelivered."""
         return self.task_hard_time_limit + 600
+
+    def queue_for(self, spec: JobSpec) -> str:
+        """The queue a job goes to: the spec's choice, else GPU when it trains, else CPU (API and search alike)."""
+        if spec.queue == "gpu" or (spec.queue is None and spec.needs_training()):
+            return self.gpu_queue
+        return self.cpu_queue
 
 
 @lru_cache(maxsize=1)

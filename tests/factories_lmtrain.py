@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from tests.factories_lm import licence_paragraphs, tiny_lm_dir
-from worker.passes.base import ArrayDataset, WorkingModel
+from worker.core import ArrayDataset, WorkingModel
 
 
 def token_dataset(tok: Any, texts: list[str], max_length: int = 48) -> ArrayDataset:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from models.spec import JobSpec
-from worker.passes.base import ArrayDataset, JobCancelled, WorkingModel
+from worker.core import ArrayDataset, JobCancelled, WorkingModel
 
 INPUT = "input"
 OUTPUT = "logits"

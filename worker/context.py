@@ -16,8 +16,8 @@ from sqlalchemy import select, update
 
 from models.db import retry_transient, session_scope
 from models.tables import Job, utcnow
-from worker.jobs import ACTIVE, Claim, add_event
-from worker.passes.base import ArrayDataset, JobCancelled, Progress, Role, WorkingModel
+from worker.core import ArrayDataset, JobCancelled, Progress, Role, WorkingModel
+from worker.records import ACTIVE, Claim, add_event
 
 if TYPE_CHECKING:
     from models.spec import JobSpec

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.passes.base import ArrayDataset, StepFailed, WorkingModel, any_data
+from worker.core import ArrayDataset, StepFailed, WorkingModel, any_data
 from worker.torch_utils import count_params, first_output, interface, to_tensors
 
 if TYPE_CHECKING:
-    from worker.passes.base import PassContext
+    from worker.core import PassContext
 
 RTOL = 1e-3
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
     from models.spec import EvaluateConfig
-    from worker.passes.base import ArrayDataset
+    from worker.core import ArrayDataset
 
 # Sizes used for dynamic non-batch dims when there is no data to copy a shape from.
 _SYNTHETIC_DIM = 16
@@ -81,7 +81,7 @@ def check_provider(provider: str) -> None:
     """StepFailed (``provider_unavailable``) when this worker's onnxruntime lacks ``provider``."""
     import onnxruntime as ort
 
-    from worker.passes.base import StepFailed
+    from worker.core import StepFailed
 
     available = ort.get_available_providers()
     if provider not in available:

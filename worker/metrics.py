@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models.spec import ACCURACY_TASKS
-from worker.passes.base import ArrayDataset, WorkingModel
+from worker.core import ArrayDataset, WorkingModel
 from worker.torch_utils import interface, module_device, predict
 
 if TYPE_CHECKING:

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from models.report_view import regressions
 from models.spec import LM_TASKS, step_label
-from worker.passes.base import JobCancelled, Pass, StepFailed, WorkingModel
+from worker.core import JobCancelled, StepFailed, WorkingModel
+from worker.passes.base import Pass
 
 if TYPE_CHECKING:
     from models.spec import JobSpec
+    from worker.core import PipelineContext
     from worker.evaluate import Evaluation
-    from worker.passes.base import PipelineContext
     from worker.stage_cache import StageCache
 
 T = TypeVar("T")
@@ -269,7 +270,7 @@ def _evaluate(
     data = ctx.dataset("eval", model)
     if is_lm(spec, model):
         from worker.lm.evaluate import evaluate_lm
-        from worker.lm.export import LMLayout
+        from worker.lm.layout import LMLayout
 
         train = ctx.dataset("train", model) if spec.evaluate.few_shot else None
         layout = LMLayout.from_meta(model.meta["lm"]) if "lm" in model.meta else None

@@ -44,10 +44,10 @@ from models.tables import (
     utcnow,
 )
 from storage import get_store
-from worker.jobs import Claim, _finish
+from worker.records import Claim, Heartbeat, dataset_refs, finish, reuse_artifacts, store_artifacts
 
 if TYPE_CHECKING:
-    from worker.passes.base import ArrayDataset
+    from worker.core import ArrayDataset
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,6 @@ def plan(spec: JobSpec, model_format: str, model_meta: dict[str, Any]) -> list[d
             row.update(state=SKIPPED, reason=f"budget: max_trials {search.budget.max_trials}")
         table.append(row)
     return table
-
-
-def _queue_for(spec: JobSpec) -> str:
-    s = get_settings()
-    if spec.queue == "gpu" or (spec.queue is None and spec.needs_training()):
-        return s.gpu_queue
-    return s.cpu_queue
 
 
 def start(claim: Claim, spec: JobSpec, owner: str) -> str:
@@ -248,7 +241,7 @@ def advance(search_id: str) -> str | None:
                 child = Job(id=new_id("job"), owner=job.owner, status=QUEUED, phase="queued",
                             progress={"step": 0, "steps": len(child_spec.steps), "percent": 0.0},
                             spec=child_spec.model_dump(mode="json"), model_id=job.model_id,
-                            queue=_queue_for(child_spec), attempt=0, max_attempts=job.max_attempts,
+                            queue=get_settings().queue_for(child_spec), attempt=0, max_attempts=job.max_attempts,
                             parent_id=search_id)
                 s.add(child)
                 s.add(JobEvent(job_id=child.id, kind="status", message=f"queued on {child.queue} "
@@ -337,9 +330,7 @@ def _eval_loader(spec: JobSpec, folder: Path) -> Callable[[Path], ArrayDataset |
     needs the tokenizer of an hf upload); None without eval data or for other formats."""
     if spec.data.eval is None:
         return None
-    from worker.jobs import _dataset_refs
-
-    refs = _dataset_refs(spec, folder)
+    refs = dataset_refs(spec, folder)
     path, fmt, meta = refs[spec.data.eval]
     if fmt not in ("npz", "imagefolder"):
         return None
@@ -347,8 +338,8 @@ def _eval_loader(spec: JobSpec, folder: Path) -> Callable[[Path], ArrayDataset |
     def load(onnx_path: Path) -> ArrayDataset | None:
         import onnx
 
+        from worker.core import WorkingModel
         from worker.formats import load_dataset
-        from worker.passes.base import WorkingModel
 
         graph = onnx.load(str(onnx_path), load_external_data=False).graph
         init = {i.name for i in graph.initializer}
@@ -363,9 +354,7 @@ def _eval_loader(spec: JobSpec, folder: Path) -> Callable[[Path], ArrayDataset |
 def finalize(claim: Claim) -> str:
     """Re-measure the finalists' latency, pick the winner meeting the constraints, adopt its artifacts
     (beating the search's heartbeat meanwhile, so a worker that dies here is taken over)."""
-    from worker.jobs import _Heartbeat
-
-    beat = _Heartbeat(claim, max(1.0, get_settings().job_lease_seconds / 4))
+    beat = Heartbeat(claim, max(1.0, get_settings().job_lease_seconds / 4))
     beat.start()
     try:
         return _finalize(claim)
@@ -433,7 +422,7 @@ def _finalize(claim: Claim) -> str:
     try:
         if not winners:
             section["best"] = None
-            _finish(claim, FAILED, result={"report": {"search": section}},
+            finish(claim, FAILED, result={"report": {"search": section}},
                     error={"code": "no_trial_met_constraints", "step": "search",
                            "message": f"none of {len(table)} trials met the constraints; see the trials table"},
                     message="failed: no trial met the constraints")
@@ -447,7 +436,12 @@ def _finalize(claim: Claim) -> str:
         report_path = workdir / "report.json"
         report_path.write_text(json.dumps(report, indent=2, default=str))
         ids = _adopt(claim, owner, win["job_id"], report_path)
-        _finish(claim, SUCCEEDED, result={"artifact_ids": ids, "report": report, "best": best,
+        if ids is None:
+            finish(claim, FAILED, error={"code": "winner_deleted", "step": "search",
+                                         "message": f"trial {win['job_id']} was deleted before the search adopted it"},
+                   message="failed: the winning trial was deleted")
+            return FAILED
+        finish(claim, SUCCEEDED, result={"artifact_ids": ids, "report": report, "best": best,
                                           "warnings": report.get("warnings") or []},
                 message=f"succeeded: trial {win['index']} ({win['label']}) wins")
         return SUCCEEDED
@@ -463,23 +457,11 @@ def _child_report(job_id: str) -> dict[str, Any]:
         return dict((child.result or {}).get("report") or {}) if child is not None else {}
 
 
-def _adopt(claim: Claim, owner: str, winner_id: str, report_path: Path) -> list[str]:
+def _adopt(claim: Claim, owner: str, winner_id: str, report_path: Path) -> list[str] | None:
     """The winner's artifacts become the search's own (same blobs: storage is by content), with the
-    search's report.json (the winner's report plus the search section)."""
-    blob = get_store().put_file(report_path)
-    ids: list[str] = []
-    with session_scope() as s:
-        for art in s.scalars(select(Artifact).where(Artifact.job_id == winner_id)):
-            mine = s.scalar(select(Artifact).where(Artifact.job_id == claim.job_id, Artifact.name == art.name))
-            if mine is None:
-                mine = Artifact(id=new_id("art"), owner=owner, job_id=claim.job_id, name=art.name)
-                s.add(mine)
-            mine.kind, mine.media_type = art.kind, art.media_type
-            mine.sha256, mine.size_bytes, mine.storage_key = art.sha256, art.size_bytes, art.storage_key
-            if art.name == "report.json":
-                mine.sha256, mine.size_bytes, mine.storage_key = blob.sha256, blob.size_bytes, blob.key
-            mine.meta = {"attempt": claim.attempt, "trial_job_id": winner_id}
-            mine.created_at = utcnow()
-            s.flush()
-            ids.append(mine.id)
-    return ids
+    search's report.json (the winner's report plus the search section); None if they were deleted meanwhile."""
+    trial = {"trial_job_id": winner_id}
+    ids = reuse_artifacts(claim, owner, winner_id, skip=frozenset({"report.json"}), meta=trial)
+    if ids is None:
+        return None
+    return ids + store_artifacts(claim, owner, {"report.json": ("report", report_path)}, meta=trial)

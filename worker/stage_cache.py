@@ -27,22 +27,22 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 
 from models import blobs
 from models.db import session_scope
-from models.ids import new_id
 from models.settings import get_settings
 from models.spec import DistillStep, JobSpec, StudentModel
 from models.tables import Artifact, Dataset, Job, Model, StageCacheEntry, utcnow
 from storage import get_store
 from storage.staging import file_chunks
+from worker import records
 
 if TYPE_CHECKING:
     from datetime import datetime
 
-    from worker.jobs import Claim
-    from worker.passes.base import PipelineContext, WorkingModel
+    from worker.core import PipelineContext, WorkingModel
+    from worker.records import Claim
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,6 @@ def db_shas(spec: JobSpec) -> dict[str, str]:
         rows = list(s.execute(select(Model.id, Model.sha256).where(Model.id.in_(models))))
         rows += list(s.execute(select(Dataset.id, Dataset.sha256).where(Dataset.id.in_(datasets))))
     return {rid: sha for rid, sha in rows}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _digest(doc: dict[str, Any]) -> str:
@@ -393,7 +385,6 @@ def reuse_finished(claim: Claim, owner: str, spec: JobSpec, workdir: Path) -> bo
 
     Its artifacts become this job's (new rows on the same blobs, under write claims so no sweep takes
     them meanwhile); the report says every step came from the cache; ``result.cached_from`` names it."""
-    from worker import jobs
     from worker.context import default_device
 
     try:
@@ -403,35 +394,18 @@ def reuse_finished(claim: Claim, owner: str, spec: JobSpec, workdir: Path) -> bo
     hit = finished_job(owner, key, claim.job_id)
     if hit is None:
         return False
-    keys = sorted({a[4] for a in hit.artifacts if a[0] != "report.json"})
-    with contextlib.ExitStack() as stack:
-        for k in keys:
-            stack.enter_context(blobs.writing(k))
-        with session_scope() as s:
-            still = set(s.scalars(select(Artifact.storage_key).where(Artifact.job_id == hit.job_id)))
-            if not set(keys) <= still:
-                return False  # the source job's artifacts went meanwhile
-            ids = []
-            for name, kind, sha, size, skey, media in hit.artifacts:
-                if name == "report.json":
-                    continue
-                old = s.scalar(select(Artifact).where(Artifact.job_id == claim.job_id, Artifact.name == name))
-                if old is not None:  # a retried attempt
-                    s.delete(old)
-                    s.flush()
-                art_id = new_id("art")
-                s.add(Artifact(id=art_id, owner=owner, job_id=claim.job_id, name=name, kind=kind, media_type=media,
-                               sha256=sha, size_bytes=size, storage_key=skey,
-                               meta={"attempt": claim.attempt, "cached_from": hit.job_id}))
-                ids.append(art_id)
+    ids = records.reuse_artifacts(claim, owner, hit.job_id, skip=frozenset({"report.json"}),
+                                  meta={"cached_from": hit.job_id})
+    if ids is None:
+        return False  # the source job's artifacts went meanwhile
     report = mark_cached(hit.result.get("report") or {}, hit.job_id)
     report_path = workdir / "report.json"
     report_path.write_text(json.dumps(report, indent=2, default=str))
-    ids += jobs._store_artifacts(claim, owner, {"report.json": ("report", report_path)})
+    ids += records.store_artifacts(claim, owner, {"report.json": ("report", report_path)})
     result = {**hit.result, "artifact_ids": ids, "report": report, "cached_from": hit.job_id}
-    jobs.add_event(claim.job_id, "log", f"identical to job {hit.job_id}: its result reused, no pass run",
-                   cached_from=hit.job_id)
-    jobs._finish(claim, "succeeded", result=result, message="succeeded (from the stage cache)")
+    records.add_event(claim.job_id, "log", f"identical to job {hit.job_id}: its result reused, no pass run",
+                      cached_from=hit.job_id)
+    records.finish(claim, "succeeded", result=result, message="succeeded (from the stage cache)")
     return True
 
 
@@ -469,10 +443,3 @@ def collect(max_age: timedelta | None, max_bytes: int, now: datetime | None = No
         blobs.mark_orphans(s, keys)
         s.execute(delete(StageCacheEntry).where(StageCacheEntry.id.in_(ids)))
         return len(ids), keys
-
-
-def touch(owner: str, key: str) -> None:
-    """Mark an entry used now (tests and tools)."""
-    with session_scope() as s:
-        s.execute(update(StageCacheEntry).where(StageCacheEntry.owner == owner, StageCacheEntry.key == key)
-                  .values(last_used_at=utcnow()))

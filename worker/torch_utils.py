@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.passes.base import ArrayDataset, StepFailed, WorkingModel
+from worker.core import ArrayDataset, StepFailed, WorkingModel
 
 if TYPE_CHECKING:
     import torch

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.passes.base import ArrayDataset, StepFailed
+from worker.core import ArrayDataset, StepFailed
 
 if TYPE_CHECKING:
     import torch
 
     from models.spec import TrainingParams
-    from worker.passes.base import PassContext, WorkingModel
+    from worker.core import PassContext, WorkingModel
 
 CANCEL_EVERY = 4  # batches between cancellation checks
 VALIDATION_FRACTION = 0.1  # of data.train, carved off as the validation split of ``until``

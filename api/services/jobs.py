@@ -44,13 +44,6 @@ log = logging.getLogger("modelpress.api.jobs")
 MAX_IDEMPOTENCY_KEY = 255
 
 
-def resolve_queue(spec: JobSpec, settings: Settings) -> str:
-    """The queue a job goes to: the spec's choice, else GPU when it trains, else CPU."""
-    if spec.queue == "gpu" or (spec.queue is None and spec.needs_training()):
-        return settings.gpu_queue
-    return settings.cpu_queue
-
-
 def _spec_of(job: Job) -> JobSpec:
     try:
         return JobSpec.model_validate(job.spec)
@@ -267,7 +260,7 @@ def create_job(
     quotas.check_jobs(session, owner, settings, lock=True)
     if spec.search is not None:
         _check_trials(session, owner, spec)
-    queue = resolve_queue(spec, settings)
+    queue = settings.queue_for(spec)
     job = Job(
         id=new_id("job"),
         owner=owner,

@@ -40,7 +40,7 @@ def test_upload_job_inputs_artifact_and_ranged_download(
 ) -> None:
     from models.settings import get_settings
     from models.spec import JobSpec
-    from worker import jobs
+    from worker import records
 
     data = builders.onnx_bytes(in_features=5)
     r = mem_client.put("/v1/models", params={"name": "m", "format": "onnx"}, content=data)
@@ -52,13 +52,13 @@ def test_upload_job_inputs_artifact_and_ranged_download(
 
     # The worker gets its inputs as local copies and stores its outputs through the interface.
     spec = JobSpec.model_validate({"model": model["id"], "steps": [{"type": "quantize", "mode": "dynamic"}]})
-    refs = jobs._model_refs(spec, tmp_path / "inputs")
+    refs = records.model_refs(spec, tmp_path / "inputs")
     path, fmt, _meta = refs[model["id"]]
     assert fmt == "onnx" and path.read_bytes() == data and store.copies == [path]
     job_id = builders.insert_job(model["id"], status="succeeded")
     out = tmp_path / "out.onnx"
     out.write_bytes(bytes(range(256)) * 8)
-    (art_id,) = jobs._store_artifacts(jobs.Claim(job_id, 1), "local", {"model.onnx": ("model", out)})
+    (art_id,) = records.store_artifacts(records.Claim(job_id, 1), "local", {"model.onnx": ("model", out)})
 
     url = f"/v1/artifacts/{art_id}/content"
     whole = mem_client.get(url)
@@ -120,7 +120,7 @@ def test_upload_worker_inputs_and_download_on_s3(s3_client: TestClient, s3_env: 
     from models.spec import JobSpec
     from storage import get_store
     from storage.s3 import S3BlobStore
-    from worker import jobs
+    from worker import records
 
     data = builders.onnx_bytes(in_features=5)
     r = s3_client.put("/v1/models", params={"name": "m", "format": "onnx"}, content=iter([data[:100], data[100:]]))
@@ -132,7 +132,7 @@ def test_upload_worker_inputs_and_download_on_s3(s3_client: TestClient, s3_env: 
     assert s3_client.get("/readyz").json()["checks"]["storage"] == "ok"
 
     spec = JobSpec.model_validate({"model": model["id"], "steps": [{"type": "quantize", "mode": "dynamic"}]})
-    path, fmt, _ = jobs._model_refs(spec, tmp_path / "inputs")[model["id"]]
+    path, fmt, _ = records.model_refs(spec, tmp_path / "inputs")[model["id"]]
     store = get_store()
     assert isinstance(store, S3BlobStore)
     assert fmt == "onnx" and path.read_bytes() == data and path.parent == tmp_path / "inputs"
@@ -141,7 +141,7 @@ def test_upload_worker_inputs_and_download_on_s3(s3_client: TestClient, s3_env: 
     job_id = builders.insert_job(model["id"], status="succeeded")
     out = tmp_path / "out.onnx"
     out.write_bytes(bytes(range(256)) * 8)
-    (art_id,) = jobs._store_artifacts(jobs.Claim(job_id, 1), "local", {"model.onnx": ("model", out)})
+    (art_id,) = records.store_artifacts(records.Claim(job_id, 1), "local", {"model.onnx": ("model", out)})
     url = f"/v1/artifacts/{art_id}/content"
     whole = s3_client.get(url)
     assert whole.status_code == 200 and whole.content == out.read_bytes()

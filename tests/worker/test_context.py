@@ -16,8 +16,8 @@ from tests.api.builders import insert_model
 from tests.worker.conftest import DigitsFiles
 from worker import context
 from worker.context import DBContext, LocalContext
-from worker.jobs import Claim
-from worker.passes.base import JobCancelled
+from worker.core import JobCancelled
+from worker.records import Claim
 
 
 def _spec(data: dict[str, str]) -> JobSpec:

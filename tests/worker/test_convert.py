@@ -10,8 +10,8 @@ import pytest
 
 from tests import factories_train as f
 from worker import convert
+from worker.core import StepFailed
 from worker.metrics import torch_metric
-from worker.passes.base import StepFailed
 
 
 def test_onnx2torch_imports_without_leaving_a_fake_torchvision() -> None:

@@ -12,8 +12,8 @@ from onnx import numpy_helper
 from models.spec import EvaluateConfig
 from tests.factories import digits_split, export_onnx
 from tests.worker.conftest import DigitsFiles
+from worker.core import ArrayDataset
 from worker.evaluate import evaluate
-from worker.passes.base import ArrayDataset
 
 FAST = EvaluateConfig.model_validate(
     {"latency": {"warmup": 2, "runs": 12, "batch_size": 4}, "batch_size": 100}
@@ -156,7 +156,7 @@ def test_latency_bounds(field: str, value: int) -> None:
 def test_the_provider_is_used_and_recorded_and_a_missing_one_fails_the_step(digits_mlp: DigitsFiles) -> None:
     import onnxruntime as ort
 
-    from worker.passes.base import StepFailed
+    from worker.core import StepFailed
 
     cfg = EvaluateConfig.model_validate(
         {"latency": {"warmup": 0, "runs": 2, "batch_size": 4, "threads": 1, "provider": "CPUExecutionProvider"}})

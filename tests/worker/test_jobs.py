@@ -15,7 +15,7 @@ from models.db import session_scope
 from models.ids import new_id
 from models.tables import Artifact, BlobOrphan, Job, JobEvent, Model, utcnow
 from tests.e2e.pg_server import PgServer, pg_server
-from worker import jobs
+from worker import jobs, records
 
 
 def _job(status: str = "queued", attempt: int = 0, max_attempts: int = 3) -> str:
@@ -38,10 +38,10 @@ def _get(job_id: str) -> Job:
 
 
 def test_only_one_of_many_racing_workers_claims(pg_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(jobs, "_reclaim_abandoned", lambda *a: None)
+    monkeypatch.setattr(records, "_reclaim_abandoned", lambda *a: None)
     job_id = _job()
-    wins: list[jobs.Claim] = []
-    threads = [threading.Thread(target=lambda i=i: wins.append(c) if (c := jobs.claim(job_id, f"w{i}")) else None)
+    wins: list[records.Claim] = []
+    threads = [threading.Thread(target=lambda i=i: wins.append(c) if (c := records.claim(job_id, f"w{i}")) else None)
                for i in range(8)]
     for t in threads:
         t.start()
@@ -61,8 +61,8 @@ def test_abandoned_job_is_reclaimed_after_the_lease(any_db: str, monkeypatch: py
     job_id = _job(status="running", attempt=1)
     with session_scope() as s:
         s.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=120)  # type: ignore[union-attr]
-    won = jobs.claim(job_id, "w2")
-    assert won == jobs.Claim(job_id, 2)
+    won = records.claim(job_id, "w2")
+    assert won == records.Claim(job_id, 2)
     with session_scope() as s:
         messages = s.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id)).all()
     assert any("restarted (attempt 2)" in m for m in messages)
@@ -72,22 +72,22 @@ def test_job_past_its_attempts_fails_with_worker_lost(pg_env: str) -> None:
     job_id = _job(status="running", attempt=3, max_attempts=3)
     with session_scope() as s:
         s.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=120)  # type: ignore[union-attr]
-    assert jobs.claim(job_id, "w4") is None
+    assert records.claim(job_id, "w4") is None
     job = _get(job_id)
     assert job.status == "failed" and job.error is not None and job.error["code"] == "worker_lost"
 
 
 def test_finish_is_refused_once_terminal_or_owned_by_a_later_attempt(pg_env: str) -> None:
     job_id = _job(status="running", attempt=2)
-    assert not jobs._finish(jobs.Claim(job_id, 1), "succeeded")  # a stale attempt cannot finish it
-    assert jobs._finish(jobs.Claim(job_id, 2), "cancelled")
-    assert not jobs._finish(jobs.Claim(job_id, 2), "succeeded")  # terminal states never change
+    assert not records.finish(records.Claim(job_id, 1), "succeeded")  # a stale attempt cannot finish it
+    assert records.finish(records.Claim(job_id, 2), "cancelled")
+    assert not records.finish(records.Claim(job_id, 2), "succeeded")  # terminal states never change
     assert _get(job_id).status == "cancelled"
 
 
 def test_cancelled_queued_job_is_not_claimed(pg_env: str) -> None:
     job_id = _job(status="cancelled")
-    assert jobs.claim(job_id, "w") is None
+    assert records.claim(job_id, "w") is None
     assert _get(job_id).attempt == 0
 
 
@@ -96,10 +96,10 @@ def test_a_cancel_during_the_last_stage_ends_cancelled(pg_env: str, outcome: str
     # DESIGN 5: running -> cancelling -> cancelled. A worker finishing after the user's cancel must not
     # move a cancelling job to succeeded (or failed).
     job_id = _job(status="cancelling", attempt=1)
-    assert jobs._finish(jobs.Claim(job_id, 1), outcome, error={"code": "x", "message": "m", "step": None})
+    assert records.finish(records.Claim(job_id, 1), outcome, error={"code": "x", "message": "m", "step": None})
     job = _get(job_id)
     assert job.status == "cancelled" and job.finished_at is not None and job.error is None
-    assert not jobs._finish(jobs.Claim(job_id, 1), outcome)  # and it stays cancelled
+    assert not records.finish(records.Claim(job_id, 1), outcome)  # and it stays cancelled
 
 
 def test_execute_leaves_no_work_folder_behind(pg_env: str) -> None:
@@ -123,7 +123,7 @@ def test_a_slower_output_is_a_warning_in_the_job_result(pg_env: str, tmp_path: P
     job_id = _job(status="running", attempt=1)
     spec = JobSpec.model_validate({"model": "mdl_x", "task": "image-classification", "data": {"eval": "ds_e"},
                                    "steps": [{"type": "quantize", "mode": "dynamic"}]})
-    jobs._record_success(jobs.Claim(job_id, 1), "local", out, spec, tmp_path)
+    jobs._record_success(records.Claim(job_id, 1), "local", out, spec, tmp_path)
     job = _get(job_id)
     assert job.status == "succeeded" and job.result is not None
     codes = [w["code"] for w in job.result["warnings"]]
@@ -189,7 +189,7 @@ def test_a_missed_perplexity_budget_fails_the_job_saying_which_bound(pg_env: str
 
     model.write_bytes(builders.onnx_bytes())  # a real model: deliverables stamp its metadata before storing
     job_id = _job(status="running", attempt=1)
-    jobs._record_success(jobs.Claim(job_id, 1), "local", PipelineResult(model, report), spec, tmp_path)
+    jobs._record_success(records.Claim(job_id, 1), "local", PipelineResult(model, report), spec, tmp_path)
     job = _get(job_id)
     assert job.status == "failed" and job.error is not None and job.error["code"] == "accuracy_budget_exceeded"
     assert "perplexity rose 10.00% (10 -> 11; allowed 5.00%)" in job.error["message"]
@@ -213,19 +213,19 @@ def on_private_pg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
 def test_the_final_status_write_and_events_wait_out_a_postgres_restart(on_private_pg: PgServer) -> None:
     """PostgreSQL stops while the job runs (every pooled connection dies) and is back 1.5 s later."""
     job_id = _job()
-    won = jobs.claim(job_id, "w1")
+    won = records.claim(job_id, "w1")
     assert won is not None
     on_private_pg.stop()
     threading.Timer(1.5, on_private_pg.start).start()
-    jobs.add_event(job_id, "log", "written once the database is back")
-    assert jobs._finish(won, "succeeded", result={"artifact_ids": []}, message="succeeded")
+    records.add_event(job_id, "log", "written once the database is back")
+    assert records.finish(won, "succeeded", result={"artifact_ids": []}, message="succeeded")
     job = _get(job_id)
     assert job.status == "succeeded" and job.attempt == 1
     with session_scope() as s:
         events = [(e.kind, e.data.get("status")) for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
                                                                      .order_by(JobEvent.id))]
     assert events == [("status", "running"), ("log", None), ("status", "succeeded")]
-    assert not jobs._finish(won, "succeeded")  # rerunning the write (a lost acknowledgement) changes nothing
+    assert not records.finish(won, "succeeded")  # rerunning the write (a lost acknowledgement) changes nothing
 
 
 def _job_with_stored_input() -> str:
@@ -291,7 +291,7 @@ def test_artifacts_are_stored_all_or_nothing_when_the_disk_fills(
         # Another attempt, with room for its files, stores them all.
         small = tmp_path / "report.json"
         small.write_text("{}")
-        ids = jobs._store_artifacts(jobs.Claim(job_id, 2), "local",
+        ids = records.store_artifacts(records.Claim(job_id, 2), "local",
                                     {"model.onnx": ("model", out), "report.json": ("report", small)})
         assert sorted(a.id for a in _artifact_rows(job_id)) == sorted(ids) and len(ids) == 2
 

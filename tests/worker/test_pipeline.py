@@ -16,7 +16,8 @@ from models.spec import JobSpec
 from tests.worker.conftest import DigitsFiles
 from worker import pipeline
 from worker.context import LocalContext
-from worker.passes.base import JobCancelled, Pass, PassContext, PassResult, StepFailed, WorkingModel
+from worker.core import JobCancelled, PassContext, StepFailed, WorkingModel
+from worker.passes.base import Pass, PassResult
 from worker.pipeline import StepError
 
 FAST_EVAL = {"latency": {"warmup": 2, "runs": 10, "batch_size": 8}}

@@ -16,8 +16,8 @@ from models.db import session_scope
 from models.settings import get_settings
 from models.tables import Job, JobEvent, utcnow
 from tests.api import builders
-from worker.jobs import claim
 from worker.reconcile import Timers, reconcile
+from worker.records import claim
 
 
 class Sent:

@@ -6,7 +6,7 @@ import numpy as np
 
 from tests import factories_train as f
 from worker import torch_utils
-from worker.passes.base import ArrayDataset, WorkingModel
+from worker.core import ArrayDataset, WorkingModel
 
 
 def test_output_layers_finds_the_classifier() -> None:
@@ -37,7 +37,7 @@ def test_predict_leaves_every_submodule_in_its_mode() -> None:
 def test_to_tensors_orders_by_name_and_names_missing_arrays() -> None:
     import pytest
 
-    from worker.passes.base import StepFailed
+    from worker.core import StepFailed
 
     data = ArrayDataset({"b": np.ones((3, 2), np.float32), "a": np.zeros((3, 1), np.int64)})
     a, b = torch_utils.to_tensors(data, ["a", "b"], "cpu", slice(0, 2))

@@ -14,7 +14,7 @@ import pytest
 from models.spec import TrainingParams
 from tests import factories_train as f
 from worker import training
-from worker.passes.base import ArrayDataset, JobCancelled, StepFailed
+from worker.core import ArrayDataset, JobCancelled, StepFailed
 
 
 def test_schedule_warms_up_then_decays_to_zero() -> None:

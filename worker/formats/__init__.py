@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from models.spec import JobSpec
-    from storage.archive import Limits
-    from worker.passes.base import ArrayDataset, WorkingModel
+    from worker.core import ArrayDataset, WorkingModel
 
 
 def load_model(path: Path, format: str, meta: dict[str, Any], workdir: Path) -> WorkingModel:
@@ -41,23 +40,3 @@ def load_dataset(
 
         return text.load(path, meta, model, spec, workdir)
     raise ValueError(f"unknown dataset format {format!r}")
-
-
-def extract_upload(path: Path, workdir: Path, limits: Limits, *, prefix: str, code: str, what: str) -> Path:
-    """Safely extract the uploaded archive at ``path`` into a fresh folder under ``workdir``.
-
-    A rejected archive fails the step with ``code`` (``invalid_model`` / ``invalid_dataset``) naming ``what``.
-    """
-    import tempfile
-
-    from storage import archive
-    from worker.passes.base import StepFailed
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    dest = Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
-    try:
-        archive.extract(Path(path), dest, limits)
-    except archive.ArchiveError as exc:
-        raise StepFailed(code, f"{what} rejected: {exc}") from exc
-    return dest

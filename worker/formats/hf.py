@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from storage import archive
-from worker.formats import extract_upload
-from worker.passes.base import StepFailed, WorkingModel
+from worker.core import StepFailed, WorkingModel
+from worker.formats.upload import extract_upload
 
 if TYPE_CHECKING:
     import numpy as np

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from storage import archive
-from worker.formats import extract_upload
-from worker.passes.base import ArrayDataset, StepFailed, WorkingModel
+from worker.core import ArrayDataset, StepFailed, WorkingModel
+from worker.formats.upload import extract_upload
 
 if TYPE_CHECKING:
     from models.spec import JobSpec

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from worker.core import ArrayDataset, StepFailed, WorkingModel
 from worker.formats.tokenizer import check_unknown_tokens, load_tokenizer
-from worker.passes.base import ArrayDataset, StepFailed, WorkingModel
 
 if TYPE_CHECKING:
     from models.spec import JobSpec

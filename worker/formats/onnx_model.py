@@ -18,7 +18,7 @@ from onnx import TensorProto
 
 from storage import onnx_files
 from storage.onnx_files import all_graphs
-from worker.passes.base import StepFailed, WorkingModel
+from worker.core import StepFailed, WorkingModel
 
 # (op_type, input index) of the tensors that hold quantization parameters, not weights.
 _QPARAM_SLOTS: dict[str, frozenset[int]] = {

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.passes.base import StepFailed, WorkingModel
+from worker.core import StepFailed, WorkingModel
 
 # More than this share of a dataset's (non-special) tokens being the unknown token fails the step.
 MAX_UNKNOWN_RATIO = 0.5

@@ -29,9 +29,9 @@ from worker.evaluate import Evaluation, available_cores
 
 if TYPE_CHECKING:
     from models.spec import EvaluateConfig
-    from worker.lm.export import LMLayout
+    from worker.core import ArrayDataset, WorkingModel
+    from worker.lm.layout import LMLayout
     from worker.lm.session import LMSession
-    from worker.passes.base import ArrayDataset, WorkingModel
 
 # The reference log-probabilities kept for KL: positions x vocab elements (float16: 128 MB).
 REFERENCE_ELEMENTS = 64 * 1024 * 1024

@@ -17,7 +17,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from worker.passes.base import ArrayDataset
+    from worker.core import ArrayDataset
 
 # Where stock ``*ForCausalLM`` classes keep their decoder blocks (attribute path from the top module).
 LAYER_PATHS = (

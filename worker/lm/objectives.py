@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.spec import LM_TASKS
-from worker.passes.base import ArrayDataset, StepFailed, WorkingModel
+from worker.core import ArrayDataset, StepFailed, WorkingModel
 
 if TYPE_CHECKING:
     import torch

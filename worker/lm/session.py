@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.lm.export import LMLayout
+from worker.lm.layout import LMLayout
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
        "tensor(bfloat16)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}

@@ -9,7 +9,7 @@ import functools
 import importlib
 import pkgutil
 
-from worker.passes.base import REGISTRY, Pass, PassContext, PassResult, StepFailed, WorkingModel
+from worker.passes.base import REGISTRY, Pass, PassResult
 
 
 @functools.cache
@@ -20,4 +20,4 @@ def load_passes() -> dict[str, type[Pass]]:
     return REGISTRY
 
 
-__all__ = ["REGISTRY", "Pass", "PassContext", "PassResult", "StepFailed", "WorkingModel", "load_passes"]
+__all__ = ["REGISTRY", "Pass", "PassResult", "load_passes"]

@@ -7,7 +7,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from models.spec import ACCURACY_TASKS, DistillStep, StudentLayers, StudentModel
-from worker.passes.base import ArrayDataset, Pass, PassContext, PassResult, StepFailed, WorkingModel
+from worker.core import ArrayDataset, PassContext, StepFailed, WorkingModel
+from worker.passes.base import Pass, PassResult
 
 if TYPE_CHECKING:
     import torch

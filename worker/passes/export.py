@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from models.spec import ExportStep
-from worker.passes.base import Pass, PassContext, PassResult, WorkingModel
+from worker.core import PassContext, WorkingModel
+from worker.passes.base import Pass, PassResult
 
 
 class ExportPass(Pass):

@@ -6,12 +6,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from models.spec import PruneStep
-from worker.passes.base import Pass, PassContext, PassResult, StepFailed, WorkingModel, any_data
+from worker.core import PassContext, StepFailed, WorkingModel, any_data
+from worker.passes.base import Pass, PassResult
 
 if TYPE_CHECKING:
     import torch
 
-    from worker.passes.base import ArrayDataset
+    from worker.core import ArrayDataset
 
 UNSTRUCTURED_NOTE = (
     "unstructured sparsity zeroes weights but keeps every tensor dense: size after compression falls, "

@@ -11,8 +11,8 @@ import torch
 
 from tests import factories_lm as lm
 from tests import factories_train as f
+from worker.core import StepFailed
 from worker.formats import hf
-from worker.passes.base import StepFailed
 
 
 def test_loads_sequence_classifier_with_same_weights(tmp_path: Path) -> None:

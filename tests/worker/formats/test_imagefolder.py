@@ -10,8 +10,8 @@ import pytest
 from sklearn.datasets import load_digits
 
 from tests import factories_train as f
+from worker.core import StepFailed, WorkingModel
 from worker.formats import imagefolder
-from worker.passes.base import StepFailed, WorkingModel
 
 MODEL = WorkingModel(form="torch", origin="onnx", input_names=["input"], output_names=["logits"])
 

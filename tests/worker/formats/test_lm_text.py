@@ -11,8 +11,8 @@ import pytest
 
 from tests import factories_lm as lm
 from tests.factories_train import spec as make_spec
+from worker.core import StepFailed, WorkingModel
 from worker.formats import lm_text, text
-from worker.passes.base import StepFailed, WorkingModel
 
 IGNORE = -100
 

@@ -9,8 +9,8 @@ import pytest
 
 from models.spec import JobSpec
 from tests.worker.conftest import DigitsFiles
+from worker.core import StepFailed, WorkingModel
 from worker.formats import load_dataset, load_model
-from worker.passes.base import StepFailed, WorkingModel
 
 SPEC = JobSpec(model="mdl_x")
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from tests import factories_train as f
+from worker.core import StepFailed
 from worker.formats import hf, text
-from worker.passes.base import StepFailed
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import pytest
 
 from tests import factories_lm as lm
 from tests import factories_train as f
+from worker.core import StepFailed, WorkingModel
 from worker.formats import hf, text
 from worker.formats.tokenizer import MAX_UNKNOWN_RATIO, load_tokenizer, unknown_ratio
-from worker.passes.base import StepFailed, WorkingModel
 
 
 def _bare(folder: Path) -> WorkingModel:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.passes.base import ArrayDataset
+from worker.core import ArrayDataset
 
 
 def _pad_id(tok: Any) -> int:

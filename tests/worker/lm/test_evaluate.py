@@ -13,10 +13,11 @@ from models.spec import EvaluateConfig
 from tests.factories_lm import licence_paragraphs
 from tests.worker.lm.builders import choice_dataset, text_dataset, torch_greedy
 from tests.worker.lm.conftest import load_lm
+from worker.core import JobCancelled, WorkingModel
 from worker.lm import evaluate as lm_eval
 from worker.lm.evaluate import evaluate_lm, torch_perplexity
-from worker.lm.export import LMLayout, export_causal_lm
-from worker.passes.base import JobCancelled, WorkingModel
+from worker.lm.export import export_causal_lm
+from worker.lm.layout import LMLayout
 
 CFG = EvaluateConfig.model_validate({"latency": {"runs": 3, "warmup": 1},
                                      "generation": {"samples": 2, "max_new_tokens": 8, "prompt_tokens": 32}})

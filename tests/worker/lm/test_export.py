@@ -12,10 +12,11 @@ import pytest
 from tests.factories_lm import licence_paragraphs
 from tests.worker.lm.builders import text_dataset, torch_greedy
 from tests.worker.lm.conftest import load_lm
+from worker.core import StepFailed
 from worker.lm import export as lm_export
-from worker.lm.export import LMLayout, check_parity, export_causal_lm
+from worker.lm.export import check_parity, export_causal_lm
+from worker.lm.layout import LMLayout
 from worker.lm.session import LMSession
-from worker.passes.base import StepFailed
 
 
 def _eval_text(folder: Path) -> tuple[np.ndarray, np.ndarray]:

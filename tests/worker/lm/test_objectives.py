@@ -13,8 +13,8 @@ import torch
 
 from tests import factories_lmtrain as lt
 from tests.factories_lm import prompt_rows
+from worker.core import ArrayDataset, StepFailed
 from worker.lm import objectives
-from worker.passes.base import ArrayDataset, StepFailed
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from tests.factories_train import MemoryContext
 from tests.worker.lm.builders import text_dataset, torch_greedy
 from tests.worker.lm.conftest import load_lm
 from worker import pipeline
-from worker.lm.export import LMLayout
+from worker.core import WorkingModel
+from worker.lm.layout import LMLayout
 from worker.lm.session import LMSession
-from worker.passes.base import WorkingModel
 
 FAST = {"latency": {"runs": 3, "warmup": 1}, "generation": {"samples": 2, "max_new_tokens": 8, "prompt_tokens": 32}}
 

@@ -11,7 +11,8 @@ import pytest
 
 from tests.worker.lm.builders import torch_greedy
 from tests.worker.lm.conftest import load_lm
-from worker.lm.export import LMLayout, torch_export
+from worker.lm.export import torch_export
+from worker.lm.layout import LMLayout
 from worker.lm.session import LMSession
 
 

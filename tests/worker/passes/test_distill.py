@@ -17,10 +17,10 @@ from tests import factories_lmtrain as lt
 from tests import factories_train as f
 from tests.factories_lm import licence_paragraphs, prompt_rows, tiny_lm_dir
 from worker import convert, metrics, torch_utils
+from worker.core import StepFailed, WorkingModel
 from worker.formats import hf, text
 from worker.lm import importance
 from worker.lm.objectives import eval_loss, token_kd
-from worker.passes.base import StepFailed, WorkingModel
 from worker.passes.distill import DistillPass, kd_loss, kept_layers, lm_kd_loss
 from worker.passes.finetune import FinetunePass
 from worker.passes.prune import PrunePass

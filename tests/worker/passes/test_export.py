@@ -13,8 +13,8 @@ import torch
 from models.spec import ExportStep
 from tests import factories_train as f
 from worker import convert
+from worker.core import StepFailed
 from worker.formats import hf, text
-from worker.passes.base import StepFailed
 from worker.passes.export import ExportPass
 
 
@@ -79,9 +79,9 @@ def test_causal_lm_export_has_a_kv_cache_and_generates_like_torch(tmp_path: Path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tests.factories_lm import licence_paragraphs, tiny_lm_dir
-    from worker.lm.export import LMLayout
+    from worker.core import ArrayDataset, WorkingModel
+    from worker.lm.layout import LMLayout
     from worker.lm.session import LMSession
-    from worker.passes.base import ArrayDataset, WorkingModel
 
     torch.set_num_threads(1)
     folder = tiny_lm_dir(tmp_path / kind, kind=kind)

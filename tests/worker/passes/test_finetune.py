@@ -19,9 +19,9 @@ from tests import factories_lmtrain as lt
 from tests import factories_train as f
 from tests.factories_lm import licence_paragraphs, prompt_rows
 from worker import convert, metrics, torch_utils, training
+from worker.core import JobCancelled, StepFailed, WorkingModel
 from worker.formats import hf, text
 from worker.lm.objectives import eval_loss
-from worker.passes.base import JobCancelled, StepFailed, WorkingModel
 from worker.passes.finetune import FinetunePass, classification_loss, head_name, lora_wrap
 from worker.passes.prune import PrunePass
 

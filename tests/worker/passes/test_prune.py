@@ -15,9 +15,9 @@ from models.spec import PruneStep
 from tests import factories_lmtrain as lt
 from tests import factories_train as f
 from worker import convert, torch_utils
+from worker.core import StepFailed, WorkingModel
 from worker.formats import hf
 from worker.lm import importance
-from worker.passes.base import StepFailed, WorkingModel
 from worker.passes.prune import PrunePass
 
 

@@ -9,8 +9,9 @@ from typing import Any, Literal
 import pytest
 
 from models.spec import STEP_KINDS, PruneStep, TrainingParams, step_types
+from worker.core import PassContext, WorkingModel
 from worker.passes import REGISTRY, load_passes
-from worker.passes.base import Pass, PassContext, PassResult, WorkingModel
+from worker.passes.base import Pass, PassResult
 
 
 def test_registry_matches_spec() -> None:
