@@ -1,4 +1,4 @@
-"""The job spec (DESIGN section 4): pure pydantic, shared by API, worker and client; STEP_KINDS is the step table."""
+"""The job spec (docs/architecture.md §5): pure pydantic, shared by API, worker and client; STEP_KINDS is the step table."""
 
 from __future__ import annotations
 
@@ -365,7 +365,7 @@ Objective = Literal["latency", "size"]
 
 
 class SearchConstraints(_Strict):
-    """What a trial must meet to win (DESIGN: search). ``min_fidelity`` is judged on the worst case:
+    """What a trial must meet to win (docs/architecture.md §10). ``min_fidelity`` is judged on the worst case:
     the lowest per-sample cosine to the input model's outputs (top-1 agreement for classifiers)."""
 
     max_accuracy_drop: float | None = Field(None, ge=0.0, le=1.0)

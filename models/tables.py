@@ -31,7 +31,7 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-# Job statuses (DESIGN section 5). Fine detail lives in ``phase``.
+# Job statuses (docs/architecture.md §6). Fine detail lives in ``phase``.
 QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED = (
     "queued",
     "running",

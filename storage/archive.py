@@ -3,7 +3,7 @@
 Shared by the API (inspection of an upload) and the worker (extraction into a job's workdir): both apply
 the same caps, so an upload that passes inspection also extracts.
 
-DESIGN section 7: caps on total size, entry count and compression ratio, checked before and while
+docs/architecture.md §8 (security rules): caps on total size, entry count and compression ratio, checked before and while
 extracting; no absolute paths, no ``..``, no links, no devices. Member names are validated before they
 ever become paths, and extraction never follows or creates a link.
 """

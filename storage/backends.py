@@ -24,7 +24,7 @@ def _s3(url: str) -> BlobStore:
 
 # Scheme -> factory taking the whole URL. Tests register test doubles here.
 BACKENDS: dict[str, Factory] = {"file": _local, "s3": _s3}
-# Schemes DESIGN section 8 promises that no backend serves yet.
+# Schemes docs/architecture.md §9 promises that no backend serves yet.
 PLANNED: frozenset[str] = frozenset()
 _STORES: dict[str, BlobStore] = {}
 

@@ -1,4 +1,4 @@
-"""Safe readers of stored ONNX files (DESIGN section 7), shared by the API's inspection and the worker.
+"""Safe readers of stored ONNX files (docs/architecture.md §8, security rules), shared by the API's inspection and the worker.
 
 Parse without external data, validate every external-data location (relative, no ``..``, no links,
 inside the model's own folder), then ``onnx.checker``. onnx + stdlib only: no torch, no onnxruntime.

@@ -1,4 +1,4 @@
-"""The Celery app (DESIGN section 6): late acks, reject on worker loss, prefetch 1, JSON only."""
+"""The Celery app (docs/architecture.md §7, worker rules): late acks, reject on worker loss, prefetch 1, JSON only."""
 
 from __future__ import annotations
 

@@ -288,7 +288,7 @@ def finish(claim: Claim, status: str, *, error: dict[str, Any] | None = None,
             values["progress"] = {**progress, "step": progress.get("steps", 0), "percent": 100.0}
         if result is not None:
             values["result"] = result
-        # DESIGN 5: a cancelling job only ever becomes cancelled, even when its work finished meanwhile.
+        # docs/architecture.md §6 (job states): a cancelling job only ever becomes cancelled, even when its work finished meanwhile.
         sources = ACTIVE if status == CANCELLED else (RUNNING,)
         done = s.execute(
             update(Job)

@@ -1,4 +1,4 @@
-"""The auto-optimize search (DESIGN: search): trials fanned out as child jobs over the worker fleet.
+"""The auto-optimize search (docs/architecture.md §10): trials fanned out as child jobs over the worker fleet.
 
 Event-driven, so the search never holds a worker slot while its trials run (a one-process worker would
 deadlock): :func:`start` plans the trials and starts the first ones; each trial's worker, when the trial

@@ -1,4 +1,4 @@
-"""Owner-checked look-ups by id: another owner's row is answered exactly like a missing one (DESIGN 8)."""
+"""Owner-checked look-ups by id: another owner's row is answered exactly like a missing one (docs/architecture.md §9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The API starts without torch or onnxruntime (DESIGN section 2)."""
+"""The API starts without torch or onnxruntime (docs/architecture.md §2)."""
 
 from __future__ import annotations
 

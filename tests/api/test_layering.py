@@ -1,4 +1,4 @@
-"""DESIGN section 2: api/ may import models, storage and worker.celery_app only, never the rest of worker/;
+"""docs/architecture.md §2: api/ may import models, storage and worker.celery_app only, never the rest of worker/;
 storage/ (shared by both) imports neither of them, nor torch or onnxruntime."""
 
 from __future__ import annotations

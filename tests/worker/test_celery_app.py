@@ -1,4 +1,4 @@
-"""The Celery app follows DESIGN section 6: late acks, reject on loss, prefetch 1, JSON, sane limits."""
+"""The Celery app follows docs/architecture.md §7 (worker rules): late acks, reject on loss, prefetch 1, JSON, sane limits."""
 
 from __future__ import annotations
 

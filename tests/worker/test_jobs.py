@@ -93,7 +93,7 @@ def test_cancelled_queued_job_is_not_claimed(pg_env: str) -> None:
 
 @pytest.mark.parametrize("outcome", ["succeeded", "failed"])
 def test_a_cancel_during_the_last_stage_ends_cancelled(pg_env: str, outcome: str) -> None:
-    # DESIGN 5: running -> cancelling -> cancelled. A worker finishing after the user's cancel must not
+    # docs/architecture.md §6: running -> cancelling -> cancelled. A worker finishing after the user's cancel must not
     # move a cancelling job to succeeded (or failed).
     job_id = _job(status="cancelling", attempt=1)
     assert records.finish(records.Claim(job_id, 1), outcome, error={"code": "x", "message": "m", "step": None})
