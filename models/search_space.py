@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.spec import CLASSIFICATION_TASKS, step_label
+
 # A trial must be expected to beat the best so far on the objective by this fraction to be started.
 MIN_GAIN = 0.02
 
@@ -72,20 +74,7 @@ def estimate(steps: Sequence[Mapping[str, Any]]) -> Candidate:
         c, s, la, r = _step_estimate(step)
         cost, size, lat = cost + c, size * s, lat * la
         risk = max(0.0, risk + r)
-    return Candidate([dict(s) for s in steps], cost, size, lat, risk, label=" + ".join(_label(s) for s in steps))
-
-
-def _label(step: Mapping[str, Any]) -> str:
-    kind = str(step.get("type", "?"))
-    if kind == "quantize":
-        extra = f" {step['algorithm']}" if step.get("algorithm") else ""
-        extra += f" b{step['block_size']}" if step.get("block_size") else ""
-        return f"quantize {step.get('mode', 'dynamic')}{extra}"
-    if kind == "prune":
-        return f"prune {step.get('ratio', 0.5):g}"
-    if kind == "distill" and isinstance(step.get("student"), Mapping) and "layers" in step["student"]:
-        return f"distill to {step['student']['layers']} layers"
-    return kind
+    return Candidate([dict(s) for s in steps], cost, size, lat, risk, label=" + ".join(step_label(s) for s in steps))
 
 
 def auto_space(task: str, model_format: str, meta: Mapping[str, Any], *, train: bool,
@@ -165,7 +154,7 @@ def worst_fidelity(report: Mapping[str, Any], task: str) -> float | None:
     """The fidelity ``min_fidelity`` is judged on: top-1 agreement for classifiers, else the lowest per-sample
     cosine similarity to the input model's outputs."""
     fid = report.get("fidelity") or (report.get("output") or {}).get("fidelity") or {}
-    if task in ("image-classification", "text-classification") and _num(fid.get("top1_agreement")) is not None:
+    if task in CLASSIFICATION_TASKS and _num(fid.get("top1_agreement")) is not None:
         return _num(fid.get("top1_agreement"))
     return _num(fid.get("min_cosine"))
 

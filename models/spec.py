@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Task = Literal["image-classification", "text-classification", "feature-extraction", "text-generation", "generic"]
+# Every task, in the order the CLI offers them; the one list (a view of ``Task``).
+TASKS: tuple[str, ...] = get_args(Task)
+# The tasks an uploaded Hugging Face model may name (``generic`` is for ONNX uploads).
+HF_TASKS: frozenset[str] = frozenset(TASKS) - {"generic"}
 # Tasks whose labels are class indices into the model's first output (checked against it at submit time).
 CLASSIFICATION_TASKS: frozenset[str] = frozenset({"image-classification", "text-classification"})
 # Tasks whose top-1 accuracy is measured when the data has labels (a generic model may be a classifier).
@@ -246,6 +250,11 @@ class StepKind:
         return str(self.params.model_fields["type"].annotation.__args__[0])  # type: ignore[union-attr]
 
 
+def _quantize_detail(s: QuantizeStep) -> str:
+    """What tells weight-only quantize steps apart in a label: the algorithm and block size when given."""
+    return (f" {s.algorithm}" if s.algorithm else "") + (f" b{s.block_size}" if s.block_size else "")
+
+
 # The step table: every step type, in the order ``GET /v1/passes`` lists them. It drives the ``Step``
 # union, ``step_types()``, ``JobSpec.needs_training()``, ``step_label()`` and the worker's pass registry.
 #
@@ -253,10 +262,11 @@ class StepKind:
 # here, one module in worker/passes/ with a ``Pass`` subclass whose ``name = "<name>"`` (it registers
 # itself and takes ``params``/``takes`` from this row), and its tests (tests/worker/passes/test_<name>.py).
 _KINDS = (
-    StepKind(QuantizeStep, "onnx", lambda s: f"quantize ({s.mode})"),
+    StepKind(QuantizeStep, "onnx", lambda s: f"quantize ({s.mode}{_quantize_detail(s)})"),
     StepKind(PruneStep, "torch", lambda s: f"prune ({s.method} {s.ratio:g})", gpu=True),
     StepKind(FinetuneStep, "torch", lambda s: f"finetune ({s.mode})", trains=True, gpu=True),
-    StepKind(DistillStep, "torch", lambda s: "distill", trains=True, gpu=True),
+    StepKind(DistillStep, "torch", lambda s: f"distill (to {s.student.layers} layers)"
+             if isinstance(s.student, StudentLayers) else "distill", trains=True, gpu=True),
     StepKind(ExportStep, "torch", lambda s: f"export (opset {s.opset})"),
 )
 STEP_KINDS: dict[str, StepKind] = {k.name: k for k in _KINDS}
@@ -276,7 +286,7 @@ def step_types() -> list[str]:
 
 
 def step_label(step: StepParams | Mapping[str, Any]) -> str:
-    """A human label for a step (e.g. ``quantize (static)``): the job's phase, the report's step name.
+    """A human label for a step (e.g. ``quantize (static)``): the job's phase, the report's step name, a trial's name.
 
     Takes a step model or a plain dict (a stored spec); a dict that is not a valid step gets its type.
     """

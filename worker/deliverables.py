@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from models.spec import CLASSIFICATION_TASKS
 from storage import archive, onnx_files
 
 if TYPE_CHECKING:
@@ -27,12 +28,11 @@ TOKENIZER_FILES = frozenset({
     "preprocessor_config.json", "chat_template.jinja", "generation_config.json",
 })
 MAX_SIDE_FILE = 256 * 1024 * 1024
-CLASSIFIERS = ("image-classification", "text-classification")
 
 
 def label_names(spec: JobSpec, model_meta: dict[str, Any], classes: list[str] | None) -> list[str] | None:
     """Class names by output index: the classes the job's data was encoded with, else the hf config's id2label."""
-    if spec.task not in CLASSIFIERS:
+    if spec.task not in CLASSIFICATION_TASKS:
         return None
     if classes:
         return [str(c) for c in classes]
@@ -48,7 +48,7 @@ def label_names(spec: JobSpec, model_meta: dict[str, Any], classes: list[str] | 
 def _describe(spec_: dict[str, Any], role: str, labels: list[str] | None, task: str) -> str:
     shape = ", ".join("?" if d is None else str(d) for d in spec_.get("shape") or [])
     text = f"{role} {spec_['name']}: {spec_.get('dtype') or '?'} [{shape}]"
-    if role == "output" and labels and task in CLASSIFIERS:
+    if role == "output" and labels and task in CLASSIFICATION_TASKS:
         shown = ", ".join(labels[:20]) + (", ..." if len(labels) > 20 else "")
         text += f"; scores over {len(labels)} classes in order: {shown} (see modelpress.labels)"
     return text

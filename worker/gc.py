@@ -216,7 +216,7 @@ def run_gc(settings: Settings | None = None, now: datetime | None = None) -> GcR
     report = clean_leftovers(settings)
     purged = expired(settings, now)
     report.jobs, report.artifacts, report.records = purged.jobs, purged.artifacts, purged.records
-    from worker.stage_cache import collect
+    from worker.stage_cache.collect import collect
 
     max_age = timedelta(days=settings.retain_cache_days) if settings.retain_cache_days > 0 else None
     report.stage_entries, _ = collect(max_age, settings.stage_cache_max_bytes, now)

@@ -136,13 +136,14 @@ def _execute_claimed(won: Claim, spec: JobSpec, owner: str) -> str | None:
     beat.start()
     phase = "setup"  # which part touched the blob store when it failed: fetching inputs or storing outputs
     try:
-        from worker import stage_cache
+        from worker.stage_cache.prefix import StageCache
+        from worker.stage_cache.reuse import reuse_finished
 
         status: str = SUCCEEDED
-        if not (spec.cache and stage_cache.reuse_finished(won, owner, spec, workdir)):
+        if not (spec.cache and reuse_finished(won, owner, spec, workdir)):
             ctx = _make_context(won, spec, workdir)
             phase = "pipeline"
-            cache = stage_cache.StageCache.for_job(owner, job_id, spec, ctx.device) if spec.cache else None
+            cache = StageCache.for_job(owner, job_id, spec, ctx.device) if spec.cache else None
             out = run(spec, ctx, cache)
             phase = "store"
             _record_success(won, owner, out, spec, workdir, ctx)

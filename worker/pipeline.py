@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from models.spec import JobSpec
     from worker.core import PipelineContext
     from worker.evaluate import Evaluation
-    from worker.stage_cache import StageCache
+    from worker.stage_cache.prefix import StageCache
 
 T = TypeVar("T")
 # Keys of an evaluation kept in a step's after-step measurement (ONNX form).

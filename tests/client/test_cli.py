@@ -156,7 +156,7 @@ def test_wait_and_show_print_a_red_slower_warning_and_a_missed_budget_table(
 
 
 def test_int8_picks_static_for_a_calibrated_conv_graph_and_dynamic_for_matmul() -> None:
-    from client.cli import build_optimize_spec, int8_step
+    from client.recipes import build_optimize_spec, int8_step
 
     step, why = int8_step({"op_types": {"Conv": 12, "Relu": 12, "Gemm": 1}}, calibrated=True)
     assert step["mode"] == "static" and why == "static INT8 (QDQ): the graph has 12 Conv nodes and calibration data was given"
@@ -174,7 +174,7 @@ def test_int8_picks_static_for_a_calibrated_conv_graph_and_dynamic_for_matmul() 
 
 def test_optimize_on_a_causal_lm_fine_tunes_with_lora_and_quantizes_to_int4() -> None:
     from client import Client
-    from client.cli import build_optimize_spec
+    from client.recipes import build_optimize_spec
 
     spec = build_optimize_spec("mdl_x", "ds_t", "ds_e", None, finetune=True, quantize="int4",
                                max_perplexity_increase=0.05, model_meta={"task": "text-generation"})
@@ -210,7 +210,7 @@ def test_optimize_end_to_end(live_worker_service: LiveService, files: dict[str, 
 def test_report_table_shows_the_lm_rows_and_the_generations() -> None:
     from rich.console import Console
 
-    from client.cli import generations_table, report_table
+    from client.render import generations_table, report_table
     from tests.api.report_samples import lm_report
 
     report = lm_report()

@@ -137,7 +137,7 @@ def test_search_fans_out_over_both_workers_and_picks_a_winner_meeting_the_constr
         assert ran_on & first and ran_on & other, (ran_on, first, other)
 
         best = done["result"]["best"]
-        assert best["label"] == "quantize dynamic", best
+        assert best["label"] == "quantize (dynamic)", best
         winner = client.get(f"/v1/jobs/{best['job_id']}").json()
         assert winner["status"] == "succeeded"
         assert winner["result"]["report"]["budget"]["accuracy_drop"] <= 0.02

@@ -61,7 +61,7 @@ def test_candidates_are_cheapest_first_and_deduplicated() -> None:
     space = [[{"type": "prune", "ratio": 0.5}, {"type": "distill"}], [{"type": "quantize", "mode": "static"}],
              [{"type": "quantize", "mode": "fp16"}], [{"type": "quantize", "mode": "fp16"}]]
     got = candidates(space)
-    assert [c.label for c in got] == ["quantize fp16", "quantize static", "prune 0.5 + distill"]
+    assert [c.label for c in got] == ["quantize (fp16)", "quantize (static)", "prune (structured 0.5) + distill"]
     assert [c.cost for c in got] == sorted(c.cost for c in got)
 
 

@@ -74,6 +74,8 @@ def test_training_jobs_ask_for_the_gpu_queue() -> None:
         ({"type": "prune", "method": "unstructured", "ratio": 0.25}, "prune (unstructured 0.25)"),
         ({"type": "finetune", "mode": "lora"}, "finetune (lora)"),
         ({"type": "distill", "epochs": 2}, "distill"),
+        ({"type": "distill", "student": {"layers": 2}}, "distill (to 2 layers)"),
+        ({"type": "quantize", "mode": "int4", "algorithm": "gptq", "block_size": 64}, "quantize (int4 gptq b64)"),
         ({"type": "export", "opset": 18}, "export (opset 18)"),
     ],
 )

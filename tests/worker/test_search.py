@@ -24,11 +24,11 @@ def test_plan_is_cheapest_first_and_skips_past_max_trials() -> None:
     space = [[{"type": "quantize", "mode": "static"}], [{"type": "quantize", "mode": "fp16"}],
              [{"type": "quantize", "mode": "dynamic"}]]
     table = search.plan(_spec(space, budget={"max_trials": 2}), "onnx", {})
-    assert [t["label"] for t in table] == ["quantize fp16", "quantize dynamic", "quantize static"]
+    assert [t["label"] for t in table] == ["quantize (fp16)", "quantize (dynamic)", "quantize (static)"]
     assert [t["state"] for t in table] == ["pending", "pending", "skipped"]
     assert table[2]["reason"] == "budget: max_trials 2"
     auto = search.plan(JobSpec.model_validate({"model": "m", "data": {"eval": "e"}, "search": {}}), "onnx", {})
-    assert {t["label"] for t in auto} == {"quantize fp16", "quantize dynamic", "quantize static"}
+    assert {t["label"] for t in auto} == {"quantize (fp16)", "quantize (dynamic)", "quantize (static)"}
 
 
 def test_remeasure_times_every_model_in_interleaved_rounds(digits_mlp: DigitsFiles) -> None:

@@ -19,9 +19,11 @@ from models.spec import JobSpec
 from models.tables import Artifact, BlobOrphan, Dataset, Job, Model, StageCacheEntry, utcnow
 from storage import get_store
 from tests.worker.conftest import DigitsFiles
-from worker import pipeline, stage_cache
+from worker import pipeline
 from worker.passes.base import Pass
-from worker.stage_cache import StageCache, job_key, stage_key
+from worker.stage_cache.collect import collect
+from worker.stage_cache.keys import job_key, stage_key
+from worker.stage_cache.prefix import StageCache
 
 FAST_EVAL = {"latency": {"warmup": 1, "runs": 3, "batch_size": 8}}
 SHAS = {"mdl_mlp": "a" * 64, "ds_train": "b" * 64, "ds_eval": "c" * 64, "mdl_t": "d" * 64}
@@ -164,7 +166,7 @@ def test_a_trial_started_beside_another_waits_for_the_shared_prefix(
     """Two trials of one search at once: the second waits for the first's prune and runs nothing of it."""
     import threading
 
-    from worker.stage_cache import RUN, _run_key
+    from worker.stage_cache.keys import RUN, marker_key
 
     spec = _spec([PRUNE, DYNAMIC])
     with session_scope() as s:  # job_x is live (running, fresh heartbeat) and has begun its steps
@@ -176,7 +178,7 @@ def test_a_trial_started_beside_another_waits_for_the_shared_prefix(
                   queue="cpu", attempt=1, progress={}, heartbeat_at=utcnow()))
         s.flush()
         key0 = stage_key(spec, 0, SHAS, "cpu")
-        s.add(StageCacheEntry(owner="alice", key=_run_key(key0), kind=RUN, entry={}, job_id="job_x", size_bytes=0))
+        s.add(StageCacheEntry(owner="alice", key=marker_key(key0), kind=RUN, entry={}, job_id="job_x", size_bytes=0))
     reports: dict[str, dict[str, Any]] = {}
     waiter = threading.Thread(target=lambda: reports.update(b=_run(tmp_path, digits_mlp, _spec([PRUNE, STATIC]),
                                                                    "job_b")))
@@ -282,4 +284,4 @@ def test_gc_collects_entries_by_age_and_by_size(pg_env: str, monkeypatch: pytest
     with session_scope() as s:
         s.add(BlobOrphan(key=fresh))
     assert run_gc().stage_entries == 0 and store.exists(fresh)
-    assert stage_cache.collect(None, 0) == (0, [])
+    assert collect(None, 0) == (0, [])

@@ -12,6 +12,7 @@ import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from models.spec import HF_TASKS
 from storage import archive
 from worker.core import StepFailed, WorkingModel
 from worker.formats.upload import extract_upload
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
     import numpy as np
 
 LIMITS = archive.HF_LIMITS  # the caps the API's inspection applied to the same upload
-TASKS = ("text-classification", "image-classification", "feature-extraction", "text-generation")
 LM_INPUTS = ["input_ids", "attention_mask"]
 
 
@@ -55,7 +55,7 @@ def is_causal_lm(config: Any) -> bool:
 
 def _task_of(config: Any, meta: dict[str, Any]) -> str:
     task = meta.get("task")
-    if task in TASKS:
+    if task in HF_TASKS:
         return str(task)
     if is_causal_lm(config):
         return "text-generation"

@@ -1,23 +1,9 @@
-"""The stage cache: each pipeline prefix's output stored once, keyed by what determines it.
-
-The key of steps ``0..i`` is the sha256 of a canonical JSON of the input model's sha256, the sha256s
-of every model and dataset the job may read (train/eval/calibration, teachers, students), the
-validated steps ``0..i``, the seed, the text/image preprocessing, the evaluation settings (a step's
-report entry holds its eval), the export opset (it converts between forms), the task, the device and
-the modelpress version. An entry holds the working model after step ``i`` as an ONNX file (a torch
-module is exported first) in the blob store, and the step's report entry.
-
-Entries are per owner (no tenant ever reads another's). Only models uploaded as ONNX are cached by
-stage: a Hugging Face model's torch structure does not survive the ONNX round trip. A whole finished
-job is an entry too (``kind='job'``): an identical job later succeeds at once with its artifacts.
-"""
+"""A job's view of its owner's stage cache: resume from the longest cached prefix, store each step's output."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import importlib.metadata
 import json
 import logging
 import shutil
@@ -32,103 +18,20 @@ from sqlalchemy import delete, select
 from models import blobs
 from models.db import session_scope
 from models.settings import get_settings
-from models.spec import DistillStep, JobSpec, StudentModel
-from models.tables import Artifact, Dataset, Job, Model, StageCacheEntry, utcnow
+from models.spec import JobSpec
+from models.tables import Job, StageCacheEntry, utcnow
 from storage import get_store
 from storage.staging import file_chunks
-from worker import records
+from worker.stage_cache.keys import RUN, STAGE, db_shas, job_key, marker_key, stage_key
+from worker.stage_cache.reuse import remember_job
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from worker.core import PipelineContext, WorkingModel
-    from worker.records import Claim
 
 log = logging.getLogger(__name__)
 
-STAGE, JOB, RUN = "stage", "job", "run"
 WAIT_POLL_S = 0.5
 WAIT_MAX_S = 1800.0  # the longest a job waits for another computing the same step
-
-
-def _run_key(key: str) -> str:
-    """The marker key of a step key being computed."""
-    return hashlib.sha256(f"run:{key}".encode()).hexdigest()
-
-
-def modelpress_version() -> str:
-    try:
-        return importlib.metadata.version("modelpress")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-
-
-def dataset_refs(spec: JobSpec) -> set[str]:
-    return {i for i in (spec.data.train, spec.data.eval, spec.data.calibration) if i}
-
-
-def db_shas(spec: JobSpec) -> dict[str, str]:
-    """``{id: sha256}`` of the models and datasets the job reads, from their rows."""
-    models, datasets = spec.model_ids(), dataset_refs(spec)
-    with session_scope() as s:
-        rows = list(s.execute(select(Model.id, Model.sha256).where(Model.id.in_(models))))
-        rows += list(s.execute(select(Dataset.id, Dataset.sha256).where(Dataset.id.in_(datasets))))
-    return {rid: sha for rid, sha in rows}
-
-
-def _digest(doc: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
-
-
-def _base(spec: JobSpec, shas: dict[str, str], device: str) -> dict[str, Any]:
-    """What every key shares: inputs by content (ids never matter), seed, preprocessing, version."""
-    def sha(ref: str | None) -> str | None:
-        if ref is None:
-            return None
-        if ref not in shas:
-            raise KeyError(f"no sha256 for {ref!r}")
-        return shas[ref]
-
-    return {
-        "version": modelpress_version(),
-        "model": sha(spec.model),
-        "data": {role: sha(getattr(spec.data, role)) for role in ("train", "eval", "calibration")},
-        "task": spec.task,
-        "seed": spec.seed,
-        "text": spec.text.model_dump(mode="json"),
-        "image": spec.image.model_dump(mode="json"),
-        "evaluate": spec.evaluate.model_dump(mode="json"),
-        "opset": spec.export.opset,
-        "device": device,
-    }
-
-
-def _step_doc(spec: JobSpec, i: int, shas: dict[str, str]) -> dict[str, Any]:
-    doc = spec.steps[i].model_dump(mode="json")
-    # a distillation's teacher or student is named by id: key it by the model's bytes instead
-    step = spec.steps[i]
-    if isinstance(step, DistillStep):
-        if step.teacher not in ("input", "current"):
-            doc["teacher"] = shas[step.teacher]
-        if isinstance(step.student, StudentModel):
-            doc["student"] = {**doc["student"], "model": shas[step.student.model]}
-    return doc
-
-
-def stage_key(spec: JobSpec, i: int, shas: dict[str, str], device: str) -> str:
-    """The key of the working model after ``spec.steps[0..i]``."""
-    return _digest({"kind": STAGE, **_base(spec, shas, device),
-                    "steps": [_step_doc(spec, j, shas) for j in range(i + 1)]})
-
-
-def job_key(spec: JobSpec, shas: dict[str, str], device: str) -> str:
-    """The key of the whole job: every step, export and evaluation setting (``cache`` and ``queue`` aside:
-    the device is in the key)."""
-    rest = spec.model_dump(mode="json", exclude={"model", "data", "steps", "cache", "queue"})
-    return _digest({"kind": JOB, **_base(spec, shas, device), "spec": rest,
-                    "steps": [_step_doc(spec, j, shas) for j in range(len(spec.steps))]})
 
 
 @dataclass
@@ -215,14 +118,14 @@ class StageCache:
         with session_scope() as s:
             return s.scalar(
                 select(StageCacheEntry.id).join(Job, Job.id == StageCacheEntry.job_id).where(
-                    StageCacheEntry.owner == self.owner, StageCacheEntry.key == _run_key(key),
+                    StageCacheEntry.owner == self.owner, StageCacheEntry.key == marker_key(key),
                     StageCacheEntry.kind == RUN, StageCacheEntry.job_id != self.job_id,
                     Job.status.in_(("running", "cancelling")), Job.heartbeat_at > fresh).limit(1)
             ) is not None
 
     def _mark(self, start: int) -> None:
         for key in self.keys[start:]:
-            run_key = _run_key(key)
+            run_key = marker_key(key)
             if self._computing(key):
                 continue
             try:
@@ -315,7 +218,7 @@ class StageCache:
                 s.add(StageCacheEntry(owner=self.owner, key=key, kind=STAGE, blob_key=blob.key,
                                       size_bytes=blob.size_bytes, entry=entry, job_id=self.job_id))
                 s.execute(delete(StageCacheEntry).where(
-                    StageCacheEntry.owner == self.owner, StageCacheEntry.key == _run_key(key)))
+                    StageCacheEntry.owner == self.owner, StageCacheEntry.key == marker_key(key)))
 
 
 def _plain(entry: dict[str, Any]) -> dict[str, Any]:
@@ -342,104 +245,3 @@ def _has_external_data(path: Path) -> bool:
     return any(uses_external_data(t) for t in proto.graph.initializer)
 
 
-# -- whole jobs ------------------------------------------------------------------------------------
-
-def remember_job(owner: str, job_id: str, key: str) -> None:
-    """Note a succeeded job under its whole-job key (a later identical job reuses it)."""
-    with session_scope() as s:
-        s.execute(delete(StageCacheEntry).where(
-            StageCacheEntry.owner == owner, StageCacheEntry.key == key, StageCacheEntry.kind == JOB))
-        s.add(StageCacheEntry(owner=owner, key=key, kind=JOB, blob_key=None, size_bytes=0,
-                              entry={}, job_id=job_id))
-
-
-@dataclass
-class FinishedJob:
-    """A finished job identical to this one: its id, result and artifact rows (name, kind, sha, size, key, media)."""
-
-    job_id: str
-    result: dict[str, Any]
-    artifacts: list[tuple[str, str, str, int, str, str]]
-
-
-def finished_job(owner: str, key: str, this_job: str) -> FinishedJob | None:
-    """The owner's succeeded job under ``key`` with all its artifacts still there; None otherwise."""
-    with session_scope() as s:
-        row = s.scalar(select(StageCacheEntry).where(
-            StageCacheEntry.owner == owner, StageCacheEntry.key == key, StageCacheEntry.kind == JOB))
-        if row is None or row.job_id == this_job:
-            return None
-        job = s.get(Job, row.job_id)
-        arts = [] if job is None else list(s.scalars(select(Artifact).where(Artifact.job_id == job.id)))
-        if job is None or job.status != "succeeded" or job.owner != owner or not job.result \
-                or "model.onnx" not in {a.name for a in arts}:
-            s.delete(row)  # the job or its artifacts were deleted since: forget it
-            return None
-        row.last_used_at = utcnow()
-        return FinishedJob(job.id, dict(job.result),
-                           [(a.name, a.kind, a.sha256, a.size_bytes, a.storage_key, a.media_type) for a in arts])
-
-
-def reuse_finished(claim: Claim, owner: str, spec: JobSpec, workdir: Path) -> bool:
-    """Finish this job at once from an identical succeeded job of the same owner, if there is one.
-
-    Its artifacts become this job's (new rows on the same blobs, under write claims so no sweep takes
-    them meanwhile); the report says every step came from the cache; ``result.cached_from`` names it."""
-    from worker.context import default_device
-
-    try:
-        key = job_key(spec, db_shas(spec), default_device())
-    except KeyError:
-        return False  # an input row is gone: the normal run says so
-    hit = finished_job(owner, key, claim.job_id)
-    if hit is None:
-        return False
-    ids = records.reuse_artifacts(claim, owner, hit.job_id, skip=frozenset({"report.json"}),
-                                  meta={"cached_from": hit.job_id})
-    if ids is None:
-        return False  # the source job's artifacts went meanwhile
-    report = mark_cached(hit.result.get("report") or {}, hit.job_id)
-    report_path = workdir / "report.json"
-    report_path.write_text(json.dumps(report, indent=2, default=str))
-    ids += records.store_artifacts(claim, owner, {"report.json": ("report", report_path)})
-    result = {**hit.result, "artifact_ids": ids, "report": report, "cached_from": hit.job_id}
-    records.add_event(claim.job_id, "log", f"identical to job {hit.job_id}: its result reused, no pass run",
-                      cached_from=hit.job_id)
-    records.finish(claim, "succeeded", result=result, message="succeeded (from the stage cache)")
-    return True
-
-
-def mark_cached(report: dict[str, Any], source: str) -> dict[str, Any]:
-    """``report`` (a copy) saying every step came from job ``source``."""
-    steps = [{**e, "cached": True, "cached_from": e.get("cached_from") or source} for e in report.get("steps") or []]
-    return {**report, "steps": steps, "cached_from": source}
-
-
-# -- collection (gc) -------------------------------------------------------------------------------
-
-def collect(max_age: timedelta | None, max_bytes: int, now: datetime | None = None) -> tuple[int, list[str]]:
-    """Delete entries unused for ``max_age`` and then the least recently used beyond ``max_bytes`` in all
-    (0: no bound); returns ``(entries deleted, their blob keys)`` — orphans now, for the sweep."""
-    now = now or utcnow()
-    with session_scope() as s:
-        ids: set[int] = set()
-        if max_age is not None:
-            ids |= set(s.scalars(select(StageCacheEntry.id).where(StageCacheEntry.last_used_at < now - max_age)))
-        if max_bytes > 0:
-            rows = s.execute(select(StageCacheEntry.id, StageCacheEntry.size_bytes)
-                             .where(StageCacheEntry.kind == STAGE)
-                             .order_by(StageCacheEntry.last_used_at.desc(), StageCacheEntry.id.desc())).all()
-            total = 0
-            for rid, size in rows:
-                if rid in ids:
-                    continue
-                total += int(size)
-                if total > max_bytes:
-                    ids.add(int(rid))
-        if not ids:
-            return 0, []
-        keys = sorted({k for k in s.scalars(select(StageCacheEntry.blob_key).where(
-            StageCacheEntry.id.in_(ids), StageCacheEntry.blob_key.is_not(None))) if k})
-        blobs.mark_orphans(s, keys)
-        s.execute(delete(StageCacheEntry).where(StageCacheEntry.id.in_(ids)))
-        return len(ids), keys

@@ -1,0 +1,155 @@
+"""What the CLI prints: JSON, before/after and generation tables, warnings, job and transfer progress bars."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from client.jobs import Job
+from models.report_view import (
+    comparison_rows,
+    fmt_number,
+    generation_rows,
+    quality_rows,
+    warning_lines,
+)
+
+
+def dumps(obj: Any) -> str:
+    """JSON text of a pydantic model, Job, or plain data (for ``--json`` output)."""
+    if isinstance(obj, Job):
+        obj = obj.data
+    if isinstance(obj, BaseModel):
+        return obj.model_dump_json(indent=2, by_alias=True)
+    if isinstance(obj, list):
+        return json.dumps([json.loads(dumps(o)) for o in obj], indent=2)
+    return json.dumps(obj, indent=2, default=str)
+
+
+def metrics_text(metrics: dict[str, Any]) -> str:
+    """``k=v`` pairs of a step's scalar metrics."""
+    return " ".join(f"{k}={fmt_number(v)}" for k, v in metrics.items() if not isinstance(v, dict | list))
+
+
+def when_text(ts: datetime) -> str:
+    """A timestamp as the tables show it."""
+    return ts.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def plain_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> Table:
+    """A titled table of plain text (no rich markup read from the cells)."""
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))
+    return table
+
+
+_CHANGE_STYLE = {True: "green", False: "red", None: ""}
+
+
+def report_table(report: dict[str, Any]) -> Table:
+    """A before/after table of a job report (``models.report_view``'s rows, as the HTML report shows them)."""
+    table = Table(title="before / after")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    for row in comparison_rows(report):
+        change = Text(row.change_text, style=_CHANGE_STYLE[row.better])
+        table.add_row(Text(row.label), Text(row.before_text), Text(row.after_text), change)
+    quality = quality_rows(report)
+    if quality:
+        table.add_section()
+    for q in quality:
+        table.add_row(Text(q.label), Text(""), Text(q.value_text, style=_CHANGE_STYLE[q.better]), Text(""))
+    return table
+
+
+def generations_table(report: dict[str, Any]) -> Table | None:
+    """A causal LM's greedy generations, input and output model side by side; None when there are none."""
+    rows = generation_rows(report)
+    if not rows:
+        return None
+    table = Table(title="generations (greedy)")
+    for col in ("prompt", "before", "after"):
+        table.add_column(col, overflow="fold")
+    for g in rows:
+        table.add_row(Text(g.prompt), Text(g.before), Text(g.after))
+    return table
+
+
+def warning_texts(job: Job) -> list[Text]:
+    """A job's regression warnings ('3.2 times slower ...'), in red."""
+    result = job.data.result
+    lines = warning_lines({"warnings": result.warnings}) if result and result.warnings else warning_lines(job.report or {})
+    return [Text(f"warning: {line}", style="bold red") for line in lines]
+
+
+def report_out(job: Job) -> list[Any]:
+    """What follows a finished job's status line: its warnings, its before/after table, an LM's generations."""
+    gens = generations_table(job.report) if job.report else None
+    return [*warning_texts(job), *([report_table(job.report)] if job.report else []), *([gens] if gens else [])]
+
+
+class JobProgressBar:
+    """A rich progress bar fed by ``Job.wait(on_progress=...)``: step i of n, phase, epoch, metrics."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[detail]}"),
+            console=console,
+        )
+        self.task = self.progress.add_task("queued", total=100.0, detail="")
+
+    def __enter__(self) -> JobProgressBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, job: Job) -> None:
+        p = job.data.progress
+        desc = f"{job.status}: {job.data.phase}"
+        if p.steps:
+            where = f"step {p.step}/{p.steps}"
+            desc = f"{job.status} at {where}: {job.data.phase}" if job.status in ("failed", "cancelled") else f"{where} {desc}"
+        detail = []
+        if p.epoch is not None:
+            detail.append(f"epoch {p.epoch}/{p.epochs}" if p.epochs else f"epoch {p.epoch}")
+        if p.metrics:
+            detail.append(metrics_text(p.metrics))
+        percent = 100.0 if job.status == "succeeded" else p.percent
+        self.progress.update(self.task, completed=percent, description=desc, detail=" ".join(detail))
+
+
+def transfer_progress(console: Console) -> Progress:
+    """A bar for an upload or a download (bytes, speed), gone when done."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        console=console, transient=True,
+    )
+
+
