@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from client.jobs import Job
+from models.report import Trial
 
 
 def build_search_spec(
@@ -39,17 +40,16 @@ def _num(v: Any, unit: str = "") -> str:
     return f"{v:.4g}{unit}" if isinstance(v, int | float) and not isinstance(v, bool) else "-"
 
 
-def trial_line(trial: dict[str, Any]) -> str:
+def trial_line(trial: Trial) -> str:
     """One finished (or skipped) trial as a line: index, recipe, state, metric, size, latency, why."""
-    size = trial.get("size_bytes")
-    head = f"trial {trial.get('index')}: {trial.get('label', '')} — {trial.get('state', '')}"
-    if trial.get("state") == "skipped":
-        return f"{head} ({trial.get('reason', '')})"
-    line = (f"{head}: metric {_num(trial.get('metric'))}, size "
-            f"{_num(size / 1e6 if isinstance(size, int | float) else None, ' MB')}, latency "
-            f"{_num(trial.get('latency_ms'), ' ms')}")
-    if trial.get("met") is False:
-        line += f" (misses: {'; '.join(trial.get('misses') or [])})"
+    size = trial.size_bytes
+    head = f"trial {trial.index}: {trial.label} — {trial.state}"
+    if trial.state == "skipped":
+        return f"{head} ({trial.reason or ''})"
+    line = (f"{head}: metric {_num(trial.metric)}, size "
+            f"{_num(size / 1e6 if size is not None else None, ' MB')}, latency {_num(trial.latency_ms, ' ms')}")
+    if trial.met is False:
+        line += f" (misses: {'; '.join(trial.misses)})"
     return line
 
 
@@ -58,7 +58,7 @@ def stream_trials(job: Job, emit: Callable[[str], None]) -> Job:
     for event in job.events(follow=True):
         trial = (event.data or {}).get("trial")
         if isinstance(trial, dict):
-            emit(trial_line(trial))
+            emit(trial_line(Trial.model_validate(trial)))
     done = job.refresh()
     best = (done.result.best if done.result is not None else None) or {}
     if best:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from models.db import session_scope
+from models.report import Report
 from models.settings import get_settings
 from models.spec import JobSpec
 from models.tables import (
@@ -74,14 +75,15 @@ def _record_success(
     files.update({name: ("extra", path) for name, path in out.files.items()
                   if not (name == "model.onnx.data" and "model.zip" in files)})
     artifact_ids = store_artifacts(claim, owner, files)
-    result = {"artifact_ids": artifact_ids, "report": out.report, "warnings": out.report.get("warnings") or []}
-    budget = out.report.get("budget") or {}
-    if budget.get("met") is False:
+    report = Report.read(out.report)
+    result = {"artifact_ids": artifact_ids, "report": out.report, "warnings": report.warnings}
+    if report.budget is not None and report.budget.met is False:
         from models.report_view import accuracy_drop_text
 
-        change = accuracy_drop_text(budget.get("accuracy_drop"), spec.evaluate.max_accuracy_drop,
-                                    (out.report.get("output") or {}).get("num_samples"))
-        what = budget["reason"] if "perplexity_increase" in budget else f"accuracy {change}"  # causal LMs
+        budget = report.budget
+        change = accuracy_drop_text(budget.accuracy_drop, spec.evaluate.max_accuracy_drop,
+                                    report.output.num_samples if report.output is not None else None)
+        what = budget.reason if budget.is_lm and budget.reason else f"accuracy {change}"
         error = {"code": "accuracy_budget_exceeded", "step": "evaluate",
                  "message": f"{what}; the model is still downloadable"}
         finish(claim, FAILED, error=error, result=result, message="failed: accuracy budget exceeded")

@@ -216,7 +216,9 @@ def _lm_gains(baseline: dict[str, Any], output: dict[str, Any]) -> dict[str, Any
 def build_report(
     spec: JobSpec, baseline: dict[str, Any], output: dict[str, Any], steps: list[dict[str, Any]], device: str
 ) -> dict[str, Any]:
-    """The job report: input and output evaluations, per-step entries, gains and the accuracy budget."""
+    """The job report: input and output evaluations, per-step entries, gains and the accuracy budget.
+
+    Its shape is ``models.report.Report``, which the search, the pages and the CLI read it with."""
     in_metric, out_metric = _metric_value(baseline), _metric_value(output)
     in_acc, out_acc = baseline.get("accuracy"), output.get("accuracy")
     drop = None if in_metric is None or out_metric is None else in_metric - out_metric

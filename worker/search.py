@@ -26,6 +26,7 @@ from sqlalchemy import select, update
 
 from models.db import session_scope
 from models.ids import new_id
+from models.report import Evaluation, Report
 from models.search_space import Candidate, Outcome, auto_space, candidates, meets, pareto, skip_reason
 from models.settings import get_settings
 from models.spec import JobSpec, trial_spec
@@ -111,18 +112,17 @@ def _outcome(t: dict[str, Any], child: Job, objective: str, constraints: dict[st
     """Record what a finished trial measured into its row of the table."""
     stored = child.result or {}
     report = stored.get("report") or {}
-    out, inp = report.get("output") or {}, report.get("input") or {}
+    typed = Report.read(report)
+    out, inp = typed.output or Evaluation(), typed.input or Evaluation()
     t["state"] = child.status
     t["worker"] = child.worker
     t["error"] = child.error
     if not report:
         t["met"], t["misses"] = False, [f"failed: {(child.error or {}).get('code', child.status)}"]
         return
-    key = "size_bytes" if objective == "size" else None
-    lat_out = (out.get("latency_ms") or {}).get("median")
-    lat_in = (inp.get("latency_ms") or {}).get("median")
-    if key:
-        ratio = out.get(key) / inp[key] if out.get(key) and inp.get(key) else None
+    lat_out, lat_in = out.latency_median, inp.latency_median
+    if objective == "size":
+        ratio = out.size_bytes / inp.size_bytes if out.size_bytes and inp.size_bytes else None
     else:
         ratio = lat_out / lat_in if lat_out and lat_in else None
     misses = meets(constraints, report, task)
@@ -130,10 +130,10 @@ def _outcome(t: dict[str, Any], child: Job, objective: str, constraints: dict[st
         misses = [f"failed: {(child.error or {}).get('code', child.status)}"]
     t.update(
         met=not misses, misses=misses, objective_ratio=ratio,
-        metric=(out.get("metric") or {}).get("value"), metric_name=(out.get("metric") or {}).get("name"),
-        size_bytes=out.get("size_bytes"), input_size_bytes=inp.get("size_bytes"),
+        metric=out.metric_value, metric_name=out.metric.name if out.metric is not None else None,
+        size_bytes=out.size_bytes, input_size_bytes=inp.size_bytes,
         latency_ms=lat_out, input_latency_ms=lat_in,
-        accuracy_drop=(report.get("budget") or {}).get("accuracy_drop"),
+        accuracy_drop=typed.budget.accuracy_drop if typed.budget is not None else None,
     )
 
 

@@ -17,6 +17,7 @@ from api import charts
 from api.services import jobs as job_service
 from api.services.search_page import SearchView, search_view
 from models import report_view as rv
+from models.report import Evaluation, Report
 from models.schemas import ArtifactOut, JobError, JobOut
 from models.spec import step_label
 from models.tables import STATUSES, SUCCEEDED, TERMINAL
@@ -130,18 +131,18 @@ def _mb(n: Any) -> float | None:
 
 def before_after_charts(report: dict[str, Any]) -> list[Markup]:
     """The before/after bar charts of a report: size, latency, parameters, MACs, accuracy (those it has)."""
-    b, a = report.get("input") or {}, report.get("output") or {}
+    typed = Report.read(report)
+    b, a = typed.input or Evaluation(), typed.output or Evaluation()
     made = [
-        charts.before_after("size", "size (MB)", _mb(b.get("size_bytes")), _mb(a.get("size_bytes")), " MB",
-                            _two_decimals),
-        charts.before_after("latency", "latency median (ms)", rv.latency_median(b), rv.latency_median(a), " ms"),
-        charts.before_after("params", "parameters", b.get("params"), a.get("params")),
-        charts.before_after("macs", "MACs", b.get("macs"), a.get("macs")),
-        charts.before_after("accuracy", "accuracy", b.get("accuracy"), a.get("accuracy")),
+        charts.before_after("size", "size (MB)", _mb(b.size_bytes), _mb(a.size_bytes), " MB", _two_decimals),
+        charts.before_after("latency", "latency median (ms)", b.latency_median, a.latency_median, " ms"),
+        charts.before_after("params", "parameters", b.params, a.params),
+        charts.before_after("macs", "MACs", b.macs, a.macs),
+        charts.before_after("accuracy", "accuracy", b.accuracy, a.accuracy),
     ]
     if rv.is_lm_report(report):  # causal LMs: perplexity and decode speed
-        tps = [(side.get("decode") or {}).get("tokens_per_s") for side in (b, a)]
-        made += [charts.before_after("perplexity", "perplexity", b.get("perplexity"), a.get("perplexity")),
+        tps = [side.decode.tokens_per_s if side.decode is not None else None for side in (b, a)]
+        made += [charts.before_after("perplexity", "perplexity", b.perplexity, a.perplexity),
                  charts.before_after("decode", "decode tokens/s", tps[0], tps[1])]
     return [c for c in made if c]
 
@@ -166,11 +167,12 @@ def report_page(session: Session, owner: str, job_id: str) -> ReportPage:
     job = job_service.job_out(session, job_service.get_job(session, owner, job_id))
     spec, report = _spec(job), _report(job)
     steps = rv.step_rows(report)
-    has_sides = bool(report.get("input") or report.get("output"))
+    typed = Report.read(report)
+    has_sides = bool(typed.input or typed.output)
     running = job.status not in TERMINAL
     return ReportPage(
         id=job.id, status=job.status, phase=job.phase, model=str(spec.get("model") or ""),
-        task=str(report.get("task") or spec.get("task") or ""),
+        task=str(typed.task or spec.get("task") or ""),
         created=when(job.timestamps.created_at), finished=when(job.timestamps.finished_at),
         pipeline=rv.pipeline_labels(report, spec), error=job.error,
         comparison=rv.comparison_rows(report) if has_sides else [],

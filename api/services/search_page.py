@@ -8,6 +8,7 @@ from typing import Any
 from markupsafe import Markup
 
 from api import charts
+from models.report import Report
 from models.report_view import fmt_number, is_num
 
 
@@ -42,32 +43,30 @@ def _mb(v: Any) -> float | None:
 
 def search_view(report: dict[str, Any]) -> SearchView | None:
     """The search section of ``report`` (None when the job is not a search)."""
-    section = report.get("search")
-    if not isinstance(section, dict):
+    typed = Report.read(report)
+    section = typed.search
+    if section is None:
         return None
-    objective = str(section.get("objective", "latency"))
-    best = section.get("best") or {}
-    trials = [t for t in section.get("trials") or [] if isinstance(t, dict)]
+    objective = section.objective
+    best = section.best or {}
     rows, points = [], []
-    for t in trials:
-        latency = t.get("latency_ms_remeasured") if is_num(t.get("latency_ms_remeasured")) else t.get("latency_ms")
-        winner = bool(best) and t.get("job_id") == best.get("job_id")
-        misses = "; ".join(t.get("misses") or [])
+    for t in section.trials:
+        winner = bool(best) and t.job_id == best.get("job_id")
         rows.append(TrialRow(
-            index=int(t.get("index", 0)), label=str(t.get("label", "")), state=str(t.get("state", "")),
-            job_id=str(t.get("job_id") or ""), metric_text=fmt_number(t.get("metric")),
-            size_text=fmt_number(_mb(t.get("size_bytes"))), latency_text=fmt_number(latency),
-            note=str(t.get("reason") or misses), winner=winner, pareto=bool(t.get("pareto")),
+            index=t.index, label=t.label, state=t.state, job_id=t.job_id or "", metric_text=fmt_number(t.metric),
+            size_text=fmt_number(_mb(t.size_bytes)), latency_text=fmt_number(t.latency),
+            note=t.reason or "; ".join(t.misses), winner=winner, pareto=t.pareto,
         ))
-        x = latency if objective == "latency" else _mb(t.get("size_bytes"))
-        points.append({"index": int(t.get("index", 0)), "label": f"#{t.get('index', '')}", "x": x,
-                       "y": t.get("metric"), "met": t.get("met"), "pareto": t.get("pareto"), "winner": winner})
-    input_metric: Any = ((report.get("input") or {}).get("metric") or {}).get("value")
-    max_drop: Any = (section.get("constraints") or {}).get("max_accuracy_drop")
+        x = t.latency if objective == "latency" else _mb(t.size_bytes)
+        points.append({"index": t.index, "label": f"#{t.index}", "x": x,
+                       "y": t.metric, "met": t.met, "pareto": t.pareto, "winner": winner})
+    input_metric = typed.input.metric_value if typed.input is not None else None
+    max_drop: Any = section.constraints.get("max_accuracy_drop")
     floor = input_metric - max_drop if is_num(input_metric) and is_num(max_drop) else None
-    metric_name = next((str(t["metric_name"]) for t in trials if t.get("metric_name")), "metric")
+    metric_name = next((t.metric_name for t in section.trials if t.metric_name), "metric")
     chart = charts.search_scatter("search", f"trials: {objective} vs {metric_name}", points, objective,
                                   metric_name, input_metric, floor)
-    counts = f"{section.get('done', 0)} done, {section.get('skipped', 0)} skipped of {section.get('total', len(trials))}"
+    total = section.total if section.total is not None else len(section.trials)
+    counts = f"{section.done} done, {section.skipped} skipped of {total}"
     return SearchView(objective=objective, rows=rows, chart=chart,
                       best=f"trial {best.get('trial')} ({best.get('label')})" if best else "none", counts_text=counts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from client.search_cli import build_search_spec, trial_line
+from models.report import Trial
 from models.spec import JobSpec
 from tests.client.test_cli import mp
 from tests.e2e.harness import free_port
@@ -30,11 +31,12 @@ def test_a_constraint_without_eval_data_is_refused_before_submitting() -> None:
 
 
 def test_trial_lines() -> None:
-    done = trial_line({"index": 1, "label": "quantize dynamic", "state": "succeeded", "metric": 0.9611,
-                       "size_bytes": 25_000, "latency_ms": 0.0412, "met": True})
+    done = trial_line(Trial.model_validate({"index": 1, "label": "quantize dynamic", "state": "succeeded",
+                                            "metric": 0.9611, "size_bytes": 25_000, "latency_ms": 0.0412, "met": True}))
     assert done == "trial 1: quantize dynamic — succeeded: metric 0.9611, size 0.025 MB, latency 0.0412 ms"
-    missed = trial_line({"index": 3, "label": "prune 0.95", "state": "failed", "metric": 0.2, "met": False,
-                         "misses": ["quality: accuracy drop 0.76 > 0.02"]})
+    missed = trial_line(Trial.model_validate({"index": 3, "label": "prune 0.95", "state": "failed", "metric": 0.2,
+                                              "met": False, "misses": ["quality: accuracy drop 0.76 > 0.02"]}))
     assert missed.endswith("(misses: quality: accuracy drop 0.76 > 0.02)") and "size - MB" not in missed
-    skipped = trial_line({"index": 2, "label": "quantize fp16", "state": "skipped", "reason": "cannot beat the best"})
+    skipped = trial_line(Trial.model_validate({"index": 2, "label": "quantize fp16", "state": "skipped",
+                                               "reason": "cannot beat the best"}))
     assert skipped == "trial 2: quantize fp16 — skipped (cannot beat the best)"

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from models.report import Report
 from models.spec import JobSpec
 from tests.worker.conftest import DigitsFiles
 from worker import pipeline
@@ -71,6 +72,7 @@ def test_baseline_and_dynamic_quantization_report(tmp_path: Path, digits_mlp: Di
     sess = ort.InferenceSession(str(result.output_path), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"pixels": np.zeros((3, 64), np.float32)})[0].shape == (3, 10)
     assert json.loads(json.dumps(r))["gains"] == r["gains"] and result.files == {}
+    assert Report.read(r).dump() == json.loads(json.dumps(r))  # the typed report reads exactly what was written
     steps = [(e["index"], e["total"], e["label"]) for e in ctx.events if e["kind"] == "step"]
     assert steps == [
         (0, 3, "evaluate input"),
