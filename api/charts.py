@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from markupsafe import Markup
 
+from models.objectives import OBJECTIVES
 from models.report_view import fmt_number, is_num
 
 BEFORE, AFTER = "#8a94a6", "#2f6fde"
@@ -261,7 +262,7 @@ def _draw_search_scatter(cid: str, title: str, pts: tuple[_Trial, ...],
                            markeredgecolor=SERIES_COLOURS[0], label="off the scale (value shown)"))
     legend = ax.legend(handles=keys, loc="upper left", bbox_to_anchor=(1.03, 1.0), frameon=False, fontsize=8)
     legend.set_gid("legend")
-    ax.set_xlabel("latency (ms)" if objective == "latency" else "size (MB)")
+    ax.set_xlabel(OBJECTIVES[objective].axis if objective in OBJECTIVES else objective)
     ax.set_ylabel(metric_name)
     ax.set_title(title, loc="left", fontsize=11, fontweight="bold", color=INK)
     for side in ("top", "right"):

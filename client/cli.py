@@ -44,6 +44,7 @@ from client.errors import (
     WaitTimeout,
 )
 from client.recipes import QUANTIZE_MODES
+from models.objectives import OBJECTIVE_NAMES
 from models.spec import TASKS
 
 
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="where to download the results")
     s.add_argument("--dry-run", action="store_true", help="print the spec; upload and submit nothing")
     s.add_argument("--auto", action="store_true", help="search: try the recipes the model and data allow, keep the best")
-    s.add_argument("--objective", choices=("latency", "size"), default="latency", help="what --auto minimizes")
+    s.add_argument("--objective", choices=OBJECTIVE_NAMES, default="latency", help="what --auto minimizes")
     s.add_argument("--max-trials", type=int, default=None, help="--auto: at most this many trials")
     s.add_argument("--parallelism", type=int, default=None, help="--auto: trials running at once")
     return p

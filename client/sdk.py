@@ -23,12 +23,13 @@ from pydantic import ValidationError as PydanticValidationError
 from client.errors import APIError, spec_validation_error
 from client.jobs import Job, TransferProgress, job_from_response
 from client.transport import CHUNK, RetryPolicy, Transport
+from models.formats import ARCHIVE_SUFFIXES, MODEL_FORMATS
 from models.schemas import ArtifactOut, DatasetOut, JobOut, ModelOut
 from models.spec import JobSpec
 
 M = TypeVar("M", bound=BaseModel)
 
-_ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
+_ARCHIVE_SUFFIXES = ARCHIVE_SUFFIXES
 
 
 def _suffix(path: Path) -> str:
@@ -58,14 +59,11 @@ def infer_model_format(path: str | Path) -> str:
     """``onnx`` for ``.onnx`` or an archive holding a ``.onnx`` file and no ``config.json`` (an ONNX model with
     its external data), ``hf`` for another archive (a Hugging Face folder)."""
     suffix = _suffix(Path(path))
-    if suffix == ".onnx":
-        return "onnx"
-    if suffix in _ARCHIVE_SUFFIXES:
-        names = [n.rsplit("/", 1)[-1] for n in _archive_names(Path(path))]
-        if any(n.lower().endswith(".onnx") for n in names) and "config.json" not in names:
-            return "onnx"
-        return "hf"
-    raise ValueError(f"cannot infer the model format of {Path(path).name!r}; pass format= (onnx or hf)")
+    members = _archive_names(Path(path)) if suffix in _ARCHIVE_SUFFIXES else []
+    for fmt in MODEL_FORMATS.values():  # the format table's rows, asked in order
+        if fmt.claims(suffix, members):
+            return fmt.name
+    raise ValueError(f"cannot infer the model format of {Path(path).name!r}; pass format= ({' or '.join(MODEL_FORMATS)})")
 
 
 def infer_dataset_format(path: str | Path) -> str:

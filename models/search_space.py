@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.formats import MODEL_FORMATS
+from models.objectives import OBJECTIVES
 from models.spec import CLASSIFICATION_TASKS, step_label
 
 # A trial must be expected to beat the best so far on the objective by this fraction to be started.
@@ -40,7 +42,7 @@ class Candidate:
 
     def ratio(self, objective: str) -> float:
         """The estimated objective (size or latency) as a fraction of the input model's."""
-        return self.size_ratio if objective == "size" else self.latency_ratio
+        return float(getattr(self, OBJECTIVES[objective].estimate))
 
 
 def _step_estimate(step: Mapping[str, Any]) -> tuple[float, float, float, float]:
@@ -99,7 +101,7 @@ def auto_space(task: str, model_format: str, meta: Mapping[str, Any], *, train: 
         for ratio in (0.25, 0.5):
             space.append([{"type": "prune", "ratio": ratio}, dict(recover), {"type": "quantize", "mode": "dynamic"}])
         layers = meta.get("layers")
-        if model_format == "hf" and isinstance(layers, int) and layers >= 2:
+        if MODEL_FORMATS[model_format].transformers and isinstance(layers, int) and layers >= 2:
             space.append([{"type": "distill", "teacher": "input", "epochs": 2, "student": {"layers": layers // 2}},
                           {"type": "quantize", "mode": "dynamic"}])
     return space

@@ -28,11 +28,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@dataclass(frozen=True)
+class ModelRef:
+    """An uploaded model a step reads by id: the field it is named in (``teacher``, ``student.model``) and what
+    the step uses it as, for messages (``distillation (as the teacher)``)."""
+
+    field: str
+    model_id: str
+    use: str
+
+
 class StepParams(_Strict):
     """Base of every step's parameter model; its ``type`` field (a one-value Literal) names the step."""
 
     if TYPE_CHECKING:
         type: str
+
+    def model_refs(self) -> list[ModelRef]:
+        """The uploaded models this step reads, by id (checked at submit, fetched by the worker, keyed by bytes)."""
+        return []
 
 
 class Calibration(_Strict):
@@ -214,6 +228,13 @@ class DistillStep(TrainingParams, StepParams):
     alpha: float = Field(0.5, ge=0.0, le=1.0)
     feature_loss: Literal["cosine", "mse"] = "cosine"
     hidden_weight: float = Field(0.0, ge=0.0)
+
+    def model_refs(self) -> list[ModelRef]:
+        """An uploaded teacher and an uploaded student model."""
+        refs = [] if self.teacher in ("input", "current") else [ModelRef("teacher", self.teacher, "distillation (as the teacher)")]
+        if isinstance(self.student, StudentModel):
+            refs.append(ModelRef("student.model", self.student.model, "distillation (as the student)"))
+        return refs
 
 
 class ExportStep(StepParams):
@@ -501,15 +522,8 @@ class JobSpec(_Strict):
                     raise ValueError(f"search.space.{i}: {str(first['msg']).removeprefix('Value error, ')}") from None
 
     def model_ids(self) -> set[str]:
-        """Every model id the job may read: the input, distillation teachers and students."""
-        ids = {self.model}
-        for step in self.steps:
-            if isinstance(step, DistillStep):
-                if step.teacher not in ("input", "current"):
-                    ids.add(step.teacher)
-                if isinstance(step.student, StudentModel):
-                    ids.add(step.student.model)
-        return ids
+        """Every model id the job may read: the input and the models its steps refer to."""
+        return {self.model} | {ref.model_id for step in self.steps for ref in step.model_refs()}
 
     def needs_training(self) -> bool:
         """Whether any step works on the torch module (such jobs go to the GPU queue by default)."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict, Unpack
 
+from models.formats import MODEL_FORMATS
 from models.spec import Form
 
 if TYPE_CHECKING:
@@ -69,13 +70,18 @@ class WorkingModel:
     """
 
     form: Form
-    origin: Literal["onnx", "hf"]
+    origin: str  # its upload format: a key of models.formats.MODEL_FORMATS
     input_names: list[str]
     output_names: list[str]
     onnx_path: Path | None = None
     module: Any = None
     hf_dir: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def transformers(self) -> bool:
+        """Whether its upload format loads as a transformers module (passes may use its config and layers)."""
+        return MODEL_FORMATS[self.origin].transformers
 
 
 class Progress(TypedDict, total=False):

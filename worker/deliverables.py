@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from models.formats import model_format
 from models.spec import CLASSIFICATION_TASKS
 from storage import archive, onnx_files
 
@@ -174,7 +175,7 @@ def prepare(
     if model_file == output_path and (externals := external_files(output_path)):
         # past protobuf's 2 GiB the weights must stay in their own files: one archive carries them together
         files["model.zip"] = ("model-archive", model_archive(output_path, externals, workdir / "model.zip"))
-    if model_ref is not None and model_ref[1] == "hf":
+    if model_ref is not None and model_format(model_ref[1]).transformers:
         files["bundle.zip"] = ("bundle", hf_bundle(model_file, model_ref[0], model_meta, labels,
                                                    workdir / "bundle.zip"))
     return files

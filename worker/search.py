@@ -26,6 +26,7 @@ from sqlalchemy import select, update
 
 from models.db import session_scope
 from models.ids import new_id
+from models.objectives import OBJECTIVES
 from models.report import Evaluation, Report
 from models.search_space import Candidate, Outcome, auto_space, candidates, meets, pareto, skip_reason
 from models.settings import get_settings
@@ -121,10 +122,7 @@ def _outcome(t: dict[str, Any], child: Job, objective: str, constraints: dict[st
         t["met"], t["misses"] = False, [f"failed: {(child.error or {}).get('code', child.status)}"]
         return
     lat_out, lat_in = out.latency_median, inp.latency_median
-    if objective == "size":
-        ratio = out.size_bytes / inp.size_bytes if out.size_bytes and inp.size_bytes else None
-    else:
-        ratio = lat_out / lat_in if lat_out and lat_in else None
+    ratio = OBJECTIVES[objective].ratio(inp, out)
     misses = meets(constraints, report, task)
     if child.status != SUCCEEDED and not misses:
         misses = [f"failed: {(child.error or {}).get('code', child.status)}"]
@@ -406,10 +404,7 @@ def _finalize(claim: Claim) -> str:
                                 latency_ms=remeasured[t["job_id"]]["median"])
             t["met"] = not t["misses"]
     winners = [t for t in table if t["job_id"] in remeasured and t["met"]]
-    if search.objective == "latency":
-        winners.sort(key=lambda t: (t["latency_ms_remeasured"], -(t.get("metric") or 0.0)))
-    else:
-        winners.sort(key=lambda t: (t.get("size_bytes") or 0, -(t.get("metric") or 0.0)))
+    winners.sort(key=OBJECTIVES[search.objective].rank)
     section: dict[str, Any] = {
         "objective": search.objective, "constraints": constraints, "trials": [_trial_view(t) | {
             "pareto": t.get("pareto", False), "latency_ms_remeasured": t.get("latency_ms_remeasured")}

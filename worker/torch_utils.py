@@ -52,7 +52,7 @@ def interface(model: WorkingModel) -> torch.nn.Module:
     """``model.module`` wrapped as ``forward(*inputs) -> outputs`` with the model's ONNX interface."""
     if model.module is None:
         raise StepFailed("wrong_form", "the working model has no torch module")
-    return _interface_class()(model.module, model.input_names, model.output_names, model.origin == "hf")
+    return _interface_class()(model.module, model.input_names, model.output_names, model.transformers)
 
 
 def first_output(out: Any) -> torch.Tensor:

@@ -26,9 +26,11 @@ from api.inspection.imagefolder import inspect_imagefolder
 from api.inspection.npz import inspect_npz
 from api.inspection.onnx_model import inspect_onnx
 from api.inspection.text import inspect_text
+from models.formats import MODEL_FORMATS, resolve
 
 Inspector = Callable[[Path], dict[str, Any]]
-MODEL_INSPECTORS: dict[str, Inspector] = {"onnx": inspect_onnx, "hf": inspect_hf}
+# The formats an upload accepts: one row each in models.formats.MODEL_FORMATS, which names its inspector.
+MODEL_INSPECTORS: dict[str, Inspector] = {name: resolve(f.inspector) for name, f in MODEL_FORMATS.items()}
 DATASET_INSPECTORS: dict[str, Inspector] = {
     "npz": inspect_npz,
     "imagefolder": inspect_imagefolder,

@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 
 from api.services.lookup import find_owned
 from models.convertible import newest_convertible_opset, unconvertible
-from models.spec import STEP_KINDS, DistillStep, JobSpec, StudentModel
+from models.spec import STEP_KINDS, JobSpec
 from models.tables import Model
 
 
@@ -25,15 +25,10 @@ def distill_model_errors(session: Session, owner: str, spec: JobSpec) -> list[di
     """Field errors for a distill step's teacher or student model: an ONNX upload onnx2torch cannot convert."""
     errors: list[dict[str, Any]] = []
     for i, step in enumerate(spec.steps):
-        if not isinstance(step, DistillStep):
-            continue
-        refs = [] if step.teacher in ("input", "current") else [(f"steps.{i}.teacher", step.teacher, "teacher")]
-        if isinstance(step.student, StudentModel):
-            refs.append((f"steps.{i}.student.model", step.student.model, "student"))
-        for field, model_id, role in refs:
-            row = find_owned(session, Model, owner, model_id)
+        for ref in step.model_refs():
+            row = find_owned(session, Model, owner, ref.model_id)
             if row is not None and row.format == "onnx":
-                error = _error(field, f"distillation (as the {role})", row.meta or {})
+                error = _error(f"steps.{i}.{ref.field}", ref.use, row.meta or {})
                 if error:
                     errors.append(error)
     return errors

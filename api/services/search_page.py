@@ -8,6 +8,7 @@ from typing import Any
 from markupsafe import Markup
 
 from api import charts
+from models.objectives import OBJECTIVES
 from models.report import Report
 from models.report_view import fmt_number, is_num
 
@@ -57,7 +58,7 @@ def search_view(report: dict[str, Any]) -> SearchView | None:
             size_text=fmt_number(_mb(t.size_bytes)), latency_text=fmt_number(t.latency),
             note=t.reason or "; ".join(t.misses), winner=winner, pareto=t.pareto,
         ))
-        x = t.latency if objective == "latency" else _mb(t.size_bytes)
+        x = OBJECTIVES[objective].chart(t) if objective in OBJECTIVES else None
         points.append({"index": t.index, "label": f"#{t.index}", "x": x,
                        "y": t.metric, "met": t.met, "pareto": t.pareto, "winner": winner})
     input_metric = typed.input.metric_value if typed.input is not None else None

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from api.errors import ProblemError
 from api.services.convertibility import distill_model_errors, torch_step_errors
 from api.services.lookup import find_owned
-from models.spec import CLASSIFICATION_TASKS, LM_TASKS, DistillStep, JobSpec, StudentModel
+from models.spec import CLASSIFICATION_TASKS, LM_TASKS, JobSpec
 from models.tables import Dataset, Model
 
 ROLES = ("train", "eval", "calibration")
@@ -249,7 +249,7 @@ def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
         return row
 
     model = model_exists(spec.model, "model")
-    others: list[tuple[str, Model]] = []  # distillation teachers and students given as uploads
+    others: list[tuple[str, Model]] = []  # models the steps refer to (distillation teachers and students)
     datasets: dict[str, Dataset] = {}
     for role in ROLES:
         ds_id = getattr(spec.data, role)
@@ -261,13 +261,10 @@ def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
         else:
             datasets[role] = ds
     for i, step in enumerate(spec.steps):
-        if isinstance(step, DistillStep):
-            refs = [] if step.teacher in ("input", "current") else [(step.teacher, f"steps.{i}.teacher")]
-            if isinstance(step.student, StudentModel):
-                refs.append((step.student.model, f"steps.{i}.student.model"))
-            for ref, field in refs:
-                if (row := model_exists(ref, field)) is not None:
-                    others.append((field, row))
+        for ref in step.model_refs():
+            field = f"steps.{i}.{ref.field}"
+            if (row := model_exists(ref.model_id, field)) is not None:
+                others.append((field, row))
     _raise(errors)
     assert model is not None
     if model.format == "onnx":

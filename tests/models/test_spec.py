@@ -151,3 +151,14 @@ def test_a_search_space_entry_is_validated_like_steps() -> None:
             [{"type": "quantize"}], [{"type": "quantize"}, {"type": "prune"}]]}})
     with pytest.raises(ValidationError, match="a trial needs at least one step"):
         JobSpec.model_validate({"model": "m", "search": {"space": [[]]}})
+
+
+def test_steps_declare_the_models_they_refer_to() -> None:
+    spec = JobSpec.model_validate({"model": "m", "data": {"train": "d"}, "steps": [
+        {"type": "distill", "teacher": "mdl_t", "student": {"model": "mdl_s"}},
+        {"type": "distill", "teacher": "current", "student": {"layers": 2}}, {"type": "quantize"}]})
+    first, second, third = (s.model_refs() for s in spec.steps)
+    assert [(r.field, r.model_id, r.use) for r in first] == [
+        ("teacher", "mdl_t", "distillation (as the teacher)"), ("student.model", "mdl_s", "distillation (as the student)")]
+    assert second == third == []
+    assert spec.model_ids() == {"m", "mdl_t", "mdl_s"}

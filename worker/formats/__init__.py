@@ -1,4 +1,5 @@
-"""Model and dataset loaders for the worker, one module per format, dispatched by format name."""
+"""Model and dataset loaders for the worker, one module per format, dispatched by format name (models by their
+row of ``models.formats.MODEL_FORMATS``)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,10 @@ if TYPE_CHECKING:
 
 def load_model(path: Path, format: str, meta: dict[str, Any], workdir: Path) -> WorkingModel:
     """The uploaded model at ``path`` as a WorkingModel in its natural form (onnx file, or torch for hf)."""
-    if format == "onnx":
-        from worker.formats import onnx_model
+    from models.formats import model_format, resolve
 
-        return onnx_model.load(path, meta, workdir)
-    if format == "hf":
-        from worker.formats import hf
-
-        return hf.load(path, meta, workdir)
-    raise ValueError(f"unknown model format {format!r}")
+    loaded: WorkingModel = resolve(model_format(format).loader)(path, meta, workdir)
+    return loaded
 
 
 def load_dataset(

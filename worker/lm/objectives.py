@@ -24,7 +24,7 @@ LM_INPUTS = ("input_ids", "attention_mask")
 
 def is_lm(model: WorkingModel, task: str | None = None) -> bool:
     """Whether ``model`` is a causal LM (its loader said so, or the job's task is text-generation)."""
-    return model.meta.get("hf_task") == "text-generation" or (model.origin == "hf" and task in LM_TASKS)
+    return model.meta.get("hf_task") == "text-generation" or (model.transformers and task in LM_TASKS)
 
 
 def with_labels(data: ArrayDataset) -> ArrayDataset:

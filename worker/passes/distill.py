@@ -29,7 +29,7 @@ def drop_layers(teacher: WorkingModel, k: int) -> tuple[WorkingModel, list[int]]
 
     from worker.passes.finetune import layer_stack
 
-    if teacher.origin != "hf":
+    if not teacher.transformers:
         raise StepFailed("invalid_student", "student.layers needs an hf transformer teacher")
     module = copy.deepcopy(teacher.module)
     stack = layer_stack(module)
@@ -94,8 +94,8 @@ def _same_hidden(student: WorkingModel, teacher: WorkingModel) -> bool:
     sc = getattr(student.module, "config", None)
     tc = getattr(teacher.module, "config", None)
     return bool(
-        student.origin == "hf"
-        and teacher.origin == "hf"
+        student.transformers
+        and teacher.transformers
         and sc is not None
         and tc is not None
         and getattr(sc, "hidden_size", None) == getattr(tc, "hidden_size", None)

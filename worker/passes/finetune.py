@@ -31,7 +31,7 @@ def head_name(model: WorkingModel, example: tuple[Any, ...]) -> str:
     from worker.torch_utils import interface, output_layers
 
     inner = model.module
-    if model.origin == "hf":
+    if model.transformers:
         for attr in ("classifier", "score"):
             sub = getattr(inner, attr, None)
             if isinstance(sub, torch.nn.Linear):

@@ -112,8 +112,8 @@ def structured(
     ignored: list[torch.nn.Module] = list(output_layers(wrapper, example))
     ignored += _skipped(inner, params.skip_layers)
     num_heads: dict[torch.nn.Module, int] = {}
-    blocks = attention_blocks(inner) if model.origin == "hf" else []
-    if model.origin == "hf":
+    blocks = attention_blocks(inner) if model.transformers else []
+    if model.transformers:
         ignored += _hf_protected(inner)
     for block, (q, k, v, heads) in blocks:
         for n in (q, k, v):

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select
 
 from models.db import session_scope
-from models.spec import DistillStep, JobSpec, StudentModel
+from models.spec import JobSpec
 from models.tables import Dataset, Model
 
 STAGE, JOB, RUN = "stage", "job", "run"
@@ -73,13 +73,13 @@ def _base(spec: JobSpec, shas: dict[str, str], device: str) -> dict[str, Any]:
 
 def _step_doc(spec: JobSpec, i: int, shas: dict[str, str]) -> dict[str, Any]:
     doc = spec.steps[i].model_dump(mode="json")
-    # a distillation's teacher or student is named by id: key it by the model's bytes instead
-    step = spec.steps[i]
-    if isinstance(step, DistillStep):
-        if step.teacher not in ("input", "current"):
-            doc["teacher"] = shas[step.teacher]
-        if isinstance(step.student, StudentModel):
-            doc["student"] = {**doc["student"], "model": shas[step.student.model]}
+    # a model a step refers to (a distillation's teacher or student) is named by id: key it by its bytes instead
+    for ref in spec.steps[i].model_refs():
+        *parents, last = ref.field.split(".")
+        where = doc
+        for part in parents:
+            where[part] = where = dict(where[part])
+        where[last] = shas[ref.model_id]
     return doc
 
 

@@ -17,6 +17,7 @@ from sqlalchemy import delete, select
 
 from models import blobs
 from models.db import session_scope
+from models.formats import MODEL_FORMATS
 from models.settings import get_settings
 from models.spec import JobSpec
 from models.tables import Job, StageCacheEntry, utcnow
@@ -71,7 +72,7 @@ class StageCache:
         When another live job of the owner is computing the next step this job would run (a search's
         trials started together), this waits for its entry rather than running the same step twice;
         then it marks the steps it will compute itself."""
-        if input_model.origin != "onnx" or not self.keys:
+        if not MODEL_FORMATS[input_model.origin].stage_cached or not self.keys:
             return None
         deadline = time.monotonic() + WAIT_MAX_S
         waited = False
@@ -162,7 +163,7 @@ class StageCache:
 
     def store(self, i: int, model: WorkingModel, ctx: PipelineContext, entries: list[dict[str, Any]]) -> None:
         """Keep the model after step ``i`` with the report entries of steps ``0..i``; failures only log."""
-        if model.origin != "onnx" or i in self.hits:
+        if not MODEL_FORMATS[model.origin].stage_cached or i in self.hits:
             return
         try:
             onnx_model = model
