@@ -19,8 +19,8 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
                     "worker.onnx2torch_ops")),
     ("formats", ("worker.formats", "worker.formats.*")),  # loaders of uploaded models and datasets
     # measuring and converting a model: evaluation, metrics, the training loop, ONNX <-> torch, causal LMs
-    ("measure", ("worker.evaluate", "worker.metrics", "worker.training", "worker.convert", "worker.lm",
-                 "worker.lm.*")),
+    ("measure", ("worker.evaluate", "worker.metrics", "worker.training", "worker.convert", "worker.families",
+                 "worker.lm", "worker.lm.*")),
     ("passes", ("worker.passes", "worker.passes.*")),  # one module per step type
     ("run", ("worker.context", "worker.pipeline", "worker.stage_cache", "worker.stage_cache.*",
              "worker.deliverables")),  # one job's run: its context, the step loop, the stage cache, deliverables

@@ -17,6 +17,7 @@ from tests.worker.lm.builders import text_dataset, torch_greedy
 from tests.worker.lm.conftest import load_lm
 from worker import pipeline
 from worker.core import WorkingModel
+from worker.families import CausalLM, family_for
 from worker.lm.layout import LMLayout
 from worker.lm.session import LMSession
 
@@ -87,7 +88,9 @@ def test_after_a_torch_step_the_perplexity_is_measured_in_torch(
     spec = _spec([])
     ctx = _ctx(tmp_path, spec, llama_dir, tokenizer)
     model = ctx.load_model("input")
-    after = pipeline._measure_after_step(model, ctx, spec, None)
+    family = family_for(spec.task, model)
+    assert isinstance(family, CausalLM)
+    after = family.measure_after_step(model, ctx, spec, None)
     result = pipeline.run(spec, ctx)
     full = result.report["input"]
     exports = [e for e in ctx.events if e.get("message") == "exported"]
