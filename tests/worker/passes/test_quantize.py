@@ -147,7 +147,7 @@ def test_cancellation_during_calibration(tmp_path: Path, digits_mlp: DigitsFiles
 
 
 def test_reduce_range_follows_the_cpu_unless_the_spec_says() -> None:
-    from worker.passes.quantize import lacks_vnni, reduce_range
+    from worker.passes.quantizers.ort import lacks_vnni, reduce_range
 
     avx2 = "processor : 0\nflags : fpu sse2 avx avx2 fma\n"
     vnni = "processor : 0\nflags : fpu sse2 avx avx2 avx512f avx512_vnni\n"
@@ -364,7 +364,7 @@ def test_int4_quantizes_the_embeddings_by_default_only_where_the_head_is_tied_to
     """GPT-2 ties its head to the token embeddings (the float table would be the biggest tensor left);
     the Llama here does not (4-bit embeddings cost it perplexity): each gets its default, and a spec's
     explicit ``quantize_embeddings: false`` wins."""
-    from worker.passes.quantize import tied_embeddings
+    from worker.passes.quantizers.weight_only import tied_embeddings
 
     assert tied_embeddings(onnx.load(str(lm.gpt2_onnx))) and not tied_embeddings(onnx.load(str(lm.onnx)))
     ops = lambda path: [n.op_type for n in onnx.load(str(path)).graph.node]  # noqa: E731
@@ -425,7 +425,7 @@ def test_weight_only_failures_say_why(tmp_path: Path, lm: LMFiles) -> None:
 def test_calibration_feeds_fill_an_empty_kv_cache_and_positions(tmp_path: Path) -> None:
     from onnx import TensorProto, helper
 
-    from worker.passes.quantize import calibration_feeds
+    from worker.passes.quantizers.weight_only import calibration_feeds
 
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
