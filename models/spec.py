@@ -95,7 +95,8 @@ class QuantizeStep(StepParams):
     # None: on (int4) when the output head's weight is the embedding table (tied), else off.
     quantize_embeddings: bool | None = None
     # {"<node name or op type, fnmatch pattern>": 4 | 8}: per-node bit widths (e.g. keep the head at 8).
-    bits: dict[str, Literal[4, 8]] = Field(default_factory=dict, max_length=256)
+    # None: the measured default policy (worker/passes/quantizers/weight_only.py); {}: every node at the mode's width.
+    bits: dict[str, Literal[4, 8]] | None = Field(None, max_length=256)
     # Measure each node's sensitivity on calibration data and keep the most sensitive ones in float.
     auto_exclude: AutoExclude | None = None
 

@@ -291,8 +291,8 @@ def plan_weight_only(m: onnx.ModelProto, p: QuantizeStep, s: WeightOnlySettings)
         if (n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits)
         or (p.quantize_embeddings and n.op_type == "Gather" and n.input[0] in inits)
     ]
-    overrides: dict[str, int] = dict(p.bits)
-    if "bits" not in p.model_fields_set:
+    overrides: dict[str, int] = dict(p.bits or {})
+    if p.bits is None:
         head = next((n.name for n in reversed(candidates) if n.op_type == "MatMul"), None)
         if head is not None and s.mode_bits != DEFAULT_HEAD_BITS:
             overrides = {head: DEFAULT_HEAD_BITS}
