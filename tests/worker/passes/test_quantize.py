@@ -358,6 +358,26 @@ def test_quantize_embeddings_writes_gather_block_quantized(tmp_path: Path, lm: L
     assert top1 >= 0.85 and kl < 0.1, (top1, kl)
 
 
+def test_embeddings_at_8_bits_write_an_8_bit_gather_block_quantized(tmp_path: Path, lm: LMFiles) -> None:
+    """``bits: {"Gather": 8}``: the table becomes uint8 codes with a scale and zero point per block (ORT's
+    quantizer writes 4 bits only); ORT runs it and the logits stay closer to fp32 than with a 4-bit table."""
+    out, metrics = _quantize_lm(tmp_path / "a", lm.onnx, lm.data, mode="int4", quantize_embeddings=True,
+                                bits={"*lm_head*": 8, "Gather": 8})
+    proto = onnx.load(str(out))
+    embed = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(embed) == 1 and next(a.i for a in embed[0].attribute if a.name == "bits") == 8
+    inits = {t.name: t for t in proto.graph.initializer}
+    assert inits[embed[0].input[0]].data_type == onnx.TensorProto.UINT8
+    assert not [n for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in inits
+                and len(inits[n.input[0]].dims) == 2 and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT]
+    assert metrics["weight_only"]["embedding_bits"] == {"8": 1}
+    out4, _ = _quantize_lm(tmp_path / "b", lm.onnx, lm.data, mode="int4", quantize_embeddings=True,
+                           bits={"*lm_head*": 8})
+    ref = _logits(lm.onnx, lm.data)
+    (top1, kl), (_, kl4) = _track(ref, _logits(out, lm.data)), _track(ref, _logits(out4, lm.data))
+    assert top1 >= 0.85 and kl < 0.1 and kl < kl4, (top1, kl, kl4)
+
+
 def test_int4_quantizes_the_embeddings_by_default_only_where_the_head_is_tied_to_them(
     tmp_path: Path, lm: LMFiles
 ) -> None:

@@ -70,7 +70,7 @@ def quantize_weight_only(
     if p.quantize_embeddings:
         opset_for_int4_tables(m)
     plan = plan_weight_only(m, p, s)
-    if not plan.four and not plan.eight and not plan.gathers:
+    if not plan.four and not plan.eight and not plan.gathers and not plan.gathers8:
         raise StepFailed(
             "nothing_to_quantize",
             "no MatMul with a constant 2-D float weight left to quantize"
@@ -92,6 +92,10 @@ def quantize_weight_only(
         ctx.check_cancelled()
         ctx.progress(f"quantizing {len(plan.gathers)} embeddings to 4 bits", fraction=0.85)
         m = _nbits(m, plan.gathers, _gather_config(s))
+    if plan.gathers8:
+        ctx.check_cancelled()
+        ctx.progress(f"quantizing {len(plan.gathers8)} embeddings to 8 bits", fraction=0.9)
+        plan.excluded += gather_to_8bit(m, plan.gathers8, s.block_size)
     if s.accuracy_level is not None:
         set_accuracy_level(m, s.accuracy_level)
     out = unique_path(ctx.workdir, f"quantized-{p.mode}")
@@ -104,6 +108,10 @@ def quantize_weight_only(
         "accuracy_level": s.accuracy_level,
         "matmul_bits": {str(k): v for k, v in sorted(bits.items())},
         "embeddings": sum(n.op_type == "GatherBlockQuantized" for n in m.graph.node),
+        "embedding_bits": {
+            str(k): v for k, v in sorted(Counter(
+                _attr(n, "bits") or 4 for n in m.graph.node if n.op_type == "GatherBlockQuantized").items())
+        },
         "bits_overrides": plan.overrides,
         "excluded": plan.excluded,
     }
@@ -225,6 +233,7 @@ class WeightOnlyPlan:
     four: list[str] = dataclasses.field(default_factory=list)
     eight: list[str] = dataclasses.field(default_factory=list)
     gathers: list[str] = dataclasses.field(default_factory=list)
+    gathers8: list[str] = dataclasses.field(default_factory=list)
     excluded: list[dict[str, str]] = dataclasses.field(default_factory=list)
     overrides: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -305,12 +314,7 @@ def plan_weight_only(m: onnx.ModelProto, p: QuantizeStep, s: WeightOnlySettings)
         if pattern is not None:
             plan.overrides[node.name] = bits
         if node.op_type == "Gather":
-            if bits == 4:
-                plan.gathers.append(node.name)
-            else:
-                plan.excluded.append(
-                    {"node": node.name, "op_type": "Gather", "reason": "GatherBlockQuantized is 4-bit only"}
-                )
+            (plan.gathers if bits == 4 else plan.gathers8).append(node.name)
         else:
             (plan.four if bits == 4 else plan.eight).append(node.name)
     return plan
@@ -421,3 +425,54 @@ def calibration_feeds(
             else:
                 feed[name] = np.zeros((b, int(dims[1] or 0), 0, int(dims[3] or 0)), dtype=dtype)
         yield feed
+
+
+def gather_to_8bit(m: onnx.ModelProto, names: list[str], block_size: int) -> list[dict[str, str]]:
+    """In place: each named Gather over a constant float ``[vocab, hidden]`` table becomes a
+    ``GatherBlockQuantized`` (com.microsoft, ``bits`` 8): uint8 codes with a float scale and a uint8 zero
+    point per block of ``block_size`` along the hidden axis (asymmetric round-to-nearest; ORT's quantizer
+    writes this op at 4 bits only). Returns the exclusions (tables it could not take)."""
+    import onnx
+    from onnx import numpy_helper
+
+    chosen = set(names)
+    inits = {t.name: t for t in m.graph.initializer}
+    users = Counter(i for n in m.graph.node for i in n.input)
+    skipped: list[dict[str, str]] = []
+    for node in m.graph.node:
+        if node.name not in chosen:
+            continue
+        table = inits.get(node.input[0])
+        axis = _attr(node, "axis") or 0
+        if table is None or len(table.dims) != 2 or axis != 0:
+            skipped.append({"node": node.name, "op_type": "Gather", "reason": "not a [vocab, hidden] table on axis 0"})
+            continue
+        raw = numpy_helper.to_array(table)
+        w = raw.astype(np.float32)
+        rows, cols = w.shape
+        block = next((b for b in (block_size, 128, 64, 32, 16) if cols % b == 0 and b <= cols), None)
+        if block is None:
+            skipped.append({"node": node.name, "op_type": "Gather", "reason": f"hidden size {cols} has no block of 16+"})
+            continue
+        blocks = w.reshape(rows, cols // block, block)
+        lo = np.minimum(blocks.min(-1), 0.0)
+        hi = np.maximum(blocks.max(-1), 0.0)
+        scale = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
+        zero = np.clip(np.round(-lo / scale), 0, 255).astype(np.uint8)
+        codes = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, 255).astype(np.uint8)
+        base = f"{table.name}_Q8G{block}"
+        m.graph.initializer.extend([
+            numpy_helper.from_array(codes.reshape(rows, cols), base),
+            numpy_helper.from_array(scale.astype(raw.dtype), f"{base}_scales"),
+            numpy_helper.from_array(zero, f"{base}_zp"),
+        ])
+        new = onnx.helper.make_node(
+            "GatherBlockQuantized", [base, node.input[1], f"{base}_scales", f"{base}_zp"], list(node.output),
+            name=f"{node.name}_Q8", domain="com.microsoft", bits=8, block_size=block, gather_axis=0, quantize_axis=1,
+        )
+        node.CopyFrom(new)
+        if users[table.name] == 1:
+            m.graph.initializer.remove(table)
+    if not any(o.domain == "com.microsoft" for o in m.opset_import):
+        m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return skipped
