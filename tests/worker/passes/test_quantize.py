@@ -378,6 +378,30 @@ def test_embeddings_at_8_bits_write_an_8_bit_gather_block_quantized(tmp_path: Pa
     assert top1 >= 0.85 and kl < 0.1 and kl < kl4, (top1, kl, kl4)
 
 
+def test_int8_share_keeps_the_layer_with_the_highest_measured_kl_at_8_bits(tmp_path: Path, lm: LMFiles) -> None:
+    """``int8_share: 0.5`` on a 2-layer Llama: each layer alone at 4 bits is judged by KL to the float model on
+    the calibration rows, and the worse one goes to 8 bits (all its MatMuls), the other stays at 4."""
+    out, metrics = _quantize_lm(tmp_path, lm.onnx, lm.data, mode="int4", int8_share=0.5)
+    mixed = metrics["weight_only"]["mixed_bits"]
+    kl = {int(k): v for k, v in mixed["kl_per_layer"].items()}
+    assert set(kl) == {0, 1} and all(v > 0 for v in kl.values())
+    worst = max(kl, key=lambda k: kl[k])
+    assert mixed["layers_at_8_bits"] == [worst]
+    bits = _nbits(out)
+    for name, b in bits.items():
+        if "lm_head" not in name:
+            assert b == (8 if f"layers.{worst}/" in name else 4), (name, b)
+    assert metrics["weight_only"]["matmul_bits"] == {"4": 7, "8": 8}
+    plain, _ = _quantize_lm(tmp_path / "plain", lm.onnx, lm.data, mode="int4", int8_share=0.0)
+    ref = _logits(lm.onnx, lm.data)
+    assert _track(ref, _logits(out, lm.data))[1] < _track(ref, _logits(plain, lm.data))[1]
+
+
+def test_int8_share_without_calibration_text_keeps_every_layer_at_4_bits(tmp_path: Path, lm: LMFiles) -> None:
+    out, metrics = _quantize_lm(tmp_path, lm.onnx, None, mode="int4", int8_share=0.5)
+    assert "mixed_bits" not in metrics["weight_only"] and metrics["weight_only"]["matmul_bits"] == {"4": 14, "8": 1}
+
+
 def test_int4_quantizes_the_embeddings_by_default_only_where_the_head_is_tied_to_them(
     tmp_path: Path, lm: LMFiles
 ) -> None:

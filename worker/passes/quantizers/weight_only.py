@@ -48,6 +48,9 @@ DEFAULT_SYMMETRIC = False
 DEFAULT_ACCURACY_LEVEL = 4
 # Bits of the output head (the last MatMul with a constant weight) when the spec gives no ``bits``.
 DEFAULT_HEAD_BITS = 8
+# Share of the decoder layers' weights kept at 8 bits, the most sensitive layers by KL on calibration text
+# (worker/passes/quantizers/mixed_bits.py); applies only when calibration text is given.
+DEFAULT_INT8_SHARE = 0.0
 _FLOAT_TYPES = (1, 10)  # onnx.TensorProto.FLOAT, FLOAT16
 
 
@@ -77,21 +80,25 @@ def quantize_weight_only(
             + (f" ({len(plan.excluded)} excluded)" if plan.excluded else ""),
         )
     calibration: dict[str, Any] | None = None
+    share = DEFAULT_INT8_SHARE if p.int8_share is None else p.int8_share
+    mixed: dict[str, Any] | None = None
+    if s.mode_bits == 4 and share > 0 and plan.four:
+        mixed = _mixed_bits(m, plan, s, p, share, model, ctx, large)
     if plan.four:
         ctx.check_cancelled()
         ctx.progress(f"quantizing {len(plan.four)} MatMul to 4 bits ({s.algorithm})", fraction=0.1)
         if s.algorithm == "gptq":
             m, calibration = gptq(m, plan.four, s, p, model, ctx, large)
         else:
-            m = _nbits(m, plan.four, _matmul_config(s, bits=4))
+            m = nbits(m, plan.four, _matmul_config(s, bits=4))
     if plan.eight:
         ctx.check_cancelled()
         ctx.progress(f"quantizing {len(plan.eight)} MatMul to 8 bits (rtn)", fraction=0.7)
-        m = _nbits(m, plan.eight, _matmul_config(dataclasses.replace(s, algorithm="rtn"), bits=8))
+        m = nbits(m, plan.eight, _matmul_config(dataclasses.replace(s, algorithm="rtn"), bits=8))
     if plan.gathers:
         ctx.check_cancelled()
         ctx.progress(f"quantizing {len(plan.gathers)} embeddings to 4 bits", fraction=0.85)
-        m = _nbits(m, plan.gathers, _gather_config(s))
+        m = nbits(m, plan.gathers, _gather_config(s))
     if plan.gathers8:
         ctx.check_cancelled()
         ctx.progress(f"quantizing {len(plan.gathers8)} embeddings to 8 bits", fraction=0.9)
@@ -117,7 +124,39 @@ def quantize_weight_only(
     }
     if calibration is not None:
         metrics["calibration"] = calibration
+    if mixed is not None:
+        metrics["mixed_bits"] = mixed
     return out, metrics
+
+
+def _mixed_bits(
+    m: onnx.ModelProto, plan: WeightOnlyPlan, s: WeightOnlySettings, p: QuantizeStep, share: float,
+    model: WorkingModel, ctx: PassContext, large: bool,
+) -> dict[str, Any] | None:
+    """Move the most KL-sensitive decoder layers' 4-bit MatMuls to 8 bits (``mixed_bits``); None when there
+    is no calibration text, no ``layers.<i>`` in the names, or the model is too large to judge in memory."""
+    from worker.passes.quantizers import mixed_bits
+
+    groups = mixed_bits.layer_groups(plan.four)
+    data = ctx.dataset("calibration", model)
+    if len(groups) < 2 or data is None or len(data) == 0 or large:
+        why = "no calibration text" if data is None or len(data) == 0 else (
+            "the model is too large" if large else "no decoder layers in the node names")
+        ctx.log(f"int8_share {share}: every layer stays at 4 bits ({why})")
+        return None
+    feeds = mixed_bits.calibration_rows(list(calibration_feeds(data, list(m.graph.input), mixed_bits.ROWS, ctx)))
+    config = _matmul_config(dataclasses.replace(s, algorithm="rtn"), 4)
+    kl = mixed_bits.kl_per_layer(m, groups, lambda trial, names: nbits(trial, names, config), feeds, ctx)
+    inits = {t.name: int(np.prod(t.dims)) for t in m.graph.initializer}
+    sizes = {n.name: inits.get(n.input[1], 0) for n in m.graph.node if n.name in set(plan.four)}
+    chosen = mixed_bits.promote(groups, kl, sizes, share)
+    moved = [n for layer in chosen for n in groups[layer]]
+    plan.four = [n for n in plan.four if n not in set(moved)]
+    plan.eight += moved
+    for n in moved:
+        plan.overrides[n] = 8
+    return {"int8_share": share, "layers_at_8_bits": chosen, "rows": len(feeds),
+            "kl_per_layer": {str(k): round(v, 6) for k, v in kl.items()}}
 
 
 def gptq(
@@ -357,7 +396,7 @@ def _quiet_ort_quantizer_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _nbits(m: onnx.ModelProto, names: list[str], config: Any) -> onnx.ModelProto:
+def nbits(m: onnx.ModelProto, names: list[str], config: Any) -> onnx.ModelProto:
     """``MatMulNBitsQuantizer`` over ``m`` with ``config``, restricted to the nodes named ``names``."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
