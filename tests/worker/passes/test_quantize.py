@@ -398,7 +398,7 @@ def test_int8_share_keeps_the_layer_with_the_highest_measured_kl_at_8_bits(tmp_p
 
 
 def test_int8_share_without_calibration_text_keeps_every_layer_at_4_bits(tmp_path: Path, lm: LMFiles) -> None:
-    out, metrics = _quantize_lm(tmp_path, lm.onnx, None, mode="int4", int8_share=0.5)
+    _, metrics = _quantize_lm(tmp_path, lm.onnx, None, mode="int4", int8_share=0.5)
     assert "mixed_bits" not in metrics["weight_only"] and metrics["weight_only"]["matmul_bits"] == {"4": 14, "8": 1}
 
 
