@@ -113,7 +113,11 @@ class QuantizeStep(StepParams):
     # None: on (int4) when the output head's weight is the embedding table (tied), else off.
     quantize_embeddings: bool | None = None
     # {"<node name or op type, fnmatch pattern>": 4 | 8}: per-node bit widths (e.g. keep the head at 8).
-    bits: dict[str, Literal[4, 8]] = Field(default_factory=dict, max_length=256)
+    # None: the measured default policy (worker/passes/quantizers/weight_only.py); {}: every node at the mode's width.
+    bits: dict[str, Literal[4, 8]] | None = Field(None, max_length=256)
+    # int4: share of the decoder layers' weights kept at 8 bits, the layers whose 4-bit weights move the
+    # next-token distribution most (KL to the float model on the calibration text); None: the default.
+    int8_share: float | None = Field(None, ge=0.0, le=1.0)
     # Measure each node's sensitivity on calibration data and keep the most sensitive ones in float.
     auto_exclude: AutoExclude | None = None
 
@@ -123,7 +127,8 @@ class QuantizeStep(StepParams):
             raise ValueError(f"auto_exclude applies to modes dynamic and static only, not {self.mode!r}")
         if self.mode not in WEIGHT_ONLY_MODES:
             given = [f for f in ("algorithm", "block_size", "symmetric", "accuracy_level") if getattr(self, f) is not None]
-            given += [f for f in ("quantize_embeddings", "bits") if f in self.model_fields_set and getattr(self, f)]
+            given += [f for f in ("quantize_embeddings", "bits", "int8_share")
+                      if f in self.model_fields_set and getattr(self, f)]
             if given:
                 raise ValueError(f"{', '.join(given)} apply to modes int4 and int8_weight only, not {self.mode!r}")
         if self.block_size is not None and self.block_size & (self.block_size - 1):

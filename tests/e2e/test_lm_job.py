@@ -103,3 +103,47 @@ def test_lm_finetune_then_export_job_lowers_perplexity(stack: LiveService, tmp_p
     gen = a["generations"][0]
     new = LMSession(onnx_file).generate(tok(gen["prompt"])["input_ids"], 12, eos_token_id=tok.eos_token_id)
     assert tok.decode(new, skip_special_tokens=True) == gen["text"]  # the artifact is the model evaluated
+
+
+def _matmul_bits(path: Path) -> dict[str, int]:
+    import onnx
+
+    m = onnx.load(str(path))
+    # ORT's quantizer names each node after its source MatMul with a ``_Q4``/``_Q8`` suffix
+    return {n.name.rsplit("_Q", 1)[0]: next(a.i for a in n.attribute if a.name == "bits")
+            for n in m.graph.node if n.op_type == "MatMulNBits"}
+
+
+def test_int4_job_through_the_api_applies_the_default_bits_per_matmul(
+    distributed: LiveService, tmp_path: Path
+) -> None:
+    """``quantize {mode: int4}`` as a client sends it: the stored spec keeps ``bits`` unset, so the documented
+    default (output head at 8 bits, every other MatMul at 4) is what the file gets; ``bits: {}`` means all 4."""
+    archive = tiny_lm_archive(tmp_path, "llama")
+    texts = write_jsonl(tmp_path / "eval.jsonl", text_rows(16))
+    got: dict[str, dict[str, int]] = {}
+    with httpx.Client(base_url=distributed.url, timeout=60) as client:
+        mdl = client.put("/v1/models", params={"format": "hf"}, content=archive.read_bytes()).json()
+        ds = client.put("/v1/datasets", params={"format": "text"}, content=texts.read_bytes()).json()
+        for label, step in (("default", {"type": "quantize", "mode": "int4"}),
+                            ("all4", {"type": "quantize", "mode": "int4", "bits": {}})):
+            spec = {"model": mdl["id"], "task": "text-generation", "data": {"eval": ds["id"]},
+                    "steps": [{"type": "export"}, step], "text": {"max_length": 32},
+                    "evaluate": {"latency": {"runs": 2, "warmup": 1}, "generation": {"samples": 0}}}
+            created = client.post("/v1/jobs", json=spec)
+            assert created.status_code == 202, created.text
+            job = distributed.wait_job(client, created.json()["id"], timeout=420)
+            assert job["status"] == "succeeded", (job.get("error"), distributed.logs("worker.log"))
+            stored = client.get(f"/v1/jobs/{job['id']}").json()["spec"]["steps"][1]
+            assert stored.get("bits") == step.get("bits")  # unset stays unset (None), {} stays {}
+            art = next(x for x in job["result"]["artifacts"] if x["name"] == "model.onnx")
+            onnx_file = tmp_path / label / "model.onnx"
+            onnx_file.parent.mkdir()
+            onnx_file.write_bytes(client.get(f"/v1/artifacts/{art['id']}/content").content)
+            got[label] = _matmul_bits(onnx_file)
+    default, all4 = got["default"], got["all4"]
+    assert set(default) == set(all4) and len(default) >= 4 * 4 + 1, default  # >= 4 per layer (qkv may be fused) + head
+    heads = [name for name in default if "lm_head" in name]
+    assert len(heads) == 1 and default[heads[0]] == 8
+    assert all(bits == 4 for name, bits in default.items() if name not in heads)
+    assert set(all4.values()) == {4}

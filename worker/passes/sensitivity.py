@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from models.spec import ACCURACY_TASKS, AutoExclude, QuantizeStep
 from worker.passes.base import ArrayDataset, PassContext, StepFailed, WorkingModel
-
-if TYPE_CHECKING:
-    from worker.passes.quantize import QuantizePass
+from worker.passes.quantizers import ort
 
 # Ops whose weights the quantizer turns into integers: the nodes worth keeping in float.
 WEIGHTED_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
@@ -124,7 +122,7 @@ def _latency_ms(path: Path, data: ArrayDataset) -> float:
 
 
 def select(
-    qpass: QuantizePass, pre: Path, p: QuantizeStep, model: WorkingModel, ctx: PassContext
+    pre: Path, p: QuantizeStep, model: WorkingModel, ctx: PassContext
 ) -> tuple[list[str], dict[str, Any]]:
     """The node names to keep in float so that ``p.auto_exclude``'s target holds, and the report of it."""
     from worker.formats.onnx_model import model_size_bytes
@@ -151,7 +149,7 @@ def select(
         rounds += 1
         names = [*p.nodes_to_exclude, *exclusion_names(kept, p.mode)]
         step = p.model_copy(update={"nodes_to_exclude": names, "auto_exclude": None})
-        out = qpass._dynamic(pre, step, ctx) if p.mode == "dynamic" else qpass._static(pre, step, model, ctx)[0]
+        out = ort.dynamic(pre, step, ctx) if p.mode == "dynamic" else ort.static(pre, step, model, ctx)[0]
         score = judge.score(_outputs(out, samples))
         if not keep_file:
             _remove(out)

@@ -147,7 +147,7 @@ def test_cancellation_during_calibration(tmp_path: Path, digits_mlp: DigitsFiles
 
 
 def test_reduce_range_follows_the_cpu_unless_the_spec_says() -> None:
-    from worker.passes.quantize import lacks_vnni, reduce_range
+    from worker.passes.quantizers.ort import lacks_vnni, reduce_range
 
     avx2 = "processor : 0\nflags : fpu sse2 avx avx2 fma\n"
     vnni = "processor : 0\nflags : fpu sse2 avx avx2 avx512f avx512_vnni\n"
@@ -358,13 +358,57 @@ def test_quantize_embeddings_writes_gather_block_quantized(tmp_path: Path, lm: L
     assert top1 >= 0.85 and kl < 0.1, (top1, kl)
 
 
+def test_embeddings_at_8_bits_write_an_8_bit_gather_block_quantized(tmp_path: Path, lm: LMFiles) -> None:
+    """``bits: {"Gather": 8}``: the table becomes uint8 codes with a scale and zero point per block (ORT's
+    quantizer writes 4 bits only); ORT runs it and the logits stay closer to fp32 than with a 4-bit table."""
+    out, metrics = _quantize_lm(tmp_path / "a", lm.onnx, lm.data, mode="int4", quantize_embeddings=True,
+                                bits={"*lm_head*": 8, "Gather": 8})
+    proto = onnx.load(str(out))
+    embed = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(embed) == 1 and next(a.i for a in embed[0].attribute if a.name == "bits") == 8
+    inits = {t.name: t for t in proto.graph.initializer}
+    assert inits[embed[0].input[0]].data_type == onnx.TensorProto.UINT8
+    assert not [n for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in inits
+                and len(inits[n.input[0]].dims) == 2 and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT]
+    assert metrics["weight_only"]["embedding_bits"] == {"8": 1}
+    out4, _ = _quantize_lm(tmp_path / "b", lm.onnx, lm.data, mode="int4", quantize_embeddings=True,
+                           bits={"*lm_head*": 8})
+    ref = _logits(lm.onnx, lm.data)
+    (top1, kl), (_, kl4) = _track(ref, _logits(out, lm.data)), _track(ref, _logits(out4, lm.data))
+    assert top1 >= 0.85 and kl < 0.1 and kl < kl4, (top1, kl, kl4)
+
+
+def test_int8_share_keeps_the_layer_with_the_highest_measured_kl_at_8_bits(tmp_path: Path, lm: LMFiles) -> None:
+    """``int8_share: 0.5`` on a 2-layer Llama: each layer alone at 4 bits is judged by KL to the float model on
+    the calibration rows, and the worse one goes to 8 bits (all its MatMuls), the other stays at 4."""
+    out, metrics = _quantize_lm(tmp_path, lm.onnx, lm.data, mode="int4", int8_share=0.5)
+    mixed = metrics["weight_only"]["mixed_bits"]
+    kl = {int(k): v for k, v in mixed["kl_per_layer"].items()}
+    assert set(kl) == {0, 1} and all(v > 0 for v in kl.values())
+    worst = max(kl, key=lambda k: kl[k])
+    assert mixed["layers_at_8_bits"] == [worst]
+    bits = _nbits(out)
+    for name, b in bits.items():
+        if "lm_head" not in name:
+            assert b == (8 if f"layers.{worst}/" in name else 4), (name, b)
+    assert metrics["weight_only"]["matmul_bits"] == {"4": 7, "8": 8}
+    plain, _ = _quantize_lm(tmp_path / "plain", lm.onnx, lm.data, mode="int4", int8_share=0.0)
+    ref = _logits(lm.onnx, lm.data)
+    assert _track(ref, _logits(out, lm.data))[1] < _track(ref, _logits(plain, lm.data))[1]
+
+
+def test_int8_share_without_calibration_text_keeps_every_layer_at_4_bits(tmp_path: Path, lm: LMFiles) -> None:
+    _, metrics = _quantize_lm(tmp_path, lm.onnx, None, mode="int4", int8_share=0.5)
+    assert "mixed_bits" not in metrics["weight_only"] and metrics["weight_only"]["matmul_bits"] == {"4": 14, "8": 1}
+
+
 def test_int4_quantizes_the_embeddings_by_default_only_where_the_head_is_tied_to_them(
     tmp_path: Path, lm: LMFiles
 ) -> None:
     """GPT-2 ties its head to the token embeddings (the float table would be the biggest tensor left);
     the Llama here does not (4-bit embeddings cost it perplexity): each gets its default, and a spec's
     explicit ``quantize_embeddings: false`` wins."""
-    from worker.passes.quantize import tied_embeddings
+    from worker.passes.quantizers.weight_only import tied_embeddings
 
     assert tied_embeddings(onnx.load(str(lm.gpt2_onnx))) and not tied_embeddings(onnx.load(str(lm.onnx)))
     ops = lambda path: [n.op_type for n in onnx.load(str(path)).graph.node]  # noqa: E731
@@ -425,7 +469,7 @@ def test_weight_only_failures_say_why(tmp_path: Path, lm: LMFiles) -> None:
 def test_calibration_feeds_fill_an_empty_kv_cache_and_positions(tmp_path: Path) -> None:
     from onnx import TensorProto, helper
 
-    from worker.passes.quantize import calibration_feeds
+    from worker.passes.quantizers.weight_only import calibration_feeds
 
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),

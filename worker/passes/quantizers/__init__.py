@@ -1,0 +1,1 @@
+"""The quantize step's back ends, one module per mode family (the pass itself is ``worker/passes/quantize.py``)."""

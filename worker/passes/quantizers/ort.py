@@ -1,0 +1,245 @@
+"""ONNX Runtime's integer and float16 quantizers: dynamic INT8, static INT8 QDQ with calibration, fp16."""
+
+from __future__ import annotations
+
+import functools
+import platform
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from models.spec import QuantizeStep
+from worker.passes.base import PassContext, StepFailed, WorkingModel
+from worker.passes.quantizers.files import calibration_batch, is_large, name_unnamed_nodes, save, unique_path
+
+if TYPE_CHECKING:
+    from worker.passes.base import ArrayDataset
+
+_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def lacks_vnni(machine: str, cpuinfo: str | None) -> bool:
+    """Whether a CPU (``platform.machine()``, /proc/cpuinfo text) is x86 without VNNI, whose u8 x s8 kernels saturate."""
+    if machine.lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    if cpuinfo is None:
+        return True  # unknown x86: the safe choice costs one bit of weight precision
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return not _VNNI_FLAGS & set(flags)
+
+
+@functools.cache
+def cpu_lacks_vnni() -> bool:
+    """``lacks_vnni`` for the CPU this worker runs on."""
+    try:
+        text: str | None = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = None
+    return lacks_vnni(platform.machine(), text)
+
+
+def reduce_range(p: QuantizeStep) -> bool:
+    """7-bit weights when asked, or by default on a CPU whose int8 kernels would saturate."""
+    return cpu_lacks_vnni() if p.reduce_range is None else p.reduce_range
+
+
+class _Reader:
+    """CalibrationDataReader over an ArrayDataset: batches of model inputs, reporting progress as it goes."""
+
+    def __init__(
+        self, data: ArrayDataset, batch: int, ctx: PassContext, dtypes: dict[str, Any], pad: bool
+    ) -> None:
+        self.data, self.batch, self.ctx, self.dtypes, self.pad = data, batch, ctx, dtypes, pad
+        self.n = len(data)
+        self.pos = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.pos >= self.n:
+            return None
+        self.ctx.check_cancelled()
+        self.ctx.progress("calibrating", fraction=self.pos / self.n)
+        end = min(self.pos + self.batch, self.n)
+        feed = {}
+        for name, arr in self.data.inputs.items():
+            chunk = arr[self.pos : end]
+            if end - self.pos < self.batch and self.pad:
+                # equal batches (fixed-batch models, histogram calibrators): wrap around to the start
+                chunk = np.concatenate([chunk, arr[: self.batch - len(chunk)]])
+            dt = self.dtypes.get(name)
+            feed[name] = np.ascontiguousarray(chunk if dt is None else chunk.astype(dt, copy=False))
+        self.pos = end
+        return feed
+
+    def rewind(self) -> None:
+        self.pos = 0
+
+    def __iter__(self) -> _Reader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        item = self.get_next()
+        if item is None:
+            raise StopIteration
+        return item
+
+
+def preprocess(src: Path, ctx: PassContext) -> tuple[Path, str]:
+    """ORT's quant_pre_process (symbolic shape inference + optimization), with fallbacks; nodes named."""
+    import logging
+
+    from onnxruntime.quantization import quant_pre_process
+
+    from worker.formats.onnx_model import scratch_cwd
+
+    src = src.resolve()
+    large = is_large(src)
+    dst = unique_path(ctx.workdir, "quantize-pre").resolve()
+    attempts: list[tuple[str, dict[str, Any]]] = [
+        ("full", {}),
+        ("no_symbolic_shape", {"skip_symbolic_shape": True}),
+        ("shape_only", {"skip_symbolic_shape": True, "skip_optimization": True}),
+    ]
+    chosen, how = src, "skipped"
+    for label, kwargs in attempts:
+        try:
+            with scratch_cwd(
+                ctx.workdir.resolve() / "scratch"
+            ):  # ORT's symbolic inference litters the CWD
+                quant_pre_process(
+                    str(src),
+                    str(dst),
+                    save_as_external_data=large,
+                    all_tensors_to_one_file=True,
+                    external_data_location=dst.name + ".data" if large else None,
+                    **kwargs,
+                )
+            chosen, how = dst, label
+            break
+        except Exception as e:
+            logging.getLogger(__name__).info("quant_pre_process (%s) failed: %s", label, e)
+            ctx.log(f"quant_pre_process ({label}) failed, falling back", error=f"{type(e).__name__}: {e}")
+    shutil.rmtree(ctx.workdir / "scratch", ignore_errors=True)
+    if not large:
+        chosen = name_nodes(chosen, ctx)
+    return chosen, how
+
+
+def name_nodes(path: Path, ctx: PassContext) -> Path:
+    """Give unnamed nodes a unique name so exclusions by name and Gemm->MatMul renaming work."""
+    import onnx
+
+    m = onnx.load(str(path))
+    if not name_unnamed_nodes(m):
+        return path
+    dst = unique_path(ctx.workdir, "quantize-named")
+    onnx.save_model(m, str(dst))
+    return dst
+
+
+def node_exclusions(path: Path, p: QuantizeStep, dynamic: bool) -> list[str]:
+    """The step's excluded node names, plus the MatMul names dynamic quantization gives excluded Gemms."""
+    import onnx
+
+    excluded = list(p.nodes_to_exclude)
+    if dynamic and "Gemm" in p.op_types_to_exclude:
+        # dynamic quantization rewrites Gemm to MatMul (named "<gemm>_MatMul") before quantizing
+        m = onnx.load(str(path), load_external_data=False)
+        for n in m.graph.node:
+            if n.op_type == "Gemm" and n.name:
+                excluded += [n.name, f"{n.name}_MatMul"]
+    return excluded
+
+
+def dynamic(src: Path, p: QuantizeStep, ctx: PassContext) -> Path:
+    """Dynamic INT8: weights quantized offline, activations at run time (MatMulInteger/ConvInteger)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    out = unique_path(ctx.workdir, "quantized-dynamic")
+    op_types = sorted(set(IntegerOpsRegistry) - set(p.op_types_to_exclude))
+    ctx.progress("quantizing (dynamic)", fraction=0.3)
+    quantize_dynamic(
+        str(src),
+        str(out),
+        op_types_to_quantize=op_types,
+        per_channel=p.per_channel,
+        reduce_range=reduce_range(p),
+        weight_type=QuantType.QInt8 if p.weight_type == "int8" else QuantType.QUInt8,
+        nodes_to_exclude=node_exclusions(src, p, dynamic=True),
+        use_external_data_format=is_large(src),
+        extra_options={"MatMulConstBOnly": True},
+    )
+    return out
+
+
+def static(src: Path, p: QuantizeStep, model: WorkingModel, ctx: PassContext) -> tuple[Path, int]:
+    """Static INT8 QDQ calibrated on the calibration set; the path and the number of samples used."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    from worker.evaluate import _ORT_TO_NUMPY, make_session
+
+    data = ctx.dataset("calibration", model)
+    if data is None or len(data) == 0:
+        raise StepFailed("calibration_data_missing", "static quantization needs a calibration dataset")
+    data = data.take(p.calibration.samples)
+    session = make_session(src, 1)
+    dtypes = {i.name: _ORT_TO_NUMPY.get(i.type) for i in session.get_inputs()}
+    fixed = {i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+    del session
+    histogram = p.calibration.method != "minmax"  # ORT's histogram calibrators need equal batches
+    batch = min(fixed) if fixed else calibration_batch(len(data), equal=histogram)
+    reader = _Reader(data, batch, ctx, dtypes, pad=bool(fixed) or histogram)
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[p.calibration.method]
+    extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": True}
+    if p.calibration.method == "percentile":
+        extra["CalibPercentile"] = p.calibration.percentile
+    op_types = sorted((set(QLinearOpsRegistry) | set(QDQRegistry)) - set(p.op_types_to_exclude))
+    out = unique_path(ctx.workdir, f"quantized-static-{p.calibration.method}")
+    quantize_static(
+        str(src),
+        str(out),
+        reader,  # a CalibrationDataReader by its __subclasshook__ (has get_next)
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=op_types,
+        per_channel=p.per_channel,
+        reduce_range=reduce_range(p),
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8 if p.weight_type == "int8" else QuantType.QUInt8,
+        nodes_to_exclude=node_exclusions(src, p, dynamic=False),
+        use_external_data_format=is_large(src),
+        calibrate_method=method,
+        extra_options=extra,
+    )
+    return out, len(data)
+
+
+def fp16(src: Path, p: QuantizeStep, ctx: PassContext) -> Path:
+    """Float16 weights and compute with ORT's converter (its block list and the step's exclusions in fp32)."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    ctx.progress("converting to float16", fraction=0.2)
+    large = is_large(src)
+    m = onnx.load(str(src))
+    converted = convert_float_to_float16(
+        m,
+        keep_io_types=p.keep_io_types,
+        op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(p.op_types_to_exclude)),
+        node_block_list=list(p.nodes_to_exclude) or None,
+        disable_shape_infer=large,
+    )
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    ONNXModel(converted).topological_sort()  # the converter appends its Cast nodes at the end
+    out = unique_path(ctx.workdir, "quantized-fp16")
+    save(converted, out, large)
+    return out
+
+# -- weight-only ------------------------------------------------------------------------------

@@ -1,0 +1,517 @@
+"""Weight-only block quantization (modes ``int4``/``int8_weight``): MatMul weights to ``MatMulNBits`` and
+embedding tables to ``GatherBlockQuantized`` by RTN, HQQ or GPTQ, with per-node bit widths."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from models.spec import QuantizeStep
+from worker.passes.base import PassContext, StepFailed, WorkingModel
+from worker.passes.quantizers.files import calibration_batch, is_large, name_unnamed_nodes, save, unique_path
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import onnx
+
+    from worker.passes.base import ArrayDataset
+
+# -- weight-only (int4 / int8_weight) defaults, for the spec's None --
+# Chosen with ``python -m bench.llm_pipeline`` (a 4.0 M-parameter Llama trained on the OS licence texts,
+# genai-builder KV export, held-out perplexity 62.41 in fp32, 2 shared cores; figures in README). Against
+# ORT's quantizer with its defaults (RTN, block 128, asymmetric, head at 4 bits: +1.3 % perplexity, 3.88x
+# smaller):
+# - algorithm rtn: HQQ lost less (+0.2..0.4 %) but its float zero points take ORT's slow CPU path, 0.07-0.19x
+#   of fp32 decode speed against 1-3x for RTN; GPTQ (b64 +0.4 %, b32 +0.6 %) needs calibration text and
+#   was no better than RTN at the same block size.
+# - block 64: +0.4 % at 3.58x smaller; block 32 +0.6 % (3.39x: the scales eat the size goal), block 128
+#   +0.9 % with the head at 8 bits.
+# - asymmetric: at block 32 symmetric lost the same (+0.6 %); at block 64 symmetric lost +1.1 %.
+# - head at 8 bits: the head at 4 bits cost +0.1..0.4 point of perplexity (b64 +0.8 %, b128 +1.3 % vs +0.9 %).
+# - embeddings in float (``quantize_embeddings`` False): 4-bit embeddings made files 5-6x smaller but lost
+#   +1.0..1.2 %, as much as ORT's defaults (+0.7..0.8 % in a later run, against +0.1 % in float). Except
+#   where the head is tied to the embedding table (``tied_embeddings``): on a GPT-2 of the same size
+#   (``--arch gpt2``, tied, traced export) the float table was the largest tensor left, the file only 3.36x
+#   smaller (+0.20 %), and 4-bit embeddings made it 5.79x at +0.13 %: there they are on by default.
+# - accuracy level 4 (int8 activations in MatMulNBits): 2.56x fp32 decode; the same file at level 0 decoded
+#   at 0.23x, with the same perplexity (+0.4 %).
+# Result: 3.58x smaller, 2.56x decode tokens/s, +0.4 % perplexity = 0.33x of what ORT's defaults lose.
+DEFAULT_ALGORITHM = "rtn"
+DEFAULT_BLOCK_SIZE = 64
+DEFAULT_SYMMETRIC = False
+DEFAULT_ACCURACY_LEVEL = 4
+# Bits of the output head (the last MatMul with a constant weight) when the spec gives no ``bits``.
+DEFAULT_HEAD_BITS = 8
+# Share of the decoder layers' weights kept at 8 bits, the most sensitive layers by KL on calibration text
+# (worker/passes/quantizers/mixed_bits.py); applies only when calibration text is given.
+DEFAULT_INT8_SHARE = 0.0
+_FLOAT_TYPES = (1, 10)  # onnx.TensorProto.FLOAT, FLOAT16
+
+
+def quantize_weight_only(
+    src: Path, p: QuantizeStep, model: WorkingModel, ctx: PassContext
+) -> tuple[Path, dict[str, Any]]:
+    """Weight-only block quantization: the 4-bit MatMuls by ``algorithm``, 8-bit ones by RTN, then
+    embeddings (Gather -> GatherBlockQuantized, 4-bit); nodes excluded or unsupported stay float."""
+    import onnx
+
+    s = WeightOnlySettings.resolve(p)
+    large = is_large(src)
+    ctx.progress("preparing weight-only quantization", fraction=0.0)
+    m = onnx.load(str(src))
+    prepare_for_nbits(m)
+    if p.quantize_embeddings is None and s.mode_bits == 4 and tied_embeddings(m):
+        p = p.model_copy(update={"quantize_embeddings": True})
+        ctx.log("the output head shares the embedding table: quantizing the embeddings too "
+                "(quantize_embeddings: false keeps them in float)")
+    if p.quantize_embeddings:
+        opset_for_int4_tables(m)
+    plan = plan_weight_only(m, p, s)
+    if not plan.four and not plan.eight and not plan.gathers and not plan.gathers8:
+        raise StepFailed(
+            "nothing_to_quantize",
+            "no MatMul with a constant 2-D float weight left to quantize"
+            + (f" ({len(plan.excluded)} excluded)" if plan.excluded else ""),
+        )
+    calibration: dict[str, Any] | None = None
+    share = DEFAULT_INT8_SHARE if p.int8_share is None else p.int8_share
+    mixed: dict[str, Any] | None = None
+    if s.mode_bits == 4 and share > 0 and plan.four:
+        mixed = _mixed_bits(m, plan, s, p, share, model, ctx, large)
+    if plan.four:
+        ctx.check_cancelled()
+        ctx.progress(f"quantizing {len(plan.four)} MatMul to 4 bits ({s.algorithm})", fraction=0.1)
+        if s.algorithm == "gptq":
+            m, calibration = gptq(m, plan.four, s, p, model, ctx, large)
+        else:
+            m = nbits(m, plan.four, _matmul_config(s, bits=4))
+    if plan.eight:
+        ctx.check_cancelled()
+        ctx.progress(f"quantizing {len(plan.eight)} MatMul to 8 bits (rtn)", fraction=0.7)
+        m = nbits(m, plan.eight, _matmul_config(dataclasses.replace(s, algorithm="rtn"), bits=8))
+    if plan.gathers:
+        ctx.check_cancelled()
+        ctx.progress(f"quantizing {len(plan.gathers)} embeddings to 4 bits", fraction=0.85)
+        m = nbits(m, plan.gathers, _gather_config(s))
+    if plan.gathers8:
+        ctx.check_cancelled()
+        ctx.progress(f"quantizing {len(plan.gathers8)} embeddings to 8 bits", fraction=0.9)
+        plan.excluded += gather_to_8bit(m, plan.gathers8, s.block_size)
+    if s.accuracy_level is not None:
+        set_accuracy_level(m, s.accuracy_level)
+    out = unique_path(ctx.workdir, f"quantized-{p.mode}")
+    save(m, out, large)
+    bits = Counter(_attr(n, "bits") for n in m.graph.node if n.op_type == "MatMulNBits")
+    metrics: dict[str, Any] = {
+        "algorithm": s.algorithm,
+        "block_size": s.block_size,
+        "symmetric": s.symmetric if s.algorithm != "hqq" else False,
+        "accuracy_level": s.accuracy_level,
+        "matmul_bits": {str(k): v for k, v in sorted(bits.items())},
+        "embeddings": sum(n.op_type == "GatherBlockQuantized" for n in m.graph.node),
+        "embedding_bits": {
+            str(k): v for k, v in sorted(Counter(
+                _attr(n, "bits") or 4 for n in m.graph.node if n.op_type == "GatherBlockQuantized").items())
+        },
+        "bits_overrides": plan.overrides,
+        "excluded": plan.excluded,
+    }
+    if calibration is not None:
+        metrics["calibration"] = calibration
+    if mixed is not None:
+        metrics["mixed_bits"] = mixed
+    return out, metrics
+
+
+def _mixed_bits(
+    m: onnx.ModelProto, plan: WeightOnlyPlan, s: WeightOnlySettings, p: QuantizeStep, share: float,
+    model: WorkingModel, ctx: PassContext, large: bool,
+) -> dict[str, Any] | None:
+    """Move the most KL-sensitive decoder layers' 4-bit MatMuls to 8 bits (``mixed_bits``); None when there
+    is no calibration text, no ``layers.<i>`` in the names, or the model is too large to judge in memory."""
+    from worker.passes.quantizers import mixed_bits
+
+    groups = mixed_bits.layer_groups(plan.four)
+    data = ctx.dataset("calibration", model)
+    if len(groups) < 2 or data is None or len(data) == 0 or large:
+        why = "no calibration text" if data is None or len(data) == 0 else (
+            "the model is too large" if large else "no decoder layers in the node names")
+        ctx.log(f"int8_share {share}: every layer stays at 4 bits ({why})")
+        return None
+    feeds = mixed_bits.calibration_rows(list(calibration_feeds(data, list(m.graph.input), mixed_bits.ROWS, ctx)))
+    config = _matmul_config(dataclasses.replace(s, algorithm="rtn"), 4)
+    kl = mixed_bits.kl_per_layer(m, groups, lambda trial, names: nbits(trial, names, config), feeds, ctx)
+    inits = {t.name: int(np.prod(t.dims)) for t in m.graph.initializer}
+    sizes = {n.name: inits.get(n.input[1], 0) for n in m.graph.node if n.name in set(plan.four)}
+    chosen = mixed_bits.promote(groups, kl, sizes, share)
+    moved = [n for layer in chosen for n in groups[layer]]
+    plan.four = [n for n in plan.four if n not in set(moved)]
+    plan.eight += moved
+    for n in moved:
+        plan.overrides[n] = 8
+    return {"int8_share": share, "layers_at_8_bits": chosen, "rows": len(feeds),
+            "kl_per_layer": {str(k): round(v, 6) for k, v in kl.items()}}
+
+
+def gptq(
+    m: onnx.ModelProto,
+    names: list[str],
+    s: WeightOnlySettings,
+    p: QuantizeStep,
+    model: WorkingModel,
+    ctx: PassContext,
+    large: bool,
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """GPTQ of the ``names`` MatMuls at 4 bits (the Hessians from the calibration set), the rest untouched.
+
+    ORT's ``neural_compressor.gptq_quantize`` is called directly: ``MatMulNBitsQuantizer`` hands it
+    every MatMul and ignores ``nodes_to_exclude`` on this path.
+    """
+    import contextlib
+    import io
+
+    from onnxruntime.quantization.neural_compressor import gptq_quantize
+
+    _quiet_ort_quantizer_logs()
+    data = ctx.dataset("calibration", model)
+    if data is None or len(data) == 0:
+        raise StepFailed("calibration_data_missing", "algorithm gptq needs a calibration dataset")
+    data = data.take(p.calibration.samples)
+    batch = calibration_batch(len(data), equal=False)
+    feeds = list(calibration_feeds(data, list(m.graph.input), batch, ctx))
+    chosen = set(names)
+    scheme = "sym" if s.symmetric else "asym"
+    rows = {t.name: int(t.dims[0]) for t in m.graph.initializer if len(t.dims) == 2}
+    config: dict[str, Any] = {}
+    odd: list[str] = []
+    for n in m.graph.node:
+        if n.op_type != "MatMul":
+            continue
+        if n.name not in chosen:
+            config[n.name] = "fp32"
+            continue
+        node_scheme = scheme
+        if scheme == "asym" and -(-rows.get(n.input[1], 0) // s.block_size) % 2:
+            # ORT's GPTQ packs two 4-bit zero points per byte across columns and breaks on an odd
+            # number of blocks per column (K / block_size): those weights go symmetric (no zero points)
+            node_scheme = "sym"
+            odd.append(n.name)
+        config[n.name] = {"bits": 4, "group_size": s.block_size, "scheme": node_scheme}
+    target: Any = m
+    if large:  # the quantizer serializes the model for its session: > 2 GiB must go by path
+        target_path = unique_path(ctx.workdir, "quantize-gptq-src")
+        save(m, target_path, True)
+        target = str(target_path)
+    ctx.progress("calibrating (gptq)", fraction=0.2)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress bar writes to stdout
+            quantized = gptq_quantize(
+                target,
+                ((feed, None) for feed in feeds),
+                weight_config=config,
+                num_bits=4,
+                group_size=s.block_size,
+                scheme=scheme,
+                n_samples=-1,
+                accuracy_level=s.accuracy_level or 0,
+            )
+    except Exception as e:  # ORT raises many types from its calibration session
+        raise StepFailed("quantize_failed", f"GPTQ failed: {type(e).__name__}: {e}") from e
+    info: dict[str, Any] = {"method": "gptq", "samples": len(data), "batch": batch}
+    if odd:
+        info["symmetric_nodes"] = odd
+    return quantized.model, info
+
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightOnlySettings:
+    """A weight-only step's settings with the measured defaults filled in."""
+
+    mode_bits: int
+    algorithm: str
+    block_size: int
+    symmetric: bool
+    accuracy_level: int | None
+
+    @classmethod
+    def resolve(cls, p: QuantizeStep) -> WeightOnlySettings:
+        """The spec's values, None replaced by the defaults; unsupported combinations named."""
+        mode_bits = 4 if p.mode == "int4" else 8
+        algorithm = p.algorithm or (DEFAULT_ALGORITHM if mode_bits == 4 else "rtn")
+        if mode_bits == 8 and algorithm != "rtn":
+            raise StepFailed(
+                "unsupported_algorithm",
+                f"mode int8_weight supports algorithm rtn only, not {algorithm!r}: ORT's 8-bit MatMulNBits "
+                "CPU kernel rejects HQQ's float zero points and its GPTQ writes 4-bit weights only",
+            )
+        if mode_bits == 8 and p.quantize_embeddings:
+            raise StepFailed(
+                "unsupported_option",
+                "quantize_embeddings needs mode int4: ORT's quantizer writes GatherBlockQuantized at 4 bits only",
+            )
+        return cls(
+            mode_bits=mode_bits,
+            algorithm=algorithm,
+            block_size=p.block_size or DEFAULT_BLOCK_SIZE,
+            symmetric=DEFAULT_SYMMETRIC if p.symmetric is None else p.symmetric,
+            accuracy_level=DEFAULT_ACCURACY_LEVEL if p.accuracy_level is None else p.accuracy_level,
+        )
+
+
+@dataclasses.dataclass
+class WeightOnlyPlan:
+    """Which nodes get which treatment: MatMul names at 4 and at 8 bits, Gather names at 4 bits, the rest."""
+
+    four: list[str] = dataclasses.field(default_factory=list)
+    eight: list[str] = dataclasses.field(default_factory=list)
+    gathers: list[str] = dataclasses.field(default_factory=list)
+    gathers8: list[str] = dataclasses.field(default_factory=list)
+    excluded: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    overrides: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _attr(node: onnx.NodeProto, name: str) -> Any:
+    import onnx
+
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+def prepare_for_nbits(m: onnx.ModelProto) -> None:
+    """In place: unique names for unnamed nodes, Gemm with a constant weight as MatMul + Add (GPT-2's
+    Conv1D exports as Gemm, which MatMulNBits does not cover)."""
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    name_unnamed_nodes(m)
+    if any(n.op_type == "Gemm" for n in m.graph.node):
+        ONNXModel(m).replace_gemm_with_matmul()
+
+
+def opset_for_int4_tables(m: onnx.ModelProto) -> None:
+    """In place: opset 21 at least, for embeddings going to int4 (ORT's quantizer would only relabel it)."""
+    from onnx import version_converter
+
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 21)
+    if opset < 21:
+        m.CopyFrom(version_converter.convert_version(m, 21))
+
+
+def tied_embeddings(m: onnx.ModelProto) -> bool:
+    """Whether the output head (the last MatMul with a constant weight, ``[hidden, vocab]``) multiplies by
+    the token-embedding table: a Gather's ``[vocab, hidden]`` table equal to that weight transposed (the
+    exporters write the tied matrix twice, once per layout)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in m.graph.initializer if len(t.dims) == 2 and t.data_type in _FLOAT_TYPES}
+    head = next((n for n in reversed(m.graph.node)
+                 if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits), None)
+    if head is None:
+        return False
+    weight = inits[head.input[1]]
+    hidden, vocab = weight.dims
+    for node in m.graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        if table is not None and tuple(table.dims) == (vocab, hidden):
+            return bool(np.array_equal(numpy_helper.to_array(table).T, numpy_helper.to_array(weight)))
+    return False
+
+
+def _bits_for(node: onnx.NodeProto, overrides: dict[str, int], default: int) -> tuple[int, str | None]:
+    """The first ``overrides`` pattern (fnmatch) matching the node's name or op type, else ``default``."""
+    for pattern, bits in overrides.items():
+        if fnmatch.fnmatchcase(node.name, pattern) or fnmatch.fnmatchcase(node.op_type, pattern):
+            return bits, pattern
+    return default, None
+
+
+def plan_weight_only(m: onnx.ModelProto, p: QuantizeStep, s: WeightOnlySettings) -> WeightOnlyPlan:
+    """Sort the quantizable nodes (MatMul with a constant 2-D float weight; embeddings Gathers when asked)."""
+    inits = {t.name: t for t in m.graph.initializer if len(t.dims) == 2 and t.data_type in _FLOAT_TYPES}
+    candidates = [
+        n
+        for n in m.graph.node
+        if (n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits)
+        or (p.quantize_embeddings and n.op_type == "Gather" and n.input[0] in inits)
+    ]
+    overrides: dict[str, int] = dict(p.bits or {})
+    if p.bits is None:
+        head = next((n.name for n in reversed(candidates) if n.op_type == "MatMul"), None)
+        if head is not None and s.mode_bits != DEFAULT_HEAD_BITS:
+            overrides = {head: DEFAULT_HEAD_BITS}
+    plan = WeightOnlyPlan()
+    for node in candidates:
+        if node.name in p.nodes_to_exclude or node.op_type in p.op_types_to_exclude:
+            plan.excluded.append({"node": node.name, "op_type": node.op_type, "reason": "excluded"})
+            continue
+        bits, pattern = _bits_for(node, overrides, s.mode_bits)
+        if pattern is not None:
+            plan.overrides[node.name] = bits
+        if node.op_type == "Gather":
+            (plan.gathers if bits == 4 else plan.gathers8).append(node.name)
+        else:
+            (plan.four if bits == 4 else plan.eight).append(node.name)
+    return plan
+
+
+def _matmul_config(s: WeightOnlySettings, bits: int) -> Any:
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+    )
+
+    if s.algorithm == "hqq":
+        return HQQWeightOnlyQuantConfig(block_size=s.block_size, bits=bits, op_types_to_quantize=("MatMul",))
+    # "rtn": ORT's own blockwise round-to-nearest (its C++ kernels; symmetric or with zero points)
+    return DefaultWeightOnlyQuantConfig(
+        block_size=s.block_size,
+        is_symmetric=s.symmetric,
+        accuracy_level=s.accuracy_level,
+        bits=bits,
+        op_types_to_quantize=("MatMul",),
+    )
+
+
+def _gather_config(s: WeightOnlySettings) -> Any:
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
+
+    # HQQ's float zero points are not supported by GatherBlockQuantized: embeddings are always RTN
+    return DefaultWeightOnlyQuantConfig(
+        block_size=s.block_size, is_symmetric=s.symmetric, bits=4, op_types_to_quantize=("Gather",)
+    )
+
+
+def _quiet_ort_quantizer_logs() -> None:
+    """ORT's weight-only quantizer logs every node at INFO (and sets up root logging at import): warnings only."""
+    import logging
+
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (its import configures the logger)
+
+    for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "neural_compressor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def nbits(m: onnx.ModelProto, names: list[str], config: Any) -> onnx.ModelProto:
+    """``MatMulNBitsQuantizer`` over ``m`` with ``config``, restricted to the nodes named ``names``."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    _quiet_ort_quantizer_logs()
+
+    keep = set(names)
+    others = [n.name for n in m.graph.node if n.name not in keep]
+    quantizer = MatMulNBitsQuantizer(m, nodes_to_exclude=others, algo_config=config)
+    try:
+        quantizer.process()
+    except Exception as e:  # the quantizer asserts and raises many types; the user needs the message
+        raise StepFailed("quantize_failed", f"{config.algorithm} quantization failed: {type(e).__name__}: {e}") from e
+    return quantizer.model.model
+
+
+def set_accuracy_level(m: onnx.ModelProto, level: int) -> None:
+    """In place: the compute type of every MatMulNBits (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations)."""
+    import onnx
+
+    for node in m.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in list(node.attribute):
+                if a.name == "accuracy_level":
+                    node.attribute.remove(a)
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
+
+
+def calibration_feeds(
+    data: ArrayDataset, inputs: list[onnx.ValueInfoProto], batch: int, ctx: PassContext
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of graph inputs from ``data``: what the data lacks is filled for a causal LM with a KV cache,
+    ``past_key_values.*`` empty (``[batch, kv_heads, 0, head_dim]``, dims from the graph) and
+    ``position_ids`` counted from ``attention_mask``; any other missing input is named."""
+    import onnx
+
+    n = len(data)
+    specs = []
+    for vi in inputs:
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        specs.append((vi.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type), dims))
+    for name, _, dims in specs:
+        if name in data.inputs or (name == "position_ids" and "attention_mask" in data.inputs):
+            continue
+        if name.startswith("past_key_values"):
+            if len(dims) != 4 or dims[1] is None or dims[3] is None:
+                raise StepFailed(
+                    "calibration_data_mismatch",
+                    f"cannot build an empty past for input {name}: shape {dims} is not [batch, heads, past, dim]",
+                )
+            continue
+        raise StepFailed("calibration_data_mismatch", f"calibration data has no input {name!r}")
+    for start in range(0, n, batch):
+        ctx.check_cancelled()
+        ctx.progress("calibrating", fraction=start / n)
+        chunk = {k: v[start : start + batch] for k, v in data.inputs.items()}
+        b = len(next(iter(chunk.values())))
+        feed: dict[str, np.ndarray] = {}
+        for name, dtype, dims in specs:
+            if name in chunk:
+                feed[name] = np.ascontiguousarray(chunk[name].astype(dtype, copy=False))
+            elif name == "position_ids":
+                mask = chunk["attention_mask"].astype(np.int64)
+                feed[name] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(dtype)
+            else:
+                feed[name] = np.zeros((b, int(dims[1] or 0), 0, int(dims[3] or 0)), dtype=dtype)
+        yield feed
+
+
+def gather_to_8bit(m: onnx.ModelProto, names: list[str], block_size: int) -> list[dict[str, str]]:
+    """In place: each named Gather over a constant float ``[vocab, hidden]`` table becomes a
+    ``GatherBlockQuantized`` (com.microsoft, ``bits`` 8): uint8 codes with a float scale and a uint8 zero
+    point per block of ``block_size`` along the hidden axis (asymmetric round-to-nearest; ORT's quantizer
+    writes this op at 4 bits only). Returns the exclusions (tables it could not take)."""
+    import onnx
+    from onnx import numpy_helper
+
+    chosen = set(names)
+    inits = {t.name: t for t in m.graph.initializer}
+    users = Counter(i for n in m.graph.node for i in n.input)
+    skipped: list[dict[str, str]] = []
+    for node in m.graph.node:
+        if node.name not in chosen:
+            continue
+        table = inits.get(node.input[0])
+        axis = _attr(node, "axis") or 0
+        if table is None or len(table.dims) != 2 or axis != 0:
+            skipped.append({"node": node.name, "op_type": "Gather", "reason": "not a [vocab, hidden] table on axis 0"})
+            continue
+        raw = numpy_helper.to_array(table)
+        w = raw.astype(np.float32)
+        rows, cols = w.shape
+        block = next((b for b in (block_size, 128, 64, 32, 16) if cols % b == 0 and b <= cols), None)
+        if block is None:
+            skipped.append({"node": node.name, "op_type": "Gather", "reason": f"hidden size {cols} has no block of 16+"})
+            continue
+        blocks = w.reshape(rows, cols // block, block)
+        lo = np.minimum(blocks.min(-1), 0.0)
+        hi = np.maximum(blocks.max(-1), 0.0)
+        scale = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
+        zero = np.clip(np.round(-lo / scale), 0, 255).astype(np.uint8)
+        codes = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, 255).astype(np.uint8)
+        base = f"{table.name}_Q8G{block}"
+        m.graph.initializer.extend([
+            numpy_helper.from_array(codes.reshape(rows, cols), base),
+            numpy_helper.from_array(scale.astype(raw.dtype), f"{base}_scales"),
+            numpy_helper.from_array(zero, f"{base}_zp"),
+        ])
+        new = onnx.helper.make_node(
+            "GatherBlockQuantized", [base, node.input[1], f"{base}_scales", f"{base}_zp"], list(node.output),
+            name=f"{node.name}_Q8", domain="com.microsoft", bits=8, block_size=block, gather_axis=0, quantize_axis=1,
+        )
+        node.CopyFrom(new)
+        if users[table.name] == 1:
+            m.graph.initializer.remove(table)
+    if not any(o.domain == "com.microsoft" for o in m.opset_import):
+        m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return skipped
