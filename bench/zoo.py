@@ -98,7 +98,7 @@ def fp32_export(hf_dir: Path, out: Path) -> Path:
 def quantize_direct(src: Path, work: Path, params: dict[str, Any], calibration: np.ndarray) -> tuple[Path, dict]:
     """The quantize pass in-process (mode int4 and ``params``), calibration rows given."""
     from bench.llm_pipeline import quantize_ours
-    from worker.passes.base import ArrayDataset
+    from worker.core import ArrayDataset
 
     data = ArrayDataset(inputs={"input_ids": calibration, "attention_mask": np.ones_like(calibration)},
                         labels=calibration.copy(), meta={"shape": "text"})

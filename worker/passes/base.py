@@ -1,7 +1,6 @@
 """The uniform pass interface: a pass takes the working model in one form and returns a new one.
 
-The types a pass works with (``WorkingModel``, ``PassContext``, ``StepFailed`` ...) live in ``worker.core``;
-they are imported here again only for the pass modules not yet moved to import them from there.
+The types a pass works with (``WorkingModel``, ``PassContext``, ``StepFailed`` ...) live in ``worker.core``.
 """
 
 from __future__ import annotations
@@ -11,13 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from models.spec import STEP_KINDS, Form, StepParams
-from worker.core import (  # noqa: F401  (re-exported for passes/quantize.py and passes/sensitivity.py)
-    ArrayDataset,
-    JobCancelled,
-    PassContext,
-    StepFailed,
-    WorkingModel,
-)
+from worker.core import PassContext, WorkingModel
 
 
 @dataclass

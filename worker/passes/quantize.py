@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from models.spec import WEIGHT_ONLY_MODES, QuantizeStep
-from worker.passes.base import Pass, PassContext, PassResult, StepFailed, WorkingModel
+from worker.core import PassContext, StepFailed, WorkingModel
+from worker.passes.base import Pass, PassResult
 from worker.passes.quantizers import ort
 from worker.passes.quantizers.files import op_counts
 from worker.passes.quantizers.weight_only import quantize_weight_only

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from models.spec import ACCURACY_TASKS, AutoExclude, QuantizeStep
-from worker.passes.base import ArrayDataset, PassContext, StepFailed, WorkingModel
+from worker.core import ArrayDataset, PassContext, StepFailed, WorkingModel
 from worker.passes.quantizers import ort
 
 # Ops whose weights the quantizer turns into integers: the nodes worth keeping in float.

@@ -19,9 +19,9 @@ from tests.factories import digits_split
 from tests.factories_lm import licence_paragraphs, tiny_lm_dir
 from tests.worker.conftest import DigitsFiles
 from worker.context import LocalContext
+from worker.core import ArrayDataset, JobCancelled, StepFailed, WorkingModel
 from worker.formats.onnx_model import count_params
 from worker.passes import REGISTRY
-from worker.passes.base import ArrayDataset, JobCancelled, StepFailed, WorkingModel
 from worker.passes.quantize import QuantizePass
 
 

@@ -16,8 +16,8 @@ from models.spec import JobSpec, QuantizeStep
 from tests.factories import digits_split
 from tests.worker.conftest import DigitsFiles
 from worker.context import LocalContext
+from worker.core import StepFailed
 from worker.passes import sensitivity
-from worker.passes.base import StepFailed
 from worker.passes.quantize import QuantizePass
 
 

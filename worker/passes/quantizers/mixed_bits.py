@@ -17,7 +17,7 @@ import numpy as np
 if TYPE_CHECKING:
     import onnx
 
-    from worker.passes.base import PassContext
+    from worker.core import PassContext
 
 LAYER = re.compile(r"layers[._/](\d+)[./]")
 # Rows x tokens of calibration text each layer is judged on (one forward pass per layer).

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.spec import QuantizeStep
-from worker.passes.base import PassContext, StepFailed, WorkingModel
+from worker.core import PassContext, StepFailed, WorkingModel
 from worker.passes.quantizers.files import calibration_batch, is_large, name_unnamed_nodes, save, unique_path
 
 if TYPE_CHECKING:
-    from worker.passes.base import ArrayDataset
+    from worker.core import ArrayDataset
 
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.spec import QuantizeStep
-from worker.passes.base import PassContext, StepFailed, WorkingModel
+from worker.core import PassContext, StepFailed, WorkingModel
 from worker.passes.quantizers.files import calibration_batch, is_large, name_unnamed_nodes, save, unique_path
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     import onnx
 
-    from worker.passes.base import ArrayDataset
+    from worker.core import ArrayDataset
 
 # -- weight-only (int4 / int8_weight) defaults, for the spec's None --
 # Chosen with ``python -m bench.llm_pipeline`` (a 4.0 M-parameter Llama trained on the OS licence texts,
