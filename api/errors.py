@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -230,6 +231,15 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _pool_exhausted(request: Request, exc: Exception) -> JSONResponse:
+    # No pooled connection came within DB_POOL_TIMEOUT_S: nothing was read or written for this request.
+    log.warning("no database connection free on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        request, 503, "overloaded", "the server is busy (no database connection free); nothing was done, retry",
+        headers={"Retry-After": "1"},
+    )
+
+
 async def _crash(request: Request, exc: Exception) -> JSONResponse:
     ref = new_id("err")
     log.error("unhandled error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)
@@ -249,4 +259,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ClientDisconnect, _disconnected)
     app.add_exception_handler(DataError, _bad_data)
     app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(PoolTimeout, _pool_exhausted)
     app.add_exception_handler(Exception, _crash)

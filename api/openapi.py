@@ -126,8 +126,10 @@ def statuses(route: APIRoute, method: str) -> set[int]:
     if any(_params(route.dependant)):
         found.add(422)
     actions = {deps.RATE_LIMITED[c] for c in calls if c in deps.RATE_LIMITED}
-    if actions:
-        found.add(429)
+    if actions:  # a rate-limited owner is also an authenticated writer
+        found |= {401, 403, 429}
+    if "submit" in actions:
+        found.add(503)  # overloaded: no turn within OVERLOAD_WAIT_S (api/services/admission.py)
     if "upload" in actions:
         found |= {413, 422, 507}  # too large or past the quota; a format or file that is not valid; disk full
     if (method, route.path) in JSON_ROUTES:
