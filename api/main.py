@@ -20,13 +20,14 @@ log = logging.getLogger("modelpress.api")
 
 @asynccontextmanager
 async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
-    """At start: remove staged uploads that a killed API process left behind (storage/staging.py)."""
+    """At start: remove staged uploads that a killed API process left behind (storage/staging.py): this
+    host's at once (their lock says no process holds them), other hosts' after LEFTOVER_GRACE_S."""
     from storage import get_store
     from storage.staging import sweep_leftovers
 
     try:
         swept = await anyio.to_thread.run_sync(
-            sweep_leftovers, get_store().staging_dir, get_settings().leftover_grace_s)
+            sweep_leftovers, get_store().staging_dir, get_settings().leftover_grace_s, 0.0)
         if swept.files:
             log.warning("removed %d staged uploads (%d bytes) left by a killed process", swept.files, swept.bytes)
     except Exception:  # a storage problem shows in /readyz; it must not keep the API from starting
