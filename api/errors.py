@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 from models.db import is_transient
 from models.ids import new_id
 from models.schemas import Problem
-from storage.base import StorageFull, StorageUnavailable, UploadTooLarge
+from storage.base import StorageFull, StorageUnavailable, UploadTooLarge, is_full
 
 log = logging.getLogger("modelpress.api")
 
@@ -221,6 +221,10 @@ async def _bad_data(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_full(exc):  # the database's disk is full: waiting does not free space (a 507, not a 503 + Retry-After)
+        log.error("database disk full on %s %s: %s", request.method, request.url.path, exc)
+        return problem_response(request, 507, "storage_full",
+                                "no space left for the database; nothing was recorded, try again once space is freed")
     if not is_transient(exc):
         return await _crash(request, exc)
     # PostgreSQL restarting or unreachable: the transaction rolled back, so nothing was recorded.

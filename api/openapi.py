@@ -129,7 +129,7 @@ def statuses(route: APIRoute, method: str) -> set[int]:
     if actions:  # a rate-limited owner is also an authenticated writer
         found |= {401, 403, 429}
     if "submit" in actions:
-        found.add(503)  # overloaded: no turn within OVERLOAD_WAIT_S (api/services/admission.py)
+        found |= {503, 507}  # overloaded (api/services/admission.py); no space left for the database
     if "upload" in actions:
         found |= {413, 422, 507}  # too large or past the quota; a format or file that is not valid; disk full
     if (method, route.path) in JSON_ROUTES:
