@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from api import errors, openapi
 from api.bodylimit import JsonBodyLimit
@@ -57,7 +57,23 @@ def create_app() -> FastAPI:
         app.include_router(module.router)
         app.state.routers.append(module.router)
     openapi.install(app)
+    if not public:
+        _closed_document(app)
     return app
+
+
+def _closed_document(app: FastAPI) -> None:
+    """With closed docs, ``/openapi.json`` still answers a caller with a valid key (any scope); 404 otherwise."""
+    from fastapi.responses import JSONResponse
+
+    from api.deps import resolve_principal
+    from api.errors import ProblemError
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def document(request: Request) -> JSONResponse:
+        if await resolve_principal(request, get_settings()) is None:
+            raise ProblemError(404, "not_found", "the API document is served to callers with an API key")
+        return JSONResponse(app.openapi())
 
 
 app = create_app()
