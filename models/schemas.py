@@ -204,6 +204,10 @@ class KeyCreate(BaseModel):
     name: str = Field("", max_length=255, pattern=r"^[^\x00]*$")
 
 
+_MANAGES = ("Whose keys this key may manage: '*' (every owner) for the admin scope, which is global whatever "
+            "the key's owner label; none for read and write keys")
+
+
 class KeyOut(_Out):
     """An API key as listed: never its secret."""
 
@@ -215,8 +219,7 @@ class KeyOut(_Out):
     last_used_at: UTCTimestamp | None = None
     revoked_at: UTCTimestamp | None = None
 
-    @computed_field(description="Whose keys this key may manage: '*' (every owner) for the admin scope, which "
-                                "is global whatever the key's owner label; none for read and write keys")
+    @computed_field(description=_MANAGES)  # type: ignore[prop-decorator]
     @property
     def manages_keys_of(self) -> str | None:
         """``*`` for an admin key (it makes and revokes keys of any owner), None otherwise."""
