@@ -144,15 +144,32 @@ async def admin_principal(principal: Annotated[Principal, Depends(current_princi
 RATE_LIMITED: dict[Callable[..., Awaitable[str]], ratelimit.Action] = {}
 
 
+def bucket_before_auth(request: Request, settings: Settings) -> str | None:
+    """The rate-limit bucket of a request whose key needs a database look-up (a per-owner ``mp_`` key): the
+    key's id, read from the key itself. None when the caller is known without the database."""
+    if not _needs_database(request, settings):
+        return None
+    key = bearer_key(request)
+    return keys.key_id_of(key) if key is not None else None
+
+
+async def _take(settings: Settings, action: ratelimit.Action, bucket: str) -> None:
+    if ratelimit.uses_redis(settings):  # a network round trip: off the event loop
+        await anyio.to_thread.run_sync(ratelimit.check, settings, action, bucket)
+    else:
+        ratelimit.check(settings, action, bucket)
+
+
 def _rate_limited(action: ratelimit.Action) -> Callable[..., Awaitable[str]]:
-    async def owner(
-        principal: Annotated[Principal, Depends(current_principal)],
-        settings: Annotated[Settings, Depends(settings_dep)],
-    ) -> str:
-        if ratelimit.uses_redis(settings):  # a network round trip: off the event loop
-            await anyio.to_thread.run_sync(ratelimit.check, settings, action, principal.bucket)
-        else:
-            ratelimit.check(settings, action, principal.bucket)
+    async def owner(request: Request, settings: Annotated[Settings, Depends(settings_dep)]) -> str:
+        # The token is taken before the key is looked up, so a burst past the limit is answered 429 without
+        # waiting for (or taking) a database connection.
+        early = bucket_before_auth(request, settings)
+        if early is not None:
+            await _take(settings, action, early)
+        principal = await current_principal(request, settings)
+        if early is None:
+            await _take(settings, action, principal.bucket)
         return principal.owner
 
     owner.__doc__ = f"The owner of this request after taking a token from its key's {action} bucket (429 when empty)."

@@ -11,13 +11,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from models.db import is_transient
 from models.ids import new_id
 from models.schemas import Problem
-from storage.base import StorageFull, StorageUnavailable, UploadTooLarge
+from storage.base import StorageFull, StorageUnavailable, UploadTooLarge, is_full
 
 log = logging.getLogger("modelpress.api")
 
@@ -220,6 +221,10 @@ async def _bad_data(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_full(exc):  # the database's disk is full: waiting does not free space (a 507, not a 503 + Retry-After)
+        log.error("database disk full on %s %s: %s", request.method, request.url.path, exc)
+        return problem_response(request, 507, "storage_full",
+                                "no space left for the database; nothing was recorded, try again once space is freed")
     if not is_transient(exc):
         return await _crash(request, exc)
     # PostgreSQL restarting or unreachable: the transaction rolled back, so nothing was recorded.
@@ -227,6 +232,15 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(
         request, 503, "database_unavailable", "the database is unavailable, try again later",
         headers={"Retry-After": "2"},
+    )
+
+
+async def _pool_exhausted(request: Request, exc: Exception) -> JSONResponse:
+    # No pooled connection came within DB_POOL_TIMEOUT_S: nothing was read or written for this request.
+    log.warning("no database connection free on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        request, 503, "overloaded", "the server is busy (no database connection free); nothing was done, retry",
+        headers={"Retry-After": "1"},
     )
 
 
@@ -249,4 +263,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ClientDisconnect, _disconnected)
     app.add_exception_handler(DataError, _bad_data)
     app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(PoolTimeout, _pool_exhausted)
     app.add_exception_handler(Exception, _crash)

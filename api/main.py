@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from api import errors, openapi
 from api.bodylimit import JsonBodyLimit
@@ -20,13 +20,14 @@ log = logging.getLogger("modelpress.api")
 
 @asynccontextmanager
 async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
-    """At start: remove staged uploads that a killed API process left behind (storage/staging.py)."""
+    """At start: remove staged uploads that a killed API process left behind (storage/staging.py): this
+    host's at once (their lock says no process holds them), other hosts' after LEFTOVER_GRACE_S."""
     from storage import get_store
     from storage.staging import sweep_leftovers
 
     try:
         swept = await anyio.to_thread.run_sync(
-            sweep_leftovers, get_store().staging_dir, get_settings().leftover_grace_s)
+            sweep_leftovers, get_store().staging_dir, get_settings().leftover_grace_s, 0.0)
         if swept.files:
             log.warning("removed %d staged uploads (%d bytes) left by a killed process", swept.files, swept.bytes)
     except Exception:  # a storage problem shows in /readyz; it must not keep the API from starting
@@ -56,7 +57,23 @@ def create_app() -> FastAPI:
         app.include_router(module.router)
         app.state.routers.append(module.router)
     openapi.install(app)
+    if not public:
+        _closed_document(app)
     return app
+
+
+def _closed_document(app: FastAPI) -> None:
+    """With closed docs, ``/openapi.json`` still answers a caller with a valid key (any scope); 404 otherwise."""
+    from fastapi.responses import JSONResponse
+
+    from api.deps import resolve_principal
+    from api.errors import ProblemError
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def document(request: Request) -> JSONResponse:
+        if await resolve_principal(request, get_settings()) is None:
+            raise ProblemError(404, "not_found", "the API document is served to callers with an API key")
+        return JSONResponse(app.openapi())
 
 
 app = create_app()

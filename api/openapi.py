@@ -126,8 +126,10 @@ def statuses(route: APIRoute, method: str) -> set[int]:
     if any(_params(route.dependant)):
         found.add(422)
     actions = {deps.RATE_LIMITED[c] for c in calls if c in deps.RATE_LIMITED}
-    if actions:
-        found.add(429)
+    if actions:  # a rate-limited owner is also an authenticated writer
+        found |= {401, 403, 429}
+    if "submit" in actions:
+        found |= {503, 507}  # overloaded (api/services/admission.py); no space left for the database
     if "upload" in actions:
         found |= {413, 422, 507}  # too large or past the quota; a format or file that is not valid; disk full
     if (method, route.path) in JSON_ROUTES:
@@ -185,7 +187,42 @@ def describe(app: FastAPI, document: dict[str, Any]) -> dict[str, Any]:
             _limit_bounds(operation, route.path_format)
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
+    _accepted_inputs(document)
     return document
+
+
+_NO_NUL = "^[^\\x00]*$"
+
+
+def _accepted_inputs(document: dict[str, Any]) -> None:
+    """State in the document what the services check by hand (so a schema-valid request is one they accept):
+    an upload's ``format`` is required and one of the inspected formats, its ``name`` at most 255 characters
+    without NUL; a multipart upload needs its ``file`` and ``format`` parts; ``meta`` filters are ``k=v``; a
+    job names a model."""
+    from api.services.uploads import FORMATS, MAX_NAME
+
+    paths = document.get("paths", {})
+    for kind, path in (("model", "/v1/models"), ("dataset", "/v1/datasets")):
+        formats = list(FORMATS[kind])
+        name = {"type": "string", "maxLength": MAX_NAME, "pattern": _NO_NUL}
+        for param in paths.get(path, {}).get("put", {}).get("parameters", []):
+            if param.get("name") == "format" and param.get("in") == "query":
+                param.update(required=True, schema={"type": "string", "enum": formats})
+            elif param.get("name") == "name" and param.get("in") == "query":
+                param["schema"] = name
+        post = paths.get(path, {}).get("post")
+        if post is not None:
+            post["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["file", "format"],
+                "properties": {"file": {"type": "string", "format": "binary"},
+                               "format": {"type": "string", "enum": formats}, "name": name}}}}}
+    for param in paths.get("/v1/jobs", {}).get("get", {}).get("parameters", []):
+        if param.get("name") == "meta":
+            param["schema"] = {"type": "array", "items": {"type": "string", "pattern": "^[^=\\x00]+=[^\\x00]*$"}}
+    for schema_name in ("JobCreate", "JobSpec"):
+        model = document.get("components", {}).get("schemas", {}).get(schema_name, {}).get("properties", {}).get("model")
+        if model is not None:
+            model.update(minLength=1, pattern="^[^\\x00]+$")
 
 
 def install(app: FastAPI) -> None:

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import sys
 
 from models.settings import get_settings
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with(parent: int) -> None:
+    """In the worker child, before exec: ask Linux for a SIGTERM (a warm shutdown) when ``parent`` dies, however
+    it dies (a SIGKILLed ``serve`` would otherwise leave its worker running under PID 1); no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, with_worker: bool = True) -> None:
@@ -24,6 +39,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, with_worker: bool = True) -
         worker = subprocess.Popen(
             [sys.executable, "-m", "worker.main", "--queues", queues],
             env={**os.environ, "MODELPRESS_HOME": str(settings.home)},
+            preexec_fn=functools.partial(_die_with, os.getpid()),  # runs before uvicorn starts any thread
         )
     # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default handler that would
     # kill this process before the `finally` below stops the worker. A Python handler lets it return.

@@ -6,6 +6,11 @@ Part 2: ``--uploaders`` (20) clients upload the same file at the same moment (re
 barrier); every answer must be 200/201 with the same record id, and the database must hold one row per
 (owner, sha256) and the store one blob, with no staged temp file left. Run with ``--read-cache-s 0`` to
 have every read query PostgreSQL.
+Part 3 (``--burst``, 150): on the embedded stack and on PostgreSQL + Redis, with API keys on, one per-owner
+key sends ``--burst`` concurrent ``POST /v1/jobs`` (default limits: bursts of 120), then another key
+``--burst`` concurrent uploads of distinct ~16 kB models, while a third client reads a job in a loop.
+Printed per stack: answers by status, 5xx (goal 0), jobs or records created beyond the 2xx answers (goal 0),
+p50/p99 of the answers, and the reads' p50/p99 during the burst.
 """
 
 from __future__ import annotations
@@ -144,6 +149,141 @@ def _model_bytes(mib: int) -> bytes:
     return buf.getvalue()
 
 
+BURST_KEY = "bench-load-bootstrap"
+
+
+async def _burst_answers(url: str, auth: dict[str, str], n: int, send: Any) -> list[tuple[int, str | None, float]]:
+    """``n`` requests released at once (one connection each): (status, id of a 2xx record, seconds)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, headers=auth, timeout=180, limits=limits) as client:
+        go = asyncio.Event()
+
+        async def one(i: int) -> tuple[int, str | None, float]:
+            await go.wait()
+            t0 = time.perf_counter()
+            try:
+                r = await send(client, i)
+            except httpx.HTTPError as exc:
+                return -1, type(exc).__name__, time.perf_counter() - t0
+            rid = r.json().get("id") if 200 <= r.status_code < 300 else None
+            return r.status_code, rid, time.perf_counter() - t0
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        await asyncio.sleep(0.1)
+        go.set()
+        return list(await asyncio.gather(*tasks))
+
+
+async def _with_reads(url: str, path: str, work: Any) -> tuple[Any, list[float]]:
+    """Run ``work`` while one client reads ``path`` in a closed loop; (its result, the reads' seconds)."""
+    import httpx
+
+    lat: list[float] = []
+    done = asyncio.Event()
+
+    async def reader() -> None:
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {BURST_KEY}"},
+                                     timeout=180) as client:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                await client.get(path)
+                lat.append(time.perf_counter() - t0)
+
+    task = asyncio.create_task(reader())
+    try:
+        return await work, lat
+    finally:
+        done.set()
+        await task
+
+
+def _count(url: str, auth: dict[str, str], path: str) -> int:
+    import httpx
+
+    total, after = 0, None
+    while True:
+        page = httpx.get(f"{url}{path}", params={"limit": 100, **({"after": after} if after else {})},
+                         headers=auth, timeout=60).json()
+        total += len(page["data"])
+        after = page.get("next_cursor")
+        if not after:
+            return total
+
+
+def _figures(answers: list[tuple[int, str | None, float]], created: int, reads: list[float]) -> dict[str, Any]:
+    statuses: dict[str, int] = {}
+    for status, _, _ in answers:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+    ok = sum(1 for status, _, _ in answers if 200 <= status < 300)
+    lat = [a[2] for a in answers]
+    return {"statuses": statuses, "5xx": sum(1 for a in answers if a[0] >= 500 or a[0] < 0), "ok": ok,
+            "created": created, "created_beyond_2xx": created - len({a[1] for a in answers if a[1]}),
+            "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000,
+            "reads": len(reads), "read_p50_ms": percentile(reads, 50) * 1000,
+            "read_p99_ms": percentile(reads, 99) * 1000}
+
+
+def bursts(kind: str, n: int) -> dict[str, Any]:
+    """Part 3 on one stack (``embedded`` or ``distributed``): a submit burst, then an upload burst."""
+    import httpx
+
+    from tests.api.builders import onnx_bytes
+
+    out: dict[str, Any] = {}
+    with service(kind, new_run_id(), worker=False, home_base=None, api_key=BURST_KEY) as svc:
+        boot = {"Authorization": f"Bearer {BURST_KEY}"}
+
+        def key(owner: str) -> dict[str, str]:
+            r = httpx.post(f"{svc.url}/v1/keys", json={"owner": owner, "scope": "write"}, headers=boot, timeout=60)
+            r.raise_for_status()
+            return {"Authorization": f"Bearer {r.json()['key']}"}
+
+        job_id = create_job_as(svc.url, boot)
+        submitter = key("burst-submit")
+        model = httpx.put(f"{svc.url}/v1/models", params={"format": "onnx"}, content=onnx_bytes(seed=1),
+                          headers=submitter, timeout=60).json()["id"]
+
+        async def submit(client: Any, i: int) -> Any:
+            return await client.post("/v1/jobs", json={"model": model, "steps": [{"type": "quantize"}]})
+
+        log(f"{kind}: {n} concurrent POST /v1/jobs with one key")
+        answers, reads = asyncio.run(_with_reads(svc.url, f"/v1/jobs/{job_id}",
+                                                 _burst_answers(svc.url, submitter, n, submit)))
+        out["submit"] = _figures(answers, _count(svc.url, submitter, "/v1/jobs"), reads)
+        uploader = key("burst-upload")
+        models = [onnx_bytes(in_features=64, out_features=64, seed=1000 + i) for i in range(n)]
+
+        async def put(client: Any, i: int) -> Any:
+            return await client.put("/v1/models", params={"format": "onnx"}, content=models[i])
+
+        log(f"{kind}: {n} concurrent uploads of distinct {len(models[0]) / 1024:.0f} kB models with one key")
+        answers, reads = asyncio.run(_with_reads(svc.url, f"/v1/jobs/{job_id}",
+                                                 _burst_answers(svc.url, uploader, n, put)))
+        out["upload"] = _figures(answers, _count(svc.url, uploader, "/v1/models"), reads)
+    return out
+
+
+def create_job_as(url: str, auth: dict[str, str]) -> str:
+    """A queued job of the bootstrap owner (the one the reader polls)."""
+    import httpx
+
+    from tests.api.builders import onnx_bytes
+
+    with httpx.Client(base_url=url, headers=auth, timeout=60) as client:
+        mdl = client.put("/v1/models", params={"format": "onnx"}, content=onnx_bytes(seed=2)).json()["id"]
+        r = client.post("/v1/jobs", json={"model": mdl, "steps": [{"type": "quantize"}]})
+        r.raise_for_status()
+        return str(r.json()["id"])
+
+
+def _burst_line(kind: str, part: str, f: dict[str, Any]) -> str:
+    return (f"{kind} {part}: {f['statuses']}, 5xx {f['5xx']}, created beyond 2xx {f['created_beyond_2xx']}, "
+            f"p50 {f['p50_ms']:.0f} / p99 {f['p99_ms']:.0f} ms; reads during it p50 {f['read_p50_ms']:.0f} / "
+            f"p99 {f['read_p99_ms']:.0f} ms ({f['reads']} reads)")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from bench.api_latency import create_job
 
@@ -153,7 +293,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--uploaders", type=int, default=20)
     p.add_argument("--upload-mib", type=int, default=16)
     p.add_argument("--read-cache-s", type=float, default=None, help="MODELPRESS_JOB_READ_CACHE_S (default: the service's)")
+    p.add_argument("--burst", type=int, default=150, help="concurrent submits, then uploads, per stack (0: skip)")
+    p.add_argument("--stacks", default="embedded,distributed", help="the stacks part 3 runs on")
+    p.add_argument("--only-bursts", action="store_true", help="skip parts 1 and 2")
     a = p.parse_args(argv)
+    burst_figures: dict[str, Any] = {}
+    if a.burst:
+        for kind in [k for k in a.stacks.split(",") if k]:
+            burst_figures[kind] = bursts(kind, a.burst)
+    burst_ok = all(f[part]["5xx"] == 0 and f[part]["created_beyond_2xx"] == 0
+                   for f in burst_figures.values() for part in ("submit", "upload"))
+    burst_summary = "; ".join(_burst_line(kind, part, f[part]) for kind, f in burst_figures.items()
+                              for part in ("submit", "upload"))
+    if a.only_bursts:
+        emit("load", f"{burst_summary} (goal 0 x 5xx, 0 created beyond 2xx: {'met' if burst_ok else 'MISSED'})",
+             {"bursts": burst_figures, "goal_met": burst_ok, "machine": machine_info()})
+        return burst_figures
     overrides = {} if a.read_cache_s is None else {"job_read_cache_s": str(a.read_cache_s)}
     run_id = new_run_id()
     with service("distributed", run_id, worker=False, home_base=None, **overrides) as svc:
@@ -170,13 +325,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         uploads.update(leftovers(svc.home / "storage", sha))
     errors = reads["errors"] + uploads["errors"]
     dups = uploads["duplicate_records"]
-    met = errors <= GOAL_ERRORS and dups <= GOAL_DUPLICATES and uploads["distinct_ids"] == 1
+    met = errors <= GOAL_ERRORS and dups <= GOAL_DUPLICATES and uploads["distinct_ids"] == 1 and burst_ok
     summary = (f"{reads['requests']} reads by {a.readers} clients: {reads['errors']} errors, "
                f"{reads['rps']:.0f} req/s, p50 {reads['p50_ms']:.1f} / p99 {reads['p99_ms']:.1f} ms; "
                f"{a.uploaders} uploads of one file: {uploads['errors']} errors, {dups} duplicate records, "
                f"{uploads['distinct_ids']} record id, {uploads['blob_copies']} blob, {uploads['temp_files']} temp files "
-               f"(goal 0 errors / 0 duplicates: {'met' if met else 'MISSED'})")
-    figures = {"reads": reads, "uploads": uploads, "goal_met": met, "machine": machine_info()}
+               f"{'; ' + burst_summary if burst_summary else ''} "
+               f"(goal 0 errors / 0 duplicates / 0 x 5xx: {'met' if met else 'MISSED'})")
+    figures = {"reads": reads, "uploads": uploads, "bursts": burst_figures, "goal_met": met, "machine": machine_info()}
     emit("load", summary, figures)
     return figures
 

@@ -73,7 +73,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for column in ("id", "owner", "scope", "name", "created", "last used", "revoked"):
         table.add_column(column, no_wrap=column == "id")
     for r in rows:  # cells are plain text: a key's name is never read as markup
-        table.add_row(*(Text(cell) for cell in (r.id, r.owner, r.scope, r.name, _when(r.created_at),
+        scope = f"{r.scope} (all owners)" if r.manages_keys_of == "*" else r.scope  # admin is global
+        table.add_row(*(Text(cell) for cell in (r.id, r.owner, scope, r.name, _when(r.created_at),
                                                _when(r.last_used_at), _when(r.revoked_at))))
     Console(highlight=False, soft_wrap=True).print(table)
     return EXIT_OK

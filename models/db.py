@@ -17,9 +17,15 @@ from models.settings import get_settings
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL mode, a busy timeout and enforced foreign keys."""
+    """An engine for ``url``; SQLite gets WAL mode, a busy timeout and enforced foreign keys.
+
+    Both pools hold more connections than the API's thread pool (40) has threads, and a request that
+    waits ``DB_POOL_TIMEOUT_S`` for one anyway is answered 503 ``overloaded`` (api/errors.py)."""
+    pool_timeout = get_settings().db_pool_timeout_s
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # SQLite connections are cheap file handles; the default pool (5 + 10) is smaller than the thread pool.
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=20, max_overflow=30, pool_timeout=pool_timeout)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -33,7 +39,8 @@ def make_engine(url: str) -> Engine:
     # Enough pooled connections for the API's thread pool (40), so bursts do not churn connections.
     # Pinged on checkout: after a PostgreSQL restart every pooled connection is dead, and without the ping
     # each one would fail a request (or a worker's final status write) before the pool noticed.
-    return create_engine(url, pool_size=20, max_overflow=20, pool_recycle=1800, pool_pre_ping=True)
+    return create_engine(url, pool_size=20, max_overflow=30, pool_recycle=1800, pool_pre_ping=True,
+                         pool_timeout=pool_timeout)
 
 
 _ENGINES: dict[str, Engine] = {}

@@ -5,7 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    computed_field,
+    field_validator,
+)
 
 from models.clock import as_utc
 from models.spec import JobSpec
@@ -196,6 +204,10 @@ class KeyCreate(BaseModel):
     name: str = Field("", max_length=255, pattern=r"^[^\x00]*$")
 
 
+_MANAGES = ("Whose keys this key may manage: '*' (every owner) for the admin scope, which is global whatever "
+            "the key's owner label; none for read and write keys")
+
+
 class KeyOut(_Out):
     """An API key as listed: never its secret."""
 
@@ -206,6 +218,12 @@ class KeyOut(_Out):
     created_at: UTCTimestamp
     last_used_at: UTCTimestamp | None = None
     revoked_at: UTCTimestamp | None = None
+
+    @computed_field(description=_MANAGES)  # type: ignore[prop-decorator]
+    @property
+    def manages_keys_of(self) -> str | None:
+        """``*`` for an admin key (it makes and revokes keys of any owner), None otherwise."""
+        return "*" if self.scope == "admin" else None
 
 
 class KeyCreated(KeyOut):

@@ -88,6 +88,16 @@ class Settings(BaseSettings):
     upload_rate_burst: int = Field(120, ge=1)
     submit_rate_per_minute: float = Field(120.0, ge=0)
     submit_rate_burst: int = Field(120, ge=1)
+    # At most this many job submissions are handled at once per API process (api/services/admission.py);
+    # the others wait up to overload_wait_s for a turn, then get a 503 `overloaded` with Retry-After.
+    submit_concurrency: int = Field(8, ge=1)
+    overload_wait_s: float = Field(10.0, ge=0)
+    # One ONNX Runtime run of a model under evaluation may take at most run_max_s (and, once runs were
+    # measured, 50x their cost per sample); one evaluation at most eval_phase_max_s (worker/ort_guard.py).
+    run_max_s: float = Field(600.0, gt=0)
+    eval_phase_max_s: float = Field(3600.0, gt=0)
+    # How long a request waits for a pooled database connection before it is a 503 `overloaded`.
+    db_pool_timeout_s: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

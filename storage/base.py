@@ -64,8 +64,21 @@ class StorageFull(OSError):
 
 
 def is_full(exc: BaseException) -> bool:
-    """Whether ``exc`` says the disk (or the quota) is full."""
-    return isinstance(exc, StorageFull) or (isinstance(exc, OSError) and exc.errno in FULL_ERRNOS)
+    """Whether ``exc`` (or an error it wraps) says the disk (or the quota) is full: an ENOSPC/EDQUOT OSError,
+    SQLite's "database or disk is full", PostgreSQL's disk_full (SQLSTATE 53100)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, StorageFull) or (isinstance(e, OSError) and e.errno in FULL_ERRNOS):
+            return True
+        if "database or disk is full" in str(e) or getattr(e, "sqlstate", None) == "53100":
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "orig", None)]
+    return False
 
 
 @contextlib.contextmanager

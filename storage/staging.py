@@ -53,11 +53,19 @@ class Staged:
 PREFIX = "up-"
 
 
+def host_prefix() -> str:
+    """The staged-file prefix of this host (``up-<host>.``): its files can be judged by their lock alone."""
+    import re
+    import socket
+
+    return f"{PREFIX}{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())[:48] or 'host'}."
+
+
 @contextlib.contextmanager
 def _temp_file(folder: Path) -> Iterator[tuple[BinaryIO, Path]]:
     """A new ``up-*`` file, exclusively flock-ed until the block ends (``sweep_leftovers`` skips locked ones)."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=folder, prefix=PREFIX)
+    fd, name = tempfile.mkstemp(dir=folder, prefix=host_prefix())
     # A second descriptor holds the lock for the whole life of the staged file (the writer's is closed
     # before inspection); the kernel drops it when this process dies, however it dies.
     lock_fd = os.open(name, os.O_RDONLY)
@@ -79,20 +87,24 @@ class Leftovers:
     bytes: int = 0
 
 
-def sweep_leftovers(folder: Path, grace_s: float = 60.0) -> Leftovers:
-    """Remove staged files no live process holds (a killed upload's ``up-*``), untouched for ``grace_s``.
+def sweep_leftovers(folder: Path, grace_s: float = 60.0, own_grace_s: float | None = None) -> Leftovers:
+    """Remove staged files no live process holds (a killed upload's ``up-*``), untouched for ``grace_s``
+    (``own_grace_s`` for the files this host staged, named ``host_prefix()…``).
 
     A staging upload holds an exclusive ``flock`` on its file until it is committed or discarded, so a
-    file that can be locked has no writer left. The grace period also covers filesystems where locks
-    do not reach other hosts."""
+    file that can be locked has no writer left. The grace period covers filesystems where locks do not
+    reach other hosts; on this host the lock is enough, so the API's start-up sweep passes ``own_grace_s=0``
+    and a quick restart removes what the killed process left."""
     out = Leftovers()
     if not folder.is_dir():
         return out
     now = time.time()
+    mine = host_prefix()
     for path in folder.glob(f"{PREFIX}*"):
+        wait = own_grace_s if own_grace_s is not None and path.name.startswith(mine) else grace_s
         try:
             st = path.lstat()
-            if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < grace_s:
+            if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < wait:
                 continue
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:

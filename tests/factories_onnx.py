@@ -8,6 +8,7 @@ Gemm); ``default_export`` runs the real exporter (about 10 s on two cores) for t
 from __future__ import annotations
 
 import io
+import math
 import tarfile
 import zipfile
 from pathlib import Path
@@ -111,3 +112,38 @@ def tar_with_link(out: Path, model_path: Path, link_target: str) -> Path:
         info.type, info.linkname = tarfile.SYMTYPE, link_target
         tf.addfile(info)
     return out
+
+
+def looping_model(trips: int = 2**40, *, constant: bool = True, features: int = 4, classes: int = 3) -> onnx.ModelProto:
+    """A classifier whose ONNX ``Loop`` runs ``trips`` times (body ``v + 0``) before a MatMul to logits.
+
+    ``constant``: the trip count is an initializer (what an upload check can read); otherwise it is
+    computed (``Mul`` of two initializers), so only running the graph shows how long it loops."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "zero"], ["v_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.zeros((1,), np.float32), "zero")],
+    )
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(True), "cond"),
+             numpy_helper.from_array(rng.normal(size=(features, classes)).astype(np.float32), "w")]
+    nodes = []
+    if constant:
+        inits.append(numpy_helper.from_array(np.array(trips, np.int64), "trips"))
+    else:
+        root = max(1, math.isqrt(trips))
+        inits += [numpy_helper.from_array(np.array(root, np.int64), "a"),
+                  numpy_helper.from_array(np.array(max(1, trips // root), np.int64), "b")]
+        nodes.append(helper.make_node("Mul", ["a", "b"], ["trips"]))
+    nodes += [helper.make_node("Loop", ["trips", "cond", INPUT], ["looped"], body=body),
+              helper.make_node("MatMul", ["looped", "w"], [OUTPUT])]
+    graph = helper.make_graph(nodes, "looping", [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", features])],
+                              [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.spec import ACCURACY_TASKS
+from worker.ort_guard import RunGuard
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -131,9 +132,11 @@ class _Runner:
         return self.fixed_batch or batch_size
 
     def run_all(
-        self, inputs: dict[str, np.ndarray], batch_size: int, check_cancelled: Callable[[], None] = _never
+        self, inputs: dict[str, np.ndarray], batch_size: int, check_cancelled: Callable[[], None] = _never,
+        guard: RunGuard | None = None,
     ) -> dict[str, np.ndarray]:
-        """Outputs for every sample, concatenated along the batch axis (``check_cancelled`` before each batch)."""
+        """Outputs for every sample, concatenated along the batch axis (``check_cancelled`` before each batch;
+        ``guard``: each run bounded and cancellable, worker/ort_guard.py)."""
         n = len(next(iter(inputs.values())))
         step = self.chunk(batch_size)
         parts: list[list[np.ndarray]] = [[] for _ in self.output_names]
@@ -143,7 +146,8 @@ class _Runner:
             real = len(next(iter(batch.values())))
             if real < step and self.fixed_batch:
                 batch = {k: _pad(v, step) for k, v in batch.items()}
-            outs = self.session.run(self.output_names, self.feed(batch))
+            feed = self.feed(batch)
+            outs = guard.run(self.session, self.output_names, feed) if guard else self.session.run(self.output_names, feed)
             for j, o in enumerate(outs):
                 parts[j].append(np.asarray(o)[:real] if self.fixed_batch else np.asarray(o))
         return {name: np.concatenate(p, axis=0) for name, p in zip(self.output_names, parts, strict=True)}
@@ -185,10 +189,11 @@ def measure_latency(
     warmup: int,
     runs: int,
     check_cancelled: Callable[[], None] = _never,
+    guard: RunGuard | None = None,
 ) -> dict[str, Any]:
     """``{"ms": {median, p90, mean, min}, "setup": {...}}``: milliseconds per batch over ``runs`` timed runs
     after ``warmup`` runs (fixed-batch models: one call per chunk of the batch); ``check_cancelled``
-    runs between runs (outside the timing)."""
+    runs between runs (outside the timing); ``guard`` bounds each run and makes it cancellable."""
     runner = _Runner(session)
     n = len(next(iter(batch.values())))
     step = runner.chunk(n)
@@ -198,16 +203,17 @@ def measure_latency(
         for f in feeds
     ]
     names = runner.output_names
+    run = guard.run if guard is not None else (lambda s, n, f: s.run(n, f))
     for _ in range(warmup):
         check_cancelled()
         for f in feeds:
-            session.run(names, f)
+            run(session, names, f)
     times = []
     for _ in range(runs):
         check_cancelled()
         t0 = time.perf_counter()
         for f in feeds:
-            session.run(names, f)
+            run(session, names, f)
         times.append((time.perf_counter() - t0) * 1000.0)
     times.sort()
     return {
@@ -328,8 +334,9 @@ def evaluate(
     """Evaluate the ONNX model at ``onnx_path`` on ``data`` with the spec's settings (see module docstring).
 
     ``latency`` overrides whether latency is measured (default: when "latency" is in ``cfg.metrics``).
-    ``check_cancelled`` (the pipeline context's) is called between latency runs and eval batches.
-    Latency threads are clamped to the cores this worker may use.
+    ``check_cancelled`` (the pipeline context's) is called between latency runs and eval batches, and by a
+    watchdog during each run, which also bounds its time (worker/ort_guard.py: a graph that loops fails with
+    ``run_time_limit``). Latency threads are clamped to the cores this worker may use.
     """
     import onnx
 
@@ -349,9 +356,19 @@ def evaluate(
     session = make_session(onnx_path, threads, cfg.latency.provider)
     runner = _Runner(session)
     report["fixed_batch"] = runner.fixed_batch
+    with RunGuard(check_cancelled, what=f"the model {onnx_path.name}") as guard:
+        return _run_evaluation(session, runner, report, data, cfg, task, reference_outputs, threads,
+                               latency, check_cancelled, guard)
+
+
+def _run_evaluation(
+    session: ort.InferenceSession, runner: _Runner, report: dict[str, Any], data: ArrayDataset | None,
+    cfg: EvaluateConfig, task: str, reference_outputs: dict[str, np.ndarray] | None, threads: int,
+    latency: bool | None, check_cancelled: Callable[[], None], guard: RunGuard,
+) -> Evaluation:
     if latency if latency is not None else "latency" in cfg.metrics:
         batch = _latency_batch(runner, data, cfg.latency.batch_size)
-        measured = measure_latency(session, batch, cfg.latency.warmup, cfg.latency.runs, check_cancelled)
+        measured = measure_latency(session, batch, cfg.latency.warmup, cfg.latency.runs, check_cancelled, guard)
         report["latency_ms"] = measured["ms"]
         report["latency_setup"] = {
             **measured["setup"],
@@ -362,7 +379,7 @@ def evaluate(
         }
     outputs: dict[str, np.ndarray] | None = None
     if data is not None and len(data):
-        outputs = runner.run_all(data.inputs, cfg.batch_size, check_cancelled)
+        outputs = runner.run_all(data.inputs, cfg.batch_size, check_cancelled, guard)
         report["num_samples"] = len(data)
         report.update(compute_metrics(outputs, data, task, reference_outputs))
     else:

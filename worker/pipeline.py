@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from models.report_view import regressions
 from models.spec import step_label
+from storage.base import is_full
 from worker.core import JobCancelled, StepFailed, WorkingModel
 from worker.families import Family, family_for, metric_value, ratio
 from worker.passes.base import Pass
@@ -59,6 +60,8 @@ def _stage(step: str) -> Iterator[None]:
     except StepFailed as e:
         raise StepError(step, e.code, e.message) from e
     except Exception as e:
+        if is_full(e):  # no space for a work file (or the database): waiting or retrying the step cannot help
+            raise StepError(step, "storage_full", f"{type(e).__name__}: {e}") from e
         raise StepError(step, "step_failed", f"{type(e).__name__}: {e}") from e
 
 

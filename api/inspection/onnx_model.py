@@ -70,6 +70,7 @@ def _inspect_archive(path: Path) -> dict[str, Any]:
             externals = onnx_files.external_data_files(model, model_path.parent)
         except onnx_files.OnnxFileError as exc:
             raise InspectionError(str(exc)) from exc
+        check_loops(model.graph)
         root = model_path.parent.resolve()
         return {
             **_onnx_meta(model),
@@ -106,7 +107,48 @@ def _inspect_file(path: Path) -> dict[str, Any]:
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InspectionError(f"the ONNX model is invalid: {first}") from exc
+    check_loops(model.graph)
     return _onnx_meta(model)
+
+
+# A Loop whose constant trip count (times those of the Loops around it) passes this would pin a worker in
+# one run; a trip count computed at run time is bounded by the worker's run budget (worker/ort_guard.py).
+MAX_LOOP_TRIPS = 1_000_000
+
+
+def _scalar_ints(graph: Any) -> dict[str, int]:
+    """The graph's one-element integer constants (initializers and Constant nodes), by name."""
+    from onnx import numpy_helper
+
+    found: dict[str, int] = {}
+    tensors = [(t.name, t) for t in graph.initializer]
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            tensors += [(node.output[0], a.t) for a in node.attribute if a.name == "value" and a.HasField("t")]
+    for name, tensor in tensors:
+        if math.prod(tensor.dims) == 1 and tensor.data_type in (6, 7):  # INT32, INT64
+            try:
+                found[name] = int(numpy_helper.to_array(tensor).reshape(-1)[0])
+            except Exception:  # an unreadable constant: the checker already accepted the file; skip it
+                continue
+    return found
+
+
+def check_loops(graph: Any, outer: dict[str, int] | None = None, trips_around: int = 1) -> None:
+    """InspectionError when a Loop's constant trip count (with those of enclosing Loops) passes MAX_LOOP_TRIPS."""
+    consts = {**(outer or {}), **_scalar_ints(graph)}
+    for node in graph.node:
+        trips = trips_around
+        if node.op_type == "Loop" and node.input and node.input[0] in consts:
+            trips = trips_around * max(1, consts[node.input[0]])
+            if trips > MAX_LOOP_TRIPS:
+                raise InspectionError(
+                    f"Loop node {node.name or node.output[0]!r} runs {consts[node.input[0]]} times"
+                    + (f" ({trips} with the Loops around it)" if trips_around > 1 else "")
+                    + f"; at most {MAX_LOOP_TRIPS} iterations of a Loop with a constant trip count are accepted")
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                check_loops(sub, consts, trips)
 
 
 def _onnx_meta(model: onnx.ModelProto) -> dict[str, Any]:

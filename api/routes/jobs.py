@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from api.deps import DB, Owner, SubmitOwner, settings_dep
-from api.services import deletion
+from api.deps import DB, Owner, SubmitOwner, current_principal, settings_dep
+from api.services import admission, deletion
 from api.services import events as event_service
 from api.services import jobs as job_service
+from api.services.keys import Principal
 from api.services.pagination import DEFAULT_LIMIT
 from models.db import session_scope
 from models.schemas import EventOut, JobCreate, JobOut, Page
@@ -21,22 +22,25 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 @router.post("", response_model=JobOut, status_code=202)
-def create_job(
+async def create_job(
     body: JobCreate,
+    request: Request,
     response: Response,
     owner: SubmitOwner,
-    db: DB,
     settings: Annotated[Settings, Depends(settings_dep)],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobOut:
     """Validate and queue a job (202 + Location); a repeated Idempotency-Key returns the first job (200).
 
-    The body is a job spec plus an optional ``name`` and ``metadata`` (string key/values) for the job."""
+    The body is a job spec plus an optional ``name`` and ``metadata`` (string key/values) for the job.
+    A busy server answers 503 ``overloaded`` with Retry-After before anything is recorded."""
     spec, labels = body.split()
-    job, created = job_service.create_job(db, owner, spec, idempotency_key, settings, labels)
+    async with admission.turn(request.app.state, settings):
+        out, created = await anyio.to_thread.run_sync(
+            job_service.submit, owner, spec, idempotency_key, settings, labels)
     response.status_code = 202 if created else 200
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_service.job_out(db, job)
+    response.headers["Location"] = f"/v1/jobs/{out.id}"
+    return out
 
 
 @router.get("", response_model=Page[JobOut])
@@ -104,19 +108,21 @@ def _check_job(owner: str, job_id: str) -> None:
 @router.get("/{job_id}/events/stream", response_class=StreamingResponse)
 async def stream_events(
     job_id: str,
-    owner: Owner,
+    principal: Annotated[Principal, Depends(current_principal)],
     after: str | None = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
     """Server-Sent Events of the job, resuming after ``Last-Event-ID`` (or ``after``); ends when it is done,
-    or after MODELPRESS_STREAM_MAX_S with a ``reconnect`` event; 429 past the owner's open-stream cap."""
+    or after MODELPRESS_STREAM_MAX_S with a ``reconnect`` event, or with a ``revoked`` event once its key was
+    revoked; 429 past the owner's open-stream cap."""
+    owner = principal.owner
     await anyio.to_thread.run_sync(_check_job, owner, job_id)
     if last_event_id is not None and last_event_id.strip():
         start = event_service.parse_cursor(last_event_id, "Last-Event-ID")
     else:
         start = event_service.parse_cursor(after, "after")
     return StreamingResponse(
-        event_service.open_stream(owner, job_id, start),
+        event_service.open_stream(owner, job_id, start, principal.key_id),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -121,6 +121,7 @@ def delete_job(session: Session, owner: str, job_id: str) -> JobDeletion:
         session.execute(update(Job).where(Job.id == job_id).values(delete_requested=True)
                         .execution_options(synchronize_session=False))
         session.commit()
+        job_service.READ_CACHE.drop(job_id)  # not cached again: the worker's gc deletes it once it stopped
         return JobDeletion(get_owned(session, Job, owner, job_id, fresh=True))
     out = purge_jobs(session, [job_id])
     session.commit()

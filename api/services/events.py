@@ -8,7 +8,9 @@ event ids commit in order and resuming "after id N" never skips an event committ
 
 A stream lives at most ``MODELPRESS_STREAM_MAX_S`` seconds, then ends with a ``reconnect`` control
 message (clients resume with ``Last-Event-ID``), and one API process keeps at most
-``MODELPRESS_STREAM_MAX_PER_OWNER`` streams open per owner (429 past it).
+``MODELPRESS_STREAM_MAX_PER_OWNER`` streams open per owner (429 past it). A stream opened with a
+per-owner key (or a page session signed in with one) checks at each poll that the key is still active,
+and ends with an ``event: revoked`` control message once it was revoked (in any API process).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from api.services.pagination import paginate
 from models.db import session_scope
 from models.schemas import EventOut, Page
 from models.settings import get_settings
-from models.tables import TERMINAL, Job, JobEvent
+from models.tables import TERMINAL, ApiKey, Job, JobEvent
 
 # Module-level so tests (and operators) can tune them.
 POLL_SECONDS = 0.3
@@ -64,10 +66,15 @@ def list_events(session: Session, job_id: str, after: int, limit: int) -> Page[E
 class _Poll:
     status: str | None
     events: list[EventOut]
+    revoked: bool = False
 
 
-def _poll(job_id: str, after: int) -> _Poll:
+def _poll(job_id: str, after: int, key_id: str | None = None) -> _Poll:
     with session_scope() as session:
+        if key_id is not None:
+            row = session.execute(select(ApiKey.revoked_at).where(ApiKey.id == key_id)).first()
+            if row is None or row.revoked_at is not None:
+                return _Poll(None, [], revoked=True)
         status = session.scalar(select(Job.status).where(Job.id == job_id))
         rows = session.scalars(
             select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(BATCH)
@@ -122,11 +129,12 @@ class StreamSlots:
 SLOTS = StreamSlots()
 
 
-def open_stream(owner: str, job_id: str, after: int) -> AsyncIterator[str]:
-    """The SSE body of a job's events for ``owner``, holding one of the owner's stream slots while it lives."""
+def open_stream(owner: str, job_id: str, after: int, key_id: str | None = None) -> AsyncIterator[str]:
+    """The SSE body of a job's events for ``owner``, holding one of the owner's stream slots while it lives;
+    ``key_id``: the per-owner key it was opened with (the stream ends when that key is revoked)."""
     settings = get_settings()
     release = SLOTS.take(owner, settings.stream_max_per_owner)
-    body = stream_events(job_id, after, max_s=settings.stream_max_s, on_close=release)
+    body = stream_events(job_id, after, max_s=settings.stream_max_s, on_close=release, key_id=key_id)
     weakref.finalize(body, release)  # a body that never started still gives its slot back
     return body
 
@@ -137,20 +145,27 @@ def end_of_lifetime(max_s: float) -> str:
     return f"event: reconnect\ndata: {data}\n\n"
 
 
+def revoked_message() -> str:
+    """The control message that ends a stream whose key was revoked (no ``id``; reconnecting is a 401)."""
+    return f"event: revoked\ndata: {json.dumps({'reason': 'key_revoked'})}\n\n"
+
+
 async def stream_events(
-    job_id: str, after: int, max_s: float | None = None, on_close: Callable[[], None] | None = None
+    job_id: str, after: int, max_s: float | None = None, on_close: Callable[[], None] | None = None,
+    key_id: str | None = None,
 ) -> AsyncIterator[str]:
     """SSE text for a job's events after ``after``, until the job is terminal and everything was sent,
-    or, after ``max_s`` seconds, a ``reconnect`` control message (the client resumes with Last-Event-ID)."""
+    or, after ``max_s`` seconds, a ``reconnect`` control message (the client resumes with Last-Event-ID),
+    or a ``revoked`` one once the key ``key_id`` was revoked."""
     try:
-        async for text in _events_text(job_id, after, max_s):
+        async for text in _events_text(job_id, after, max_s, key_id):
             yield text
     finally:
         if on_close is not None:
             on_close()
 
 
-async def _events_text(job_id: str, after: int, max_s: float | None) -> AsyncIterator[str]:
+async def _events_text(job_id: str, after: int, max_s: float | None, key_id: str | None) -> AsyncIterator[str]:
     yield f"retry: {RETRY_MS}\n\n"
     last = after
     last_write = time.monotonic()
@@ -159,7 +174,10 @@ async def _events_text(job_id: str, after: int, max_s: float | None) -> AsyncIte
         if deadline is not None and time.monotonic() >= deadline:
             yield end_of_lifetime(max_s or 0.0)
             return
-        poll = await anyio.to_thread.run_sync(_poll, job_id, last)
+        poll = await anyio.to_thread.run_sync(_poll, job_id, last, key_id)
+        if poll.revoked:
+            yield revoked_message()
+            return
         for event in poll.events:
             yield format_event(event)
             last = event.id

@@ -21,7 +21,7 @@ from api.services.artifacts import artifact_out
 from api.services.lookup import get_owned
 from api.services.pagination import paginate
 from api.services.spec_checks import check_references
-from models.db import get_engine
+from models.db import get_engine, session_scope
 from models.ids import new_id
 from models.schemas import JobError, JobLabels, JobOut, JobResult, Page, Progress, Timestamps
 from models.settings import Settings
@@ -60,9 +60,10 @@ def _warnings(stored: dict[str, Any], report: Any) -> list[dict[str, Any]]:
     return [w for w in found or [] if isinstance(w, dict)]
 
 
-def job_out(session: Session, job: Job) -> JobOut:
-    """The response body of a job, with its artifacts from the index."""
-    artifacts = list(session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)))
+def job_out(session: Session | None, job: Job) -> JobOut:
+    """The response body of a job, with its artifacts from the index (None: a job just made, it has none)."""
+    artifacts = [] if session is None else list(
+        session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)))
     result: JobResult | None = None
     stored: dict[str, Any] = job.result or {}
     if stored or artifacts:
@@ -109,13 +110,17 @@ def _iso(value: datetime | None) -> str | None:
 
 
 class _ReadCache:
-    """A per-process micro-cache of job bodies: many clients polling one job cost one query per TTL."""
+    """A per-process micro-cache of job bodies: many clients polling one job cost one query per TTL.
+
+    A job dropped from it (cancelled or deleted through this process) is not cached again by a read that
+    began before the drop, so a read racing a DELETE cannot put the deleted job back for a minute."""
 
     TERMINAL_TTL_S = 60.0
     MAX_ENTRIES = 10_000
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[float, str, bytes]] = {}
+        self._dropped: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def get(self, owner: str, job_id: str) -> bytes | None:
@@ -124,8 +129,11 @@ class _ReadCache:
             return None
         return entry[2]
 
-    def put(self, owner: str, job_id: str, body: bytes, ttl_s: float) -> None:
+    def put(self, owner: str, job_id: str, body: bytes, ttl_s: float, read_at: float | None = None) -> None:
+        """Cache ``body`` for ``ttl_s``, unless the job was dropped after ``read_at`` (when the read began)."""
         with self._lock:
+            if read_at is not None and self._dropped.get(job_id, float("-inf")) >= read_at:
+                return
             if len(self._entries) >= self.MAX_ENTRIES:
                 self._entries.clear()
             self._entries[job_id] = (time.monotonic() + ttl_s, owner, body)
@@ -133,22 +141,28 @@ class _ReadCache:
     def drop(self, job_id: str) -> None:
         with self._lock:
             self._entries.pop(job_id, None)
+            if len(self._dropped) >= self.MAX_ENTRIES:
+                self._dropped.clear()
+            self._dropped[job_id] = time.monotonic()
 
 
 READ_CACHE = _ReadCache()
 
 
 def read_job_json(owner: str, job_id: str, cache_s: float = 0.0) -> bytes:
-    """``GET /v1/jobs/{id}``'s body, from the micro-cache when younger than ``cache_s`` seconds."""
+    """``GET /v1/jobs/{id}``'s body, from the micro-cache when younger than ``cache_s`` seconds.
+
+    A job whose deletion was requested is never cached: the worker's gc removes it once it has stopped."""
     if cache_s > 0 and (body := READ_CACHE.get(owner, job_id)) is not None:
         return body
-    body, status = _query_job_json(owner, job_id)
-    if cache_s > 0:
-        READ_CACHE.put(owner, job_id, body, _ReadCache.TERMINAL_TTL_S if status in TERMINAL else cache_s)
+    read_at = time.monotonic()
+    body, status, deleting = _query_job_json(owner, job_id)
+    if cache_s > 0 and not deleting:
+        READ_CACHE.put(owner, job_id, body, _ReadCache.TERMINAL_TTL_S if status in TERMINAL else cache_s, read_at)
     return body
 
 
-def _query_job_json(owner: str, job_id: str) -> tuple[bytes, str]:
+def _query_job_json(owner: str, job_id: str) -> tuple[bytes, str, bool]:
     """The body of ``GET /v1/jobs/{id}`` in one round trip: no ORM session, no transaction, no re-validation.
 
     Clients poll this endpoint; it builds the same JSON as ``job_out`` (a test compares them) from one
@@ -199,7 +213,7 @@ def _query_job_json(owner: str, job_id: str) -> tuple[bytes, str]:
         "timestamps": {"created_at": _iso(job.created_at), "updated_at": _iso(job.updated_at),
                        "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at)},
     }
-    return json.dumps(body, separators=(",", ":"), default=str).encode(), job.status
+    return json.dumps(body, separators=(",", ":"), default=str).encode(), job.status, bool(job.delete_requested)
 
 
 def get_job(session: Session, owner: str, job_id: str) -> Job:
@@ -237,6 +251,18 @@ def _check_trials(session: Session, owner: str, spec: JobSpec) -> None:
             errors = [{**err, "field": f"search.space.{i}.{err.get('field')}"} for err in e.errors or []]
             detail = "; ".join(f"{err['field']}: {err.get('message', '')}" for err in errors) or e.detail
             raise ProblemError(e.status, e.code, detail, errors=errors) from e
+
+
+def submit(
+    owner: str, spec: JobSpec, idempotency_key: str | None, settings: Settings, labels: JobLabels | None = None
+) -> tuple[JobOut, bool]:
+    """``POST /v1/jobs`` in one thread and one session: (the job's body, whether it was created now).
+
+    The body of a new job is built without a query after its commit, so once the job exists nothing
+    but the broker (which marks it failed) can turn the answer into an error."""
+    with session_scope() as session:
+        job, created = create_job(session, owner, spec, idempotency_key, settings, labels)
+        return job_out(None if created else session, job), created
 
 
 def create_job(

@@ -2,9 +2,10 @@
 
 Stored bytes are the sizes of the owner's models, datasets and artifacts: a blob that several owners
 refer to counts for each of them (each could keep it alive alone). Active jobs are queued, running and
-cancelling ones. On PostgreSQL the final check runs under a per-owner advisory lock held by the
-inserting transaction, so concurrent requests of one owner cannot both slip under a limit; SQLite
-serialises writers itself.
+cancelling ones. The final check runs under a lock held by the inserting transaction until it ends, so
+concurrent requests of one owner cannot both slip under a limit: a per-owner advisory lock on PostgreSQL,
+the database's write lock on SQLite (``BEGIN IMMEDIATE``: SQLite has one writer, and a deferred
+transaction would count with a snapshot older than another writer's commit).
 """
 
 from __future__ import annotations
@@ -37,8 +38,15 @@ def active_jobs(session: Session, owner: str) -> int:
 
 
 def lock_owner(session: Session, owner: str) -> None:
-    """Serialise quota checks of ``owner`` until the transaction ends (PostgreSQL advisory lock)."""
-    if session.get_bind().dialect.name != "postgresql":
+    """Serialise quota checks of ``owner`` until the transaction ends (PostgreSQL: an advisory lock;
+    SQLite: the write lock, taken now unless this transaction already wrote)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        raw = session.connection().connection.driver_connection
+        if raw is not None and not raw.in_transaction:  # pysqlite opens transactions only at the first write
+            session.execute(text("BEGIN IMMEDIATE"))
+        return
+    if dialect != "postgresql":
         return
     key = int.from_bytes(hashlib.sha256(f"modelpress quota {owner}".encode()).digest()[:8], "big", signed=True)
     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})

@@ -248,3 +248,30 @@ def test_sdk_follow_reopens_after_lifetime_ends(live_url: str, monkeypatch: pyte
     kinds = [e.kind for e in events]
     assert kinds == ["status", "progress", "progress", "progress", "progress", "status"]
     assert len({e.id for e in events}) == len(events)
+
+
+def test_revoking_its_key_ends_an_open_stream(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from api.services import keys
+    from models.db import session_scope
+    from tests.api.tenants import make_key
+
+    _limit_streams(monkeypatch, stream_max_s="8")
+    key_id, key = make_key("local")
+    job_id = builders.insert_job(builders.insert_model(), status="running")  # never finishes here
+    ids = builders.add_events(job_id, 2)
+
+    def revoke() -> None:
+        with session_scope() as s:
+            keys.revoke_key(s, key_id)
+
+    timer = threading.Timer(0.5, revoke)
+    started = time.monotonic()
+    timer.start()
+    r = client.get(f"/v1/jobs/{job_id}/events/stream", headers={"Authorization": f"Bearer {key}"})
+    took = time.monotonic() - started
+    timer.join()
+    assert r.status_code == 200 and 0.5 <= took < 3  # not the stream's 8 s lifetime
+    lines = r.text.rstrip().splitlines()
+    assert lines[-2] == "event: revoked" and json.loads(lines[-1].removeprefix("data: ")) == {"reason": "key_revoked"}
+    assert [e["id"] for e in parse_sse(r.text)][-2:] == ids
+    assert client.get(f"/v1/jobs/{job_id}/events/stream", headers={"Authorization": f"Bearer {key}"}).status_code == 401

@@ -132,3 +132,22 @@ def test_readyz_checks_the_s3_bucket(pg_env: str, s3_env: str, monkeypatch: pyte
         (err,) = r.json()["errors"]
         assert err["field"] == "storage" and f"S3 bucket {bucket!r} unavailable" in err["message"]
         assert dead not in r.text  # /readyz is public: no endpoint in the answer
+
+
+def test_with_closed_docs_an_authenticated_caller_still_reads_the_api_document(
+    pg_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.main import create_app
+    from models.settings import get_settings
+    from tests.api.tenants import make_key
+
+    monkeypatch.setenv("MODELPRESS_API_KEY", "sekrit")
+    get_settings.cache_clear()
+    _, reader = make_key("alice", "read")
+    with TestClient(create_app(), raise_server_exceptions=False) as c:
+        for key in ("sekrit", reader):  # the bootstrap admin key and an owner's read key
+            r = c.get("/openapi.json", headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200 and "/v1/jobs" in r.json()["paths"]
+        wrong = c.get("/openapi.json", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 404 and wrong.json()["code"] == "not_found"
+        assert c.get("/docs").status_code == 404  # the pages stay closed

@@ -87,3 +87,38 @@ def test_cancel_through_the_api_is_seen_at_once_despite_the_cache(
         assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"  # now cached for 30 s
         assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
         assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_a_job_deleted_while_running_is_404_once_the_worker_removed_it_despite_the_cache(
+    pg_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from models.purge import purge_jobs
+    from models.settings import get_settings
+    from tests.api import builders
+
+    monkeypatch.setenv("MODELPRESS_JOB_READ_CACHE_S", "30")
+    get_settings.cache_clear()
+    job_id = builders.insert_job(builders.insert_model(), status="running")
+    with TestClient(create_app()) as client:
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+        deleting = client.delete(f"/v1/jobs/{job_id}")
+        assert deleting.status_code == 202 and deleting.json()["status"] == "cancelling"
+        builders.set_status(job_id, "cancelled")  # the worker stops it ...
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+        with session_scope() as s:  # ... and its gc deletes it
+            purge_jobs(s, [job_id])
+        gone = client.get(f"/v1/jobs/{job_id}")
+        assert gone.status_code == 404 and gone.json()["code"] == "not_found"
+
+
+def test_a_read_that_began_before_a_drop_does_not_cache_the_old_body(pg_env: str) -> None:
+    cache = job_service._ReadCache()
+    began = time.monotonic()
+    cache.drop("job_x")  # a DELETE committed while the read was querying
+    cache.put("local", "job_x", b"old", 60.0, read_at=began)
+    assert cache.get("local", "job_x") is None
+    cache.put("local", "job_x", b"new", 60.0, read_at=time.monotonic())
+    assert cache.get("local", "job_x") == b"new"

@@ -153,3 +153,14 @@ def test_keys_work_on_the_embedded_sqlite_database(sqlite_env: str) -> None:
         keys.revoke_key(s, key_id)
         assert keys.list_keys(s, "alice", None, 10, include_revoked=False).data == []
     assert keys.authenticate(key) is None
+
+
+def test_the_listing_says_an_admin_key_is_global_whatever_its_owner(keyed: TestClient) -> None:
+    _, alice_admin = make_key("alice", "admin")
+    make_key("alice", "write")
+    listed = {k["scope"]: k for k in keyed.get("/v1/keys", params={"owner": "alice"}, headers=bearer(BOOTSTRAP))
+              .json()["data"]}
+    assert listed["admin"]["manages_keys_of"] == "*" and listed["write"]["manages_keys_of"] is None
+    # ... as it is: alice's admin key makes a key for bob.
+    made = keyed.post("/v1/keys", json={"owner": "bob", "scope": "read"}, headers=bearer(alice_admin))
+    assert made.status_code == 201 and made.json()["owner"] == "bob" and made.json()["manages_keys_of"] is None

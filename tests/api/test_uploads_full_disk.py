@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,3 +60,42 @@ def test_a_commit_into_a_full_disk_is_507_and_leaves_nothing(full_store: tuple[T
     client, root = full_store
     data = builders.onnx_bytes(in_features=4, out_features=3)  # valid: inspected, then the commit fails
     _assert_storage_full(client.put("/v1/models", params={"format": "onnx"}, content=data), root)
+
+
+def test_a_submit_into_a_full_database_disk_is_507_and_records_no_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Embedded defaults with the SQLite database on a tmpfs that fills up: 507 storage_full, no Retry-After."""
+    from api.main import create_app
+    from migrations import upgrade
+    from models.db import reset_engines
+    from models.settings import get_settings
+    from models.tables import Job
+
+    with small_filesystem(tmp_path / "home", 4 * 1024 * 1024) as home:
+        monkeypatch.setenv("MODELPRESS_HOME", str(home))
+        for key in ("DATABASE_URL", "BROKER_URL", "STORAGE_DIR", "API_KEY"):
+            monkeypatch.delenv(f"MODELPRESS_{key}", raising=False)
+        monkeypatch.setenv("MODELPRESS_SUBMIT_RATE_PER_MINUTE", "0")
+        get_settings.cache_clear()
+        reset_engines()
+        upgrade()
+        model_id = builders.insert_model()
+        filler = home / "filler"
+        with open(filler, "wb") as fh, contextlib.suppress(OSError):  # every free byte taken
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        try:
+            with TestClient(create_app(), raise_server_exceptions=False) as client:
+                spec = {"model": model_id, "steps": [{"type": "quantize"}], "name": "x" * 200,
+                        "metadata": {f"k{i}": "v" * 200 for i in range(30)}}
+                r = client.post("/v1/jobs", json=spec)
+                assert r.status_code == 507, r.text
+                assert r.json()["code"] == "storage_full" and "retry-after" not in r.headers
+            filler.unlink()
+            with session_scope() as s:
+                assert s.scalar(select(func.count()).select_from(Job)) == 0
+        finally:
+            reset_engines()
+            get_settings.cache_clear()

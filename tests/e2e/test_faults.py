@@ -122,8 +122,8 @@ def test_api_killed_mid_upload_leaves_no_record_and_its_bytes_go_at_next_start(
     tmp_path: Path, database: str, redis_url: str
 ) -> None:
     home = tmp_path / "home"
-    env = service_env(home, f"{RUN_ID}-{uuid.uuid4().hex[:6]}", database_url=database, broker_url=redis_url,
-                      leftover_grace_s="0")
+    # The default grace (60 s) for leftovers: a restart seconds later still removes what the killed API left.
+    env = service_env(home, f"{RUN_ID}-{uuid.uuid4().hex[:6]}", database_url=database, broker_url=redis_url)
     with live_service(home, env, worker=False) as svc:
         staging = home / "storage" / "tmp"
         sent = 0

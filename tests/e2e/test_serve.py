@@ -70,3 +70,30 @@ def test_serve_runs_a_job_on_embedded_defaults_and_stops_its_worker(tmp_path: Pa
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+def test_a_sigkilled_serve_takes_its_worker_with_it(tmp_path: Path) -> None:
+    port = free_port()
+    env = service_env(tmp_path / "home", RUN_ID)
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-c", "from client.cli import main; main()", "serve", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(children) < 2:  # the worker and its pool process
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.5)
+            children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 2, (tmp_path / "serve.log").read_text()
+        proc.kill()  # SIGKILL: no finally, no handler runs in serve
+        proc.wait(10)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"worker processes outlived a killed serve: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for child in children:  # orphans (re-parented to PID 1) of a failed run of this test
+            if child.is_running():
+                child.kill()
+        log.close()

@@ -54,3 +54,21 @@ def test_only_staged_files_past_the_grace_period(tmp_path: Path) -> None:
     assert sweep_leftovers(tmp_path, grace_s=60).files == 0
     assert fresh.exists() and other.exists() and link.is_symlink()
     assert sweep_leftovers(tmp_path / "missing").files == 0
+
+
+def test_this_hosts_fresh_leftovers_go_at_once_with_own_grace_0_and_other_hosts_wait(tmp_path: Path) -> None:
+    from storage.staging import host_prefix
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    mine = Path(holder.stdout.readline().strip())
+    assert mine.name.startswith(host_prefix())
+    assert sweep_leftovers(tmp_path, grace_s=60, own_grace_s=0).files == 0 and mine.exists()  # still held
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(10)
+    other = tmp_path / "up-elsewhere.abc"  # another host's file on a shared folder: its lock may not reach here
+    other.write_bytes(b"x" * 10)
+    assert sweep_leftovers(tmp_path, grace_s=60).files == 0  # both seconds old: within the grace
+    swept = sweep_leftovers(tmp_path, grace_s=60, own_grace_s=0)
+    assert (swept.files, swept.bytes) == (1, 4096) and not mine.exists() and other.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -78,3 +79,43 @@ def test_an_archive_with_external_data_is_inspected(tmp_path: Path) -> None:
 def test_a_single_file_with_external_data_names_the_archive_format(tmp_path: Path) -> None:
     with pytest.raises(InspectionError, match=r"as one zip or tar\.gz \(format=onnx\)"):
         inspect_onnx(_write(tmp_path, builders.onnx_external_bytes()))
+
+
+def test_a_loop_with_a_huge_constant_trip_count_is_refused(tmp_path: Path) -> None:
+    import onnx
+
+    from tests.factories_onnx import looping_model
+
+    huge = tmp_path / "huge.onnx"
+    onnx.save(looping_model(2**40), huge)
+    with pytest.raises(InspectionError, match=r"runs 1099511627776 times; at most 1000000 iterations"):
+        inspect_onnx(huge)
+    fine = tmp_path / "fine.onnx"
+    onnx.save(looping_model(1000), fine)
+    assert inspect_onnx(fine)["op_types"] == {"Loop": 1, "MatMul": 1}
+    computed = tmp_path / "computed.onnx"  # only running it shows how long it loops: the worker bounds it
+    onnx.save(looping_model(2**40, constant=False), computed)
+    assert inspect_onnx(computed)["op_types"] == {"Loop": 1, "MatMul": 1, "Mul": 1}
+
+
+def test_nested_loops_count_their_trips_together(tmp_path: Path) -> None:
+    import onnx
+    from onnx import helper
+
+    from tests.factories_onnx import looping_model
+
+    model = looping_model(2000)
+    inner = model.graph.node[0]  # Loop(trips=2000) inside a Loop of 1000 trips: 2,000,000 in all
+    outer_body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]), inner], "outer_body",
+        [helper.make_tensor_value_info("j", onnx.TensorProto.INT64, []),
+         helper.make_tensor_value_info("c_in", onnx.TensorProto.BOOL, []),
+         helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("c_out", onnx.TensorProto.BOOL, []),
+         helper.make_tensor_value_info("looped", onnx.TensorProto.FLOAT, None)])
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1000, np.int64), "outer_trips"))
+    model.graph.node[0].CopyFrom(helper.make_node("Loop", ["outer_trips", "cond", "input"], ["looped"], body=outer_body))
+    path = tmp_path / "nested.onnx"
+    onnx.save(model, path)
+    with pytest.raises(InspectionError, match=r"runs 2000 times \(2000000 with the Loops around it\)"):
+        inspect_onnx(path)

@@ -91,6 +91,8 @@ def preprocess(src: Path, ctx: PassContext) -> tuple[Path, str]:
 
     from onnxruntime.quantization import quant_pre_process
 
+    from storage.base import StorageFull
+    from worker.checked_io import checked_onnx_write
     from worker.formats.onnx_model import scratch_cwd
 
     src = src.resolve()
@@ -106,7 +108,7 @@ def preprocess(src: Path, ctx: PassContext) -> tuple[Path, str]:
         try:
             with scratch_cwd(
                 ctx.workdir.resolve() / "scratch"
-            ):  # ORT's symbolic inference litters the CWD
+            ), checked_onnx_write(dst, "quant_pre_process's output"):  # the CWD: ORT's shape inference litters it
                 quant_pre_process(
                     str(src),
                     str(dst),
@@ -117,6 +119,8 @@ def preprocess(src: Path, ctx: PassContext) -> tuple[Path, str]:
                 )
             chosen, how = dst, label
             break
+        except StorageFull:  # ORT logs an ENOSPC and goes on: checked_onnx_write saw it; no fallback helps
+            raise
         except Exception as e:
             logging.getLogger(__name__).info("quant_pre_process (%s) failed: %s", label, e)
             ctx.log(f"quant_pre_process ({label}) failed, falling back", error=f"{type(e).__name__}: {e}")
