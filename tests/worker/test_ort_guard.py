@@ -12,9 +12,9 @@ import pytest
 
 from models.spec import EvaluateConfig
 from tests.factories_onnx import INPUT, looping_model
+from worker.core import ArrayDataset, JobCancelled, StepFailed
 from worker.evaluate import evaluate, make_session
 from worker.ort_guard import RunGuard
-from worker.core import ArrayDataset, JobCancelled, StepFailed
 
 CFG = EvaluateConfig.model_validate({"latency": {"warmup": 1, "runs": 2, "batch_size": 1, "threads": 1}})
 
