@@ -310,6 +310,8 @@ def run(spec: JobSpec, ctx: PipelineContext, cache: StageCache | None = None) ->
         ctx.begin_step(i + 1, total, label)
         with _stage(f"steps[{i}] {step.type}"):
             p = pass_for(step.type)
+            if i == 0 and resumed is None and p.takes == "onnx" and model.form != "onnx":
+                model = baseline_onnx  # the input's export, evaluated above: one export per model per job
             model = _to_form(model, p.takes, ctx, opset, f"step{i}")
             t0 = time.perf_counter()
             result = p.run(model, step, ctx)

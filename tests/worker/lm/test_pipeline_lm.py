@@ -163,3 +163,23 @@ def test_big_lm_weights_travel_as_a_second_artifact(
     for name, path in {"model.onnx": result.output_path, **result.files}.items():
         (folder / name).write_bytes(path.read_bytes())
     assert len(LMSession(folder / "model.onnx").generate([5, 6, 7], 4)) == 4
+
+
+def test_the_input_is_exported_once_for_its_evaluation_and_the_first_step(
+    tmp_path: Path, llama_dir: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.lm import export as lm_export
+
+    exports: list[Path] = []
+    real = lm_export.export_causal_lm
+
+    def counted(module: Any, out_path: Path, **kwargs: Any) -> LMLayout:
+        exports.append(Path(out_path))
+        return real(module, out_path, **kwargs)
+
+    monkeypatch.setattr(lm_export, "export_causal_lm", counted)
+    spec = _spec([{"type": "quantize", "mode": "int4"}])
+    result = pipeline.run(spec, _ctx(tmp_path, spec, llama_dir, tokenizer))
+    assert [p.parent.name for p in exports] == ["input"]
+    assert result.report["output"]["size_bytes"] < 0.5 * result.report["input"]["size_bytes"]
+    assert {n.op_type for n in __import__("onnx").load(str(result.output_path)).graph.node} >= {"MatMulNBits"}
