@@ -286,6 +286,11 @@ def run(spec: JobSpec, ctx: PipelineContext, cache: StageCache | None = None) ->
 
     With a ``cache``, the longest cached prefix of the steps is reused (its passes do not run) and each
     step's output is stored for later jobs."""
+    from worker.lm import stream_job
+
+    streamed = stream_job.wanted(spec, ctx)  # an LLM too large to load: written layer by layer instead
+    if streamed is not None:
+        return stream_job.run(spec, ctx, *streamed)
     total = len(spec.steps) + 2
     opset = spec.export.opset
 
