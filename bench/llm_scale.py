@@ -50,13 +50,14 @@ def _config(name: str) -> Any:
     from transformers import LlamaConfig
 
     hidden, layers, heads, kv, inter, vocab, tied, context = CONFIGS[name]
-    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    llama3: dict[str, Any] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+    rope: dict[str, Any] = {"rope_parameters": llama3} if context > 8192 else {}
     return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=context,
                        tie_word_embeddings=tied, rms_norm_eps=1e-5, architectures=["LlamaForCausalLM"],
                        bos_token_id=2, eos_token_id=3, pad_token_id=0,
-                       **({"rope_parameters": llama3} if context > 8192 else {}))
+                       **rope)
 
 
 def _tensors(config: Any) -> list[tuple[str, list[int]]]:
@@ -115,7 +116,7 @@ def build_zip(name: str, cache: Path) -> tuple[Path, int]:
             raw += b" " * (-len(raw) % 8)
             with zf.open(f"llama/{fname}", "w", force_zip64=True) as fh:
                 fh.write(struct.pack("<Q", len(raw)) + raw)
-                for tname, shape in shard:
+                for _, shape in shard:
                     left = int(np.prod(shape))
                     if len(shape) == 1:
                         fh.write(np.repeat(one, left).tobytes())

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # None: no cap on an upload's bytes beyond the disk (507) and the owner's stored-bytes quota (413): uploads
     # stream to disk in bounded memory, so an 8 B LLM's 16 GB archive needs no other limit.
     max_upload_bytes: int | None = Field(None, ge=1)
+    # The memory of the workers (bytes) that jobs are planned against (models/memory_fit.py): a job over its
+    # share is refused at submit, an LLM over the in-memory path's share is streamed. None: this machine's.
+    worker_memory_bytes: int | None = Field(None, ge=1)
     # JSON request bodies (a job spec), counted while reading: 413 past it.
     max_json_body_bytes: int = Field(1024**2, ge=1)
     owner: str = "local"

@@ -15,6 +15,8 @@ import sys
 from functools import cache
 from typing import Any
 
+from models.memory_fit import machine_memory_bytes as total_memory_bytes  # noqa: F401 (re-exported)
+
 
 def rss_bytes() -> int:
     """This process's resident set size now (``/proc/self/statm``; 0 where there is no procfs)."""
@@ -22,26 +24,6 @@ def rss_bytes() -> int:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        return 0
-
-
-def total_memory_bytes() -> int:
-    """Memory this worker may use: the cgroup's limit where one is set, else the machine's RAM."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path) as fh:
-                raw = fh.read().strip()
-        except OSError:
-            continue
-        if raw.isdigit() and int(raw) < 1 << 60:
-            return min(int(raw), _ram())
-    return _ram()
-
-
-def _ram() -> int:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (OSError, ValueError):
         return 0
 
 

@@ -36,13 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from models.memory_fit import STREAM_ARCHITECTURES
 from worker.passes.base import StepFailed
 
 if TYPE_CHECKING:
     import onnx
 
-# Architectures with the Llama decoder layer (RMSNorm, rotary GQA, SiLU-gated MLP; Qwen2 adds q/k/v biases).
-STREAM_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
 # Weights widened to fp32 at once (64 MiB): the bound on the float a writer holds.
 CHUNK_ELEMENTS = 16 * 1024 * 1024
 ALIGN = 4096

@@ -17,37 +17,24 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from models import memory_fit
 from worker.lm import stream
-from worker.memory import release_memory, total_memory_bytes
+from worker.memory import release_memory
 
 if TYPE_CHECKING:
     from models.spec import JobSpec, QuantizeStep
     from worker.passes.base import PipelineContext, WorkingModel
     from worker.pipeline import PipelineResult
 
-# The in-memory path's export peak, bytes per parameter (measured: 14-18 on Llamas of 0.35-0.85 B).
-IN_MEMORY_BYTES_PER_PARAM = 18
-# The share of the worker's memory a job may plan to use (the rest: the worker itself, page cache, slack).
-MEMORY_SHARE = 0.6
 # The reference the input is evaluated on when it is streamed.
 REFERENCE = stream.StreamSettings(bits=8, block_size=32, symmetric=False, accuracy_level=None, head_bits=8)
 
 
-def in_memory_fits(params: int, memory: int | None = None) -> bool:
-    """Whether the in-memory export + quantize of ``params`` parameters fits this worker's memory share."""
-    memory = total_memory_bytes() if memory is None else memory
-    return params * IN_MEMORY_BYTES_PER_PARAM <= MEMORY_SHARE * memory
+def worker_memory() -> int:
+    """The memory this worker plans jobs against: ``MODELPRESS_WORKER_MEMORY_BYTES``, else what it has."""
+    from models.settings import get_settings
 
-
-def streamable_step(step: Any) -> str | None:
-    """Why ``step`` cannot be written by the streaming writer (None: it can)."""
-    if step.type != "quantize" or step.mode not in ("int4", "int8_weight"):
-        return "only quantize int4 / int8_weight is streamed"
-    if step.algorithm not in (None, "rtn"):
-        return f"algorithm {step.algorithm} needs the whole graph (streaming writes RTN)"
-    if step.quantize_embeddings or step.bits or step.nodes_to_exclude or step.op_types_to_exclude:
-        return "quantize_embeddings, bits and exclusions need the whole graph"
-    return None
+    return memory_fit.planned_memory(get_settings().worker_memory_bytes)
 
 
 def settings_for(step: QuantizeStep) -> stream.StreamSettings:
@@ -62,13 +49,13 @@ def settings_for(step: QuantizeStep) -> stream.StreamSettings:
 def wanted(spec: JobSpec, ctx: Any) -> tuple[Path, dict[str, Any]] | None:
     """The input's stored archive and meta when this job goes the streamed way, else None."""
     model_file = getattr(ctx, "model_file", None)
-    if model_file is None or len(spec.steps) != 1 or streamable_step(spec.steps[0]) is not None:
+    if model_file is None or len(spec.steps) != 1 or memory_fit.streamable_step(spec.steps[0]) is not None:
         return None
     path, fmt, meta = model_file("input")
-    if fmt != "hf" or meta.get("architecture") not in stream.STREAM_ARCHITECTURES:
+    if fmt != "hf" or meta.get("architecture") not in memory_fit.STREAM_ARCHITECTURES:
         return None
     params = int(meta.get("parameters") or 0)
-    if not params or in_memory_fits(params):
+    if not params or memory_fit.in_memory_fits(params, worker_memory()):
         return None
     return Path(path), meta
 
@@ -105,7 +92,7 @@ def run(spec: JobSpec, ctx: PipelineContext, path: Path, meta: dict[str, Any]) -
     with pl._stage("evaluate input"):
         root = hf.extract(path, workdir / "models" / "input")
         ctx.log("streaming the LLM from its safetensors (the in-memory export would need "
-                f"{params * IN_MEMORY_BYTES_PER_PARAM / 1e9:.1f} GB)", parameters=params)
+                f"{params * memory_fit.IN_MEMORY_BYTES_PER_PARAM / 1e9:.1f} GB)", parameters=params)
         t0 = time.perf_counter()
         ref = stream.write_model(root, workdir / "reference" / "model.onnx", REFERENCE,
                                  progress("writing the INT8 reference"), ctx.check_cancelled)

@@ -10,11 +10,11 @@ import pytest
 
 from api.inspection.hf import inspect_hf
 from api.inspection.text import inspect_text
+from models import memory_fit
 from models.spec import JobSpec, QuantizeStep
 from tests.factories_lm import text_rows, tiny_lm_archive, write_jsonl
 from worker import pipeline
 from worker.context import LocalContext
-from worker.lm import stream_job
 from worker.lm.session import LMSession
 
 FAST = {"latency": {"runs": 2, "warmup": 1}, "generation": {"samples": 2, "max_new_tokens": 6, "prompt_tokens": 16},
@@ -48,7 +48,7 @@ def test_a_model_over_the_memory_budget_is_streamed_and_matches_the_in_memory_pa
     exports: list[Path] = []
     real = lm_export.export_causal_lm
     monkeypatch.setattr(lm_export, "export_causal_lm", lambda m, p, **kw: exports.append(p) or real(m, p, **kw))
-    monkeypatch.setattr(stream_job, "IN_MEMORY_BYTES_PER_PARAM", 10**12)  # any model is "too large" here
+    monkeypatch.setattr(memory_fit, "IN_MEMORY_BYTES_PER_PARAM", 10**12)  # any model is "too large" here
     result = _run(tmp_path / "stream", files, step)
     report = result.report
     assert exports == []  # no float export, no torch module
@@ -73,6 +73,6 @@ def test_steps_the_writer_cannot_do_go_the_in_memory_way() -> None:
     for step, why in (({"type": "quantize", "mode": "int4", "algorithm": "gptq"}, "algorithm gptq"),
                       ({"type": "quantize", "mode": "dynamic"}, "only quantize int4"),
                       ({"type": "quantize", "mode": "int4", "quantize_embeddings": True}, "quantize_embeddings")):
-        assert why in (stream_job.streamable_step(QuantizeStep.model_validate(step)) or "")
-    assert stream_job.in_memory_fits(100_000_000, memory=24 * 1024**3)
-    assert not stream_job.in_memory_fits(1_200_000_000, memory=24 * 1024**3)
+        assert why in (memory_fit.streamable_step(QuantizeStep.model_validate(step)) or "")
+    assert memory_fit.in_memory_fits(100_000_000, memory=24 * 1024**3)
+    assert not memory_fit.in_memory_fits(1_200_000_000, memory=24 * 1024**3)
