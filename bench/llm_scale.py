@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -222,6 +223,10 @@ def run_size(name: str, a: argparse.Namespace, run_id: str) -> dict[str, Any]:
     return row
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the sizes asked for and print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -229,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--cache", default="/work/scale-cache")
     ap.add_argument("--genai", action="store_true", help="also measure onnxruntime-genai's int4 builder")
     a = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupted)  # stop the service and remove the big files on a kill too
     run_id = new_run_id()
     rows = []
     for name in a.sizes.split(","):
