@@ -337,12 +337,14 @@ def write_model(folder: Path, out_path: Path, settings: StreamSettings,
     writer = DataWriter(out_path.with_name(out_path.name + ".data"))
     g = _Graph(writer, reader, settings)
     try:
-        table, table_type = reader.raw("model.embed_tokens.weight")  # stored dtype: 2 bytes/param for bf16
+        table_shape = reader.shape("model.embed_tokens.weight")  # copied in its stored dtype, by blocks of rows
         start = writer.begin()
-        writer.write(table)
-        g.inits.append(writer.tensor("model.embed_tokens.weight", table_type, list(table.shape), start))
-        g.params += table.size
-        del table
+        step = max(1, CHUNK_ELEMENTS // table_shape[1])
+        for r0 in range(0, table_shape[0], step):
+            rows, table_type = reader.raw("model.embed_tokens.weight", r0, min(table_shape[0], r0 + step))
+            writer.write(rows)
+        g.inits.append(writer.tensor("model.embed_tokens.weight", table_type, table_shape, start))
+        g.params += table_shape[0] * table_shape[1]
         cos, sin = _rotary_cache(config, head_dim)
         g.inits += [writer.array("cos_cache", cos), writer.array("sin_cache", sin)]
         del cos, sin
