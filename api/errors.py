@@ -185,7 +185,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _too_large(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, UploadTooLarge)
     return problem_response(
-        request, 413, "upload_too_large", f"the upload is larger than the limit of {exc.limit} bytes"
+        request, 413, "upload_too_large",
+        f"the upload is larger than the limit of {exc.limit} bytes set by MODELPRESS_MAX_UPLOAD_BYTES on this "
+        "server; uploads stream to disk, so unset it for no cap beyond the disk and the owner's stored-bytes quota",
     )
 
 

@@ -1,4 +1,4 @@
-"""The job report and the search's trial, typed: what ``worker.pipeline.build_report`` writes and the search,
+"""The job report and the search's trial, typed: what ``worker.stages.build_report`` writes and the search,
 the pages and the CLI read.
 
 Stored JSON stays as it was: every model keeps the keys it does not name (``extra="allow"``) and

@@ -35,7 +35,12 @@ class Settings(BaseSettings):
     s3_presign_endpoint: str | None = None
     blob_cache_dir: Path | None = None
     blob_cache_bytes: int = Field(10 * 1024**3, ge=0)
-    max_upload_bytes: int = 4 * 1024**3
+    # None: no cap on an upload's bytes beyond the disk (507) and the owner's stored-bytes quota (413): uploads
+    # stream to disk in bounded memory, so an 8 B LLM's 16 GB archive needs no other limit.
+    max_upload_bytes: int | None = Field(None, ge=1)
+    # The memory of the workers (bytes) that jobs are planned against (models/memory_fit.py): a job over its
+    # share is refused at submit, an LLM over the in-memory path's share is streamed. None: this machine's.
+    worker_memory_bytes: int | None = Field(None, ge=1)
     # JSON request bodies (a job spec), counted while reading: 413 past it.
     max_json_body_bytes: int = Field(1024**2, ge=1)
     owner: str = "local"

@@ -43,8 +43,9 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
-# Per upload format; a transformers directory is small next to the default caps, weights compress poorly.
-HF_LIMITS = Limits(max_total_bytes=16 * 1024**3, max_entries=10_000, max_ratio=200.0)
+# Per upload format. A transformers directory holds the weights in bf16 (an 8 B LLM is 16 GB, a 70 B one
+# 140 GB); weights compress poorly, so the ratio cap still catches a bomb, and the total only bounds the disk.
+HF_LIMITS = Limits(max_total_bytes=512 * 1024**3, max_entries=10_000, max_ratio=200.0)
 IMAGEFOLDER_LIMITS = Limits(max_total_bytes=8 * 1024**3, max_entries=500_000, max_ratio=200.0)
 # An npz is a zip the worker inflates whole into memory (np.load): the same ratio cap as any archive.
 NPZ_LIMITS = Limits(max_entries=10_000, max_ratio=200.0)

@@ -91,6 +91,10 @@ class LocalContext:
         except KeyError:
             raise KeyError(f"unknown model {ref!r}") from None
 
+    def model_file(self, ref: str) -> FileRef:
+        """A model's stored file, format and inspection meta, not loaded (``"input"``: the job's)."""
+        return self._model_ref(ref)
+
     def load_model(self, ref: str) -> WorkingModel:
         """A model by id, or ``"input"`` for the job's input model, in its uploaded form."""
         from worker.formats import load_model

@@ -128,7 +128,8 @@ def _notify_parent(job_id: str) -> None:
 def _execute_claimed(won: Claim, spec: JobSpec, owner: str) -> str | None:
     """Run a claimed (non-search) job to its end; the terminal status."""
     from worker.core import JobCancelled
-    from worker.pipeline import StepError, run
+    from worker.pipeline import run
+    from worker.stages import StepError
 
     settings = get_settings()
     job_id = won.job_id

@@ -31,8 +31,12 @@ def _start_timers(**_: Any) -> None:
 def run_job(job_id: str) -> str | None:
     """Run job ``job_id`` (claim, pipeline, record); returns the terminal status it set."""
     from worker.jobs import execute
+    from worker.memory import release_memory
 
-    return execute(job_id)
+    try:
+        return execute(job_id)
+    finally:
+        release_memory()  # an idle worker gives back what the job freed (worker.memory)
 
 
 @app.task(name=ADVANCE_TASK, acks_late=True, reject_on_worker_lost=True)

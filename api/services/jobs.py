@@ -19,6 +19,7 @@ from api.errors import ProblemError, field_error, not_found
 from api.services import quotas
 from api.services.artifacts import artifact_out
 from api.services.lookup import get_owned
+from api.services.memory_check import check_memory
 from api.services.pagination import paginate
 from api.services.spec_checks import check_references
 from models.db import get_engine, session_scope
@@ -282,6 +283,7 @@ def create_job(
         if existing is not None:
             return _same_request(existing, spec), False
     model = check_references(session, owner, spec)
+    check_memory(spec, model, settings)
     # The owner's lock is held until the commit below, so concurrent submissions count each other.
     quotas.check_jobs(session, owner, settings, lock=True)
     if spec.search is not None:

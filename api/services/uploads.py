@@ -78,7 +78,7 @@ def check_declared_length(request: Request, overhead: int = 0) -> None:
     """Refuse at once a body whose Content-Length already says it is over the limit (plus ``overhead``)."""
     limit = get_settings().max_upload_bytes
     declared = request.headers.get("content-length")
-    if length_over(declared, limit + overhead):
+    if limit is not None and length_over(declared, limit + overhead):
         raise UploadTooLarge(limit)
 
 

@@ -90,6 +90,7 @@ def test_chunked_upload_over_the_limit_is_413(
     r = client.put("/v1/models", params={"name": "big", "format": "onnx"}, content=body())
     assert r.status_code == 413
     assert r.json()["code"] == "upload_too_large" and "1000" in r.json()["detail"]
+    assert "MODELPRESS_MAX_UPLOAD_BYTES" in r.json()["detail"] and "quota" in r.json()["detail"]
     assert _model_rows() == 0 and temp_files(storage_dir) == [] and blobs(storage_dir) == []
     # A declared Content-Length over the limit is refused before reading.
     r = client.put("/v1/models", params={"format": "onnx"}, content=b"y" * 1001)

@@ -16,7 +16,7 @@ def test_embedded_defaults_live_under_home(tmp_path: Path) -> None:
     assert s.database_url == f"sqlite:///{tmp_path / 'modelpress.db'}"
     assert s.broker_url == f"sqla+sqlite:///{tmp_path / 'broker.db'}"
     assert s.blob_dir == tmp_path / "storage"
-    assert s.max_upload_bytes == 4 * 1024**3
+    assert s.max_upload_bytes is None  # no cap beyond the disk and the quota
     assert s.visibility_timeout > s.task_hard_time_limit > s.task_soft_time_limit
 
 

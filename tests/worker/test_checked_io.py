@@ -17,7 +17,8 @@ from tests.factories_disk import small_filesystem
 from worker.checked_io import CorruptWrite, checked_onnx_write
 from worker.context import LocalContext
 from worker.passes.quantize import QuantizePass
-from worker.pipeline import StepError, _stage
+from worker.stages import StepError
+from worker.stages import stage as _stage
 
 
 def test_quantize_on_a_full_disk_fails_storage_full_and_leaves_no_partial_file(tmp_path: Path) -> None:

@@ -178,7 +178,7 @@ def test_inputs_that_keep_failing_to_download_fail_the_job_as_storage_unavailabl
 
 def test_a_missed_perplexity_budget_fails_the_job_saying_which_bound(pg_env: str, tmp_path: Path) -> None:
     from models.spec import JobSpec
-    from worker.pipeline import PipelineResult, build_report
+    from worker.stages import PipelineResult, build_report
 
     spec = JobSpec.model_validate({"model": "mdl_x", "task": "text-generation", "data": {"eval": "ds_e"},
                                    "evaluate": {"max_perplexity_increase": 0.05}})

@@ -16,14 +16,15 @@ ROOT = Path(__file__).resolve().parents[2]
 ROOMS: list[tuple[str, tuple[str, ...]]] = [
     # the types every room uses, the job record (claim, heartbeat, events, artifacts, finish), the queue app
     ("foundation", ("worker", "worker.core", "worker.records", "worker.celery_app", "worker.torch_utils",
-                    "worker.onnx2torch_ops", "worker.ort_guard", "worker.checked_io")),
+                    "worker.onnx2torch_ops", "worker.ort_guard", "worker.checked_io", "worker.memory")),
     ("formats", ("worker.formats", "worker.formats.*")),  # loaders of uploaded models and datasets
     # measuring and converting a model: evaluation, metrics, the training loop, ONNX <-> torch, causal LMs
     ("measure", ("worker.evaluate", "worker.metrics", "worker.training", "worker.convert", "worker.families",
                  "worker.lm", "worker.lm.*")),
     ("passes", ("worker.passes", "worker.passes.*")),  # one module per step type
+    # one job's run: its context, the step loop, the stage cache, deliverables, the streamed LLM run
     ("run", ("worker.context", "worker.pipeline", "worker.stage_cache", "worker.stage_cache.*",
-             "worker.deliverables")),  # one job's run: its context, the step loop, the stage cache, deliverables
+             "worker.deliverables", "worker.stages", "worker.stream_job")),
     ("jobs", ("worker.jobs", "worker.search", "worker.gc", "worker.reconcile")),  # jobs, searches, upkeep
     ("shell", ("worker.tasks", "worker.main")),  # the Celery tasks and the worker's entry point
 ]

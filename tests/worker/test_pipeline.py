@@ -19,7 +19,7 @@ from worker import pipeline
 from worker.context import LocalContext
 from worker.core import JobCancelled, PassContext, StepFailed, WorkingModel
 from worker.passes.base import Pass, PassResult
-from worker.pipeline import StepError
+from worker.stages import StepError
 
 FAST_EVAL = {"latency": {"warmup": 2, "runs": 10, "batch_size": 8}}
 

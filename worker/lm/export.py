@@ -131,15 +131,54 @@ def _names(layers: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     return past, present
 
 
-def _save(proto: Any, out_path: Path) -> None:
-    """Write ``proto`` to ``out_path``; weights over 2 GB go to ``<name>.data`` beside it."""
+def tensor_bytes(t: Any) -> int:
+    """Bytes a ``TensorProto``'s data takes, from its dims and element type (no serialisation)."""
     import onnx
 
-    if proto.ByteSize() >= TWO_GB or sum(len(t.raw_data) for t in proto.graph.initializer) >= TWO_GB:
-        onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=out_path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(out_path))
+    if t.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in t.string_data)
+    n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
+    if bits is not None:
+        return (n + 1) // 2
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def weight_bytes(proto: Any) -> int:
+    """Bytes of a model's weights: initializers and ``Constant`` tensors, subgraphs included."""
+    def graph_bytes(graph: Any) -> int:
+        size = sum(tensor_bytes(t) for t in graph.initializer)
+        for node in graph.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    size += tensor_bytes(a.t)
+                if a.HasField("g"):
+                    size += graph_bytes(a.g)
+                size += sum(graph_bytes(g) for g in a.graphs)
+        return size
+
+    return graph_bytes(proto.graph)
+
+
+def needs_external_data(proto: Any) -> bool:
+    """Whether ``proto`` must keep its weights beside it: protobuf refuses to serialise a message of 2 GB or
+    more (``EncodeError``), and ``ByteSize()`` itself fails on such a message, so the weights are summed
+    from their dims instead, with a 32nd of the limit (64 MB) left for the graph itself."""
+    return weight_bytes(proto) + TWO_GB // 32 >= TWO_GB
+
+
+def _save(proto: Any, out_path: Path) -> None:
+    """Write ``proto`` to ``out_path``; weights of 2 GB or more go to ``<name>.data`` beside it."""
+    import onnx
+
+    try:
+        if needs_external_data(proto):
+            onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=out_path.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(proto, str(out_path))
+    except Exception as exc:  # protobuf, disk, memory: the caller may fall back to the other exporter
+        raise StepFailed("export_failed", f"writing {out_path.name} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def torch_export(module: Any, out_path: Path, opset: int = 17, position_ids: bool = False) -> LMLayout:
@@ -452,11 +491,20 @@ def export_causal_lm(module: Any, out_path: Path, *, opset: int = 17, hf_dir: Pa
                 layout.parity["fusion_failed"] = why
         return layout
 
+    def attempt(how: str) -> LMLayout:
+        try:
+            return export_and_check(how)
+        except StepFailed:
+            raise
+        except Exception as exc:  # any failure is the step's, named, so that auto can fall back
+            raise StepFailed("export_failed", f"{how} export of the causal LM failed: "
+                                              f"{type(exc).__name__}: {exc}") from exc
+
     if chosen == "genai" and method == "auto":
         try:
-            return export_and_check("genai")
+            return attempt("genai")
         except StepFailed as exc:  # auto: the builder's graph is the faster one, torch.onnx the general one
-            layout = export_and_check("torch")
+            layout = attempt("torch")
             layout.parity["genai_failed"] = f"[{exc.code}] {exc.message}"
             return layout
-    return export_and_check(chosen)
+    return attempt(chosen)

@@ -157,3 +157,43 @@ def test_auto_falls_back_to_torch_when_the_builder_fails(llama_dir: Path, tmp_pa
     assert layout.method == "torch" and "genai_failed" in layout.parity
     assert "tokenizer" in layout.parity["genai_failed"]
     assert len(LMSession(tmp_path / "model.onnx").generate([5, 6], 4)) == 4
+
+
+def test_the_external_data_decision_sums_weights_without_serialising(
+    llama_onnx: tuple[Path, LMLayout], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ByteSize()`` raises over 2 GB: the decision reads the weights' dims, which match the stored bytes."""
+    proto = onnx.load(str(llama_onnx[0]))
+    stored = sum(len(t.raw_data) for t in proto.graph.initializer)
+    assert stored > 500_000
+    assert stored <= lm_export.weight_bytes(proto) <= stored + 4096  # + small Constant tensors
+    assert not lm_export.needs_external_data(proto)
+    monkeypatch.setattr(lm_export, "TWO_GB", stored + 4096)  # within a 32nd of the limit: external
+    assert lm_export.needs_external_data(proto)
+    monkeypatch.setattr(lm_export, "TWO_GB", 2 * stored)
+    assert not lm_export.needs_external_data(proto)
+
+
+def test_a_failed_write_is_a_step_failure_and_auto_falls_back(
+    llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What protobuf raised over 2 GB (EncodeError) is a named StepFailed; auto then tries torch.onnx."""
+    from google.protobuf.message import EncodeError
+
+    real_save = onnx.save_model
+    calls: list[str] = []
+
+    def save_fails_once(proto: object, path: str, *args: object, **kwargs: object) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            raise EncodeError("Failed to serialize proto")
+        real_save(proto, path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(onnx, "save_model", save_fails_once)
+    with pytest.raises(StepFailed) as err:
+        lm_export._save(onnx.ModelProto(), tmp_path / "x.onnx")
+    assert err.value.code == "export_failed" and "EncodeError: Failed to serialize proto" in err.value.message
+    calls.clear()
+    layout = export_causal_lm(load_lm(llama_dir), tmp_path / "model.onnx", hf_dir=llama_dir, generate_tokens=4)
+    assert layout.method == "torch" and "EncodeError" in layout.parity["genai_failed"]
+    assert len(LMSession(tmp_path / "model.onnx").generate([5, 6], 4)) == 4

@@ -15,7 +15,7 @@ from tests.factories_lm import licence_paragraphs
 from tests.factories_train import MemoryContext
 from tests.worker.lm.builders import text_dataset, torch_greedy
 from tests.worker.lm.conftest import load_lm
-from worker import pipeline
+from worker import pipeline, stages
 from worker.core import WorkingModel
 from worker.families import CausalLM, family_for
 from worker.lm.layout import LMLayout
@@ -76,7 +76,7 @@ def test_export_job_reports_lm_metrics_and_writes_a_kv_cache_onnx(
 
 def test_a_torch_step_after_the_lm_is_onnx_fails_clearly(tmp_path: Path, llama_dir: Path, tokenizer: Any) -> None:
     spec = _spec([{"type": "export"}, {"type": "prune", "ratio": 0.25}])
-    with pytest.raises(pipeline.StepError) as err:
+    with pytest.raises(stages.StepError) as err:
         pipeline.run(spec, _ctx(tmp_path, spec, llama_dir, tokenizer))
     assert err.value.step == "steps[1] prune" and err.value.code == "unsupported_model"
     assert "before quantize" in err.value.message
@@ -110,7 +110,7 @@ def _side(ppl: float, acc: float | None = None, tps: float = 100.0) -> dict[str,
 )
 def test_perplexity_budget_is_a_relative_increase(out_ppl: float, allowed: float, met: bool) -> None:
     spec = _spec([], max_perplexity_increase=allowed)
-    report = pipeline.build_report(spec, _side(10.0), _side(out_ppl, tps=250.0), [], "cpu")
+    report = stages.build_report(spec, _side(10.0), _side(out_ppl, tps=250.0), [], "cpu")
     budget = report["budget"]
     assert budget["met"] is met
     assert budget["perplexity_increase"] == pytest.approx(out_ppl / 10.0 - 1)
@@ -122,10 +122,10 @@ def test_perplexity_budget_is_a_relative_increase(out_ppl: float, allowed: float
 
 def test_choice_accuracy_budget_for_lms() -> None:
     spec = _spec([], max_accuracy_drop=0.05)
-    missed = pipeline.build_report(spec, _side(10.0, acc=0.8), _side(10.0, acc=0.7), [], "cpu")["budget"]
+    missed = stages.build_report(spec, _side(10.0, acc=0.8), _side(10.0, acc=0.7), [], "cpu")["budget"]
     assert missed["met"] is False and missed["accuracy_drop"] == pytest.approx(0.1)
     assert "choice accuracy fell 10.00 points" in missed["reason"]
-    kept = pipeline.build_report(spec, _side(10.0, acc=0.8), _side(12.0, acc=0.78), [], "cpu")["budget"]
+    kept = stages.build_report(spec, _side(10.0, acc=0.8), _side(12.0, acc=0.78), [], "cpu")["budget"]
     assert kept["met"] is True
     assert np.isclose(kept["accuracy_drop"], 0.02)
 
@@ -166,3 +166,23 @@ def test_big_lm_weights_travel_as_a_second_artifact(
     for name, path in {"model.onnx": result.output_path, **result.files}.items():
         (folder / name).write_bytes(path.read_bytes())
     assert len(LMSession(folder / "model.onnx").generate([5, 6, 7], 4)) == 4
+
+
+def test_the_input_is_exported_once_for_its_evaluation_and_the_first_step(
+    tmp_path: Path, llama_dir: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.lm import export as lm_export
+
+    exports: list[Path] = []
+    real = lm_export.export_causal_lm
+
+    def counted(module: Any, out_path: Path, **kwargs: Any) -> LMLayout:
+        exports.append(Path(out_path))
+        return real(module, out_path, **kwargs)
+
+    monkeypatch.setattr(lm_export, "export_causal_lm", counted)
+    spec = _spec([{"type": "quantize", "mode": "int4"}])
+    result = pipeline.run(spec, _ctx(tmp_path, spec, llama_dir, tokenizer))
+    assert [p.parent.name for p in exports] == ["input"]
+    assert result.report["output"]["size_bytes"] < 0.5 * result.report["input"]["size_bytes"]
+    assert {n.op_type for n in __import__("onnx").load(str(result.output_path)).graph.node} >= {"MatMulNBits"}

@@ -1,0 +1,123 @@
+"""A job's peak memory on a worker, estimated from the upload's inspection (parameters, architecture) and
+its steps: the API refuses at submit (422 ``job_too_large``) a job no worker could hold, saying what would
+fit, and the worker picks the streamed LLM path by the same figures. Pure: no torch, no database.
+
+Bytes per parameter at the peak, measured on random-init Llamas (``python -m bench.llm_scale``; issue 19):
+
+- in memory (load the module, export to ONNX, evaluate, quantize): 14-18 B/param, taken as 18;
+- streamed (``worker.lm.stream``: INT8 reference and INT4 file written layer by layer, one ONNX Runtime
+  session at a time): ``STREAMED_BYTES_PER_PARAM`` plus ``STREAMED_FIXED_BYTES``;
+- training on CPU: full finetune / distill hold fp32 weights, gradients and two AdamW moments (16 B/param)
+  plus activations: 20; LoRA and the partial modes hold the fp32 module and its activations: 6.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+IN_MEMORY_BYTES_PER_PARAM = 18
+STREAMED_BYTES_PER_PARAM = 1.6
+STREAMED_FIXED_BYTES = 1024**3
+TRAIN_FULL_BYTES_PER_PARAM = 20
+TRAIN_PARTIAL_BYTES_PER_PARAM = 6
+# The share of a worker's memory a job may plan to use (the rest: the worker process itself, page cache, slack).
+MEMORY_SHARE = 0.6
+# Architectures the streaming writer covers (the Llama decoder layer; Qwen2 adds q/k/v biases).
+STREAM_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
+GB = 1e9
+
+
+def streamable_step(step: Any) -> str | None:
+    """Why ``step`` cannot be written by the streaming writer (None: it can)."""
+    if step.type != "quantize" or step.mode not in ("int4", "int8_weight"):
+        return "only quantize int4 / int8_weight is streamed"
+    if step.algorithm not in (None, "rtn"):
+        return f"algorithm {step.algorithm} needs the whole graph (streaming writes RTN)"
+    if step.quantize_embeddings or step.bits or step.nodes_to_exclude or step.op_types_to_exclude:
+        return "quantize_embeddings, bits and exclusions need the whole graph"
+    return None
+
+
+def in_memory_fits(params: int, memory: int) -> bool:
+    """Whether the in-memory export + quantize of ``params`` parameters fits ``memory``'s planned share."""
+    return params * IN_MEMORY_BYTES_PER_PARAM <= MEMORY_SHARE * memory
+
+
+def streamed_peak(params: int) -> int:
+    """The streamed path's peak for ``params`` parameters."""
+    return int(params * STREAMED_BYTES_PER_PARAM + STREAMED_FIXED_BYTES)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A job's planned peak: bytes, the path it takes (``in_memory``, ``streamed``, ``training``) and how."""
+
+    peak_bytes: int
+    path: str
+    basis: str
+
+
+def estimate(meta: dict[str, Any], steps: list[Any], memory: int) -> Estimate | None:
+    """The peak of a job over an hf causal LM with inspection ``meta`` (None: not such a model, or no count)."""
+    params = int(meta.get("parameters") or 0)
+    if not params or meta.get("task") != "text-generation":
+        return None
+    training = [s for s in steps if s.type in ("finetune", "distill")]
+    if training:
+        full = any(s.type == "distill" or getattr(s, "mode", "full") == "full" for s in training)
+        per = TRAIN_FULL_BYTES_PER_PARAM if full else TRAIN_PARTIAL_BYTES_PER_PARAM
+        what = "full finetune / distill (fp32 weights, gradients, AdamW moments)" if full else "partial/LoRA training"
+        return Estimate(params * per, "training", f"{what}: {per} bytes per parameter")
+    streamable = (len(steps) == 1 and streamable_step(steps[0]) is None
+                  and meta.get("architecture") in STREAM_ARCHITECTURES)
+    if streamable and not in_memory_fits(params, memory):
+        return Estimate(streamed_peak(params), "streamed",
+                        f"written layer by layer: {STREAMED_BYTES_PER_PARAM} bytes per parameter + 1 GiB")
+    return Estimate(params * IN_MEMORY_BYTES_PER_PARAM, "in_memory",
+                    f"loaded, exported and quantized in memory: {IN_MEMORY_BYTES_PER_PARAM} bytes per parameter")
+
+
+def refusal(meta: dict[str, Any], steps: list[Any], memory: int) -> str | None:
+    """Why a job cannot fit a worker with ``memory`` bytes, and what would; None when it fits."""
+    est = estimate(meta, steps, memory)
+    if est is None or est.peak_bytes <= MEMORY_SHARE * memory:
+        return None
+    params = int(meta["parameters"])
+    arch = meta.get("architecture")
+    msg = (f"this job needs about {est.peak_bytes / GB:.0f} GB at its peak ({params / 1e9:.2f} B parameters, "
+           f"{est.basis}); workers have {memory / GB:.0f} GB, of which a job may plan {MEMORY_SHARE:.0%}")
+    if est.path == "training":
+        msg += "; a CPU worker cannot train a model this large"
+    if arch in STREAM_ARCHITECTURES and streamed_peak(params) <= MEMORY_SHARE * memory:
+        msg += (f". What fits: a single step quantize {{mode: int4}} (or int8_weight, algorithm rtn), streamed "
+                f"layer by layer in about {streamed_peak(params) / GB:.0f} GB")
+    elif arch not in STREAM_ARCHITECTURES:
+        msg += (f". {arch} is not streamed (only {', '.join(sorted(STREAM_ARCHITECTURES))}): the largest model "
+                f"this job fits is about {MEMORY_SHARE * memory / (est.peak_bytes / params) / 1e9:.2f} B parameters")
+    else:
+        msg += ". No path fits: use a worker with more memory"
+    return msg
+
+
+def machine_memory_bytes() -> int:
+    """Memory this process's machine offers: the cgroup's limit where one is set, else the RAM."""
+    try:
+        ram = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (OSError, ValueError):
+        ram = 0
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as fh:
+                raw = fh.read().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and int(raw) < 1 << 60:
+            return min(int(raw), ram) if ram else int(raw)
+    return ram
+
+
+def planned_memory(configured: int | None) -> int:
+    """The workers' memory jobs are planned against: ``configured`` (the setting), else this machine's."""
+    return configured or machine_memory_bytes()

@@ -1,0 +1,78 @@
+"""worker.stream_job: an LLM over the worker's in-memory budget is quantized without a float export, its
+baseline measured on an INT8 reference that the report names, and the output equals the in-memory path's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.inspection.hf import inspect_hf
+from api.inspection.text import inspect_text
+from models import memory_fit
+from models.spec import JobSpec, QuantizeStep
+from tests.factories_lm import text_rows, tiny_lm_archive, write_jsonl
+from worker import pipeline
+from worker.context import LocalContext
+from worker.lm.session import LMSession
+
+FAST = {"latency": {"runs": 2, "warmup": 1}, "generation": {"samples": 2, "max_new_tokens": 6, "prompt_tokens": 16},
+        "max_samples": 6}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("stream-job")
+    archive = tiny_lm_archive(tmp)
+    text = write_jsonl(tmp / "eval.jsonl", text_rows(8))
+    return {"model": (archive, "hf", inspect_hf(archive)), "eval": (text, "text", inspect_text(text))}
+
+
+def _run(tmp_path: Path, files: dict[str, Any], step: dict[str, Any]) -> pipeline.PipelineResult:
+    spec = JobSpec.model_validate({"model": "mdl_lm", "task": "text-generation", "data": {"eval": "ds_eval"},
+                                   "steps": [step], "evaluate": FAST})
+    ctx = LocalContext(tmp_path, spec, models={"mdl_lm": files["model"]}, datasets={"ds_eval": files["eval"]},
+                       device="cpu")
+    return pipeline.run(spec, ctx)
+
+
+def test_a_model_over_the_memory_budget_is_streamed_and_matches_the_in_memory_path(
+    tmp_path: Path, files: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.lm import export as lm_export
+
+    step = {"type": "quantize", "mode": "int4"}
+    in_memory = _run(tmp_path / "mem", files, step).report
+
+    exports: list[Path] = []
+    real = lm_export.export_causal_lm
+    monkeypatch.setattr(lm_export, "export_causal_lm", lambda m, p, **kw: exports.append(p) or real(m, p, **kw))
+    monkeypatch.setattr(memory_fit, "IN_MEMORY_BYTES_PER_PARAM", 10**12)  # any model is "too large" here
+    result = _run(tmp_path / "stream", files, step)
+    report = result.report
+    assert exports == []  # no float export, no torch module
+    reference = report["input"]["reference"]
+    assert reference["kind"] == "int8_weight" and "streamed" in reference["why"]
+    params = files["model"][2]["parameters"]
+    assert report["input"]["size_bytes"] == 4 * params
+    step0 = report["steps"][0]["metrics"]
+    assert step0["streamed"] and step0["weight_only"]["matmul_bits"] == {"4": 20, "8": 1}
+    # the same file as the in-memory path (bytes equal, tests/worker/lm/test_stream.py): the same perplexity
+    out, mem = report["output"], in_memory["output"]
+    assert out["perplexity"] == pytest.approx(mem["perplexity"], rel=1e-4)
+    # the INT8 reference stands in for the float input: within 0.5 % of the float perplexity
+    assert report["input"]["perplexity"] == pytest.approx(in_memory["input"]["perplexity"], rel=0.005)
+    assert out["agreement"]["top1"] > 0.5 and len(out["generations"]) == 2
+    assert result.files["model.onnx.data"].stat().st_size > 0.5 * out["size_bytes"]
+    assert len(LMSession(result.output_path).generate([5, 6, 7], 4)) == 4
+    assert not (tmp_path / "stream" / "reference").exists()  # the reference's files went after its evaluation
+
+
+def test_steps_the_writer_cannot_do_go_the_in_memory_way() -> None:
+    for step, why in (({"type": "quantize", "mode": "int4", "algorithm": "gptq"}, "algorithm gptq"),
+                      ({"type": "quantize", "mode": "dynamic"}, "only quantize int4"),
+                      ({"type": "quantize", "mode": "int4", "quantize_embeddings": True}, "quantize_embeddings")):
+        assert why in (memory_fit.streamable_step(QuantizeStep.model_validate(step)) or "")
+    assert memory_fit.in_memory_fits(100_000_000, memory=24 * 1024**3)
+    assert not memory_fit.in_memory_fits(1_200_000_000, memory=24 * 1024**3)
