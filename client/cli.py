@@ -122,11 +122,17 @@ def _when(ts: datetime) -> str:
 
 
 def _table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> Table:
-    """A titled table of plain text (no rich markup read from the cells)."""
+    """A titled table of plain text (no rich markup read from the cells). An ``id`` column is never cut or wrapped
+    (ids are there to be copied); the other cells fold onto more lines when the terminal is narrow, never '…'."""
+    cells = [list(row) for row in rows]
     table = Table(title=title)
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
+    for i, col in enumerate(columns):
+        if col == "id":
+            widest = max((len(row[i]) for row in cells), default=2)
+            table.add_column(col, no_wrap=True, min_width=widest)
+        else:
+            table.add_column(col, overflow="fold")
+    for row in cells:
         table.add_row(*(Text(cell) for cell in row))
     return table
 
@@ -202,9 +208,10 @@ class _JobProgress:
     def __call__(self, job: Job) -> None:
         p = job.data.progress
         desc = f"{job.status}: {job.data.phase}"
-        if p.steps:
-            where = f"step {p.step}/{p.steps}"
-            desc = f"{job.status} at {where}: {job.data.phase}" if job.status in ("failed", "cancelled") else f"{where} {desc}"
+        if job.status in ("failed", "cancelled"):
+            desc = _progress(job)  # where it failed in the error's own words (steps[0] prune)
+        elif p.steps:
+            desc = f"step {p.step}/{p.steps} {desc}"
         detail = []
         if p.epoch is not None:
             detail.append(f"epoch {p.epoch}/{p.epochs}" if p.epochs else f"epoch {p.epoch}")
@@ -341,7 +348,8 @@ def cmd_submit(ctx: _Ctx) -> int:
 
 def _progress(job: Job) -> str:
     p = job.data.progress
-    return progress_text(job.status, p.step, p.steps, p.percent, p.epoch, p.epochs)
+    err = job.data.error
+    return progress_text(job.status, p.step, p.steps, p.percent, p.epoch, p.epochs, err.step if err else None)
 
 
 def cmd_jobs_list(ctx: _Ctx) -> int:
@@ -404,16 +412,28 @@ def cmd_jobs_cancel(ctx: _Ctx) -> int:
 
 
 def cmd_download(ctx: _Ctx) -> int:
-    paths = _download(ctx, ctx.client.job(ctx.args.job_id), ctx.args.dir)
-    return ctx.emit([str(p) for p in paths], *(str(p) for p in paths))
+    """Download a job's artifacts. A failed job with none: its error, exit 1, no folder made; one with some (a missed
+    accuracy budget keeps its model): downloaded, then its error, exit 1. A job still running: exit 1, nothing made."""
+    job = ctx.client.job(ctx.args.job_id)
+    paths = _download(ctx, job, ctx.args.dir)
+    if not paths:
+        ctx.err.print(f"job {job.id} is {job.status} ({job.data.phase}): nothing to download yet; "
+                      f"`modelpress jobs wait {job.id}` first", markup=False)
+        return EXIT_JOB
+    code = ctx.emit([str(p) for p in paths], *(str(p) for p in paths))
+    job.raise_for_status()  # the files are there, but the job failed: say so (exit 1)
+    return code
 
 
 CONV_OPS, MATMUL_OPS = ("Conv", "ConvTranspose"), ("MatMul", "Gemm")
 
 
-def int8_step(model_meta: dict[str, Any] | None, calibrated: bool) -> tuple[dict[str, Any], str]:
+def int8_step(model_meta: dict[str, Any] | None, calibrated: bool, eval_only: bool = False) -> tuple[dict[str, Any], str]:
     """The INT8 quantize step that suits the graph, and why: static QDQ for a convolution model with calibration data
-    (dynamic INT8 runs convolutions through ConvInteger, slow on CPU), dynamic for a MatMul-heavy one."""
+    (dynamic INT8 runs convolutions through ConvInteger, slow on CPU), dynamic for a MatMul-heavy one.
+
+    ``calibrated`` means data other than the eval set (train or calibration); with ``eval_only`` the eval set is
+    never used for calibration (that would tune the model to the samples its accuracy is then measured on)."""
     ops = (model_meta or {}).get("op_types")
     if not isinstance(ops, dict) or not ops:
         return dict(QUANTIZE_MODES["int8-dynamic"]), "dynamic INT8: the model record lists no op types"
@@ -424,6 +444,11 @@ def int8_step(model_meta: dict[str, Any] | None, calibrated: bool) -> tuple[dict
         if calibrated:
             return dict(QUANTIZE_MODES["int8-static"]), (
                 f"static INT8 (QDQ): the graph has {conv} Conv nodes and calibration data was given")
+        if eval_only:
+            return dict(QUANTIZE_MODES["int8-dynamic"]), (
+                f"dynamic INT8: the graph has {conv} Conv nodes, but the only data given is the eval set, and "
+                "calibrating on the samples the accuracy is measured on would flatter it; give --calibration or "
+                "--data (train) for static INT8, faster for convolutions")
         return dict(QUANTIZE_MODES["int8-dynamic"]), (
             f"dynamic INT8: the graph has {conv} Conv nodes but no calibration data was given "
             "(give --calibration or --data for static INT8, faster for convolutions)")
@@ -469,10 +494,13 @@ def build_optimize_spec(
     if distill:
         steps.append({"type": "distill", "teacher": "input", **training})
     if quantize == "int8":
-        step, why = int8_step(model_meta, bool(train or eval_ or calibration))
+        step, why = int8_step(model_meta, bool(train or calibration), eval_only=bool(eval_) and not (train or calibration))
         steps.append(step)
         if notes is not None:
             notes.append(why)
+    elif quantize == "int8-static" and not (train or calibration):
+        raise ValueError("--quantize int8-static needs calibration data apart from the eval set (--calibration FILE "
+                         "or --data TRAIN): calibrating on the samples the accuracy is measured on would flatter it")
     elif quantize:
         steps.append(dict(QUANTIZE_MODES[quantize]))
     if not steps:

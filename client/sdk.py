@@ -29,6 +29,14 @@ from models.spec import JobSpec
 M = TypeVar("M", bound=BaseModel)
 
 _ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
+_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".pt2")
+# The server's words (api/inspection/wrong_format.py), said before a byte is sent.
+PICKLE_REFUSED = (
+    "PyTorch pickles (torch.save) are refused: loading one runs code. Export the model to ONNX "
+    "(torch.onnx.export(model, (example_input,), 'model.onnx'); upload model.onnx, zipped with model.onnx.data "
+    "when the exporter writes one) or save it as safetensors with its config.json (transformers: "
+    "save_pretrained) and upload that folder as a zip, --format hf"
+)
 
 
 def _suffix(path: Path) -> str:
@@ -65,6 +73,8 @@ def infer_model_format(path: str | Path) -> str:
         if any(n.lower().endswith(".onnx") for n in names) and "config.json" not in names:
             return "onnx"
         return "hf"
+    if suffix in _PICKLE_SUFFIXES:
+        raise ValueError(f"{Path(path).name}: {PICKLE_REFUSED}")
     raise ValueError(f"cannot infer the model format of {Path(path).name!r}; pass format= (onnx or hf)")
 
 
@@ -168,7 +178,8 @@ class Client:
         on_progress = options.get("on_progress")
         if options.get("skip_existing", True):
             found = self._find_by_sha(url, file_sha256(path), schema)
-            if found is not None:
+            # Held as another format: upload anyway, the server's 409 names both formats.
+            if found is not None and getattr(found, "format", fmt) == fmt:
                 if on_progress:
                     on_progress(size, size)
                 return found.model_copy(update={"deduplicated": True})

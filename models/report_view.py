@@ -419,10 +419,14 @@ def warning_lines(report: dict[str, Any]) -> list[str]:
     return [str(w.get("message") or w.get("code")) for w in found if isinstance(w, dict)]
 
 
-def progress_text(status: str, step: Any, steps: Any, percent: Any, epoch: Any = None, epochs: Any = None) -> str:
-    """A job's progress in words: '40% · step 2/5 · epoch 1/3' while it runs; 'failed at step 5/5' once it failed."""
+def progress_text(status: str, step: Any, steps: Any, percent: Any, epoch: Any = None, epochs: Any = None,
+                  failed_in: str | None = None) -> str:
+    """A job's progress in words: '40% · step 2/5 · epoch 1/3' while it runs; once it failed, where, in the words
+    of its error's ``step`` ('failed in steps[0] prune', one numbering with the error), else 'failed at step 5/5'."""
     where = f"step {fmt_number(step)}/{fmt_number(steps)}" if steps else ""
     if status in ("failed", "cancelled"):
+        if failed_in:
+            return f"{status} in {failed_in}"
         return f"{status} at {where}" if where else status
     if status == "succeeded":
         return "100%" + (f" · {fmt_number(steps)} steps" if steps else "")

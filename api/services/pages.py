@@ -187,7 +187,8 @@ def report_page(session: Session, owner: str, job_id: str) -> ReportPage:
 def _dashboard_row(job: JobOut) -> DashboardRow:
     p = job.progress
     percent = 100.0 if job.status == SUCCEEDED else min(max(float(p.percent or 0.0), 0.0), 100.0)
-    text = rv.progress_text(job.status, p.step, p.steps, percent, p.epoch, p.epochs)
+    text = rv.progress_text(job.status, p.step, p.steps, percent, p.epoch, p.epochs,
+                            job.error.step if job.error else None)
     error = f"{job.error.code}: {job.error.message[:160]}" if job.error else ""
     spec = _spec(job)
     pipeline = [step_label(s) for s in spec.get("steps") or [] if isinstance(s, dict)]

@@ -116,6 +116,7 @@ def test_gains_below_one_read_slower_never_point_three_faster() -> None:
 
 def test_progress_text_of_a_failed_job_is_not_a_percentage() -> None:
     assert rv.progress_text("failed", 5, 5, 80.0) == "failed at step 5/5"
+    assert rv.progress_text("failed", 2, 5, 20.0, failed_in="steps[0] prune") == "failed in steps[0] prune"
     assert rv.progress_text("running", 2, 5, 40.0, 1, 3) == "40% · step 2/5 · epoch 1/3"
     assert rv.progress_text("succeeded", 5, 5, 80.0) == "100% · 5 steps"
 
