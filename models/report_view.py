@@ -378,27 +378,62 @@ def _rate(v: float) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
 
-def regressions(baseline: dict[str, Any], output: dict[str, Any]) -> list[dict[str, Any]]:
-    """Warnings for an output that is slower (beyond LATENCY_NOISE) or larger than its input; for causal
-    LMs also one whose decode tokens/s fell (``slower_decoding``).
+def _timing(side: dict[str, Any]) -> tuple[Any, Any, bool]:
+    """(median, p90, re-timed) of one side's latency: the interleaved recheck when the worker made one."""
+    recheck = side.get("latency_recheck")
+    if isinstance(recheck, dict) and is_num(recheck.get("median")):
+        return recheck.get("median"), recheck.get("p90"), True
+    lat = side.get("latency_ms")
+    return (lat.get("median"), lat.get("p90"), False) if isinstance(lat, dict) else (lat, None, False)
 
-    Each is ``{"code", "message", "ratio"}``, ratio = after / before (3.2 means 3.2 times slower or larger;
-    for decoding, before / after tokens/s).
+
+def _slower(lb: Any, pb: Any, la: Any, pa: Any) -> bool:
+    """Whether the output (median ``la``, p90 ``pa``) is slower than the input (``lb``, ``pb``) beyond the noise:
+    its median more than LATENCY_NOISE above the input's and above the input's p90 (beyond its spread), and its
+    p90 above the input's p90 too (a median 1.5x slower with a p90 2.3x faster is noise, not a regression)."""
+    if not (is_num(lb) and is_num(la)) or float(lb) <= 0 or float(la) <= float(lb) * (1 + LATENCY_NOISE):
+        return False
+    if is_num(pb) and float(la) <= float(pb):
+        return False
+    return not (is_num(pa) and is_num(pb) and float(pa) <= float(pb) * (1 + LATENCY_NOISE))
+
+
+def _decode_rates(side: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(median tokens/s, lowest, highest) of one side's decode speed; the interleaved recheck when there is one."""
+    recheck = side.get("decode_recheck")
+    if isinstance(recheck, dict) and is_num(recheck.get("tokens_per_s")):
+        return recheck.get("tokens_per_s"), recheck.get("min"), recheck.get("max")
+    rate = (side.get("decode") or {}).get("tokens_per_s")
+    return rate, None, None
+
+
+def regressions(baseline: dict[str, Any], output: dict[str, Any]) -> list[dict[str, Any]]:
+    """Warnings for an output that is slower (beyond LATENCY_NOISE and the measured spread) or larger than its
+    input; for causal LMs also one whose decode tokens/s fell (``slower_decoding``).
+
+    Timings come from the interleaved recheck (``latency_recheck``, ``decode_recheck``: worker.recheck) when the
+    worker made one. Each warning is ``{"code", "message", "ratio"}``, ratio = after / before (3.2 means 3.2 times
+    slower or larger; for decoding, before / after tokens/s).
     """
     out: list[dict[str, Any]] = []
-    lb, la = latency_median(baseline), latency_median(output)
-    if is_num(lb) and is_num(la) and float(lb) > 0 and float(la) > float(lb) * (1 + LATENCY_NOISE):
+    (lb, pb, again), (la, pa, _) = _timing(baseline), _timing(output)
+    if _slower(lb, pb, la, pa):
         ratio = float(la) / float(lb)
+        what = "prefill " if (output.get("latency_setup") or {}).get("what") == "prefill" else ""
+        spread = (f", {fmt_number(float(pb), 3)} \u2192 {fmt_number(float(pa), 3)} ms p90"
+                  if is_num(pb) and is_num(pa) else "")
         out.append({"code": "slower_than_input", "ratio": round(ratio, 3),
-                    "message": f"{ratio:.1f}{TIMES} slower than the input model "
-                               f"({fmt_number(float(lb), 3)} \u2192 {fmt_number(float(la), 3)} ms median)"})
-    rates: list[Any] = [(side.get("decode") or {}).get("tokens_per_s") for side in (baseline, output)]
-    if all(is_num(r) for r in rates) and 0 < float(rates[1]) * (1 + LATENCY_NOISE) < float(rates[0]):
-        db, da = float(rates[0]), float(rates[1])
-        ratio = db / da
+                    "message": f"{what}{ratio:.1f}{TIMES} slower than the input model "
+                               f"({fmt_number(float(lb), 3)} \u2192 {fmt_number(float(la), 3)} ms median{spread}"
+                               f"{', timed again interleaved' if again else ''})"})
+    (db, db_lo, _), (da, _, da_hi) = _decode_rates(baseline), _decode_rates(output)
+    beyond_spread = not (is_num(db_lo) and is_num(da_hi)) or float(da_hi) < float(db_lo)
+    if is_num(db) and is_num(da) and 0 < float(da) * (1 + LATENCY_NOISE) < float(db) and beyond_spread:
+        ratio = float(db) / float(da)
         out.append({"code": "slower_decoding", "ratio": round(ratio, 3),
                     "message": f"decodes {ratio:.1f}{TIMES} slower than the input model "
-                               f"({_rate(db)} \u2192 {_rate(da)} tokens/s)"})
+                               f"({_rate(float(db))} \u2192 {_rate(float(da))} tokens/s"
+                               f"{', timed again interleaved' if is_num(db_lo) else ''})"})
     sb, sa = baseline.get("size_bytes") or 0, output.get("size_bytes") or 0
     if is_num(sb) and is_num(sa) and float(sb) > 0 and float(sa) > float(sb):
         ratio = float(sa) / float(sb)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from models.report_view import regressions
 from models.spec import LM_TASKS, step_label
+from worker import recheck
 from worker.passes.base import JobCancelled, Pass, StepFailed, WorkingModel
 
 if TYPE_CHECKING:
@@ -344,6 +345,7 @@ def run(spec: JobSpec, ctx: PipelineContext, cache: StageCache | None = None) ->
     with _stage("evaluate output"):
         output, wall = _timed(lambda: _evaluate(model, ctx, spec, reference))
     output_report = {**output, "wall_s": wall}
+    recheck.confirm_regressions(spec, baseline_onnx, model, baseline_report, output_report, ctx, is_lm(spec, model))
     keys = _LM_STEP_EVAL_KEYS if is_lm(spec, model) else _STEP_EVAL_KEYS
     if steps and not steps[-1]["eval"]:
         steps[-1]["eval"] = {"measured": True, **{k: output[k] for k in keys if k in output}}

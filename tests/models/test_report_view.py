@@ -108,6 +108,36 @@ def test_regressions_warn_beyond_the_noise_margin_and_read_as_people_do() -> Non
     assert rv.warning_lines({"report": {"warnings": slower}}) == [w["message"] for w in slower]
 
 
+def test_slower_is_warned_only_beyond_the_measured_spread() -> None:
+    base = {"latency_ms": {"median": 0.27, "p90": 0.90}}
+    # The INT4 case: a prefill median 1.53x slower while its p90 is 2.32x faster is noise, not a regression.
+    assert rv.regressions(base, {"latency_ms": {"median": 0.27 * 1.53, "p90": 0.90 / 2.32}}) == []
+    # slower median but still inside the input's spread (below its p90): no warning
+    assert rv.regressions(base, {"latency_ms": {"median": 0.5, "p90": 1.2}}) == []
+    # beyond it on both: warned, with both figures, and an LM's latency says it is prefill
+    found = rv.regressions(base, {"latency_ms": {"median": 1.0, "p90": 1.5},
+                                  "latency_setup": {"what": "prefill"}})
+    assert [w["code"] for w in found] == ["slower_than_input"]
+    assert found[0]["message"] == ("prefill 3.7\u00d7 slower than the input model "
+                                   "(0.27 \u2192 1 ms median, 0.9 \u2192 1.5 ms p90)")
+    # the interleaved recheck, when the worker made one, decides over the first figures
+    rechecked = rv.regressions({**base, "latency_recheck": {"median": 0.3, "p90": 0.32}},
+                               {"latency_ms": {"median": 1.0, "p90": 1.5},
+                                "latency_recheck": {"median": 0.31, "p90": 0.33}})
+    assert rechecked == []
+    confirmed = rv.regressions({**base, "latency_recheck": {"median": 0.3, "p90": 0.32}},
+                               {"latency_ms": {"median": 1.0}, "latency_recheck": {"median": 0.6, "p90": 0.65}})
+    assert confirmed[0]["ratio"] == 2.0 and "timed again interleaved" in confirmed[0]["message"]
+    # decode: overlapping rechecked ranges are noise (LoRA left the architecture alone), disjoint ones are not
+    side = {"decode": {"tokens_per_s": 1700.0}}
+    lora = {"decode": {"tokens_per_s": 1000.0}, "decode_recheck": {"tokens_per_s": 1650.0, "min": 1500.0, "max": 1800.0}}
+    assert rv.regressions({**side, "decode_recheck": {"tokens_per_s": 1690.0, "min": 1550.0, "max": 1750.0}},
+                          lora) == []
+    slow = {"decode_recheck": {"tokens_per_s": 800.0, "min": 700.0, "max": 900.0}}
+    assert [w["code"] for w in rv.regressions({**side, "decode_recheck": {"tokens_per_s": 1690.0, "min": 1550.0,
+                                                                          "max": 1750.0}}, slow)] == ["slower_decoding"]
+
+
 def test_gains_below_one_read_slower_never_point_three_faster() -> None:
     shown = rv.gains({"gains": {"latency_ratio": 0.3125, "size_ratio": 1.8}})
     assert [(g.value_text, g.word, g.better) for g in shown] == [
