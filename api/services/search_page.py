@@ -34,6 +34,7 @@ class SearchView:
     chart: Markup
     best: str
     counts_text: str
+    latency_note: str = ""
 
 
 def _mb(v: Any) -> float | None:
@@ -70,4 +71,22 @@ def search_view(report: dict[str, Any]) -> SearchView | None:
                                   metric_name, input_metric, floor)
     counts = f"{section.get('done', 0)} done, {section.get('skipped', 0)} skipped of {section.get('total', len(trials))}"
     return SearchView(objective=objective, rows=rows, chart=chart,
-                      best=f"trial {best.get('trial')} ({best.get('label')})" if best else "none", counts_text=counts)
+                      best=f"trial {best.get('trial')} ({best.get('label')})" if best else "none", counts_text=counts,
+                      latency_note=latency_note(report, trials, best))
+
+
+def latency_note(report: dict[str, Any], trials: list[dict[str, Any]], best: dict[str, Any]) -> str:
+    """Why the trials' latencies differ from the before/after table's: they were timed again together at the end;
+    empty when no trial was."""
+    if not any(is_num(t.get("latency_ms_remeasured")) for t in trials):
+        return ""
+    note = ("The trials' latencies were timed again together at the end, interleaved in one process, so that they "
+            "compare with each other; the before/after table is the winner's own job, which timed it against the "
+            "input model in that job")
+    won = next((t for t in trials if best and t.get("job_id") == best.get("job_id")), None)
+    table = ((report.get("output") or {}).get("latency_ms") or {})
+    table_ms = table.get("median") if isinstance(table, dict) else table
+    if won is not None and is_num(won.get("latency_ms_remeasured")) and is_num(table_ms):
+        note += (f" (winner: {fmt_number(won['latency_ms_remeasured'])} ms re-timed, "
+                 f"{fmt_number(table_ms)} ms in its job)")
+    return note + "."
