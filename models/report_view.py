@@ -28,7 +28,7 @@ def fmt_number(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
         if not math.isfinite(v):
             return str(v)
-        if abs(v) >= 1e6:
+        if abs(v) >= 10 ** max(digits, 1):  # 10,246 tokens/s, never '1.02e+04'
             return f"{v:,.0f}"
         return f"{v:.{digits}g}"
     return str(v)
@@ -152,6 +152,11 @@ def _latency_label(b: dict[str, Any], a: dict[str, Any], lm: bool) -> str:
     return f"prefill {tokens} tokens" if tokens else "prefill"
 
 
+def latency_title(report: dict[str, Any]) -> str:
+    """What a report's latency measures, for a chart title: 'latency', or a causal LM's 'prefill 32 tokens'."""
+    return _latency_label(report.get("input") or {}, report.get("output") or {}, is_lm_report(report))
+
+
 def comparison_rows(report: dict[str, Any]) -> list[ComparisonRow]:
     """The before/after rows of a report: size, latency (median, p90, mean), parameters, MACs, accuracy;
     for causal LMs also perplexity, decode tokens/s and peak memory (latency is the prompt's prefill)."""
@@ -265,11 +270,34 @@ def ratio_words(ratio: float, word: str, digits: int = 2) -> tuple[str, bool]:
     return f"{1 / ratio:.{digits}f}{TIMES}", False
 
 
+def _lm_gains(report: dict[str, Any], found: dict[str, Any]) -> list[Gain]:
+    """A causal LM's headline, in the order people ask: perplexity change, decode speed, size, prefill; a ratio
+    within 0.5 % of 1 is left out ('1.00x smaller' after LoRA says nothing)."""
+    out = []
+    b: Any = (report.get("input") or {}).get("perplexity")
+    a: Any = (report.get("output") or {}).get("perplexity")
+    if is_num(b) and is_num(a) and float(b) > 0:
+        rel = float(a) / float(b) - 1
+        text = f"{100 * rel:+.1f} %".replace("-", "\u2212")
+        out.append(Gain(text, "perplexity", None if abs(rel) < 0.0005 else rel < 0))
+    for key, word in (("decode_speedup", "faster decoding"), ("size_ratio", "smaller"), ("latency_ratio", "faster prefill")):
+        value: Any = found.get(key)
+        if not is_num(value) or abs(float(value) - 1) <= SAME_WITHIN:
+            continue
+        text, better = ratio_words(float(value), word)
+        worse = {"faster prefill": "slower prefill"}.get(word) or WORSE_WORDS[word]
+        out.append(Gain(text, word if better else worse, None if better else False))
+    return out
+
+
 def gains(report: dict[str, Any]) -> list[Gain]:
-    """The report's headline gains (size, latency, parameter ratios; accuracy delta); a loss reads '3.20 times slower'."""
+    """The report's headline gains (size, latency, parameter ratios; accuracy delta); a loss reads '3.20 times slower'.
+    A causal LM's lead with what such a job is for: perplexity change, decode speed, size."""
     found = report.get("gains") or {}
     if not isinstance(found, dict):
         return []
+    if is_lm_report(report):
+        return _lm_gains(report, found)
     out = []
     for key, word in GAIN_WORDS:
         if key == "params_ratio" and is_num(found.get(key)) and abs(float(found[key]) - 1) <= SAME_WITHIN:
@@ -347,6 +375,20 @@ def weight_only_text(metrics: Any) -> str:
     return " ".join(p for p in parts if p)
 
 
+def eval_series_name(points: list[dict[str, Any]]) -> str:
+    """What a curve's ``eval_metric`` series is, named after the metric whose values it holds: ``eval_loss`` for a
+    causal LM (its eval loss, lower is better), ``eval_accuracy`` for a classifier; ``eval_metric`` when unknown."""
+    measured = [c for c in points if is_num(c.get("eval_metric"))]
+    if not measured:
+        return "eval_metric"
+    for key in measured[0]:
+        if key in ("epoch", "loss", "lr", "eval_metric") or not is_num(measured[0][key]):
+            continue
+        if all(c.get(key) == c.get("eval_metric") for c in measured):
+            return key if key.startswith("eval_") else f"eval_{key}"
+    return "eval_metric"
+
+
 def step_rows(report: dict[str, Any]) -> list[StepRow]:
     """The report's steps in order, with the series (loss, eval_metric, lr) their curves hold."""
     rows = []
@@ -361,7 +403,7 @@ def step_rows(report: dict[str, Any]) -> list[StepRow]:
         shown = " ".join(t for t in (shown, auto_exclude_text(metrics), weight_only_text(metrics)) if t)
         points = [c for c in step.get("curve") or [] if isinstance(c, dict)]
         curves = {
-            key: [(c.get("epoch"), c.get(key)) for c in points]
+            (eval_series_name(points) if key == "eval_metric" else key): [(c.get("epoch"), c.get(key)) for c in points]
             for key in CURVE_SERIES if any(is_num(c.get(key)) for c in points)
         }
         rows.append(StepRow(step.get("index"), label, step.get("wall_s"), fmt_number(step.get("index")),

@@ -134,7 +134,8 @@ def before_after_charts(report: dict[str, Any]) -> list[Markup]:
     made = [
         charts.before_after("size", "size (MB)", _mb(b.get("size_bytes")), _mb(a.get("size_bytes")), " MB",
                             _two_decimals),
-        charts.before_after("latency", "latency median (ms)", rv.latency_median(b), rv.latency_median(a), " ms"),
+        charts.before_after("latency", f"{rv.latency_title(report)} median (ms)", rv.latency_median(b),
+                            rv.latency_median(a), " ms"),
         charts.before_after("params", "parameters", b.get("params"), a.get("params")),
         charts.before_after("macs", "MACs", b.get("macs"), a.get("macs")),
         charts.before_after("accuracy", "accuracy", b.get("accuracy"), a.get("accuracy")),

@@ -223,3 +223,36 @@ def test_a_weight_only_step_shows_its_settings() -> None:
                         "matmul_bits": {"4": 16, "8": 1}, "embeddings": 2}}}]}
     (row,) = rv.step_rows(report)
     assert row.metrics_text == "rtn block=64 asym 4-bit=16 8-bit=1 embeddings=2"
+
+
+def test_an_lm_headline_leads_with_perplexity_then_decode_speed_and_leaves_out_same_size() -> None:
+    """After LoRA: same size (no '1.00x smaller'), perplexity -7 % first."""
+    side = {"latency_setup": {"what": "prefill", "prompt_tokens": 32}}
+    report = {"task": "text-generation",
+              "input": {**side, "perplexity": 20.0, "size_bytes": 574_000, "decode": {"tokens_per_s": 10_100.3}},
+              "output": {**side, "perplexity": 18.6, "size_bytes": 574_000, "decode": {"tokens_per_s": 12_120.0}},
+              "gains": {"size_ratio": 1.0, "latency_ratio": 1.001, "params_ratio": 1.0, "decode_speedup": 1.2}}
+    found = [(g.value_text, g.word, g.better) for g in rv.gains(report)]
+    assert found == [("\u22127.0 %", "perplexity", True), ("1.20\u00d7", "faster decoding", None)]
+    worse = {**report, "output": {**report["output"], "perplexity": 21.0},
+             "gains": {**report["gains"], "size_ratio": 3.58, "latency_ratio": 0.5}}
+    assert [(g.value_text, g.word) for g in rv.gains(worse)] == [
+        ("+5.0 %", "perplexity"), ("1.20\u00d7", "faster decoding"), ("3.58\u00d7", "smaller"),
+        ("2.00\u00d7", "slower prefill")]
+    assert rv.latency_title(report) == "prefill 32 tokens" and rv.latency_title({"input": {}}) == "latency"
+    # tokens/s for people: never '1.01e+04'
+    rows = {r.key: r for r in rv.comparison_rows(report)}
+    assert rows["decode_tokens_per_s"].before_text == "10,100" and "e+" not in rows["decode_tokens_per_s"].after_text
+    assert rv.fmt_number(10_100.3) == "10,100" and rv.fmt_number(9_876.5) == "9876" and rv.fmt_number(0.5037) == "0.5037"
+
+
+def test_the_eval_curve_is_named_after_the_metric_it_holds() -> None:
+    lm_curve = [{"epoch": 1, "loss": 3.1, "eval_metric": 2.9, "eval_loss": 2.9, "perplexity": 18.2, "lr": 1e-3},
+                {"epoch": 2, "loss": 2.7, "eval_metric": 2.6, "eval_loss": 2.6, "perplexity": 13.5, "lr": 5e-4}]
+    (row,) = rv.step_rows({"steps": [{"index": 0, "label": "finetune (lora)", "curve": lm_curve}]})
+    assert list(row.curves) == ["loss", "eval_loss", "lr"]  # 'eval loss' on the page, not 'eval metric'
+    cls_curve = [{"epoch": 1, "loss": 1.2, "eval_metric": 0.8, "accuracy": 0.8, "lr": 1e-3}]
+    (row,) = rv.step_rows({"steps": [{"index": 0, "label": "finetune", "curve": cls_curve}]})
+    assert "eval_accuracy" in row.curves
+    (row,) = rv.step_rows({"steps": [{"index": 0, "label": "x", "curve": [{"epoch": 1, "eval_metric": 0.5}]}]})
+    assert list(row.curves) == ["eval_metric"]  # nothing says which metric: left as it was
