@@ -149,7 +149,7 @@ def test_a_fixed_shape_pruning_contradicts_is_a_named_error_saying_what_to_do(
     torch.manual_seed(0)
     model_path = _export(Grouped(), tmp_path / "export", dynamo=True, dynamic_batch=True)
     (name,) = [i.name for i in onnx.load(str(model_path), load_external_data=False).graph.input]
-    x, y, xe, ye = data
+    _, _, xe, ye = data
     evald = write_npz(tmp_path / "eval.npz", xe, ye, input_name=name)
     spec = JobSpec.model_validate({"model": "mdl_cnn", "task": "image-classification", "data": {"eval": "ds_eval"},
                                    "steps": [{"type": "prune", "method": "structured", "ratio": 0.5}],
