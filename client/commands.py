@@ -20,15 +20,13 @@ from client.render import (
     dumps,
     metrics_text,
     plain_table,
+    progress_line,
     report_out,
     transfer_progress,
     when_text,
 )
 from client.sdk import Client
-from models.report_view import (
-    fmt_bytes,
-    progress_text,
-)
+from models.report_view import fmt_bytes
 
 EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_CONNECTION = 0, 1, 2, 3
 
@@ -184,11 +182,6 @@ def cmd_submit(ctx: Ctx) -> int:
     return _wait_and_finish(ctx, job)
 
 
-def _progress(job: Job) -> str:
-    p = job.data.progress
-    return progress_text(job.status, p.step, p.steps, p.percent, p.epoch, p.epochs)
-
-
 def cmd_jobs_list(ctx: Ctx) -> int:
     jobs = []
     for job in ctx.client.jobs(status=ctx.args.status, name=ctx.args.name, metadata=_meta_pairs(ctx.args.meta)):
@@ -196,7 +189,7 @@ def cmd_jobs_list(ctx: Ctx) -> int:
         if ctx.args.limit and len(jobs) >= ctx.args.limit:
             break
     return ctx.emit([j.data for j in jobs], plain_table("jobs", ("id", "name", "status", "phase", "progress", "created"), (
-        (j.id, j.data.name or "", j.status, j.data.phase, _progress(j), when_text(j.data.timestamps.created_at))
+        (j.id, j.data.name or "", j.status, j.data.phase, progress_line(j), when_text(j.data.timestamps.created_at))
         for j in jobs
     )))
 
@@ -212,7 +205,7 @@ def cmd_jobs_show(ctx: Ctx) -> int:
         ctx.out.print(f"name: {d.name or '-'}" + "".join(f"  {k}={v}" for k, v in sorted(d.metadata.items())),
                       markup=False)
     p = d.progress
-    ctx.out.print("progress: " + _progress(job)
+    ctx.out.print("progress: " + progress_line(job)
                   + (f"  {metrics_text(p.metrics)}" if p.metrics else ""))
     ctx.out.print("pipeline: " + " -> ".join(s.type for s in d.spec.steps))
     if d.error:
@@ -249,8 +242,17 @@ def cmd_jobs_cancel(ctx: Ctx) -> int:
 
 
 def cmd_download(ctx: Ctx) -> int:
-    paths = _download(ctx, ctx.client.job(ctx.args.job_id), ctx.args.dir)
-    return ctx.emit([str(p) for p in paths], *(str(p) for p in paths))
+    """Download a job's artifacts. A failed job with none: its error, exit 1, no folder made; one with some (a missed
+    accuracy budget keeps its model): downloaded, then its error, exit 1. A job still running: exit 1, nothing made."""
+    job = ctx.client.job(ctx.args.job_id)
+    paths = _download(ctx, job, ctx.args.dir)
+    if not paths:
+        ctx.err.print(f"job {job.id} is {job.status} ({job.data.phase}): nothing to download yet; "
+                      f"`modelpress jobs wait {job.id}` first", markup=False)
+        return EXIT_JOB
+    code = ctx.emit([str(p) for p in paths], *(str(p) for p in paths))
+    job.raise_for_status()  # the files are there, but the job failed: say so (exit 1)
+    return code
 
 
 def _optimize_auto(ctx: Ctx, model_ref: str, data: dict[str, str]) -> int:

@@ -185,9 +185,15 @@ class Job:
     # -- artifacts -------------------------------------------------------------------------------
 
     def download(self, dest_dir: str | Path, on_progress: TransferProgress | None = None) -> list[Path]:
-        """Download every artifact into ``dest_dir``, verifying each sha256; return the paths written."""
+        """Download every artifact into ``dest_dir``, verifying each sha256; return the paths written.
+
+        A job with no artifacts makes no folder: a failed or cancelled one raises JobFailed / JobWasCancelled
+        (its error), one still running returns []."""
         if not self.artifacts:
             self.refresh()
+        if not self.artifacts:
+            self.raise_for_status()
+            return []
         dest = Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
         return [self._download_one(art, dest, on_progress) for art in self.artifacts]

@@ -1,7 +1,8 @@
 """``modelpress keys``: make, list and revoke per-owner API keys, server-side, on the configured database.
 
 Like ``modelpress migrate`` these commands run where the server runs (``MODELPRESS_DATABASE_URL``), with
-no API call, so the first keys can be made before any key exists. ``keys create`` prints the key alone on
+no API call, so the first keys can be made before any key exists; like ``serve`` they first migrate the database
+when it is behind (a fresh ``MODELPRESS_HOME`` has no tables yet). ``keys create`` prints the key alone on
 standard output (``KEY=$(modelpress keys create --owner alice)``); everything else goes to standard error.
 """
 
@@ -29,6 +30,27 @@ def _when(ts: Any) -> str:
     return ts.strftime("%Y-%m-%d %H:%M:%S") if ts is not None else "-"
 
 
+def _migrated(err: Console) -> None:
+    """Bring the database to the latest schema first, as ``serve`` does: on a fresh ``MODELPRESS_HOME`` the key
+    commands work before any ``serve`` or ``migrate`` (and say that they migrated)."""
+    from migrations import ensure_current
+    from models.settings import get_settings
+
+    if ensure_current():
+        err.print(f"migrated the database ({_where(get_settings().database_url)}) to the latest schema first",
+                  markup=False)
+
+
+def _where(url: str) -> str:
+    """A database URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL: its scheme is enough
+        return url.partition(":")[0]
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     """Make a key; print it alone on stdout, its id and scope on stderr."""
     from api.services import keys
@@ -41,6 +63,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         for e in exc.errors():
             err.print(f"error: --{'.'.join(str(p) for p in e['loc'])}: {e['msg']}", markup=False)
         return EXIT_USAGE
+    _migrated(err)
     with session_scope() as session:
         created = keys.create_key(session, body.owner, body.scope, body.name)
     sys.stdout.write(created.key + "\n")
@@ -56,6 +79,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from models.db import session_scope
 
     rows: list[KeyOut] = []
+    _migrated(Console(stderr=True, highlight=False))
     with session_scope() as session:
         after = None
         while True:
@@ -87,6 +111,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     from models.db import session_scope
 
     err = Console(stderr=True, highlight=False)
+    _migrated(err)
     try:
         with session_scope() as session:
             row = keys.revoke_key(session, args.id)

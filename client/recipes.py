@@ -17,9 +17,12 @@ QUANTIZE_MODES = {
 CONV_OPS, MATMUL_OPS = ("Conv", "ConvTranspose"), ("MatMul", "Gemm")
 
 
-def int8_step(model_meta: dict[str, Any] | None, calibrated: bool) -> tuple[dict[str, Any], str]:
+def int8_step(model_meta: dict[str, Any] | None, calibrated: bool, eval_only: bool = False) -> tuple[dict[str, Any], str]:
     """The INT8 quantize step that suits the graph, and why: static QDQ for a convolution model with calibration data
-    (dynamic INT8 runs convolutions through ConvInteger, slow on CPU), dynamic for a MatMul-heavy one."""
+    (dynamic INT8 runs convolutions through ConvInteger, slow on CPU), dynamic for a MatMul-heavy one.
+
+    ``calibrated`` means data other than the eval set (train or calibration); with ``eval_only`` the eval set is
+    never used for calibration (that would tune the model to the samples its accuracy is then measured on)."""
     ops = (model_meta or {}).get("op_types")
     if not isinstance(ops, dict) or not ops:
         return dict(QUANTIZE_MODES["int8-dynamic"]), "dynamic INT8: the model record lists no op types"
@@ -30,6 +33,11 @@ def int8_step(model_meta: dict[str, Any] | None, calibrated: bool) -> tuple[dict
         if calibrated:
             return dict(QUANTIZE_MODES["int8-static"]), (
                 f"static INT8 (QDQ): the graph has {conv} Conv nodes and calibration data was given")
+        if eval_only:
+            return dict(QUANTIZE_MODES["int8-dynamic"]), (
+                f"dynamic INT8: the graph has {conv} Conv nodes, but the only data given is the eval set, and "
+                "calibrating on the samples the accuracy is measured on would flatter it; give --calibration or "
+                "--data (train) for static INT8, faster for convolutions")
         return dict(QUANTIZE_MODES["int8-dynamic"]), (
             f"dynamic INT8: the graph has {conv} Conv nodes but no calibration data was given "
             "(give --calibration or --data for static INT8, faster for convolutions)")
@@ -75,10 +83,13 @@ def build_optimize_spec(
     if distill:
         steps.append({"type": "distill", "teacher": "input", **training})
     if quantize == "int8":
-        step, why = int8_step(model_meta, bool(train or eval_ or calibration))
+        step, why = int8_step(model_meta, bool(train or calibration), eval_only=bool(eval_) and not (train or calibration))
         steps.append(step)
         if notes is not None:
             notes.append(why)
+    elif quantize == "int8-static" and not (train or calibration):
+        raise ValueError("--quantize int8-static needs calibration data apart from the eval set (--calibration FILE "
+                         "or --data TRAIN): calibrating on the samples the accuracy is measured on would flatter it")
     elif quantize:
         steps.append(dict(QUANTIZE_MODES[quantize]))
     if not steps:

@@ -26,6 +26,7 @@ from models.report_view import (
     comparison_rows,
     fmt_number,
     generation_rows,
+    progress_text,
     quality_rows,
     warning_lines,
 )
@@ -53,13 +54,26 @@ def when_text(ts: datetime) -> str:
 
 
 def plain_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> Table:
-    """A titled table of plain text (no rich markup read from the cells)."""
+    """A titled table of plain text (no rich markup read from the cells). An ``id`` column is never cut or wrapped
+    (ids are there to be copied); the other cells fold onto more lines when the terminal is narrow, never '…'."""
+    cells = [list(row) for row in rows]
     table = Table(title=title)
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
+    for i, col in enumerate(columns):
+        if col == "id":
+            widest = max((len(row[i]) for row in cells), default=2)
+            table.add_column(col, no_wrap=True, min_width=widest)
+        else:
+            table.add_column(col, overflow="fold")
+    for row in cells:
         table.add_row(*(Text(cell) for cell in row))
     return table
+
+
+def progress_line(job: Job) -> str:
+    """A job's progress in words; a failed one says where in its error's own words (steps[0] prune)."""
+    p = job.data.progress
+    err = job.data.error
+    return progress_text(job.status, p.step, p.steps, p.percent, p.epoch, p.epochs, err.step if err else None)
 
 
 _CHANGE_STYLE = {True: "green", False: "red", None: ""}
@@ -133,9 +147,10 @@ class JobProgressBar:
     def __call__(self, job: Job) -> None:
         p = job.data.progress
         desc = f"{job.status}: {job.data.phase}"
-        if p.steps:
-            where = f"step {p.step}/{p.steps}"
-            desc = f"{job.status} at {where}: {job.data.phase}" if job.status in ("failed", "cancelled") else f"{where} {desc}"
+        if job.status in ("failed", "cancelled"):
+            desc = progress_line(job)  # where it failed in the error's own words (steps[0] prune)
+        elif p.steps:
+            desc = f"step {p.step}/{p.steps} {desc}"
         detail = []
         if p.epoch is not None:
             detail.append(f"epoch {p.epoch}/{p.epochs}" if p.epochs else f"epoch {p.epoch}")

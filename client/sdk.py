@@ -30,6 +30,14 @@ from models.spec import JobSpec
 M = TypeVar("M", bound=BaseModel)
 
 _ARCHIVE_SUFFIXES = ARCHIVE_SUFFIXES
+_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".pt2")
+# The server's words (api/inspection/wrong_format.py), said before a byte is sent.
+PICKLE_REFUSED = (
+    "PyTorch pickles (torch.save) are refused: loading one runs code. Export the model to ONNX "
+    "(torch.onnx.export(model, (example_input,), 'model.onnx'); upload model.onnx, zipped with model.onnx.data "
+    "when the exporter writes one) or save it as safetensors with its config.json (transformers: "
+    "save_pretrained) and upload that folder as a zip, --format hf"
+)
 
 
 def _suffix(path: Path) -> str:
@@ -59,6 +67,8 @@ def infer_model_format(path: str | Path) -> str:
     """``onnx`` for ``.onnx`` or an archive holding a ``.onnx`` file and no ``config.json`` (an ONNX model with
     its external data), ``hf`` for another archive (a Hugging Face folder)."""
     suffix = _suffix(Path(path))
+    if suffix in _PICKLE_SUFFIXES:
+        raise ValueError(f"{Path(path).name}: {PICKLE_REFUSED}")
     members = _archive_names(Path(path)) if suffix in _ARCHIVE_SUFFIXES else []
     for fmt in MODEL_FORMATS.values():  # the format table's rows, asked in order
         if fmt.claims(suffix, members):
@@ -166,7 +176,8 @@ class Client:
         on_progress = options.get("on_progress")
         if options.get("skip_existing", True):
             found = self._find_by_sha(url, file_sha256(path), schema)
-            if found is not None:
+            # Held as another format: upload anyway, the server's 409 names both formats.
+            if found is not None and getattr(found, "format", fmt) == fmt:
                 if on_progress:
                     on_progress(size, size)
                 return found.model_copy(update={"deduplicated": True})

@@ -1,7 +1,10 @@
 """Quickstart: train a small digits classifier, upload it with its data, quantize it, read the report.
 
 The MLP is 1024 wide and the recipe dynamic INT8: at that size its MatMuls run faster in INT8 on CPU
-(measured 1.6x); a 256-wide MLP is too small for INT8 to pay off, and the report would say so.
+(2.2x, 0.057 -> 0.026 ms median at batch 1 on one thread, on a 2-core AMD EPYC with AVX-512 VNNI; ONNX Runtime's
+per-channel dynamic quantizer on this script's model, 7 interleaved rounds of 300 runs); a 256-wide MLP is too
+small for INT8 to pay off, and the report would say so. The report printed at the end is the measurement that
+counts on your machine.
 
 Run against a local service started with `make serve` (or `modelpress serve`):
 

@@ -28,7 +28,7 @@ def fmt_number(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
         if not math.isfinite(v):
             return str(v)
-        if abs(v) >= 1e6:
+        if abs(v) >= 10 ** max(digits, 1):  # 10,246 tokens/s, never '1.02e+04'
             return f"{v:,.0f}"
         return f"{v:.{digits}g}"
     return str(v)
@@ -152,6 +152,11 @@ def _latency_label(b: dict[str, Any], a: dict[str, Any], lm: bool) -> str:
     return f"prefill {tokens} tokens" if tokens else "prefill"
 
 
+def latency_title(report: dict[str, Any]) -> str:
+    """What a report's latency measures, for a chart title: 'latency', or a causal LM's 'prefill 32 tokens'."""
+    return _latency_label(report.get("input") or {}, report.get("output") or {}, is_lm_report(report))
+
+
 def comparison_rows(report: dict[str, Any]) -> list[ComparisonRow]:
     """The before/after rows of a report: size, latency (median, p90, mean), parameters, MACs, accuracy;
     for causal LMs also perplexity, decode tokens/s and peak memory (latency is the prompt's prefill)."""
@@ -265,11 +270,34 @@ def ratio_words(ratio: float, word: str, digits: int = 2) -> tuple[str, bool]:
     return f"{1 / ratio:.{digits}f}{TIMES}", False
 
 
+def _lm_gains(report: dict[str, Any], found: dict[str, Any]) -> list[Gain]:
+    """A causal LM's headline, in the order people ask: perplexity change, decode speed, size, prefill; a ratio
+    within 0.5 % of 1 is left out ('1.00x smaller' after LoRA says nothing)."""
+    out = []
+    b: Any = (report.get("input") or {}).get("perplexity")
+    a: Any = (report.get("output") or {}).get("perplexity")
+    if is_num(b) and is_num(a) and float(b) > 0:
+        rel = float(a) / float(b) - 1
+        text = f"{100 * rel:+.1f} %".replace("-", "\u2212")
+        out.append(Gain(text, "perplexity", None if abs(rel) < 0.0005 else rel < 0))
+    for key, word in (("decode_speedup", "faster decoding"), ("size_ratio", "smaller"), ("latency_ratio", "faster prefill")):
+        value: Any = found.get(key)
+        if not is_num(value) or abs(float(value) - 1) <= SAME_WITHIN:
+            continue
+        text, better = ratio_words(float(value), word)
+        worse = {"faster prefill": "slower prefill"}.get(word) or WORSE_WORDS[word]
+        out.append(Gain(text, word if better else worse, None if better else False))
+    return out
+
+
 def gains(report: dict[str, Any]) -> list[Gain]:
-    """The report's headline gains (size, latency, parameter ratios; accuracy delta); a loss reads '3.20 times slower'."""
+    """The report's headline gains (size, latency, parameter ratios; accuracy delta); a loss reads '3.20 times slower'.
+    A causal LM's lead with what such a job is for: perplexity change, decode speed, size."""
     found = report.get("gains") or {}
     if not isinstance(found, dict):
         return []
+    if is_lm_report(report):
+        return _lm_gains(report, found)
     out = []
     for key, word in GAIN_WORDS:
         if key == "params_ratio" and is_num(found.get(key)) and abs(float(found[key]) - 1) <= SAME_WITHIN:
@@ -347,6 +375,20 @@ def weight_only_text(metrics: Any) -> str:
     return " ".join(p for p in parts if p)
 
 
+def eval_series_name(points: list[dict[str, Any]]) -> str:
+    """What a curve's ``eval_metric`` series is, named after the metric whose values it holds: ``eval_loss`` for a
+    causal LM (its eval loss, lower is better), ``eval_accuracy`` for a classifier; ``eval_metric`` when unknown."""
+    measured = [c for c in points if is_num(c.get("eval_metric"))]
+    if not measured:
+        return "eval_metric"
+    for key in measured[0]:
+        if key in ("epoch", "loss", "lr", "eval_metric") or not is_num(measured[0][key]):
+            continue
+        if all(c.get(key) == c.get("eval_metric") for c in measured):
+            return key if key.startswith("eval_") else f"eval_{key}"
+    return "eval_metric"
+
+
 def step_rows(report: dict[str, Any]) -> list[StepRow]:
     """The report's steps in order, with the series (loss, eval_metric, lr) their curves hold."""
     rows = []
@@ -361,7 +403,7 @@ def step_rows(report: dict[str, Any]) -> list[StepRow]:
         shown = " ".join(t for t in (shown, auto_exclude_text(metrics), weight_only_text(metrics)) if t)
         points = [c for c in step.get("curve") or [] if isinstance(c, dict)]
         curves = {
-            key: [(c.get("epoch"), c.get(key)) for c in points]
+            (eval_series_name(points) if key == "eval_metric" else key): [(c.get("epoch"), c.get(key)) for c in points]
             for key in CURVE_SERIES if any(is_num(c.get(key)) for c in points)
         }
         rows.append(StepRow(step.get("index"), label, step.get("wall_s"), fmt_number(step.get("index")),
@@ -378,27 +420,62 @@ def _rate(v: float) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
 
-def regressions(baseline: dict[str, Any], output: dict[str, Any]) -> list[dict[str, Any]]:
-    """Warnings for an output that is slower (beyond LATENCY_NOISE) or larger than its input; for causal
-    LMs also one whose decode tokens/s fell (``slower_decoding``).
+def _timing(side: dict[str, Any]) -> tuple[Any, Any, bool]:
+    """(median, p90, re-timed) of one side's latency: the interleaved recheck when the worker made one."""
+    recheck = side.get("latency_recheck")
+    if isinstance(recheck, dict) and is_num(recheck.get("median")):
+        return recheck.get("median"), recheck.get("p90"), True
+    lat = side.get("latency_ms")
+    return (lat.get("median"), lat.get("p90"), False) if isinstance(lat, dict) else (lat, None, False)
 
-    Each is ``{"code", "message", "ratio"}``, ratio = after / before (3.2 means 3.2 times slower or larger;
-    for decoding, before / after tokens/s).
+
+def _slower(lb: Any, pb: Any, la: Any, pa: Any) -> bool:
+    """Whether the output (median ``la``, p90 ``pa``) is slower than the input (``lb``, ``pb``) beyond the noise:
+    its median more than LATENCY_NOISE above the input's and above the input's p90 (beyond its spread), and its
+    p90 above the input's p90 too (a median 1.5x slower with a p90 2.3x faster is noise, not a regression)."""
+    if not (is_num(lb) and is_num(la)) or float(lb) <= 0 or float(la) <= float(lb) * (1 + LATENCY_NOISE):
+        return False
+    if is_num(pb) and float(la) <= float(pb):
+        return False
+    return not (is_num(pa) and is_num(pb) and float(pa) <= float(pb) * (1 + LATENCY_NOISE))
+
+
+def _decode_rates(side: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(median tokens/s, lowest, highest) of one side's decode speed; the interleaved recheck when there is one."""
+    recheck = side.get("decode_recheck")
+    if isinstance(recheck, dict) and is_num(recheck.get("tokens_per_s")):
+        return recheck.get("tokens_per_s"), recheck.get("min"), recheck.get("max")
+    rate = (side.get("decode") or {}).get("tokens_per_s")
+    return rate, None, None
+
+
+def regressions(baseline: dict[str, Any], output: dict[str, Any]) -> list[dict[str, Any]]:
+    """Warnings for an output that is slower (beyond LATENCY_NOISE and the measured spread) or larger than its
+    input; for causal LMs also one whose decode tokens/s fell (``slower_decoding``).
+
+    Timings come from the interleaved recheck (``latency_recheck``, ``decode_recheck``: worker.recheck) when the
+    worker made one. Each warning is ``{"code", "message", "ratio"}``, ratio = after / before (3.2 means 3.2 times
+    slower or larger; for decoding, before / after tokens/s).
     """
     out: list[dict[str, Any]] = []
-    lb, la = latency_median(baseline), latency_median(output)
-    if is_num(lb) and is_num(la) and float(lb) > 0 and float(la) > float(lb) * (1 + LATENCY_NOISE):
+    (lb, pb, again), (la, pa, _) = _timing(baseline), _timing(output)
+    if _slower(lb, pb, la, pa):
         ratio = float(la) / float(lb)
+        what = "prefill " if (output.get("latency_setup") or {}).get("what") == "prefill" else ""
+        spread = (f", {fmt_number(float(pb), 3)} \u2192 {fmt_number(float(pa), 3)} ms p90"
+                  if is_num(pb) and is_num(pa) else "")
         out.append({"code": "slower_than_input", "ratio": round(ratio, 3),
-                    "message": f"{ratio:.1f}{TIMES} slower than the input model "
-                               f"({fmt_number(float(lb), 3)} \u2192 {fmt_number(float(la), 3)} ms median)"})
-    rates: list[Any] = [(side.get("decode") or {}).get("tokens_per_s") for side in (baseline, output)]
-    if all(is_num(r) for r in rates) and 0 < float(rates[1]) * (1 + LATENCY_NOISE) < float(rates[0]):
-        db, da = float(rates[0]), float(rates[1])
-        ratio = db / da
+                    "message": f"{what}{ratio:.1f}{TIMES} slower than the input model "
+                               f"({fmt_number(float(lb), 3)} \u2192 {fmt_number(float(la), 3)} ms median{spread}"
+                               f"{', timed again interleaved' if again else ''})"})
+    (db, db_lo, _), (da, _, da_hi) = _decode_rates(baseline), _decode_rates(output)
+    beyond_spread = not (is_num(db_lo) and is_num(da_hi)) or float(da_hi) < float(db_lo)
+    if is_num(db) and is_num(da) and 0 < float(da) * (1 + LATENCY_NOISE) < float(db) and beyond_spread:
+        ratio = float(db) / float(da)
         out.append({"code": "slower_decoding", "ratio": round(ratio, 3),
                     "message": f"decodes {ratio:.1f}{TIMES} slower than the input model "
-                               f"({_rate(db)} \u2192 {_rate(da)} tokens/s)"})
+                               f"({_rate(float(db))} \u2192 {_rate(float(da))} tokens/s"
+                               f"{', timed again interleaved' if is_num(db_lo) else ''})"})
     sb, sa = baseline.get("size_bytes") or 0, output.get("size_bytes") or 0
     if is_num(sb) and is_num(sa) and float(sb) > 0 and float(sa) > float(sb):
         ratio = float(sa) / float(sb)
@@ -419,10 +496,14 @@ def warning_lines(report: dict[str, Any]) -> list[str]:
     return [str(w.get("message") or w.get("code")) for w in found if isinstance(w, dict)]
 
 
-def progress_text(status: str, step: Any, steps: Any, percent: Any, epoch: Any = None, epochs: Any = None) -> str:
-    """A job's progress in words: '40% · step 2/5 · epoch 1/3' while it runs; 'failed at step 5/5' once it failed."""
+def progress_text(status: str, step: Any, steps: Any, percent: Any, epoch: Any = None, epochs: Any = None,
+                  failed_in: str | None = None) -> str:
+    """A job's progress in words: '40% · step 2/5 · epoch 1/3' while it runs; once it failed, where, in the words
+    of its error's ``step`` ('failed in steps[0] prune', one numbering with the error), else 'failed at step 5/5'."""
     where = f"step {fmt_number(step)}/{fmt_number(steps)}" if steps else ""
     if status in ("failed", "cancelled"):
+        if failed_in:
+            return f"{status} in {failed_in}"
         return f"{status} at {where}" if where else status
     if status == "succeeded":
         return "100%" + (f" · {fmt_number(steps)} steps" if steps else "")

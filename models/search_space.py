@@ -170,25 +170,40 @@ def meets(constraints: Mapping[str, Any], report: Mapping[str, Any], task: str,
     drop = _num((report.get("budget") or {}).get("accuracy_drop"))
     limit = _num(constraints.get("max_accuracy_drop"))
     if limit is not None and (drop is None or drop > limit + 1e-12):
-        out.append(f"quality: accuracy drop {drop} > {limit}")
+        out.append(f"quality: accuracy drop {_points(drop)} > {_points(limit)}")
     limit = _num(constraints.get("min_fidelity"))
     worst = worst_fidelity(report, task)
     if limit is not None and (worst is None or worst < limit):
-        out.append(f"quality: worst-sample fidelity {worst} < {limit}")
+        out.append(f"quality: worst-sample fidelity {_g(worst)} < {_g(limit)}")
     limit = _num(constraints.get("max_perplexity_increase"))
     if limit is not None:
         inc = _num((report.get("budget") or {}).get("perplexity_increase"))
         if inc is None or inc > limit + 1e-12:
-            out.append(f"quality: perplexity increase {inc} > {limit}")
+            out.append(f"quality: perplexity increase {_percent(inc)} > {_percent(limit)}")
     limit = _num(constraints.get("max_size_mb"))
     size = _num(output.get("size_bytes"))
     if limit is not None and (size is None or size / 1e6 > limit):
-        out.append(f"size: {size} bytes > {limit} MB")
+        out.append(f"size: {_g(None if size is None else size / 1e6)} MB > {_g(limit)} MB")
     limit = _num(constraints.get("max_latency_ms"))
     lat = latency_ms if latency_ms is not None else _num((output.get("latency_ms") or {}).get("median"))
     if limit is not None and (lat is None or lat > limit):
-        out.append(f"latency: {lat} ms > {limit} ms")
+        out.append(f"latency: {_g(lat)} ms > {_g(limit)} ms")
     return out
+
+
+def _g(v: float | None) -> str:
+    """A measured number in a miss, for people (4 significant digits, never a raw float)."""
+    return "not measured" if v is None else f"{v:.4g}"
+
+
+def _points(drop: float | None) -> str:
+    """An accuracy drop (a fraction) in points: 0.0504 -> '5.04 points'."""
+    return "not measured" if drop is None else f"{drop * 100:.2f} points"
+
+
+def _percent(rel: float | None) -> str:
+    """A relative change in percent: 0.051 -> '+5.10 %'."""
+    return "not measured" if rel is None else f"{rel * 100:+.2f} %"
 
 
 def pareto(points: Sequence[tuple[str, float, float]]) -> list[str]:

@@ -181,6 +181,9 @@ def to_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     axes = _dynamic_axes(model, data, dynamic_batch, dynamic_sequence)
     ctx.log("exporting to ONNX", opset=opset, dynamic_axes={k: list(v.values()) for k, v in axes.items()})
+    # TorchScript refuses a bare number as a name ('26' is what it names an unnamed output itself): such names are
+    # exported under a placeholder and given back to the file afterwards.
+    names = {n: (f"mp_io_{n}" if n.isdigit() else n) for n in [*model.input_names, *model.output_names]}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -188,15 +191,16 @@ def to_onnx(
                 wrapper,
                 args,
                 str(path),
-                input_names=model.input_names,
-                output_names=model.output_names,
-                dynamic_axes=axes,
+                input_names=[names[n] for n in model.input_names],
+                output_names=[names[n] for n in model.output_names],
+                dynamic_axes={names.get(k, k): v for k, v in axes.items()},
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,
             )
     except Exception as exc:  # the exporter raises many types; the user needs the message
         raise StepFailed("export_failed", f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+    _rename_io(path, {safe: n for n, safe in names.items() if safe != n})
     wrapper.eval()  # the exporter restores the caller's training flag recursively
     got = _onnx_outputs(path, data, model.input_names)
     if got.shape != expected.shape:
@@ -220,6 +224,22 @@ def to_onnx(
         parity["top1_agreement"] = float((expected.argmax(1) == got.argmax(1)).mean())
     meta = {**model.meta, "parity": parity, "opset": opset}
     return dataclasses.replace(model, form="onnx", onnx_path=path, module=None, meta=meta)
+
+
+def _rename_io(path: Path, renames: dict[str, str]) -> None:
+    """Rename graph inputs/outputs (and every reference to them) in the ONNX file at ``path``."""
+    if not renames:
+        return
+    import onnx
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    for value in [*graph.input, *graph.output]:
+        value.name = renames.get(value.name, value.name)
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    onnx.save(proto, str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,14 +279,24 @@ def to_torch(model: WorkingModel, ctx: PassContext) -> WorkingModel:
             module = convert(proto)
     except NotImplementedError as exc:
         raise StepFailed("unsupported_model", f"cannot make this ONNX graph trainable: {exc}") from exc
+    flattened = _flatten_reshapes(module, proto)
     module = module.to(ctx.device)
-    ctx.log("converted ONNX to torch", parameters=count_params(module))
+    ctx.log("converted ONNX to torch", parameters=count_params(module),
+            **({"reshapes_made_shape_agnostic": flattened} if flattened else {}))
     meta = {
         **model.meta,
         "dynamic_axes": {k: v for k, v in axes.items() if v},
         "source_onnx": str(model.onnx_path),
     }
     return dataclasses.replace(model, form="torch", onnx_path=None, module=module, meta=meta)
+
+
+def _flatten_reshapes(module: Any, proto: Any) -> list[str]:
+    """Constant-shape flattens (the dynamo exporter's) made shape-agnostic before any pass prunes (worker.onnx_reshape)."""
+    from worker.onnx_reshape import example_inputs, flatten_reshapes
+
+    example = example_inputs(proto)
+    return flatten_reshapes(module, example) if example is not None else []
 
 
 def ensure_torch(model: WorkingModel, ctx: PassContext) -> WorkingModel:

@@ -43,6 +43,8 @@ class Family:
         "accuracy", "metric", "fidelity", "size_bytes", "params", "macs", "num_samples")
     # Whether a job without steps hands back the input's own export (a costly, parity-checked one).
     reuses_input_export: ClassVar[bool] = False
+    # Whether the model decodes token by token (timed with the KV-cache harness when latency is re-checked).
+    decodes: ClassVar[bool] = False
 
     def evaluate(self, model: WorkingModel, ctx: PipelineContext, spec: JobSpec, reference: dict[str, Any] | None,
                  latency: bool | None = None) -> Evaluation:
@@ -120,6 +122,7 @@ class CausalLM(Family):
     step_eval_keys = ("accuracy", "metric", "perplexity", "nll", "tokens", "agreement", "size_bytes", "params",
                       "num_samples")
     reuses_input_export = True
+    decodes = True
 
     def evaluate(self, model: WorkingModel, ctx: PipelineContext, spec: JobSpec, reference: dict[str, Any] | None,
                  latency: bool | None = None) -> Evaluation:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.spec import step_label
+from worker import recheck
 from worker.core import WorkingModel
 from worker.families import Family, family_for
 from worker.passes.base import Pass
@@ -114,6 +115,7 @@ def run(spec: JobSpec, ctx: PipelineContext, cache: StageCache | None = None) ->
     with _stage("evaluate output"):
         output, wall = timed(lambda: family.evaluate(model, ctx, spec, reference))
     output_report = {**output, "wall_s": wall}
+    recheck.confirm_regressions(spec, baseline_onnx, model, baseline_report, output_report, ctx, family.decodes)
     if steps and not steps[-1]["eval"]:
         steps[-1]["eval"] = {"measured": True, **{k: output[k] for k in family.step_eval_keys if k in output}}
         if cache is not None:

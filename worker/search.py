@@ -27,6 +27,7 @@ from sqlalchemy import select, update
 from models.db import session_scope
 from models.ids import new_id
 from models.objectives import OBJECTIVES
+from models.queues import queued_message
 from models.report import Evaluation, Report
 from models.search_space import Candidate, Outcome, auto_space, candidates, meets, pareto, skip_reason
 from models.settings import get_settings
@@ -242,8 +243,8 @@ def advance(search_id: str) -> str | None:
                             queue=get_settings().queue_for(child_spec), attempt=0, max_attempts=job.max_attempts,
                             parent_id=search_id)
                 s.add(child)
-                s.add(JobEvent(job_id=child.id, kind="status", message=f"queued on {child.queue} "
-                               f"(trial {t['index']} of search {search_id})", data={"status": QUEUED}))
+                s.add(JobEvent(job_id=child.id, kind="status", message=queued_message(child.queue, get_settings().gpu_queue)
+                               + f" (trial {t['index']} of search {search_id})", data={"status": QUEUED}))
                 t.update(state=QUEUED, job_id=child.id)
                 to_enqueue.append((child.id, child.queue))
                 active += 1

@@ -17,6 +17,7 @@ from typing import Any
 from api.inspection.common import InspectionError, list_archive
 from api.inspection.tokenizer import inspect_tokenizer
 from api.inspection.transformers_names import stock_tables
+from api.inspection.wrong_format import wrong_format_hint
 from storage import archive
 from storage.archive import ArchiveError, Entry
 
@@ -297,6 +298,9 @@ def hf_interface(config: dict[str, Any]) -> tuple[str, list[dict[str, Any]], lis
 
 def inspect_hf(path: Path) -> dict[str, Any]:
     """Config, parameter count and ONNX interface of a zip/tar.gz Hugging Face model folder."""
+    hint = wrong_format_hint(path, "hf")  # a torch.save pickle, an ONNX archive: say what to do
+    if hint:
+        raise InspectionError(hint)
     entries = list_archive(path, archive.HF_LIMITS)
     kind = archive.detect_kind(path)
     files = [e for e in entries if not e.is_dir and not archive.is_junk(e.name)]

@@ -49,8 +49,12 @@ def _value_info(value: Any) -> dict[str, Any]:
 
 def inspect_onnx(path: Path) -> dict[str, Any]:
     """Inputs, outputs, opset, IR version, producer and parameter count of an ONNX file or ONNX archive."""
+    from api.inspection.wrong_format import wrong_format_hint
     from storage import onnx_files
 
+    hint = wrong_format_hint(path, "onnx")  # a torch.save pickle, a Hugging Face folder: say what to do
+    if hint:
+        raise InspectionError(hint)
     if onnx_files.is_archive(path):
         return _inspect_archive(path)
     return _inspect_file(path)

@@ -24,6 +24,7 @@ from api.services.pagination import paginate
 from api.services.spec_checks import check_references
 from models.db import get_engine, session_scope
 from models.ids import new_id
+from models.queues import queued_message
 from models.schemas import JobError, JobLabels, JobOut, JobResult, Page, Progress, Timestamps
 from models.settings import Settings
 from models.spec import JobSpec
@@ -305,7 +306,7 @@ def create_job(
         metadata_=dict(labels.metadata) or None,
     )
     session.add(job)
-    session.add(JobEvent(job_id=job.id, kind="status", message=f"queued on {queue}", data={"status": QUEUED}))
+    session.add(JobEvent(job_id=job.id, kind="status", message=queued_message(queue, settings.gpu_queue), data={"status": QUEUED}))
     try:
         session.commit()
     except IntegrityError:

@@ -135,7 +135,8 @@ def before_after_charts(report: dict[str, Any]) -> list[Markup]:
     b, a = typed.input or Evaluation(), typed.output or Evaluation()
     made = [
         charts.before_after("size", "size (MB)", _mb(b.size_bytes), _mb(a.size_bytes), " MB", _two_decimals),
-        charts.before_after("latency", "latency median (ms)", b.latency_median, a.latency_median, " ms"),
+        charts.before_after("latency", f"{rv.latency_title(report)} median (ms)", b.latency_median,
+                            a.latency_median, " ms"),
         charts.before_after("params", "parameters", b.params, a.params),
         charts.before_after("macs", "MACs", b.macs, a.macs),
         charts.before_after("accuracy", "accuracy", b.accuracy, a.accuracy),
@@ -189,7 +190,8 @@ def report_page(session: Session, owner: str, job_id: str) -> ReportPage:
 def _dashboard_row(job: JobOut) -> DashboardRow:
     p = job.progress
     percent = 100.0 if job.status == SUCCEEDED else min(max(float(p.percent or 0.0), 0.0), 100.0)
-    text = rv.progress_text(job.status, p.step, p.steps, percent, p.epoch, p.epochs)
+    text = rv.progress_text(job.status, p.step, p.steps, percent, p.epoch, p.epochs,
+                            job.error.step if job.error else None)
     error = f"{job.error.code}: {job.error.message[:160]}" if job.error else ""
     spec = _spec(job)
     pipeline = [step_label(s) for s in spec.get("steps") or [] if isinstance(s, dict)]

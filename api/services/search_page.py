@@ -36,6 +36,7 @@ class SearchView:
     chart: Markup
     best: str
     counts_text: str
+    latency_note: str = ""
 
 
 def _mb(v: Any) -> float | None:
@@ -70,4 +71,22 @@ def search_view(report: dict[str, Any]) -> SearchView | None:
     total = section.total if section.total is not None else len(section.trials)
     counts = f"{section.done} done, {section.skipped} skipped of {total}"
     return SearchView(objective=objective, rows=rows, chart=chart,
-                      best=f"trial {best.get('trial')} ({best.get('label')})" if best else "none", counts_text=counts)
+                      best=f"trial {best.get('trial')} ({best.get('label')})" if best else "none", counts_text=counts,
+                      latency_note=latency_note(typed, best))
+
+
+def latency_note(report: Report, best: dict[str, Any]) -> str:
+    """Why the trials' latencies differ from the before/after table's: they were timed again together at the end;
+    empty when no trial was."""
+    trials = report.search.trials if report.search is not None else []
+    if not any(t.latency_ms_remeasured is not None for t in trials):
+        return ""
+    note = ("The trials' latencies were timed again together at the end, interleaved in one process, so that they "
+            "compare with each other; the before/after table is the winner's own job, which timed it against the "
+            "input model in that job")
+    won = next((t for t in trials if best and t.job_id == best.get("job_id")), None)
+    table_ms = report.output.latency_median if report.output is not None else None
+    if won is not None and won.latency_ms_remeasured is not None and is_num(table_ms):
+        note += (f" (winner: {fmt_number(won.latency_ms_remeasured)} ms re-timed, "
+                 f"{fmt_number(table_ms)} ms in its job)")
+    return note + "."

@@ -106,7 +106,7 @@ def record(
     name = check_name(name)
     found = _existing(kind, owner, staged.sha256)
     if found is not None:
-        return Uploaded(found, created=False)
+        return Uploaded(_same_format(found, kind, fmt), created=False)
     settings = get_settings()
     with session_scope() as session:  # refused before anything is stored; checked again at the insert
         quotas.check_storage(session, owner, staged.size_bytes, settings)
@@ -135,7 +135,7 @@ def record(
             found = _existing(kind, owner, blob.sha256)
             if found is None:
                 raise
-            return Uploaded(found, created=False)
+            return Uploaded(_same_format(found, kind, fmt), created=False)
         except Exception as exc:
             if not is_transient(exc):
                 raise
@@ -145,6 +145,19 @@ def record(
                 store.delete(blob.key)
             raise
     return Uploaded(row, created=True)
+
+
+def _same_format(found: Model | Dataset, kind: Kind, fmt: str) -> Model | Dataset:
+    """The earlier record of these bytes when it has the declared format; else a 409 naming both formats (one
+    record per bytes and owner: read as another format they would be another model, so it is not silently the
+    earlier one)."""
+    if found.format == fmt:
+        return found
+    raise ProblemError(
+        409, "format_conflict",
+        f"these bytes are already {kind} {found.id} ({found.name!r}) with format {found.format!r}, not {fmt!r}; "
+        f"use {found.id} as it is, or delete it (DELETE /v1/{kind}s/{found.id}) and upload again as {fmt!r}",
+    )
 
 
 def _insert(row: Model | Dataset, owner: str, settings: Settings) -> None:

@@ -79,6 +79,10 @@ def test_training_jobs_go_to_the_gpu_queue(client: TestClient) -> None:
     r = client.post("/v1/jobs", json={"model": model["id"], "data": {"train": ds["id"]},
                                       "steps": [{"type": "finetune", "epochs": 1}]})
     assert r.status_code == 202 and r.json()["queue"].startswith("gpu-")
+    # The API sees no GPU: the event names the queue and what it is for, never "queued on gpu".
+    (event,) = client.get(f"/v1/jobs/{r.json()['id']}/events").json()["data"]
+    assert not event["message"].startswith("queued on") and "training worker" in event["message"]
+    assert "or on its CPU where it has none" in event["message"]
     r = client.post("/v1/jobs", json={"model": model["id"], "queue": "gpu", "steps": [{"type": "quantize"}]})
     assert r.status_code == 202 and r.json()["queue"].startswith("gpu-")
 

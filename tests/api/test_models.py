@@ -381,3 +381,48 @@ def test_onnx_archive_with_a_link_is_422_and_leaves_nothing(
     assert r.status_code == 422 and r.json()["code"] == "invalid_model", r.text
     assert "links are not allowed" in r.json()["detail"]
     assert _model_rows() == 0 and blobs(storage_dir) == [] and temp_files(storage_dir) == []
+
+
+def _torch_saved(tmp_path: Path, zipped: bool) -> bytes:
+    import torch
+
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2, 2)}, path, _use_new_zipfile_serialization=zipped)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "hf"])
+@pytest.mark.parametrize("zipped", [True, False], ids=["torch-save-zip", "legacy-pickle"])
+def test_a_torch_save_file_says_pickles_are_refused_and_how_to_export(
+    client: TestClient, storage_dir: Path, tmp_path: Path, fmt: str, zipped: bool
+) -> None:
+    r = client.put("/v1/models", params={"name": "m.pt", "format": fmt}, content=_torch_saved(tmp_path, zipped))
+    assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
+    detail = r.json()["detail"]
+    assert "PyTorch pickle" in detail and "refused" in detail
+    assert "torch.onnx.export" in detail and "safetensors" in detail and "format hf" in detail
+    assert _model_rows() == 0 and blobs(storage_dir) == []
+
+
+def test_a_hugging_face_folder_uploaded_as_onnx_is_told_to_use_hf(client: TestClient, storage_dir: Path) -> None:
+    r = client.put("/v1/models", params={"format": "onnx"}, content=builders.zip_bytes(builders.hf_files()))
+    assert r.status_code == 422
+    assert "this looks like a Hugging Face model" in r.json()["detail"] and "use format hf" in r.json()["detail"]
+    onnx_zip = builders.zip_bytes({"model.onnx": builders.onnx_bytes()})
+    r = client.put("/v1/models", params={"format": "hf"}, content=onnx_zip)
+    assert r.status_code == 422 and "use format onnx" in r.json()["detail"]
+    assert _model_rows() == 0 and blobs(storage_dir) == []
+
+
+def test_the_same_bytes_as_another_format_are_a_409_naming_both(client: TestClient) -> None:
+    both = builders.zip_bytes({**builders.hf_files(), "model.onnx": builders.onnx_bytes()})  # valid as either
+    first = client.put("/v1/models", params={"name": "a", "format": "onnx"}, content=both)
+    assert first.status_code == 201, first.text
+    again = client.put("/v1/models", params={"name": "b", "format": "hf"}, content=both)
+    assert again.status_code == 409 and again.headers["content-type"].startswith("application/problem+json")
+    body = again.json()
+    assert body["code"] == "format_conflict" and first.json()["id"] in body["detail"]
+    assert "'onnx'" in body["detail"] and "'hf'" in body["detail"]
+    same = client.put("/v1/models", params={"name": "c", "format": "onnx"}, content=both)
+    assert same.status_code == 200 and same.json()["id"] == first.json()["id"]  # same format: deduplicated
+    assert _model_rows() == 1

@@ -121,3 +121,8 @@ def test_lm_report_shows_lm_rows_and_generations_side_by_side(client: TestClient
     assert bar_widths(page, "chart-perplexity-") and bar_widths(page, "chart-decode-")
     before_w, after_w = bar_widths(page, "chart-decode-")
     assert after_w > before_w * 2.5
+    # the latency chart says it is the prefill; the headline leads with perplexity, then decode speed
+    assert "prefill 128 tokens median (ms)" in page[page.index('id="charts"'):]
+    gains = page[page.index('<p class="gains">'):]
+    gains = gains[: gains.index("</p>")]
+    assert gains.index("perplexity") < gains.index("faster decoding") < gains.index("smaller")

@@ -24,6 +24,19 @@ def test_search_view_rows_and_chart() -> None:
     assert search_view(sample_report()) is None
 
 
+def test_the_page_says_why_trial_latencies_differ_from_the_before_after_table() -> None:
+    report = search_report()
+    view = search_view(report)
+    assert view is not None
+    table_ms = report["output"]["latency_ms"]["median"]
+    assert "timed again together at the end, interleaved" in view.latency_note
+    assert f"winner: 0.1 ms re-timed, {table_ms:.4g} ms in its job" in view.latency_note
+    for t in report["search"]["trials"]:
+        t.pop("latency_ms_remeasured", None)
+    plain = search_view(report)
+    assert plain is not None and plain.latency_note == ""  # nothing re-timed: nothing to explain
+
+
 def test_report_page_of_a_search_has_the_trials_table(client: TestClient) -> None:
     job_id, _ = insert_job(report=search_report())
     page = client.get(f"/v1/jobs/{job_id}/report.html")
@@ -32,3 +45,4 @@ def test_report_page_of_a_search_has_the_trials_table(client: TestClient) -> Non
     assert 'id="search"' in html and 'class="winner"' in html and "chart-search-pareto" in html
     assert "quantize &lt;fp16&gt;" in html and "<fp16>" not in html
     assert '/v1/jobs/job_a/report.html' in html
+    assert 'id="search-latency-note"' in html and "in its job" in html

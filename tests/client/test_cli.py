@@ -98,6 +98,39 @@ def test_failed_job_exits_1_with_code_and_step(api_service: LiveService, files: 
     assert "step_failed" in out.stderr and "prune found no prunable layer" in out.stderr and "step prune" in out.stderr
 
 
+def test_download_of_a_failed_job_exits_1_with_its_error_and_makes_no_folder(
+    api_service: LiveService, files: dict[str, Path], tmp_path: Path
+) -> None:
+    model = json.loads(mp("models", "upload", str(files["model"]), "--json", url=api_service.url, check=0).stdout)
+    error = {"code": "step_failed", "message": "RuntimeError: boom", "step": "steps[0] prune"}
+    job_id = insert_job(api_service, model["id"], status="failed", phase="failed", error=error,
+                        progress={"step": 2, "steps": 5, "percent": 20.0})
+    out = mp("download", job_id, str(tmp_path / "out"), url=api_service.url, check=1)
+    assert "step_failed" in out.stderr and "RuntimeError: boom" in out.stderr and "steps[0] prune" in out.stderr
+    assert not (tmp_path / "out").exists()
+    running = insert_job(api_service, model["id"], status="running", phase="training")
+    out = mp("download", running, str(tmp_path / "later"), url=api_service.url, check=1)
+    assert "nothing to download yet" in out.stderr and not (tmp_path / "later").exists()
+    # one numbering: the failed job's progress names the step its error names, never 'step 2/5'
+    shown = mp("jobs", "show", job_id, url=api_service.url, check=0).stdout
+    assert "progress: failed in steps[0] prune" in shown and "2/5" not in shown
+
+
+def test_jobs_list_never_cuts_an_id_at_80_columns(api_service: LiveService, files: dict[str, Path]) -> None:
+    model = json.loads(mp("models", "upload", str(files["model"]), "--json", url=api_service.url, check=0).stdout)
+    job_id = insert_job(api_service, model["id"], status="failed", phase="export + evaluate output", name="x" * 40,
+                        error={"code": "step_failed", "message": "m", "step": "steps[2] quantize"})
+    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "client.cli"]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}, "COLUMNS": "80"}
+    for args in (["jobs", "list"], ["models", "list"]):
+        proc = subprocess.run([*cmd, "--url", api_service.url, *args], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert max(len(line) for line in proc.stdout.splitlines()) <= 80
+        assert (job_id if args[0] == "jobs" else model["id"]) in proc.stdout  # whole, on one line
+        assert "\u2026" not in proc.stdout
+
+
 def test_download_exits_1_on_a_tampered_artifact(api_service: LiveService, files: dict[str, Path], tmp_path: Path) -> None:
     model = json.loads(mp("models", "upload", str(files["model"]), "--json", url=api_service.url, check=0).stdout)
     job_id, blob = job_with_artifact(api_service, model["id"], os.urandom(200_000))
@@ -147,10 +180,10 @@ def test_wait_and_show_print_a_red_slower_warning_and_a_missed_budget_table(
     assert "before / after" in waited.stdout and "accuracy budget" in waited.stdout
     assert "accuracy_budget_exceeded" in waited.stderr and "4 of 397 samples" in waited.stderr
     shown = mp("jobs", "show", job_id, url=api_service.url, check=0).stdout
-    assert "progress: failed at step 5/5" in shown and "80%" not in shown
+    assert "progress: failed in evaluate" in shown and "80%" not in shown  # the error's own step, one numbering
     assert "3.2\u00d7 slower" in shown
     listed = next(line for line in mp("jobs", "list", url=api_service.url, check=0).stdout.splitlines() if job_id in line)
-    assert "failed at step 5/5" in listed and "80%" not in listed
+    assert "failed in evaluate" in listed and "80%" not in listed
     as_json = json.loads(mp("jobs", "show", job_id, "--json", url=api_service.url, check=0).stdout)
     assert as_json["result"]["warnings"][0]["code"] == "slower_than_input"
 
@@ -170,6 +203,20 @@ def test_int8_picks_static_for_a_calibrated_conv_graph_and_dynamic_for_matmul() 
     assert [s["type"] for s in spec["steps"]] == ["prune", "distill", "quantize"]
     assert spec["steps"][-1]["mode"] == "static" and notes == [
         "static INT8 (QDQ): the graph has 4 Conv nodes and calibration data was given"]
+
+
+def test_int8_never_calibrates_on_the_eval_set_it_measures_on() -> None:
+    from client.cli import build_optimize_spec
+
+    notes: list[str] = []
+    spec = build_optimize_spec("mdl_x", None, "ds_e", None, quantize="int8", model_meta={"op_types": {"Conv": 4}},
+                               notes=notes)
+    assert spec["steps"] == [{"type": "quantize", "mode": "dynamic"}] and spec["data"] == {"eval": "ds_e"}
+    assert "only data given is the eval set" in notes[0] and "--calibration" in notes[0]
+    with pytest.raises(ValueError, match="apart from the eval set"):
+        build_optimize_spec("mdl_x", None, "ds_e", None, quantize="int8-static")
+    calibrated = build_optimize_spec("mdl_x", None, "ds_e", "ds_c", quantize="int8", model_meta={"op_types": {"Conv": 4}})
+    assert calibrated["steps"][-1]["mode"] == "static" and calibrated["data"]["calibration"] == "ds_c"
 
 
 def test_optimize_on_a_causal_lm_fine_tunes_with_lora_and_quantizes_to_int4() -> None:

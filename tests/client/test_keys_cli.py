@@ -75,3 +75,19 @@ def test_bad_arguments_exit_2_and_store_nothing(pg_env: str, capsys: pytest.Capt
     assert "key_nope" in revoke_err and "not found" in revoke_err
     with session_scope() as s:
         assert s.query(ApiKey).count() == 0
+
+
+def test_keys_create_on_a_fresh_home_migrates_first(tmp_path: Path) -> None:
+    """Before any ``serve`` or ``migrate``: no SQLAlchemy traceback, the schema is made and the key works."""
+    home = tmp_path / "fresh-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
+    env.update(MODELPRESS_HOME=str(home), PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "client.cli"]
+    proc = subprocess.run([*cmd, "keys", "create", "--owner", "alice"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "no such table" not in proc.stderr
+    assert "migrated the database" in proc.stderr and proc.stdout.strip().startswith("mp_")
+    again = subprocess.run([*cmd, "keys", "list", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 0 and "migrated" not in again.stderr  # already current: said once
+    assert [k["owner"] for k in json.loads(again.stdout)] == ["alice"]

@@ -172,7 +172,7 @@ def test_a_slower_output_shows_a_red_warning(server: str, browser: Browser) -> N
         warnings = json.loads(browser.evaluate(shown))
         assert len(warnings) == 1, (url, warnings)
         w = warnings[0]
-        assert "3.2\u00d7 slower than the input model (0.27 \u2192 0.864 ms median)" in w["text"], w
+        assert "3.2\u00d7 slower than the input model (0.27 \u2192 0.864 ms median, 0.3 \u2192 0.9 ms p90)" in w["text"], w
         assert w["visible"], w
         r, g, b = (int(v) for v in w["colour"][w["colour"].index("(") + 1:-1].split(",")[:3])
         assert r > 150 and g < 100 and b < 100, w["colour"]  # red
@@ -272,3 +272,28 @@ def test_search_report_scatter_places_every_trial_by_its_numbers(
     png = browser.screenshot(SHOTS / "search-report.png" if SHOTS else tmp_path / "search-report.png")
     _assert_screenshot(png)
     _assert_local_only(browser, server)
+
+
+def test_an_lm_report_after_lora_reads_as_people_need_it(server: str, browser: Browser) -> None:
+    """LoRA on a small LM: the headline leads with perplexity (no '1.00x smaller'), tokens/s are whole numbers
+    with separators, the latency chart says prefill, the eval curve says loss."""
+    from tests.api.report_samples import lm_report
+
+    report = lm_report()
+    report["output"] = {**report["output"], "size_bytes": report["input"]["size_bytes"], "perplexity": 11.54,
+                        "decode": {"tokens_per_s": 10_123.4, "ms_per_token": 0.0988, "new_tokens": 32}}
+    report["gains"] = {**report["gains"], "size_ratio": 1.0, "decode_speedup": 10_123.4 / 9.8}
+    report["steps"] = [{"index": 0, "type": "finetune", "label": "finetune (lora)", "wall_s": 12.0, "metrics": {},
+                        "curve": [{"epoch": e, "loss": 3.0 / e, "eval_metric": 2.8 / e, "eval_loss": 2.8 / e,
+                                   "perplexity": 16.4 / e, "lr": 1e-3} for e in (1, 2, 3)]}]
+    job_id, _ = insert_job(report=report)
+    browser.open(f"{server}/v1/jobs/{job_id}/report.html")
+    gains = browser.evaluate("document.querySelector('p.gains').innerText")
+    assert gains.startswith("\u22127.0 % perplexity"), gains
+    assert "smaller" not in gains and "faster decoding" in gains
+    table = browser.evaluate("document.querySelector('table.compare').innerText")
+    assert "10,123" in table and "e+" not in table, table
+    charts = browser.evaluate("document.querySelector('#charts').textContent")
+    assert "prefill 128 tokens median (ms)" in charts
+    curves = browser.evaluate("document.querySelector('#curves').textContent")
+    assert "eval loss" in curves and "eval metric" not in curves

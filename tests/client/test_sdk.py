@@ -61,7 +61,10 @@ def test_formats_are_inferred_from_file_names() -> None:
     assert [infer_dataset_format(n) for n in ("d.npz", "d.jsonl", "d.csv", "d.zip")] == [
         "npz", "text", "text", "imagefolder"]
     with pytest.raises(ValueError, match="pass format="):
-        infer_model_format("weights.bin")
+        infer_model_format("weights.safetensors")
+    for pickle in ("weights.bin", "model.pt", "model.pth", "last.ckpt"):  # refused before a byte is sent
+        with pytest.raises(ValueError, match=r"PyTorch pickles \(torch.save\) are refused.*torch.onnx.export"):
+            infer_model_format(pickle)
 
 
 def test_an_archive_of_an_onnx_file_and_its_data_is_an_onnx_model(tmp_path: Path) -> None:

@@ -108,6 +108,36 @@ def test_regressions_warn_beyond_the_noise_margin_and_read_as_people_do() -> Non
     assert rv.warning_lines({"report": {"warnings": slower}}) == [w["message"] for w in slower]
 
 
+def test_slower_is_warned_only_beyond_the_measured_spread() -> None:
+    base = {"latency_ms": {"median": 0.27, "p90": 0.90}}
+    # The INT4 case: a prefill median 1.53x slower while its p90 is 2.32x faster is noise, not a regression.
+    assert rv.regressions(base, {"latency_ms": {"median": 0.27 * 1.53, "p90": 0.90 / 2.32}}) == []
+    # slower median but still inside the input's spread (below its p90): no warning
+    assert rv.regressions(base, {"latency_ms": {"median": 0.5, "p90": 1.2}}) == []
+    # beyond it on both: warned, with both figures, and an LM's latency says it is prefill
+    found = rv.regressions(base, {"latency_ms": {"median": 1.0, "p90": 1.5},
+                                  "latency_setup": {"what": "prefill"}})
+    assert [w["code"] for w in found] == ["slower_than_input"]
+    assert found[0]["message"] == ("prefill 3.7\u00d7 slower than the input model "
+                                   "(0.27 \u2192 1 ms median, 0.9 \u2192 1.5 ms p90)")
+    # the interleaved recheck, when the worker made one, decides over the first figures
+    rechecked = rv.regressions({**base, "latency_recheck": {"median": 0.3, "p90": 0.32}},
+                               {"latency_ms": {"median": 1.0, "p90": 1.5},
+                                "latency_recheck": {"median": 0.31, "p90": 0.33}})
+    assert rechecked == []
+    confirmed = rv.regressions({**base, "latency_recheck": {"median": 0.3, "p90": 0.32}},
+                               {"latency_ms": {"median": 1.0}, "latency_recheck": {"median": 0.6, "p90": 0.65}})
+    assert confirmed[0]["ratio"] == 2.0 and "timed again interleaved" in confirmed[0]["message"]
+    # decode: overlapping rechecked ranges are noise (LoRA left the architecture alone), disjoint ones are not
+    side = {"decode": {"tokens_per_s": 1700.0}}
+    lora = {"decode": {"tokens_per_s": 1000.0}, "decode_recheck": {"tokens_per_s": 1650.0, "min": 1500.0, "max": 1800.0}}
+    assert rv.regressions({**side, "decode_recheck": {"tokens_per_s": 1690.0, "min": 1550.0, "max": 1750.0}},
+                          lora) == []
+    slow = {"decode_recheck": {"tokens_per_s": 800.0, "min": 700.0, "max": 900.0}}
+    assert [w["code"] for w in rv.regressions({**side, "decode_recheck": {"tokens_per_s": 1690.0, "min": 1550.0,
+                                                                          "max": 1750.0}}, slow)] == ["slower_decoding"]
+
+
 def test_gains_below_one_read_slower_never_point_three_faster() -> None:
     shown = rv.gains({"gains": {"latency_ratio": 0.3125, "size_ratio": 1.8}})
     assert [(g.value_text, g.word, g.better) for g in shown] == [
@@ -116,6 +146,7 @@ def test_gains_below_one_read_slower_never_point_three_faster() -> None:
 
 def test_progress_text_of_a_failed_job_is_not_a_percentage() -> None:
     assert rv.progress_text("failed", 5, 5, 80.0) == "failed at step 5/5"
+    assert rv.progress_text("failed", 2, 5, 20.0, failed_in="steps[0] prune") == "failed in steps[0] prune"
     assert rv.progress_text("running", 2, 5, 40.0, 1, 3) == "40% · step 2/5 · epoch 1/3"
     assert rv.progress_text("succeeded", 5, 5, 80.0) == "100% · 5 steps"
 
@@ -192,3 +223,36 @@ def test_a_weight_only_step_shows_its_settings() -> None:
                         "matmul_bits": {"4": 16, "8": 1}, "embeddings": 2}}}]}
     (row,) = rv.step_rows(report)
     assert row.metrics_text == "rtn block=64 asym 4-bit=16 8-bit=1 embeddings=2"
+
+
+def test_an_lm_headline_leads_with_perplexity_then_decode_speed_and_leaves_out_same_size() -> None:
+    """After LoRA: same size (no '1.00x smaller'), perplexity -7 % first."""
+    side = {"latency_setup": {"what": "prefill", "prompt_tokens": 32}}
+    report = {"task": "text-generation",
+              "input": {**side, "perplexity": 20.0, "size_bytes": 574_000, "decode": {"tokens_per_s": 10_100.3}},
+              "output": {**side, "perplexity": 18.6, "size_bytes": 574_000, "decode": {"tokens_per_s": 12_120.0}},
+              "gains": {"size_ratio": 1.0, "latency_ratio": 1.001, "params_ratio": 1.0, "decode_speedup": 1.2}}
+    found = [(g.value_text, g.word, g.better) for g in rv.gains(report)]
+    assert found == [("\u22127.0 %", "perplexity", True), ("1.20\u00d7", "faster decoding", None)]
+    worse = {**report, "output": {**report["output"], "perplexity": 21.0},
+             "gains": {**report["gains"], "size_ratio": 3.58, "latency_ratio": 0.5}}
+    assert [(g.value_text, g.word) for g in rv.gains(worse)] == [
+        ("+5.0 %", "perplexity"), ("1.20\u00d7", "faster decoding"), ("3.58\u00d7", "smaller"),
+        ("2.00\u00d7", "slower prefill")]
+    assert rv.latency_title(report) == "prefill 32 tokens" and rv.latency_title({"input": {}}) == "latency"
+    # tokens/s for people: never '1.01e+04'
+    rows = {r.key: r for r in rv.comparison_rows(report)}
+    assert rows["decode_tokens_per_s"].before_text == "10,100" and "e+" not in rows["decode_tokens_per_s"].after_text
+    assert rv.fmt_number(10_100.3) == "10,100" and rv.fmt_number(9_876.5) == "9876" and rv.fmt_number(0.5037) == "0.5037"
+
+
+def test_the_eval_curve_is_named_after_the_metric_it_holds() -> None:
+    lm_curve = [{"epoch": 1, "loss": 3.1, "eval_metric": 2.9, "eval_loss": 2.9, "perplexity": 18.2, "lr": 1e-3},
+                {"epoch": 2, "loss": 2.7, "eval_metric": 2.6, "eval_loss": 2.6, "perplexity": 13.5, "lr": 5e-4}]
+    (row,) = rv.step_rows({"steps": [{"index": 0, "label": "finetune (lora)", "curve": lm_curve}]})
+    assert list(row.curves) == ["loss", "eval_loss", "lr"]  # 'eval loss' on the page, not 'eval metric'
+    cls_curve = [{"epoch": 1, "loss": 1.2, "eval_metric": 0.8, "accuracy": 0.8, "lr": 1e-3}]
+    (row,) = rv.step_rows({"steps": [{"index": 0, "label": "finetune", "curve": cls_curve}]})
+    assert "eval_accuracy" in row.curves
+    (row,) = rv.step_rows({"steps": [{"index": 0, "label": "x", "curve": [{"epoch": 1, "eval_metric": 0.5}]}]})
+    assert list(row.curves) == ["eval_metric"]  # nothing says which metric: left as it was

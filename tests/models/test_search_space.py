@@ -109,6 +109,12 @@ def test_meets_names_every_missed_constraint() -> None:
     assert [m.split(":")[0] for m in misses] == ["quality", "size", "latency"]
     assert meets(c, _report(0.005, size=400_000), "image-classification", latency_ms=0.9) == []
     assert meets({"max_accuracy_drop": 0.01}, {"budget": {}}, "generic")  # not measured: not met
+    # read by people in the search table: no raw floats like 0.05037783375314864
+    raw = meets(c, _report(0.05037783375314864, size=1_234_567, latency=1.2345678901), "image-classification")
+    assert raw == ["quality: accuracy drop 5.04 points > 1.00 points", "size: 1.235 MB > 0.5 MB",
+                   "latency: 1.235 ms > 1 ms"]
+    assert meets({"max_perplexity_increase": 0.05}, {"budget": {"perplexity_increase": 0.0712345}}, "text-generation") \
+        == ["quality: perplexity increase +7.12 % > +5.00 %"]
 
 
 def test_min_fidelity_is_the_worst_sample_for_embeddings_and_top1_agreement_for_classifiers() -> None:

@@ -2,7 +2,8 @@
 
 Images are resized to ``spec.image.size``, scaled to [0, 1], normalised by ``spec.image.mean/std`` and
 stacked NCHW float32 under the model's single image input; labels follow the sorted class names (or
-the model config's label2id when it names every class).
+the model config's label2id when it names every class). An hf vision model with ``preprocessor_config.json``
+gets its own image processor's pixels instead, unless the spec sets ``image``.
 """
 
 from __future__ import annotations
@@ -52,9 +53,23 @@ def _image(path: Path, size: int, channels: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
+def _rgb(path: Path) -> Any:
+    """An image file as an RGB PIL image (for a model's own image processor), under the same pixel cap."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with Image.open(path) as raw:
+            return raw.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise StepFailed("invalid_dataset", f"cannot read image {path.name!r}: {exc}") from exc
+
+
 def load(path: Path, meta: dict[str, Any], model: WorkingModel, spec: JobSpec, workdir: Path) -> ArrayDataset:
-    """The image-folder archive at ``path`` as NCHW float32 arrays with integer labels."""
+    """The image-folder archive at ``path`` as NCHW float32 arrays with integer labels; an hf vision model's images
+    go through its own image processor (``worker.formats.image_processor``)."""
     from worker.formats.hf import classes_by_id, label_index
+    from worker.formats.image_processor import model_processor, process
 
     if len(model.input_names) != 1:
         raise StepFailed(
@@ -79,12 +94,14 @@ def load(path: Path, meta: dict[str, Any], model: WorkingModel, spec: JobSpec, w
     if len(mean) != len(std):
         raise StepFailed("invalid_dataset", "image.mean and image.std must have the same length")
     channels = len(mean)
-    images, labels = [], []
-    for name in names:
-        for file in files[name]:
-            images.append(_image(file, spec.image.size, channels))
-            labels.append(index[name])
-    x = (np.stack(images) - mean[None, :, None, None]) / std[None, :, None, None]
+    ordered = [(file, index[name]) for name in names for file in files[name]]
+    labels = [label for _, label in ordered]
+    processor = model_processor(model, spec)
+    if processor is not None:
+        x = process(processor, [file for file, _ in ordered], _rgb)
+    else:
+        images = [_image(file, spec.image.size, channels) for file, _ in ordered]
+        x = (np.stack(images) - mean[None, :, None, None]) / std[None, :, None, None]
     # A fixed interleaving, so that the first n samples (take(n)) span the classes.
     order = np.random.default_rng(spec.seed).permutation(len(labels))
     y = np.asarray(labels, dtype=np.int64)[order]

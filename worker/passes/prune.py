@@ -330,6 +330,32 @@ def lm_width(model: WorkingModel, params: PruneStep, ctx: PassContext, data: Arr
     return {"target": "width", "mlp_width_before": width, "mlp_width_after": new, "layers": len(mlps)}
 
 
+SHAPE_CONSTRAINED = (
+    "structured pruning changed layer widths that a fixed shape in the graph contradicts ({error}). The ONNX "
+    "graph states that shape as a constant (today's dynamo exporter writes Reshape targets so; flatten-like ones are "
+    "rewritten, this one is not). Export with torch.onnx.export(..., dynamo=False), upload the model as safetensors "
+    "with its config (format hf), keep the layers around it out with skip_layers, or prune with method: unstructured"
+)
+
+
+def _structured_checked(model: WorkingModel, params: PruneStep, ctx: PassContext, data: ArrayDataset,
+                        example: tuple[Any, ...]) -> dict[str, Any]:
+    """``structured``, then one forward on ``example``: a width the graph's fixed shapes contradict is a
+    ``shape_constrained`` StepFailed saying what to do, not PyTorch's raw text."""
+    import torch
+
+    from worker.torch_utils import interface
+
+    try:
+        info = structured(model, params, ctx, data, example)
+        with torch.no_grad():
+            interface(model).eval()(*example)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StepFailed("shape_constrained", SHAPE_CONSTRAINED.format(error=first)) from exc
+    return info
+
+
 class PrunePass(Pass):
     """Structured pruning with torch-pruning's dependency graph (Fang et al., "DepGraph: Towards Any
     Structural Pruning", CVPR 2023; magnitude importance after Li et al. 2017, Taylor after Molchanov et
@@ -363,7 +389,7 @@ class PrunePass(Pass):
             else:
                 info = lm_layers(model, params, ctx, data)
         elif params.method == "structured":
-            info = structured(model, params, ctx, data, example)
+            info = _structured_checked(model, params, ctx, data, example)
         else:
             info = unstructured(model, params, ctx)
         model.module.eval()

@@ -165,3 +165,16 @@ def test_eval_batches_shrink_to_keep_the_logits_bounded(
     rowwise = evaluate_lm(path, eval_data, CFG, whole.outputs, hf_dir=llama_dir, layout=layout, latency=False)
     assert rowwise["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
     assert rowwise["agreement"]["top1"] == 1.0
+
+
+def test_peak_memory_is_the_sessions_own_even_after_an_earlier_evaluation(
+    llama_onnx: tuple[Path, LMLayout], llama_dir: Path, eval_data: Any
+) -> None:
+    """In-process RSS growth read ~8 KB for the second model (the first left the arenas mapped); each is now measured
+    in a fresh process: the same file twice reads about the same, and at least its weights."""
+    path, layout = llama_onnx
+    first = evaluate_lm(path, eval_data, CFG, hf_dir=llama_dir, layout=layout, latency=False)
+    second = evaluate_lm(path, eval_data, CFG, first.outputs, hf_dir=llama_dir, layout=layout, latency=False)
+    a, b = first["peak_memory_bytes"], second["peak_memory_bytes"]
+    assert a >= 0.5 * first["size_bytes"] and b >= 0.5 * second["size_bytes"], (a, b)
+    assert 0.5 < b / a < 2.0, (a, b)

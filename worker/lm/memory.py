@@ -1,0 +1,60 @@
+"""A causal LM session's peak memory, measured in a fresh process.
+
+RSS growth inside the worker is not the session's memory: the input model's evaluation leaves the allocator's
+arenas mapped, so the output model's session reuses them and its "growth" reads as a few KB (a LoRA job showed
+18.31 MB -> 8.00 KB). Each model is measured instead in a child process of its own: RSS growth (sampled) from
+just before the session is made through one prefill of the timing prompt and its decode steps, so input and
+output are measured the same way from the same start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+PROBE_TIMEOUT_S = 600.0
+_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the worker package
+
+
+def session_peak_bytes(onnx_path: Path, threads: int, layout_meta: dict[str, Any] | None,
+                       prompt_tokens: int, new_tokens: int) -> int | None:
+    """Peak RSS growth of a fresh process loading the session and running one prefill + ``new_tokens`` decode
+    steps; None when the probe could not run (the report then has no memory row rather than a wrong one)."""
+    args = {"path": str(onnx_path), "threads": threads, "layout": layout_meta,
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "worker.lm.memory", json.dumps(args)], capture_output=True,
+                              text=True, env=env, timeout=PROBE_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    try:
+        return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _probe(args: dict[str, Any]) -> int:
+    """In the child: the peak RSS growth of making the session and running one prefill + decode."""
+    import numpy  # noqa: F401  (imported before the measurement starts, as onnxruntime below)
+    import onnxruntime  # noqa: F401
+
+    from worker.lm.evaluate import peak_rss
+    from worker.lm.layout import LMLayout
+    from worker.lm.session import LMSession
+
+    layout = LMLayout.from_meta(args["layout"]) if args.get("layout") else None
+    with peak_rss(interval_s=0.001) as mem:
+        sess = LMSession(Path(args["path"]), threads=int(args["threads"]), layout=layout)
+        sess.time_decode(int(args["prompt_tokens"]), max(1, int(args["new_tokens"])), 1)
+    return int(mem["peak_bytes"])
+
+
+if __name__ == "__main__":
+    print(json.dumps({"peak_bytes": _probe(json.loads(sys.argv[1]))}), flush=True)
