@@ -25,7 +25,7 @@ from models.schemas import Problem
 
 PROBLEM = "application/problem+json"
 REASONS = {
-    400: "The body could not be parsed",
+    400: "The body could not be parsed (a malformed JSON or multipart body)",
     401: "Missing, wrong or revoked API key",
     403: "The API key's scope does not allow this (a read key writing, a non-admin key managing keys)",
     404: "No such resource for this owner (another owner's is answered the same)",
@@ -74,9 +74,11 @@ ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/readyz"): {"503": 503},
     ("GET", "/metrics"): {"401": 401, "200": {"description": "Prometheus text exposition",
                                              "content": {"text/plain": {"schema": {"type": "string"}}}}},
-    ("POST", "/v1/models"): {"409": 409, "415": 415, "200": SameAs("201", "The same bytes were uploaded before: that record")},
+    ("POST", "/v1/models"): {"400": 400, "409": 409, "415": 415,
+                             "200": SameAs("201", "The same bytes were uploaded before: that record")},
     ("PUT", "/v1/models"): {"409": 409, "200": SameAs("201", "The same bytes were uploaded before: that record")},
-    ("POST", "/v1/datasets"): {"409": 409, "415": 415, "200": SameAs("201", "The same bytes were uploaded before: that record")},
+    ("POST", "/v1/datasets"): {"400": 400, "409": 409, "415": 415,
+                               "200": SameAs("201", "The same bytes were uploaded before: that record")},
     ("PUT", "/v1/datasets"): {"409": 409, "200": SameAs("201", "The same bytes were uploaded before: that record")},
     ("POST", "/v1/jobs"): {"503": 503, "200": SameAs("202", "A repeated Idempotency-Key: the first job")},
     ("GET", "/v1/jobs/{job_id}"): {"200": {"description": "The job", "content": {
