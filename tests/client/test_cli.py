@@ -206,7 +206,7 @@ def test_int8_picks_static_for_a_calibrated_conv_graph_and_dynamic_for_matmul() 
 
 
 def test_int8_never_calibrates_on_the_eval_set_it_measures_on() -> None:
-    from client.cli import build_optimize_spec
+    from client.recipes import build_optimize_spec
 
     notes: list[str] = []
     spec = build_optimize_spec("mdl_x", None, "ds_e", None, quantize="int8", model_meta={"op_types": {"Conv": 4}},

@@ -42,4 +42,6 @@ def test_the_client_infers_the_format_from_the_rows_in_order(tmp_path: Path) -> 
     assert infer_model_format(_zip(tmp_path / "bert.zip", "bert/config.json", "bert/model.safetensors")) == "hf"
     assert infer_model_format(_zip(tmp_path / "both.zip", "config.json", "model.onnx")) == "hf"
     with pytest.raises(ValueError, match=r"pass format= \(onnx or hf\)"):
+        infer_model_format(tmp_path / "model.tflite")
+    with pytest.raises(ValueError, match=r"PyTorch pickles \(torch.save\) are refused"):
         infer_model_format(tmp_path / "model.pt")

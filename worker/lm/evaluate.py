@@ -15,11 +15,8 @@ the reference the output model's agreement and KL are measured against.
 from __future__ import annotations
 
 import math
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -187,38 +184,6 @@ def choice_accuracy(sess: LMSession, tokenizer: Any, rows: list[dict[str, Any]],
     return {"accuracy": right / scored if scored else None, "scored": scored, "choices": choices}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# memory
-
-
-@contextmanager
-def peak_rss(interval_s: float = 0.005) -> Iterator[dict[str, int]]:
-    """Sample this process's RSS while the block runs; ``out["peak_bytes"]`` = peak minus the RSS at entry."""
-    import psutil
-
-    proc = psutil.Process(os.getpid())
-    start = proc.memory_info().rss
-    out = {"start_bytes": start, "peak_bytes": 0}
-    peak = [start]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            stop.wait(interval_s)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        t.join()
-        peak[0] = max(peak[0], proc.memory_info().rss)
-        out["peak_bytes"] = peak[0] - start
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 
 def _tokenizer(hf_dir: Path | None) -> Any:

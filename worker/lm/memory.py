@@ -13,6 +13,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,6 @@ def _probe(args: dict[str, Any]) -> int:
     import numpy  # noqa: F401  (imported before the measurement starts, as onnxruntime below)
     import onnxruntime  # noqa: F401
 
-    from worker.lm.evaluate import peak_rss
     from worker.lm.layout import LMLayout
     from worker.lm.session import LMSession
 
@@ -58,3 +60,30 @@ def _probe(args: dict[str, Any]) -> int:
 
 if __name__ == "__main__":
     print(json.dumps({"peak_bytes": _probe(json.loads(sys.argv[1]))}), flush=True)
+
+
+@contextmanager
+def peak_rss(interval_s: float = 0.005) -> Iterator[dict[str, int]]:
+    """Sample this process's RSS while the block runs; ``out["peak_bytes"]`` = peak minus the RSS at entry."""
+    import psutil
+
+    proc = psutil.Process(os.getpid())
+    start = proc.memory_info().rss
+    out = {"start_bytes": start, "peak_bytes": 0}
+    peak = [start]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            stop.wait(interval_s)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        t.join()
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        out["peak_bytes"] = peak[0] - start
