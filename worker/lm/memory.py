@@ -58,10 +58,6 @@ def _probe(args: dict[str, Any]) -> int:
     return int(mem["peak_bytes"])
 
 
-if __name__ == "__main__":
-    print(json.dumps({"peak_bytes": _probe(json.loads(sys.argv[1]))}), flush=True)
-
-
 @contextmanager
 def peak_rss(interval_s: float = 0.005) -> Iterator[dict[str, int]]:
     """Sample this process's RSS while the block runs; ``out["peak_bytes"]`` = peak minus the RSS at entry."""
@@ -87,3 +83,7 @@ def peak_rss(interval_s: float = 0.005) -> Iterator[dict[str, int]]:
         t.join()
         peak[0] = max(peak[0], proc.memory_info().rss)
         out["peak_bytes"] = peak[0] - start
+
+
+if __name__ == "__main__":
+    print(json.dumps({"peak_bytes": _probe(json.loads(sys.argv[1]))}), flush=True)
