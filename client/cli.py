@@ -492,13 +492,20 @@ def build_optimize_spec(
     return spec
 
 
-def _optimize_auto(ctx: _Ctx, model_ref: str, data: dict[str, str]) -> int:
+def _latency_flags(a: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in (("threads", a.threads), ("batch_size", a.batch_size), ("provider", a.provider))
+            if v is not None}
+
+
+def _optimize_auto(ctx: _Ctx, model_ref: str, data: dict[str, str], model_meta: dict[str, Any] | None) -> int:
     from client.search_cli import build_search_spec, stream_trials
 
     a = ctx.args
     spec = Client.build_spec(build_search_spec(
         model_ref, data, task=a.task, objective=a.objective, max_accuracy_drop=a.max_accuracy_drop,
-        max_trials=a.max_trials, parallelism=a.parallelism, queue=a.queue))
+        max_perplexity_increase=a.max_perplexity_increase, min_fidelity=a.min_fidelity,
+        max_trials=a.max_trials, parallelism=a.parallelism, queue=a.queue, latency=_latency_flags(a),
+        model_meta=model_meta))
     if a.dry_run:
         ctx.print_json(spec.model_dump(mode="json", exclude_none=True))
         return EXIT_OK
@@ -533,15 +540,14 @@ def cmd_optimize(ctx: _Ctx) -> int:
                 uploaded[path] = _upload(ctx, "datasets", path, a.data_format, None).id
             refs[key] = uploaded[path] if path else None
     if a.auto:  # a search over the service's own recipes (client/search_cli.py)
-        return _optimize_auto(ctx, model_ref, {k: v for k, v in refs.items() if v})
+        return _optimize_auto(ctx, model_ref, {k: v for k, v in refs.items() if v}, model_meta)
     notes: list[str] = []
     spec = build_optimize_spec(
         model_ref, refs["train"], refs["eval"], refs["calibration"], task=a.task, prune=a.prune,
         distill=a.distill, finetune=a.finetune, recover=not a.no_recover, quantize=a.quantize,
         epochs=a.epochs, max_accuracy_drop=a.max_accuracy_drop, max_perplexity_increase=a.max_perplexity_increase,
         queue=a.queue, model_meta=model_meta, notes=notes,
-        latency={k: v for k, v in (("threads", a.threads), ("batch_size", a.batch_size), ("provider", a.provider))
-                 if v is not None},
+        latency=_latency_flags(a),
     )
     for note in notes:
         ctx.err.print(f"quantize int8 -> {note}", markup=False)
@@ -670,6 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the spec; upload and submit nothing")
     s.add_argument("--auto", action="store_true", help="search: try the recipes the model and data allow, keep the best")
     s.add_argument("--objective", choices=("latency", "size"), default="latency", help="what --auto minimizes")
+    s.add_argument("--min-fidelity", type=float, default=None,
+                   help="--auto: the worst sample's agreement with the input model (cosine, top-1 for classifiers)")
     s.add_argument("--max-trials", type=int, default=None, help="--auto: at most this many trials")
     s.add_argument("--parallelism", type=int, default=None, help="--auto: trials running at once")
     return p
