@@ -69,5 +69,15 @@ def search_view(report: dict[str, Any]) -> SearchView | None:
     chart = charts.search_scatter("search", f"trials: {objective} vs {metric_name}", points, objective,
                                   metric_name, input_metric, floor)
     counts = f"{section.get('done', 0)} done, {section.get('skipped', 0)} skipped of {section.get('total', len(trials))}"
-    return SearchView(objective=objective, rows=rows, chart=chart,
-                      best=f"trial {best.get('trial')} ({best.get('label')})" if best else "none", counts_text=counts)
+    return SearchView(objective=objective, rows=rows, chart=chart, best=_best_text(best, section.get("closest"),
+                                                                                  objective), counts_text=counts)
+
+
+def _best_text(best: dict[str, Any], closest: Any, objective: str) -> str:
+    """The winner, or (no trial beat the input) the closest trial and how far it got."""
+    if best:
+        return f"trial {best.get('trial')} ({best.get('label')})"
+    if isinstance(closest, dict) and closest:
+        return (f"none beat the input; closest: trial {closest.get('trial')} ({closest.get('label')}) at "
+                f"{fmt_number(closest.get('objective_ratio'))}x the input's {objective}")
+    return "none"
