@@ -310,6 +310,15 @@ def skip_reason(cand: Candidate, objective: str, finished: Sequence[Outcome]) ->
     return None
 
 
+def barred_winner(steps: Sequence[Mapping[str, Any]], static_possible_on_conv: bool) -> str | None:
+    """Why a trial may not win whatever it measured (None: it may): dynamic INT8 on a Conv-heavy graph when
+    static QDQ is possible (ORT's ConvInteger runs Conv slower than float; static is the same size)."""
+    last = steps[-1] if steps else {}
+    if static_possible_on_conv and last.get("type") == "quantize" and last.get("mode", "dynamic") == "dynamic":
+        return "dynamic INT8 on a Conv-heavy graph where static QDQ is possible"
+    return None
+
+
 def noise_margin(rounds: Sequence[float]) -> float:
     """The relative spread of a model's interleaved round medians, (max - min) / median: how much two
     measurements of the same model differ on this machine now."""

@@ -39,8 +39,10 @@ from models.search_space import (
     Candidate,
     Outcome,
     auto_space,
+    barred_winner,
     beats_input,
     candidates,
+    conv_heavy,
     escalations,
     estimate,
     meets,
@@ -482,7 +484,7 @@ def _enqueue_trial(search_id: str, child_id: str, queue: str) -> None:
 def _trial_view(t: dict[str, Any]) -> dict[str, Any]:
     keys = ("index", "label", "state", "job_id", "reason", "met", "misses", "metric", "metric_name", "size_bytes",
             "latency_ms", "objective_ratio", "worker", "steps", "baseline", "escalated_from", "beats_input",
-            "final_ratio", "margin")
+            "final_ratio", "margin", "barred")
     return {k: t[k] for k in keys if k in t}
 
 
@@ -645,14 +647,14 @@ def _prompt_tokens(spec: JobSpec, job_ids: list[str]) -> int:
 
 
 def _judge(objective: str, table: list[dict[str, Any]], remeasured: dict[str, dict[str, Any]],
-           ) -> list[dict[str, Any]]:
+           static_possible_on_conv: bool = False) -> list[dict[str, Any]]:
     """Each re-measured trial meeting the constraints, best first, with ``final_ratio`` (its objective over
     the input's), ``margin`` (the noise it must beat the input by) and ``beats_input``.
 
     Latency: both re-measured in the same interleaved rounds; the margin is the larger relative spread of
     the two models' round medians (``noise_margin``). Without the input re-measured, the trial's own
     input/output latencies with ``UNPAIRED_MARGIN``. Size: bytes are exact (no margin); among trials within
-    ``SIZE_TIE`` of the smallest the fastest comes first."""
+    ``SIZE_TIE`` of the smallest the fastest comes first. A trial ``barred_winner`` names never beats it."""
     met = [t for t in table if t.get("job_id") in remeasured and t.get("met") and not t.get("baseline")]
     inp = remeasured.get("input")
     for t in met:
@@ -667,6 +669,9 @@ def _judge(objective: str, table: list[dict[str, Any]], remeasured: dict[str, di
         t["final_ratio"] = value / ref if value and ref else None
         t["margin"] = margin
         t["beats_input"] = beats_input(objective, value, ref, margin)
+        barred = barred_winner(t["steps"], static_possible_on_conv)
+        if barred:
+            t["beats_input"], t["barred"] = False, barred
     if objective == "latency":
         return sorted(met, key=lambda t: (remeasured[t["job_id"]]["median"], -(t.get("metric") or 0.0)))
     smallest = min((t.get("size_bytes") or 0 for t in met), default=0)
@@ -688,6 +693,7 @@ def _finalize(claim: Claim) -> str:
         model = s.get(Model, spec.model)
         assert model is not None
         input_key = model.storage_key if model.format == "onnx" else None  # an hf upload is no ONNX file
+        static_on_conv = conv_heavy(model.format, dict(model.meta)) and _has_data(spec)
     search = spec.search
     assert search is not None
     constraints = search.constraints.model_dump()
@@ -720,7 +726,7 @@ def _finalize(claim: Claim) -> str:
                 t["misses"] = meets(constraints, _child_report(t["job_id"]), spec.task,
                                     latency_ms=remeasured[t["job_id"]]["median"])
                 t["met"] = not t["misses"]
-        ranked = _judge(search.objective, table, remeasured)
+        ranked = _judge(search.objective, table, remeasured, static_on_conv)
     inp = remeasured.get("input") or {}
     section: dict[str, Any] = {
         "objective": search.objective, "constraints": constraints, "trials": [_trial_view(t) | {

@@ -10,6 +10,7 @@ from models.search_space import (
     MIN_NOISE,
     Outcome,
     auto_space,
+    barred_winner,
     beats_input,
     candidates,
     escalations,
@@ -168,6 +169,10 @@ def test_a_winner_must_beat_the_input_by_more_than_the_noise() -> None:
     assert not beats_input("latency", 9.5, 10.0, 0.1)  # 5% faster with 10% noise: not an improvement
     assert not beats_input("size", 1000, 1000)
     assert beats_input("size", 999, 1000) and not beats_input("size", None, 1000)
+    dyn, static = [{"type": "quantize", "mode": "dynamic"}], [{"type": "quantize", "mode": "static"}]
+    assert barred_winner(dyn, static_possible_on_conv=True) is not None
+    assert barred_winner(dyn, static_possible_on_conv=False) is None
+    assert barred_winner(static, static_possible_on_conv=True) is None
 
 
 def _report(drop: float, size: int = 1_000_000, latency: float = 2.0, **fid: float) -> dict:
