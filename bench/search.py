@@ -236,10 +236,28 @@ def enc_search_spec(a: argparse.Namespace, model_id: str, eval_id: str) -> dict[
 # --- running ---------------------------------------------------------------------------------------
 
 
+def _wait(client: Any, job_id: str, timeout: float) -> dict[str, Any]:
+    """Poll until the job is terminal; a poll that times out (a loaded shared machine) is tried again."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    job: dict[str, Any] = {"id": job_id, "status": "unknown"}
+    while time.monotonic() < deadline:
+        try:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+        except httpx.TransportError as exc:
+            log(f"poll of {job_id} failed ({type(exc).__name__}); again")
+            continue
+        if job["status"] in TERMINAL:
+            return job
+        time.sleep(1.0)
+    return job
+
+
 def run_job(svc: Any, client: Any, spec: dict[str, Any], timeout: float, what: str) -> dict[str, Any]:
     """Submit and wait; every job must end terminal (a search may fail with its own verdict)."""
     t0 = time.perf_counter()
-    job = svc.wait_job(client, submit_job(client, spec), timeout=timeout)
+    job = _wait(client, submit_job(client, spec), timeout)
     job["_client_wall_s"] = time.perf_counter() - t0
     if job["status"] not in TERMINAL:
         raise RuntimeError(f"{what}: job {job['id']} left {job['status']}")
@@ -345,7 +363,7 @@ def _run(a: argparse.Namespace, run_id: str, work: Path) -> dict[str, Any]:
     fig: dict[str, Any] = {"quick": a.quick, "models": {"cnn": cnn["name"], "encoder": enc["name"]},
                            "encoder_seq": enc["seq"], "input_prep_s": {"cnn": cnn["train_s"], "encoder": enc["train_s"]},
                            "input_bytes": {"cnn": cp["model"].stat().st_size, "encoder": ep["model"].stat().st_size}}
-    with service("distributed", run_id, worker=True) as svc, httpx.Client(base_url=svc.url, timeout=60) as client:
+    with service("distributed", run_id, worker=True) as svc, httpx.Client(base_url=svc.url, timeout=120) as client:
         cm = upload(client, "models", cp["model"], "onnx")["id"]
         cdata = {role: upload(client, "datasets", cp[role], "npz")["id"] for role in ("train", "eval", "calibration")}
         em = upload(client, "models", ep["model"], "onnx")["id"]

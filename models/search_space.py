@@ -23,6 +23,9 @@ MIN_NOISE = 0.01
 # Recovery epochs for a pruned trial, per unit of ratio (0.25 -> 2, 0.5 -> 4); a miss doubles them up to this.
 EPOCHS_PER_RATIO = 8
 MAX_RECOVERY_EPOCHS = 16
+# A quantize recipe's fixes (calibration, per-channel, auto_exclude, block size) are tried on a miss at most
+# this many times the allowed loss (1.4x: worth it; a static cosine of 0.19 against 0.99, 81x: hopeless).
+FIX_REACH = 5.0
 # Conv families of Hugging Face image models (their graphs are Conv-heavy: static QDQ, never dynamic INT8).
 CONV_MODEL_TYPES = frozenset({"resnet", "convnext", "convnextv2", "mobilenet_v1", "mobilenet_v2", "efficientnet",
                               "regnet", "bit", "mobilevit", "levit", "van", "poolformer"})
@@ -216,8 +219,13 @@ def _quantize_fixes(q: Mapping[str, Any], constraints: Mapping[str, Any], calibr
             fixes.append({**q, "calibration": {**cal, "method": "percentile", "percentile": 99.99}})
             fixes.append({**q, "calibration": {**cal, "method": "entropy"}})
         target = _quality_target(constraints)
-        if calibration and target is not None and not q.get("auto_exclude"):
+        ae = q.get("auto_exclude")
+        if calibration and target is not None and not ae:
             fixes.append({**q, "auto_exclude": target})
+        elif isinstance(ae, Mapping) and int(ae.get("samples", 32)) < 128:
+            # met on its few calibration samples, missed on the eval set: measure on more, keep more in float
+            fixes.append({**q, "auto_exclude": {**ae, "samples": 4 * int(ae.get("samples", 32)),
+                                                "max_nodes": min(256, 2 * int(ae.get("max_nodes", 8)))}})
     elif mode == "int4":
         block = int(q.get("block_size") or 64)
         if block > 32:
@@ -229,11 +237,12 @@ def _quantize_fixes(q: Mapping[str, Any], constraints: Mapping[str, Any], calibr
 
 
 def escalations(steps: Sequence[Mapping[str, Any]], constraints: Mapping[str, Any], *,
-                calibration: bool) -> list[list[dict[str, Any]]]:
+                calibration: bool, miss: float | None = None) -> list[list[dict[str, Any]]]:
     """The trials a quality (accuracy, fidelity, perplexity) miss of ``steps`` escalates to: a quantize step
     gets the recipes that fix it (per-channel, calibration method and percentile, sensitivity-guided
     ``auto_exclude``; smaller INT4 blocks, a data-aware algorithm, 8 bits); a pruned trial gets twice the
-    recovery epochs (up to ``MAX_RECOVERY_EPOCHS``), its loss being the pruning's."""
+    recovery epochs (up to ``MAX_RECOVERY_EPOCHS``), its loss being the pruning's. ``miss``: the trial's
+    ``shortfall``; past ``FIX_REACH`` times the allowed loss no quantize fix is tried (None: unknown, tried)."""
     plain = [dict(s) for s in steps]
     if any(s.get("type") == "prune" for s in plain):  # a pruned model's loss is the pruning's: train more
         recover = [i for i, s in enumerate(plain) if s.get("type") in ("distill", "finetune") and not s.get("student")]
@@ -243,7 +252,7 @@ def escalations(steps: Sequence[Mapping[str, Any]], constraints: Mapping[str, An
         more = [dict(s) for s in plain]
         more[i] = {**plain[i], "epochs": min(MAX_RECOVERY_EPOCHS, int(plain[i].get("epochs", 3)) * 2)}
         return [more]
-    if plain and plain[-1].get("type") == "quantize":
+    if plain and plain[-1].get("type") == "quantize" and (miss is None or miss <= FIX_REACH):
         return [[*plain[:-1], fix] for fix in _quantize_fixes(plain[-1], constraints, calibration)]
     return []
 
@@ -347,6 +356,28 @@ def worst_fidelity(report: Mapping[str, Any], task: str) -> float | None:
     if task in ("image-classification", "text-classification") and _num(fid.get("top1_agreement")) is not None:
         return _num(fid.get("top1_agreement"))
     return _num(fid.get("min_cosine"))
+
+
+def shortfall(constraints: Mapping[str, Any], report: Mapping[str, Any], task: str) -> float | None:
+    """How far a trial's quality is from its constraints, in multiples of the loss allowed (the worst of
+    accuracy drop / max drop, (1 - worst fidelity) / (1 - min fidelity), perplexity increase / max
+    increase); None when a constrained quality was not measured."""
+    ratios: list[float] = []
+    pairs = ((_num((report.get("budget") or {}).get("accuracy_drop")), _num(constraints.get("max_accuracy_drop"))),
+             (_num((report.get("budget") or {}).get("perplexity_increase")),
+              _num(constraints.get("max_perplexity_increase"))))
+    for lost, allowed in pairs:
+        if allowed is not None:
+            if lost is None:
+                return None
+            ratios.append(max(0.0, lost) / max(allowed, 1e-6))
+    target = _num(constraints.get("min_fidelity"))
+    if target is not None:
+        worst = worst_fidelity(report, task)
+        if worst is None:
+            return None
+        ratios.append(max(0.0, 1.0 - worst) / max(1.0 - target, 1e-6))
+    return max(ratios, default=0.0)
 
 
 def meets(constraints: Mapping[str, Any], report: Mapping[str, Any], task: str,

@@ -18,6 +18,7 @@ from models.search_space import (
     meets,
     noise_margin,
     pareto,
+    shortfall,
     skip_reason,
     worst_fidelity,
 )
@@ -149,6 +150,10 @@ def test_a_quality_miss_escalates_to_the_recipes_that_fix_it() -> None:
     dyn = escalations([{"type": "quantize", "mode": "dynamic"}], {"max_accuracy_drop": 0.01}, calibration=True)
     assert dyn == [[{"type": "quantize", "mode": "dynamic", "auto_exclude": {"max_accuracy_drop": 0.01}}]]
     assert escalations([{"type": "quantize", "mode": "dynamic"}], {"max_accuracy_drop": 0.01}, calibration=False) == []
+    # auto_exclude that met its target on a few calibration samples but missed on the eval set: more of both
+    wider = escalations(dyn[0], {"max_accuracy_drop": 0.01}, calibration=True)
+    assert wider[0][0]["auto_exclude"] == {"max_accuracy_drop": 0.01, "samples": 128, "max_nodes": 16}
+    assert escalations(wider[0], {"max_accuracy_drop": 0.01}, calibration=True) == []
     int4 = escalations([{"type": "quantize", "mode": "int4", "algorithm": "rtn", "block_size": 128}],
                        {"max_perplexity_increase": 0.05}, calibration=True)
     assert [f[0].get("block_size") for f in int4][:1] == [64]
@@ -159,7 +164,17 @@ def test_a_quality_miss_escalates_to_the_recipes_that_fix_it() -> None:
     assert len(more) == 1 and more[0][1]["epochs"] == 8 and more[0][0] == pruned[0]
     capped = [pruned[0], {"type": "distill", "epochs": MAX_RECOVERY_EPOCHS}, pruned[2]]
     assert escalations(capped, {"max_accuracy_drop": 0.01}, calibration=True) == []
-    _valid(fixes + dyn + int4 + more, train="t", eval="e")
+    _valid(fixes + dyn + wider + int4 + more, train="t", eval="e")
+    # a hopeless miss (static INT8 at cosine 0.19 against 0.99: 81x the loss allowed) tries no quantize fix
+    far = shortfall({"min_fidelity": 0.99}, {"fidelity": {"min_cosine": 0.19}}, "feature-extraction")
+    assert far == pytest.approx(81.0)
+    assert escalations(static, {"min_fidelity": 0.99}, calibration=True, miss=far) == []
+    near = shortfall({"min_fidelity": 0.99}, {"fidelity": {"min_cosine": 0.9856}}, "feature-extraction")
+    assert near == pytest.approx(1.44) and escalations(static, {"min_fidelity": 0.99}, calibration=True, miss=near)
+    # a pruned trial trains on whatever the miss: its loss is the pruning's
+    assert escalations(pruned, {"max_accuracy_drop": 0.01}, calibration=True, miss=50.0) == more
+    assert shortfall({"max_accuracy_drop": 0.01}, {"budget": {"accuracy_drop": 0.02}}, "generic") == pytest.approx(2.0)
+    assert shortfall({"max_accuracy_drop": 0.01}, {"budget": {}}, "generic") is None
 
 
 def test_a_winner_must_beat_the_input_by_more_than_the_noise() -> None:
