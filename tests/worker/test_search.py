@@ -205,6 +205,22 @@ def test_an_exception_in_plan_ends_the_search_failed_naming_the_phase(
     assert "RuntimeError: boom in plan" in job.error["message"]
 
 
+def test_a_cancel_during_plan_ends_the_search_before_any_trial_starts(
+    pg_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[str] = []
+    monkeypatch.setattr("worker.celery_app.enqueue_job", lambda job_id, queue: started.append(job_id))
+    spec = _spec([[{"type": "quantize"}], [{"type": "quantize", "mode": "static"}]])
+    parent, model_id = _rows(spec, [])
+    with session_scope() as s:  # the cancel arrived while the search's own task was planning
+        s.execute(update(Job).where(Job.id == parent).values(progress={}, status="cancelling"))
+    t0 = time.monotonic()
+    assert search.start(Claim(parent, 1), spec.model_copy(update={"model": model_id}), "local") == "cancelled"
+    assert time.monotonic() - t0 < 5 and started == [] and _kids(parent) == []
+    trials = _search(parent).progress["metrics"]["search"]["trials"]
+    assert [t["reason"] for t in trials] == ["the search was cancelled"] * 2
+
+
 def test_an_exception_in_advance_ends_the_search_and_cancels_its_trials(
     pg_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
