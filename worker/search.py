@@ -35,6 +35,7 @@ from sqlalchemy import select, update
 from models.db import retry_transient, session_scope
 from models.ids import new_id
 from models.search_space import (
+    MIN_NOISE,
     SIZE_TIE,
     Candidate,
     Outcome,
@@ -47,6 +48,7 @@ from models.search_space import (
     estimate,
     meets,
     noise_margin,
+    paired_ratio,
     pareto,
     shortfall,
     skip_reason,
@@ -80,7 +82,7 @@ log = logging.getLogger(__name__)
 PENDING, SKIPPED = "pending", "skipped"
 ACTIVE_TRIAL = (QUEUED, RUNNING, CANCELLING)
 MAX_FINALISTS = 8
-LATENCY_ROUNDS = 5
+LATENCY_ROUNDS = 7
 BASELINE_LABEL = "input (exported, no steps)"
 # Without an interleaved re-measure of the input, a latency winner must beat the input's latency its own
 # trial measured by this margin (two processes, two moments: noisier than one interleaved harness).
@@ -656,9 +658,10 @@ def _judge(objective: str, table: list[dict[str, Any]], remeasured: dict[str, di
     """Each re-measured trial meeting the constraints, best first, with ``final_ratio`` (its objective over
     the input's), ``margin`` (the noise it must beat the input by) and ``beats_input``.
 
-    Latency: both re-measured in the same interleaved rounds; the margin is the larger relative spread of
-    the two models' round medians (``noise_margin``). Without the input re-measured, the trial's own
-    input/output latencies with ``UNPAIRED_MARGIN``. Size: bytes are exact (no margin); among trials within
+    Latency: both re-measured in the same interleaved rounds; ``final_ratio`` is the median of the per-round
+    ratios (``paired_ratio``) and the margin their spread above it (at least ``MIN_NOISE``): the trial must
+    be faster than the input in every round, and by ``MIN_NOISE`` at the median. Without the input re-measured, the trial's own input/output
+    latencies with ``UNPAIRED_MARGIN``. Size: bytes are exact (no margin); among trials within
     ``SIZE_TIE`` of the smallest the fastest comes first. A trial ``barred_winner`` names never beats it."""
     met = [t for t in table if t.get("job_id") in remeasured and t.get("met") and not t.get("baseline")]
     inp = remeasured.get("input")
@@ -666,9 +669,10 @@ def _judge(objective: str, table: list[dict[str, Any]], remeasured: dict[str, di
         mine = remeasured[t["job_id"]]
         if objective == "size":
             value, ref, margin = t.get("size_bytes"), t.get("input_size_bytes"), 0.0
-        elif inp is not None:
-            value, ref = mine["median"], inp["median"]
-            margin = max(noise_margin(mine["round_medians"]), noise_margin(inp["round_medians"]))
+        elif inp is not None:  # paired rounds: faster in every one, and by MIN_NOISE at the median
+            mid, worst = paired_ratio(mine["round_medians"], inp["round_medians"])
+            value, ref, margin = mid, 1.0, max(MIN_NOISE, worst - mid)
+            t["worst_round_ratio"] = worst
         else:
             value, ref, margin = t.get("latency_ms"), t.get("input_latency_ms"), UNPAIRED_MARGIN
         t["final_ratio"] = value / ref if value and ref else None

@@ -17,6 +17,7 @@ from models.search_space import (
     estimate,
     meets,
     noise_margin,
+    paired_ratio,
     pareto,
     shortfall,
     skip_reason,
@@ -184,6 +185,13 @@ def test_a_winner_must_beat_the_input_by_more_than_the_noise() -> None:
     assert not beats_input("latency", 9.5, 10.0, 0.1)  # 5% faster with 10% noise: not an improvement
     assert not beats_input("size", 1000, 1000)
     assert beats_input("size", 999, 1000) and not beats_input("size", None, 1000)
+    # paired rounds: a load spike in round 2 hits both models; the per-round ratios stay at ~0.5
+    mid, worst = paired_ratio([5.0, 50.0, 5.2, 4.9, 5.1], [10.0, 98.0, 10.1, 10.0, 9.9])
+    assert mid == pytest.approx(0.5, abs=0.02) and worst < 0.53
+    assert beats_input("latency", mid, 1.0, max(MIN_NOISE, worst - mid))
+    # the same file twice: some round is slower, so no improvement
+    mid, worst = paired_ratio([10.0, 10.3, 9.8], [10.1, 10.0, 10.0])
+    assert worst > 1.0 and not beats_input("latency", mid, 1.0, max(MIN_NOISE, worst - mid))
     dyn, static = [{"type": "quantize", "mode": "dynamic"}], [{"type": "quantize", "mode": "static"}]
     assert barred_winner(dyn, static_possible_on_conv=True) is not None
     assert barred_winner(dyn, static_possible_on_conv=False) is None
