@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the spec; upload and submit nothing")
     s.add_argument("--auto", action="store_true", help="search: try the recipes the model and data allow, keep the best")
     s.add_argument("--objective", choices=OBJECTIVE_NAMES, default="latency", help="what --auto minimizes")
+    s.add_argument("--min-fidelity", type=float, default=None,
+                   help="--auto: the worst sample's agreement with the input model (cosine, top-1 for classifiers)")
     s.add_argument("--max-trials", type=int, default=None, help="--auto: at most this many trials")
     s.add_argument("--parallelism", type=int, default=None, help="--auto: trials running at once")
     return p

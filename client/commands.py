@@ -255,13 +255,20 @@ def cmd_download(ctx: Ctx) -> int:
     return code
 
 
-def _optimize_auto(ctx: Ctx, model_ref: str, data: dict[str, str]) -> int:
+def _latency_flags(a: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in (("threads", a.threads), ("batch_size", a.batch_size), ("provider", a.provider))
+            if v is not None}
+
+
+def _optimize_auto(ctx: Ctx, model_ref: str, data: dict[str, str], model_meta: dict[str, Any] | None) -> int:
     from client.search_cli import build_search_spec, stream_trials
 
     a = ctx.args
     spec = Client.build_spec(build_search_spec(
         model_ref, data, task=a.task, objective=a.objective, max_accuracy_drop=a.max_accuracy_drop,
-        max_trials=a.max_trials, parallelism=a.parallelism, queue=a.queue))
+        max_perplexity_increase=a.max_perplexity_increase, min_fidelity=a.min_fidelity,
+        max_trials=a.max_trials, parallelism=a.parallelism, queue=a.queue, latency=_latency_flags(a),
+        model_meta=model_meta))
     if a.dry_run:
         ctx.print_json(spec.model_dump(mode="json", exclude_none=True))
         return EXIT_OK
@@ -296,15 +303,14 @@ def cmd_optimize(ctx: Ctx) -> int:
                 uploaded[path] = _upload(ctx, "datasets", path, a.data_format, None).id
             refs[key] = uploaded[path] if path else None
     if a.auto:  # a search over the service's own recipes (client/search_cli.py)
-        return _optimize_auto(ctx, model_ref, {k: v for k, v in refs.items() if v})
+        return _optimize_auto(ctx, model_ref, {k: v for k, v in refs.items() if v}, model_meta)
     notes: list[str] = []
     spec = build_optimize_spec(
         model_ref, refs["train"], refs["eval"], refs["calibration"], task=a.task, prune=a.prune,
         distill=a.distill, finetune=a.finetune, recover=not a.no_recover, quantize=a.quantize,
         epochs=a.epochs, max_accuracy_drop=a.max_accuracy_drop, max_perplexity_increase=a.max_perplexity_increase,
         queue=a.queue, model_meta=model_meta, notes=notes,
-        latency={k: v for k, v in (("threads", a.threads), ("batch_size", a.batch_size), ("provider", a.provider))
-                 if v is not None},
+        latency=_latency_flags(a),
     )
     for note in notes:
         ctx.err.print(f"quantize int8 -> {note}", markup=False)

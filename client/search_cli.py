@@ -16,21 +16,34 @@ def build_search_spec(
     task: str | None = None,
     objective: str = "latency",
     max_accuracy_drop: float | None = None,
+    max_perplexity_increase: float | None = None,
+    min_fidelity: float | None = None,
     max_trials: int | None = None,
     parallelism: int | None = None,
     queue: str | None = None,
+    latency: dict[str, Any] | None = None,
+    model_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The job spec of an ``auto`` search (the service derives the trials from the model and the data)."""
+    """The job spec of an ``auto`` search (the service derives the trials from the model and the data).
+
+    Without ``task``, the task the upload's inspection found (``model_meta["task"]``: an hf causal LM is
+    ``text-generation``, so it gets the LM space with its INT4 trials, not the generic one)."""
     search: dict[str, Any] = {"objective": objective, "space": "auto"}
-    if max_accuracy_drop is not None:
-        search["constraints"] = {"max_accuracy_drop": max_accuracy_drop}
+    constraints = {k: v for k, v in (("max_accuracy_drop", max_accuracy_drop),
+                                     ("max_perplexity_increase", max_perplexity_increase),
+                                     ("min_fidelity", min_fidelity)) if v is not None}
+    if constraints:
+        search["constraints"] = constraints
     if max_trials is not None:
         search["budget"] = {"max_trials": max_trials}
     if parallelism is not None:
         search["parallelism"] = parallelism
     spec: dict[str, Any] = {"model": model, "data": data, "search": search}
+    task = task or (model_meta or {}).get("task")
     if task:
         spec["task"] = task
+    if latency:
+        spec["evaluate"] = {"latency": dict(latency)}
     if queue:
         spec["queue"] = queue
     return spec

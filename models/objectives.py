@@ -18,13 +18,15 @@ from models.spec import Objective
 @dataclass(frozen=True)
 class ObjectiveKind:
     """One objective. ``measure``: its value on one side of a report (smaller is better); ``estimate``: the
-    candidate's estimated ratio to the input it is judged by before running (a ``Candidate`` attribute);
+    candidate's estimated ratio to the input it is judged by before running (a ``Candidate`` attribute), and
+    ``floor`` the optimistic bound of that ratio (also a ``Candidate`` attribute);
     ``finalist``: the value finalize ranks the finalists by; ``axis``: the trials chart's x label;
     ``chart``: a trial's x value on that chart."""
 
     name: str
     measure: Callable[[Evaluation], float | None]
     estimate: str
+    floor: str
     finalist: Callable[[Trial], float]
     axis: str
     chart: Callable[[Trial], float | None]
@@ -44,9 +46,9 @@ def _mb(n: float | None) -> float | None:
 
 
 _KINDS = (
-    ObjectiveKind("latency", lambda e: e.latency_median, "latency_ratio",
+    ObjectiveKind("latency", lambda e: e.latency_median, "latency_ratio", "latency_floor",
                   lambda t: t.latency_ms_remeasured or 0.0, "latency (ms)", lambda t: t.latency),
-    ObjectiveKind("size", lambda e: None if e.size_bytes is None else float(e.size_bytes), "size_ratio",
+    ObjectiveKind("size", lambda e: None if e.size_bytes is None else float(e.size_bytes), "size_ratio", "size_floor",
                   lambda t: float(t.size_bytes or 0), "size (MB)", lambda t: _mb(t.size_bytes)),
 )
 OBJECTIVES: dict[str, ObjectiveKind] = {k.name: k for k in _KINDS}

@@ -167,7 +167,10 @@ class SearchSection(_Open):
     trials: list[Trial] = Field(default_factory=list)
     pareto: list[str] = Field(default_factory=list)
     best: dict[str, Any] | None = None
+    # No trial beat the input: the one that came closest (trial, job_id, label, objective_ratio, margin).
+    closest: dict[str, Any] | None = None
     input_latency_ms_remeasured: float | None = None
+    input_noise: float | None = None
     latency_harness: dict[str, Any] | None = None
     total: int | None = None
     done: int = 0

@@ -2,8 +2,10 @@
 
 ``candidates`` derives the ``auto`` space from the task, the model and the data given, or takes an explicit
 one, and attaches a cheap estimate to each trial (cost, expected size/latency ratio to the input, risk);
-``skip_reason`` says whether a pending trial is worth starting given the trials that finished; ``meets``
-judges a trial's report against the constraints; ``pareto`` keeps the non-dominated trials.
+``skip_reason`` says whether a pending trial can still win given the trials that finished (its optimistic
+``floor`` against the best measured); ``escalations`` are the recipes a quality miss calls for; ``meets``
+judges a trial's report against the constraints; ``pareto`` keeps the non-dominated trials;
+``noise_margin`` and ``beats_input`` decide whether a winner is better than the input at all.
 """
 
 from __future__ import annotations
@@ -16,8 +18,23 @@ from models.formats import MODEL_FORMATS
 from models.objectives import OBJECTIVES
 from models.spec import CLASSIFICATION_TASKS, step_label
 
-# A trial must be expected to beat the best so far on the objective by this fraction to be started.
+# A trial's optimistic floor must beat the best so far on the objective by this fraction to be started.
 MIN_GAIN = 0.02
+# A size winner within this fraction of the smallest trial's size loses to a faster one among them.
+SIZE_TIE = 0.05
+# The least margin a latency winner must beat the input by, in every interleaved round.
+MIN_NOISE = 0.02
+# Recovery epochs for a pruned trial, per unit of ratio (0.25 -> 2, 0.5 -> 4); a miss doubles them up to this.
+EPOCHS_PER_RATIO = 8
+MAX_RECOVERY_EPOCHS = 16
+# A quantize recipe's fixes (calibration, per-channel, auto_exclude, block size) are tried on a miss at most
+# this many times the allowed loss (1.4x: worth it; a static cosine of 0.19 against 0.99, 81x: hopeless).
+FIX_REACH = 5.0
+# Conv families of Hugging Face image models (their graphs are Conv-heavy: static QDQ, never dynamic INT8).
+CONV_MODEL_TYPES = frozenset({"resnet", "convnext", "convnextv2", "mobilenet_v1", "mobilenet_v2", "efficientnet",
+                              "regnet", "bit", "mobilevit", "levit", "van", "poolformer"})
+CONV_OPS = ("Conv", "ConvTranspose", "QLinearConv", "ConvInteger")
+MATMUL_OPS = ("MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "QLinearMatMul")
 
 # Per-step estimates: (cost in "quantize units", size ratio, latency ratio, risk of a metric loss).
 _QUANTIZE: dict[str, tuple[float, float, float, float]] = {
@@ -26,6 +43,15 @@ _QUANTIZE: dict[str, tuple[float, float, float, float]] = {
     "int8_weight": (1.0, 0.27, 0.9, 0.15),
     "int4": (1.2, 0.15, 0.8, 0.4),
     "static": (2.0, 0.27, 0.6, 0.35),
+}
+# Optimistic floors (size ratio, latency ratio) no trial of the mode gets below: the stored bits of a weight
+# over 32 (scales and zero points only add to it) and, for latency, the best speed-up the kernels give.
+_FLOORS: dict[str, tuple[float, float]] = {
+    "fp16": (0.5, 0.3),
+    "dynamic": (0.25, 0.25),
+    "int8_weight": (0.25, 0.3),
+    "int4": (0.125, 0.2),
+    "static": (0.25, 0.2),
 }
 
 
@@ -39,10 +65,16 @@ class Candidate:
     latency_ratio: float
     risk: float
     label: str = ""
+    size_floor: float = 0.0
+    latency_floor: float = 0.0
 
     def ratio(self, objective: str) -> float:
         """The estimated objective (size or latency) as a fraction of the input model's."""
         return float(getattr(self, OBJECTIVES[objective].estimate))
+
+    def floor(self, objective: str) -> float:
+        """The optimistic bound of the objective ratio: no run of these steps can measure below it."""
+        return float(getattr(self, OBJECTIVES[objective].floor))
 
 
 def _step_estimate(step: Mapping[str, Any]) -> tuple[float, float, float, float]:
@@ -69,20 +101,56 @@ def _step_estimate(step: Mapping[str, Any]) -> tuple[float, float, float, float]
     return 3.0, 1.0, 1.0, 0.0  # export and anything else: no change expected
 
 
+def _step_floor(step: Mapping[str, Any]) -> tuple[float, float]:
+    """(size, latency) floors of one step: quantize by its mode; structured pruning at ratio r keeps at least
+    (1 - r)^2 of a layer's weights (both its inputs and outputs shrink); a layer-dropped student keeps its
+    share of the layers; anything else cannot shrink the model."""
+    kind = step.get("type")
+    if kind == "quantize":
+        return _FLOORS.get(str(step.get("mode", "dynamic")), (0.125, 0.2))
+    if kind == "prune":
+        keep = (1.0 - float(step.get("ratio", 0.5))) ** 2
+        return keep, keep
+    if kind == "distill" and isinstance(step.get("student"), Mapping) and "layers" in step["student"]:
+        return 0.3, 0.3
+    return 1.0, 1.0
+
+
 def estimate(steps: Sequence[Mapping[str, Any]]) -> Candidate:
-    """A trial's estimate: costs add up, ratios multiply, risks add (recovery training subtracts)."""
-    cost, size, lat, risk = 0.0, 1.0, 1.0, 0.0
+    """A trial's estimate: costs add up, ratios and floors multiply, risks add (recovery training subtracts)."""
+    cost, size, lat, risk, fsize, flat = 0.0, 1.0, 1.0, 0.0, 1.0, 1.0
     for step in steps:
         c, s, la, r = _step_estimate(step)
-        cost, size, lat = cost + c, size * s, lat * la
+        fs, fl = _step_floor(step)
+        cost, size, lat, fsize, flat = cost + c, size * s, lat * la, fsize * fs, flat * fl
         risk = max(0.0, risk + r)
-    return Candidate([dict(s) for s in steps], cost, size, lat, risk, label=" + ".join(step_label(s) for s in steps))
+    return Candidate([dict(s) for s in steps], cost, size, lat, risk, label=" + ".join(step_label(s) for s in steps),
+                     size_floor=fsize, latency_floor=flat)
+
+
+def conv_heavy(model_format: str, meta: Mapping[str, Any]) -> bool:
+    """Whether the upload's graph is mostly convolutions (the inspection's op counts, or an hf Conv family)."""
+    ops = meta.get("op_types") or {}
+    if isinstance(ops, Mapping) and ops:
+        conv = sum(int(ops.get(op, 0)) for op in CONV_OPS)
+        return conv > 0 and conv >= sum(int(ops.get(op, 0)) for op in MATMUL_OPS)
+    config = meta.get("config") or {}
+    model_type = config.get("model_type") if isinstance(config, Mapping) else None
+    return model_format == "hf" and str(model_type or "").lower() in CONV_MODEL_TYPES
+
+
+def recovery_epochs(ratio: float) -> int:
+    """Distillation epochs that pair with a pruning ratio: more of the network cut, more recovery."""
+    return max(2, round(float(ratio) * EPOCHS_PER_RATIO))
 
 
 def auto_space(task: str, model_format: str, meta: Mapping[str, Any], *, train: bool,
-               calibration: bool) -> list[list[dict[str, Any]]]:
+               calibration: bool, provider: str = "CPUExecutionProvider") -> list[list[dict[str, Any]]]:
     """The ``auto`` candidates (3-8): post-training recipes without train data; prune ratios with recovery
-    distillation and layer-dropped students with it; INT4 algorithms and block sizes for causal LMs."""
+    distillation and layer-dropped students with it; INT4 algorithms and block sizes for causal LMs.
+
+    Conv-heavy graphs with data get static QDQ INT8 and no dynamic INT8 (ORT's ConvInteger runs slower
+    than float); fp16 only on a GPU provider (the CPU provider runs float16 slower than float32)."""
     if task == "text-generation":
         space: list[list[dict[str, Any]]] = [
             [{"type": "quantize", "mode": "int8_weight"}],
@@ -93,18 +161,84 @@ def auto_space(task: str, model_format: str, meta: Mapping[str, Any], *, train: 
         if calibration:
             space.append([{"type": "quantize", "mode": "int4", "algorithm": "gptq", "block_size": 128}])
         return space
-    space = [[{"type": "quantize", "mode": "fp16"}], [{"type": "quantize", "mode": "dynamic"}]]
-    if calibration or train:
-        space.append([{"type": "quantize", "mode": "static"}])
+    data = calibration or train
+    static = {"type": "quantize", "mode": "static"}
+    conv = conv_heavy(model_format, meta)
+    int8 = static if conv and data else {"type": "quantize", "mode": "dynamic"}
+    space = [[{"type": "quantize", "mode": "fp16"}]] if provider != "CPUExecutionProvider" else []
+    space.append([dict(int8)])
+    if data and int8 is not static:
+        space.append([dict(static)])
+    if not conv:  # MatMul weights at 8 bits, activations float: smaller at the least risk
+        space.append([{"type": "quantize", "mode": "int8_weight"}])
     if train:
-        recover = {"type": "distill", "teacher": "input", "epochs": 2}
         for ratio in (0.25, 0.5):
-            space.append([{"type": "prune", "ratio": ratio}, dict(recover), {"type": "quantize", "mode": "dynamic"}])
+            recover = {"type": "distill", "teacher": "input", "epochs": recovery_epochs(ratio)}
+            space.append([{"type": "prune", "ratio": ratio}, recover, dict(int8)])
         layers = meta.get("layers")
         if MODEL_FORMATS[model_format].transformers and isinstance(layers, int) and layers >= 2:
             space.append([{"type": "distill", "teacher": "input", "epochs": 2, "student": {"layers": layers // 2}},
-                          {"type": "quantize", "mode": "dynamic"}])
+                          dict(int8)])
     return space
+
+
+def _quality_target(constraints: Mapping[str, Any]) -> dict[str, float] | None:
+    """The ``auto_exclude`` target a search's constraints call for (None: no accuracy/fidelity constraint)."""
+    if _num(constraints.get("min_fidelity")) is not None:
+        return {"min_fidelity": min(1.0, max(1e-6, float(constraints["min_fidelity"])))}
+    if _num(constraints.get("max_accuracy_drop")) is not None:
+        return {"max_accuracy_drop": float(constraints["max_accuracy_drop"])}
+    return None
+
+
+def _quantize_fixes(q: Mapping[str, Any], constraints: Mapping[str, Any], calibration: bool) -> list[dict[str, Any]]:
+    """The quantize recipes that fix a quality miss of ``q``, least costly first."""
+    mode = q.get("mode", "dynamic")
+    fixes: list[dict[str, Any]] = []
+    if mode in ("dynamic", "static"):
+        if q.get("per_channel") is False:
+            fixes.append({**q, "per_channel": True})
+        cal = dict(q.get("calibration") or {})
+        if mode == "static" and cal.get("method", "minmax") == "minmax":
+            fixes.append({**q, "calibration": {**cal, "method": "percentile", "percentile": 99.99}})
+            fixes.append({**q, "calibration": {**cal, "method": "entropy"}})
+        target = _quality_target(constraints)
+        ae = q.get("auto_exclude")
+        if calibration and target is not None and not ae:
+            fixes.append({**q, "auto_exclude": target})
+        elif isinstance(ae, Mapping) and int(ae.get("samples", 32)) < 128:
+            # met on its few calibration samples, missed on the eval set: measure on more, keep more in float
+            fixes.append({**q, "auto_exclude": {**ae, "samples": 4 * int(ae.get("samples", 32)),
+                                                "max_nodes": min(256, 2 * int(ae.get("max_nodes", 8)))}})
+    elif mode == "int4":
+        block = int(q.get("block_size") or 64)
+        if block > 32:
+            fixes.append({**q, "block_size": block // 2})
+        if q.get("algorithm") in (None, "rtn"):
+            fixes.append({**q, "algorithm": "gptq" if calibration else "hqq"})
+        fixes.append({"type": "quantize", "mode": "int8_weight"})  # every MatMul at 8 bits
+    return fixes
+
+
+def escalations(steps: Sequence[Mapping[str, Any]], constraints: Mapping[str, Any], *,
+                calibration: bool, miss: float | None = None) -> list[list[dict[str, Any]]]:
+    """The trials a quality (accuracy, fidelity, perplexity) miss of ``steps`` escalates to: a quantize step
+    gets the recipes that fix it (per-channel, calibration method and percentile, sensitivity-guided
+    ``auto_exclude``; smaller INT4 blocks, a data-aware algorithm, 8 bits); a pruned trial gets twice the
+    recovery epochs (up to ``MAX_RECOVERY_EPOCHS``), its loss being the pruning's. ``miss``: the trial's
+    ``shortfall``; past ``FIX_REACH`` times the allowed loss no quantize fix is tried (None: unknown, tried)."""
+    plain = [dict(s) for s in steps]
+    if any(s.get("type") == "prune" for s in plain):  # a pruned model's loss is the pruning's: train more
+        recover = [i for i, s in enumerate(plain) if s.get("type") in ("distill", "finetune") and not s.get("student")]
+        if not recover or int(plain[recover[-1]].get("epochs", 3)) >= MAX_RECOVERY_EPOCHS:
+            return []
+        i = recover[-1]
+        more = [dict(s) for s in plain]
+        more[i] = {**plain[i], "epochs": min(MAX_RECOVERY_EPOCHS, int(plain[i].get("epochs", 3)) * 2)}
+        return [more]
+    if plain and plain[-1].get("type") == "quantize" and (miss is None or miss <= FIX_REACH):
+        return [[*plain[:-1], fix] for fix in _quantize_fixes(plain[-1], constraints, calibration)]
+    return []
 
 
 def candidates(space: Sequence[Sequence[Mapping[str, Any]]]) -> list[Candidate]:
@@ -128,24 +262,81 @@ class Outcome:
     objective_ratio: float | None
     risk: float
     reasons: list[str] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _family(steps: Sequence[Mapping[str, Any]]) -> tuple[str, tuple[float, ...]]:
+    """A trial's recipe without its aggressiveness (prune ratios, INT4 block sizes), and that aggressiveness."""
+    knobs: list[float] = []
+    plain: list[dict[str, Any]] = []
+    for s in steps:
+        s = dict(s)
+        if s.get("type") == "prune":
+            knobs.append(float(s.pop("ratio", 0.5)))
+        if s.get("type") == "quantize" and s.get("block_size"):
+            knobs.append(float(s.pop("block_size")))
+        plain.append(s)
+    return repr([sorted(s.items()) for s in plain]), tuple(knobs)
 
 
 def skip_reason(cand: Candidate, objective: str, finished: Sequence[Outcome]) -> str | None:
-    """Why a pending trial should not start (None: start it).
+    """Why a pending trial cannot win (None: start it). The budget is spent unless one of these holds:
 
-    * cannot beat the best: a trial that met the constraints already measured an objective ratio the
-      candidate's estimate does not beat by ``MIN_GAIN``;
-    * dominated: a trial at most as risky and expected at least as good on the objective already missed the
-      accuracy/fidelity constraints, so this one would too.
+    * cannot beat the best: a trial that met the constraints already measured an objective ratio that the
+      candidate's optimistic floor (``Candidate.floor``: fewest bits a weight is stored in, the pruned
+      share of the weights, the best kernel speed-up) does not beat by ``MIN_GAIN``;
+    * dominated: the same recipe at most as aggressive (a lower or equal prune ratio, a smaller or equal
+      INT4 block) already missed the accuracy/fidelity/perplexity constraints.
     """
     met = [o.objective_ratio for o in finished if o.met and o.objective_ratio is not None]
-    if met and cand.ratio(objective) >= min(met) * (1.0 - MIN_GAIN):
-        return (f"cannot beat the best: estimated {objective} ratio {cand.ratio(objective):.2f} vs "
-                f"{min(met):.2f} measured")
+    if met and cand.floor(objective) >= min(met) * (1.0 - MIN_GAIN):
+        return (f"cannot beat the best: {objective} ratio at best {cand.floor(objective):.3f} vs "
+                f"{min(met):.3f} measured")
+    family, knobs = _family(cand.steps)
     for o in finished:
-        if not o.met and o.risk <= cand.risk and any(r.startswith("quality") for r in o.reasons):
-            return f"dominated: a less aggressive trial (risk {o.risk:.2f} <= {cand.risk:.2f}) missed the constraints"
+        if o.met or not o.steps or not any(r.startswith("quality") for r in o.reasons):
+            continue
+        theirs, their_knobs = _family(o.steps)
+        if theirs == family and len(knobs) == len(their_knobs) and all(
+                t <= c for t, c in zip(their_knobs, knobs, strict=True)):
+            return "dominated: the same recipe, at most as aggressive, missed the constraints"
     return None
+
+
+def barred_winner(steps: Sequence[Mapping[str, Any]], static_possible_on_conv: bool) -> str | None:
+    """Why a trial may not win whatever it measured (None: it may): dynamic INT8 on a Conv-heavy graph when
+    static QDQ is possible (ORT's ConvInteger runs Conv slower than float; static is the same size)."""
+    last = steps[-1] if steps else {}
+    if static_possible_on_conv and last.get("type") == "quantize" and last.get("mode", "dynamic") == "dynamic":
+        return "dynamic INT8 on a Conv-heavy graph where static QDQ is possible"
+    return None
+
+
+def noise_margin(rounds: Sequence[float]) -> float:
+    """The relative spread of a model's interleaved round medians, (max - min) / median: how much two
+    measurements of the same model differ on this machine now."""
+    if len(rounds) < 2:
+        return MIN_NOISE
+    mid = sorted(rounds)[len(rounds) // 2]
+    return max(MIN_NOISE, (max(rounds) - min(rounds)) / mid) if mid > 0 else MIN_NOISE
+
+
+def paired_ratio(rounds: Sequence[float], input_rounds: Sequence[float]) -> tuple[float, float]:
+    """A model's latency over the input's from the same interleaved rounds: ``(median, worst)`` of the
+    per-round ratios. Each round times both back to back, so a load spike on a shared machine hits both and
+    cancels in the ratio (unpaired medians do not)."""
+    ratios = sorted(w / i for w, i in zip(rounds, input_rounds, strict=False) if i > 0)
+    if not ratios:
+        return float("inf"), float("inf")
+    return ratios[len(ratios) // 2], ratios[-1]
+
+
+def beats_input(objective: str, value: float | None, input_value: float | None, margin: float = 0.0) -> bool:
+    """Whether a trial's objective value (bytes or ms) is better than the input's by more than ``margin``
+    (a fraction; sizes are exact, latencies pass their measured noise)."""
+    if value is None or not input_value:
+        return False
+    return value < input_value * (1.0 - margin)
 
 
 def _num(value: Any) -> float | None:
@@ -159,6 +350,28 @@ def worst_fidelity(report: Mapping[str, Any], task: str) -> float | None:
     if task in CLASSIFICATION_TASKS and _num(fid.get("top1_agreement")) is not None:
         return _num(fid.get("top1_agreement"))
     return _num(fid.get("min_cosine"))
+
+
+def shortfall(constraints: Mapping[str, Any], report: Mapping[str, Any], task: str) -> float | None:
+    """How far a trial's quality is from its constraints, in multiples of the loss allowed (the worst of
+    accuracy drop / max drop, (1 - worst fidelity) / (1 - min fidelity), perplexity increase / max
+    increase); None when a constrained quality was not measured."""
+    ratios: list[float] = []
+    pairs = ((_num((report.get("budget") or {}).get("accuracy_drop")), _num(constraints.get("max_accuracy_drop"))),
+             (_num((report.get("budget") or {}).get("perplexity_increase")),
+              _num(constraints.get("max_perplexity_increase"))))
+    for lost, allowed in pairs:
+        if allowed is not None:
+            if lost is None:
+                return None
+            ratios.append(max(0.0, lost) / max(allowed, 1e-6))
+    target = _num(constraints.get("min_fidelity"))
+    if target is not None:
+        worst = worst_fidelity(report, task)
+        if worst is None:
+            return None
+        ratios.append(max(0.0, 1.0 - worst) / max(1.0 - target, 1e-6))
+    return max(ratios, default=0.0)
 
 
 def meets(constraints: Mapping[str, Any], report: Mapping[str, Any], task: str,

@@ -277,8 +277,15 @@ class StepKind:
 
 
 def _quantize_detail(s: QuantizeStep) -> str:
-    """What tells weight-only quantize steps apart in a label: the algorithm and block size when given."""
-    return (f" {s.algorithm}" if s.algorithm else "") + (f" b{s.block_size}" if s.block_size else "")
+    """What tells quantize recipes apart in a label: a weight-only step's algorithm and block size when given; an
+    INT8 step's calibration method (not minmax), per-tensor weights, and sensitivity-guided exclusion."""
+    detail = (f" {s.algorithm}" if s.algorithm else "") + (f" b{s.block_size}" if s.block_size else "")
+    if s.mode == "static" and s.calibration.method != "minmax":
+        cal = s.calibration
+        detail += f" {cal.method}" + (f" {cal.percentile:g}" if cal.method == "percentile" else "")
+    if s.mode in ("static", "dynamic") and not s.per_channel:
+        detail += " per-tensor"
+    return detail + (" auto_exclude" if s.auto_exclude is not None else "")
 
 
 # The step table: every step type, in the order ``GET /v1/passes`` lists them. It drives the ``Step``

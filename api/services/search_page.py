@@ -70,9 +70,18 @@ def search_view(report: dict[str, Any]) -> SearchView | None:
                                   metric_name, input_metric, floor)
     total = section.total if section.total is not None else len(section.trials)
     counts = f"{section.done} done, {section.skipped} skipped of {total}"
-    return SearchView(objective=objective, rows=rows, chart=chart,
-                      best=f"trial {best.get('trial')} ({best.get('label')})" if best else "none", counts_text=counts,
-                      latency_note=latency_note(typed, best))
+    return SearchView(objective=objective, rows=rows, chart=chart, best=_best_text(best, section.closest, objective),
+                      counts_text=counts, latency_note=latency_note(typed, best))
+
+
+def _best_text(best: dict[str, Any], closest: dict[str, Any] | None, objective: str) -> str:
+    """The winner, or (no trial beat the input) the closest trial and how far it got."""
+    if best:
+        return f"trial {best.get('trial')} ({best.get('label')})"
+    if closest:
+        return (f"none beat the input; closest: trial {closest.get('trial')} ({closest.get('label')}) at "
+                f"{fmt_number(closest.get('objective_ratio'))}x the input's {objective}")
+    return "none"
 
 
 def latency_note(report: Report, best: dict[str, Any]) -> str:

@@ -37,6 +37,15 @@ def test_the_page_says_why_trial_latencies_differ_from_the_before_after_table() 
     assert plain is not None and plain.latency_note == ""  # nothing re-timed: nothing to explain
 
 
+def test_a_search_with_no_improvement_names_the_closest_trial() -> None:
+    report = search_report()
+    report["search"]["best"] = None
+    report["search"]["closest"] = {"trial": 1, "label": "quantize static", "objective_ratio": 1.02}
+    view = search_view(report)
+    assert view is not None and not any(r.winner for r in view.rows)
+    assert view.best == "none beat the input; closest: trial 1 (quantize static) at 1.02x the input's latency"
+
+
 def test_report_page_of_a_search_has_the_trials_table(client: TestClient) -> None:
     job_id, _ = insert_job(report=search_report())
     page = client.get(f"/v1/jobs/{job_id}/report.html")

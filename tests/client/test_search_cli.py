@@ -40,3 +40,21 @@ def test_trial_lines() -> None:
     skipped = trial_line(Trial.model_validate({"index": 2, "label": "quantize fp16", "state": "skipped",
                                                "reason": "cannot beat the best"}))
     assert skipped == "trial 2: quantize fp16 — skipped (cannot beat the best)"
+
+
+def test_the_task_comes_from_the_uploads_inspection_and_every_constraint_is_sent() -> None:
+    lm_meta = {"task": "text-generation", "architecture": "LlamaForCausalLM", "layers": 2}
+    spec = JobSpec.model_validate(build_search_spec("m", {"eval": "e"}, objective="size", max_perplexity_increase=0.05,
+                                                    max_trials=4, model_meta=lm_meta))
+    assert spec.task == "text-generation"  # not "generic": the LM space, with its INT4 trials
+    assert spec.search is not None and spec.search.constraints.max_perplexity_increase == 0.05
+    given = build_search_spec("m", {"eval": "e"}, task="feature-extraction", model_meta=lm_meta, min_fidelity=0.99,
+                              latency={"threads": 2})
+    assert given["task"] == "feature-extraction" and given["search"]["constraints"] == {"min_fidelity": 0.99}
+    assert given["evaluate"] == {"latency": {"threads": 2}}
+    assert "task" not in build_search_spec("m", {}, model_meta={"op_types": {"Conv": 3}})  # ONNX: no task known
+    out = mp("--url", f"http://127.0.0.1:{free_port()}", "optimize", "m.zip", "--eval", "eval.jsonl", "--auto",
+             "--objective", "size", "--max-perplexity-increase", "0.05", "--min-fidelity", "0.9", "--out", "x",
+             "--dry-run", check=0)
+    constraints = json.loads(out.stdout)["search"]["constraints"]
+    assert constraints == {"max_perplexity_increase": 0.05, "min_fidelity": 0.9}
