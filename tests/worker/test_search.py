@@ -18,7 +18,7 @@ from models.tables import Artifact, Job, JobEvent, Model
 from storage import get_store
 from tests.worker.conftest import DigitsFiles
 from worker import search
-from worker.jobs import Claim
+from worker.records import Claim
 
 
 def _spec(space: list[list[dict[str, Any]]], data: dict[str, str] | None = None, **search_kw: Any) -> JobSpec:
