@@ -43,7 +43,7 @@ from worker.records import (
 
 if TYPE_CHECKING:
     from worker.context import DBContext, LocalContext
-    from worker.pipeline import PipelineResult
+    from worker.stages import PipelineResult
 
 log = logging.getLogger(__name__)
 

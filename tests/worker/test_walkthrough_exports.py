@@ -133,7 +133,7 @@ def test_a_fixed_shape_pruning_contradicts_is_a_named_error_saying_what_to_do(
     import torch
     from torch import nn
 
-    from worker.pipeline import StepError
+    from worker.stages import StepError
 
     class Grouped(nn.Module):
         def __init__(self) -> None:
