@@ -51,22 +51,21 @@ EVAL_EVERY = 2  # every 2nd licence paragraph is held out: about 21 k tokens of 
 
 # in-process candidates (quantize step parameters besides type and mode int4), measured with --candidates
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "rtn b64 head8 emb-float": {"algorithm": "rtn", "block_size": 64, "quantize_embeddings": False},
+    "rtn b64 head8 emb-float": {"algorithm": "rtn", "block_size": 64, "quantize_embeddings": False, "int8_share": 0},
     "rtn b64 head8 emb8": {"algorithm": "rtn", "block_size": 64, "bits": {"*lm_head*": 8, "Gather": 8},
-                           "quantize_embeddings": True},
+                           "quantize_embeddings": True, "int8_share": 0},
+    "rtn b64 head8 emb4 kl30": {"algorithm": "rtn", "block_size": 64, "bits": {"*lm_head*": 8},
+                                "quantize_embeddings": True, "int8_share": 0.3},
+    "rtn b64 head8 emb8 kl6": {"algorithm": "rtn", "block_size": 64, "bits": {"*lm_head*": 8, "Gather": 8},
+                               "quantize_embeddings": True, "int8_share": 0.06},
+    "rtn b64 head8 emb4": {"algorithm": "rtn", "block_size": 64, "bits": {"*lm_head*": 8},
+                           "quantize_embeddings": True, "int8_share": 0},
     "rtn b32 head8 emb8": {"algorithm": "rtn", "block_size": 32, "bits": {"*lm_head*": 8, "Gather": 8},
-                           "quantize_embeddings": True},
-    "rtn b32 head8 emb4": {"algorithm": "rtn", "block_size": 32, "bits": {"*lm_head*": 8},
-                           "quantize_embeddings": True},
-    "gptq b32 head8 emb8": {"algorithm": "gptq", "block_size": 32, "bits": {"*lm_head*": 8, "Gather": 8},
-                            "quantize_embeddings": True},
+                           "quantize_embeddings": True, "int8_share": 0},
+    "hqq b64 head8 emb8": {"algorithm": "hqq", "block_size": 64, "bits": {"*lm_head*": 8, "Gather": 8},
+                           "quantize_embeddings": True, "int8_share": 0},
     "gptq b64 head8 emb8": {"algorithm": "gptq", "block_size": 64, "bits": {"*lm_head*": 8, "Gather": 8},
-                            "quantize_embeddings": True},
-    "gptq b32 head8 emb8 down8": {"algorithm": "gptq", "block_size": 32,
-                                  "bits": {"*lm_head*": 8, "Gather": 8, "*down_proj*": 8},
-                                  "quantize_embeddings": True},
-    "hqq b32 head8 emb8": {"algorithm": "hqq", "block_size": 32, "bits": {"*lm_head*": 8, "Gather": 8},
-                           "quantize_embeddings": True},
+                            "quantize_embeddings": True, "int8_share": 0},
 }
 
 
