@@ -149,7 +149,8 @@ def candidates(a: argparse.Namespace) -> dict[str, Any]:
                 q_s = time.perf_counter() - t0
                 row = {**measure(path, ev, a.threads, ref["perplexity"]), "quantize_s": q_s,
                        "weight_only": {k: v for k, v in metrics.get("weight_only", {}).items()
-                                       if k in ("matmul_bits", "embedding_bits", "block_size", "algorithm")}}
+                                       if k in ("matmul_bits", "embedding_bits", "block_size", "algorithm",
+                                                "mixed_bits")}}
                 rows[cand] = row
                 log(f"{name} {cand}: {row['size_mb']:.1f} MB, ppl {row['perplexity']:.3f} "
                     f"({100 * row['ppl_increase']:+.1f} %), quantize {q_s:.0f} s")
