@@ -2,7 +2,7 @@
 
 The models come from PyPI packages (``bench/zoo_models.py``: GGUF dequantized, RMSNorm gains folded, the
 residual stream rotated off the GGUF's 4-bit grid; converted once and cached under ``MODELPRESS_ZOO_CACHE``,
-default /work/models-cache). Text: the OS licence texts (/usr/share/common-licenses, ``bench.llm_pipeline``'s
+default ~/.cache/modelpress-zoo). Text: the OS licence texts (/usr/share/common-licenses, ``bench.llm_pipeline``'s
 ``licence_corpus``): calibration rows from the training paragraphs, perplexity on the held-out paragraphs
 (every 2nd), never the same text.
 

@@ -29,8 +29,7 @@ from typing import Any
 
 def cache_dir() -> Path:
     """Where packages, converted models and float references live (``MODELPRESS_ZOO_CACHE``)."""
-    default = Path("/work/models-cache") if Path("/work/models-cache").is_dir() else Path.home() / ".cache/modelpress-zoo"
-    path = Path(os.environ.get("MODELPRESS_ZOO_CACHE", str(default)))
+    path = Path(os.environ.get("MODELPRESS_ZOO_CACHE", str(Path.home() / ".cache/modelpress-zoo")))
     path.mkdir(parents=True, exist_ok=True)
     return path
 
