@@ -2,7 +2,7 @@
 
 The models come from PyPI packages (``bench/zoo_models.py``: GGUF dequantized, RMSNorm gains folded, the
 residual stream rotated off the GGUF's 4-bit grid; converted once and cached under ``MODELPRESS_ZOO_CACHE``,
-default /work/models-cache). Text: the OS licence texts (/usr/share/common-licenses, ``bench.llm_pipeline``'s
+default ~/.cache/modelpress-zoo). Text: the OS licence texts (/usr/share/common-licenses, ``bench.llm_pipeline``'s
 ``licence_corpus``): calibration rows from the training paragraphs, perplexity on the held-out paragraphs
 (every 2nd), never the same text.
 
@@ -51,22 +51,21 @@ EVAL_EVERY = 2  # every 2nd licence paragraph is held out: about 21 k tokens of 
 
 # in-process candidates (quantize step parameters besides type and mode int4), measured with --candidates
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "rtn b64 head8 emb-float": {"algorithm": "rtn", "block_size": 64, "quantize_embeddings": False},
+    "rtn b64 head8 emb-float": {"algorithm": "rtn", "block_size": 64, "quantize_embeddings": False, "int8_share": 0},
     "rtn b64 head8 emb8": {"algorithm": "rtn", "block_size": 64, "bits": {"*lm_head*": 8, "Gather": 8},
-                           "quantize_embeddings": True},
+                           "quantize_embeddings": True, "int8_share": 0},
+    "rtn b64 head8 emb4 kl30": {"algorithm": "rtn", "block_size": 64, "bits": {"*lm_head*": 8},
+                                "quantize_embeddings": True, "int8_share": 0.3},
+    "rtn b64 head8 emb8 kl6": {"algorithm": "rtn", "block_size": 64, "bits": {"*lm_head*": 8, "Gather": 8},
+                               "quantize_embeddings": True, "int8_share": 0.06},
+    "rtn b64 head8 emb4": {"algorithm": "rtn", "block_size": 64, "bits": {"*lm_head*": 8},
+                           "quantize_embeddings": True, "int8_share": 0},
     "rtn b32 head8 emb8": {"algorithm": "rtn", "block_size": 32, "bits": {"*lm_head*": 8, "Gather": 8},
-                           "quantize_embeddings": True},
-    "rtn b32 head8 emb4": {"algorithm": "rtn", "block_size": 32, "bits": {"*lm_head*": 8},
-                           "quantize_embeddings": True},
-    "gptq b32 head8 emb8": {"algorithm": "gptq", "block_size": 32, "bits": {"*lm_head*": 8, "Gather": 8},
-                            "quantize_embeddings": True},
+                           "quantize_embeddings": True, "int8_share": 0},
+    "hqq b64 head8 emb8": {"algorithm": "hqq", "block_size": 64, "bits": {"*lm_head*": 8, "Gather": 8},
+                           "quantize_embeddings": True, "int8_share": 0},
     "gptq b64 head8 emb8": {"algorithm": "gptq", "block_size": 64, "bits": {"*lm_head*": 8, "Gather": 8},
-                            "quantize_embeddings": True},
-    "gptq b32 head8 emb8 down8": {"algorithm": "gptq", "block_size": 32,
-                                  "bits": {"*lm_head*": 8, "Gather": 8, "*down_proj*": 8},
-                                  "quantize_embeddings": True},
-    "hqq b32 head8 emb8": {"algorithm": "hqq", "block_size": 32, "bits": {"*lm_head*": 8, "Gather": 8},
-                           "quantize_embeddings": True},
+                            "quantize_embeddings": True, "int8_share": 0},
 }
 
 
@@ -150,7 +149,8 @@ def candidates(a: argparse.Namespace) -> dict[str, Any]:
                 q_s = time.perf_counter() - t0
                 row = {**measure(path, ev, a.threads, ref["perplexity"]), "quantize_s": q_s,
                        "weight_only": {k: v for k, v in metrics.get("weight_only", {}).items()
-                                       if k in ("matmul_bits", "embedding_bits", "block_size", "algorithm")}}
+                                       if k in ("matmul_bits", "embedding_bits", "block_size", "algorithm",
+                                                "mixed_bits")}}
                 rows[cand] = row
                 log(f"{name} {cand}: {row['size_mb']:.1f} MB, ppl {row['perplexity']:.3f} "
                     f"({100 * row['ppl_increase']:+.1f} %), quantize {q_s:.0f} s")

@@ -29,8 +29,7 @@ from typing import Any
 
 def cache_dir() -> Path:
     """Where packages, converted models and float references live (``MODELPRESS_ZOO_CACHE``)."""
-    default = Path("/work/models-cache") if Path("/work/models-cache").is_dir() else Path.home() / ".cache/modelpress-zoo"
-    path = Path(os.environ.get("MODELPRESS_ZOO_CACHE", str(default)))
+    path = Path(os.environ.get("MODELPRESS_ZOO_CACHE", str(Path.home() / ".cache/modelpress-zoo")))
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -117,9 +116,13 @@ def prepare(name: str, log: Any = print) -> Path:
     out = cache_dir() / f"{name}-rotated"
     if (out / "config.json").exists() and (out / "zoo.json").exists():
         return out
+    import importlib.util
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if importlib.util.find_spec("gguf") is None:
+        raise SystemExit("bench.zoo reads GGUF files with the gguf package: pip install -e '.[bench]'")
     gguf = locate(lm)
     log(f"{name}: dequantizing {gguf.name} and rotating the residual stream (seed {lm.seed})")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -316,7 +316,7 @@ def test_int4_matches_ort_quantizer_called_by_hand(tmp_path: Path, lm: LMFiles) 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     out, _ = _quantize_lm(tmp_path, lm.onnx, lm.data, mode="int4", algorithm="rtn", block_size=64, symmetric=True,
-                          accuracy_level=0, bits={})
+                          accuracy_level=0, bits={}, quantize_embeddings=False)
     q = MatMulNBitsQuantizer(onnx.load(str(lm.onnx)), block_size=64, is_symmetric=True, accuracy_level=0)
     q.process()
     onnx.save(q.model.model, str(tmp_path / "by-hand.onnx"))
@@ -402,12 +402,11 @@ def test_int8_share_without_calibration_text_keeps_every_layer_at_4_bits(tmp_pat
     assert "mixed_bits" not in metrics["weight_only"] and metrics["weight_only"]["matmul_bits"] == {"4": 14, "8": 1}
 
 
-def test_int4_quantizes_the_embeddings_by_default_only_where_the_head_is_tied_to_them(
+def test_int4_quantizes_the_embeddings_by_default_at_4_bits_where_tied_else_at_8(
     tmp_path: Path, lm: LMFiles
 ) -> None:
-    """GPT-2 ties its head to the token embeddings (the float table would be the biggest tensor left);
-    the Llama here does not (4-bit embeddings cost it perplexity): each gets its default, and a spec's
-    explicit ``quantize_embeddings: false`` wins."""
+    """GPT-2 ties its head to the token embeddings: its tables go to 4 bits; the Llama here does not: its
+    table goes to 8 bits; a spec's explicit ``quantize_embeddings: false`` wins."""
     from worker.passes.quantizers.weight_only import tied_embeddings
 
     assert tied_embeddings(onnx.load(str(lm.gpt2_onnx))) and not tied_embeddings(onnx.load(str(lm.onnx)))
@@ -417,8 +416,9 @@ def test_int4_quantizes_the_embeddings_by_default_only_where_the_head_is_tied_to
     assert ops(gpt2).count("GatherBlockQuantized") == 2 and metrics["weight_only"]["embeddings"] == 2
     kept, _ = _quantize_lm(tmp_path / "k", lm.gpt2_onnx, None, mode="int4", quantize_embeddings=False)
     assert "GatherBlockQuantized" not in ops(kept) and gpt2.stat().st_size < 0.8 * kept.stat().st_size
+    assert metrics["weight_only"]["embedding_bits"] == {"4": 2}
     llama, metrics = _quantize_lm(tmp_path / "l", lm.onnx, None, mode="int4")
-    assert "GatherBlockQuantized" not in ops(llama) and metrics["weight_only"]["embeddings"] == 0
+    assert ops(llama).count("GatherBlockQuantized") == 1 and metrics["weight_only"]["embedding_bits"] == {"8": 1}
     eight, _ = _quantize_lm(tmp_path / "e", lm.gpt2_onnx, None, mode="int8_weight")  # 4-bit tables only
     assert "GatherBlockQuantized" not in ops(eight)
 
@@ -461,8 +461,8 @@ def test_weight_only_failures_say_why(tmp_path: Path, lm: LMFiles) -> None:
         _quantize_lm(tmp_path / "b", lm.onnx, None, mode="int8_weight", algorithm="hqq")
     assert e.value.code == "unsupported_algorithm" and "zero points" in e.value.message
     with pytest.raises(StepFailed) as e:
-        _quantize_lm(tmp_path / "c", lm.onnx, None, mode="int4", op_types_to_exclude=["MatMul"])
-    assert e.value.code == "nothing_to_quantize" and "15 excluded" in e.value.message
+        _quantize_lm(tmp_path / "c", lm.onnx, None, mode="int4", op_types_to_exclude=["MatMul", "Gather"])
+    assert e.value.code == "nothing_to_quantize" and "16 excluded" in e.value.message
     assert not list((tmp_path / "c" / "work").glob("quantized-*.onnx"))
 
 

