@@ -218,7 +218,10 @@ def run_size(name: str, a: argparse.Namespace, run_id: str) -> dict[str, Any]:
                            ppl_in=report["input"].get("perplexity"), ppl_out=report["output"].get("perplexity"),
                            reference=(report["input"].get("reference") or {}).get("kind", "float32"),
                            step_s=report["steps"][0]["wall_s"], eval_in_s=report["input"].get("wall_s"),
-                           eval_out_s=report["output"].get("wall_s"))
+                           eval_out_s=report["output"].get("wall_s"),
+                           phases=(report.get("memory") or {}).get("peak_rss_bytes_by_phase"),
+                           session_peak_in=report["input"].get("peak_memory_bytes"),
+                           session_peak_out=report["output"].get("peak_memory_bytes"))
         row["bytes_per_param"] = row["peak_rss"] / params
     finally:
         shutil.rmtree(cache, ignore_errors=True)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from models import memory_fit
 from worker.lm import stream
-from worker.memory import release_memory
+from worker.memory import peak_rss_bytes, release_memory, reset_peak_rss
 
 if TYPE_CHECKING:
     from models.spec import JobSpec, QuantizeStep
@@ -89,6 +89,13 @@ def run(spec: JobSpec, ctx: PipelineContext, path: Path, meta: dict[str, Any]) -
     def progress(what: str) -> Any:
         return lambda done, layers: ctx.progress(f"{what}: layer {done} of {layers}", fraction=done / layers)
 
+    phases: dict[str, int] = {}  # the worker's peak RSS in each phase (bytes), in the report's "memory"
+
+    def phase(name: str) -> None:
+        phases[name] = peak_rss_bytes()
+        reset_peak_rss()
+
+    reset_peak_rss()
     ctx.check_cancelled()
     ctx.begin_step(0, total, "evaluate input")
     with pl._stage("evaluate input"):
@@ -99,6 +106,7 @@ def run(spec: JobSpec, ctx: PipelineContext, path: Path, meta: dict[str, Any]) -
         ref = stream.write_model(root, workdir / "reference" / "model.onnx", REFERENCE,
                                  progress("writing the INT8 reference"), ctx.check_cancelled)
         write_s = time.perf_counter() - t0
+        phase("write_reference")
         t0 = time.perf_counter()
         baseline = pl._evaluate(_working(ref.path, root, ref, meta, "int8_weight"), ctx, spec, None)
         wall = time.perf_counter() - t0
@@ -114,6 +122,7 @@ def run(spec: JobSpec, ctx: PipelineContext, path: Path, meta: dict[str, Any]) -
     del baseline
     shutil.rmtree(ref.path.parent, ignore_errors=True)
     release_memory()
+    phase("evaluate_reference")
 
     ctx.check_cancelled()
     label = step_label(step)
@@ -142,13 +151,16 @@ def run(spec: JobSpec, ctx: PipelineContext, path: Path, meta: dict[str, Any]) -
                                     "metrics": metrics, "eval": {}, "curve": []}]
     ctx.log(f"step {label} done (streamed)", wall_s=wall)
     release_memory()
+    phase("write_output")
 
     ctx.check_cancelled()
     ctx.begin_step(total - 1, total, "export + evaluate output")
     with pl._stage("evaluate output"):
         output, wall = pl._timed(lambda: pl._evaluate(model, ctx, spec, reference))
     output_report = {**output, "wall_s": wall}
+    phase("evaluate_output")
     steps[0]["eval"] = {"measured": True, **{k: output[k] for k in pl._LM_STEP_EVAL_KEYS if k in output}}
     report = pl.build_report(spec, baseline_report, output_report, steps, ctx.device)
+    report["memory"] = {"peak_rss_bytes_by_phase": phases, "streamed": True}
     data = written.path.with_name(written.path.name + ".data")
     return pl.PipelineResult(output_path=written.path, report=report, files={"model.onnx.data": data})
