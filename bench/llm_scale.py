@@ -4,7 +4,9 @@ built from real configs, stored as bf16 sharded safetensors in an ``hf`` zip, on
 Per size it prints the worker's peak RSS (the worker process and its pool children, sampled every 50 ms
 from submit to ``succeeded``), the job's wall time (``POST /v1/jobs`` to ``succeeded``), bytes per
 parameter at the peak, the INT4 ONNX size, which path ran (streamed or in memory) and the perplexities.
-``--genai`` also runs onnxruntime-genai's builder (``precision int4``, CPU) on the same folder in a
+``--offline 8b`` runs the streamed job's phases in-process on sparse all-zero safetensors (no upload, no
+generation of 16 GB): peak RSS per phase, time and file sizes at a scale the service run does not reach on
+this machine in an afternoon. ``--genai`` also runs onnxruntime-genai's builder (``precision int4``, CPU) on the same folder in a
 subprocess, for its peak RSS, time and file size.
 
 Weights are not trained (perplexity is near the vocabulary size and says nothing), and to build 16 GB of
@@ -133,6 +135,67 @@ def build_zip(name: str, cache: Path) -> tuple[Path, int]:
     return out, params
 
 
+def sparse_folder(name: str, folder: Path) -> int:
+    """The model of size ``name`` as an hf folder whose safetensors are sparse files of zeros (no disk, no
+    generation time); for the streamed path's memory and size at a scale the service run cannot reach here."""
+    from tests.factories_lm import lm_tokenizer
+
+    config = _config(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    lm_tokenizer(folder)
+    config.save_pretrained(folder)
+    tensors = _tensors(config)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for tname, shape in tensors:
+        n = 2 * int(np.prod(shape))
+        header[tname] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(folder / "model.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        fh.truncate(8 + len(raw) + offset)
+    return sum(int(np.prod(s)) for _, s in tensors)
+
+
+def offline(name: str, cache: Path) -> dict[str, Any]:
+    """The streamed job's phases in this process, without the service: write the INT8 reference, open it and
+    run 2 x 64 tokens + 4 greedy ones, write the INT4 file, the same on it; peak RSS (VmHWM) per phase."""
+    from worker.lm import stream, stream_job
+    from worker.lm.session import LMSession
+    from worker.memory import peak_rss_bytes, release_memory, reset_peak_rss
+
+    folder = cache / "sparse"
+    params = sparse_folder(name, folder)
+    row: dict[str, Any] = {"size": name, "params": params, "phases": {}, "wall": {}}
+    ids = np.random.default_rng(0).integers(0, 300, (2, 64), dtype=np.int64)
+
+    def phase(label: str, t0: float) -> None:
+        row["phases"][label] = peak_rss_bytes()
+        row["wall"][label] = time.perf_counter() - t0
+        log(f"{name} offline {label}: peak {row['phases'][label] / 2**30:.2f} GiB, {row['wall'][label]:.0f} s")
+        release_memory()
+        reset_peak_rss()
+
+    reset_peak_rss()
+    for label, settings in (("reference", stream_job.REFERENCE), ("int4", stream.StreamSettings())):
+        t0 = time.perf_counter()
+        written = stream.write_model(folder, cache / label / "model.onnx", settings)
+        phase(f"write_{label}", t0)
+        row[f"{label}_bytes"] = sum(f.stat().st_size for f in (cache / label).iterdir())
+        t0 = time.perf_counter()
+        sess = LMSession(written.path, threads=1)
+        sess.logits(ids, np.ones_like(ids))
+        sess.generate([5, 6, 7], 4)
+        del sess
+        phase(f"evaluate_{label}", t0)
+        shutil.rmtree(cache / label, ignore_errors=True)
+    row["peak_rss"] = max(row["phases"].values())
+    row["bytes_per_param"] = row["peak_rss"] / params
+    return row
+
+
 def _unzip(zip_path: Path, dest: Path) -> Path:
     with zipfile.ZipFile(zip_path) as zf:
         zf.extractall(dest)
@@ -180,7 +243,8 @@ def run_size(name: str, a: argparse.Namespace, run_id: str) -> dict[str, Any]:
             shutil.rmtree(cache / "genai", ignore_errors=True)
             log(f"{name}: genai builder int4: {row['genai']}")
         text = write_jsonl(cache / "eval.jsonl", text_rows(8))
-        spec_eval = {"max_samples": 4, "latency": {"runs": 2, "warmup": 1},
+        # Short: prefill costs 2 x params FLOPs a token (8 B: 16 GFLOP), and 2 shared cores give ~20 GFLOP/s.
+        spec_eval = {"max_samples": 2, "latency": {"runs": 2, "warmup": 1},
                      "generation": {"samples": 1, "max_new_tokens": 4, "prompt_tokens": 16}}
         with service("embedded", f"{run_id}{name.replace('.', '')}", worker=True, home_base=cache) as svc, \
                 httpx.Client(base_url=svc.url, timeout=600) as client:
@@ -196,6 +260,7 @@ def run_size(name: str, a: argparse.Namespace, run_id: str) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 job_id = submit_job(client, {"model": model["id"], "task": "text-generation",
                                              "data": {"eval": data["id"]}, "evaluate": spec_eval,
+                                             "text": {"max_length": 64},
                                              "steps": [{"type": "quantize", "mode": "int4"}]})
                 while True:
                     job = client.get(f"/v1/jobs/{job_id}").json()
@@ -216,7 +281,10 @@ def run_size(name: str, a: argparse.Namespace, run_id: str) -> dict[str, Any]:
                            ppl_in=report["input"].get("perplexity"), ppl_out=report["output"].get("perplexity"),
                            reference=(report["input"].get("reference") or {}).get("kind", "float32"),
                            step_s=report["steps"][0]["wall_s"], eval_in_s=report["input"].get("wall_s"),
-                           eval_out_s=report["output"].get("wall_s"))
+                           eval_out_s=report["output"].get("wall_s"),
+                           phases=(report.get("memory") or {}).get("peak_rss_bytes_by_phase"),
+                           session_peak_in=report["input"].get("peak_memory_bytes"),
+                           session_peak_out=report["output"].get("peak_memory_bytes"))
         row["bytes_per_param"] = row["peak_rss"] / params
     finally:
         shutil.rmtree(cache, ignore_errors=True)
@@ -233,10 +301,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sizes", default="0.35b,1.2b", help=f"comma-separated, of {', '.join(CONFIGS)}")
     ap.add_argument("--cache", default="/work/scale-cache")
     ap.add_argument("--genai", action="store_true", help="also measure onnxruntime-genai's int4 builder")
+    ap.add_argument("--offline", default=None, help="a size to run the streamed phases of in this process on "
+                                                     "sparse (all-zero) weights, without the service")
     a = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupted)  # stop the service and remove the big files on a kill too
     run_id = new_run_id()
     rows = []
+    if a.offline:
+        cache = Path(a.cache) / f"{run_id}-offline"
+        try:
+            row = offline(a.offline, cache)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        log(json.dumps(row, default=str))
+        emit("llm_scale", f"{a.offline} offline: peak {row['peak_rss'] / 2**30:.2f} GiB", {"offline": row})
+        return {"offline": row}
     for name in a.sizes.split(","):
         row = run_size(name.strip(), a, run_id)
         rows.append(row)

@@ -96,10 +96,97 @@ def single_file(path: Path) -> Path:
     externals = onnx_files.external_data_files(model, path.parent)
     if not externals or path.stat().st_size + sum(f.stat().st_size for f in externals) > onnx_files.PROTOBUF_LIMIT:
         return path
-    onnx.load_external_data_for_model(model, str(path.parent))
     out = path.with_name(f"{path.stem}-single.onnx")
-    onnx.save_model(model, str(out), save_as_external_data=False)
+    if not _splice(model, path.parent, out):  # external data outside graph.initializer: the plain way
+        onnx.load_external_data_for_model(model, str(path.parent))
+        onnx.save_model(model, str(out), save_as_external_data=False)
     return out
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _splice(model: Any, base: Path, out: Path) -> bool:
+    """Write ``model`` (loaded without its external data) as one file, copying each initializer's bytes from
+    its data file in blocks into the protobuf's ``raw_data`` field: memory stays at the graph, not the weights
+    (loading them and serialising held twice the model). False, writing nothing, when external data sits
+    anywhere but ``graph.initializer``."""
+    import onnx
+
+    inits = list(model.graph.initializer)
+    sources: list[tuple[bytes, Path | None, int, int]] = []
+    for t in inits:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            sources.append((t.SerializeToString(), None, 0, 0))
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        file = (base / info["location"]).resolve()
+        if not file.is_relative_to(base.resolve()):
+            return False
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else file.stat().st_size - offset
+        bare = onnx.TensorProto()
+        bare.CopyFrom(t)
+        del bare.external_data[:]
+        bare.ClearField("data_location")
+        sources.append((bare.SerializeToString(), file, offset, length))
+    rest = onnx.ModelProto()
+    rest.CopyFrom(model)
+    del rest.graph.initializer[:]
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(rest)):
+        return False
+    graph_rest = rest.graph.SerializeToString()
+    rest.ClearField("graph")
+    heads: list[bytes] = []
+    graph_len = len(graph_rest)
+    for tensor, _, _, length in sources:
+        data_head = (b"\x4a" + _varint(length)) if length else b""  # field 9 (raw_data), length-delimited
+        body = len(tensor) + len(data_head) + length
+        heads.append(b"\x2a" + _varint(body) + tensor + data_head)  # field 5 (initializer)
+        graph_len += len(heads[-1]) + length
+    with open(out, "wb") as fh:
+        fh.write(rest.SerializeToString())
+        fh.write(b"\x3a" + _varint(graph_len))  # field 7 (graph)
+        fh.write(graph_rest)
+        for head, (_, file, offset, length) in zip(heads, sources, strict=True):
+            fh.write(head)
+            if file is not None and length:
+                with open(file, "rb") as src:
+                    src.seek(offset)
+                    left = length
+                    while left:
+                        block = src.read(min(left, 16 * 1024 * 1024))
+                        if not block:
+                            raise OSError(f"{file.name} ends before offset {offset} + {length}")
+                        fh.write(block)
+                        left -= len(block)
+    return True
+
+
+def _all_tensors(model: Any) -> list[Any]:
+    """Every TensorProto of a model outside ``graph.initializer`` (attributes, subgraphs, their initializers)."""
+    found: list[Any] = []
+
+    def graph(g: Any) -> None:
+        found.extend(g.initializer)
+        for node in g.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    found.append(a.t)
+                found.extend(a.tensors)
+                if a.HasField("g"):
+                    graph(a.g)
+                for sub in a.graphs:
+                    graph(sub)
+
+    graph(model.graph)
+    return found
 
 
 def external_files(path: Path) -> dict[str, Path]:

@@ -27,6 +27,27 @@ def rss_bytes() -> int:
         return 0
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size since it started or since ``reset_peak_rss`` (``VmHWM``)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def reset_peak_rss() -> None:
+    """Start ``peak_rss_bytes`` over from the current RSS (Linux: ``5`` to ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
 @cache
 def _libc() -> Any:
     """glibc, when this process runs on it (``malloc_trim`` is a glibc function); else None."""

@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 from models import memory_fit
 from worker.lm import stream
-from worker.memory import release_memory
+from worker.memory import peak_rss_bytes, release_memory, reset_peak_rss
 
 if TYPE_CHECKING:
     from models.spec import JobSpec, QuantizeStep
     from worker.core import PipelineContext, WorkingModel
     from worker.stages import PipelineResult
 
-# The reference the input is evaluated on when it is streamed. Accuracy level 4 (int8 activations): without
-# it ONNX Runtime's 8-bit MatMulNBits has no fp32 CPU kernel and decodes many times slower (a 1.2 B reference
-# was still evaluating after 8 minutes); the reference stayed within 0.5 % of the float perplexity in the tests.
+# The reference the input is evaluated on when it is streamed. Accuracy level 4 (int8 activations): at the
+# default (fp32) level ONNX Runtime's 8-bit MatMulNBits was still evaluating a 1.2 B reference after 8 minutes,
+# which level 4 evaluated in 19-68 s (2 shared cores); it stayed within 0.5 % of the float perplexity in the tests.
 REFERENCE = stream.StreamSettings(bits=8, block_size=32, symmetric=False, accuracy_level=4, head_bits=8)
 
 
@@ -62,7 +62,7 @@ def wanted(spec: JobSpec, ctx: Any) -> tuple[Path, dict[str, Any]] | None:
     return Path(path), meta
 
 
-def _working(path: Path, root: Path, written: stream.Written, meta: dict[str, Any], what: str) -> WorkingModel:
+def _working(path: Path, root: Path, meta: dict[str, Any], what: str) -> WorkingModel:
     from worker.core import WorkingModel
     from worker.lm.layout import LMLayout
 
@@ -91,6 +91,13 @@ def run(spec: JobSpec, ctx: PipelineContext, path: Path, meta: dict[str, Any]) -
     def progress(what: str) -> Any:
         return lambda done, layers: ctx.progress(f"{what}: layer {done} of {layers}", fraction=done / layers)
 
+    phases: dict[str, int] = {}  # the worker's peak RSS in each phase (bytes), in the report's "memory"
+
+    def phase(name: str) -> None:
+        phases[name] = peak_rss_bytes()
+        reset_peak_rss()
+
+    reset_peak_rss()
     ctx.check_cancelled()
     ctx.begin_step(0, total, "evaluate input")
     with stage("evaluate input"):
@@ -101,8 +108,9 @@ def run(spec: JobSpec, ctx: PipelineContext, path: Path, meta: dict[str, Any]) -
         ref = stream.write_model(root, workdir / "reference" / "model.onnx", REFERENCE,
                                  progress("writing the INT8 reference"), ctx.check_cancelled)
         write_s = time.perf_counter() - t0
+        phase("write_reference")
         t0 = time.perf_counter()
-        baseline = family.evaluate(_working(ref.path, root, ref, meta, "int8_weight"), ctx, spec, None)
+        baseline = family.evaluate(_working(ref.path, root, meta, "int8_weight"), ctx, spec, None)
         wall = time.perf_counter() - t0
         baseline_report: dict[str, Any] = {
             **baseline, "wall_s": wall,
@@ -116,6 +124,7 @@ def run(spec: JobSpec, ctx: PipelineContext, path: Path, meta: dict[str, Any]) -
     del baseline
     shutil.rmtree(ref.path.parent, ignore_errors=True)
     release_memory()
+    phase("evaluate_reference")
 
     ctx.check_cancelled()
     label = step_label(step)
@@ -126,7 +135,7 @@ def run(spec: JobSpec, ctx: PipelineContext, path: Path, meta: dict[str, Any]) -
         written = stream.write_model(root, workdir / "step0" / "model.onnx", settings,
                                      progress(f"writing {step.mode}"), ctx.check_cancelled)
         wall = time.perf_counter() - t0
-        model = _working(written.path, root, written, meta, step.mode)
+        model = _working(written.path, root, meta, step.mode)
         size = model_size_bytes(written.path)
         bits: dict[str, int] = {}
         for b in written.matmul_bits.values():
@@ -144,13 +153,16 @@ def run(spec: JobSpec, ctx: PipelineContext, path: Path, meta: dict[str, Any]) -
                                     "metrics": metrics, "eval": {}, "curve": []}]
     ctx.log(f"step {label} done (streamed)", wall_s=wall)
     release_memory()
+    phase("write_output")
 
     ctx.check_cancelled()
     ctx.begin_step(total - 1, total, "export + evaluate output")
     with stage("evaluate output"):
         output, wall = timed(lambda: family.evaluate(model, ctx, spec, reference))
     output_report = {**output, "wall_s": wall}
+    phase("evaluate_output")
     steps[0]["eval"] = {"measured": True, **{k: output[k] for k in family.step_eval_keys if k in output}}
     report = build_report(spec, baseline_report, output_report, steps, ctx.device, family)
+    report["memory"] = {"peak_rss_bytes_by_phase": phases, "streamed": True}
     data = written.path.with_name(written.path.name + ".data")
     return PipelineResult(output_path=written.path, report=report, files={"model.onnx.data": data})

@@ -121,3 +121,43 @@ def test_an_hf_job_has_a_bundle_that_loads_like_an_optimum_folder(tmp_path: Path
         want = source(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
     np.testing.assert_allclose(logits, want, atol=1e-4)
     assert [config.id2label[i] for i in logits.argmax(1)] == [source.config.id2label[i] for i in want.argmax(1)]
+
+
+def test_single_file_copies_weights_in_blocks_and_equals_onnx_s_own_save(tmp_path: Path) -> None:
+    """The streamed splice writes what onnx.save_model writes (parsed equal), holding no copy of the weights."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from worker.deliverables import single_file
+    from worker.memory import peak_rss_bytes, reset_peak_rss
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32), "w")
+    b = numpy_helper.from_array(np.arange(4, dtype=np.float32), "b")  # small: stays inside the proto
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y0"]), helper.make_node("Add", ["y0", "b0"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4096])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4096])], [w, b])
+    graph.initializer[1].name = "b0"
+    model = helper.make_model(graph)
+    path = tmp_path / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+    del model, graph, w
+    reset_peak_rss()
+    before = peak_rss_bytes()
+    out = single_file(path)
+    grown = peak_rss_bytes() - before
+    assert out != path and grown < 32 * 1024**2  # the weights are 64 MB; loading + serialising held 128 MB+
+    want = onnx.load(str(path))  # with its external data
+    for t in want.graph.initializer:
+        del t.external_data[:]
+        t.ClearField("data_location")
+    got = onnx.load(str(out))
+    assert got == want
+    assert not onnx_uses_external(got)
+
+
+def onnx_uses_external(model: object) -> bool:
+    import onnx
+
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)  # type: ignore[attr-defined]

@@ -66,6 +66,9 @@ def test_a_model_over_the_memory_budget_is_streamed_and_matches_the_in_memory_pa
     assert out["agreement"]["top1"] > 0.5 and len(out["generations"]) == 2
     assert result.files["model.onnx.data"].stat().st_size > 0.5 * out["size_bytes"]
     assert len(LMSession(result.output_path).generate([5, 6, 7], 4)) == 4
+    phases = report["memory"]["peak_rss_bytes_by_phase"]
+    assert list(phases) == ["write_reference", "evaluate_reference", "write_output", "evaluate_output"]
+    assert all(50 * 1024**2 < v < 8 * 1024**3 for v in phases.values())
     assert not (tmp_path / "stream" / "reference").exists()  # the reference's files went after its evaluation
 
 
