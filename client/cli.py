@@ -43,6 +43,7 @@ from client.errors import (
 )
 from client.jobs import Job
 from client.sdk import Client
+from models.multitask_view import size_text, task_rows
 from models.report_view import (
     comparison_rows,
     fmt_bytes,
@@ -165,6 +166,23 @@ def generations_table(report: dict[str, Any]) -> Table | None:
     return table
 
 
+def tasks_table(report: dict[str, Any]) -> Table | None:
+    """A multi-task step's per-task rows (before / after on each task's own eval rows); None without one."""
+    rows = task_rows(report)
+    if not rows:
+        return None
+    few = any(t.few_shot for t in rows)
+    table = Table(title="tasks", caption=size_text(report) or None)
+    for col in ("task", "metric", "before", "after", "change", *(("zero-shot", "in-context", "fine-tuned") if few else ())):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for t in rows:
+        extra = (t.zero_shot_text, t.in_context_text, t.fine_tuned_text) if few else ()
+        cells = [Text(t.task), Text(t.metric), Text(t.before_text), Text(t.after_text),
+                 Text(t.change_text, style=_CHANGE_STYLE[t.better]), *(Text(x) for x in extra)]
+        table.add_row(*cells)
+    return table
+
+
 def warning_texts(job: Job) -> list[Text]:
     """A job's regression warnings ('3.2 times slower ...'), in red."""
     result = job.data.result
@@ -175,7 +193,9 @@ def warning_texts(job: Job) -> list[Text]:
 def _report_out(job: Job) -> list[Any]:
     """What follows a finished job's status line: its warnings, its before/after table, an LM's generations."""
     gens = generations_table(job.report) if job.report else None
-    return [*warning_texts(job), *([report_table(job.report)] if job.report else []), *([gens] if gens else [])]
+    tasks = tasks_table(job.report) if job.report else None
+    return [*warning_texts(job), *([report_table(job.report)] if job.report else []), *([tasks] if tasks else []),
+            *([gens] if gens else [])]
 
 
 class _JobProgress:

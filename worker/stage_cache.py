@@ -66,7 +66,7 @@ def modelpress_version() -> str:
 
 
 def dataset_refs(spec: JobSpec) -> set[str]:
-    return {i for i in (spec.data.train, spec.data.eval, spec.data.calibration) if i}
+    return spec.dataset_ids()
 
 
 def db_shas(spec: JobSpec) -> dict[str, str]:

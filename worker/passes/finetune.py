@@ -316,6 +316,10 @@ class FinetunePass(Pass):
         from worker.torch_utils import count_params, example_inputs, interface
 
         model = ensure_torch(model, ctx)
+        if params.tasks:  # multi-task: one head per task, or an LM on the tasks' rows mixed
+            from worker import multitask
+
+            return multitask.run(model, params, ctx)
         if is_lm(model, ctx.spec.task):
             return finetune_lm(model, params, ctx)
         train = ctx.dataset("train", model)
