@@ -3,12 +3,14 @@ label names the task count, and the settings that only apply to one kind of step
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydantic import ValidationError
 
 from models.spec import FinetuneStep, JobSpec, step_label
 
-TASKS = [{"name": "a", "data": {"train": "ds_a", "eval": "ds_ae"}}, {"name": "b", "data": {"train": "ds_b"}, "weight": 3}]
+TASKS: list[dict[str, Any]] = [{"name": "a", "data": {"train": "ds_a", "eval": "ds_ae"}}, {"name": "b", "data": {"train": "ds_b"}, "weight": 3}]
 
 
 def test_tasks_stand_for_train_data_and_their_datasets_are_the_jobs() -> None:
@@ -21,7 +23,7 @@ def test_tasks_stand_for_train_data_and_their_datasets_are_the_jobs() -> None:
 
 
 def test_refusals() -> None:
-    with pytest.raises(ValidationError, match="needs data.train"):
+    with pytest.raises(ValidationError, match=r"needs data\.train"):
         JobSpec.model_validate({"model": "m", "steps": [{"type": "finetune"}]})
     with pytest.raises(ValidationError, match=r"steps.0.tasks.1.name: task 'a' is repeated"):
         JobSpec.model_validate({"model": "m", "steps": [{"type": "finetune", "tasks": [TASKS[0], TASKS[0]]}]})
