@@ -11,8 +11,9 @@ loaders, the finetune pass, the ONNX export and its parity check, ONNX Runtime e
 - ``digits``: a residual CNN trained on sklearn digits (identity), uploaded as ONNX; tasks ``digit`` (600 rows),
   ``parity`` (1200) and ``high`` (>= 5, 16 rows a class: few-shot).
 
-Each task's single-task run is the same step with that task alone: the same epochs over its rows (proportional
-sampling gives every task its own rows' worth of batches per epoch, so the budget per task is the same). Printed:
+Each task's single-task run is the same step with that task alone: the same epochs over its rows (with the default
+``--sampling proportional`` every task gets its own rows' worth of batches per epoch, so the budget per task is the
+same; ``temperature`` moves batches from the large tasks to the small ones at the same total). Printed:
 each task's accuracy on its own eval rows (multi vs single, points apart), and the shared ONNX file's bytes against
 the N single-task files' total.
 """
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suites", default="digits,text")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--sampling", default="proportional", choices=["proportional", "temperature", "uniform"])
+    parser.add_argument("--temperature", type=float, default=2.0)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from worker.evaluate import cpu_model
@@ -179,13 +182,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cnn, acc = f.cnn_onnx()
             log(f"digits CNN trained: {acc:.4f} on digit identity")
             files, tasks = digit_tasks(folder)
-            step = {"type": "finetune", "mode": "full", "epochs": args.epochs + 2, "batch_size": 32, "lr": 3e-3}
+            step = {"type": "finetune", "mode": "full", "epochs": args.epochs + 2, "batch_size": 32, "lr": 3e-3,
+                    "sampling": args.sampling, "temperature": args.temperature}
             figures["digits"] = suite("digits", folder, (cnn, "onnx", {}), "image-classification", files, tasks, step)
             print(_summary("digits", figures["digits"]), flush=True)
         if "text" in args.suites:
             archive = minilm_archive(folder)
             files, tasks = text_tasks(folder)
-            step = {"type": "finetune", "mode": "full", "epochs": args.epochs, "batch_size": 16, "lr": 1e-4}
+            step = {"type": "finetune", "mode": "full", "epochs": args.epochs, "batch_size": 16, "lr": 1e-4,
+                    "sampling": args.sampling, "temperature": args.temperature}
             figures["text"] = suite("text", folder, (archive, "hf", {}), "text-classification", files, tasks, step)
             print(_summary("text (all-MiniLM-L6-v2)", figures["text"]), flush=True)
     summary = "; ".join(_summary(k, v) for k, v in figures.items() if k in ("digits", "text"))
