@@ -162,7 +162,8 @@ def sparse_folder(name: str, folder: Path) -> int:
 def offline(name: str, cache: Path) -> dict[str, Any]:
     """The streamed job's phases in this process, without the service: write the INT8 reference, open it and
     run 2 x 64 tokens + 4 greedy ones, write the INT4 file, the same on it; peak RSS (VmHWM) per phase."""
-    from worker.lm import stream, stream_job
+    from worker import stream_job
+    from worker.lm import stream
     from worker.lm.session import LMSession
     from worker.memory import peak_rss_bytes, release_memory, reset_peak_rss
 

@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from client.jobs import Job
+from models.multitask_view import size_text, task_rows
 from models.report_view import (
     comparison_rows,
     fmt_number,
@@ -117,10 +118,30 @@ def warning_texts(job: Job) -> list[Text]:
     return [Text(f"warning: {line}", style="bold red") for line in lines]
 
 
+def tasks_table(report: dict[str, Any]) -> Table | None:
+    """A multi-task step's per-task rows (before / after on each task's own eval rows); None without one."""
+    rows = task_rows(report)
+    if not rows:
+        return None
+    few = any(t.few_shot for t in rows)
+    table = Table(title="tasks", caption=size_text(report) or None)
+    for col in ("task", "metric", "before", "after", "change", *(("zero-shot", "in-context", "fine-tuned") if few else ())):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for t in rows:
+        extra = (t.zero_shot_text, t.in_context_text, t.fine_tuned_text) if few else ()
+        cells = [Text(t.task), Text(t.metric), Text(t.before_text), Text(t.after_text),
+                 Text(t.change_text, style=_CHANGE_STYLE[t.better]), *(Text(x) for x in extra)]
+        table.add_row(*cells)
+    return table
+
+
 def report_out(job: Job) -> list[Any]:
-    """What follows a finished job's status line: its warnings, its before/after table, an LM's generations."""
+    """What follows a finished job's status line: its warnings, its before/after table, a multi-task job's tasks,
+    an LM's generations."""
     gens = generations_table(job.report) if job.report else None
-    return [*warning_texts(job), *([report_table(job.report)] if job.report else []), *([gens] if gens else [])]
+    tasks = tasks_table(job.report) if job.report else None
+    return [*warning_texts(job), *([report_table(job.report)] if job.report else []), *([tasks] if tasks else []),
+            *([gens] if gens else [])]
 
 
 class JobProgressBar:

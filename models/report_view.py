@@ -334,6 +334,14 @@ def generation_rows(report: dict[str, Any]) -> list[GenerationRow]:
 CURVE_SERIES = ("loss", "eval_metric", "lr")
 
 
+def task_series(points: list[dict[str, Any]]) -> list[str]:
+    """A multi-task curve's per-task series (``loss[parity]``, ``accuracy[parity]``, ...), in first-seen order."""
+    keys: dict[str, None] = {}
+    for c in points:
+        keys.update((k, None) for k in c if k.endswith("]") and "[" in k)
+    return list(keys)
+
+
 @dataclass(frozen=True)
 class StepRow:
     """One executed step: its label, wall time, scalar metrics, and its training curve (epoch, value) per series."""
@@ -404,7 +412,7 @@ def step_rows(report: dict[str, Any]) -> list[StepRow]:
         points = [c for c in step.get("curve") or [] if isinstance(c, dict)]
         curves = {
             (eval_series_name(points) if key == "eval_metric" else key): [(c.get("epoch"), c.get(key)) for c in points]
-            for key in CURVE_SERIES if any(is_num(c.get(key)) for c in points)
+            for key in (*CURVE_SERIES, *task_series(points)) if any(is_num(c.get(key)) for c in points)
         }
         rows.append(StepRow(step.get("index"), label, step.get("wall_s"), fmt_number(step.get("index")),
                             fmt_number(step.get("wall_s"), 3), shown, curves))

@@ -194,19 +194,53 @@ class TrainingParams(_Strict):
         return self.max_epochs if self.until is not None and self.max_epochs is not None else self.epochs
 
 
+class TaskData(_Strict):
+    """One task's datasets: ``train`` (labelled rows) and, optionally, ``eval`` (its own held-out rows)."""
+
+    train: str
+    eval: str | None = None
+
+
+class TaskSpec(_Strict):
+    """One task of a multi-task step: a name (the ONNX output is ``logits_<name>``), its data, its weight in the
+    sampling rule, and optionally the label set its datasets must hold (checked at submit time)."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,39}$")
+    data: TaskData
+    weight: float = Field(1.0, gt=0.0, le=1000.0)
+    labels: list[str] | None = Field(None, min_length=2, max_length=1000)
+
+
+Sampling = Literal["proportional", "temperature", "uniform"]
+
+
 class FinetuneStep(TrainingParams, StepParams):
-    """Fine-tuning: full, frozen backbone with a (new) head, last-N layers, or LoRA (peft)."""
+    """Fine-tuning: full, frozen backbone with a (new) head, last-N layers, or LoRA (peft).
+
+    ``tasks`` (multi-task): one shared backbone and one head per task for encoders and CNNs, one model trained
+    on the tasks' rows mixed for causal LMs; each batch is drawn from a task picked by ``sampling``
+    (``proportional`` to weight x rows, ``temperature``: (weight x rows)^(1/T), ``uniform``: by weight alone).
+    """
 
     type: Literal["finetune"]
     mode: Literal["full", "head", "last_n", "lora"] = "full"
     num_labels: int | None = Field(None, ge=1)
     last_n: int | None = Field(None, ge=1)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    tasks: list[TaskSpec] | None = Field(None, min_length=1, max_length=16)
+    sampling: Sampling = "proportional"
+    temperature: float = Field(2.0, gt=0.0, le=100.0)
 
     @model_validator(mode="after")
     def _last_n_given(self) -> FinetuneStep:
         if self.mode == "last_n" and self.last_n is None:
             raise ValueError("mode 'last_n' needs last_n")
+        if self.tasks is not None:
+            for field in ("num_labels", "until"):
+                if getattr(self, field) is not None:
+                    raise ValueError(f"{field} does not apply with tasks (each task's head fits its own labels)")
+        elif "sampling" in self.model_fields_set or "temperature" in self.model_fields_set:
+            raise ValueError("sampling and temperature apply with tasks only")
         return self
 
 
@@ -297,7 +331,8 @@ def _quantize_detail(s: QuantizeStep) -> str:
 _KINDS = (
     StepKind(QuantizeStep, "onnx", lambda s: f"quantize ({s.mode}{_quantize_detail(s)})"),
     StepKind(PruneStep, "torch", lambda s: f"prune ({s.method} {s.ratio:g})", gpu=True),
-    StepKind(FinetuneStep, "torch", lambda s: f"finetune ({s.mode})", trains=True, gpu=True),
+    StepKind(FinetuneStep, "torch", lambda s: f"finetune ({s.mode}{f', {len(s.tasks)} tasks' if s.tasks else ''})",
+             trains=True, gpu=True),
     StepKind(DistillStep, "torch", lambda s: f"distill (to {s.student.layers} layers)"
              if isinstance(s.student, StudentLayers) else "distill", trains=True, gpu=True),
     StepKind(ExportStep, "torch", lambda s: f"export (opset {s.opset})"),
@@ -499,7 +534,15 @@ class JobSpec(_Strict):
                     f"steps.{i}: a '{step.type}' step cannot follow 'quantize' (steps.{quantized_at}); "
                     "quantize last"
                 )
-            if STEP_KINDS[step.type].trains and self.data.train is None:
+            tasks = getattr(step, "tasks", None)
+            if tasks:
+                seen: dict[str, int] = {}
+                for j, task in enumerate(tasks):
+                    if task.name in seen:
+                        raise ValueError(f"steps.{i}.tasks.{j}.name: task {task.name!r} is repeated "
+                                         f"(steps.{i}.tasks.{seen[task.name]}.name)")
+                    seen[task.name] = j
+            elif STEP_KINDS[step.type].trains and self.data.train is None:
                 raise ValueError(f"steps.{i}: a '{step.type}' step needs data.train")
             if isinstance(step, QuantizeStep) and step.mode == "static" and not (
                 self.data.calibration or self.data.train or self.data.eval
@@ -536,6 +579,22 @@ class JobSpec(_Strict):
     def model_ids(self) -> set[str]:
         """Every model id the job may read: the input and the models its steps refer to."""
         return {self.model} | {ref.model_id for step in self.steps for ref in step.model_refs()}
+
+    def dataset_ids(self) -> set[str]:
+        """Every dataset id the job may read: ``data``'s and those of its steps' tasks."""
+        ids = {i for i in (self.data.train, self.data.eval, self.data.calibration) if i}
+        for step in self.steps:
+            for task in getattr(step, "tasks", None) or []:
+                ids.update(i for i in (task.data.train, task.data.eval) if i)
+        return ids
+
+    def first_task_data(self) -> TaskData | None:
+        """The first task's data of the first multi-task step (the job's eval data when ``data`` has none)."""
+        for step in self.steps:
+            tasks = getattr(step, "tasks", None)
+            if tasks:
+                return tasks[0].data
+        return None
 
     def needs_training(self) -> bool:
         """Whether any step works on the torch module (such jobs go to the GPU queue by default)."""

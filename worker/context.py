@@ -108,13 +108,18 @@ class LocalContext:
             ref = getattr(self.spec.data, r)
             if ref is not None:
                 return str(ref)
+        first = self.spec.first_task_data()  # a multi-task job: its first task's rows stand for the job's
+        if first is not None and role != "train":
+            return first.eval or first.train
         return None
 
     def dataset(self, role: Role, model: WorkingModel) -> ArrayDataset | None:
         """Arrays for ``role`` shaped for ``model``'s inputs, loaded once per (dataset, model interface)."""
         ref = self.dataset_ref(role)
-        if ref is None:
-            return None
+        return None if ref is None else self.dataset_by_id(ref, model)
+
+    def dataset_by_id(self, ref: str, model: WorkingModel) -> ArrayDataset | None:
+        """The dataset ``ref`` (one the job reads, e.g. a task's) shaped for ``model``'s inputs, loaded once."""
         key = (ref, tuple(model.input_names), model.form, self._dtypes_key(model))
         if key not in self._dataset_cache:
             from worker.formats import load_dataset

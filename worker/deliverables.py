@@ -70,6 +70,8 @@ def stamp(path: Path, spec: JobSpec, *, job_id: str, labels: list[str] | None) -
         "modelpress.job": job_id,
         "modelpress.source_model": spec.model,
     }
+    if any(p.key == "modelpress.tasks" for p in model.metadata_props):
+        labels = None  # a multi-task model names each output's labels in modelpress.tasks
     if labels:
         props["modelpress.labels"] = json.dumps(labels)
     kept = [p for p in model.metadata_props if p.key not in props]

@@ -158,8 +158,8 @@ def model_refs(spec: JobSpec, dest: Path | None = None) -> dict[str, tuple[Path,
 
 @retry_transient()
 def dataset_refs(spec: JobSpec, dest: Path | None = None) -> dict[str, tuple[Path, str, dict[str, Any]]]:
-    """``{id: (local file, format, meta)}`` of the job's train, eval and calibration sets."""
-    ids = {i for i in (spec.data.train, spec.data.eval, spec.data.calibration) if i}
+    """``{id: (local file, format, meta)}`` of the job's datasets (train, eval, calibration, its tasks')."""
+    ids = spec.dataset_ids()
     with session_scope() as s:
         rows = [(d.id, d.storage_key, d.format, dict(d.meta)) for d in s.scalars(select(Dataset).where(Dataset.id.in_(ids)))]
     return _local_files(rows, dest)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from api.errors import ProblemError
 from api.services.convertibility import distill_model_errors, torch_step_errors
 from api.services.lookup import find_owned
+from api.services.task_checks import task_errors
 from models.spec import CLASSIFICATION_TASKS, LM_TASKS, JobSpec
 from models.tables import Dataset, Model
 
@@ -265,6 +266,7 @@ def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
             field = f"steps.{i}.{ref.field}"
             if (row := model_exists(ref.model_id, field)) is not None:
                 others.append((field, row))
+    errors.extend(task_errors(session, owner, spec, model, spec.task if model is None else effective_task(spec, model)))
     _raise(errors)
     assert model is not None
     if model.format == "onnx":

@@ -27,7 +27,7 @@ def drop_layers(teacher: WorkingModel, k: int) -> tuple[WorkingModel, list[int]]
     """A copy of an hf transformer teacher keeping ``k`` evenly spaced layers (DistilBERT-style init)."""
     import torch
 
-    from worker.passes.finetune import layer_stack
+    from worker.passes.tuning import layer_stack
 
     if not teacher.transformers:
         raise StepFailed("invalid_student", "student.layers needs an hf transformer teacher")

@@ -31,13 +31,9 @@ def modelpress_version() -> str:
 
 
 
-def _dataset_ids(spec: JobSpec) -> set[str]:
-    return {i for i in (spec.data.train, spec.data.eval, spec.data.calibration) if i}
-
-
 def db_shas(spec: JobSpec) -> dict[str, str]:
     """``{id: sha256}`` of the models and datasets the job reads, from their rows."""
-    models, datasets = spec.model_ids(), _dataset_ids(spec)
+    models, datasets = spec.model_ids(), spec.dataset_ids()
     with session_scope() as s:
         rows = list(s.execute(select(Model.id, Model.sha256).where(Model.id.in_(models))))
         rows += list(s.execute(select(Dataset.id, Dataset.sha256).where(Dataset.id.in_(datasets))))

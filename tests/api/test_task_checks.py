@@ -1,0 +1,88 @@
+"""Submit-time checks of multi-task steps through ``POST /v1/jobs``: an unknown dataset, a label set that
+disagrees, a repeated task name and arrays that do not fit the model are each a 422 naming the task and field;
+a good multi-task spec is accepted with no top-level data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.api import builders
+from tests.api.test_spec_checks import X_4, _accepted, _refused
+
+LABELS = {"labels": {"dtype": "int64", "shape": [8]}}
+
+
+@pytest.fixture(autouse=True)
+def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Accepted jobs are recorded instead of sent to the broker."""
+    import worker.celery_app
+
+    calls: list[str] = []
+    monkeypatch.setattr(worker.celery_app, "enqueue_job", lambda job_id, queue: calls.append(job_id))
+    return calls
+
+
+def _ds(classes: list[str] | None, fields: dict[str, Any] | None = None) -> str:
+    return builders.insert_dataset(meta={"num_samples": 8, "fields": fields or {**X_4, **LABELS}, "classes": classes})
+
+
+def _spec(tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"model": builders.insert_model(), "task": "image-classification",
+            "steps": [{"type": "finetune", "tasks": tasks}]}
+
+
+def test_a_good_multitask_spec_needs_no_top_level_data(client: TestClient, enqueued: list[str]) -> None:
+    tasks: list[dict[str, Any]] = [{"name": "parity", "data": {"train": _ds(["0", "1"]), "eval": _ds(["0", "1"])}},
+             {"name": "digit", "data": {"train": _ds(["0", "1", "2"])}, "weight": 2.0, "labels": ["2", "1", "0"]}]
+    _accepted(client, {**_spec(tasks), "steps": [{"type": "finetune", "tasks": tasks, "sampling": "temperature",
+                                                   "temperature": 3.0}]})
+    assert len(enqueued) == 1
+
+
+def test_an_unknown_dataset_names_the_task_and_field(client: TestClient) -> None:
+    tasks = [{"name": "a", "data": {"train": _ds(["0", "1"])}}, {"name": "b", "data": {"train": "ds_nope"}}]
+    assert _refused(client, _spec(tasks)) == [
+        {"field": "steps.0.tasks.1.data.train", "message": "task 'b': unknown dataset 'ds_nope'"}]
+
+
+def test_label_set_mismatches(client: TestClient) -> None:
+    train, odd_eval = _ds(["0", "1"]), _ds(["0", "1", "7"])
+    errors = _refused(client, _spec([{"name": "a", "data": {"train": train, "eval": odd_eval}}]))
+    assert errors[0]["field"] == "steps.0.tasks.0.data.eval"
+    assert "label set mismatch" in errors[0]["message"] and "['7']" in errors[0]["message"]
+    errors = _refused(client, _spec([{"name": "a", "data": {"train": train}, "labels": ["0", "1", "2"]}]))
+    assert errors == [{"field": "steps.0.tasks.0.labels",
+                       "message": f"task 'a': labels ['0', '1', '2'] but dataset {train} holds ['0', '1']"}]
+    unlabelled = _ds(None, X_4)
+    errors = _refused(client, _spec([{"name": "a", "data": {"train": unlabelled}}]))
+    assert errors[0]["field"] == "steps.0.tasks.0.data.train" and "has no labels" in errors[0]["message"]
+
+
+def test_a_repeated_task_name_is_422(client: TestClient) -> None:
+    ds = _ds(["0", "1"])
+    errors = _refused(client, _spec([{"name": "a", "data": {"train": ds}}, {"name": "b", "data": {"train": ds}},
+                                     {"name": "a", "data": {"train": ds}}]))
+    assert errors == [{"field": "steps.0.tasks.2.name",
+                       "message": "task 'a' is repeated (steps.0.tasks.0.name)"}]
+
+
+def test_arrays_that_do_not_fit_the_model_name_the_task(client: TestClient) -> None:
+    wrong = _ds(["0", "1"], {"pixels": {"dtype": "float32", "shape": [8, 4]}, **LABELS})
+    errors = _refused(client, _spec([{"name": "a", "data": {"train": wrong}}]))
+    assert errors[0]["field"] == "steps.0.tasks.0.data.train"
+    assert errors[0]["message"].startswith("task 'a': dataset") and "no array 'x'" in errors[0]["message"]
+
+
+@pytest.mark.parametrize(("step", "message"), [
+    ({"tasks": [{"name": "a", "data": {"train": "ds_x"}}], "num_labels": 3}, "num_labels does not apply with tasks"),
+    ({"sampling": "uniform"}, "sampling and temperature apply with tasks only"),
+    ({"tasks": [{"name": "1bad", "data": {"train": "ds_x"}}]}, "String should match pattern"),
+])
+def test_step_parameter_errors(client: TestClient, step: dict[str, Any], message: str) -> None:
+    spec = {"model": builders.insert_model(), "data": {"train": _ds(["0", "1"])},
+            "steps": [{"type": "finetune", **step}]}
+    errors = _refused(client, spec)
+    assert message in errors[0]["message"] and errors[0]["field"].startswith("steps.0")

@@ -1,0 +1,70 @@
+"""The multi-task rows every view shows: each task's before/after on its own eval rows, few-shot columns, and the
+shared model's size against N separate models; the per-task curve series; the CLI table of the same rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+from client.cli import tasks_table
+from models.multitask_view import size_text, task_rows
+from models.report_view import step_rows
+
+
+def multitask_report() -> dict[str, Any]:
+    """A report of one multi-task finetune step as the worker stores it (numbers from a digits run)."""
+    return {
+        "task": "image-classification", "input": {}, "output": {},
+        "steps": [{
+            "index": 0, "type": "finetune", "label": "finetune (full, 2 tasks)", "wall_s": 12.5,
+            "metrics": {"mode": "full", "multitask": {
+                "sampling": "temperature", "temperature": 2.0,
+                "tasks": [
+                    {"task": "parity", "metric": "accuracy", "before": 0.5176, "after": 0.9481, "train_rows": 1200,
+                     "eval_rows": 597, "validation_rows": None, "few_shot": False},
+                    {"task": "high", "metric": "accuracy", "before": 0.4405, "after": 0.6918, "train_rows": 24,
+                     "eval_rows": 597, "validation_rows": 8, "few_shot": True},
+                    {"task": "which", "metric": "accuracy", "before": 0.5, "after": 0.8, "train_rows": 16,
+                     "validation_rows": 4, "eval_rows": 40, "few_shot": True, "zero_shot": 0.5,
+                     "in_context": 0.55, "fine_tuned": 0.8},
+                ],
+                "size": {"tasks": 3, "shared_params": 14510, "separate_params": 42606, "ratio": 0.3406,
+                         "shared_bytes": 62590, "separate_bytes": 183784},
+            }},
+            "curve": [{"epoch": 1, "loss": 0.9, "loss[parity]": 0.7, "accuracy[parity]": 0.8},
+                      {"epoch": 2, "loss": 0.5, "loss[parity]": 0.3, "accuracy[parity]": 0.95}],
+        }],
+    }
+
+
+def test_task_rows_and_size() -> None:
+    rows = task_rows(multitask_report())
+    assert [(r.task, r.before_text, r.after_text, r.change_text, r.better) for r in rows] == [
+        ("parity", "51.8%", "94.8%", "+43.1 points", True),
+        ("high", "44.0%", "69.2%", "+25.1 points", True),
+        ("which", "50.0%", "80.0%", "+30.0 points", True),
+    ]
+    assert rows[1].rows_text == "24 train, 8 validation (carved from train), 597 eval"
+    assert (rows[2].zero_shot_text, rows[2].in_context_text, rows[2].fine_tuned_text) == ("50.0%", "55.0%", "80.0%")
+    assert rows[1].fine_tuned_text == "69.2%" and rows[1].zero_shot_text == "-"
+    text = size_text(multitask_report())
+    assert "one model of 14,510 parameters (61.12 KB) serves 3 tasks" in text
+    assert "42,606 parameters (179.48 KB), 0.34x of their size; batches drawn temperature (T=2)" in text
+    assert task_rows({"steps": [{"metrics": {"mode": "full"}}]}) == [] and size_text({}) == ""
+
+
+def test_per_task_curve_series_are_charted() -> None:
+    (step,) = step_rows(multitask_report())
+    assert list(step.curves) == ["loss", "loss[parity]", "accuracy[parity]"]
+    assert step.curves["accuracy[parity]"] == [(1, 0.8), (2, 0.95)]
+
+
+def test_cli_tasks_table() -> None:
+    console = Console(width=160, record=True)
+    table = tasks_table(multitask_report())
+    assert table is not None
+    console.print(table)
+    out = console.export_text()
+    assert "zero-shot" in out and "in-context" in out and "+43.1 points" in out and "0.34x" in out
+    assert tasks_table({"steps": []}) is None
