@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.console import Console
 
-from client.cli import tasks_table
+from client.render import tasks_table
 from models.multitask_view import size_text, task_rows
 from models.report_view import step_rows
 
