@@ -135,9 +135,10 @@ def build_zip(name: str, cache: Path) -> tuple[Path, int]:
     return out, params
 
 
-def sparse_folder(name: str, folder: Path) -> int:
+def sparse_folder(name: str, folder: Path, random: bool = False) -> int:
     """The model of size ``name`` as an hf folder whose safetensors are sparse files of zeros (no disk, no
-    generation time); for the streamed path's memory and size at a scale the service run cannot reach here."""
+    generation time), or with ``random`` the weights build_zip draws; for the streamed path's memory, time and
+    size at a scale the service run cannot reach here in an afternoon."""
     from tests.factories_lm import lm_tokenizer
 
     config = _config(name)
@@ -155,11 +156,25 @@ def sparse_folder(name: str, folder: Path) -> int:
     raw += b" " * (-len(raw) % 8)
     with open(folder / "model.safetensors", "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)) + raw)
-        fh.truncate(8 + len(raw) + offset)
+        if not random:
+            fh.truncate(8 + len(raw) + offset)
+        else:  # the same draw as build_zip: slices of one N(0, 0.02) pool, norms at 1.0
+            rng = np.random.default_rng(0)
+            pool = ((rng.standard_normal(POOL, dtype=np.float32) * 0.02).view(np.uint32) >> 16).astype(np.uint16)
+            for _, shape in tensors:
+                left = int(np.prod(shape))
+                if len(shape) == 1:
+                    fh.write(np.full(left, 0x3F80, dtype=np.uint16).tobytes())
+                    continue
+                while left:
+                    n = min(left, POOL // 2)
+                    start = int(rng.integers(0, POOL - n + 1))
+                    fh.write(pool[start:start + n].tobytes())
+                    left -= n
     return sum(int(np.prod(s)) for _, s in tensors)
 
 
-def offline(name: str, cache: Path) -> dict[str, Any]:
+def offline(name: str, cache: Path, random: bool = False) -> dict[str, Any]:
     """The streamed job's phases in this process, without the service: write the INT8 reference, open it and
     run 2 x 64 tokens + 4 greedy ones, write the INT4 file, the same on it; peak RSS (VmHWM) per phase."""
     from worker import stream_job
@@ -168,8 +183,11 @@ def offline(name: str, cache: Path) -> dict[str, Any]:
     from worker.memory import peak_rss_bytes, release_memory, reset_peak_rss
 
     folder = cache / "sparse"
-    params = sparse_folder(name, folder)
-    row: dict[str, Any] = {"size": name, "params": params, "phases": {}, "wall": {}}
+    t0 = time.perf_counter()
+    params = sparse_folder(name, folder, random)
+    log(f"{name}: {'random' if random else 'sparse zero'} weights written in {time.perf_counter() - t0:.0f} s")
+    row: dict[str, Any] = {"size": name, "params": params, "weights": "random" if random else "zeros",
+                           "phases": {}, "wall": {}}
     ids = np.random.default_rng(0).integers(0, 300, (2, 64), dtype=np.int64)
 
     def phase(label: str, t0: float) -> None:
@@ -302,6 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sizes", default="0.35b,1.2b", help=f"comma-separated, of {', '.join(CONFIGS)}")
     ap.add_argument("--cache", default="/work/scale-cache")
     ap.add_argument("--genai", action="store_true", help="also measure onnxruntime-genai's int4 builder")
+    ap.add_argument("--random", action="store_true", help="--offline with random weights (written to disk)")
     ap.add_argument("--offline", default=None, help="a size to run the streamed phases of in this process on "
                                                      "sparse (all-zero) weights, without the service")
     a = ap.parse_args(argv)
@@ -311,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.offline:
         cache = Path(a.cache) / f"{run_id}-offline"
         try:
-            row = offline(a.offline, cache)
+            row = offline(a.offline, cache, a.random)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         log(json.dumps(row, default=str))

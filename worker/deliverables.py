@@ -152,6 +152,7 @@ def _splice(model: Any, base: Path, out: Path) -> bool:
         body = len(tensor) + len(data_head) + length
         heads.append(b"\x2a" + _varint(body) + tensor + data_head)  # field 5 (initializer)
         graph_len += len(heads[-1]) + length
+    buf = memoryview(bytearray(16 * 1024 * 1024))  # one block, reused
     with open(out, "wb") as fh:
         fh.write(rest.SerializeToString())
         fh.write(b"\x3a" + _varint(graph_len))  # field 7 (graph)
@@ -163,11 +164,11 @@ def _splice(model: Any, base: Path, out: Path) -> bool:
                     src.seek(offset)
                     left = length
                     while left:
-                        block = src.read(min(left, 16 * 1024 * 1024))
-                        if not block:
+                        got = src.readinto(buf[: min(left, len(buf))])
+                        if not got:
                             raise OSError(f"{file.name} ends before offset {offset} + {length}")
-                        fh.write(block)
-                        left -= len(block)
+                        fh.write(buf[:got])
+                        left -= got
     return True
 
 

@@ -147,7 +147,7 @@ def test_single_file_copies_weights_in_blocks_and_equals_onnx_s_own_save(tmp_pat
     before = peak_rss_bytes()
     out = single_file(path)
     grown = peak_rss_bytes() - before
-    assert out != path and grown < 32 * 1024**2  # the weights are 64 MB; loading + serialising held 128 MB+
+    assert out != path and grown < 40 * 1024**2  # one 16 MiB block; loading + serialising held 128 MB+
     want = onnx.load(str(path))  # with its external data
     for t in want.graph.initializer:
         del t.external_data[:]
