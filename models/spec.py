@@ -239,7 +239,8 @@ class FinetuneStep(TrainingParams, StepParams):
             for field in ("num_labels", "until"):
                 if getattr(self, field) is not None:
                     raise ValueError(f"{field} does not apply with tasks (each task's head fits its own labels)")
-        elif "sampling" in self.model_fields_set or "temperature" in self.model_fields_set:
+        elif any(getattr(self, f) != type(self).model_fields[f].default for f in ("sampling", "temperature")):
+            # not model_fields_set: a stored spec carries the defaults, and it must validate again
             raise ValueError("sampling and temperature apply with tasks only")
         return self
 

@@ -33,3 +33,9 @@ def test_refusals() -> None:
         FinetuneStep.model_validate({"type": "finetune", "tasks": [{**TASKS[0], "weight": 0}]})
     with pytest.raises(ValidationError, match="sampling and temperature apply with tasks only"):
         FinetuneStep.model_validate({"type": "finetune", "temperature": 3.0})
+
+
+def test_a_stored_spec_without_tasks_validates_again() -> None:
+    """The stored spec (and POST /v1/jobs's split) carries every default: a finetune without tasks must pass again."""
+    spec = JobSpec.model_validate({"model": "m", "data": {"train": "t"}, "steps": [{"type": "finetune"}]})
+    assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
