@@ -25,6 +25,7 @@ import numpy as np
 
 from worker.core import ArrayDataset, PassContext, StepFailed, WorkingModel
 from worker.passes.base import PassResult
+from worker.training import TrainOutcome
 
 if TYPE_CHECKING:
     import torch
@@ -162,17 +163,10 @@ def load_tasks(model: WorkingModel, params: FinetuneStep, ctx: PassContext, lm: 
 
 
 @dataclass
-class MixedOutcome:
-    """What the mixed loop did: per-epoch curve, the best epoch's selection metric, steps and batches per task."""
+class MixedOutcome(TrainOutcome):
+    """What the mixed loop did: the training loop's outcome, plus the batches each task got."""
 
-    curve: list[dict[str, Any]] = field(default_factory=list)
-    best_metric: float | None = None
-    best_epoch: int | None = None
-    epochs_run: int = 0
-    steps: int = 0
-    stopped_early: bool = False
     batches: dict[str, int] = field(default_factory=dict)
-    samples_per_s: float = 0.0
 
 
 def _batch_stream(data: ArrayDataset, names: list[str], batch_size: int, generator: Any) -> Iterator[dict[str, Any]]:
@@ -272,13 +266,13 @@ def train_mixed(
         outcome.curve.append(point)
         ctx.progress(f"multi-task epoch {epoch}/{epochs}", fraction=epoch / epochs, epoch=epoch, epochs=epochs,
                      metrics={"loss": point["loss"], **({metric: value} if value is not None else {})})
-        if value is not None and best.record(outcome, value, epoch):  # type: ignore[arg-type]
+        if value is not None and best.record(outcome, value, epoch):
             outcome.stopped_early = True
             ctx.log("multi-task training: early stop", epoch=epoch, best_epoch=outcome.best_epoch)
             break
         if outcome.steps >= total:
             break
-    if best.restore(outcome):  # type: ignore[arg-type]
+    if best.restore(outcome):
         ctx.log("multi-task training: restored best weights", best_epoch=outcome.best_epoch)
     module.eval()
     outcome.samples_per_s = seen / train_time if train_time else 0.0
