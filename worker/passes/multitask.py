@@ -490,21 +490,11 @@ def run_classifier(model: WorkingModel, params: FinetuneStep, ctx: PassContext) 
             "head_from_input": task.name in reused, "batches": outcome.batches.get(task.name, 0),
         })
     metrics = {
-        "mode": params.mode, "trainable_params": trainable, "total_params": shared, "head": head,
-        "best_selection_accuracy": outcome.best_metric, "best_epoch": outcome.best_epoch,
-        "epochs_run": outcome.epochs_run, "optimizer_steps": outcome.steps, "stopped_early": outcome.stopped_early,
-        "train_samples_per_s": outcome.samples_per_s,
-        "multitask": {
-            "kind": "shared backbone, one head per task", "sampling": params.sampling,
-            "temperature": params.temperature if params.sampling == "temperature" else None,
-            "probabilities": dict(zip([t.name for t in tasks], mixing_probabilities(
-                [len(t.train) for t in tasks], [t.weight for t in tasks], params.sampling, params.temperature),
-                strict=True)),
-            "tasks": rows,
-            "size": _sizes(shared, shared - sum(head_params.values()), head_params,
-                           exported.onnx_path.stat().st_size),
-        },
+        **_run_metrics(params, tasks, outcome, rows, "shared backbone, one head per task", "best_selection_accuracy"),
+        "total_params": shared, "trainable_params": trainable, "head": head,
     }
+    metrics["multitask"]["size"] = _sizes(shared, shared - sum(head_params.values()), head_params,
+                                          exported.onnx_path.stat().st_size)
     meta = {**exported.meta, "tasks": described}
     return PassResult(replace(exported, meta=meta), metrics, outcome.curve)
 
@@ -642,21 +632,29 @@ def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassR
             "fine_tuned": a.get("accuracy") if choice else None, "batches": outcome.batches.get(task.name, 0),
         })
     metrics = {
-        "mode": params.mode, "trainable_params": trainable, "total_params": params_n,
-        "best_selection_eval_loss": outcome.best_metric, "best_epoch": outcome.best_epoch,
+        **_run_metrics(params, tasks, outcome, rows, "one causal LM, the tasks' rows mixed", "best_selection_eval_loss"),
+        "total_params": params_n, "trainable_params": trainable,
+    }
+    metrics["multitask"]["size"] = _sizes(params_n, params_n, {t.name: 0 for t in tasks}, None)
+    return PassResult(model, metrics, outcome.curve)
+
+
+def _run_metrics(params: FinetuneStep, tasks: list[Any], outcome: MixedOutcome, rows: list[dict[str, Any]],
+                 kind: str, selection: str) -> dict[str, Any]:
+    """The step metrics both kinds of multi-task run report: the loop's outcome and the mixing of the tasks."""
+    return {
+        "mode": params.mode, selection: outcome.best_metric, "best_epoch": outcome.best_epoch,
         "epochs_run": outcome.epochs_run, "optimizer_steps": outcome.steps, "stopped_early": outcome.stopped_early,
         "train_samples_per_s": outcome.samples_per_s,
         "multitask": {
-            "kind": "one causal LM, the tasks' rows mixed", "sampling": params.sampling,
+            "kind": kind, "sampling": params.sampling,
             "temperature": params.temperature if params.sampling == "temperature" else None,
             "probabilities": dict(zip([t.name for t in tasks], mixing_probabilities(
                 [len(t.train) for t in tasks], [t.weight for t in tasks], params.sampling, params.temperature),
                 strict=True)),
             "tasks": rows,
-            "size": _sizes(params_n, params_n, {t.name: 0 for t in tasks}, None),
         },
     }
-    return PassResult(model, metrics, outcome.curve)
 
 
 def run(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassResult:
