@@ -185,8 +185,8 @@ class LMFiles:
 
 
 class _LMContext(LocalContext):
-    def __init__(self, workdir: Path, data: ArrayDataset | None) -> None:
-        spec = JobSpec.model_validate({"model": "mdl_lm", "task": "text-generation"})
+    def __init__(self, workdir: Path, data: ArrayDataset | None, roles: dict[str, str] | None = None) -> None:
+        spec = JobSpec.model_validate({"model": "mdl_lm", "task": "text-generation", "data": roles or {}})
         super().__init__(workdir, spec, models={}, device="cpu")
         self.data = data
 
@@ -272,8 +272,9 @@ def _track(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     return float((ref.argmax(-1) == got.argmax(-1)).mean()), kl
 
 
-def _quantize_lm(tmp_path: Path, src: Path, data: ArrayDataset | None, **params: Any) -> tuple[Path, dict[str, Any]]:
-    ctx = _LMContext(tmp_path / "work", data)
+def _quantize_lm(tmp_path: Path, src: Path, data: ArrayDataset | None, roles: dict[str, str] | None = None,
+                 **params: Any) -> tuple[Path, dict[str, Any]]:
+    ctx = _LMContext(tmp_path / "work", data, roles)
     model = WorkingModel(form="onnx", origin="hf", input_names=["input_ids", "attention_mask"],
                          output_names=["logits"], onnx_path=src, meta={"hf_task": "text-generation"})
     result = QuantizePass().run(model, QuantizeStep(type="quantize", **params), ctx)
@@ -492,14 +493,29 @@ def test_calibration_feeds_fill_an_empty_kv_cache_and_positions(tmp_path: Path) 
     assert e.value.code == "calibration_data_mismatch" and "attention_mask" in e.value.message
 
 
+@pytest.mark.parametrize(("roles", "algorithm"), [({"calibration": "ds_cal"}, "gptq"), ({"train": "ds_tr"}, "gptq"),
+                                                 ({"eval": "ds_ev"}, "rtn")])
+def test_int4_default_algorithm_is_gptq_with_calibration_text_never_on_the_eval_set(
+    tmp_path: Path, lm: LMFiles, roles: dict[str, str], algorithm: str
+) -> None:
+    """GPTQ by default when the job gives calibration or train text; with only eval text, RTN (GPTQ calibrated on
+    the eval set would flatter the perplexity measured on it)."""
+    _, metrics = _quantize_lm(tmp_path, lm.onnx, lm.data, roles, mode="int4")
+    assert metrics["weight_only"]["algorithm"] == algorithm
+    assert ("calibration" in metrics["weight_only"]) == (algorithm == "gptq")
+
+
 def test_gptq_asymmetric_with_an_odd_block_count_per_column(tmp_path: Path, lm: LMFiles) -> None:
-    """ORT's GPTQ breaks packing zero points when K / block_size is odd: those weights go symmetric."""
+    """K / block_size odd (q_proj: K = 128, one block of 128) keeps its zero points: the packed zero-point row
+    is padded to a whole byte (ORT's own GPTQ broke there)."""
     out, metrics = _quantize_lm(tmp_path, lm.onnx, lm.data, mode="int4", algorithm="gptq", block_size=128,
                                 symmetric=False)
-    odd = metrics["weight_only"]["calibration"]["symmetric_nodes"]
-    assert "/m/model/layers.0/self_attn/q_proj/MatMul" in odd  # K = 128: one block
-    assert not [n for n in odd if "down_proj" in n]  # K = 256: two blocks, zero points kept
+    proto = onnx.load(str(out))
+    four = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.attribute and _nbits(out)[n.name] == 4]
+    assert len(four) == 14 and all(len(n.input) == 4 for n in four)  # A, B, scales, zero points
     assert len(_nbits(out)) == 15
+    calib = metrics["weight_only"]["calibration"]
+    assert calib["method"] == "gptq" and 0 < calib["mean_output_error"] < 0.5
     top1, kl = _track(_logits(lm.onnx, lm.data), _logits(out, lm.data))
     assert top1 >= 0.8 and kl < 0.15, (top1, kl)
 
