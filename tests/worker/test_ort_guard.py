@@ -38,11 +38,11 @@ def test_a_cancel_stops_a_run_that_loops(looping: Path, monkeypatch: pytest.Monk
         if cancelled.is_set():
             raise JobCancelled()
 
-    threading.Timer(1.0, cancelled.set).start()
-    started = time.monotonic()
+    asked: list[float] = []
+    threading.Timer(1.0, lambda: (asked.append(time.monotonic()), cancelled.set())).start()
     with pytest.raises(JobCancelled):
         evaluate(looping, _data(), CFG, "image-classification", check_cancelled=check)
-    assert 1.0 <= time.monotonic() - started < 10  # the bound, session load included
+    assert asked and time.monotonic() - asked[0] < 10  # the bound (from the cancel, not the imports)
 
 
 def test_a_run_past_the_cap_fails_with_run_time_limit(looping: Path, monkeypatch: pytest.MonkeyPatch) -> None:

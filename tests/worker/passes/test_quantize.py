@@ -4,6 +4,7 @@ weight-only INT4/INT8 on a tiny trained causal LM (MatMulNBits, per-node bits, e
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from models.spec import JobSpec, QuantizeStep
 from tests.factories import digits_split
 from tests.factories_lm import licence_paragraphs, tiny_lm_dir
-from tests.worker.conftest import DigitsFiles
+from tests.worker.conftest import DigitsFiles, looping_context
 from worker.context import LocalContext
 from worker.core import ArrayDataset, JobCancelled, StepFailed, WorkingModel
 from worker.formats.onnx_model import count_params
@@ -144,6 +145,24 @@ def test_cancellation_during_calibration(tmp_path: Path, digits_mlp: DigitsFiles
     with pytest.raises(JobCancelled):
         QuantizePass().run(model, QuantizeStep(type="quantize", mode="static"), ctx)
     assert not list(ctx.workdir.glob("quantized-static*.onnx"))
+
+
+@pytest.mark.usefixtures("fast_cancel_poll")
+def test_calibrating_a_looping_graph_ends_at_a_cancel_within_seconds(tmp_path: Path) -> None:
+    ctx = looping_context(tmp_path / "work", cancel_after_s=1.5)
+    with pytest.raises(JobCancelled):
+        QuantizePass().run(ctx.load_model("input"), QuantizeStep(type="quantize", mode="static"), ctx)
+    assert ctx.cancel_at is not None and time.monotonic() - ctx.cancel_at <= 10  # the bound
+    assert ctx.seen_by[0] == "ort-watchdog"  # the cancel stopped the calibration run itself
+
+
+def test_calibrating_a_looping_graph_fails_with_run_time_limit_past_the_cap(tmp_path: Path, run_cap_1s: float) -> None:
+    ctx = looping_context(tmp_path / "work")
+    started = time.monotonic()
+    with pytest.raises(StepFailed) as failed:
+        QuantizePass().run(ctx.load_model("input"), QuantizeStep(type="quantize", mode="static"), ctx)
+    assert failed.value.code == "run_time_limit" and "(calibration)" in failed.value.message
+    assert "MODELPRESS_RUN_MAX_S=1 s" in failed.value.message and time.monotonic() - started < 8
 
 
 def test_reduce_range_follows_the_cpu_unless_the_spec_says() -> None:
