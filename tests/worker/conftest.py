@@ -94,6 +94,26 @@ def looping_context(workdir: Path, spec: dict[str, object] | None = None,
     return ctx
 
 
+class CancelFlag:
+    """A ``check_cancelled`` that raises JobCancelled once set (``set_in(s)``: that many seconds from now),
+    noting the threads that saw it (``ort-watchdog``: the flag stopped a run from inside)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+        self.seen_by: list[str] = []
+
+    def set_in(self, seconds: float) -> CancelFlag:
+        self.at = time.monotonic() + seconds
+        return self
+
+    def __call__(self) -> None:
+        from worker.core import JobCancelled
+
+        if self.at is not None and time.monotonic() >= self.at:
+            self.seen_by.append(threading.current_thread().name)
+            raise JobCancelled()
+
+
 @pytest.fixture
 def fast_cancel_poll(monkeypatch: pytest.MonkeyPatch) -> None:
     """The run watchdog reads the cancel flag every 0.2 s."""
