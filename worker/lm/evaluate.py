@@ -313,17 +313,17 @@ def evaluate_lm(
         del sess
     # Not this process's RSS growth, which under-reads once an earlier evaluation left the allocator's memory
     # mapped (worker.lm.memory): each model is measured in a fresh process, None when that could not run.
-    report["peak_memory_bytes"] = _session_peak(onnx_path, threads, layout, cfg, prompt_tokens)
+    report["peak_memory_bytes"] = _session_peak(onnx_path, threads, layout, cfg, prompt_tokens, check_cancelled)
     return Evaluation(report, outputs)
 
 
 def _session_peak(onnx_path: Path, threads: int, layout: LMLayout | None, cfg: EvaluateConfig,
-                  prompt_tokens: int) -> int | None:
+                  prompt_tokens: int, check_cancelled: Callable[[], None] = _never) -> int | None:
     """The session's peak memory (load + one prefill + decode), measured in a fresh process."""
     from worker.lm.memory import session_peak_bytes
 
     return session_peak_bytes(onnx_path, threads, layout.to_meta() if layout else None, prompt_tokens,
-                              cfg.generation.max_new_tokens)
+                              cfg.generation.max_new_tokens, check_cancelled)
 
 
 # ----------------------------------------------------------------------------------------------------------
