@@ -160,17 +160,25 @@ def looping_lm(trips: int = 2**40, vocab: int = 16) -> onnx.ModelProto:
     return model
 
 
-def looping_model(trips: int = 2**40, *, constant: bool = True, features: int = 4, classes: int = 3) -> onnx.ModelProto:
+def looping_model(trips: int = 2**40, *, constant: bool = True, on_data: bool = False, features: int = 4,
+                  classes: int = 3) -> onnx.ModelProto:
     """A classifier whose ONNX ``Loop`` runs ``trips`` times (body ``v + 0``) before a MatMul to logits.
 
     ``constant``: the trip count is an initializer (what an upload check can read); otherwise it is
-    computed (``Mul`` of two initializers), so only running the graph shows how long it loops."""
+    computed (``Mul`` of two initializers), so only running the graph shows how long it loops.
+    ``on_data``: ``trips`` times the batch's largest value: all-zero samples run at once (an evaluation on
+    them passes), samples of ones loop (the calibration set, say)."""
     body = _loop_body()
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(np.array(True), "cond"),
              numpy_helper.from_array(rng.normal(size=(features, classes)).astype(np.float32), "w")]
     nodes = []
-    if constant:
+    if on_data:  # trips x the largest input value (cast to an integer): 0 on all-zero samples
+        inits.append(numpy_helper.from_array(np.array(trips, np.int64), "per_unit"))
+        nodes += [helper.make_node("ReduceMax", [INPUT], ["peak"], keepdims=0),
+                  helper.make_node("Cast", ["peak"], ["peak_int"], to=TensorProto.INT64),
+                  helper.make_node("Mul", ["peak_int", "per_unit"], ["trips"])]
+    elif constant:
         inits.append(numpy_helper.from_array(np.array(trips, np.int64), "trips"))
     else:
         root = max(1, math.isqrt(trips))
