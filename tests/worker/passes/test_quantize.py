@@ -546,3 +546,20 @@ def test_every_mode_on_a_kv_cache_export(tmp_path: Path, lm: LMFiles, method: st
         new = s.generate(prompt, 6)
         full = s.logits(np.asarray([prompt + new[:-1]]), np.ones((1, len(prompt) + 5), dtype=np.int64))
         assert new == full[0, len(prompt) - 1 :].argmax(-1).tolist(), params
+
+
+def test_int8_share_s_sensitivity_runs_of_a_looping_lm_fail_with_run_time_limit(
+    tmp_path: Path, run_cap_1s: float
+) -> None:
+    from tests.factories_onnx import looping_lm
+    from worker.passes.quantizers import mixed_bits
+
+    ctx = looping_context(tmp_path / "work")
+    ids = np.ones((1, 4), np.int64)
+    past = np.zeros((1, 1, 0, 2), np.float32)
+    feeds = [{"input_ids": ids, "attention_mask": ids, "past_key_values.0.key": past, "past_key_values.0.value": past}]
+    started = time.monotonic()
+    with pytest.raises(StepFailed) as failed:
+        mixed_bits.kl_per_layer(looping_lm(), {0: ["MatMul"]}, lambda m, names: m, feeds, ctx)
+    assert failed.value.code == "run_time_limit" and "(int8_share sensitivity)" in failed.value.message
+    assert time.monotonic() - started < 5
