@@ -563,3 +563,17 @@ def test_int8_share_s_sensitivity_runs_of_a_looping_lm_fail_with_run_time_limit(
         mixed_bits.kl_per_layer(looping_lm(), {0: ["MatMul"]}, lambda m, names: m, feeds, ctx)
     assert failed.value.code == "run_time_limit" and "(int8_share sensitivity)" in failed.value.message
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.usefixtures("fast_cancel_poll")
+def test_gptq_s_calibration_runs_of_a_looping_graph_end_at_a_cancel_within_seconds(tmp_path: Path) -> None:
+    from tests.factories_onnx import looping_model
+    from worker.passes.quantizers import weight_only
+
+    ctx = looping_context(tmp_path / "work", cancel_after_s=1.5)
+    m = looping_model(2**40, constant=False)
+    next(n for n in m.graph.node if n.op_type == "MatMul").name = "head"
+    p = QuantizeStep(type="quantize", mode="int4", algorithm="gptq", block_size=16)
+    with pytest.raises(JobCancelled):
+        weight_only.gptq(m, ["head"], weight_only.WeightOnlySettings.resolve(p), p, ctx.load_model("input"), ctx, False)
+    assert ctx.cancel_at is not None and time.monotonic() - ctx.cancel_at <= 10 and ctx.seen_by[0] == "ort-watchdog"

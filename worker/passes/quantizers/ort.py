@@ -73,6 +73,31 @@ def _guard_calibrators() -> None:
     ort_quantize.create_calibrator = create_calibrator  # type: ignore[attr-defined]
 
 
+@functools.cache
+def guard_gptq_sessions() -> None:
+    """Make ORT's GPTQ (``neural_compressor.weight_only``, which makes and runs its sessions itself through its
+    module's ``ort``) get a :class:`GuardedSession` under the current ``_CALIBRATION_GUARD``. Installed once."""
+    import importlib
+
+    import onnxruntime
+
+    module = importlib.import_module("onnxruntime.quantization.neural_compressor.weight_only")
+
+    class _GuardedOrt:
+        """onnxruntime as that module sees it: the same, but its sessions go through the guard."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(onnxruntime, name)
+
+        @staticmethod
+        def InferenceSession(*args: Any, **kwargs: Any) -> Any:
+            session = onnxruntime.InferenceSession(*args, **kwargs)
+            guard = _CALIBRATION_GUARD.get()
+            return session if guard is None else GuardedSession(session, guard)
+
+    module.ort = _GuardedOrt()  # type: ignore[attr-defined]
+
+
 class _Reader:
     """CalibrationDataReader over an ArrayDataset: batches of model inputs, reporting progress as it goes."""
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.spec import QuantizeStep
-from worker.core import PassContext, StepFailed, WorkingModel
+from worker.core import JobCancelled, PassContext, StepFailed, WorkingModel
 from worker.passes.quantizers.files import calibration_batch, is_large, name_unnamed_nodes, save, unique_path
 
 if TYPE_CHECKING:
@@ -192,6 +192,8 @@ def gptq(
 
     from onnxruntime.quantization.neural_compressor import gptq_quantize
 
+    from worker.passes.quantizers.ort import calibration_guard, guard_gptq_sessions
+
     _quiet_ort_quantizer_logs()
     data = ctx.dataset("calibration", model)
     if data is None or len(data) == 0:
@@ -223,8 +225,10 @@ def gptq(
         save(m, target_path, True)
         target = str(target_path)
     ctx.progress("calibrating (gptq)", fraction=0.2)
+    guard_gptq_sessions()  # its runs bounded and cancellable (worker/ort_guard.py)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress bar writes to stdout
+        with calibration_guard(ctx, Path(model.onnx_path or "model.onnx"), "gptq calibration"), \
+                contextlib.redirect_stdout(io.StringIO()):  # its progress bar writes to stdout
             quantized = gptq_quantize(
                 target,
                 ((feed, None) for feed in feeds),
@@ -235,6 +239,8 @@ def gptq(
                 n_samples=-1,
                 accuracy_level=s.accuracy_level or 0,
             )
+    except (StepFailed, JobCancelled):  # the guard stopped a run: past the cap, or cancelled
+        raise
     except Exception as e:  # ORT raises many types from its calibration session
         raise StepFailed("quantize_failed", f"GPTQ failed: {type(e).__name__}: {e}") from e
     info: dict[str, Any] = {"method": "gptq", "samples": len(data), "batch": batch}
