@@ -56,6 +56,7 @@ class LoopingContext(LocalContext):
     thread that saw the cancel first (``ort-watchdog``: the flag stopped a run from inside)."""
 
     cancel_after_s: float | None = None
+    cancel_after_first_check_s: float | None = None  # or that long after the first cancel check
     cancel_at: float | None = None
     seen_by: list[str]
 
@@ -65,6 +66,8 @@ class LoopingContext(LocalContext):
         return super().dataset(role, model)
 
     def check_cancelled(self) -> None:
+        if self.cancel_at is None and self.cancel_after_first_check_s is not None:
+            self.cancel_at = time.monotonic() + self.cancel_after_first_check_s
         if self.cancel_at is not None and time.monotonic() >= self.cancel_at:
             self.cancelled = True
         if self.cancelled:
@@ -100,15 +103,23 @@ class CancelFlag:
 
     def __init__(self) -> None:
         self.at: float | None = None
+        self.after_first_check_s: float | None = None
         self.seen_by: list[str] = []
 
     def set_in(self, seconds: float) -> CancelFlag:
         self.at = time.monotonic() + seconds
         return self
 
+    def set_after_first_check(self, seconds: float) -> CancelFlag:
+        """Set ``seconds`` after the first check (the work has begun: imports and loading are behind it)."""
+        self.after_first_check_s = seconds
+        return self
+
     def __call__(self) -> None:
         from worker.core import JobCancelled
 
+        if self.at is None and self.after_first_check_s is not None:
+            self.at = time.monotonic() + self.after_first_check_s
         if self.at is not None and time.monotonic() >= self.at:
             self.seen_by.append(threading.current_thread().name)
             raise JobCancelled()

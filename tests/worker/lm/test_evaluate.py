@@ -194,7 +194,7 @@ def _looping(tmp_path: Path) -> tuple[Path, ArrayDataset]:
 @pytest.mark.usefixtures("fast_cancel_poll")
 def test_a_looping_lm_evaluation_ends_at_a_cancel_within_seconds(tmp_path: Path) -> None:
     path, data = _looping(tmp_path)
-    cancel = CancelFlag().set_in(1.5)
+    cancel = CancelFlag().set_after_first_check(1.0)
     with pytest.raises(JobCancelled):
         evaluate_lm(path, data, CFG, check_cancelled=cancel)
     assert cancel.at is not None and time.monotonic() - cancel.at <= 10 and cancel.seen_by[0] == "ort-watchdog"
