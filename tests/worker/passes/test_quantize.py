@@ -4,6 +4,7 @@ weight-only INT4/INT8 on a tiny trained causal LM (MatMulNBits, per-node bits, e
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from models.spec import JobSpec, QuantizeStep
 from tests.factories import digits_split
 from tests.factories_lm import licence_paragraphs, tiny_lm_dir
-from tests.worker.conftest import DigitsFiles
+from tests.worker.conftest import DigitsFiles, looping_context
 from worker.context import LocalContext
 from worker.core import ArrayDataset, JobCancelled, StepFailed, WorkingModel
 from worker.formats.onnx_model import count_params
@@ -144,6 +145,24 @@ def test_cancellation_during_calibration(tmp_path: Path, digits_mlp: DigitsFiles
     with pytest.raises(JobCancelled):
         QuantizePass().run(model, QuantizeStep(type="quantize", mode="static"), ctx)
     assert not list(ctx.workdir.glob("quantized-static*.onnx"))
+
+
+@pytest.mark.usefixtures("fast_cancel_poll")
+def test_calibrating_a_looping_graph_ends_at_a_cancel_within_seconds(tmp_path: Path) -> None:
+    ctx = looping_context(tmp_path / "work", cancel_after_s=1.5)
+    with pytest.raises(JobCancelled):
+        QuantizePass().run(ctx.load_model("input"), QuantizeStep(type="quantize", mode="static"), ctx)
+    assert ctx.cancel_at is not None and time.monotonic() - ctx.cancel_at <= 10  # the bound
+    assert ctx.seen_by[0] == "ort-watchdog"  # the cancel stopped the calibration run itself
+
+
+def test_calibrating_a_looping_graph_fails_with_run_time_limit_past_the_cap(tmp_path: Path, run_cap_1s: float) -> None:
+    ctx = looping_context(tmp_path / "work")
+    started = time.monotonic()
+    with pytest.raises(StepFailed) as failed:
+        QuantizePass().run(ctx.load_model("input"), QuantizeStep(type="quantize", mode="static"), ctx)
+    assert failed.value.code == "run_time_limit" and "(calibration)" in failed.value.message
+    assert "MODELPRESS_RUN_MAX_S=1 s" in failed.value.message and time.monotonic() - started < 8
 
 
 def test_reduce_range_follows_the_cpu_unless_the_spec_says() -> None:
@@ -543,3 +562,34 @@ def test_every_mode_on_a_kv_cache_export(tmp_path: Path, lm: LMFiles, method: st
         new = s.generate(prompt, 6)
         full = s.logits(np.asarray([prompt + new[:-1]]), np.ones((1, len(prompt) + 5), dtype=np.int64))
         assert new == full[0, len(prompt) - 1 :].argmax(-1).tolist(), params
+
+
+def test_int8_share_s_sensitivity_runs_of_a_looping_lm_fail_with_run_time_limit(
+    tmp_path: Path, run_cap_1s: float
+) -> None:
+    from tests.factories_onnx import looping_lm
+    from worker.passes.quantizers import mixed_bits
+
+    ctx = looping_context(tmp_path / "work")
+    ids = np.ones((1, 4), np.int64)
+    past = np.zeros((1, 1, 0, 2), np.float32)
+    feeds = [{"input_ids": ids, "attention_mask": ids, "past_key_values.0.key": past, "past_key_values.0.value": past}]
+    started = time.monotonic()
+    with pytest.raises(StepFailed) as failed:
+        mixed_bits.kl_per_layer(looping_lm(), {0: ["MatMul"]}, lambda m, names: m, feeds, ctx)
+    assert failed.value.code == "run_time_limit" and "(int8_share sensitivity)" in failed.value.message
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.usefixtures("fast_cancel_poll")
+def test_gptq_s_calibration_runs_of_a_looping_graph_end_at_a_cancel_within_seconds(tmp_path: Path) -> None:
+    from tests.factories_onnx import looping_model
+    from worker.passes.quantizers import weight_only
+
+    ctx = looping_context(tmp_path / "work", cancel_after_s=1.5)
+    m = looping_model(2**40, constant=False)
+    next(n for n in m.graph.node if n.op_type == "MatMul").name = "head"
+    p = QuantizeStep(type="quantize", mode="int4", algorithm="gptq", block_size=16)
+    with pytest.raises(JobCancelled):
+        weight_only.gptq(m, ["head"], weight_only.WeightOnlySettings.resolve(p), p, ctx.load_model("input"), ctx, False)
+    assert ctx.cancel_at is not None and time.monotonic() - ctx.cancel_at <= 10 and ctx.seen_by[0] == "ort-watchdog"

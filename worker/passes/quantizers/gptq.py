@@ -18,7 +18,7 @@ zero points packed the same way along the blocks).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from worker.core import PassContext
 
+Runner = Callable[[Any, list[str], dict[str, np.ndarray]], list[Any]]
 # Dampening added to the Hessian's diagonal, as a share of its mean (the paper's 1 %).
 DAMP = 0.01
 # Columns quantized between the lazy updates of the rest of the weight (the paper's 128).
@@ -172,9 +173,10 @@ def pack(q: Quantized, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, n
 
 
 def hessians(m: onnx.ModelProto, names: list[str], feeds: Iterable[dict[str, np.ndarray]], ctx: PassContext,
-             threads: int, session_path: str | None = None) -> dict[str, np.ndarray]:
+             threads: int, session_path: str | None = None, run: Runner | None = None) -> dict[str, np.ndarray]:
     """``X^T X / rows`` of each distinct input ``X`` of the MatMuls ``names``, over the calibration ``feeds``
-    (one graph run per feed; each activation is folded into its Hessian and dropped)."""
+    (one graph run per feed; each activation is folded into its Hessian and dropped). ``run(session, names,
+    feed)`` runs the uploaded graph (a ``RunGuard``'s: bounded and cancellable); the session's own by default."""
     import onnx
     import onnxruntime as ort
 
@@ -201,7 +203,7 @@ def hessians(m: onnx.ModelProto, names: list[str], feeds: Iterable[dict[str, np.
     rows = 0
     for feed in feeds:
         ctx.check_cancelled()
-        outs = sess.run(acts, feed)
+        outs = run(sess, acts, feed) if run is not None else sess.run(acts, feed)
         count = 0
         for name, x in zip(acts, outs, strict=True):
             x2 = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])

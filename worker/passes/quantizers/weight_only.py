@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.spec import QuantizeStep
-from worker.core import PassContext, StepFailed, WorkingModel
+from worker.core import JobCancelled, PassContext, StepFailed, WorkingModel
 from worker.passes.quantizers.files import is_large, name_unnamed_nodes, save, unique_path
 
 if TYPE_CHECKING:
@@ -199,6 +199,7 @@ def gptq(
     graph run per calibration batch), the rest untouched; the calibration facts and each MatMul's relative
     output error for the report."""
     from worker.passes.quantizers import gptq as gptq_math
+    from worker.passes.quantizers.ort import calibration_guard
 
     data = ctx.dataset("calibration", model)
     if data is None or len(data) == 0:
@@ -208,9 +209,10 @@ def gptq(
     ctx.progress("calibrating (gptq: input Hessians)", fraction=0.15)
     session_path = str(unique_path(ctx.workdir, "gptq-hessians")) if large else None
     try:
-        hess = gptq_math.hessians(m, names, feeds, ctx, os.cpu_count() or 1, session_path)
+        with calibration_guard(ctx, Path(model.onnx_path or "model.onnx"), "gptq calibration") as guard:
+            hess = gptq_math.hessians(m, names, feeds, ctx, os.cpu_count() or 1, session_path, guard.run)
         errors = gptq_math.apply(m, names, hess, 4, s.block_size, s.symmetric, s.accuracy_level, ctx)
-    except StepFailed:
+    except (StepFailed, JobCancelled):  # the guard stopped a run: past the cap, or cancelled
         raise
     except Exception as e:  # ORT's session and torch's linear algebra raise many types
         raise StepFailed("quantize_failed", f"GPTQ failed: {type(e).__name__}: {e}") from e
