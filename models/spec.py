@@ -232,11 +232,14 @@ class MergeConfig(_Strict):
     """How ``adapters: merge`` combines the tasks' LoRA adapters (peft ``add_weighted_adapter``, each adapter
     weighted by its task's ``weight``): every method in ``methods`` is measured on each task's validation split
     (``validation`` of its train rows, carved off before training) and the best mean metric is kept.
-    ``density``: the share of each update the pruning methods (``ties``, ``dare_*``, ``magnitude_prune``) keep."""
+    ``density``: the share of each update the pruning methods (``ties``, ``dare_*``, ``magnitude_prune``) keep.
+    ``refit_heads``: after each merge, refit every task's head (the backbone frozen) on its train rows' features,
+    since the heads were trained against their own adapter's features, not the merged ones."""
 
     methods: list[MergeMethod] = Field(default_factory=_default_merge_methods, min_length=1, max_length=10)
     density: float = Field(0.5, gt=0.0, le=1.0)
     validation: float = Field(0.2, gt=0.0, le=0.5)
+    refit_heads: bool = True
 
 
 class FinetuneStep(TrainingParams, StepParams):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.spec import DENSITY_METHODS, MergeConfig
-from worker.core import PassContext, StepFailed, WorkingModel
+from worker.core import ArrayDataset, PassContext, StepFailed, WorkingModel
 from worker.passes.base import PassResult
 from worker.passes.multitask import (
     Task,
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from models.spec import FinetuneStep
 
 MERGED_PREFIX = "merged_"  # the peft adapter name of a merge: merged_<method>
+REFIT_STEPS = 100  # full-batch Adam steps of a head's refit on the merged features
+REFIT_LR = 1e-2
 
 
 def carve_validation(tasks: list[Task], fraction: float, seed: int, ctx: PassContext) -> None:
@@ -129,13 +131,50 @@ def train_adapters(multi: Any, peft_model: Any, params: FinetuneStep, ctx: PassC
     return individual, curve
 
 
+def _features(multi: Any, data: ArrayDataset, device: str) -> torch.Tensor:
+    """The (merged) backbone's features of ``data``'s rows, without grad."""
+    import torch
+
+    from worker.torch_utils import to_tensors
+
+    with torch.no_grad():
+        return torch.cat([multi.features(*to_tensors(data, multi.input_names, device, slice(i, i + 256))).float()
+                          for i in range(0, len(data), 256)])
+
+
+def refit_heads(multi: Any, tasks: list[Task], ctx: PassContext, start: dict[str, dict[str, Any]]) -> None:
+    """Each task's head, from its adapter-trained weights (``start``), refit on the merged backbone's features of
+    its train rows: full-batch Adam, the backbone frozen (a linear probe; the validation split stays unseen)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(ctx.spec.seed)
+    multi.eval()
+    for task in tasks:
+        assert task.train.labels is not None
+        feats = _features(multi, task.train, ctx.device)
+        labels = torch.from_numpy(task.train.labels).to(ctx.device)
+        head = multi.heads[task.name]
+        head.load_state_dict(start[task.name])
+        head.requires_grad_(True)
+        optimizer = torch.optim.Adam(head.parameters(), lr=REFIT_LR)
+        for _ in range(REFIT_STEPS):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(head(feats).float(), labels).backward()
+            optimizer.step()
+        head.requires_grad_(False)
+
+
 def merge_table(multi: Any, peft_model: Any, tasks: list[Task], merge: MergeConfig, ctx: PassContext,
-                weights: list[float]) -> list[dict[str, Any]]:
+                weights: list[float]) -> tuple[list[dict[str, Any]], dict[str, dict[str, dict[str, Any]]]]:
     """Each method of ``merge.methods`` as a new adapter (peft ``add_weighted_adapter``) measured on every task's
-    validation split: per-task accuracy and their mean, or the error peft gave (e.g. unequal ranks)."""
+    validation split: per-task accuracy and their mean (after the heads' refit when ``refit_heads``; as trained
+    too), or the error peft gave (e.g. unequal ranks); and each method's heads."""
     import torch
 
     names = [t.name for t in tasks]
+    trained = {t: {k: v.detach().clone() for k, v in multi.heads[t].state_dict().items()} for t in names}
+    heads: dict[str, dict[str, dict[str, Any]]] = {}
     table: list[dict[str, Any]] = []
     for method in merge.methods:
         ctx.check_cancelled()
@@ -153,13 +192,21 @@ def merge_table(multi: Any, peft_model: Any, tasks: list[Task], merge: MergeConf
             table.append(row)
             continue
         peft_model.set_adapter(MERGED_PREFIX + method)
+        for t in names:
+            multi.heads[t].load_state_dict(trained[t])
         scores = accuracies(multi, tasks, multi.input_names, ctx.device, "selection")
         row["per_task"] = {t: scores[t]["accuracy"] for t in names if t in scores}
+        if merge.refit_heads:
+            refit_heads(multi, tasks, ctx, trained)
+            row["per_task_heads_as_trained"] = row["per_task"]
+            scores = accuracies(multi, tasks, multi.input_names, ctx.device, "selection")
+            row["per_task"] = {t: scores[t]["accuracy"] for t in names if t in scores}
+        heads[method] = {t: {k: v.detach().clone() for k, v in multi.heads[t].state_dict().items()} for t in names}
         row["mean"] = float(np.mean(list(row["per_task"].values()))) if row["per_task"] else None
         row["seconds"] = round(time.perf_counter() - started, 3)
         ctx.log("merge measured", method=method, mean=row["mean"], per_task=row["per_task"])
         table.append(row)
-    return table
+    return table, heads
 
 
 def run(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassResult:
@@ -182,8 +229,10 @@ def run(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassResu
     individual, curve = train_adapters(multi, peft_model, params, ctx, tasks)
     weights = [t.weight for t in tasks]
     ctx.progress("merging the adapters", fraction=0.9)
-    table = merge_table(multi, peft_model, tasks, merge, ctx, weights)
+    table, method_heads = merge_table(multi, peft_model, tasks, merge, ctx, weights)
     chosen = pick(table)
+    for name, state in method_heads[chosen["method"]].items():
+        multi.heads[name].load_state_dict(state)
     ctx.log("merge chosen", method=chosen["method"], mean=chosen["mean"])
     adapter_params = _adapter_params(peft_model, [t.name for t in tasks])
     merged = peft_model.merge_and_unload(adapter_names=[MERGED_PREFIX + chosen["method"]])
@@ -206,6 +255,7 @@ def run(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassResu
                 "methods": table, "chosen": chosen["method"], "why": why(table, chosen, individual),
                 "individual": individual, "weights": dict(zip([t.name for t in tasks], weights, strict=True)),
                 "density": merge.density, "validation": merge.validation, "metric": "accuracy",
+                "refit_heads": merge.refit_heads,
                 "trained": "one adapter after another in this job",
             },
         },
