@@ -116,9 +116,10 @@ def train_adapters(multi: Any, peft_model: Any, params: FinetuneStep, ctx: PassC
 
         trainable = sum(p.numel() for p in multi.parameters() if p.requires_grad)
         ctx.log("adapter: start", task=task.name, trainable_params=trainable)
-        outcome = train_mixed(multi, params, ctx, [task], names, loss_for,
-                              lambda name=task.name: accuracies(multi, tasks, names, device, "selection", only=name),
-                              "accuracy")
+        def own_accuracy(name: str = task.name) -> dict[str, dict[str, float]]:
+            return accuracies(multi, tasks, names, device, "selection", only=name)
+
+        outcome = train_mixed(multi, params, ctx, [task], names, loss_for, own_accuracy, "accuracy")
         own = accuracies(multi, tasks, names, device, "selection", only=task.name)
         held = accuracies(multi, tasks, names, device, "eval", only=task.name)
         individual[task.name] = {
@@ -212,7 +213,7 @@ def merge_table(multi: Any, peft_model: Any, tasks: list[Task], merge: MergeConf
 def run(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassResult:
     """Train one LoRA adapter per task, merge them by each method, keep the best merge; export one ONNX file."""
     from worker.lm.objectives import is_lm
-    from worker.torch_utils import count_params, interface
+    from worker.torch_utils import interface
 
     if is_lm(model, ctx.spec.task):
         raise StepFailed("unsupported_model", "adapters: merge is built for classifiers (encoders, CNNs); a causal "

@@ -425,7 +425,6 @@ def _sizes(shared_params: int, backbone: int, heads: dict[str, int], shared_byte
 
 def run_classifier(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassResult:
     """Shared backbone + one head per task, trained on mixed batches; exported to ONNX with one output per task."""
-    import torch
     import torch.nn.functional as F
 
     from worker.passes.tuning import unfreeze_last
