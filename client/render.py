@@ -140,7 +140,7 @@ def merge_table(report: dict[str, Any]) -> Table | None:
     view = merge_view(report)
     if view is None:
         return None
-    table = Table(title="adapter merge (validation accuracy)", caption=f"chosen: {view.why}")
+    table = Table(title=f"adapter merge (validation {view.metric})", caption=f"chosen: {view.why}")
     for col in ("adapter", *view.tasks, "mean"):
         table.add_column(col, justify="left" if col == "adapter" else "right")
     for label, cells, mean, chosen in view.rows:

@@ -617,9 +617,6 @@ class JobSpec(_Strict):
         if len(tasks) < 2:
             raise ValueError(f"{at}.tasks: adapters 'merge' needs two tasks or more (one adapter per task), "
                              f"got {len(tasks)}")
-        if self.task in LM_TASKS:
-            raise ValueError(f"{at}.adapters: 'merge' is built for classifiers (encoders, CNNs); not yet for "
-                             f"{self.task}")
         defaults = type(step).model_fields
         for name in ("sampling", "temperature"):
             if getattr(step, name) != defaults[name].default:

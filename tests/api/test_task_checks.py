@@ -127,13 +127,3 @@ def test_adapter_merge_errors_name_the_step_task_and_field(client: TestClient, s
     errors = _refused(client, spec)
     assert errors[0]["field"].startswith(field) and message in errors[0]["message"], errors
 
-
-def test_an_lm_adapter_merge_is_refused_at_submit() -> None:
-    from pydantic import ValidationError
-
-    from models.spec import JobSpec
-
-    with pytest.raises(ValidationError, match=r"steps\.0\.adapters: 'merge' is built for classifiers"):
-        JobSpec.model_validate({"model": "m", "task": "text-generation", "steps": [
-            {"type": "finetune", "mode": "lora", "adapters": "merge",
-             "tasks": [{"name": "a", "data": {"train": "d"}}, {"name": "b", "data": {"train": "d"}}]}]})

@@ -551,7 +551,7 @@ def _choice_rows(data: ArrayDataset | None) -> list[dict[str, Any]]:
     return list(data.meta.get("rows") or []) if data is not None and data.meta.get("shape") == "choice" else []
 
 
-def _label_rows(rows: list[dict[str, Any]], model: WorkingModel, ctx: PassContext) -> ArrayDataset:
+def label_rows(rows: list[dict[str, Any]], model: WorkingModel, ctx: PassContext) -> ArrayDataset:
     """Choice rows as prompt/completion rows: the loss on the label's tokens after the text (label likelihood)."""
     from worker.formats.lm_text import lm_dataset
 
@@ -559,7 +559,7 @@ def _label_rows(rows: list[dict[str, Any]], model: WorkingModel, ctx: PassContex
     return lm_dataset(pc, {"row_shape": "prompt_completion"}, model, ctx.spec)
 
 
-def _lm_task_metrics(module: Any, task: Task, ctx: PassContext, tokenizer: Any, *, shots: int = 0,
+def lm_task_metrics(module: Any, task: Task, ctx: PassContext, tokenizer: Any, *, shots: int = 0,
                      split: str = "eval") -> dict[str, float]:
     """A task's eval loss and perplexity (its selection or eval rows) and, for choice rows, its choice accuracy."""
     from worker.lm.evaluate import choice_accuracy, few_shot_prefix
@@ -580,7 +580,7 @@ def _lm_task_metrics(module: Any, task: Task, ctx: PassContext, tokenizer: Any, 
     return out
 
 
-def _prepare_lm_task(task: Task, model: WorkingModel, ctx: PassContext, index: int) -> None:
+def prepare_lm_task(task: Task, model: WorkingModel, ctx: PassContext, index: int) -> None:
     """Choice tasks train on the label's likelihood; a few-shot one gets a stratified split carved from train."""
     from worker.lm.objectives import with_labels
 
@@ -597,13 +597,13 @@ def _prepare_lm_task(task: Task, model: WorkingModel, ctx: PassContext, index: i
         keep, held = stratified_split(labelled, ctx.spec.seed + index)
         val_rows = [train_rows[i] for i in held.inputs["row"]]
         train_rows = [train_rows[i] for i in keep.inputs["row"]]
-        task.validation = _label_rows(val_rows, model, ctx)
+        task.validation = label_rows(val_rows, model, ctx)
         task.choice_rows["validation"] = val_rows
         ctx.log("few-shot task: validation split carved from its train rows", task=task.name,
                 train=len(train_rows), validation=len(val_rows))
     task.choice_rows["train"], task.choice_rows["eval"] = train_rows, eval_rows
-    task.train = _label_rows(train_rows, model, ctx)
-    task.eval = _label_rows(eval_rows, model, ctx) if eval_rows else None
+    task.train = label_rows(train_rows, model, ctx)
+    task.eval = label_rows(eval_rows, model, ctx) if eval_rows else None
 
 
 def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassResult:
@@ -615,12 +615,12 @@ def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassR
 
     tasks = load_tasks(model, params, ctx, lm=True)
     for i, task in enumerate(tasks):
-        _prepare_lm_task(task, model, ctx, i)
+        prepare_lm_task(task, model, ctx, i)
     tokenizer = load_tokenizer(model)
     inner = model.module
     inner.to(ctx.device)
-    before = {t.name: _lm_task_metrics(inner, t, ctx, tokenizer) for t in tasks}
-    in_context = {t.name: _lm_task_metrics(inner, t, ctx, tokenizer, shots=IN_CONTEXT_SHOTS)
+    before = {t.name: lm_task_metrics(inner, t, ctx, tokenizer) for t in tasks}
+    in_context = {t.name: lm_task_metrics(inner, t, ctx, tokenizer, shots=IN_CONTEXT_SHOTS)
                   for t in tasks if t.choice_rows.get("eval") and t.choice_rows.get("train")}
     peft_model = None
     if params.mode == "lora":
@@ -633,7 +633,7 @@ def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassR
     outcome = train_mixed(
         trained, params, ctx, tasks, [n for n in LM_INPUTS if n in tasks[0].train.inputs],
         lambda t, batch: loss(batch),
-        lambda: {t.name: _lm_task_metrics(trained, t, ctx, tokenizer, split="selection") for t in tasks},
+        lambda: {t.name: lm_task_metrics(trained, t, ctx, tokenizer, split="selection") for t in tasks},
         "eval_loss", higher_is_better=False,
     )
     if peft_model is not None:
@@ -641,8 +641,23 @@ def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassR
         model = replace(model, module=inner)
     inner.requires_grad_(True)
     inner.eval()
-    after = {t.name: _lm_task_metrics(inner, t, ctx, tokenizer) for t in tasks}
+    after = {t.name: lm_task_metrics(inner, t, ctx, tokenizer) for t in tasks}
     params_n = count_params(inner)
+    rows = lm_task_rows(tasks, before, after, in_context)
+    for row in rows:
+        row["batches"] = outcome.batches.get(row["task"], 0)
+    metrics = {
+        **_run_metrics(params, tasks, outcome, rows, "one causal LM, the tasks' rows mixed", "best_selection_eval_loss"),
+        "total_params": params_n, "trainable_params": trainable,
+    }
+    metrics["multitask"]["size"] = _sizes(params_n, params_n, {t.name: 0 for t in tasks}, None)
+    return PassResult(model, metrics, outcome.curve)
+
+
+def lm_task_rows(tasks: list[Task], before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+                 in_context: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Each LM task's row: accuracy (choice rows) or eval loss before and after, and zero-shot, in-context and
+    fine-tuned accuracy side by side for choice tasks."""
     rows = []
     for task in tasks:
         b, a = before.get(task.name, {}), after.get(task.name, {})
@@ -657,14 +672,9 @@ def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassR
             "zero_shot": b.get("accuracy") if choice else None,
             "in_context": in_context.get(task.name, {}).get("accuracy") if choice else None,
             "in_context_shots": IN_CONTEXT_SHOTS if choice else None,
-            "fine_tuned": a.get("accuracy") if choice else None, "batches": outcome.batches.get(task.name, 0),
+            "fine_tuned": a.get("accuracy") if choice else None,
         })
-    metrics = {
-        **_run_metrics(params, tasks, outcome, rows, "one causal LM, the tasks' rows mixed", "best_selection_eval_loss"),
-        "total_params": params_n, "trainable_params": trainable,
-    }
-    metrics["multitask"]["size"] = _sizes(params_n, params_n, {t.name: 0 for t in tasks}, None)
-    return PassResult(model, metrics, outcome.curve)
+    return rows
 
 
 def _run_metrics(params: FinetuneStep, tasks: list[Any], outcome: MixedOutcome, rows: list[dict[str, Any]],

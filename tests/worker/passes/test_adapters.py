@@ -16,9 +16,13 @@ import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
 
+from models.spec import JobSpec
 from tests import factories_train as f
+from tests.factories_lm import licence_paragraphs, tiny_lm_archive
+from worker.context import LocalContext
 from worker.core import StepFailed
 from worker.passes.adapters import pick, why
+from worker.passes.finetune import FinetunePass
 
 METHODS = ["linear", "ties", "dare_ties", "dare_linear", "cat"]
 
@@ -37,6 +41,49 @@ def test_the_merge_with_the_best_mean_wins_and_a_failed_method_never_does() -> N
                     "its own adapter: a (-15.0 points); not possible here: linear")
     with pytest.raises(StepFailed, match="no merge method worked: linear: All adapters"):
         pick(table[:1])
+    # a causal LM's merge is chosen by the lowest mean eval loss
+    losses = [{"method": "cat", "per_task": {"a": 2.0}, "mean": 2.0}, {"method": "ties", "per_task": {"a": 1.5}, "mean": 1.5}]
+    assert pick(losses, higher_is_better=False)["method"] == "ties"
+    assert why(losses, losses[1], {"a": {"validation": 1.25}}, "eval_loss", False) == (
+        "ties: lowest mean validation eval loss over the tasks (1.5); next cat (2); furthest from its own adapter: "
+        "a (+0.25)")
+
+
+def test_a_causal_lm_merges_its_task_adapters_into_one_plain_model(tmp_path: Path) -> None:
+    gpl, apache = licence_paragraphs(("GPL-3",)), licence_paragraphs(("Apache-2.0",))
+
+    def choice(rows: list[str], label: str) -> list[dict[str, str]]:
+        return [{"text": p[:60], "label": label} for p in rows]
+
+    files: dict[str, tuple[Path, str, dict[str, Any]]] = {
+        "lm-tr": (f.write_jsonl(tmp_path / "lm.jsonl", [{"text": p} for p in (gpl + apache)[:16]]), "text", {}),
+        "which-tr": (f.write_jsonl(tmp_path / "w.jsonl", choice(gpl[:8], "gpl") + choice(apache[:8], "apache")),
+                     "text", {}),
+        "which-ev": (f.write_jsonl(tmp_path / "we.jsonl", choice(gpl[10:16], "gpl") + choice(apache[10:16], "apache")),
+                     "text", {}),
+    }
+    spec = JobSpec.model_validate({
+        "model": "lm", "task": "text-generation", "text": {"max_length": 32},
+        "steps": [{"type": "finetune", "mode": "lora", "epochs": 2, "batch_size": 8, "lr": 1e-2,
+                   "tasks": [{"name": "lm", "data": {"train": "lm-tr"}},
+                             {"name": "which", "data": {"train": "which-tr", "eval": "which-ev"}}],
+                   "adapters": "merge", "merge": {"methods": ["linear", "cat"]}}],
+    })
+    ctx = LocalContext(tmp_path / "work", spec, models={"lm": (tiny_lm_archive(tmp_path), "hf", {})}, datasets=files,
+                       device="cpu")
+    result = FinetunePass().run(ctx.load_model("input"), spec.steps[0], ctx)  # type: ignore[arg-type]
+    merge = result.metrics["multitask"]["merge"]
+    print(merge["why"])
+    assert merge["metric"] == "eval_loss" and [m["method"] for m in merge["methods"]] == ["linear", "cat"]
+    chosen = min(merge["methods"], key=lambda m: m["mean"])
+    assert merge["chosen"] == chosen["method"] and set(chosen["per_task"]) == {"lm", "which"}
+    # each adapter lowered its own task's validation loss (the curve's first epoch is after one epoch of training)
+    for task in ("lm", "which"):
+        own = merge["individual"][task]
+        assert own["validation"] < result.curve[0].get(f"eval_loss[{task}]", own["validation"] + 1) + 1e-9
+    which = {r["task"]: r for r in result.metrics["multitask"]["tasks"]}["which"]
+    assert which["metric"] == "accuracy" and which["eval_loss_after"] < which["eval_loss_before"]
+    assert not any("lora" in k for k in result.model.module.state_dict())  # merged: a plain model to export
 
 
 @pytest.fixture
