@@ -104,3 +104,15 @@ def test_merge_view_and_cli_table() -> None:
     console.print(table)
     out = console.export_text()
     assert "linear *" in out and "84.8%" in out and "chosen: linear: highest mean" in out
+
+
+def test_an_lm_merge_shows_eval_loss_as_numbers() -> None:
+    from models.multitask_view import merge_view
+
+    report = merge_report()
+    merge = report["steps"][0]["metrics"]["multitask"]["merge"]
+    merge.update({"metric": "eval_loss", "individual": {"lm": {"validation": 5.8614}},
+                  "methods": [{"method": "cat", "density": None, "per_task": {"lm": 5.8613}, "mean": 5.8613}]})
+    view = merge_view(report)
+    assert view is not None and view.metric == "eval loss"
+    assert view.rows == [("each task's adapter alone", ["5.861"], "-", False), ("cat", ["5.861"], "5.861", False)]
