@@ -247,11 +247,12 @@ def train_adapters(family: Family, peft_model: Any, params: FinetuneStep, ctx: P
         def own(name: str = task.name) -> dict[str, dict[str, float]]:
             return family.measure("selection", only=name)
 
+        start = own().get(task.name, {}).get(family.metric)  # its LoRA B is zero: the input backbone
         outcome = train_mixed(family.module, params, ctx, [task], family.input_names, loss_for, own, family.metric,
                               higher_is_better=family.higher_is_better)
         chosen, held = own().get(task.name, {}), family.measure("eval", only=task.name).get(task.name, {})
         individual[task.name] = {
-            "validation": chosen.get(family.metric), "eval": held.get(family.metric),
+            "validation_before": start, "validation": chosen.get(family.metric), "eval": held.get(family.metric),
             "validation_metrics": chosen, "eval_metrics": held,
             "best_epoch": outcome.best_epoch, "epochs_run": outcome.epochs_run, "optimizer_steps": outcome.steps,
             "stopped_early": outcome.stopped_early, "trainable_params": trainable,

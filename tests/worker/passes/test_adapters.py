@@ -77,10 +77,10 @@ def test_a_causal_lm_merges_its_task_adapters_into_one_plain_model(tmp_path: Pat
     assert merge["metric"] == "eval_loss" and [m["method"] for m in merge["methods"]] == ["linear", "cat"]
     chosen = min(merge["methods"], key=lambda m: m["mean"])
     assert merge["chosen"] == chosen["method"] and set(chosen["per_task"]) == {"lm", "which"}
-    # each adapter lowered its own task's validation loss (the curve's first epoch is after one epoch of training)
+    # each adapter lowered its own task's validation loss below the input model's
     for task in ("lm", "which"):
         own = merge["individual"][task]
-        assert own["validation"] < result.curve[0].get(f"eval_loss[{task}]", own["validation"] + 1) + 1e-9
+        assert own["validation"] < own["validation_before"] - 0.02, (task, own)
     which = {r["task"]: r for r in result.metrics["multitask"]["tasks"]}["which"]
     assert which["metric"] == "accuracy" and which["eval_loss_after"] < which["eval_loss_before"]
     assert not any("lora" in k for k in result.model.module.state_dict())  # merged: a plain model to export
@@ -137,7 +137,8 @@ def test_two_task_adapter_merge_job_through_the_api(client: TestClient, tmp_path
     merge = metrics["multitask"]["merge"]
     print(json.dumps({m["method"]: m.get("per_task") for m in merge["methods"]}), merge["why"])
     # each adapter learns its own task on its own (1/3 and 2/3 are chance and majority)
-    assert all(merge["individual"][t]["validation"] >= 0.8 for t in rows), merge["individual"]
+    assert all(merge["individual"][t]["validation"] >= 0.8 > merge["individual"][t]["validation_before"] + 0.2
+               for t in rows), merge["individual"]
     # every method measured on every task's validation split; the chosen one is the best mean
     assert [m["method"] for m in merge["methods"]] == METHODS
     assert all(set(m["per_task"]) == set(rows) and m["mean"] == pytest.approx(np.mean(list(m["per_task"].values())))
