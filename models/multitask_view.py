@@ -117,7 +117,11 @@ def merge_view(report: dict[str, Any]) -> MergeView | None:
     tasks = [str(t) for t in individual] or [str(r.get("task")) for r in (_multitask(report) or {}).get("tasks", [])]
     shown = _pct if merge.get("metric", "accuracy") == "accuracy" else fmt_number
     own = [shown((individual.get(t) or {}).get("validation")) for t in tasks]
-    rows: list[tuple[str, list[str], str, bool]] = [("each task's adapter alone", own, "-", False)]
+    rows: list[tuple[str, list[str], str, bool]] = []
+    if any((individual.get(t) or {}).get("validation_before") is not None for t in tasks):
+        rows.append(("input model", [shown((individual.get(t) or {}).get("validation_before")) for t in tasks], "-",
+                     False))
+    rows.append(("each task's adapter alone", own, "-", False))
     for m in merge.get("methods") or []:
         if not isinstance(m, dict):
             continue

@@ -111,8 +111,9 @@ def test_an_lm_merge_shows_eval_loss_as_numbers() -> None:
 
     report = merge_report()
     merge = report["steps"][0]["metrics"]["multitask"]["merge"]
-    merge.update({"metric": "eval_loss", "individual": {"lm": {"validation": 5.8614}},
+    merge.update({"metric": "eval_loss", "individual": {"lm": {"validation": 5.8614, "validation_before": 5.95}},
                   "methods": [{"method": "cat", "density": None, "per_task": {"lm": 5.8613}, "mean": 5.8613}]})
     view = merge_view(report)
     assert view is not None and view.metric == "eval loss"
-    assert view.rows == [("each task's adapter alone", ["5.861"], "-", False), ("cat", ["5.861"], "5.861", False)]
+    assert view.rows == [("input model", ["5.95"], "-", False), ("each task's adapter alone", ["5.861"], "-", False),
+                         ("cat", ["5.861"], "5.861", False)]
