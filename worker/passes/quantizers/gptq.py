@@ -83,40 +83,63 @@ def block_params(w: np.ndarray, bits: int, symmetric: bool, weight: np.ndarray |
     return best_scale, best_zero
 
 
-def quantize_weight(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int, symmetric: bool,
-                    act_order: bool = True) -> Quantized:
-    """GPTQ of one MatMul weight ``[K, N]`` (``y = x @ W``) given ``H = X^T X`` ``[K, K]`` of its inputs.
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What GPTQ derives from one input's Hessian alone, shared by the MatMuls that read that input (q/k/v,
+    gate/up): the padded Hessian's diagonal, dead inputs, the column order and the upper Cholesky factor of
+    the damped, permuted ``H^-1``."""
 
-    Blocks of ``block`` input rows share a scale; with ``act_order`` the inputs go in order of decreasing
-    ``H`` diagonal (the most active first, the paper's trick for small models), the block scales chosen up
-    front on the original weights so the file layout stays in input order. Works on ``W`` as stored
-    (``[K, N]``: one input's weights are a contiguous row), in numpy: the column loop is thousands of small
-    vector operations, where torch's per-op overhead and thread hand-offs cost 20x on busy cores.
-    """
-    top = 2**bits - 1
-    k, n = weight.shape
-    pad = -k % block
-    w0 = np.zeros((k + pad, n), dtype=np.float32)  # MatMulNBits blocks cover K rounded up: padded inputs are 0
-    w0[:k] = weight
-    kp = k + pad
+    k: int
+    block: int
+    diag: np.ndarray
+    dead: np.ndarray
+    perm: np.ndarray
+    hinv: np.ndarray
+
+
+def prepare(hessian: np.ndarray, block: int, act_order: bool = True) -> Prepared:
+    """``H`` ``[K, K]`` padded to whole blocks (MatMulNBits blocks cover K rounded up: padded inputs are 0),
+    inputs that never fire set to 1 on the diagonal, columns ordered (``act_order``: decreasing ``H``
+    diagonal, the paper's trick for small models), 1 % damping, then ``chol(H^-1)``."""
+    k = hessian.shape[0]
+    kp = k + (-k % block)
     h = np.zeros((kp, kp), dtype=np.float64)
     h[:k, :k] = hessian
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    w = w0.copy()
-    w[dead] = 0.0
     diag = np.diag(h).astype(np.float32)
+    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(kp)
+    hp = h[perm][:, perm]
+    hp[np.diag_indices(kp)] += DAMP * np.mean(np.diag(hp))
+    return Prepared(k, block, diag, dead, perm, _inverse_cholesky(hp).astype(np.float32))
+
+
+def quantize_weight(weight: np.ndarray, hessian: np.ndarray | Prepared, bits: int, block: int, symmetric: bool,
+                    act_order: bool = True) -> Quantized:
+    """GPTQ of one MatMul weight ``[K, N]`` (``y = x @ W``) given ``H = X^T X`` ``[K, K]`` of its inputs (or
+    ``prepare(H)``, computed once per input).
+
+    Blocks of ``block`` input rows share a scale; the block scales are chosen up front on the original weights
+    (static groups) so the file layout stays in input order whatever the column order. Works on ``W`` as
+    stored (``[K, N]``: one input's weights are a contiguous row), in numpy: the column loop is thousands of
+    small vector operations, where torch's per-op overhead and thread hand-offs cost 20x on busy cores.
+    """
+    prep = hessian if isinstance(hessian, Prepared) else prepare(hessian, block, act_order)
+    top = 2**bits - 1
+    k, n = weight.shape
+    kp = prep.diag.shape[0]
+    w0 = np.zeros((kp, n), dtype=np.float32)
+    w0[:k] = weight
+    w = w0.copy()
+    w[prep.dead] = 0.0
+    diag, perm, hinv = prep.diag, prep.perm, prep.hinv
     blocks = kp // block
     scales = np.zeros((blocks, n), dtype=np.float32)
     zeros = np.zeros((blocks, n), dtype=np.float32)
     for b in range(blocks):  # the block grids, on the original weights (static groups)
         sl = slice(b * block, (b + 1) * block)
         scales[b], zeros[b] = block_params(np.ascontiguousarray(w[sl].T), bits, symmetric, diag[sl])
-    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(kp)
     w = w[perm]
-    hp = h[perm][:, perm]
-    hp[np.diag_indices(kp)] += DAMP * np.mean(np.diag(hp))
-    hinv = _inverse_cholesky(hp).astype(np.float32)
     codes = np.zeros((kp, n), dtype=np.float32)
     loss = 0.0  # sum over columns of (w - q)^2 / [H^-1]_ii: tr(dW^T H dW) of the damped H (the paper's Losses)
     group = perm // block
@@ -136,23 +159,28 @@ def quantize_weight(weight: np.ndarray, hessian: np.ndarray, bits: int, block: i
             err1[i] = e
         w[i2:] -= hinv[i1:i2, i2:].T @ err1
     codes = codes[np.argsort(perm)]
-    energy = float(np.einsum("kn,k,kn->", w0[:k], np.diag(hessian), w0[:k]))  # tr(W^T diag(H) W)
+    energy = float(np.einsum("kn,k,kn->", w0[:k], diag[:k], w0[:k]))  # tr(W^T diag(H) W)
     error = float(np.sqrt(loss / energy)) if energy > 0 else 0.0
     return Quantized(codes.T.astype(np.uint8), scales.T.copy(), zeros.T.astype(np.uint8), error)
 
 
 def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """The upper Cholesky factor of ``H^-1`` (what GPTQ's updates read), more damping if ``H`` is not
-    positive definite."""
+    """The upper Cholesky factor of ``H^-1`` (what GPTQ's updates read) by LAPACK's triangular routines
+    (potrf, potri: a third of a general inverse), more damping if ``H`` is not positive definite."""
+    from scipy.linalg import lapack
+
     damp = 0.0
     eye = np.eye(h.shape[0])
     for _ in range(6):
-        try:
-            chol = np.linalg.cholesky(h + damp * eye)
-            inv = np.linalg.inv(chol)
-            return np.linalg.cholesky(inv.T @ inv).T
-        except np.linalg.LinAlgError:
-            damp = max(damp * 10, 1e-2 * float(np.mean(np.diag(h))))
+        chol, info = lapack.dpotrf(h + damp * eye, lower=1)
+        if info == 0:
+            inv, info = lapack.dpotri(chol, lower=1)  # H^-1, lower triangle
+            if info == 0:
+                full = np.tril(inv) + np.tril(inv, -1).T
+                upper, info = lapack.dpotrf(full, lower=0)
+                if info == 0:
+                    return np.triu(upper)
+        damp = max(damp * 10, 1e-2 * float(np.mean(np.diag(h))))
     raise RuntimeError("the calibration Hessian is not positive definite even with heavy damping")
 
 
@@ -232,7 +260,8 @@ def apply(m: onnx.ModelProto, names: list[str], hess: dict[str, np.ndarray], bit
         for i in node.input:
             users[i] = users.get(i, 0) + 1
     errors: dict[str, float] = {}
-    nodes = [n for n in m.graph.node if n.name in chosen]
+    nodes = sorted((n for n in m.graph.node if n.name in chosen), key=lambda n: n.input[0])  # shared inputs together
+    prepared: tuple[str, Prepared] | None = None
     for done, node in enumerate(nodes):
         ctx.check_cancelled()
         ctx.progress(f"gptq {done + 1}/{len(nodes)}: {node.name}", fraction=0.3 + 0.6 * done / max(len(nodes), 1))
@@ -240,7 +269,9 @@ def apply(m: onnx.ModelProto, names: list[str], hess: dict[str, np.ndarray], bit
         raw = numpy_helper.to_array(table)
         k, n = raw.shape
         with threadpool_limits(1):  # small vector ops: BLAS threads would spin more than they compute
-            q = quantize_weight(raw.astype(np.float32), hess[node.input[0]], bits, block, symmetric, act_order)
+            if prepared is None or prepared[0] != node.input[0]:
+                prepared = (node.input[0], prepare(hess[node.input[0]], block, act_order))
+            q = quantize_weight(raw.astype(np.float32), prepared[1], bits, block, symmetric)
         errors[node.name] = q.error
         b, scales, zp = pack(q, bits, block)
         base = f"{node.input[1]}_Q{bits}G{block}"
