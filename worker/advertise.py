@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 
 from models.memory_fit import machine_free_memory_bytes, machine_memory_bytes
@@ -58,11 +59,15 @@ class _Self:
 
 
 _SELF: list[_Self] = []
+# Held by a heartbeat while it writes and by the withdrawal: no beat after shutdown puts the row back.
+_LOCK = threading.Lock()
+_LEFT = threading.Event()
 
 
 def configure(queues: list[str], hostname: str, gpu: Gpu) -> None:
     """Record what this worker process consumes and has (``worker.main.run_worker``, before Celery starts)."""
     _SELF[:] = [_Self(list(queues), hostname, gpu)]
+    _LEFT.clear()
 
 
 def queues_for(requested: list[str] | None, gpu: Gpu, settings: Settings | None = None) -> list[str]:
@@ -88,15 +93,20 @@ def current(settings: Settings | None = None) -> Advert:
                   gpu_memory=gpu.memory)
 
 
-def beat(settings: Settings | None = None) -> Advert:
-    """Write this worker's advertisement with a fresh heartbeat; returns it."""
+def beat(settings: Settings | None = None) -> Advert | None:
+    """Write this worker's advertisement with a fresh heartbeat; returns it (None: the worker has left)."""
     s = settings or get_settings()
-    advert = current(s)
-    advertise(advert, s.worker_live_s)
-    return advert
+    with _LOCK:
+        if _LEFT.is_set():
+            return None
+        advert = current(s)
+        advertise(advert, s.worker_live_s)
+        return advert
 
 
 def leave() -> None:
-    """Withdraw this worker's advertisement (warm shutdown)."""
-    if _SELF:
-        withdraw(current().id)
+    """Withdraw this worker's advertisement for good (warm shutdown): later heartbeats write nothing."""
+    with _LOCK:
+        _LEFT.set()
+        if _SELF:
+            withdraw(current().id)

@@ -36,13 +36,14 @@ def test_beat_advertises_this_machine(pg_env: str) -> None:
     configure(["cpu-x", "gpu-x"], "modelpress-test@host", Gpu())
     try:
         advert = beat()
+        assert advert is not None
         fleet = live_fleet(60)
         assert [w.id for w in fleet.workers] == [advert.id]
         me = fleet.workers[0]
         assert me.memory_total == machine_memory_bytes() and 0 < me.memory_free <= me.memory_total
         assert me.queues == ["cpu-x", "gpu-x"] and me.gpu_count == 0 and me.gpu_name is None
         advertise.leave()
-        assert live_fleet(60).workers == []
+        assert beat() is None and live_fleet(60).workers == []  # no heartbeat after leaving brings it back
     finally:
         advertise._SELF.clear()
 
