@@ -12,8 +12,8 @@ Bytes per parameter at the peak, measured on random-init Llamas (``python -m ben
 - training on CPU: full finetune / distill hold fp32 weights, gradients and two AdamW moments (16 B/param)
   plus activations: 20; LoRA and the partial modes hold the fp32 module and its activations: 6.
 - training on CUDA (``training_plan``; planned from the weights' sizes, never measured yet: ``bench/gpu_check.py``):
-  full in fp32 with gradient checkpointing 18 B/param; LoRA and the partial modes on a bf16 base with
-  checkpointing 2.5; QLoRA (the base in 4-bit NF4, LoRA only) 0.75 (the embeddings stay bf16); each plus
+  full in fp32 with gradient checkpointing 18 B/param, the partial modes 6; LoRA on 1 B parameters and more
+  on a bf16 base 2.5, QLoRA (the base in 4-bit NF4) 0.75 (the embeddings stay bf16); each plus
   ``GPU_FIXED_BYTES`` (the CUDA context and one batch's activations).
 """
 
@@ -132,9 +132,9 @@ def training_plan(params: int, mode: str, *, cuda: bool, gpu_memory: int = 0,
     """The plan for training ``params`` parameters in ``mode`` (``full``, ``head``, ``last_n``, ``lora``,
     ``distill``) on a CUDA device of ``gpu_memory`` bytes, or on a CPU; a str says why it cannot run there.
 
-    CPU: fp32, refused from ``cpu_max_params``. CUDA: below ``LARGE_MODEL_PARAMS`` fp32 as before; from it
-    full/distill stay fp32 (bf16 weights lose small updates), LoRA and the partial modes take a bf16 base,
-    and LoRA a 4-bit base (QLoRA) where the bf16 one does not fit; all with gradient checkpointing."""
+    CPU: fp32, refused from ``cpu_max_params``. CUDA, all with gradient checkpointing: LoRA from
+    ``LARGE_MODEL_PARAMS`` on a frozen bf16 base (its adapters fp32), or a 4-bit one (QLoRA) where the bf16 one
+    does not fit; every other mode and size in fp32 (weights that train in bf16 lose small updates)."""
     size = f"{params / 1e9:.2f} B parameters"
     full = mode in ("full", "distill")
     if not cuda:
@@ -144,15 +144,13 @@ def training_plan(params: int, mode: str, *, cuda: bool, gpu_memory: int = 0,
         per = TRAIN_FULL_BYTES_PER_PARAM if full else TRAIN_PARTIAL_BYTES_PER_PARAM
         return TrainingPlan("cpu", "float32", False, False, params * per, f"fp32 on the CPU: {per} bytes per parameter")
     budget = MEMORY_SHARE * gpu_memory
-    options: list[tuple[str, float, bool]] = []  # (dtype, bytes per parameter, 4-bit base)
+    options: list[tuple[str, float, bool]] = []  # (dtype, bytes per parameter, 4-bit base), the first that fits
     if full:
         options.append(("float32", GPU_FULL_BYTES_PER_PARAM, False))
-    elif params < LARGE_MODEL_PARAMS:
+    elif mode != "lora" or params < LARGE_MODEL_PARAMS:
         options.append(("float32", TRAIN_PARTIAL_BYTES_PER_PARAM, False))
     else:
-        options.append(("bfloat16", GPU_BF16_BYTES_PER_PARAM, False))
-        if mode == "lora":
-            options.append(("bfloat16", GPU_4BIT_BYTES_PER_PARAM, True))
+        options += [("bfloat16", GPU_BF16_BYTES_PER_PARAM, False), ("bfloat16", GPU_4BIT_BYTES_PER_PARAM, True)]
     for dtype, per_param, four in options:
         peak = int(params * per_param + GPU_FIXED_BYTES)
         if peak <= budget:

@@ -8,6 +8,7 @@ from typing import Any
 from models.spec import FinetuneStep
 from worker.core import PassContext, StepFailed, WorkingModel
 from worker.passes.base import Pass, PassResult
+from worker.passes.lm_device import merge_4bit_lora, place, plan_for
 from worker.passes.tuning import (
     accuracy_eval,
     classification_loss,
@@ -38,8 +39,11 @@ def finetune_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> 
     evald = with_labels(evald) if evald is not None and len(evald) else None
     device = ctx.device
     inner = model.module
-    inner.to(device)
-    metrics: dict[str, Any] = {"mode": params.mode, "total_params": count_params(inner)}
+    total = count_params(inner)
+    plan = plan_for(inner, params.mode, device)  # a CPU refuses a model this large; CUDA: dtype, QLoRA
+    inner = place(inner, plan, device)
+    metrics: dict[str, Any] = {"mode": params.mode, "total_params": total, "device": plan.device,
+                               "dtype": plan.dtype, "base_4bit": plan.base_4bit, "planned_peak_bytes": plan.peak_bytes}
     if evald is not None:
         before = eval_loss(inner, evald, device)
         metrics.update({"eval_loss_before": before["eval_loss"], "perplexity_before": before["perplexity"]})
@@ -68,9 +72,10 @@ def finetune_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> 
             phase="training",
             seed=ctx.spec.seed,
         )
-    if peft_model is not None:
-        inner = peft_model.merge_and_unload()  # export sees a plain model
-        model = replace(model, module=inner)
+    if peft_model is not None:  # export sees a plain fp32 model
+        inner = merge_4bit_lora(peft_model) if plan.base_4bit else peft_model.merge_and_unload()
+    inner = inner.float()
+    model = replace(model, module=inner)
     inner.requires_grad_(True)
     inner.eval()
     metrics.update(
