@@ -82,9 +82,8 @@ def queues_for(requested: list[str] | None, gpu: Gpu, settings: Settings | None 
 def current(settings: Settings | None = None) -> Advert:
     """This worker's advertisement now (free memory read afresh each time)."""
     s = settings or get_settings()
-    if not _SELF:  # started some other way than worker.main: the default queues, the GPU probed once
-        gpu = probe_gpu()
-        configure(queues_for(None, gpu, s), socket.gethostname(), gpu)
+    if not _SELF:  # started some other way than worker.main: the default queues and, not consuming the CUDA
+        configure(queues_for(None, Gpu(), s), socket.gethostname(), Gpu())  # queue, no GPU to offer
     me = _SELF[0]
     gpu = me.gpu or Gpu()
     total = s.worker_memory_bytes or machine_memory_bytes()
