@@ -64,10 +64,10 @@ class Fleet:
         """The live worker with the most memory (None: none live)."""
         return max(self.workers, key=lambda w: w.memory_total, default=None)
 
-    def largest_gpu(self, queue: str) -> Advert | None:
-        """The live worker consuming ``queue`` with the largest GPU (None: no live GPU worker)."""
+    def gpu_workers(self, queue: str) -> list[Advert]:
+        """The live workers with a GPU consuming ``queue``, the largest GPU (then the most RAM) first."""
         gpus = [w for w in self.workers if w.gpu_count and queue in w.queues]
-        return max(gpus, key=lambda w: w.gpu_memory, default=None)
+        return sorted(gpus, key=lambda w: (w.gpu_memory, w.memory_total), reverse=True)
 
 
 def live_fleet(live_s: float, now: datetime | None = None) -> Fleet:

@@ -12,7 +12,7 @@ from models import memory_fit
 from models.settings import Settings
 from models.spec import JobSpec
 from models.tables import Model
-from models.workers import Fleet, live_fleet
+from models.workers import Advert, Fleet, live_fleet
 
 
 def planned_memory(settings: Settings, fleet: Fleet) -> tuple[int, str]:
@@ -35,6 +35,19 @@ def _training_mode(steps: list[Any]) -> str | None:
     return None
 
 
+def _gpu_refusal(params: int, mode: str, gpu: Advert) -> str | None:
+    """Why GPU worker ``gpu`` cannot train ``params`` parameters in ``mode`` (None: it can)."""
+    plan = memory_fit.training_plan(params, mode, cuda=True, gpu_memory=gpu.gpu_memory)
+    host = params * memory_fit.IN_MEMORY_BYTES_PER_PARAM  # the trained model is exported and evaluated in memory
+    if not isinstance(plan, str) and host <= memory_fit.MEMORY_SHARE * gpu.memory_total:
+        return None
+    msg = plan if isinstance(plan, str) else (
+        f"after training, the model is exported and evaluated in the worker's RAM: about {host / 1e9:.0f} GB "
+        f"({memory_fit.IN_MEMORY_BYTES_PER_PARAM} bytes per parameter); the GPU worker has "
+        f"{gpu.memory_total / 1e9:.0f} GB, of which a job may plan {memory_fit.MEMORY_SHARE:.0%}")
+    return f"{msg} (GPU worker: {gpu.gpu_name} on {gpu.id})"
+
+
 def _route_training(spec: JobSpec, meta: dict[str, Any], settings: Settings, fleet: Fleet) -> str | None:
     """The CUDA queue for training a model too large for a CPU worker; 422 when no live GPU fits it."""
     params = int(meta.get("parameters") or 0)
@@ -42,20 +55,20 @@ def _route_training(spec: JobSpec, meta: dict[str, Any], settings: Settings, fle
     if mode is None or params < settings.cpu_train_max_params:
         return None
     memory, basis = planned_memory(settings, fleet)
-    gpu = fleet.largest_gpu(settings.cuda_queue)
-    if gpu is None or spec.queue == "cpu":
+    gpus = fleet.gpu_workers(settings.cuda_queue)
+    if not gpus or spec.queue == "cpu":
         why = memory_fit.training_plan(params, mode, cuda=False, cpu_max_params=settings.cpu_train_max_params)
         where = "the job asks for queue cpu" if spec.queue == "cpu" else "no live worker has a GPU"
         msg = f"{why}; {where}. What fits: {memory_fit.without_training(meta, memory)}"
         raise ProblemError(422, "needs_gpu_worker", msg, errors=[{
             "field": "steps", "message": msg, "parameters": params, "cpu_train_max_params":
-            settings.cpu_train_max_params, "gpu_workers": 0 if gpu is None else 1, "worker_memory_bytes": memory,
+            settings.cpu_train_max_params, "gpu_workers": len(gpus), "worker_memory_bytes": memory,
             "memory_basis": basis}])
-    plan = memory_fit.training_plan(params, mode, cuda=True, gpu_memory=gpu.gpu_memory)
-    if isinstance(plan, str):
-        msg = f"{plan} (largest live GPU: {gpu.gpu_name} on {gpu.id})"
-        raise ProblemError(422, "job_too_large", msg, errors=[{
-            "field": "steps", "message": msg, "gpu_memory_bytes": gpu.gpu_memory, "gpu_name": gpu.gpu_name}])
+    refusals = [why for w in gpus if (why := _gpu_refusal(params, mode, w))]
+    if len(refusals) == len(gpus):  # none fits: the largest GPU's reason
+        raise ProblemError(422, "job_too_large", refusals[0], errors=[{
+            "field": "steps", "message": refusals[0], "gpu_memory_bytes": gpus[0].gpu_memory,
+            "gpu_name": gpus[0].gpu_name, "worker_memory_bytes": gpus[0].memory_total}])
     return settings.cuda_queue
 
 

@@ -26,14 +26,15 @@ def test_live_fleet_is_the_workers_heard_from_within_the_window(pg_env: str) -> 
     fleet = live_fleet(60, now=now)
     assert sorted(w.hostname for w in fleet.workers) == ["big", "small"]
     assert fleet.largest_memory is not None and fleet.largest_memory.hostname == "big"
-    assert fleet.largest_gpu("cuda") is None
+    assert fleet.gpu_workers("cuda") == []
 
 
-def test_largest_gpu_counts_only_workers_on_the_cuda_queue(pg_env: str) -> None:
+def test_gpu_workers_are_those_on_the_cuda_queue_largest_first(pg_env: str) -> None:
     advertise(_advert("a", 64 * GB, gpu=80 * GB, queues=("cpu", "gpu")), live_s=60)  # a GPU, but not consuming cuda
     advertise(_advert("b", 64 * GB, gpu=24 * GB, queues=("cpu", "gpu", "cuda")), live_s=60)
-    gpu = live_fleet(60).largest_gpu("cuda")
-    assert gpu is not None and gpu.hostname == "b" and gpu.gpu_memory == 24 * GB
+    advertise(_advert("c", 32 * GB, gpu=48 * GB, queues=("cuda",)), live_s=60)
+    advertise(_advert("d", 128 * GB, gpu=48 * GB, queues=("cuda",)), live_s=60)
+    assert [w.hostname for w in live_fleet(60).gpu_workers("cuda")] == ["d", "c", "b"]
 
 
 def test_a_refresh_keeps_the_start_and_long_silent_rows_are_dropped(pg_env: str) -> None:

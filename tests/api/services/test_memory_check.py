@@ -180,6 +180,10 @@ def test_training_a_large_model_goes_to_a_live_gpu_worker_or_is_refused(
     assert "needs about 2 GB of GPU memory" in p["detail"] and "LoRA (mode lora" in p["detail"]
     assert "NVIDIA H100 on gpu-tiny:1" in p["detail"]
 
+    _advert("gpu-no-ram", 1000, gpu=80 * 10**9)  # the GPU fits; its RAM cannot hold the export after training
+    p = refused(lora, "job_too_large")
+    assert "exported and evaluated in the worker's RAM" in p["detail"] and "gpu-no-ram:1" in p["detail"]
+
     _advert("gpu-h100", 64 * 10**9, gpu=80 * 10**9)
     refused({**lora, "queue": "cpu"}, "needs_gpu_worker")
     r = client.post("/v1/jobs", json=lora)
