@@ -64,7 +64,7 @@ def _route_training(spec: JobSpec, meta: dict[str, Any], settings: Settings, fle
             "field": "steps", "message": msg, "parameters": params, "cpu_train_max_params":
             settings.cpu_train_max_params, "gpu_workers": len(gpus), "worker_memory_bytes": memory,
             "memory_basis": basis}])
-    refusals = [why for w in gpus if (why := _gpu_refusal(params, mode, w))]
+    refusals = [no for w in gpus if (no := _gpu_refusal(params, mode, w))]
     if len(refusals) == len(gpus):  # none fits: the largest GPU's reason
         raise ProblemError(422, "job_too_large", refusals[0], errors=[{
             "field": "steps", "message": refusals[0], "gpu_memory_bytes": gpus[0].gpu_memory,
