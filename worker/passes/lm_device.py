@@ -4,8 +4,9 @@ A CPU worker refuses a model of ``Settings.cpu_train_max_params`` or more (``Ste
 naming the size and the limit). On CUDA, LoRA on 1 B parameters and more runs on a frozen bf16 base, or on a
 4-bit NF4 base through bitsandbytes where the bf16 one does not fit the GPU (QLoRA: Dettmers et al., "QLoRA:
 Efficient Finetuning of Quantized LLMs", 2023); every CUDA run uses gradient checkpointing
-(``worker.training.checkpointing``). After training the module is plain fp32 again, as export expects: a
-QLoRA base is dequantized and its adapters added in float (``merge_4bit_lora``), not re-quantized.
+(``worker.training.checkpointing``). Both train a twin of the module (``place``); the LoRA updates are then
+added in float to the original fp32 weights, left on the CPU meanwhile (``merge_lora_into``): the model that is
+exported differs from its input by the updates only, never by the twin's bf16 or 4-bit rounding.
 These CUDA branches run only on a GPU; ``bench/gpu_check.py`` exercises them there."""
 
 from __future__ import annotations
@@ -41,15 +42,37 @@ def plan_for(module: torch.nn.Module, mode: str, device: str) -> TrainingPlan:
 
 
 def place(module: torch.nn.Module, plan: TrainingPlan, device: str) -> torch.nn.Module:
-    """``module`` on ``device`` in the plan's dtype, its Linear layers in 4-bit NF4 for QLoRA (in place)."""
+    """The module to train on ``device``: ``module`` itself for an fp32 plan; else a twin in the plan's dtype
+    (its Linear layers in 4-bit NF4 for QLoRA), ``module`` left untouched in fp32 on the CPU for the merge."""
     import torch
 
+    if plan.dtype == "float32" and not plan.base_4bit:
+        return module.to(device)
     dtype = getattr(torch, plan.dtype)
-    if not plan.base_4bit:
-        return module.to(device=device, dtype=dtype)
-    module.to(dtype=dtype)  # halve the float copy before the GPU sees it
-    _quantize_linears_4bit(module, device)
-    return module.to(device)
+    twin = _twin(module, "cpu" if plan.base_4bit else device, dtype)  # a 4-bit base is quantized layer by layer
+    if plan.base_4bit:
+        _quantize_linears_4bit(twin, device)
+    return twin.to(device)
+
+
+def _twin(module: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of hf model ``module`` built on the meta device and filled with its weights in ``dtype`` on
+    ``device`` (float32 buffers, such as rotary frequencies, as they are); tied weights tied again."""
+    import torch
+
+    with torch.device("meta"):
+        twin = type(module)(module.config)
+    state = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+             for k, v in module.state_dict().items()}
+    twin.load_state_dict(state, strict=True, assign=True)
+    for name, buf in module.named_buffers():  # non-persistent buffers are not in the state dict
+        owner_name, _, attr = name.rpartition(".")
+        owner = twin.get_submodule(owner_name) if owner_name else twin
+        owner.register_buffer(attr, buf.to(device), persistent=attr not in owner._non_persistent_buffers_set)
+    tie: Any = getattr(twin, "tie_weights", None)
+    if tie is not None:
+        tie()
+    return twin.eval()
 
 
 def _quantize_linears_4bit(module: torch.nn.Module, device: str) -> None:
@@ -75,29 +98,16 @@ def _quantize_linears_4bit(module: torch.nn.Module, device: str) -> None:
             setattr(parent, name, q.to(device))  # the move to CUDA quantizes
 
 
-def merge_4bit_lora(peft_model: Any) -> torch.nn.Module:
-    """A QLoRA-trained model as a plain fp32 module: each NF4 weight dequantized, its LoRA update added in float."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbf
+def merge_lora_into(original: torch.nn.Module, peft_model: Any) -> None:
+    """Add each trained LoRA update of ``peft_model`` (on a twin of ``original``) to ``original``'s fp32 weight of
+    the same name, in float: neither the bf16 nor the 4-bit rounding of the twin's base reaches the result."""
     import torch
     from peft.tuners.lora import LoraLayer
 
-    base = peft_model.get_base_model()
-    found = dict(base.named_modules())
-    lora = [n for n, m in found.items() if isinstance(m, LoraLayer)]
-    plain = [n for n, m in found.items() if isinstance(m, bnb.nn.Linear4bit) and not any(
-        n.startswith(f"{w}.") for w in lora)]
-    for name in lora + plain:
-        layer = found[name]
-        lin = layer.get_base_layer() if name in lora else layer
-        weight = bnbf.dequantize_4bit(lin.weight.data, lin.weight.quant_state).float()
-        if name in lora:
-            for adapter in layer.active_adapters:
-                weight += layer.get_delta_weight(adapter).float()
-        new = torch.nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device=weight.device)
-        new.weight.data = weight
-        if lin.bias is not None:
-            new.bias.data = lin.bias.data.float()
-        parent, _, attr = name.rpartition(".")
-        setattr(base.get_submodule(parent) if parent else base, attr, new)
-    return base.float()
+    with torch.no_grad():
+        for name, layer in peft_model.get_base_model().named_modules():
+            if isinstance(layer, LoraLayer):
+                weight = original.get_submodule(name).weight
+                delta: Any = getattr(layer, "get_delta_weight")  # noqa: B009 (each LoRA layer kind has one)
+                for adapter in layer.active_adapters:
+                    weight += delta(adapter).to(device=weight.device, dtype=weight.dtype)
