@@ -106,8 +106,9 @@ class Settings(BaseSettings):
     # the others wait up to overload_wait_s for a turn, then get a 503 `overloaded` with Retry-After.
     submit_concurrency: int = Field(8, ge=1)
     overload_wait_s: float = Field(10.0, ge=0)
-    # One ONNX Runtime run of a model under evaluation may take at most run_max_s (and, once runs were
-    # measured, 50x their cost per sample); one evaluation at most eval_phase_max_s (worker/ort_guard.py).
+    # One ONNX Runtime run of an uploaded graph may take at most run_max_s (and, once runs were measured,
+    # 50x their cost per sample); one phase of such runs (an evaluation, a calibration, auto_exclude's
+    # rounds) at most eval_phase_max_s (worker/ort_guard.py).
     run_max_s: float = Field(600.0, gt=0)
     eval_phase_max_s: float = Field(3600.0, gt=0)
     # How long a request waits for a pooled database connection before it is a 503 `overloaded`.

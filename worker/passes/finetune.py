@@ -119,6 +119,10 @@ class FinetunePass(Pass):
         from worker.torch_utils import count_params, example_inputs, interface
 
         model = ensure_torch(model, ctx)
+        if params.tasks and params.adapters == "merge":  # one LoRA adapter per task, merged
+            from worker.passes import adapters
+
+            return adapters.run(model, params, ctx)
         if params.tasks:  # multi-task: one head per task, or an LM on the tasks' rows mixed
             from worker.passes import multitask
 
