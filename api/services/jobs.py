@@ -283,12 +283,12 @@ def create_job(
         if existing is not None:
             return _same_request(existing, spec), False
     model = check_references(session, owner, spec)
-    check_memory(spec, model, settings)
+    routed = check_memory(spec, model, settings)  # the CUDA queue for training a model this large
     # The owner's lock is held until the commit below, so concurrent submissions count each other.
     quotas.check_jobs(session, owner, settings, lock=True)
     if spec.search is not None:
         _check_trials(session, owner, spec)
-    queue = settings.queue_for(spec)
+    queue = routed or settings.queue_for(spec)
     job = Job(
         id=new_id("job"),
         owner=owner,
@@ -305,7 +305,7 @@ def create_job(
         metadata_=dict(labels.metadata) or None,
     )
     session.add(job)
-    session.add(JobEvent(job_id=job.id, kind="status", message=queued_message(queue, settings.gpu_queue), data={"status": QUEUED}))
+    session.add(JobEvent(job_id=job.id, kind="status", message=queued_message(queue, settings.gpu_queue, settings.cuda_queue), data={"status": QUEUED}))
     try:
         session.commit()
     except IntegrityError:
