@@ -11,6 +11,7 @@ import pytest
 
 from tests.client.conftest import tiny_npz, tiny_onnx
 from tests.e2e.harness import LiveService
+from tests.e2e.test_new_user import mp
 
 pytestmark = pytest.mark.e2e
 
@@ -46,6 +47,8 @@ def test_static_int8_with_eval_only_calibrates_on_carved_rows(embedded: LiveServ
     said = [e["message"] for e in events if "carved from eval" in e["message"]]
     assert len(said) == 1 and said[0].startswith(f"calibrated on 30 rows carved from eval ({eval_id}); "
                                                  "accuracy measured on the other 90"), said
+    shown = mp(embedded.url, "jobs", "show", job["id"])  # the CLI says it beside the before/after table
+    assert f"note: calibrated on 30 rows carved from eval ({eval_id})" in shown, shown
 
 
 def test_an_eval_set_too_small_to_split_is_refused_naming_the_field(embedded: LiveService, tmp_path: Path) -> None:
