@@ -150,13 +150,15 @@ def merge_table(report: dict[str, Any]) -> Table | None:
 
 
 def report_out(job: Job) -> list[Any]:
-    """What follows a finished job's status line: its warnings, its before/after table, a multi-task job's tasks,
-    an LM's generations."""
+    """What follows a finished job's status line: its warnings, where its calibration rows came from when they were
+    carved from the eval set, its before/after table, a multi-task job's tasks, an LM's generations."""
     gens = generations_table(job.report) if job.report else None
     tasks = tasks_table(job.report) if job.report else None
     merge = merge_table(job.report) if job.report else None
-    return [*warning_texts(job), *([report_table(job.report)] if job.report else []), *([tasks] if tasks else []),
-            *([merge] if merge else []), *([gens] if gens else [])]
+    split = (job.report or {}).get("calibration_split") or {}
+    notes = [Text(f"note: {split['message']}", style="yellow")] if split.get("message") else []
+    return [*warning_texts(job), *notes, *([report_table(job.report)] if job.report else []),
+            *([tasks] if tasks else []), *([merge] if merge else []), *([gens] if gens else [])]
 
 
 class JobProgressBar:

@@ -194,6 +194,8 @@ class Report(_Open):
     environment: dict[str, Any] | None = None
     search: SearchSection | None = None
     cached_from: str | None = None
+    # Calibration rows carved from data.eval (worker.context): counts, seed and the sentence saying so.
+    calibration_split: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, data: Any) -> Report:

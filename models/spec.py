@@ -669,3 +669,51 @@ class JobSpec(_Strict):
     def needs_training(self) -> bool:
         """Whether any step works on the torch module (such jobs go to the GPU queue by default)."""
         return any(STEP_KINDS[s.type].gpu for s in self.steps)
+
+    def calibration_readers(self) -> list[tuple[str, int]]:
+        """The steps that read calibration rows, as (field naming why, rows wanted): static INT8, auto_exclude,
+        GPTQ, ``int8_share``, Taylor-importance pruning (its gradients)."""
+        found: list[tuple[str, int]] = []
+        for i, step in enumerate(self.steps):
+            if isinstance(step, QuantizeStep):
+                wanted = step.calibration.samples
+                if step.mode == "static":
+                    found.append((f"steps.{i}.mode", wanted))
+                if step.auto_exclude is not None:
+                    found.append((f"steps.{i}.auto_exclude", step.auto_exclude.samples))
+                if step.algorithm == "gptq":
+                    found.append((f"steps.{i}.algorithm", wanted))
+                if step.int8_share:
+                    found.append((f"steps.{i}.int8_share", wanted))
+            elif isinstance(step, PruneStep) and step.importance == "taylor":
+                found.append((f"steps.{i}.importance", CARVE_DEFAULT_ROWS))
+        return found
+
+    def carves_calibration(self) -> bool:
+        """Whether calibration rows are carved from data.eval: a step reads calibration rows and the job gives
+        neither data.calibration nor data.train (never calibrate on the rows accuracy is measured on)."""
+        no_other = self.data.calibration is None and self.data.train is None
+        return no_other and self.data.eval is not None and bool(self.calibration_readers())
+
+
+# Calibration carved from data.eval: at most a CARVE_EVAL_SHARE-th of the eval rows (and no more than the steps
+# use), at least CARVE_MIN_ROWS, chosen by a permutation seeded with the job's seed; the rest measure accuracy.
+CARVE_EVAL_SHARE = 4
+CARVE_MIN_ROWS = 8
+CARVE_DEFAULT_ROWS = 256
+
+
+def carve_sizes(spec: JobSpec, eval_rows: int) -> tuple[int, int] | None:
+    """(calibration rows, eval rows left) carved from ``eval_rows``; None when too few rows to split."""
+    wanted = max((n for _, n in spec.calibration_readers()), default=CARVE_DEFAULT_ROWS)
+    calibration = min(wanted, eval_rows // CARVE_EVAL_SHARE)
+    return None if calibration < CARVE_MIN_ROWS else (calibration, eval_rows - calibration)
+
+
+def carve_refusal(spec: JobSpec, eval_rows: int) -> str:
+    """Why ``eval_rows`` eval rows cannot be split for ``spec``'s calibration, and what to give instead."""
+    field = spec.calibration_readers()[0][0]
+    least = CARVE_MIN_ROWS * CARVE_EVAL_SHARE
+    return (f"{field} needs calibration rows and the job gives neither data.calibration nor data.train; data.eval "
+            f"has {eval_rows} rows, too few to carve {CARVE_MIN_ROWS} calibration rows from and still measure "
+            f"accuracy on the rest (at least {least}); give data.calibration (or data.train), or more eval rows")

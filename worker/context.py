@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 
 from models.db import retry_transient, session_scope
 from models.tables import Job, utcnow
-from worker.core import ArrayDataset, JobCancelled, Progress, Role, WorkingModel
+from worker.core import ArrayDataset, JobCancelled, Progress, Role, StepFailed, WorkingModel
 from worker.records import ACTIVE, Claim, add_event
 
 if TYPE_CHECKING:
@@ -81,6 +81,8 @@ class LocalContext:
         self.events: list[dict[str, Any]] = []
         self.cancelled = False
         self._dataset_cache: dict[tuple[Any, ...], ArrayDataset | None] = {}
+        # Set once calibration rows were carved from data.eval: the counts, for the events and the report.
+        self.calibration_split: dict[str, Any] | None = None
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -114,9 +116,46 @@ class LocalContext:
         return None
 
     def dataset(self, role: Role, model: WorkingModel) -> ArrayDataset | None:
-        """Arrays for ``role`` shaped for ``model``'s inputs, loaded once per (dataset, model interface)."""
+        """Arrays for ``role`` shaped for ``model``'s inputs, loaded once per (dataset, model interface).
+
+        A job whose steps calibrate but that gives neither data.calibration nor data.train calibrates on rows
+        carved from data.eval and measures on the others (``calibration_split``), never on the same rows."""
         ref = self.dataset_ref(role)
-        return None if ref is None else self.dataset_by_id(ref, model)
+        if ref is None:
+            return None
+        if role != "train" and ref == self.spec.data.eval and self.spec.carves_calibration():
+            return self._carved(role, ref, model)
+        return self.dataset_by_id(ref, model)
+
+    def _carved(self, role: Role, ref: str, model: WorkingModel) -> ArrayDataset | None:
+        """``role``'s part of the eval dataset ``ref``: a seeded permutation's first rows calibrate, the rest evaluate."""
+        import numpy as np
+
+        from models.spec import carve_refusal, carve_sizes
+
+        key = (ref, tuple(model.input_names), model.form, self._dtypes_key(model), role)
+        if key not in self._dataset_cache:
+            full = self.dataset_by_id(ref, model)
+            if full is None:
+                return None
+            sizes = carve_sizes(self.spec, len(full))
+            if sizes is None:
+                raise StepFailed("calibration_data_missing", carve_refusal(self.spec, len(full)))
+            order = np.random.default_rng(self.spec.seed).permutation(len(full))
+            rows = order[: sizes[0]] if role == "calibration" else order[sizes[0]:]
+            self._dataset_cache[key] = full.subset(np.sort(rows))
+            if self.calibration_split is None:
+                self._note_split(ref, *sizes)
+        return self._dataset_cache[key]
+
+    def _note_split(self, ref: str, calibration: int, rest: int) -> None:
+        readers = ", ".join(field for field, _ in self.spec.calibration_readers())
+        message = (f"calibrated on {calibration} rows carved from eval ({ref}); accuracy measured on the other "
+                   f"{rest} (no data.calibration or data.train given; {readers} calibrate; rows drawn with "
+                   f"seed {self.spec.seed})")
+        self.calibration_split = {"dataset": ref, "calibration_rows": calibration, "eval_rows": rest,
+                                  "seed": self.spec.seed, "message": message}
+        self.log(message, calibration_rows=calibration, eval_rows=rest, dataset=ref)
 
     def dataset_by_id(self, ref: str, model: WorkingModel) -> ArrayDataset | None:
         """The dataset ``ref`` (one the job reads, e.g. a task's) shaped for ``model``'s inputs, loaded once."""

@@ -271,8 +271,11 @@ def to_torch(model: WorkingModel, ctx: PassContext) -> WorkingModel:
 
     convert = import_onnx2torch()
 
+    from worker.onnx_fold import fold_bias_adds
+
     proto = onnx.load(str(model.onnx_path))
     axes = {vi.name: _symbolic_dims(vi) for vi in [*proto.graph.input, *proto.graph.output]}
+    folded = fold_bias_adds(proto)  # Conv/MatMul + a constant Add (paddle2onnx's biases): one prunable layer
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -282,7 +285,8 @@ def to_torch(model: WorkingModel, ctx: PassContext) -> WorkingModel:
     flattened = _flatten_reshapes(module, proto)
     module = module.to(ctx.device)
     ctx.log("converted ONNX to torch", parameters=count_params(module),
-            **({"reshapes_made_shape_agnostic": flattened} if flattened else {}))
+            **({"reshapes_made_shape_agnostic": flattened} if flattened else {}),
+            **({"bias_adds_folded": len(folded)} if folded else {}))
     meta = {
         **model.meta,
         "dynamic_axes": {k: v for k, v in axes.items() if v},

@@ -60,6 +60,14 @@ class ArrayDataset:
         labels = None if self.labels is None else self.labels[:n]
         return ArrayDataset({k: v[:n] for k, v in self.inputs.items()}, labels, self.classes, self.meta)
 
+    def subset(self, rows: np.ndarray) -> ArrayDataset:
+        """The samples at the indices ``rows``, in that order (a choice set's raw ``meta["rows"]`` with them)."""
+        labels = None if self.labels is None else self.labels[rows]
+        meta = dict(self.meta)
+        if isinstance(meta.get("rows"), list) and len(meta["rows"]) == len(self):
+            meta["rows"] = [meta["rows"][int(i)] for i in rows]
+        return ArrayDataset({k: v[rows] for k, v in self.inputs.items()}, labels, self.classes, meta)
+
 
 @dataclass
 class WorkingModel:

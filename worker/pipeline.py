@@ -122,6 +122,9 @@ def run(spec: JobSpec, ctx: PipelineContext, cache: StageCache | None = None) ->
             cache.finish(steps)
 
     report = build_report(spec, baseline_report, output_report, steps, ctx.device, family)
+    split = getattr(ctx, "calibration_split", None)  # LocalContext's: calibration rows carved from data.eval
+    if split is not None:
+        report["calibration_split"] = split
     out_path = Path(model.onnx_path)
     # Weights over 2 GB live beside the file (worker.lm.export); the job stores them in model.zip with it.
     data_file = out_path.with_name(out_path.name + ".data")

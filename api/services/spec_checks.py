@@ -16,7 +16,7 @@ from api.errors import ProblemError
 from api.services.convertibility import distill_model_errors, torch_step_errors
 from api.services.lookup import find_owned
 from api.services.task_checks import task_errors
-from models.spec import CLASSIFICATION_TASKS, LM_TASKS, JobSpec
+from models.spec import CLASSIFICATION_TASKS, LM_TASKS, JobSpec, carve_refusal, carve_sizes
 from models.tables import Dataset, Model
 
 ROLES = ("train", "eval", "calibration")
@@ -76,6 +76,16 @@ def _npz_against_inputs(field: str, ds: Dataset, model_meta: dict[str, Any], tas
                     errors.append({"field": field, "message": f"array 'labels' holds class {top} but the model "
                                                               f"output {outputs[0]['name']!r} has {shape[1]} classes"})
     return errors
+
+
+def _carve_check(spec: JobSpec, eval_ds: Dataset | None) -> list[dict[str, Any]]:
+    """A job that calibrates on rows carved from data.eval (no calibration or train data): enough eval rows to split."""
+    if eval_ds is None or not spec.carves_calibration():
+        return []
+    rows = (eval_ds.meta or {}).get("num_samples")
+    if not isinstance(rows, int) or carve_sizes(spec, rows) is not None:
+        return []
+    return [{"field": "data.calibration", "message": carve_refusal(spec, rows)}]
 
 
 # Models whose position ids start after the padding index (HF's create_position_ids_from_input_ids).
@@ -275,6 +285,7 @@ def check_references(session: Session, owner: str, spec: JobSpec) -> Model:
                 errors.extend(_npz_against_inputs(f"data.{role}", ds, model.meta or {}, spec.task))
         errors.extend(torch_step_errors(spec, model.meta or {}))
     errors.extend(_budget_and_limits(spec, model))
+    errors.extend(_carve_check(spec, datasets.get("eval")))
     errors.extend(_text_checks(spec, model, datasets, others))
     errors.extend(distill_model_errors(session, owner, spec))
     _raise(errors)

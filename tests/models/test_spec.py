@@ -11,6 +11,8 @@ from models.spec import (
     STEP_FORMS,
     STEP_KINDS,
     JobSpec,
+    carve_refusal,
+    carve_sizes,
     step_label,
     step_types,
 )
@@ -162,3 +164,19 @@ def test_steps_declare_the_models_they_refer_to() -> None:
         ("teacher", "mdl_t", "distillation (as the teacher)"), ("student.model", "mdl_s", "distillation (as the student)")]
     assert second == third == []
     assert spec.model_ids() == {"m", "mdl_t", "mdl_s"}
+
+
+def test_calibrating_steps_carve_from_eval_only_when_nothing_else_calibrates() -> None:
+    steps = [{"type": "prune", "importance": "taylor", "ratio": 0.3},
+             {"type": "quantize", "mode": "static", "calibration": {"samples": 64},
+              "auto_exclude": {"min_fidelity": 0.9, "samples": 16}}]
+    spec = JobSpec.model_validate({"model": "m", "data": {"eval": "e"}, "steps": steps})
+    assert spec.calibration_readers() == [("steps.0.importance", 256), ("steps.1.mode", 64),
+                                          ("steps.1.auto_exclude", 16)]
+    assert spec.carves_calibration()
+    assert carve_sizes(spec, 4000) == (256, 3744) and carve_sizes(spec, 100) == (25, 75)
+    assert carve_sizes(spec, 31) is None and "data.eval has 31 rows" in carve_refusal(spec, 31)
+    for data in ({"eval": "e", "train": "t"}, {"eval": "e", "calibration": "c"}):
+        assert not JobSpec.model_validate({"model": "m", "data": data, "steps": steps[1:]}).carves_calibration()
+    dynamic = JobSpec.model_validate({"model": "m", "data": {"eval": "e"}, "steps": [{"type": "quantize"}]})
+    assert dynamic.calibration_readers() == [] and not dynamic.carves_calibration()

@@ -38,6 +38,30 @@ def test_calibration_falls_back_to_train_then_eval(tmp_path: Path, digits_mlp: D
     assert only_eval.dataset("train", only_eval.load_model("input")) is None
 
 
+def test_a_calibrating_job_with_eval_only_splits_eval_disjointly(tmp_path: Path, digits_mlp: DigitsFiles) -> None:
+    data = {"eval": "ds_eval"}
+    steps = [{"type": "quantize", "mode": "static", "calibration": {"samples": 100}}]
+    spec = JobSpec.model_validate({"model": "mdl_mlp", "task": "image-classification", "data": data, "steps": steps})
+    ctx = digits_mlp.context(tmp_path / "work", spec)
+    model = ctx.load_model("input")
+    cal, evald = ctx.dataset("calibration", model), ctx.dataset("eval", model)
+    assert cal is not None and evald is not None and (len(cal), len(evald)) == (100, 440)  # 540 rows, 100 wanted
+    full = ctx.dataset_by_id("ds_eval", model)
+    assert full is not None
+    rows = {r.tobytes() for r in full.inputs["pixels"]}
+    cal_rows, eval_rows = ({r.tobytes() for r in d.inputs["pixels"]} for d in (cal, evald))
+    assert not cal_rows & eval_rows and cal_rows | eval_rows == rows
+    assert ctx.calibration_split is not None and ctx.calibration_split["calibration_rows"] == 100
+    assert [e["message"] for e in ctx.events if "carved" in e.get("message", "")] == [ctx.calibration_split["message"]]
+    again = digits_mlp.context(tmp_path / "again", spec)  # the same seed carves the same rows
+    same = again.dataset("calibration", again.load_model("input"))
+    assert same is not None and {r.tobytes() for r in same.inputs["pixels"]} == cal_rows
+    with_train = spec.model_copy(update={"data": spec.data.model_copy(update={"train": "ds_train"})})
+    given = digits_mlp.context(tmp_path / "given", with_train)  # train data calibrates: eval stays whole
+    assert len(given.dataset("eval", model) or []) == 540 and given.dataset_ref("calibration") == "ds_train"
+    assert given.calibration_split is None
+
+
 def test_models_load_by_id_and_data_once_per_interface(tmp_path: Path, digits_mlp: DigitsFiles) -> None:
     ctx = _local(tmp_path, digits_mlp, {"eval": "ds_eval"})
     model = ctx.load_model("input")

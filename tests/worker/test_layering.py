@@ -21,7 +21,7 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("formats", ("worker.formats", "worker.formats.*")),  # loaders of uploaded models and datasets
     # measuring and converting a model: evaluation, metrics, the training loop, ONNX <-> torch, causal LMs
     ("measure", ("worker.evaluate", "worker.metrics", "worker.training", "worker.convert", "worker.families",
-                 "worker.recheck", "worker.onnx_reshape",
+                 "worker.recheck", "worker.onnx_reshape", "worker.onnx_fold",
                  "worker.lm", "worker.lm.*")),
     ("passes", ("worker.passes", "worker.passes.*")),  # one module per step type
     # one job's run: its context, the step loop, the stage cache, deliverables, the streamed LLM run

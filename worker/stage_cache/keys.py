@@ -64,6 +64,8 @@ def _base(spec: JobSpec, shas: dict[str, str], device: str) -> dict[str, Any]:
         "evaluate": spec.evaluate.model_dump(mode="json"),
         "opset": spec.export.opset,
         "device": device,
+        # eval rows carved for calibration (worker.context) measure on fewer rows: not the same stage
+        **({"eval_carved_for_calibration": True} if spec.carves_calibration() else {}),
     }
 
 
