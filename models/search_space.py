@@ -15,15 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.formats import MODEL_FORMATS
-from models.objectives import OBJECTIVES
+from models.objectives import MIN_NOISE, OBJECTIVES
 from models.spec import CLASSIFICATION_TASKS, step_label
 
 # A trial's optimistic floor must beat the best so far on the objective by this fraction to be started.
 MIN_GAIN = 0.02
-# A size winner within this fraction of the smallest trial's size loses to a faster one among them.
-SIZE_TIE = 0.05
-# The least margin a latency winner must beat the input by, in every interleaved round.
-MIN_NOISE = 0.02
 # Recovery epochs for a pruned trial, per unit of ratio (0.25 -> 2, 0.5 -> 4); a miss doubles them up to this.
 EPOCHS_PER_RATIO = 8
 MAX_RECOVERY_EPOCHS = 16
@@ -319,16 +315,6 @@ def noise_margin(rounds: Sequence[float]) -> float:
         return MIN_NOISE
     mid = sorted(rounds)[len(rounds) // 2]
     return max(MIN_NOISE, (max(rounds) - min(rounds)) / mid) if mid > 0 else MIN_NOISE
-
-
-def paired_ratio(rounds: Sequence[float], input_rounds: Sequence[float]) -> tuple[float, float]:
-    """A model's latency over the input's from the same interleaved rounds: ``(median, worst)`` of the
-    per-round ratios. Each round times both back to back, so a load spike on a shared machine hits both and
-    cancels in the ratio (unpaired medians do not)."""
-    ratios = sorted(w / i for w, i in zip(rounds, input_rounds, strict=False) if i > 0)
-    if not ratios:
-        return float("inf"), float("inf")
-    return ratios[len(ratios) // 2], ratios[-1]
 
 
 def beats_input(objective: str, value: float | None, input_value: float | None, margin: float = 0.0) -> bool:

@@ -34,12 +34,10 @@ from sqlalchemy import select, update
 
 from models.db import retry_transient, session_scope
 from models.ids import new_id
-from models.objectives import OBJECTIVES
+from models.objectives import OBJECTIVES, SIZE_TIE
 from models.queues import queued_message
 from models.report import Evaluation, Report
 from models.search_space import (
-    MIN_NOISE,
-    SIZE_TIE,
     Candidate,
     Outcome,
     auto_space,
@@ -51,7 +49,6 @@ from models.search_space import (
     estimate,
     meets,
     noise_margin,
-    paired_ratio,
     pareto,
     shortfall,
     skip_reason,
@@ -87,9 +84,6 @@ ACTIVE_TRIAL = (QUEUED, RUNNING, CANCELLING)
 MAX_FINALISTS = 8
 LATENCY_ROUNDS = 7
 BASELINE_LABEL = "input (exported, no steps)"
-# Without an interleaved re-measure of the input, a latency winner must beat the input's latency its own
-# trial measured by this margin (two processes, two moments: noisier than one interleaved harness).
-UNPAIRED_MARGIN = 0.05
 
 
 class SearchCancelled(Exception):
@@ -643,38 +637,23 @@ def _prompt_tokens(spec: JobSpec, job_ids: list[str]) -> int:
 
 def _judge(objective: str, table: list[dict[str, Any]], remeasured: dict[str, dict[str, Any]],
            static_possible_on_conv: bool = False) -> list[dict[str, Any]]:
-    """Each re-measured trial meeting the constraints, best first, with ``final_ratio`` (its objective over
-    the input's), ``margin`` (the noise it must beat the input by) and ``beats_input``.
-
-    Latency: both re-measured in the same interleaved rounds; ``final_ratio`` is the median of the per-round
-    ratios (``paired_ratio``) and the margin their spread above it (at least ``MIN_NOISE``): the trial must
-    be faster than the input in every round, and by ``MIN_NOISE`` at the median. Without the input re-measured, the trial's own input/output
-    latencies with ``UNPAIRED_MARGIN``. Size: bytes are exact (no margin); among trials within
-    ``SIZE_TIE`` of the smallest the fastest comes first. A trial ``barred_winner`` names never beats it."""
+    """Each re-measured trial meeting the constraints, best first (the objective's ``order``), with
+    ``final_ratio`` (its objective over the input's), ``margin`` (the noise it must beat the input by) and
+    ``beats_input``, as the objective's ``judge`` (``models/objectives.py``) says: latency in paired
+    interleaved rounds with the input, size in exact bytes. A trial ``barred_winner`` names never beats it."""
+    kind = OBJECTIVES[objective]
     met = [t for t in table if t.get("job_id") in remeasured and t.get("met") and not t.get("baseline")]
-    inp = remeasured.get("input")
     for t in met:
-        mine = remeasured[t["job_id"]]
-        if objective == "size":
-            value, ref, margin = t.get("size_bytes"), t.get("input_size_bytes"), 0.0
-        elif inp is not None:  # paired rounds: faster in every one, and by MIN_NOISE at the median
-            mid, worst = paired_ratio(mine["round_medians"], inp["round_medians"])
-            value, ref, margin = mid, 1.0, max(MIN_NOISE, worst - mid)
-            t["worst_round_ratio"] = worst
-        else:
-            value, ref, margin = t.get("latency_ms"), t.get("input_latency_ms"), UNPAIRED_MARGIN
-        t["final_ratio"] = value / ref if value and ref else None
-        t["margin"] = margin
-        t["beats_input"] = beats_input(objective, value, ref, margin)
+        v = kind.judge(t, remeasured[t["job_id"]], remeasured.get("input"))
+        if v.worst_round is not None:
+            t["worst_round_ratio"] = v.worst_round
+        t["final_ratio"] = v.value / v.ref if v.value and v.ref else None
+        t["margin"] = v.margin
+        t["beats_input"] = beats_input(objective, v.value, v.ref, v.margin)
         barred = barred_winner(t["steps"], static_possible_on_conv)
         if barred:
             t["beats_input"], t["barred"] = False, barred
-    if objective == "latency":
-        return sorted(met, key=lambda t: (remeasured[t["job_id"]]["median"], -(t.get("metric") or 0.0)))
-    smallest = min((t.get("size_bytes") or 0 for t in met), default=0)
-    return sorted(met, key=lambda t: ((t.get("size_bytes") or 0) > smallest * (1 + SIZE_TIE),
-                                      remeasured[t["job_id"]]["median"] if (t.get("size_bytes") or 0)
-                                      <= smallest * (1 + SIZE_TIE) else (t.get("size_bytes") or 0)))
+    return kind.order(met, remeasured)
 
 
 def _finalize(claim: Claim) -> str:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from models.objectives import MIN_NOISE, paired_ratio
 from models.search_space import (
     MAX_RECOVERY_EPOCHS,
     MIN_GAIN,
-    MIN_NOISE,
     Outcome,
     auto_space,
     barred_winner,
@@ -17,7 +17,6 @@ from models.search_space import (
     estimate,
     meets,
     noise_margin,
-    paired_ratio,
     pareto,
     shortfall,
     skip_reason,
