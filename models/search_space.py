@@ -187,40 +187,82 @@ def _quality_target(constraints: Mapping[str, Any]) -> dict[str, float] | None:
     return None
 
 
+# Percentile calibration that missed clips more outliers next: 99.999 (the default) -> 99.99 -> 99.9.
+PERCENTILE_STEPS = (99.99, 99.9)
+# int4 trials that missed keep the layers whose 4 bits move the output most at 8 bits: this share, then more.
+INT8_SHARE_STEPS = (0.25, 0.5)
+# The smallest block a weight-only miss halves its block down to.
+MIN_FIX_BLOCK = 32
+
+
+def _calibration_fixes(q: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Static INT8: minmax calibration -> percentile and entropy; a percentile that missed -> a lower one."""
+    cal = dict(q.get("calibration") or {})
+    method = cal.get("method", "minmax")
+    if method == "minmax":
+        return [{**q, "calibration": {**cal, "method": "percentile", "percentile": PERCENTILE_STEPS[0]}},
+                {**q, "calibration": {**cal, "method": "entropy"}}]
+    if method == "percentile":
+        lower = [p for p in PERCENTILE_STEPS if p < float(cal.get("percentile", 99.999))]
+        return [{**q, "calibration": {**cal, "percentile": lower[0]}}] if lower else []
+    return []
+
+
+def _weight_only_fixes(q: Mapping[str, Any], calibration: bool) -> list[dict[str, Any]]:
+    """int4 / int8_weight: a smaller block; (int4) the head and the embedding table at 8 bits where they were
+    at 4, more layers at 8 bits by measured sensitivity (``int8_share``, needs calibration text), a
+    data-aware algorithm, every MatMul at 8 bits."""
+    fixes: list[dict[str, Any]] = []
+    block = int(q.get("block_size") or 64)
+    if block > MIN_FIX_BLOCK:
+        fixes.append({**q, "block_size": block // 2})
+    if q.get("mode") != "int4":
+        return fixes
+    bits = q.get("bits")
+    if isinstance(bits, Mapping) and 8 not in bits.values():
+        fixes.append({**q, "bits": None})  # the default policy: the output head at 8 bits
+    if q.get("quantize_embeddings") is True:  # tables at 4 bits: at 8 (the default unless the head is tied)
+        fixes.append({**q, "bits": {**bits, "Gather": 8}} if isinstance(bits, Mapping)
+                     else {**q, "quantize_embeddings": None})
+    share = float(q.get("int8_share") or 0.0)
+    more = [x for x in INT8_SHARE_STEPS if x > share]
+    if calibration and more:
+        fixes.append({**q, "int8_share": more[0]})
+    if q.get("algorithm") in (None, "rtn"):
+        fixes.append({**q, "algorithm": "gptq" if calibration else "hqq"})
+    fixes.append({"type": "quantize", "mode": "int8_weight"})  # every MatMul at 8 bits
+    return fixes
+
+
 def _quantize_fixes(q: Mapping[str, Any], constraints: Mapping[str, Any], calibration: bool) -> list[dict[str, Any]]:
     """The quantize recipes that fix a quality miss of ``q``, least costly first."""
     mode = q.get("mode", "dynamic")
+    if mode in ("int4", "int8_weight"):
+        return _weight_only_fixes(q, calibration)
+    if mode not in ("dynamic", "static"):
+        return []
     fixes: list[dict[str, Any]] = []
-    if mode in ("dynamic", "static"):
-        if q.get("per_channel") is False:
-            fixes.append({**q, "per_channel": True})
-        cal = dict(q.get("calibration") or {})
-        if mode == "static" and cal.get("method", "minmax") == "minmax":
-            fixes.append({**q, "calibration": {**cal, "method": "percentile", "percentile": 99.99}})
-            fixes.append({**q, "calibration": {**cal, "method": "entropy"}})
-        target = _quality_target(constraints)
-        ae = q.get("auto_exclude")
-        if calibration and target is not None and not ae:
-            fixes.append({**q, "auto_exclude": target})
-        elif isinstance(ae, Mapping) and int(ae.get("samples", 32)) < 128:
-            # met on its few calibration samples, missed on the eval set: measure on more, keep more in float
-            fixes.append({**q, "auto_exclude": {**ae, "samples": 4 * int(ae.get("samples", 32)),
-                                                "max_nodes": min(256, 2 * int(ae.get("max_nodes", 8)))}})
-    elif mode == "int4":
-        block = int(q.get("block_size") or 64)
-        if block > 32:
-            fixes.append({**q, "block_size": block // 2})
-        if q.get("algorithm") in (None, "rtn"):
-            fixes.append({**q, "algorithm": "gptq" if calibration else "hqq"})
-        fixes.append({"type": "quantize", "mode": "int8_weight"})  # every MatMul at 8 bits
+    if q.get("per_channel") is False:
+        fixes.append({**q, "per_channel": True})
+    if mode == "static":
+        fixes += _calibration_fixes(q)
+    target = _quality_target(constraints)
+    ae = q.get("auto_exclude")
+    if calibration and target is not None and not ae:
+        fixes.append({**q, "auto_exclude": target})
+    elif isinstance(ae, Mapping) and int(ae.get("samples", 32)) < 128:
+        # met on its few calibration samples, missed on the eval set: measure on more, keep more in float
+        fixes.append({**q, "auto_exclude": {**ae, "samples": 4 * int(ae.get("samples", 32)),
+                                            "max_nodes": min(256, 2 * int(ae.get("max_nodes", 8)))}})
     return fixes
 
 
 def escalations(steps: Sequence[Mapping[str, Any]], constraints: Mapping[str, Any], *,
                 calibration: bool, miss: float | None = None) -> list[list[dict[str, Any]]]:
     """The trials a quality (accuracy, fidelity, perplexity) miss of ``steps`` escalates to: a quantize step
-    gets the recipes that fix it (per-channel, calibration method and percentile, sensitivity-guided
-    ``auto_exclude``; smaller INT4 blocks, a data-aware algorithm, 8 bits); a pruned trial gets twice the
+    gets the recipes that fix it (per-channel, calibration method and a lower percentile, sensitivity-guided
+    ``auto_exclude``; smaller weight-only blocks, the INT4 head and embeddings at 8 bits, a larger
+    ``int8_share``, a data-aware algorithm, 8 bits); a pruned trial gets twice the
     recovery epochs (up to ``MAX_RECOVERY_EPOCHS``), its loss being the pruning's. ``miss``: the trial's
     ``shortfall``; past ``FIX_REACH`` times the allowed loss no quantize fix is tried (None: unknown, tried)."""
     plain = [dict(s) for s in steps]
