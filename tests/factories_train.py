@@ -215,8 +215,9 @@ def fit_cosine(
     return module.eval()
 
 
-def export_digits_onnx(module: Any, path: Path) -> Path:
-    """Export a digits CNN (eval mode, BatchNorm folded) with a dynamic batch axis, ``input`` -> ``logits``."""
+def export_digits_onnx(module: Any, path: Path, side: int = 8) -> Path:
+    """Export a digits CNN (eval mode, BatchNorm folded) with a dynamic batch axis, ``input`` -> ``logits``
+    (``side``: the images' height and width, 8 unless upsampled)."""
     import warnings
 
     import torch
@@ -226,7 +227,7 @@ def export_digits_onnx(module: Any, path: Path) -> Path:
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module.eval(),
-            (torch.zeros(2, 1, 8, 8),),
+            (torch.zeros(2, 1, side, side),),
             str(path),
             input_names=[INPUT],
             output_names=[OUTPUT],
