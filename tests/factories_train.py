@@ -215,9 +215,8 @@ def fit_cosine(
     return module.eval()
 
 
-def export_digits_onnx(module: Any, path: Path, side: int = 8) -> Path:
-    """Export a digits CNN (eval mode, BatchNorm folded) with a dynamic batch axis, ``input`` -> ``logits``
-    (``side``: the images' height and width, 8 unless upsampled)."""
+def export_digits_onnx(module: Any, path: Path) -> Path:
+    """Export a digits CNN (eval mode, BatchNorm folded) with a dynamic batch axis, ``input`` -> ``logits``."""
     import warnings
 
     import torch
@@ -227,7 +226,7 @@ def export_digits_onnx(module: Any, path: Path, side: int = 8) -> Path:
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module.eval(),
-            (torch.zeros(2, 1, side, side),),
+            (torch.zeros(2, 1, 8, 8),),
             str(path),
             input_names=[INPUT],
             output_names=[OUTPUT],

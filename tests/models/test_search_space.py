@@ -15,6 +15,7 @@ from models.search_space import (
     candidates,
     escalations,
     estimate,
+    fp16_dropped,
     meets,
     noise_margin,
     pareto,
@@ -273,3 +274,16 @@ def test_a_weight_only_miss_halves_the_block_down_to_32() -> None:
     assert _fix_of({"type": "quantize", "mode": "int8_weight", "block_size": 64}) == [
         {"type": "quantize", "mode": "int8_weight", "block_size": 32}]
     assert _fix_of({"type": "quantize", "mode": "int8_weight", "block_size": 32}) == []
+
+
+def test_fp16_enters_a_cpu_space_only_when_measured_faster_in_every_round() -> None:
+    assert fp16_dropped("CUDAExecutionProvider", None) is None
+    assert fp16_dropped("CPUExecutionProvider", (0.6, 0.7)) is None
+    slower = fp16_dropped("CPUExecutionProvider", (1.13, 1.2))
+    assert slower is not None and "at 1.13x the input's latency" in slower
+    assert fp16_dropped("CPUExecutionProvider", (0.9, 0.99)) is not None  # one round within the noise
+    unmeasured = fp16_dropped("CPUExecutionProvider", "the upload is no ONNX file")
+    assert unmeasured is not None and "not measured" in unmeasured and "no ONNX file" in unmeasured
+    modes = [s[0]["mode"] for s in auto_space("feature-extraction", "onnx", {}, train=False, calibration=True,
+                                              fp16=True)]
+    assert modes[0] == "fp16"
