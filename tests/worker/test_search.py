@@ -181,7 +181,7 @@ def test_a_quality_miss_runs_its_escalation_next(pg_env: str, monkeypatch: pytes
     monkeypatch.setattr("worker.celery_app.enqueue_job", lambda job_id, queue: None)
     space = [[{"type": "quantize", "mode": "static"}], [{"type": "quantize", "mode": "int8_weight"}]]
     spec = _spec(space, constraints={"min_fidelity": 0.99}, parallelism=1, objective="latency",
-                 budget={"max_trials": 4})
+                 budget={"max_trials": 5})
     parent, _ = _rows(spec, search.plan(spec, "onnx", {}))
     search.advance(parent)
     (first,) = _kids(parent)
@@ -189,11 +189,15 @@ def test_a_quality_miss_runs_its_escalation_next(pg_env: str, monkeypatch: pytes
     _end(first.id, "succeeded", {**_report(0.0), "fidelity": {"top1_agreement": 0.97}})
     search.advance(parent)
     second = next(k for k in _kids(parent) if k.id != first.id)
-    # weight-only INT8 that missed the fidelity escalates to... nothing of its mode; static runs next
-    assert second.spec["steps"][0]["mode"] == "static"
+    # weight-only INT8 that missed the fidelity escalates to a smaller block, which runs next
+    assert second.spec["steps"][0]["mode"] == "int8_weight" and second.spec["steps"][0]["block_size"] == 32
     _end(second.id, "succeeded", {**_report(0.0), "fidelity": {"top1_agreement": 0.97}})
     search.advance(parent)
-    third = [k for k in _kids(parent) if k.id not in (first.id, second.id)]
+    static = next(k for k in _kids(parent) if k.id not in (first.id, second.id))
+    assert static.spec["steps"][0]["mode"] == "static"  # nothing left of weight-only's rungs: static
+    _end(static.id, "succeeded", {**_report(0.0), "fidelity": {"top1_agreement": 0.97}})
+    search.advance(parent)
+    third = [k for k in _kids(parent) if k.id not in (first.id, second.id, static.id)]
     # static's miss escalates: a percentile calibration runs next, before anything else planned
     assert len(third) == 1 and third[0].spec["steps"][0]["calibration"]["method"] == "percentile"
 
