@@ -11,6 +11,11 @@ loaders, the finetune pass, the ONNX export and its parity check, ONNX Runtime e
 - ``digits``: a residual CNN trained on sklearn digits (identity), uploaded as ONNX; tasks ``digit`` (600 rows),
   ``parity`` (1200) and ``high`` (>= 5, 16 rows a class: few-shot).
 
+- ``merge`` (not in the default ``--suites``): the ``text`` suite's encoder and tasks with ``adapters: merge``:
+  one LoRA adapter per task, merged by each of peft's methods (heads refit on the merged features), the merge
+  chosen on validation splits carved from train. Printed: each task's adapter alone against the merged model on
+  its own eval rows (points apart), each method's mean validation accuracy, the one chosen and why.
+
 Each task's single-task run is the same step with that task alone: the same epochs over its rows (with the default
 ``--sampling proportional`` every task gets its own rows' worth of batches per epoch, so the budget per task is the
 same; ``temperature`` moves batches from the large tasks to the small ones at the same total). Printed:
@@ -155,6 +160,39 @@ def suite(name: str, folder: Path, model: tuple[Path, str, dict[str, Any]], task
             "single_wall_s": sum(s["wall_s"] for s in singles.values()), "step": step}
 
 
+def merge_suite(folder: Path, archive: Path, files: dict[str, Any], tasks: list[str], epochs: int) -> dict[str, Any]:
+    """``adapters: merge`` over ``tasks``: each adapter alone vs the merged model (eval rows), the merge table."""
+    from models.spec import JobSpec
+    from worker import pipeline
+    from worker.context import LocalContext
+
+    spec = JobSpec.model_validate({
+        "model": "m", "task": "text-classification", "cache": False, "text": {"max_length": 64},
+        "steps": [{"type": "finetune", "mode": "lora", "epochs": epochs, "batch_size": 16, "lr": 1e-3,
+                   "lora": {"r": 8, "alpha": 16, "target_modules": ["query", "key", "value", "dense"]},
+                   "adapters": "merge", "merge": {"methods": ["linear", "ties", "dare_ties", "dare_linear", "cat"]},
+                   "tasks": [{"name": t, "data": {"train": f"{t}-tr", "eval": f"{t}-ev"}} for t in tasks]}],
+        "evaluate": {"metrics": ["accuracy", "size"], "latency": {"runs": 1, "warmup": 0}},
+    })
+    ctx = LocalContext(folder / "merge", spec, models={"m": (archive, "hf", {})}, datasets=files, device="cpu")
+    t0 = time.perf_counter()
+    result = pipeline.run(spec, ctx)
+    mt = result.report["steps"][0]["metrics"]["multitask"]
+    rows = {r["task"]: {"merged": r["after"], "alone": r["adapter_alone"], "before": r["before"],
+                        "points": 100 * (r["after"] - r["adapter_alone"])} for r in mt["tasks"]}
+    methods = {m["method"]: m.get("mean") for m in mt["merge"]["methods"]}
+    return {"tasks": rows, "methods": methods, "chosen": mt["merge"]["chosen"], "why": mt["merge"]["why"],
+            "bytes": result.output_path.stat().st_size, "wall_s": time.perf_counter() - t0}
+
+
+def _merge_summary(s: dict[str, Any]) -> str:
+    per = ", ".join(f"{t} {100 * r['merged']:.1f} vs {100 * r['alone']:.1f} ({r['points']:+.1f})"
+                    for t, r in s["tasks"].items())
+    means = ", ".join(f"{m} {100 * v:.1f}" if v is not None else f"{m} -" for m, v in s["methods"].items())
+    return (f"merge (all-MiniLM-L6-v2): merged vs each adapter alone {per}; mean validation by method {means}; "
+            f"chosen {s['why']}")
+
+
 def _summary(name: str, s: dict[str, Any]) -> str:
     per = ", ".join(f"{t} {100 * r['multi']:.1f} vs {100 * r['single']:.1f} ({r['points']:+.1f})"
                     for t, r in s["tasks"].items())
@@ -193,7 +231,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "sampling": args.sampling, "temperature": args.temperature}
             figures["text"] = suite("text", folder, (archive, "hf", {}), "text-classification", files, tasks, step)
             print(_summary("text (all-MiniLM-L6-v2)", figures["text"]), flush=True)
+        if "merge" in args.suites:
+            files, tasks = text_tasks(folder)
+            figures["merge"] = merge_suite(folder, minilm_archive(folder), files, tasks, args.epochs)
+            print(_merge_summary(figures["merge"]), flush=True)
     summary = "; ".join(_summary(k, v) for k, v in figures.items() if k in ("digits", "text"))
+    if "merge" in figures:
+        summary = "; ".join(x for x in (summary, _merge_summary(figures["merge"])) if x)
     emit("multitask", summary, figures)
     return figures
 

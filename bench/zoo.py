@@ -66,6 +66,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
                            "quantize_embeddings": True, "int8_share": 0},
     "gptq b64 head8 emb8": {"algorithm": "gptq", "block_size": 64, "bits": {"*lm_head*": 8, "Gather": 8},
                             "quantize_embeddings": True, "int8_share": 0},
+    "gptq b32 head8 emb8": {"algorithm": "gptq", "block_size": 32, "bits": {"*lm_head*": 8, "Gather": 8},
+                            "quantize_embeddings": True, "int8_share": 0},
+    "gptq b64 head8 emb4": {"algorithm": "gptq", "block_size": 64, "bits": {"*lm_head*": 8},
+                            "quantize_embeddings": True, "int8_share": 0},
 }
 
 

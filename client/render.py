@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from client.jobs import Job
-from models.multitask_view import size_text, task_rows
+from models.multitask_view import merge_view, size_text, task_rows
 from models.report_view import (
     comparison_rows,
     fmt_number,
@@ -135,13 +135,28 @@ def tasks_table(report: dict[str, Any]) -> Table | None:
     return table
 
 
+def merge_table(report: dict[str, Any]) -> Table | None:
+    """A multi-task step's adapter merge: each adapter alone, each merge method per task, the chosen one and why."""
+    view = merge_view(report)
+    if view is None:
+        return None
+    table = Table(title=f"adapter merge (validation {view.metric})", caption=f"chosen: {view.why}")
+    for col in ("adapter", *view.tasks, "mean"):
+        table.add_column(col, justify="left" if col == "adapter" else "right")
+    for label, cells, mean, chosen in view.rows:
+        table.add_row(Text(label + (" *" if chosen else ""), style="bold" if chosen else ""), *(Text(c) for c in cells),
+                      Text(mean))
+    return table
+
+
 def report_out(job: Job) -> list[Any]:
     """What follows a finished job's status line: its warnings, its before/after table, a multi-task job's tasks,
     an LM's generations."""
     gens = generations_table(job.report) if job.report else None
     tasks = tasks_table(job.report) if job.report else None
+    merge = merge_table(job.report) if job.report else None
     return [*warning_texts(job), *([report_table(job.report)] if job.report else []), *([tasks] if tasks else []),
-            *([gens] if gens else [])]
+            *([merge] if merge else []), *([gens] if gens else [])]
 
 
 class JobProgressBar:

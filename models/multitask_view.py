@@ -93,3 +93,43 @@ def size_text(report: dict[str, Any]) -> str:
         if sampling == "temperature" and is_num((mt or {}).get("temperature")):
             text += f" (T={float((mt or {})['temperature']):g})"
     return text
+
+
+@dataclass(frozen=True)
+class MergeView:
+    """The adapter merge of a multi-task step: one row per candidate (each task's adapter alone on its own task,
+    then each merge method) with its validation metric per task (accuracy, or a causal LM's eval loss), the method
+    chosen and why."""
+
+    tasks: list[str]
+    rows: list[tuple[str, list[str], str, bool]]  # (label, per-task texts, mean text, chosen)
+    chosen: str
+    why: str
+    metric: str = "accuracy"  # the selection metric, as words ("eval loss")
+
+
+def merge_view(report: dict[str, Any]) -> MergeView | None:
+    """The merge table of the report's multi-task step (None when its adapters were not merged)."""
+    merge = (_multitask(report) or {}).get("merge")
+    if not isinstance(merge, dict):
+        return None
+    individual = merge.get("individual") or {}
+    tasks = [str(t) for t in individual] or [str(r.get("task")) for r in (_multitask(report) or {}).get("tasks", [])]
+    shown = _pct if merge.get("metric", "accuracy") == "accuracy" else fmt_number
+    own = [shown((individual.get(t) or {}).get("validation")) for t in tasks]
+    rows: list[tuple[str, list[str], str, bool]] = []
+    if any((individual.get(t) or {}).get("validation_before") is not None for t in tasks):
+        rows.append(("input model", [shown((individual.get(t) or {}).get("validation_before")) for t in tasks], "-",
+                     False))
+    rows.append(("each task's adapter alone", own, "-", False))
+    for m in merge.get("methods") or []:
+        if not isinstance(m, dict):
+            continue
+        label = str(m.get("method")) + (f" (density {m['density']:g})" if is_num(m.get("density")) else "")
+        if m.get("error"):
+            rows.append((label, ["-"] * len(tasks), f"not possible: {str(m['error'])[:80]}", False))
+            continue
+        per = m.get("per_task") or {}
+        rows.append((label, [shown(per.get(t)) for t in tasks], shown(m.get("mean")), m.get("method") == merge.get("chosen")))
+    return MergeView(tasks=tasks, rows=rows, chosen=str(merge.get("chosen") or ""), why=str(merge.get("why") or ""),
+                     metric=str(merge.get("metric") or "accuracy").replace("_", " "))

@@ -7,8 +7,10 @@ its CPU, so the event names the queue and what it is for, and never claims a GPU
 from __future__ import annotations
 
 
-def queued_message(queue: str, gpu_queue: str = "gpu") -> str:
-    """The text of a job's first event: 'queued (queue cpu)' or, for the training queue, what that means."""
+def queued_message(queue: str, gpu_queue: str = "gpu", cuda_queue: str = "cuda") -> str:
+    """The text of a job's first event: 'queued (queue cpu)' or, for the training queues, what that means."""
+    if queue == cuda_queue:
+        return f"queued for a GPU worker (queue {queue!r}: a model this large trains on CUDA only)"
     if queue == gpu_queue:
         return (f"queued for a training worker (queue {queue!r}: the step trains on the worker's GPU, "
                 "or on its CPU where it has none)")

@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     # stream to disk in bounded memory, so an 8 B LLM's 16 GB archive needs no other limit.
     max_upload_bytes: int | None = Field(None, ge=1)
     # The memory of the workers (bytes) that jobs are planned against (models/memory_fit.py): a job over its
-    # share is refused at submit, an LLM over the in-memory path's share is streamed. None: this machine's.
+    # share is refused at submit, an LLM over the in-memory path's share is streamed. None: the largest live
+    # worker's advertised memory (models/workers.py), else this machine's. A worker with it set advertises it.
     worker_memory_bytes: int | None = Field(None, ge=1)
     # JSON request bodies (a job spec), counted while reading: 413 past it.
     max_json_body_bytes: int = Field(1024**2, ge=1)
@@ -59,6 +60,14 @@ class Settings(BaseSettings):
     job_lease_seconds: int = 60
     cpu_queue: str = "cpu"
     gpu_queue: str = "gpu"
+    # Consumed only by workers that found a CUDA device at start (worker/advertise.py): training of a model of
+    # cpu_train_max_params or more goes here, and is refused at submit when no live worker has a GPU.
+    cuda_queue: str = "cuda"
+    cpu_train_max_params: int = Field(1_000_000_000, ge=1)
+    # Each worker advertises its queues, memory and GPU (table workers) every worker_heartbeat_s; the API
+    # plans against those heard from within worker_live_s (0 turns the heartbeat off).
+    worker_heartbeat_s: float = Field(15.0, ge=0)
+    worker_live_s: float = Field(60.0, gt=0)
     # GET /v1/jobs/{id} is what clients poll: each API process may serve a body this many seconds old
     # (a terminal job's body never changes and is kept longer). 0 turns the cache off.
     job_read_cache_s: float = 0.25
@@ -97,8 +106,9 @@ class Settings(BaseSettings):
     # the others wait up to overload_wait_s for a turn, then get a 503 `overloaded` with Retry-After.
     submit_concurrency: int = Field(8, ge=1)
     overload_wait_s: float = Field(10.0, ge=0)
-    # One ONNX Runtime run of a model under evaluation may take at most run_max_s (and, once runs were
-    # measured, 50x their cost per sample); one evaluation at most eval_phase_max_s (worker/ort_guard.py).
+    # One ONNX Runtime run of an uploaded graph may take at most run_max_s (and, once runs were measured,
+    # 50x their cost per sample); one phase of such runs (an evaluation, a calibration, auto_exclude's
+    # rounds) at most eval_phase_max_s (worker/ort_guard.py).
     run_max_s: float = Field(600.0, gt=0)
     eval_phase_max_s: float = Field(3600.0, gt=0)
     # How long a request waits for a pooled database connection before it is a 503 `overloaded`.

@@ -209,9 +209,37 @@ class TaskSpec(_Strict):
     data: TaskData
     weight: float = Field(1.0, gt=0.0, le=1000.0)
     labels: list[str] | None = Field(None, min_length=2, max_length=1000)
+    # ``adapters: merge``: this task's LoRA rank (default the step's ``lora.r``); the task's ``weight`` is its
+    # adapter's weight in the merge.
+    rank: int | None = Field(None, ge=1, le=256)
 
 
 Sampling = Literal["proportional", "temperature", "uniform"]
+# peft ``add_weighted_adapter`` combination types a merge may try. ``linear``, ``ties``, ``dare_*`` and
+# ``magnitude_prune`` combine the A and B matrices separately and need every adapter at one rank; ``cat`` stacks
+# them (exact sum of the weighted updates) and the ``*_svd`` ones fold the weighted updates back to one rank.
+MergeMethod = Literal["linear", "cat", "svd", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
+                      "dare_linear_svd", "magnitude_prune"]
+EQUAL_RANK_METHODS: frozenset[str] = frozenset({"linear", "ties", "dare_ties", "dare_linear", "magnitude_prune"})
+DENSITY_METHODS: frozenset[str] = frozenset(get_args(MergeMethod)) - {"linear", "cat", "svd"}
+
+
+def _default_merge_methods() -> list[MergeMethod]:
+    return ["linear", "ties", "dare_ties", "dare_linear", "cat"]
+
+
+class MergeConfig(_Strict):
+    """How ``adapters: merge`` combines the tasks' LoRA adapters (peft ``add_weighted_adapter``, each adapter
+    weighted by its task's ``weight``): every method in ``methods`` is measured on each task's validation split
+    (``validation`` of its train rows, carved off before training) and the best mean metric is kept.
+    ``density``: the share of each update the pruning methods (``ties``, ``dare_*``, ``magnitude_prune``) keep.
+    ``refit_heads``: after each merge, refit every task's head (the backbone frozen) on its train rows' features,
+    since the heads were trained against their own adapter's features, not the merged ones."""
+
+    methods: list[MergeMethod] = Field(default_factory=_default_merge_methods, min_length=1, max_length=10)
+    density: float = Field(0.5, gt=0.0, le=1.0)
+    validation: float = Field(0.2, gt=0.0, le=0.5)
+    refit_heads: bool = True
 
 
 class FinetuneStep(TrainingParams, StepParams):
@@ -230,6 +258,9 @@ class FinetuneStep(TrainingParams, StepParams):
     tasks: list[TaskSpec] | None = Field(None, min_length=1, max_length=16)
     sampling: Sampling = "proportional"
     temperature: float = Field(2.0, gt=0.0, le=100.0)
+    # Multi-task transfer: one LoRA adapter per task (each trained on its task alone), merged into one model.
+    adapters: Literal["merge"] | None = None
+    merge: MergeConfig | None = None
 
     @model_validator(mode="after")
     def _last_n_given(self) -> FinetuneStep:
@@ -338,7 +369,8 @@ def _quantize_detail(s: QuantizeStep) -> str:
 _KINDS = (
     StepKind(QuantizeStep, "onnx", lambda s: f"quantize ({s.mode}{_quantize_detail(s)})"),
     StepKind(PruneStep, "torch", lambda s: f"prune ({s.method} {s.ratio:g})", gpu=True),
-    StepKind(FinetuneStep, "torch", lambda s: f"finetune ({s.mode}{f', {len(s.tasks)} tasks' if s.tasks else ''})",
+    StepKind(FinetuneStep, "torch", lambda s: f"finetune ({s.mode}{f', {len(s.tasks)} tasks' if s.tasks else ''}"
+             f"{', adapters merged' if s.adapters == 'merge' else ''})",
              trains=True, gpu=True),
     StepKind(DistillStep, "torch", lambda s: f"distill (to {s.student.layers} layers)"
              if isinstance(s.student, StudentLayers) else "distill", trains=True, gpu=True),
@@ -549,6 +581,12 @@ class JobSpec(_Strict):
                         raise ValueError(f"steps.{i}.tasks.{j}.name: task {task.name!r} is repeated "
                                          f"(steps.{i}.tasks.{seen[task.name]}.name)")
                     seen[task.name] = j
+                if isinstance(step, FinetuneStep):
+                    self._check_adapters(i, step, tasks)
+            elif isinstance(step, FinetuneStep) and (step.adapters is not None or step.merge is not None):
+                field = "adapters" if step.adapters is not None else "merge"
+                raise ValueError(f"steps.{i}.{field}: merging adapters takes one adapter per task, and the step "
+                                 "names no tasks")
             elif STEP_KINDS[step.type].trains and self.data.train is None:
                 raise ValueError(f"steps.{i}: a '{step.type}' step needs data.train")
             if isinstance(step, QuantizeStep) and step.mode == "static" and not (
@@ -568,6 +606,37 @@ class JobSpec(_Strict):
         if self.evaluate.few_shot and self.data.train is None:
             raise ValueError("evaluate.few_shot draws its examples from data.train, which is not given")
         return self
+
+    def _check_adapters(self, i: int, step: FinetuneStep, tasks: list[TaskSpec]) -> None:
+        """``adapters: merge``: LoRA, two tasks or more, no sampling, ranks every merge method can combine."""
+        at = f"steps.{i}"
+        if step.adapters is None:
+            for j, task in enumerate(tasks):
+                if task.rank is not None:
+                    raise ValueError(f"{at}.tasks.{j}.rank: task {task.name!r}: rank applies with adapters 'merge' only")
+            if step.merge is not None:
+                raise ValueError(f"{at}.merge: applies with adapters 'merge' only")
+            return
+        if step.mode != "lora":
+            raise ValueError(f"{at}.mode: adapters 'merge' trains one LoRA adapter per task; set mode 'lora' "
+                             f"(not {step.mode!r})")
+        if len(tasks) < 2:
+            raise ValueError(f"{at}.tasks: adapters 'merge' needs two tasks or more (one adapter per task), "
+                             f"got {len(tasks)}")
+        defaults = type(step).model_fields
+        for name in ("sampling", "temperature"):
+            if getattr(step, name) != defaults[name].default:
+                raise ValueError(f"{at}.{name}: each adapter trains on its own task alone; {name} does not apply "
+                                 "with adapters 'merge'")
+        merge = step.merge or MergeConfig()
+        ranks = {task.name: task.rank or step.lora.r for task in tasks}
+        for k, method in enumerate(merge.methods):
+            if method in merge.methods[:k]:
+                raise ValueError(f"{at}.merge.methods.{k}: {method!r} is repeated")
+            if method in EQUAL_RANK_METHODS and len(set(ranks.values())) > 1:
+                (a, ra), (b, rb) = next((x, y) for x in ranks.items() for y in ranks.items() if x[1] != y[1])
+                raise ValueError(f"{at}.merge.methods.{k}: {method!r} needs every adapter at one rank, but task "
+                                 f"{a!r} has r={ra} and task {b!r} r={rb} (use cat or an *_svd method)")
 
     def _check_search(self, search: SearchSpec) -> None:
         if self.steps:

@@ -239,3 +239,21 @@ class StageCacheEntry(Base):
     job_id: Mapped[str] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_used_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WorkerRecord(Base):
+    """A live worker's advertisement (``models.workers``): its queues, memory and GPU, refreshed by its
+    heartbeat; the API plans admission and routing against the live ones (docs/architecture.md §7)."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # celery hostname:pid
+    hostname: Mapped[str] = mapped_column(String(255))
+    queues: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    memory_total: Mapped[int] = mapped_column(BigInteger)
+    memory_free: Mapped[int] = mapped_column(BigInteger)
+    gpu_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    gpu_count: Mapped[int] = mapped_column(Integer, default=0)
+    gpu_memory: Mapped[int] = mapped_column(BigInteger, default=0)  # the largest device's total bytes
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

@@ -73,7 +73,7 @@ def _truncate(url: str) -> None:
 
     engine = make_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE job_events, artifacts, jobs, datasets, models, blob_claims, blob_orphans, api_keys, stage_cache RESTART IDENTITY CASCADE"))
+        conn.execute(text("TRUNCATE job_events, artifacts, jobs, datasets, models, blob_claims, blob_orphans, api_keys, stage_cache, workers RESTART IDENTITY CASCADE"))
     engine.dispose()
 
 

@@ -114,12 +114,9 @@ def tar_with_link(out: Path, model_path: Path, link_target: str) -> Path:
     return out
 
 
-def looping_model(trips: int = 2**40, *, constant: bool = True, features: int = 4, classes: int = 3) -> onnx.ModelProto:
-    """A classifier whose ONNX ``Loop`` runs ``trips`` times (body ``v + 0``) before a MatMul to logits.
-
-    ``constant``: the trip count is an initializer (what an upload check can read); otherwise it is
-    computed (``Mul`` of two initializers), so only running the graph shows how long it loops."""
-    body = helper.make_graph(
+def _loop_body() -> onnx.GraphProto:
+    """A Loop body that passes its value through unchanged (``v + 0``)."""
+    return helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "zero"], ["v_out"])],
         "body",
         [helper.make_tensor_value_info("i", TensorProto.INT64, []),
@@ -129,11 +126,59 @@ def looping_model(trips: int = 2**40, *, constant: bool = True, features: int = 
          helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(np.zeros((1,), np.float32), "zero")],
     )
+
+
+def looping_lm(trips: int = 2**40, vocab: int = 16) -> onnx.ModelProto:
+    """A KV-cache "causal LM" (one layer, 1 kv head of 2 dims: what ``worker.lm`` reads) whose logits come
+    through an ONNX ``Loop`` of ``trips`` iterations (a computed count): every run of it loops."""
+    kv = ["batch", 1, "past", 2]
+    inits = [numpy_helper.from_array(np.array(True), "cond"),
+             numpy_helper.from_array(np.array(max(1, trips // 2**20), np.int64), "a"),
+             numpy_helper.from_array(np.array(min(trips, 2**20), np.int64), "b"),
+             numpy_helper.from_array(np.array([-1], np.int64), "last"),
+             numpy_helper.from_array(np.ones((1, vocab), np.float32), "w")]
+    nodes = [helper.make_node("Mul", ["a", "b"], ["trips"]),
+             helper.make_node("Cast", ["input_ids"], ["ids_f"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["ids_f", "last"], ["ids_3d"]),
+             helper.make_node("Loop", ["trips", "cond", "ids_3d"], ["looped"], body=_loop_body()),
+             helper.make_node("MatMul", ["looped", "w"], ["logits"]),
+             helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"]),
+             helper.make_node("Identity", ["past_key_values.0.value"], ["present.0.value"])]
+    graph = helper.make_graph(
+        nodes, "looping_lm",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+         helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, kv),
+         helper.make_tensor_value_info("past_key_values.0.value", TensorProto.FLOAT, kv)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab]),
+         helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, kv),
+         helper.make_tensor_value_info("present.0.value", TensorProto.FLOAT, kv)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def looping_model(trips: int = 2**40, *, constant: bool = True, on_data: bool = False, features: int = 4,
+                  classes: int = 3) -> onnx.ModelProto:
+    """A classifier whose ONNX ``Loop`` runs ``trips`` times (body ``v + 0``) before a MatMul to logits.
+
+    ``constant``: the trip count is an initializer (what an upload check can read); otherwise it is
+    computed (``Mul`` of two initializers), so only running the graph shows how long it loops.
+    ``on_data``: ``trips`` times the batch's largest value: all-zero samples run at once (an evaluation on
+    them passes), samples of ones loop (the calibration set, say)."""
+    body = _loop_body()
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(np.array(True), "cond"),
              numpy_helper.from_array(rng.normal(size=(features, classes)).astype(np.float32), "w")]
     nodes = []
-    if constant:
+    if on_data:  # trips x the largest input value (cast to an integer): 0 on all-zero samples
+        inits.append(numpy_helper.from_array(np.array(trips, np.int64), "per_unit"))
+        nodes += [helper.make_node("ReduceMax", [INPUT], ["peak"], keepdims=0),
+                  helper.make_node("Cast", ["peak"], ["peak_int"], to=TensorProto.INT64),
+                  helper.make_node("Mul", ["peak_int", "per_unit"], ["trips"])]
+    elif constant:
         inits.append(numpy_helper.from_array(np.array(trips, np.int64), "trips"))
     else:
         root = max(1, math.isqrt(trips))

@@ -1,4 +1,5 @@
-"""Start a Celery worker (``modelpress worker``); the parent process never touches CUDA."""
+"""Start a Celery worker (``modelpress worker``); the parent process never touches CUDA. A worker with a GPU
+also consumes the CUDA queue (``worker.advertise``)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,14 @@ def worker_argv(queues: list[str] | None, concurrency: int = 1, loglevel: str = 
 def run_worker(queues: list[str] | None = None, concurrency: int = 1, loglevel: str = "INFO") -> None:
     """Run a worker in this process until it is stopped (SIGTERM: warm shutdown)."""
     import worker.tasks  # noqa: F401  (registers the task)
+    from worker.advertise import configure, probe_gpu, queues_for
     from worker.celery_app import get_celery
 
-    get_celery().worker_main(worker_argv(queues, concurrency, loglevel))
+    gpu = probe_gpu()  # in a child process: this one never touches CUDA
+    names = queues_for(queues, gpu)
+    argv = worker_argv(names, concurrency, loglevel)
+    configure(names, next(a for a in argv if a.startswith("--hostname=")).partition("=")[2], gpu)
+    get_celery().worker_main(argv)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Bounded, cancellable ONNX Runtime runs of an uploaded graph (evaluation and parity checks).
+"""Bounded, cancellable ONNX Runtime runs of an uploaded graph (evaluation, calibration, parity checks).
 
 A graph can loop for as long as it likes inside one ``session.run`` (an ONNX ``Loop`` with a huge trip
 count), where no cancel check between runs is ever reached. Every run made through a :class:`RunGuard`
@@ -11,7 +11,9 @@ carries a ``RunOptions`` whose ``terminate`` flag a watchdog thread sets when
   ``RUN_MIN_BUDGET_S``): the run ends with ``StepFailed("run_time_limit")``.
 
 ONNX Runtime checks the flag between nodes and between a Loop's iterations, so a run stops within
-milliseconds of it being set.
+milliseconds of it being set. Code that runs a session it does not own (ORT's calibrators) gets a
+:class:`GuardedSession` in its place. One guard serves one phase: an evaluation, a calibration, the
+auto_exclude sensitivity rounds, a latency recheck.
 """
 
 from __future__ import annotations
@@ -84,18 +86,21 @@ class RunGuard:
             budget = min(budget, max(RUN_MIN_BUDGET_S, RUN_COST_FACTOR * self.per_sample_s * max(1, rows)))
         return budget
 
-    def run(self, session: ort.InferenceSession, names: Sequence[str] | None, feed: dict[str, Any]) -> list[Any]:
+    def run(self, session: ort.InferenceSession, names: Sequence[str] | None, feed: dict[str, Any],
+            rows: int | None = None) -> list[Any]:
         """``session.run(names, feed)``, ended early by a cancel (JobCancelled) or past its budget
-        (StepFailed ``run_time_limit``)."""
+        (StepFailed ``run_time_limit``); ``rows``: the samples the run's cost is counted in (default: the
+        feed's batch size; a causal LM counts tokens)."""
         import onnxruntime as ort
 
         from worker.core import JobCancelled, StepFailed
 
-        rows = _rows(feed)
+        rows = _rows(feed) if rows is None else rows
         budget = self.budget(rows)
         if budget <= 0:
             raise StepFailed("run_time_limit", f"running {self.what} took more than the {self.phase_max_s:g} s "
-                                               "allowed for one evaluation (MODELPRESS_EVAL_PHASE_MAX_S)")
+                                               "allowed for one phase (evaluation, calibration, parity check: "
+                                               "MODELPRESS_EVAL_PHASE_MAX_S)")
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._watch, name="ort-watchdog", daemon=True)
@@ -154,6 +159,21 @@ class RunGuard:
                     self._stop_current(current[0], exc)
                 except Exception:  # a failed flag read (database restarting) is not a cancel: read it again
                     continue
+
+
+class GuardedSession:
+    """An ORT session whose ``run`` goes through ``guard`` (every other attribute is the session's): what
+    code that runs a session it made itself (ORT's calibrators) is given in its place."""
+
+    def __init__(self, session: ort.InferenceSession, guard: RunGuard) -> None:
+        self._session, self._guard = session, guard
+
+    def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any], run_options: Any = None) -> list[Any]:
+        """``session.run`` under the guard (its own RunOptions: ``run_options`` is not used)."""
+        return self._guard.run(self._session, output_names, input_feed)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
 
 
 def _rows(feed: dict[str, Any]) -> int:

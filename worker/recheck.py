@@ -14,6 +14,7 @@ import statistics
 from typing import TYPE_CHECKING, Any
 
 from models.report_view import regressions
+from worker.ort_guard import RunGuard
 
 if TYPE_CHECKING:
     from models.spec import JobSpec
@@ -32,10 +33,12 @@ def confirm_regressions(spec: JobSpec, before: WorkingModel, after: WorkingModel
     if before.onnx_path is None or after.onnx_path is None:
         return
     ctx.log("the output measured slower than the input: timing both again, interleaved, before warning")
-    if lm:
-        _recheck_lm(spec, before, after, baseline, output, ctx)
-    else:
-        _recheck(spec, before, after, baseline, output, ctx)
+    # every run bounded and cancellable, the recheck one phase (worker/ort_guard.py)
+    with RunGuard(ctx.check_cancelled, what="the input and output models (latency recheck)") as guard:
+        if lm:
+            _recheck_lm(spec, before, after, baseline, output, ctx, guard)
+        else:
+            _recheck(spec, before, after, baseline, output, ctx, guard)
 
 
 def _summary(rounds: list[dict[str, float]]) -> dict[str, float]:
@@ -45,7 +48,7 @@ def _summary(rounds: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _recheck(spec: JobSpec, before: WorkingModel, after: WorkingModel, baseline: dict[str, Any],
-             output: dict[str, Any], ctx: PipelineContext) -> None:
+             output: dict[str, Any], ctx: PipelineContext, guard: RunGuard) -> None:
     from worker.evaluate import available_cores, latency_batch, make_session, measure_latency
 
     lat = spec.evaluate.latency
@@ -54,17 +57,17 @@ def _recheck(spec: JobSpec, before: WorkingModel, after: WorkingModel, baseline:
     sessions = {k: make_session(m.onnx_path, threads, lat.provider) for k, m in sides.items()}  # type: ignore[arg-type]
     batches = {k: latency_batch(s, ctx.dataset("eval", sides[k]), lat.batch_size) for k, s in sessions.items()}
     for k, s in sessions.items():
-        measure_latency(s, batches[k], lat.warmup, 1, ctx.check_cancelled)
+        measure_latency(s, batches[k], lat.warmup, 1, ctx.check_cancelled, guard)
     per_round = max(3, lat.runs // ROUNDS)
     times: dict[str, list[dict[str, float]]] = {k: [] for k in sessions}
     for r in range(ROUNDS):
         for k in (("input", "output") if r % 2 == 0 else ("output", "input")):
-            times[k].append(measure_latency(sessions[k], batches[k], 0, per_round, ctx.check_cancelled)["ms"])
+            times[k].append(measure_latency(sessions[k], batches[k], 0, per_round, ctx.check_cancelled, guard)["ms"])
     baseline["latency_recheck"], output["latency_recheck"] = _summary(times["input"]), _summary(times["output"])
 
 
 def _recheck_lm(spec: JobSpec, before: WorkingModel, after: WorkingModel, baseline: dict[str, Any],
-                output: dict[str, Any], ctx: PipelineContext) -> None:
+                output: dict[str, Any], ctx: PipelineContext, guard: RunGuard) -> None:
     from worker.lm.layout import LMLayout
     from worker.lm.session import LMSession
 
@@ -75,7 +78,7 @@ def _recheck_lm(spec: JobSpec, before: WorkingModel, after: WorkingModel, baseli
     sessions = {}
     for k, m in (("input", before), ("output", after)):
         layout = LMLayout.from_meta(m.meta["lm"]) if "lm" in m.meta else None
-        sessions[k] = LMSession(m.onnx_path, threads=threads, layout=layout)  # type: ignore[arg-type]
+        sessions[k] = LMSession(m.onnx_path, threads=threads, layout=layout, guard=guard)  # type: ignore[arg-type]
     prefill: dict[str, list[dict[str, float]]] = {k: [] for k in sessions}
     rates: dict[str, list[float]] = {k: [] for k in sessions}
     runs = max(3, spec.evaluate.latency.runs // ROUNDS)

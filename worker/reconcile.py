@@ -109,7 +109,8 @@ def reconcile(settings: Settings | None = None, now: datetime | None = None,
 
 
 class Timers(threading.Thread):
-    """A daemon thread in the worker's main process: reconcile and gc on their intervals (0 turns one off)."""
+    """A daemon thread in the worker's main process: the advertisement's heartbeat (worker.advertise), reconcile
+    and gc on their intervals (0 turns one off)."""
 
     def __init__(self, settings: Settings | None = None) -> None:
         super().__init__(daemon=True, name="modelpress-timers")
@@ -135,15 +136,17 @@ class Timers(threading.Thread):
     def run(self) -> None:
         import time
 
+        from worker.advertise import beat
         from worker.gc import clean_leftovers, run_gc
 
         s = self.settings
         if s.gc_interval_s <= 0:  # leftovers are cleaned at start even with the periodic gc off
             self._every(1.0, 0.0, 1.0, lambda: clean_leftovers(s), "leftover cleanup")
-        next_gc = next_reconcile = time.monotonic()
-        tick = min(x for x in (s.reconcile_interval_s, s.gc_interval_s, 5.0) if x > 0)
+        next_gc = next_reconcile = next_beat = time.monotonic()
+        tick = min(x for x in (s.reconcile_interval_s, s.gc_interval_s, s.worker_heartbeat_s, 5.0) if x > 0)
         while not self.stopped.is_set():
             now = time.monotonic()
+            next_beat = self._every(s.worker_heartbeat_s, next_beat, now, lambda: beat(s), "advertise")
             next_gc = self._every(s.gc_interval_s, next_gc, now, lambda: run_gc(s), "gc")
             next_reconcile = self._every(s.reconcile_interval_s, next_reconcile, now, lambda: self._reconcile(s),
                                          "reconcile")

@@ -73,6 +73,7 @@ from models.tables import (
     utcnow,
 )
 from storage import get_store
+from worker.ort_guard import RunGuard
 from worker.records import Claim, Heartbeat, dataset_refs, finish, reuse_artifacts, store_artifacts
 
 if TYPE_CHECKING:
@@ -579,14 +580,15 @@ class _Timer:
     """One model in the interleaved harness: ``time(runs)`` is the median ms of ``runs`` timed runs."""
 
     def __init__(self, path: Path, threads: int, batch_size: int, provider: str, prompt_tokens: int,
-                 data: Callable[[Path], ArrayDataset | None] | None) -> None:
+                 data: Callable[[Path], ArrayDataset | None] | None, guard: RunGuard) -> None:
         from worker.evaluate import latency_batch, make_session
 
+        self.guard = guard
         self.lm = None
         if _is_lm_file(path):  # the LM evaluation's harness: a prefill over the KV-cache inputs, batch 1
             from worker.lm.session import LMSession
 
-            self.lm = LMSession(path, threads=threads)
+            self.lm = LMSession(path, threads=threads, guard=guard)
             self.prompt_tokens = prompt_tokens
         else:
             self.session = make_session(path, threads, provider)
@@ -597,7 +599,7 @@ class _Timer:
 
         if self.lm is not None:
             return self.lm.time_prefill(self.prompt_tokens, runs, warmup, check_cancelled)
-        return dict(measure_latency(self.session, self.batch, warmup, runs, check_cancelled)["ms"])
+        return dict(measure_latency(self.session, self.batch, warmup, runs, check_cancelled, self.guard)["ms"])
 
 
 def remeasure(paths: dict[str, Path], threads: int, batch_size: int, warmup: int, runs: int,
@@ -610,9 +612,16 @@ def remeasure(paths: dict[str, Path], threads: int, batch_size: int, warmup: int
     inputs) is timed as the LM evaluation times it: a ``prompt_tokens`` prefill at batch 1 through
     ``worker.lm.session``. ``{id: {median, min, rounds, round_medians}}`` in ms (the median of the round
     medians); ``check_cancelled`` runs between runs, at most every ``CANCEL_POLL_S`` seconds (the runs stay
-    back to back, as a deployment calls them)."""
+    back to back, as a deployment calls them), and, by a watchdog, during each (worker/ort_guard.py: every
+    run bounded)."""
     check_cancelled = _throttled(check_cancelled, CANCEL_POLL_S)
-    timers = {k: _Timer(p, threads, batch_size, provider, prompt_tokens, data) for k, p in paths.items()}
+    with RunGuard(check_cancelled, what="the search's models (latency re-measure)") as guard:
+        timers = {k: _Timer(p, threads, batch_size, provider, prompt_tokens, data, guard) for k, p in paths.items()}
+        return _interleave(timers, warmup, runs, rounds, check_cancelled)
+
+
+def _interleave(timers: dict[str, _Timer], warmup: int, runs: int, rounds: int,
+                check_cancelled: Callable[[], None]) -> dict[str, dict[str, Any]]:
     for t in timers.values():
         t.time(warmup, 1, check_cancelled)
     per_round = max(1, runs // rounds)

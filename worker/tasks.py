@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from worker.celery_app import ADVANCE_TASK, TASK_NAME, get_celery
 
@@ -25,6 +26,17 @@ def _start_timers(**_: Any) -> None:
     from worker.reconcile import start_timers
 
     start_timers()
+
+
+@worker_shutdown.connect
+def _withdraw(**_: Any) -> None:
+    """A stopping worker withdraws its advertisement: admission stops counting it at once."""
+    from worker.advertise import leave
+
+    try:
+        leave()
+    except Exception:  # the database may be gone too; the row then ages out of the live window
+        logging.getLogger("modelpress.worker").warning("could not withdraw the advertisement", exc_info=True)
 
 
 @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)

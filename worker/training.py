@@ -91,9 +91,11 @@ def input_accuracy(ctx: PassContext, data: ArrayDataset) -> float:
         raise StepFailed("no_labels", "until needs a labelled data.train")
     if model.form == "onnx" and model.onnx_path is not None:
         from worker.evaluate import _Runner, make_session
+        from worker.ort_guard import RunGuard
 
         runner = _Runner(make_session(model.onnx_path, 1))
-        out = runner.run_all({k: data.inputs[k] for k in model.input_names}, 256, ctx.check_cancelled)
+        with RunGuard(ctx.check_cancelled, what="the input model (until's baseline accuracy)") as guard:
+            out = runner.run_all({k: data.inputs[k] for k in model.input_names}, 256, ctx.check_cancelled, guard)
         logits = out[runner.output_names[0]]
     else:
         from worker.torch_utils import interface, predict

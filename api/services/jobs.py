@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,7 +31,6 @@ from models.spec import JobSpec
 from models.tables import (
     CANCELLED,
     CANCELLING,
-    FAILED,
     QUEUED,
     RUNNING,
     STATUSES,
@@ -284,12 +283,12 @@ def create_job(
         if existing is not None:
             return _same_request(existing, spec), False
     model = check_references(session, owner, spec)
-    check_memory(spec, model, settings)
+    routed = check_memory(spec, model, settings)  # the CUDA queue for training a model this large
     # The owner's lock is held until the commit below, so concurrent submissions count each other.
     quotas.check_jobs(session, owner, settings, lock=True)
     if spec.search is not None:
         _check_trials(session, owner, spec)
-    queue = settings.queue_for(spec)
+    queue = routed or settings.queue_for(spec)
     job = Job(
         id=new_id("job"),
         owner=owner,
@@ -306,7 +305,7 @@ def create_job(
         metadata_=dict(labels.metadata) or None,
     )
     session.add(job)
-    session.add(JobEvent(job_id=job.id, kind="status", message=queued_message(queue, settings.gpu_queue), data={"status": QUEUED}))
+    session.add(JobEvent(job_id=job.id, kind="status", message=queued_message(queue, settings.gpu_queue, settings.cuda_queue), data={"status": QUEUED}))
     try:
         session.commit()
     except IntegrityError:
@@ -320,30 +319,38 @@ def create_job(
 
 
 def _enqueue(session: Session, job: Job) -> None:
-    """Send the task; when the broker refuses, fail the job (guarded) and answer 503."""
+    """Send the task; when the broker refuses, remove the job (and its first event) and answer 503 with
+    Retry-After: an answer that is not 2xx leaves no job, and a retry with the same Idempotency-Key makes it anew.
+    (With the database down too, the row stays queued and the worker's reconcile queues it once the broker
+    is back.)"""
     from worker.celery_app import enqueue_job
 
     try:
         enqueue_job(job.id, job.queue)
     except Exception as exc:
         log.error("enqueue of %s on %s failed: %s", job.id, job.queue, exc, exc_info=True)
-        message = f"the job could not be queued: the broker is unavailable ({type(exc).__name__})"
-        now = utcnow()
-        res = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == QUEUED)
-            .values(status=FAILED, phase="failed", error={"code": "broker_unavailable", "message": message},
-                    finished_at=now, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        if getattr(res, "rowcount", 0):
-            session.add(JobEvent(job_id=job.id, kind="status", message=message,
-                                 data={"status": FAILED, "code": "broker_unavailable"}))
-        session.commit()
+        _remove_unqueued(session, job.id)
         raise ProblemError(
-            503, "broker_unavailable", f"{message}; job {job.id} was marked failed, submit again later",
+            503, "broker_unavailable",
+            f"the job could not be queued: the broker is unavailable ({type(exc).__name__}); nothing was "
+            "recorded, submit again later",
             headers={"Retry-After": "5"},
         ) from exc
+
+
+def _remove_unqueued(session: Session, job_id: str) -> None:
+    """Delete a job the broker never got (still queued: nothing can have claimed it) and its events."""
+    try:
+        session.rollback()
+        gone = session.execute(
+            delete(Job).where(Job.id == job_id, Job.status == QUEUED).execution_options(synchronize_session=False)
+        )
+        if getattr(gone, "rowcount", 0):
+            session.execute(delete(JobEvent).where(JobEvent.job_id == job_id))
+        session.commit()
+    except Exception:
+        log.exception("job %s was not queued and could not be removed", job_id)
+        session.rollback()
 
 
 def parse_meta_filters(values: list[str] | None) -> dict[str, str]:

@@ -17,7 +17,7 @@ from api import charts
 from api.services import jobs as job_service
 from api.services.search_page import SearchView, search_view
 from models import report_view as rv
-from models.multitask_view import TaskRow, size_text, task_rows
+from models.multitask_view import MergeView, TaskRow, merge_view, size_text, task_rows
 from models.report import Evaluation, Report
 from models.schemas import ArtifactOut, JobError, JobOut
 from models.spec import step_label
@@ -68,6 +68,7 @@ class ReportPage:
     search: SearchView | None = None
     tasks: list[TaskRow] = field(default_factory=list)
     tasks_size: str = ""
+    merge: MergeView | None = None
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def report_page(session: Session, owner: str, job_id: str) -> ReportPage:
         generations=rv.generation_rows(report),
         artifacts=_links(job.result.artifacts if job.result else []),
         running=running, refresh=REFRESH_S if running else None, search=search_view(report),
-        tasks=task_rows(report), tasks_size=size_text(report),
+        tasks=task_rows(report), tasks_size=size_text(report), merge=merge_view(report),
     )
 
 

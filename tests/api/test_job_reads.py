@@ -114,6 +114,26 @@ def test_a_job_deleted_while_running_is_404_once_the_worker_removed_it_despite_t
         assert gone.status_code == 404 and gone.json()["code"] == "not_found"
 
 
+def test_a_finished_job_deleted_through_this_process_is_404_at_once_despite_the_cache(
+    pg_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from models.settings import get_settings
+
+    monkeypatch.setenv("MODELPRESS_JOB_READ_CACHE_S", "30")
+    get_settings.cache_clear()
+    job_id = _job_with_artifacts()
+    with TestClient(create_app()) as client:
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "failed"  # now cached (a terminal job: longer)
+        assert job_service.READ_CACHE.get("local", job_id) is not None
+        assert client.delete(f"/v1/jobs/{job_id}").status_code == 204
+        gone = client.get(f"/v1/jobs/{job_id}")
+        assert gone.status_code == 404 and gone.json()["code"] == "not_found"
+        assert client.get(f"/v1/jobs/{job_id}/events").status_code == 404
+
+
 def test_a_read_that_began_before_a_drop_does_not_cache_the_old_body(pg_env: str) -> None:
     cache = job_service._ReadCache()
     began = time.monotonic()

@@ -214,19 +214,56 @@ def test_cancel(client: TestClient) -> None:
     assert client.post("/v1/jobs/job_nope/cancel").status_code == 404
 
 
-def test_broker_down_fails_the_job_with_503(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _use_broker(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     import worker.celery_app
+    from models.settings import get_settings
 
-    def refuse(job_id: str, queue: str) -> None:
-        raise ConnectionError("broker unreachable")
+    monkeypatch.setattr(worker.celery_app, "enqueue_job", REAL_ENQUEUE)
+    monkeypatch.setenv("MODELPRESS_BROKER_URL", url)
+    get_settings.cache_clear()
+    worker.celery_app.get_celery.cache_clear()
 
-    monkeypatch.setattr(worker.celery_app, "enqueue_job", refuse)
-    model = _upload_model(client)
-    r = client.post("/v1/jobs", json={"model": model["id"]})
-    assert r.status_code == 503 and r.json()["code"] == "broker_unavailable"
-    with session_scope() as s:
-        job = s.scalars(select(Job)).one()
-        assert job.status == "failed" and job.error == {"code": "broker_unavailable", "message": job.error["message"]}
+
+@pytest.mark.parametrize("db", ["pg_env", "sqlite_env"])
+def test_a_broker_that_refuses_the_task_leaves_no_job_and_answers_503(
+    db: str, request: pytest.FixtureRequest, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    import worker.celery_app
+    from api.main import create_app
+
+    request.getfixturevalue(db)
+    _use_broker(monkeypatch, f"redis://127.0.0.1:{_free_port()}/0")  # nothing listens there: the broker is down
+    spec = {"model": "", "steps": [{"type": "quantize", "mode": "dynamic"}]}
+    try:
+        with TestClient(create_app(), raise_server_exceptions=False) as c:
+            spec["model"] = _upload_model(c)["id"]
+            r = c.post("/v1/jobs", json=spec, headers={"Idempotency-Key": "broker-down-1"})
+            assert r.status_code == 503 and r.json()["code"] == "broker_unavailable", r.text
+            assert r.headers["Retry-After"] == "5" and r.headers["content-type"] == "application/problem+json"
+            with session_scope() as s:  # an answer that is not 2xx leaves no job
+                assert s.scalars(select(Job)).all() == [] and s.scalars(select(JobEvent)).all() == []
+            assert c.get("/v1/jobs").json()["data"] == []
+            _use_broker(monkeypatch, redis_url)  # the broker is back: the retry with the same key makes the job
+            again = c.post("/v1/jobs", json=spec, headers={"Idempotency-Key": "broker-down-1"})
+            assert again.status_code == 202, again.text
+            with session_scope() as s:
+                assert [j.id for j in s.scalars(select(Job))] == [again.json()["id"]]
+            conn = redis.Redis.from_url(redis_url)
+            raw = conn.lpop(again.json()["queue"])
+            assert raw is not None and again.json()["id"].encode() in raw
+            conn.delete(again.json()["queue"], f"_kombu.binding.{again.json()['queue']}")
+    finally:
+        worker.celery_app.get_celery.cache_clear()
 
 
 def test_job_with_artifacts_and_report(client: TestClient) -> None:

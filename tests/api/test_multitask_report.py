@@ -20,3 +20,16 @@ def test_report_page_shows_tasks(client: TestClient) -> None:
         assert text in page, text
     lines = {k for k in chart_shapes(page) if k.endswith("-line")}
     assert {"chart-curve-0-loss-parity-line", "chart-curve-0-accuracy-parity-line"} <= lines, lines
+
+
+def test_report_page_shows_the_adapter_merge(client: TestClient) -> None:
+    from tests.models.test_multitask_view import merge_report
+
+    job_id, _ = insert_job(report=merge_report())
+    page = client.get(f"/v1/jobs/{job_id}/report.html").text
+    assert "Adapter merge (validation accuracy)" in page and "linear ★" in page
+    for text in ("each task&#39;s adapter alone", "ties (density 0.5)", "68.2%", "not possible: All adapters",
+                 "chosen: linear: highest mean validation accuracy over the tasks (84.8%)"):
+        assert text in page, text
+    job_id, _ = insert_job(report={**merge_report(), "steps": []})
+    assert "Adapter merge" not in client.get(f"/v1/jobs/{job_id}/report.html").text

@@ -17,7 +17,7 @@ from models.db import make_engine
 from models.tables import Base
 from tests.conftest import PG_ADMIN_DSN, _sqlalchemy_url
 
-TABLES = {"models", "datasets", "jobs", "job_events", "artifacts", "blob_claims", "blob_orphans", "api_keys", "stage_cache"}
+TABLES = {"models", "datasets", "jobs", "job_events", "artifacts", "blob_claims", "blob_orphans", "api_keys", "stage_cache", "workers"}
 
 
 @pytest.fixture

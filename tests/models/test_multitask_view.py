@@ -68,3 +68,52 @@ def test_cli_tasks_table() -> None:
     out = console.export_text()
     assert "zero-shot" in out and "in-context" in out and "+43.1 points" in out and "0.34x" in out
     assert tasks_table({"steps": []}) is None
+
+
+def merge_report() -> dict[str, Any]:
+    """A report of an adapters-merge step as the worker stores it (numbers from a tiny BERT run)."""
+    report = multitask_report()
+    report["steps"][0]["metrics"]["multitask"]["merge"] = {
+        "chosen": "linear", "why": "linear: highest mean validation accuracy over the tasks (84.8%)",
+        "individual": {"topic": {"validation": 0.8718}, "food": {"validation": 1.0}},
+        "methods": [
+            {"method": "linear", "density": None, "per_task": {"topic": 0.8718, "food": 0.825}, "mean": 0.8484},
+            {"method": "ties", "density": 0.5, "per_task": {"topic": 0.5897, "food": 0.775}, "mean": 0.6824},
+            {"method": "cat", "error": "All adapters must have the same r value " + "x" * 200},
+        ],
+    }
+    return report
+
+
+def test_merge_view_and_cli_table() -> None:
+    from client.render import merge_table
+    from models.multitask_view import merge_view
+
+    view = merge_view(merge_report())
+    assert view is not None and view.tasks == ["topic", "food"] and view.chosen == "linear"
+    assert view.rows == [
+        ("each task's adapter alone", ["87.2%", "100.0%"], "-", False),
+        ("linear", ["87.2%", "82.5%"], "84.8%", True),
+        ("ties (density 0.5)", ["59.0%", "77.5%"], "68.2%", False),
+        ("cat", ["-", "-"], "not possible: All adapters must have the same r value " + "x" * 40, False),  # cut at 80 characters
+    ]
+    assert merge_view(multitask_report()) is None
+    console = Console(width=160, record=True)
+    table = merge_table(merge_report())
+    assert table is not None
+    console.print(table)
+    out = console.export_text()
+    assert "linear *" in out and "84.8%" in out and "chosen: linear: highest mean" in out
+
+
+def test_an_lm_merge_shows_eval_loss_as_numbers() -> None:
+    from models.multitask_view import merge_view
+
+    report = merge_report()
+    merge = report["steps"][0]["metrics"]["multitask"]["merge"]
+    merge.update({"metric": "eval_loss", "individual": {"lm": {"validation": 5.8614, "validation_before": 5.95}},
+                  "methods": [{"method": "cat", "density": None, "per_task": {"lm": 5.8613}, "mean": 5.8613}]})
+    view = merge_view(report)
+    assert view is not None and view.metric == "eval loss"
+    assert view.rows == [("input model", ["5.95"], "-", False), ("each task's adapter alone", ["5.861"], "-", False),
+                         ("cat", ["5.861"], "5.861", False)]

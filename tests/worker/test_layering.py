@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ROOMS: list[tuple[str, tuple[str, ...]]] = [
     # the types every room uses, the job record (claim, heartbeat, events, artifacts, finish), the queue app
     ("foundation", ("worker", "worker.core", "worker.records", "worker.celery_app", "worker.torch_utils",
-                    "worker.onnx2torch_ops", "worker.ort_guard", "worker.checked_io", "worker.memory")),
+                    "worker.onnx2torch_ops", "worker.ort_guard", "worker.checked_io", "worker.memory",
+                    "worker.advertise")),
     ("formats", ("worker.formats", "worker.formats.*")),  # loaders of uploaded models and datasets
     # measuring and converting a model: evaluation, metrics, the training loop, ONNX <-> torch, causal LMs
     ("measure", ("worker.evaluate", "worker.metrics", "worker.training", "worker.convert", "worker.families",

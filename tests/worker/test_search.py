@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import onnx
 import pytest
 from sqlalchemy import select, update
 
@@ -16,8 +17,10 @@ from models.ids import new_id
 from models.spec import JobSpec
 from models.tables import Artifact, Job, JobEvent, Model
 from storage import get_store
-from tests.worker.conftest import DigitsFiles
+from tests.factories_onnx import looping_model
+from tests.worker.conftest import CancelFlag, DigitsFiles
 from worker import search
+from worker.core import JobCancelled
 from worker.records import Claim
 
 
@@ -87,6 +90,16 @@ def test_the_fp16_probe_times_a_float16_conversion_against_the_input(pg_env: str
     assert search.probe_fp16(parent, spec, model) == "the upload is no ONNX file"
     lm = spec.model_copy(update={"task": "text-generation"})
     assert search.probe_fp16(parent, lm, model) is None
+
+
+@pytest.mark.usefixtures("fast_cancel_poll")
+def test_remeasuring_a_looping_graph_ends_at_a_cancel_within_seconds(tmp_path: Path) -> None:
+    path = tmp_path / "loop.onnx"
+    onnx.save(looping_model(2**40, constant=False), path)
+    cancel = CancelFlag().set_after_first_check(1.0)
+    with pytest.raises(JobCancelled):
+        search.remeasure({"a": path}, threads=1, batch_size=1, warmup=1, runs=2, rounds=1, check_cancelled=cancel)
+    assert cancel.at is not None and time.monotonic() - cancel.at <= 10 and cancel.seen_by[0] == "ort-watchdog"
 
 
 def _rows(spec: JobSpec, trials: list[dict[str, Any]], model: Path | None = None,

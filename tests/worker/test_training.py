@@ -209,3 +209,14 @@ def test_until_spec_validation() -> None:
         TrainingParams(max_epochs=3)
     with pytest.raises(ValueError):
         TrainingParams(until={})
+
+
+def test_until_s_baseline_run_of_a_looping_graph_fails_with_run_time_limit(tmp_path: Path, run_cap_1s: float) -> None:
+    from tests.factories_onnx import INPUT
+    from tests.worker.conftest import looping_context
+
+    ctx = looping_context(tmp_path / "work")
+    data = ArrayDataset({INPUT: np.ones((8, 4), np.float32)}, np.zeros(8, np.int64))
+    with pytest.raises(StepFailed) as failed:
+        training.input_accuracy(ctx, data)
+    assert failed.value.code == "run_time_limit" and "(until's baseline accuracy)" in failed.value.message

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from worker.evaluate import Evaluation, available_cores
+from worker.ort_guard import RunGuard
 
 if TYPE_CHECKING:
     from models.spec import EvaluateConfig
@@ -233,7 +234,8 @@ def evaluate_lm(
     check_cancelled: Callable[[], None] = _never,
 ) -> Evaluation:
     """Evaluate the ONNX causal LM at ``onnx_path`` (see the module docstring); ``reference``: the input
-    model's ``Evaluation.outputs`` (absent for the input itself); ``hf_dir``: its tokenizer."""
+    model's ``Evaluation.outputs`` (absent for the input itself); ``hf_dir``: its tokenizer. Every run is
+    bounded and cancellable (``check_cancelled`` read by a watchdog, worker/ort_guard.py)."""
     import onnx
 
     from worker.formats.onnx_model import count_params, model_size_bytes
@@ -248,79 +250,80 @@ def evaluate_lm(
     threads = max(1, min(cfg.latency.threads, available_cores()))
     tokenizer = _tokenizer(hf_dir)
     outputs: dict[str, np.ndarray] | None = None
-    sess = LMSession(onnx_path, threads=threads, layout=layout)
-    if data is not None and len(data) and data.labels is not None:
-        vocab = sess.session.get_outputs()[0].shape[-1]
-        acc = _Accumulator(reference, keep_reference=reference is None)
-        t0 = time.perf_counter()
-        batch_rows = eval_batch_size(cfg.batch_size, data.inputs["input_ids"].shape[1],
-                               vocab if isinstance(vocab, int) else None)
-        for ids, mask, labels in _batches(data, batch_rows):
-            check_cancelled()
-            acc.add(sess.logits(ids, mask), labels)
-        report["eval_s"] = time.perf_counter() - t0
-        report["num_samples"] = len(data)
-        report["tokens"] = acc.tokens
-        report["nll"] = acc.nll / acc.tokens if acc.tokens else None
-        report["perplexity"] = perplexity_from(acc.nll, acc.tokens)
-        if reference is not None:
-            report["agreement"] = {
-                "top1": acc.agree / acc.compared if acc.compared else None,
-                "mean_kl": acc.kl_sum / acc.kl_count if acc.kl_count else None,
-                "tokens": acc.compared,
-                "kl_tokens": acc.kl_count,
-            }
+    with RunGuard(check_cancelled, what=f"the model {onnx_path.name}") as guard:
+        sess = LMSession(onnx_path, threads=threads, layout=layout, guard=guard)
+        if data is not None and len(data) and data.labels is not None:
+            vocab = sess.session.get_outputs()[0].shape[-1]
+            acc = _Accumulator(reference, keep_reference=reference is None)
+            t0 = time.perf_counter()
+            batch_rows = eval_batch_size(cfg.batch_size, data.inputs["input_ids"].shape[1],
+                                   vocab if isinstance(vocab, int) else None)
+            for ids, mask, labels in _batches(data, batch_rows):
+                check_cancelled()
+                acc.add(sess.logits(ids, mask), labels)
+            report["eval_s"] = time.perf_counter() - t0
+            report["num_samples"] = len(data)
+            report["tokens"] = acc.tokens
+            report["nll"] = acc.nll / acc.tokens if acc.tokens else None
+            report["perplexity"] = perplexity_from(acc.nll, acc.tokens)
+            if reference is not None:
+                report["agreement"] = {
+                    "top1": acc.agree / acc.compared if acc.compared else None,
+                    "mean_kl": acc.kl_sum / acc.kl_count if acc.kl_count else None,
+                    "tokens": acc.compared,
+                    "kl_tokens": acc.kl_count,
+                }
+            else:
+                outputs = acc.reference_outputs()
         else:
-            outputs = acc.reference_outputs()
-    else:
-        report.update({"num_samples": 0 if data is None else len(data), "tokens": 0, "nll": None,
-                       "perplexity": None})
-    report["accuracy"] = None
-    rows = (data.meta.get("rows") if data is not None else None) or []
-    if cfg.choices and rows and tokenizer is not None:
-        train_rows = (train.meta.get("rows") if train is not None else None) or []
-        prefix = few_shot_prefix(train_rows, list(cfg.choices), cfg.few_shot) if cfg.few_shot else ""
-        scored = choice_accuracy(sess, tokenizer, rows[: cfg.max_samples], list(cfg.choices), prefix,
-                                 check_cancelled)
-        report["choice"] = {**scored, "few_shot": cfg.few_shot}
-        report["accuracy"] = scored["accuracy"]
-    if report["accuracy"] is not None:
-        report["metric"] = {"name": "accuracy", "value": report["accuracy"], "higher_is_better": True}
-    elif report["perplexity"] is not None:
-        report["metric"] = {"name": "perplexity", "value": report["perplexity"], "higher_is_better": False}
-    else:
-        report["metric"] = None
-    gen = cfg.generation
-    prompt_tokens = gen.prompt_tokens
-    context = _context_length(hf_dir)
-    if context is not None:
-        prompt_tokens = max(1, min(prompt_tokens, context - gen.max_new_tokens - 1))
-    if latency if latency is not None else "latency" in cfg.metrics:
-        report["latency_ms"] = sess.time_prefill(prompt_tokens, cfg.latency.runs, cfg.latency.warmup,
-                                                 check_cancelled)
-        report["latency_setup"] = {"what": "prefill", "prompt_tokens": prompt_tokens, "batch_size": 1,
-                                   "runs": cfg.latency.runs, "warmup": cfg.latency.warmup, "threads": threads,
-                                   "threads_requested": cfg.latency.threads}
-        decode = sess.time_decode(prompt_tokens, gen.max_new_tokens, DECODE_RUNS, check_cancelled)
-        report["decode"] = {k: decode[k] for k in ("tokens_per_s", "ms_per_token", "new_tokens", "prompt_tokens")}
-    prompts = [str(p) for p in (data.meta.get("prompts") if data is not None else None) or []]
-    if tokenizer is not None and prompts and gen.samples:
-        report["generations"] = generations(sess, tokenizer, prompts[: gen.samples], gen.max_new_tokens,
-                                            check_cancelled)
-    del sess
+            report.update({"num_samples": 0 if data is None else len(data), "tokens": 0, "nll": None,
+                           "perplexity": None})
+        report["accuracy"] = None
+        rows = (data.meta.get("rows") if data is not None else None) or []
+        if cfg.choices and rows and tokenizer is not None:
+            train_rows = (train.meta.get("rows") if train is not None else None) or []
+            prefix = few_shot_prefix(train_rows, list(cfg.choices), cfg.few_shot) if cfg.few_shot else ""
+            scored = choice_accuracy(sess, tokenizer, rows[: cfg.max_samples], list(cfg.choices), prefix,
+                                     check_cancelled)
+            report["choice"] = {**scored, "few_shot": cfg.few_shot}
+            report["accuracy"] = scored["accuracy"]
+        if report["accuracy"] is not None:
+            report["metric"] = {"name": "accuracy", "value": report["accuracy"], "higher_is_better": True}
+        elif report["perplexity"] is not None:
+            report["metric"] = {"name": "perplexity", "value": report["perplexity"], "higher_is_better": False}
+        else:
+            report["metric"] = None
+        gen = cfg.generation
+        prompt_tokens = gen.prompt_tokens
+        context = _context_length(hf_dir)
+        if context is not None:
+            prompt_tokens = max(1, min(prompt_tokens, context - gen.max_new_tokens - 1))
+        if latency if latency is not None else "latency" in cfg.metrics:
+            report["latency_ms"] = sess.time_prefill(prompt_tokens, cfg.latency.runs, cfg.latency.warmup,
+                                                     check_cancelled)
+            report["latency_setup"] = {"what": "prefill", "prompt_tokens": prompt_tokens, "batch_size": 1,
+                                       "runs": cfg.latency.runs, "warmup": cfg.latency.warmup, "threads": threads,
+                                       "threads_requested": cfg.latency.threads}
+            decode = sess.time_decode(prompt_tokens, gen.max_new_tokens, DECODE_RUNS, check_cancelled)
+            report["decode"] = {k: decode[k] for k in ("tokens_per_s", "ms_per_token", "new_tokens", "prompt_tokens")}
+        prompts = [str(p) for p in (data.meta.get("prompts") if data is not None else None) or []]
+        if tokenizer is not None and prompts and gen.samples:
+            report["generations"] = generations(sess, tokenizer, prompts[: gen.samples], gen.max_new_tokens,
+                                                check_cancelled)
+        del sess
     # Not this process's RSS growth, which under-reads once an earlier evaluation left the allocator's memory
     # mapped (worker.lm.memory): each model is measured in a fresh process, None when that could not run.
-    report["peak_memory_bytes"] = _session_peak(onnx_path, threads, layout, cfg, prompt_tokens)
+    report["peak_memory_bytes"] = _session_peak(onnx_path, threads, layout, cfg, prompt_tokens, check_cancelled)
     return Evaluation(report, outputs)
 
 
 def _session_peak(onnx_path: Path, threads: int, layout: LMLayout | None, cfg: EvaluateConfig,
-                  prompt_tokens: int) -> int | None:
+                  prompt_tokens: int, check_cancelled: Callable[[], None] = _never) -> int | None:
     """The session's peak memory (load + one prefill + decode), measured in a fresh process."""
     from worker.lm.memory import session_peak_bytes
 
     return session_peak_bytes(onnx_path, threads, layout.to_meta() if layout else None, prompt_tokens,
-                              cfg.generation.max_new_tokens)
+                              cfg.generation.max_new_tokens, check_cancelled)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,33 +14,72 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 PROBE_TIMEOUT_S = 600.0
+CANCEL_POLL_S = 1.0  # how often the cancel flag is read while the probe runs
 _ROOT = Path(__file__).resolve().parents[2]  # the folder holding the worker package
 
 
+def _never() -> None:
+    """The default cancel check."""
+
+
 def session_peak_bytes(onnx_path: Path, threads: int, layout_meta: dict[str, Any] | None,
-                       prompt_tokens: int, new_tokens: int) -> int | None:
+                       prompt_tokens: int, new_tokens: int,
+                       check_cancelled: Callable[[], None] = _never) -> int | None:
     """Peak RSS growth of a fresh process loading the session and running one prefill + ``new_tokens`` decode
-    steps; None when the probe could not run (the report then has no memory row rather than a wrong one)."""
+    steps; None when the probe could not run (the report then has no memory row rather than a wrong one).
+
+    The probe is the uploaded graph run again: each of its runs is under the run guard's cap (a graph that
+    loops fails ``run_time_limit`` here too), and ``check_cancelled`` is read while it runs (a cancel kills it)."""
     args = {"path": str(onnx_path), "threads": threads, "layout": layout_meta,
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(_ROOT), os.environ.get("PYTHONPATH")) if p)}
     try:
-        proc = subprocess.run([sys.executable, "-m", "worker.lm.memory", json.dumps(args)], capture_output=True,
-                              text=True, env=env, timeout=PROBE_TIMEOUT_S, check=False)
-    except (OSError, subprocess.TimeoutExpired):
+        proc = subprocess.Popen([sys.executable, "-m", "worker.lm.memory", json.dumps(args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+    except OSError:
         return None
+    stdout = _wait(proc, check_cancelled)
+    try:
+        answer = json.loads((stdout or "").strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+    if isinstance(answer, dict) and answer.get("error") == "run_time_limit":
+        from worker.core import StepFailed
+
+        raise StepFailed("run_time_limit", f"measuring its memory: {answer.get('message', '')}")
     if proc.returncode != 0:
         return None
     try:
-        return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"])
-    except (ValueError, KeyError, IndexError, TypeError):
+        return int(answer["peak_bytes"])
+    except (KeyError, TypeError, ValueError):
         return None
+
+
+def _wait(proc: subprocess.Popen[str], check_cancelled: Callable[[], None]) -> str | None:
+    """The probe's stdout once it exits; None past PROBE_TIMEOUT_S (killed); a cancel kills it and raises."""
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    while True:
+        try:
+            return proc.communicate(timeout=CANCEL_POLL_S)[0]
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            check_cancelled()
+        except BaseException:
+            proc.kill()
+            proc.communicate()
+            raise
+        if time.monotonic() >= deadline:
+            proc.kill()
+            proc.communicate()
+            return None
 
 
 def _probe(args: dict[str, Any]) -> int:
@@ -50,10 +89,11 @@ def _probe(args: dict[str, Any]) -> int:
 
     from worker.lm.layout import LMLayout
     from worker.lm.session import LMSession
+    from worker.ort_guard import RunGuard
 
     layout = LMLayout.from_meta(args["layout"]) if args.get("layout") else None
-    with peak_rss(interval_s=0.001) as mem:
-        sess = LMSession(Path(args["path"]), threads=int(args["threads"]), layout=layout)
+    with RunGuard(what=f"the model {Path(args['path']).name}") as guard, peak_rss(interval_s=0.001) as mem:
+        sess = LMSession(Path(args["path"]), threads=int(args["threads"]), layout=layout, guard=guard)
         sess.time_decode(int(args["prompt_tokens"]), max(1, int(args["new_tokens"])), 1)
     return int(mem["peak_bytes"])
 
@@ -85,5 +125,15 @@ def peak_rss(interval_s: float = 0.005) -> Iterator[dict[str, int]]:
         out["peak_bytes"] = peak[0] - start
 
 
+def _main() -> None:
+    from worker.core import StepFailed
+
+    try:
+        print(json.dumps({"peak_bytes": _probe(json.loads(sys.argv[1]))}), flush=True)
+    except StepFailed as failed:  # past the run cap: the parent names it
+        print(json.dumps({"error": failed.code, "message": failed.message}), flush=True)
+        sys.exit(3)
+
+
 if __name__ == "__main__":
-    print(json.dumps({"peak_bytes": _probe(json.loads(sys.argv[1]))}), flush=True)
+    _main()

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from worker.lm.layout import LMLayout
+from worker.ort_guard import RunGuard
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
        "tensor(bfloat16)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -32,11 +33,14 @@ def _stats(times_ms: list[float]) -> dict[str, float]:
 
 
 class LMSession:
-    """Logits, greedy generation and timing over one ONNX causal LM file (CPU, ``threads`` intra-op)."""
+    """Logits, greedy generation and timing over one ONNX causal LM file (CPU, ``threads`` intra-op);
+    ``guard``: every run bounded and cancellable (worker/ort_guard.py, its cost counted per token)."""
 
-    def __init__(self, onnx_path: Path, threads: int = 1, layout: LMLayout | None = None) -> None:
+    def __init__(self, onnx_path: Path, threads: int = 1, layout: LMLayout | None = None,
+                 guard: RunGuard | None = None) -> None:
         from worker.evaluate import make_session
 
+        self.guard = guard
         self.path = Path(onnx_path)
         self.session = make_session(self.path, threads)
         self.layout = layout or LMLayout.from_onnx(self.path)
@@ -69,7 +73,11 @@ class LMSession:
         if "position_ids" in self.inputs:
             pos = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
             feed["position_ids"] = np.ascontiguousarray(pos[:, -input_ids.shape[1]:], dtype=np.int64)
-        outs = self.session.run(self.output_names, {k: v for k, v in feed.items() if k in self.inputs})
+        feed = {k: v for k, v in feed.items() if k in self.inputs}
+        if self.guard is not None:
+            outs = self.guard.run(self.session, self.output_names, feed, rows=int(input_ids.size))
+        else:
+            outs = self.session.run(self.output_names, feed)
         by_name = dict(zip(self.output_names, outs, strict=True))
         nxt = {self.present_to_past[n]: v for n, v in by_name.items() if n in self.present_to_past}
         return np.asarray(by_name["logits"]), nxt

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from models.spec import ACCURACY_TASKS, DistillStep, StudentLayers, StudentModel
 from worker.core import ArrayDataset, PassContext, StepFailed, WorkingModel
 from worker.passes.base import Pass, PassResult
+from worker.passes.lm_device import plan_for
 
 if TYPE_CHECKING:
     import torch
@@ -261,6 +262,8 @@ def distill_lm(
     train = with_labels(train)
     evald = ctx.dataset("eval", model)
     evald = with_labels(evald) if evald is not None and len(evald) else None
+    if not device.startswith("cuda"):
+        plan_for(teacher.module, "distill", device)  # a CPU worker refuses running a teacher this large too
     teacher.module.to(device).eval().requires_grad_(False)
     metrics: dict[str, Any] = {"teacher": params.teacher}
     if isinstance(params.student, StudentLayers):
@@ -277,6 +280,7 @@ def distill_lm(
     if not is_lm(student, ctx.spec.task) or student.module.get_output_embeddings() is None:
         raise StepFailed("invalid_student", "a causal-LM teacher distils into a causal-LM student only")
     check_same_tokenizer(student, teacher)
+    plan_for(student.module, "distill", device)  # a CPU refuses a student this large; on CUDA: does it fit
     s_module = student.module.to(device).requires_grad_(True)
     if evald is not None:
         teacher_eval = eval_loss(teacher.module, evald, device)

@@ -8,6 +8,7 @@ from typing import Any
 from models.spec import FinetuneStep
 from worker.core import PassContext, StepFailed, WorkingModel
 from worker.passes.base import Pass, PassResult
+from worker.passes.lm_device import merge_lora_into, place, plan_for
 from worker.passes.tuning import (
     accuracy_eval,
     classification_loss,
@@ -37,9 +38,13 @@ def finetune_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> 
     evald = ctx.dataset("eval", model)
     evald = with_labels(evald) if evald is not None and len(evald) else None
     device = ctx.device
-    inner = model.module
-    inner.to(device)
-    metrics: dict[str, Any] = {"mode": params.mode, "total_params": count_params(inner)}
+    original = model.module
+    total = count_params(original)
+    plan = plan_for(original, params.mode, device)  # a CPU refuses a model this large; CUDA: dtype, QLoRA
+    inner = place(original, plan, device)  # fp32: the module itself; bf16 / 4-bit: a twin, the original kept
+    twin = inner is not original
+    metrics: dict[str, Any] = {"mode": params.mode, "total_params": total, "device": plan.device,
+                               "dtype": plan.dtype, "base_4bit": plan.base_4bit, "planned_peak_bytes": plan.peak_bytes}
     if evald is not None:
         before = eval_loss(inner, evald, device)
         metrics.update({"eval_loss_before": before["eval_loss"], "perplexity_before": before["perplexity"]})
@@ -68,9 +73,14 @@ def finetune_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> 
             phase="training",
             seed=ctx.spec.seed,
         )
-    if peft_model is not None:
+    after = eval_loss(trained, evald, device) if twin and evald is not None else None  # before the twin goes
+    if twin:  # the updates go into the original fp32 weights: the rest of the model is left exactly as it was
+        merge_lora_into(original, peft_model)
+        inner = original
+        del trained, peft_model
+    elif peft_model is not None:
         inner = peft_model.merge_and_unload()  # export sees a plain model
-        model = replace(model, module=inner)
+    model = replace(model, module=inner)
     inner.requires_grad_(True)
     inner.eval()
     metrics.update(
@@ -85,7 +95,7 @@ def finetune_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> 
         }
     )
     if evald is not None:
-        after = eval_loss(inner, evald, device)
+        after = after or eval_loss(inner, evald, device)
         metrics.update({"eval_loss_after": after["eval_loss"], "perplexity_after": after["perplexity"]})
     return PassResult(model, metrics, outcome.curve)
 
@@ -109,6 +119,10 @@ class FinetunePass(Pass):
         from worker.torch_utils import count_params, example_inputs, interface
 
         model = ensure_torch(model, ctx)
+        if params.tasks and params.adapters == "merge":  # one LoRA adapter per task, merged
+            from worker.passes import adapters
+
+            return adapters.run(model, params, ctx)
         if params.tasks:  # multi-task: one head per task, or an LM on the tasks' rows mixed
             from worker.passes import multitask
 

@@ -283,7 +283,7 @@ def train_mixed(
 # encoders and CNNs: shared backbone, one head per task
 
 
-def _multihead_class() -> type:
+def multihead_class() -> type:
     import torch
 
     from worker.torch_utils import first_output
@@ -323,11 +323,11 @@ def _old_head_fits(classes: list[str], old: Any, model: WorkingModel) -> bool:
     return classes == [str(i) for i in range(len(classes))]
 
 
-def _lora_backbone(module: torch.nn.Module, model: WorkingModel, params: FinetuneStep) -> Any:
-    """The backbone wrapped by peft LoRA: the step's targets, the architecture's, else every Linear (Conv2d
-    when it has none)."""
+def lora_config(module: torch.nn.Module, model: WorkingModel, params: FinetuneStep, r: int | None = None) -> Any:
+    """A peft LoRA config for the backbone (rank ``r``, default the step's): the step's targets, the
+    architecture's, else every Linear (Conv2d when it has none)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     from worker.passes.tuning import LORA_TARGETS
 
@@ -342,13 +342,21 @@ def _lora_backbone(module: torch.nn.Module, model: WorkingModel, params: Finetun
                 break
     if not targets:
         raise StepFailed("unsupported_model", "no Linear or Conv2d layers to attach LoRA adapters to")
-    config = LoraConfig(r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
-                        target_modules=list(targets))
-    return get_peft_model(module, config)
+    return LoraConfig(r=r or params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
+                      target_modules=list(targets))
 
 
-def _accuracies(module: Any, tasks: list[Task], names: list[str], device: str, split: str) -> dict[str, dict[str, float]]:
-    """Each task's top-1 accuracy on its ``selection`` or ``eval`` rows (tasks without them are left out)."""
+def _lora_backbone(module: torch.nn.Module, model: WorkingModel, params: FinetuneStep) -> Any:
+    """The backbone wrapped by peft LoRA (``lora_config``)."""
+    from peft import get_peft_model
+
+    return get_peft_model(module, lora_config(module, model, params))
+
+
+def accuracies(module: Any, tasks: list[Task], names: list[str], device: str, split: str,
+                only: str | None = None) -> dict[str, dict[str, float]]:
+    """Each task's top-1 accuracy on its ``selection`` or ``eval`` rows (tasks without them are left out; with
+    ``only``, that task alone)."""
     import torch
 
     from worker.torch_utils import to_tensors
@@ -360,7 +368,7 @@ def _accuracies(module: Any, tasks: list[Task], names: list[str], device: str, s
         with torch.inference_mode():
             for t, task in enumerate(tasks):
                 data = task.selection if split == "selection" else task.eval
-                if data is None or data.labels is None:
+                if data is None or data.labels is None or only not in (None, task.name):
                     continue
                 preds = []
                 for start in range(0, len(data), 256):
@@ -417,29 +425,14 @@ def _sizes(shared_params: int, backbone: int, heads: dict[str, int], shared_byte
 
 def run_classifier(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassResult:
     """Shared backbone + one head per task, trained on mixed batches; exported to ONNX with one output per task."""
-    import torch
     import torch.nn.functional as F
 
-    from worker import convert
-    from worker.passes.tuning import _set_submodule, head_name, unfreeze_last
-    from worker.torch_utils import count_params, example_inputs, interface
+    from worker.passes.tuning import unfreeze_last
+    from worker.torch_utils import interface
 
     tasks = load_tasks(model, params, ctx, lm=False)
     names = model.input_names
-    head = head_name(model, example_inputs(model, tasks[0].train, ctx.device))
-    old = model.module.get_submodule(head)
-    if not isinstance(old, torch.nn.Linear):
-        raise StepFailed("unsupported_model", f"the output layer {head!r} is not a Linear layer")
-    heads: dict[str, torch.nn.Module] = {}
-    reused: list[str] = []
-    for task in tasks:
-        assert task.classes is not None
-        new = torch.nn.Linear(old.in_features, len(task.classes), bias=old.bias is not None)
-        if _old_head_fits(task.classes, old, model):
-            new.load_state_dict(old.state_dict())
-            reused.append(task.name)
-        heads[task.name] = new.to(device=old.weight.device, dtype=old.weight.dtype)
-    _set_submodule(model.module, head, torch.nn.Identity())
+    head, heads, reused = task_heads(model, tasks, ctx)
     inner = model.module
     if params.mode == "full":
         inner.requires_grad_(True)
@@ -450,7 +443,7 @@ def run_classifier(model: WorkingModel, params: FinetuneStep, ctx: PassContext) 
     else:
         inner = _lora_backbone(inner, model, params)
     backbone = interface(replace(model, module=inner))
-    multi = _multihead_class()(backbone, heads, names).to(ctx.device)
+    multi = multihead_class()(backbone, heads, names).to(ctx.device)
     for h in multi.heads.values():
         h.requires_grad_(True)
 
@@ -458,15 +451,59 @@ def run_classifier(model: WorkingModel, params: FinetuneStep, ctx: PassContext) 
         f = multi.features(*[batch[n] for n in names])
         return F.cross_entropy(multi.heads[tasks[t].name](f).float(), batch["labels"])
 
-    before = _accuracies(multi, tasks, names, ctx.device, "eval")
+    before = accuracies(multi, tasks, names, ctx.device, "eval")
     trainable = sum(p.numel() for p in multi.parameters() if p.requires_grad)
     outcome = train_mixed(multi, params, ctx, tasks, names, loss_for,
-                          lambda: _accuracies(multi, tasks, names, ctx.device, "selection"), "accuracy")
+                          lambda: accuracies(multi, tasks, names, ctx.device, "selection"), "accuracy")
     if params.mode == "lora":
         multi.backbone = interface(replace(model, module=inner.merge_and_unload()))
     multi.requires_grad_(True)
     multi.eval()
-    after_torch = _accuracies(multi, tasks, names, ctx.device, "eval")
+    after_torch = accuracies(multi, tasks, names, ctx.device, "eval")
+
+    exported, rows, size = export_multihead(model, multi, tasks, before, after_torch, reused, ctx)
+    for row in rows:
+        row["batches"] = outcome.batches.get(row["task"], 0)
+    metrics = {
+        **_run_metrics(params, tasks, outcome, rows, "shared backbone, one head per task", "best_selection_accuracy"),
+        "total_params": size["shared_params"], "trainable_params": trainable, "head": head,
+    }
+    metrics["multitask"]["size"] = size
+    return PassResult(exported, metrics, outcome.curve)
+
+
+def task_heads(model: WorkingModel, tasks: list[Task], ctx: PassContext) -> tuple[str, dict[str, Any], list[str]]:
+    """The output layer's name, a new Linear head per task (the input's own copied where its labels fit) and the
+    tasks that got it; the output layer itself becomes an Identity (the backbone's feature output)."""
+    import torch
+
+    from worker.passes.tuning import _set_submodule, head_name
+    from worker.torch_utils import example_inputs
+
+    head = head_name(model, example_inputs(model, tasks[0].train, ctx.device))
+    old = model.module.get_submodule(head)
+    if not isinstance(old, torch.nn.Linear):
+        raise StepFailed("unsupported_model", f"the output layer {head!r} is not a Linear layer")
+    heads: dict[str, Any] = {}
+    reused: list[str] = []
+    for task in tasks:
+        assert task.classes is not None
+        new = torch.nn.Linear(old.in_features, len(task.classes), bias=old.bias is not None)
+        if _old_head_fits(task.classes, old, model):
+            new.load_state_dict(old.state_dict())
+            reused.append(task.name)
+        heads[task.name] = new.to(device=old.weight.device, dtype=old.weight.dtype)
+    _set_submodule(model.module, head, torch.nn.Identity())
+    return head, heads, reused
+
+
+def export_multihead(model: WorkingModel, multi: Any, tasks: list[Task], before: dict[str, dict[str, float]],
+                     after_torch: dict[str, dict[str, float]], reused: list[str],
+                     ctx: PassContext) -> tuple[WorkingModel, list[dict[str, Any]], dict[str, Any]]:
+    """``multi`` exported to one ONNX file with an output per task (labels in its metadata); each task's row
+    (accuracy before, after in torch and in the ONNX file) and the shared model's size against N models."""
+    from worker import convert
+    from worker.torch_utils import count_params
 
     outputs = [f"logits_{t.name}" for t in tasks]
     working = replace(model, module=multi, output_names=outputs)
@@ -475,28 +512,19 @@ def run_classifier(model: WorkingModel, params: FinetuneStep, ctx: PassContext) 
     assert exported.onnx_path is not None
     described = [{"name": t.name, "output": f"logits_{t.name}", "labels": t.classes} for t in tasks]
     write_task_metadata(exported.onnx_path, described)
-    after_onnx = _onnx_accuracies(exported.onnx_path, tasks, names)
-
+    after_onnx = _onnx_accuracies(exported.onnx_path, tasks, model.input_names)
+    rows = [{
+        "task": task.name, "metric": "accuracy", "labels": task.classes, "train_rows": len(task.train),
+        "validation_rows": len(task.validation) if task.validation is not None else None,
+        "eval_rows": len(task.eval) if task.eval is not None else None, "few_shot": task.few_shot,
+        "before": before.get(task.name, {}).get("accuracy"), "after": after_onnx.get(task.name),
+        "after_torch": after_torch.get(task.name, {}).get("accuracy"), "output": f"logits_{task.name}",
+        "head_from_input": task.name in reused,
+    } for task in tasks]
     head_params = {t.name: count_params(multi.heads[t.name]) for t in tasks}
     shared = count_params(multi)
-    rows = []
-    for task in tasks:
-        rows.append({
-            "task": task.name, "metric": "accuracy", "labels": task.classes, "train_rows": len(task.train),
-            "validation_rows": len(task.validation) if task.validation is not None else None,
-            "eval_rows": len(task.eval) if task.eval is not None else None, "few_shot": task.few_shot,
-            "before": before.get(task.name, {}).get("accuracy"), "after": after_onnx.get(task.name),
-            "after_torch": after_torch.get(task.name, {}).get("accuracy"), "output": f"logits_{task.name}",
-            "head_from_input": task.name in reused, "batches": outcome.batches.get(task.name, 0),
-        })
-    metrics = {
-        **_run_metrics(params, tasks, outcome, rows, "shared backbone, one head per task", "best_selection_accuracy"),
-        "total_params": shared, "trainable_params": trainable, "head": head,
-    }
-    metrics["multitask"]["size"] = _sizes(shared, shared - sum(head_params.values()), head_params,
-                                          exported.onnx_path.stat().st_size)
-    meta = {**exported.meta, "tasks": described}
-    return PassResult(replace(exported, meta=meta), metrics, outcome.curve)
+    size = _sizes(shared, shared - sum(head_params.values()), head_params, exported.onnx_path.stat().st_size)
+    return replace(exported, meta={**exported.meta, "tasks": described}), rows, size
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -523,7 +551,7 @@ def _choice_rows(data: ArrayDataset | None) -> list[dict[str, Any]]:
     return list(data.meta.get("rows") or []) if data is not None and data.meta.get("shape") == "choice" else []
 
 
-def _label_rows(rows: list[dict[str, Any]], model: WorkingModel, ctx: PassContext) -> ArrayDataset:
+def label_rows(rows: list[dict[str, Any]], model: WorkingModel, ctx: PassContext) -> ArrayDataset:
     """Choice rows as prompt/completion rows: the loss on the label's tokens after the text (label likelihood)."""
     from worker.formats.lm_text import lm_dataset
 
@@ -531,7 +559,7 @@ def _label_rows(rows: list[dict[str, Any]], model: WorkingModel, ctx: PassContex
     return lm_dataset(pc, {"row_shape": "prompt_completion"}, model, ctx.spec)
 
 
-def _lm_task_metrics(module: Any, task: Task, ctx: PassContext, tokenizer: Any, *, shots: int = 0,
+def lm_task_metrics(module: Any, task: Task, ctx: PassContext, tokenizer: Any, *, shots: int = 0,
                      split: str = "eval") -> dict[str, float]:
     """A task's eval loss and perplexity (its selection or eval rows) and, for choice rows, its choice accuracy."""
     from worker.lm.evaluate import choice_accuracy, few_shot_prefix
@@ -552,7 +580,7 @@ def _lm_task_metrics(module: Any, task: Task, ctx: PassContext, tokenizer: Any, 
     return out
 
 
-def _prepare_lm_task(task: Task, model: WorkingModel, ctx: PassContext, index: int) -> None:
+def prepare_lm_task(task: Task, model: WorkingModel, ctx: PassContext, index: int) -> None:
     """Choice tasks train on the label's likelihood; a few-shot one gets a stratified split carved from train."""
     from worker.lm.objectives import with_labels
 
@@ -569,13 +597,13 @@ def _prepare_lm_task(task: Task, model: WorkingModel, ctx: PassContext, index: i
         keep, held = stratified_split(labelled, ctx.spec.seed + index)
         val_rows = [train_rows[i] for i in held.inputs["row"]]
         train_rows = [train_rows[i] for i in keep.inputs["row"]]
-        task.validation = _label_rows(val_rows, model, ctx)
+        task.validation = label_rows(val_rows, model, ctx)
         task.choice_rows["validation"] = val_rows
         ctx.log("few-shot task: validation split carved from its train rows", task=task.name,
                 train=len(train_rows), validation=len(val_rows))
     task.choice_rows["train"], task.choice_rows["eval"] = train_rows, eval_rows
-    task.train = _label_rows(train_rows, model, ctx)
-    task.eval = _label_rows(eval_rows, model, ctx) if eval_rows else None
+    task.train = label_rows(train_rows, model, ctx)
+    task.eval = label_rows(eval_rows, model, ctx) if eval_rows else None
 
 
 def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassResult:
@@ -587,12 +615,12 @@ def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassR
 
     tasks = load_tasks(model, params, ctx, lm=True)
     for i, task in enumerate(tasks):
-        _prepare_lm_task(task, model, ctx, i)
+        prepare_lm_task(task, model, ctx, i)
     tokenizer = load_tokenizer(model)
     inner = model.module
     inner.to(ctx.device)
-    before = {t.name: _lm_task_metrics(inner, t, ctx, tokenizer) for t in tasks}
-    in_context = {t.name: _lm_task_metrics(inner, t, ctx, tokenizer, shots=IN_CONTEXT_SHOTS)
+    before = {t.name: lm_task_metrics(inner, t, ctx, tokenizer) for t in tasks}
+    in_context = {t.name: lm_task_metrics(inner, t, ctx, tokenizer, shots=IN_CONTEXT_SHOTS)
                   for t in tasks if t.choice_rows.get("eval") and t.choice_rows.get("train")}
     peft_model = None
     if params.mode == "lora":
@@ -605,7 +633,7 @@ def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassR
     outcome = train_mixed(
         trained, params, ctx, tasks, [n for n in LM_INPUTS if n in tasks[0].train.inputs],
         lambda t, batch: loss(batch),
-        lambda: {t.name: _lm_task_metrics(trained, t, ctx, tokenizer, split="selection") for t in tasks},
+        lambda: {t.name: lm_task_metrics(trained, t, ctx, tokenizer, split="selection") for t in tasks},
         "eval_loss", higher_is_better=False,
     )
     if peft_model is not None:
@@ -613,8 +641,23 @@ def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassR
         model = replace(model, module=inner)
     inner.requires_grad_(True)
     inner.eval()
-    after = {t.name: _lm_task_metrics(inner, t, ctx, tokenizer) for t in tasks}
+    after = {t.name: lm_task_metrics(inner, t, ctx, tokenizer) for t in tasks}
     params_n = count_params(inner)
+    rows = lm_task_rows(tasks, before, after, in_context)
+    for row in rows:
+        row["batches"] = outcome.batches.get(row["task"], 0)
+    metrics = {
+        **_run_metrics(params, tasks, outcome, rows, "one causal LM, the tasks' rows mixed", "best_selection_eval_loss"),
+        "total_params": params_n, "trainable_params": trainable,
+    }
+    metrics["multitask"]["size"] = _sizes(params_n, params_n, {t.name: 0 for t in tasks}, None)
+    return PassResult(model, metrics, outcome.curve)
+
+
+def lm_task_rows(tasks: list[Task], before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+                 in_context: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Each LM task's row: accuracy (choice rows) or eval loss before and after, and zero-shot, in-context and
+    fine-tuned accuracy side by side for choice tasks."""
     rows = []
     for task in tasks:
         b, a = before.get(task.name, {}), after.get(task.name, {})
@@ -629,14 +672,9 @@ def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassR
             "zero_shot": b.get("accuracy") if choice else None,
             "in_context": in_context.get(task.name, {}).get("accuracy") if choice else None,
             "in_context_shots": IN_CONTEXT_SHOTS if choice else None,
-            "fine_tuned": a.get("accuracy") if choice else None, "batches": outcome.batches.get(task.name, 0),
+            "fine_tuned": a.get("accuracy") if choice else None,
         })
-    metrics = {
-        **_run_metrics(params, tasks, outcome, rows, "one causal LM, the tasks' rows mixed", "best_selection_eval_loss"),
-        "total_params": params_n, "trainable_params": trainable,
-    }
-    metrics["multitask"]["size"] = _sizes(params_n, params_n, {t.name: 0 for t in tasks}, None)
-    return PassResult(model, metrics, outcome.curve)
+    return rows
 
 
 def _run_metrics(params: FinetuneStep, tasks: list[Any], outcome: MixedOutcome, rows: list[dict[str, Any]],

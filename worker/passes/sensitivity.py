@@ -16,6 +16,7 @@ import numpy as np
 
 from models.spec import ACCURACY_TASKS, AutoExclude, QuantizeStep
 from worker.core import ArrayDataset, PassContext, StepFailed, WorkingModel
+from worker.ort_guard import RunGuard
 from worker.passes.quantizers import ort
 
 # Ops whose weights the quantizer turns into integers: the nodes worth keeping in float.
@@ -59,11 +60,11 @@ def exclusion_names(nodes: list[tuple[str, str]], mode: str) -> list[str]:
     return names
 
 
-def _outputs(path: Path, data: ArrayDataset) -> np.ndarray:
+def _outputs(path: Path, data: ArrayDataset, guard: RunGuard) -> np.ndarray:
     from worker.evaluate import _Runner, make_session
 
     runner = _Runner(make_session(path, 1))
-    outs = runner.run_all(data.inputs, 64)
+    outs = runner.run_all(data.inputs, 64, guard.check_cancelled, guard)
     return outs[runner.output_names[0]]
 
 
@@ -114,17 +115,28 @@ def _remove(path: Path) -> None:
     Path(str(path) + ".data").unlink(missing_ok=True)
 
 
-def _latency_ms(path: Path, data: ArrayDataset) -> float:
+def _latency_ms(path: Path, data: ArrayDataset, guard: RunGuard) -> float:
     from worker.evaluate import make_session, measure_latency
 
     batch = {k: v[:1] for k, v in data.inputs.items()}
-    return float(measure_latency(make_session(path, 1), batch, 3, LATENCY_RUNS)["ms"]["median"])
+    measured = measure_latency(make_session(path, 1), batch, 3, LATENCY_RUNS, guard.check_cancelled, guard)
+    return float(measured["ms"]["median"])
 
 
 def select(
     pre: Path, p: QuantizeStep, model: WorkingModel, ctx: PassContext
 ) -> tuple[list[str], dict[str, Any]]:
-    """The node names to keep in float so that ``p.auto_exclude``'s target holds, and the report of it."""
+    """The node names to keep in float so that ``p.auto_exclude``'s target holds, and the report of it.
+
+    Every run of a candidate (calibration included) is under one guard, the phase's: bounded and
+    cancellable (worker/ort_guard.py)."""
+    with ort.calibration_guard(ctx, pre, "auto_exclude") as guard:
+        return _select(pre, p, model, ctx, guard)
+
+
+def _select(
+    pre: Path, p: QuantizeStep, model: WorkingModel, ctx: PassContext, guard: RunGuard
+) -> tuple[list[str], dict[str, Any]]:
     from worker.formats.onnx_model import model_size_bytes
 
     target = p.auto_exclude
@@ -140,7 +152,7 @@ def select(
             f"auto_exclude: {len(nodes)} candidate nodes need more than max_rounds={target.max_rounds} "
             "quantize+evaluate rounds; raise max_rounds or exclude op types",
         )
-    judge = _Judge(target, ctx.spec.task, samples, _outputs(pre, samples))
+    judge = _Judge(target, ctx.spec.task, samples, _outputs(pre, samples, guard))
     rounds = 0
 
     def quantize(kept: list[tuple[str, str]], keep_file: bool = False) -> tuple[Score, Path]:
@@ -150,7 +162,7 @@ def select(
         names = [*p.nodes_to_exclude, *exclusion_names(kept, p.mode)]
         step = p.model_copy(update={"nodes_to_exclude": names, "auto_exclude": None})
         out = ort.dynamic(pre, step, ctx) if p.mode == "dynamic" else ort.static(pre, step, model, ctx)[0]
-        score = judge.score(_outputs(out, samples))
+        score = judge.score(_outputs(out, samples, guard))
         if not keep_file:
             _remove(out)
         return score, out
@@ -186,8 +198,8 @@ def select(
                 break
     met = judge.met(final)
     size_full, size_final = model_size_bytes(full_path), model_size_bytes(final_path)
-    lat_full = _latency_ms(full_path, samples)
-    lat_final = lat_full if final_path == full_path else _latency_ms(final_path, samples)
+    lat_full = _latency_ms(full_path, samples, guard)
+    lat_final = lat_full if final_path == full_path else _latency_ms(final_path, samples, guard)
     for path in {full_path, final_path}:
         _remove(path)
     report.update(

@@ -170,14 +170,14 @@ def accuracy_eval(wrapper: torch.nn.Module, data: ArrayDataset | None, names: li
     return eval_fn
 
 
-def lm_lora_wrap(module: torch.nn.Module, params: FinetuneStep) -> tuple[Any, list[str]]:
-    """A causal LM wrapped by peft LoRA (``TaskType.CAUSAL_LM``) and the modules it adapts.
+def lm_lora_config(module: torch.nn.Module, params: FinetuneStep, r: int | None = None) -> Any:
+    """A peft LoRA config (``TaskType.CAUSAL_LM``, rank ``r``, default the step's) for a causal LM.
 
     Targets: the step's ``lora.target_modules``, else peft's defaults for the architecture (Llama ``q_proj``,
     ``v_proj``; GPT-2 ``c_attn``; ...), else every Linear but the LM head.
     """
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, TaskType
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
     targets = params.lora.target_modules
@@ -193,15 +193,21 @@ def lm_lora_wrap(module: torch.nn.Module, params: FinetuneStep) -> tuple[Any, li
         )
         if not targets:
             raise StepFailed("unsupported_model", "no Linear layers to attach LoRA adapters to")
-    config = LoraConfig(
+    return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
-        r=params.lora.r,
+        r=r or params.lora.r,
         lora_alpha=params.lora.alpha,
         lora_dropout=params.lora.dropout,
         target_modules=None if targets is None else list(targets),
     )
+
+
+def lm_lora_wrap(module: torch.nn.Module, params: FinetuneStep) -> tuple[Any, list[str]]:
+    """A causal LM wrapped by peft LoRA (``lm_lora_config``) and the modules it adapts."""
+    from peft import get_peft_model
+
     try:
-        wrapped = get_peft_model(module, config)
+        wrapped = get_peft_model(module, lm_lora_config(module, params))
     except ValueError as exc:  # e.g. target modules that are not in the model
         raise StepFailed("invalid_step", f"lora: {exc}") from exc
     return wrapped, sorted(getattr(wrapped.base_model, "targeted_module_names", []))

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 
 from models.spec import EvaluateConfig
 from tests.factories_lm import licence_paragraphs
+from tests.factories_onnx import looping_lm
+from tests.worker.conftest import CancelFlag
 from tests.worker.lm.builders import choice_dataset, text_dataset, torch_greedy
 from tests.worker.lm.conftest import load_lm
-from worker.core import JobCancelled, WorkingModel
+from worker.core import ArrayDataset, JobCancelled, StepFailed, WorkingModel
 from worker.lm import evaluate as lm_eval
 from worker.lm.evaluate import evaluate_lm, torch_perplexity
 from worker.lm.export import export_causal_lm
@@ -178,3 +182,28 @@ def test_peak_memory_is_the_sessions_own_even_after_an_earlier_evaluation(
     a, b = first["peak_memory_bytes"], second["peak_memory_bytes"]
     assert a >= 0.5 * first["size_bytes"] and b >= 0.5 * second["size_bytes"], (a, b)
     assert 0.5 < b / a < 2.0, (a, b)
+
+
+def _looping(tmp_path: Path) -> tuple[Path, ArrayDataset]:
+    path = tmp_path / "loop.onnx"
+    onnx.save(looping_lm(), path)
+    ids = np.ones((4, 6), np.int64)
+    return path, ArrayDataset({"input_ids": ids, "attention_mask": np.ones_like(ids)}, np.ones_like(ids))
+
+
+@pytest.mark.usefixtures("fast_cancel_poll")
+def test_a_looping_lm_evaluation_ends_at_a_cancel_within_seconds(tmp_path: Path) -> None:
+    path, data = _looping(tmp_path)
+    cancel = CancelFlag().set_after_first_check(1.0)
+    with pytest.raises(JobCancelled):
+        evaluate_lm(path, data, CFG, check_cancelled=cancel)
+    assert cancel.at is not None and time.monotonic() - cancel.at <= 10 and cancel.seen_by[0] == "ort-watchdog"
+
+
+def test_a_looping_lm_evaluation_fails_with_run_time_limit_past_the_cap(tmp_path: Path, run_cap_1s: float) -> None:
+    path, data = _looping(tmp_path)
+    started = time.monotonic()
+    with pytest.raises(StepFailed) as failed:
+        evaluate_lm(path, data, CFG)
+    assert failed.value.code == "run_time_limit" and "MODELPRESS_RUN_MAX_S=1 s" in failed.value.message
+    assert time.monotonic() - started < 5

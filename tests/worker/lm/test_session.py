@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,11 +10,14 @@ import numpy as np
 import onnx
 import pytest
 
+from tests.factories_onnx import looping_lm
 from tests.worker.lm.builders import torch_greedy
 from tests.worker.lm.conftest import load_lm
+from worker.core import StepFailed
 from worker.lm.export import torch_export
 from worker.lm.layout import LMLayout
 from worker.lm.session import LMSession
+from worker.ort_guard import RunGuard
 
 
 def test_unfed_cache_inputs_get_an_empty_past(llama_onnx: tuple[Path, LMLayout]) -> None:
@@ -83,3 +87,17 @@ def test_generation_stops_at_eos_and_timing_is_measured(llama_onnx: tuple[Path, 
     assert dec["tokens_per_s"] == pytest.approx(1000 / dec["ms_per_token"])
     with pytest.raises(ValueError):
         sess.generate([], 4)
+
+
+def test_a_guarded_session_stops_a_looping_lm(tmp_path: Path) -> None:
+    short, looping = tmp_path / "short.onnx", tmp_path / "loop.onnx"
+    onnx.save(looping_lm(3), short)
+    onnx.save(looping_lm(2**40), looping)
+    with RunGuard(run_max_s=1, phase_max_s=60) as guard:
+        LMSession(short, guard=guard).logits(np.ones((2, 5), np.int64), np.ones((2, 5), np.int64))
+        assert guard.per_sample_s is not None  # the runs go through the guard
+        sess = LMSession(looping, guard=guard)
+        started = time.monotonic()
+        with pytest.raises(StepFailed) as failed:
+            sess.generate([1, 2, 3], 4)
+    assert failed.value.code == "run_time_limit" and time.monotonic() - started < 5

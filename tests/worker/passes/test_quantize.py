@@ -4,6 +4,7 @@ weight-only INT4/INT8 on a tiny trained causal LM (MatMulNBits, per-node bits, e
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from models.spec import JobSpec, QuantizeStep
 from tests.factories import digits_split
 from tests.factories_lm import licence_paragraphs, tiny_lm_dir
-from tests.worker.conftest import DigitsFiles
+from tests.worker.conftest import DigitsFiles, looping_context
 from worker.context import LocalContext
 from worker.core import ArrayDataset, JobCancelled, StepFailed, WorkingModel
 from worker.formats.onnx_model import count_params
@@ -146,6 +147,24 @@ def test_cancellation_during_calibration(tmp_path: Path, digits_mlp: DigitsFiles
     assert not list(ctx.workdir.glob("quantized-static*.onnx"))
 
 
+@pytest.mark.usefixtures("fast_cancel_poll")
+def test_calibrating_a_looping_graph_ends_at_a_cancel_within_seconds(tmp_path: Path) -> None:
+    ctx = looping_context(tmp_path / "work", cancel_after_s=1.5)
+    with pytest.raises(JobCancelled):
+        QuantizePass().run(ctx.load_model("input"), QuantizeStep(type="quantize", mode="static"), ctx)
+    assert ctx.cancel_at is not None and time.monotonic() - ctx.cancel_at <= 10  # the issue's bound
+    assert ctx.seen_by[0] == "ort-watchdog"  # the cancel stopped the calibration run itself
+
+
+def test_calibrating_a_looping_graph_fails_with_run_time_limit_past_the_cap(tmp_path: Path, run_cap_1s: float) -> None:
+    ctx = looping_context(tmp_path / "work")
+    started = time.monotonic()
+    with pytest.raises(StepFailed) as failed:
+        QuantizePass().run(ctx.load_model("input"), QuantizeStep(type="quantize", mode="static"), ctx)
+    assert failed.value.code == "run_time_limit" and "(calibration)" in failed.value.message
+    assert "MODELPRESS_RUN_MAX_S=1 s" in failed.value.message and time.monotonic() - started < 8
+
+
 def test_reduce_range_follows_the_cpu_unless_the_spec_says() -> None:
     from worker.passes.quantizers.ort import lacks_vnni, reduce_range
 
@@ -185,8 +204,8 @@ class LMFiles:
 
 
 class _LMContext(LocalContext):
-    def __init__(self, workdir: Path, data: ArrayDataset | None) -> None:
-        spec = JobSpec.model_validate({"model": "mdl_lm", "task": "text-generation"})
+    def __init__(self, workdir: Path, data: ArrayDataset | None, roles: dict[str, str] | None = None) -> None:
+        spec = JobSpec.model_validate({"model": "mdl_lm", "task": "text-generation", "data": roles or {}})
         super().__init__(workdir, spec, models={}, device="cpu")
         self.data = data
 
@@ -272,8 +291,9 @@ def _track(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     return float((ref.argmax(-1) == got.argmax(-1)).mean()), kl
 
 
-def _quantize_lm(tmp_path: Path, src: Path, data: ArrayDataset | None, **params: Any) -> tuple[Path, dict[str, Any]]:
-    ctx = _LMContext(tmp_path / "work", data)
+def _quantize_lm(tmp_path: Path, src: Path, data: ArrayDataset | None, roles: dict[str, str] | None = None,
+                 **params: Any) -> tuple[Path, dict[str, Any]]:
+    ctx = _LMContext(tmp_path / "work", data, roles)
     model = WorkingModel(form="onnx", origin="hf", input_names=["input_ids", "attention_mask"],
                          output_names=["logits"], onnx_path=src, meta={"hf_task": "text-generation"})
     result = QuantizePass().run(model, QuantizeStep(type="quantize", **params), ctx)
@@ -492,14 +512,29 @@ def test_calibration_feeds_fill_an_empty_kv_cache_and_positions(tmp_path: Path) 
     assert e.value.code == "calibration_data_mismatch" and "attention_mask" in e.value.message
 
 
+@pytest.mark.parametrize(("roles", "algorithm"), [({"calibration": "ds_cal"}, "gptq"), ({"train": "ds_tr"}, "gptq"),
+                                                 ({"eval": "ds_ev"}, "rtn")])
+def test_int4_default_algorithm_is_gptq_with_calibration_text_never_on_the_eval_set(
+    tmp_path: Path, lm: LMFiles, roles: dict[str, str], algorithm: str
+) -> None:
+    """GPTQ by default when the job gives calibration or train text; with only eval text, RTN (GPTQ calibrated on
+    the eval set would flatter the perplexity measured on it)."""
+    _, metrics = _quantize_lm(tmp_path, lm.onnx, lm.data, roles, mode="int4")
+    assert metrics["weight_only"]["algorithm"] == algorithm
+    assert ("calibration" in metrics["weight_only"]) == (algorithm == "gptq")
+
+
 def test_gptq_asymmetric_with_an_odd_block_count_per_column(tmp_path: Path, lm: LMFiles) -> None:
-    """ORT's GPTQ breaks packing zero points when K / block_size is odd: those weights go symmetric."""
+    """K / block_size odd (q_proj: K = 128, one block of 128) keeps its zero points: the packed zero-point row
+    is padded to a whole byte (ORT's own GPTQ broke there)."""
     out, metrics = _quantize_lm(tmp_path, lm.onnx, lm.data, mode="int4", algorithm="gptq", block_size=128,
                                 symmetric=False)
-    odd = metrics["weight_only"]["calibration"]["symmetric_nodes"]
-    assert "/m/model/layers.0/self_attn/q_proj/MatMul" in odd  # K = 128: one block
-    assert not [n for n in odd if "down_proj" in n]  # K = 256: two blocks, zero points kept
+    proto = onnx.load(str(out))
+    four = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.attribute and _nbits(out)[n.name] == 4]
+    assert len(four) == 14 and all(len(n.input) == 4 for n in four)  # A, B, scales, zero points
     assert len(_nbits(out)) == 15
+    calib = metrics["weight_only"]["calibration"]
+    assert calib["method"] == "gptq" and 0 < calib["mean_output_error"] < 0.5
     top1, kl = _track(_logits(lm.onnx, lm.data), _logits(out, lm.data))
     assert top1 >= 0.8 and kl < 0.15, (top1, kl)
 
@@ -527,3 +562,34 @@ def test_every_mode_on_a_kv_cache_export(tmp_path: Path, lm: LMFiles, method: st
         new = s.generate(prompt, 6)
         full = s.logits(np.asarray([prompt + new[:-1]]), np.ones((1, len(prompt) + 5), dtype=np.int64))
         assert new == full[0, len(prompt) - 1 :].argmax(-1).tolist(), params
+
+
+def test_int8_share_s_sensitivity_runs_of_a_looping_lm_fail_with_run_time_limit(
+    tmp_path: Path, run_cap_1s: float
+) -> None:
+    from tests.factories_onnx import looping_lm
+    from worker.passes.quantizers import mixed_bits
+
+    ctx = looping_context(tmp_path / "work")
+    ids = np.ones((1, 4), np.int64)
+    past = np.zeros((1, 1, 0, 2), np.float32)
+    feeds = [{"input_ids": ids, "attention_mask": ids, "past_key_values.0.key": past, "past_key_values.0.value": past}]
+    started = time.monotonic()
+    with pytest.raises(StepFailed) as failed:
+        mixed_bits.kl_per_layer(looping_lm(), {0: ["MatMul"]}, lambda m, names: m, feeds, ctx)
+    assert failed.value.code == "run_time_limit" and "(int8_share sensitivity)" in failed.value.message
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.usefixtures("fast_cancel_poll")
+def test_gptq_s_calibration_runs_of_a_looping_graph_end_at_a_cancel_within_seconds(tmp_path: Path) -> None:
+    from tests.factories_onnx import looping_model
+    from worker.passes.quantizers import weight_only
+
+    ctx = looping_context(tmp_path / "work", cancel_after_s=1.5)
+    m = looping_model(2**40, constant=False)
+    next(n for n in m.graph.node if n.op_type == "MatMul").name = "head"
+    p = QuantizeStep(type="quantize", mode="int4", algorithm="gptq", block_size=16)
+    with pytest.raises(JobCancelled):
+        weight_only.gptq(m, ["head"], weight_only.WeightOnlySettings.resolve(p), p, ctx.load_model("input"), ctx, False)
+    assert ctx.cancel_at is not None and time.monotonic() - ctx.cancel_at <= 10 and ctx.seen_by[0] == "ort-watchdog"

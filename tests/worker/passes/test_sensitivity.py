@@ -4,6 +4,7 @@ the target holds on the worst case, and the report gives the node, the rounds an
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,9 @@ from onnx import numpy_helper
 
 from models.spec import JobSpec, QuantizeStep
 from tests.factories import digits_split
-from tests.worker.conftest import DigitsFiles
+from tests.worker.conftest import DigitsFiles, looping_context
 from worker.context import LocalContext
-from worker.core import StepFailed
+from worker.core import JobCancelled, StepFailed
 from worker.passes import sensitivity
 from worker.passes.quantize import QuantizePass
 
@@ -143,3 +144,27 @@ def test_static_qdq_keeps_the_sensitive_node_without_dequantized_weights(
     _, (x, _) = digits_split()
     agree = (_logits(result.model.onnx_path, x).argmax(1) == _logits(path, x).argmax(1)).mean()
     assert agree >= 0.98
+
+
+def _auto_exclude_step(mode: str) -> QuantizeStep:
+    return QuantizeStep(type="quantize", mode=mode, auto_exclude={"min_fidelity": 0.99, "samples": 8})
+
+
+@pytest.mark.usefixtures("fast_cancel_poll")
+def test_the_sensitivity_runs_of_a_looping_graph_end_at_a_cancel_within_seconds(tmp_path: Path) -> None:
+    ctx = looping_context(tmp_path / "work", cancel_after_s=1.0)
+    with pytest.raises(JobCancelled):
+        QuantizePass().run(ctx.load_model("input"), _auto_exclude_step("dynamic"), ctx)
+    assert ctx.cancel_at is not None and time.monotonic() - ctx.cancel_at <= 10  # the bound
+    assert ctx.seen_by[0] == "ort-watchdog"  # the cancel stopped the run itself
+
+
+def test_the_sensitivity_runs_of_a_looping_graph_fail_with_run_time_limit_past_the_cap(
+    tmp_path: Path, run_cap_1s: float
+) -> None:
+    ctx = looping_context(tmp_path / "work")
+    started = time.monotonic()
+    with pytest.raises(StepFailed) as failed:
+        QuantizePass().run(ctx.load_model("input"), _auto_exclude_step("static"), ctx)
+    assert failed.value.code == "run_time_limit" and "(auto_exclude)" in failed.value.message
+    assert "MODELPRESS_RUN_MAX_S=1 s" in failed.value.message and time.monotonic() - started < 8

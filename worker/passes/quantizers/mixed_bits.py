@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from worker.ort_guard import RunGuard
+
 if TYPE_CHECKING:
     import onnx
 
@@ -39,23 +41,32 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return np.asarray(x - np.log(np.exp(x).sum(-1, keepdims=True)))
 
 
-def _logits(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], threads: int) -> np.ndarray:
+def _logits(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], threads: int, guard: RunGuard) -> np.ndarray:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return np.concatenate([np.asarray(sess.run(["logits"], f)[0]) for f in feeds])
+    return np.concatenate([np.asarray(guard.run(sess, ["logits"], f)[0]) for f in feeds])
 
 
 def kl_per_layer(
     m: onnx.ModelProto, groups: dict[int, list[str]], quantize: Callable[[onnx.ModelProto, list[str]], onnx.ModelProto],
     feeds: list[dict[str, np.ndarray]], ctx: PassContext, threads: int = 2,
 ) -> dict[int, float]:
-    """Mean per-token KL(float || this layer alone at 4 bits by ``quantize(model, names)``) of each layer."""
+    """Mean per-token KL(float || this layer alone at 4 bits by ``quantize(model, names)``) of each layer
+    (every run bounded and cancellable, worker/ort_guard.py)."""
+    with RunGuard(ctx.check_cancelled, what="the model (int8_share sensitivity)") as guard:
+        return _kl_per_layer(m, groups, quantize, feeds, ctx, threads, guard)
+
+
+def _kl_per_layer(
+    m: onnx.ModelProto, groups: dict[int, list[str]], quantize: Callable[[onnx.ModelProto, list[str]], onnx.ModelProto],
+    feeds: list[dict[str, np.ndarray]], ctx: PassContext, threads: int, guard: RunGuard,
+) -> dict[int, float]:
     import onnx
 
-    ref = _log_softmax(_logits(m, feeds, threads))
+    ref = _log_softmax(_logits(m, feeds, threads, guard))
     p_ref = np.exp(ref)
     out: dict[int, float] = {}
     for i, (layer, names) in enumerate(groups.items()):
@@ -63,7 +74,7 @@ def kl_per_layer(
         ctx.progress(f"sensitivity of layer {layer} at 4 bits", fraction=0.05 + 0.3 * i / max(len(groups), 1))
         trial = onnx.ModelProto()
         trial.CopyFrom(m)
-        got = _log_softmax(_logits(quantize(trial, names), feeds, threads))
+        got = _log_softmax(_logits(quantize(trial, names), feeds, threads, guard))
         out[layer] = float((p_ref * (ref - got)).sum(-1).mean())
     return out
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import platform
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +15,7 @@ import numpy as np
 
 from models.spec import QuantizeStep
 from worker.core import PassContext, StepFailed, WorkingModel
+from worker.ort_guard import GuardedSession, RunGuard
 from worker.passes.quantizers.files import calibration_batch, is_large, name_unnamed_nodes, save, unique_path
 
 if TYPE_CHECKING:
@@ -45,6 +49,31 @@ def reduce_range(p: QuantizeStep) -> bool:
     return cpu_lacks_vnni() if p.reduce_range is None else p.reduce_range
 
 
+# The guard of the calibration running in this thread: its calibrator's runs go through it.
+_CALIBRATION_GUARD: ContextVar[RunGuard | None] = ContextVar("calibration_guard", default=None)
+
+
+@functools.cache
+def _guard_calibrators() -> None:
+    """Make ``quantize_static`` give each calibrator it creates a :class:`GuardedSession` under the current
+    ``_CALIBRATION_GUARD`` (ORT makes and runs the calibration session itself, without RunOptions; its
+    ``quantize`` module calls ``create_calibrator`` by that name). Installed once; no guard set: unchanged."""
+    import importlib
+
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the package's `quantize` is a function
+    create = ort_quantize.create_calibrator
+
+    def create_calibrator(*args: Any, **kwargs: Any) -> Any:
+        calibrator = create(*args, **kwargs)
+        guard = _CALIBRATION_GUARD.get()
+        if guard is not None and calibrator.infer_session is not None:
+            calibrator.infer_session = GuardedSession(calibrator.infer_session, guard)
+        return calibrator
+
+    ort_quantize.create_calibrator = create_calibrator  # type: ignore[attr-defined]
+
+
+@functools.cache
 class _Reader:
     """CalibrationDataReader over an ArrayDataset: batches of model inputs, reporting progress as it goes."""
 
@@ -206,22 +235,40 @@ def static(src: Path, p: QuantizeStep, model: WorkingModel, ctx: PassContext) ->
         extra["CalibPercentile"] = p.calibration.percentile
     op_types = sorted((set(QLinearOpsRegistry) | set(QDQRegistry)) - set(p.op_types_to_exclude))
     out = unique_path(ctx.workdir, f"quantized-static-{p.calibration.method}")
-    quantize_static(
-        str(src),
-        str(out),
-        reader,  # a CalibrationDataReader by its __subclasshook__ (has get_next)
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=op_types,
-        per_channel=p.per_channel,
-        reduce_range=reduce_range(p),
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8 if p.weight_type == "int8" else QuantType.QUInt8,
-        nodes_to_exclude=node_exclusions(src, p, dynamic=False),
-        use_external_data_format=is_large(src),
-        calibrate_method=method,
-        extra_options=extra,
-    )
+    with calibration_guard(ctx, src):
+        quantize_static(
+            str(src),
+            str(out),
+            reader,  # a CalibrationDataReader by its __subclasshook__ (has get_next)
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=op_types,
+            per_channel=p.per_channel,
+            reduce_range=reduce_range(p),
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8 if p.weight_type == "int8" else QuantType.QUInt8,
+            nodes_to_exclude=node_exclusions(src, p, dynamic=False),
+            use_external_data_format=is_large(src),
+            calibrate_method=method,
+            extra_options=extra,
+        )
     return out, len(data)
+
+
+@contextmanager
+def calibration_guard(ctx: PassContext, src: Path, phase: str = "calibration") -> Iterator[RunGuard]:
+    """The block's calibration runs (``quantize_static``'s) bounded and cancellable (worker/ort_guard.py);
+    inside another such block, that block's guard (one phase, one cap: auto_exclude's rounds)."""
+    outer = _CALIBRATION_GUARD.get()
+    if outer is not None:
+        yield outer
+        return
+    _guard_calibrators()
+    with RunGuard(ctx.check_cancelled, what=f"the model {src.name} ({phase})") as guard:
+        token = _CALIBRATION_GUARD.set(guard)
+        try:
+            yield guard
+        finally:
+            _CALIBRATION_GUARD.reset(token)
 
 
 def fp16(src: Path, p: QuantizeStep, ctx: PassContext) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import os
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.spec import QuantizeStep
-from worker.core import PassContext, StepFailed, WorkingModel
-from worker.passes.quantizers.files import calibration_batch, is_large, name_unnamed_nodes, save, unique_path
+from worker.core import JobCancelled, PassContext, StepFailed, WorkingModel
+from worker.passes.quantizers.files import is_large, name_unnamed_nodes, save, unique_path
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -61,6 +62,8 @@ DEFAULT_EMBEDDING_BITS = 8
 # Share of the decoder layers' weights kept at 8 bits, the most sensitive layers by KL on calibration text
 # (worker/passes/quantizers/mixed_bits.py); applies only when calibration text is given.
 DEFAULT_INT8_SHARE = 0.0
+# Calibration rows per graph run when collecting GPTQ's Hessians (memory: one batch's activations).
+GPTQ_BATCH = 4
 _FLOAT_TYPES = (1, 10)  # onnx.TensorProto.FLOAT, FLOAT16
 
 
@@ -72,6 +75,9 @@ def quantize_weight_only(
     import onnx
 
     s = WeightOnlySettings.resolve(p)
+    if p.algorithm is None and s.mode_bits == 4 and own_calibration_text(ctx):
+        s = dataclasses.replace(s, algorithm="gptq")
+        ctx.log("int4 by GPTQ: calibration text was given (algorithm: rtn quantizes without it)")
     large = is_large(src)
     ctx.progress("preparing weight-only quantization", fraction=0.0)
     m = onnx.load(str(src))
@@ -143,6 +149,13 @@ def quantize_weight_only(
     return out, metrics
 
 
+def own_calibration_text(ctx: PassContext) -> bool:
+    """Whether the job names calibration or train data: GPTQ by default then. The eval set is never used as
+    GPTQ's default calibration, since the perplexity reported is measured on it."""
+    data = getattr(ctx.spec, "data", None)
+    return data is not None and (data.calibration is not None or data.train is not None)
+
+
 def _mixed_bits(
     m: onnx.ModelProto, plan: WeightOnlyPlan, s: WeightOnlySettings, p: QuantizeStep, share: float,
     model: WorkingModel, ctx: PassContext, large: bool,
@@ -182,66 +195,36 @@ def gptq(
     ctx: PassContext,
     large: bool,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """GPTQ of the ``names`` MatMuls at 4 bits (the Hessians from the calibration set), the rest untouched.
+    """GPTQ of the ``names`` MatMuls at 4 bits (``worker/passes/quantizers/gptq.py``: the Hessians from one
+    graph run per calibration batch), the rest untouched; the calibration facts and each MatMul's relative
+    output error for the report."""
+    from worker.passes.quantizers import gptq as gptq_math
+    from worker.passes.quantizers.ort import calibration_guard
 
-    ORT's ``neural_compressor.gptq_quantize`` is called directly: ``MatMulNBitsQuantizer`` hands it
-    every MatMul and ignores ``nodes_to_exclude`` on this path.
-    """
-    import contextlib
-    import io
-
-    from onnxruntime.quantization.neural_compressor import gptq_quantize
-
-    _quiet_ort_quantizer_logs()
     data = ctx.dataset("calibration", model)
     if data is None or len(data) == 0:
         raise StepFailed("calibration_data_missing", "algorithm gptq needs a calibration dataset")
     data = data.take(p.calibration.samples)
-    batch = calibration_batch(len(data), equal=False)
-    feeds = list(calibration_feeds(data, list(m.graph.input), batch, ctx))
-    chosen = set(names)
-    scheme = "sym" if s.symmetric else "asym"
-    rows = {t.name: int(t.dims[0]) for t in m.graph.initializer if len(t.dims) == 2}
-    config: dict[str, Any] = {}
-    odd: list[str] = []
-    for n in m.graph.node:
-        if n.op_type != "MatMul":
-            continue
-        if n.name not in chosen:
-            config[n.name] = "fp32"
-            continue
-        node_scheme = scheme
-        if scheme == "asym" and -(-rows.get(n.input[1], 0) // s.block_size) % 2:
-            # ORT's GPTQ packs two 4-bit zero points per byte across columns and breaks on an odd
-            # number of blocks per column (K / block_size): those weights go symmetric (no zero points)
-            node_scheme = "sym"
-            odd.append(n.name)
-        config[n.name] = {"bits": 4, "group_size": s.block_size, "scheme": node_scheme}
-    target: Any = m
-    if large:  # the quantizer serializes the model for its session: > 2 GiB must go by path
-        target_path = unique_path(ctx.workdir, "quantize-gptq-src")
-        save(m, target_path, True)
-        target = str(target_path)
-    ctx.progress("calibrating (gptq)", fraction=0.2)
+    feeds = calibration_feeds(data, list(m.graph.input), GPTQ_BATCH, ctx)
+    ctx.progress("calibrating (gptq: input Hessians)", fraction=0.15)
+    session_path = str(unique_path(ctx.workdir, "gptq-hessians")) if large else None
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress bar writes to stdout
-            quantized = gptq_quantize(
-                target,
-                ((feed, None) for feed in feeds),
-                weight_config=config,
-                num_bits=4,
-                group_size=s.block_size,
-                scheme=scheme,
-                n_samples=-1,
-                accuracy_level=s.accuracy_level or 0,
-            )
-    except Exception as e:  # ORT raises many types from its calibration session
+        with calibration_guard(ctx, Path(model.onnx_path or "model.onnx"), "gptq calibration") as guard:
+            hess = gptq_math.hessians(m, names, feeds, ctx, os.cpu_count() or 1, session_path, guard.run)
+        errors = gptq_math.apply(m, names, hess, 4, s.block_size, s.symmetric, s.accuracy_level, ctx)
+    except (StepFailed, JobCancelled):  # the guard stopped a run: past the cap, or cancelled
+        raise
+    except Exception as e:  # ORT's session and torch's linear algebra raise many types
         raise StepFailed("quantize_failed", f"GPTQ failed: {type(e).__name__}: {e}") from e
-    info: dict[str, Any] = {"method": "gptq", "samples": len(data), "batch": batch}
-    if odd:
-        info["symmetric_nodes"] = odd
-    return quantized.model, info
-
+    finally:
+        if session_path is not None:
+            for f in (Path(session_path), Path(session_path + ".data")):
+                f.unlink(missing_ok=True)
+    worst = max(errors, key=lambda k: errors[k]) if errors else None
+    info: dict[str, Any] = {"method": "gptq", "samples": len(data), "batch": GPTQ_BATCH,
+                            "mean_output_error": round(float(np.mean(list(errors.values()))), 5) if errors else None,
+                            "worst": {"node": worst, "output_error": round(errors[worst], 5)} if worst else None}
+    return m, info
 
 
 @dataclasses.dataclass(frozen=True)

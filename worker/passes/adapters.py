@@ -1,0 +1,465 @@
+"""Multi-task transfer by adapters (``finetune`` with ``tasks``, ``mode: lora``, ``adapters: merge``).
+
+One LoRA adapter per task on the shared backbone, each trained with its task's head on that task's rows alone
+(a validation split carved from its train rows picks its best epoch), one after the other inside this job; then
+peft's ``add_weighted_adapter`` merges them by every method the step names (``linear``, ``ties``, ``dare_ties``,
+``dare_linear``, ``cat``, the ``*_svd`` variants; each adapter weighted by its task's ``weight``, ``density`` for
+the pruning methods). Each merge is measured on every task's validation split and the best mean accuracy wins;
+the winner is folded into the backbone and the model leaves as the multi-task fine-tune's does: for classifiers one
+ONNX file with a ``logits_<task>`` output per task (each head refit on the merged features first); a causal LM
+(tasks of text or choice rows, chosen by the mean validation eval loss) goes on down the pipeline as one plain
+model. The report keeps the whole table: each adapter alone on its own task, each
+merge method per task, the method chosen and why. Merging task vectors: Ilharco et al., "Editing Models with Task
+Arithmetic", 2023; TIES: Yadav et al., 2023; DARE: Yu et al., "Language Models are Super Mario", 2024.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from models.spec import DENSITY_METHODS, MergeConfig
+from worker.core import ArrayDataset, PassContext, StepFailed, WorkingModel
+from worker.passes.base import PassResult
+from worker.passes.multitask import (
+    Task,
+    accuracies,
+    export_multihead,
+    load_tasks,
+    lora_config,
+    multihead_class,
+    stratified_split,
+    task_heads,
+    train_mixed,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.spec import FinetuneStep
+
+MERGED_PREFIX = "merged_"  # the peft adapter name of a merge: merged_<method>
+REFIT_STEPS = 100  # full-batch Adam steps of a head's refit on the merged features
+REFIT_LR = 1e-2
+LM_VALIDATION_MIN = 2  # rows a causal LM task keeps for validation at least
+
+
+class Family(Protocol):
+    """What differs between merging a classifier's adapters and a causal LM's."""
+
+    metric: str  # the selection metric: ``accuracy`` (higher is better) or ``eval_loss`` (lower)
+    higher_is_better: bool
+    module: Any  # what trains: the multi-head wrapper, or the peft-wrapped LM
+    input_names: list[str]
+
+    def focus(self, task: Task) -> None:
+        """Make ``task``'s parts (its head) the only trainable ones beside its adapter."""
+
+    def loss(self, task: Task, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``task``'s training loss on ``batch``."""
+
+    def measure(self, split: str, only: str | None = None) -> dict[str, dict[str, float]]:
+        """Each task's metrics on its ``selection`` or ``eval`` rows."""
+
+    def after_merge(self) -> tuple[dict[str, dict[str, float]], Any] | None:
+        """Once a merge is active: the metrics as merged before any refit and a snapshot to restore, or None."""
+
+    def restore(self, snapshot: Any) -> None:
+        """Put back what ``after_merge`` returned (the chosen merge's refit heads)."""
+
+
+class ClassifierAdapters:
+    """A shared backbone (each task's adapter) and one head per task; heads refit on merged features."""
+
+    metric, higher_is_better = "accuracy", True
+
+    def __init__(self, multi: Any, tasks: list[Task], ctx: PassContext, refit: bool) -> None:
+        self.module, self.tasks, self.ctx, self.refit = multi, tasks, ctx, refit
+        self.input_names = list(multi.input_names)
+        self.trained: dict[str, dict[str, Any]] = {}
+
+    def focus(self, task: Task) -> None:
+        for name, head in self.module.heads.items():
+            head.requires_grad_(name == task.name)
+
+    def loss(self, task: Task, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        f = self.module.features(*[batch[n] for n in self.input_names])
+        return F.cross_entropy(self.module.heads[task.name](f).float(), batch["labels"])
+
+    def measure(self, split: str, only: str | None = None) -> dict[str, dict[str, float]]:
+        return accuracies(self.module, self.tasks, self.input_names, self.ctx.device, split, only)
+
+    def _heads(self) -> dict[str, dict[str, Any]]:
+        return {t: {k: v.detach().clone() for k, v in h.state_dict().items()} for t, h in self.module.heads.items()}
+
+    def after_merge(self) -> tuple[dict[str, dict[str, float]], Any] | None:
+        if not self.trained:
+            self.trained = self._heads()  # the heads as their adapters' training left them
+        self.restore(self.trained)
+        if not self.refit:
+            return None
+        as_trained = self.measure("selection")
+        refit_heads(self.module, self.tasks, self.ctx, self.trained)
+        return as_trained, self._heads()
+
+    def restore(self, snapshot: Any) -> None:
+        for name, state in snapshot.items():
+            self.module.heads[name].load_state_dict(state)
+
+
+class LMAdapters:
+    """A causal LM under peft, one adapter per task of text or choice rows; merges chosen by eval loss."""
+
+    metric, higher_is_better = "eval_loss", False
+
+    def __init__(self, peft_model: Any, tasks: list[Task], ctx: PassContext, tokenizer: Any, names: list[str]) -> None:
+        from worker.lm.objectives import lm_loss_fn
+
+        self.module, self.tasks, self.ctx, self.tokenizer = peft_model, tasks, ctx, tokenizer
+        self.input_names = names
+        self._loss = lm_loss_fn(peft_model)
+
+    def focus(self, task: Task) -> None:
+        return None
+
+    def loss(self, task: Task, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._loss(batch)
+
+    def measure(self, split: str, only: str | None = None) -> dict[str, dict[str, float]]:
+        from worker.passes.multitask import lm_task_metrics
+
+        return {t.name: lm_task_metrics(self.module, t, self.ctx, self.tokenizer, split=split)
+                for t in self.tasks if only in (None, t.name)}
+
+    def after_merge(self) -> tuple[dict[str, dict[str, float]], Any] | None:
+        return None
+
+    def restore(self, snapshot: Any) -> None:
+        return None
+
+
+def carve_validation(tasks: list[Task], fraction: float, seed: int, ctx: PassContext) -> None:
+    """Give every classifier task a validation split carved from its train rows (few-shot ones have theirs)."""
+    for i, task in enumerate(tasks):
+        if task.validation is None:
+            task.train, task.validation = stratified_split(task.train, seed + i, fraction)
+            ctx.log("validation split carved from the task's train rows", task=task.name, train=len(task.train),
+                    validation=len(task.validation))
+
+
+def carve_lm_validation(task: Task, model: WorkingModel, fraction: float, seed: int, ctx: PassContext) -> None:
+    """A causal LM task's validation split: choice rows stratified by label, text rows (sequences) at random."""
+    from worker.passes.multitask import label_rows
+    from worker.training import subset
+
+    if task.validation is not None:
+        return
+    rows = task.choice_rows.get("train") or []
+    if rows and task.classes:
+        index = {c: i for i, c in enumerate(task.classes)}
+        labelled = ArrayDataset({"row": np.arange(len(rows))}, np.array([index[str(r["label"])] for r in rows]))
+        keep, held = stratified_split(labelled, seed, fraction)
+        task.choice_rows["validation"] = [rows[i] for i in held.inputs["row"]]
+        task.choice_rows["train"] = [rows[i] for i in keep.inputs["row"]]
+        task.train = label_rows(task.choice_rows["train"], model, ctx)
+        task.validation = label_rows(task.choice_rows["validation"], model, ctx)
+    else:
+        n = len(task.train)
+        if n < 2 * LM_VALIDATION_MIN:
+            raise StepFailed("too_little_data", f"task {task.name!r}: {n} train sequences are too few to carve a "
+                                                "validation split from")
+        order = np.random.default_rng(seed).permutation(n)
+        k = max(LM_VALIDATION_MIN, round(fraction * n))
+        task.train, task.validation = subset(task.train, np.sort(order[k:])), subset(task.train, np.sort(order[:k]))
+    ctx.log("validation split carved from the task's train rows", task=task.name, train=len(task.train),
+            validation=len(task.validation))
+
+
+def pick(table: list[dict[str, Any]], higher_is_better: bool = True) -> dict[str, Any]:
+    """The merge with the best mean validation metric (the first of equals); rows with an error never win."""
+    done = [row for row in table if row.get("mean") is not None]
+    if not done:
+        raise StepFailed("merge_failed", "no merge method worked: " + "; ".join(
+            f"{row['method']}: {row.get('error')}" for row in table))
+    sign = 1.0 if higher_is_better else -1.0
+    return max(done, key=lambda row: sign * float(row["mean"]))
+
+
+def why(table: list[dict[str, Any]], chosen: dict[str, Any], individual: dict[str, dict[str, Any]],
+        metric: str = "accuracy", higher_is_better: bool = True) -> str:
+    """Why the chosen merge won: its mean against the runner-up, and its worst task against that task's adapter."""
+    def shown(v: float) -> str:
+        return f"{100 * v:.1f}%" if metric == "accuracy" else f"{v:.4g}"
+
+    sign = 1.0 if higher_is_better else -1.0
+    text = (f"{chosen['method']}: {'highest' if higher_is_better else 'lowest'} mean validation {metric.replace('_', ' ')}"
+            f" over the tasks ({shown(chosen['mean'])})")
+    others = sorted((r for r in table if r.get("mean") is not None and r is not chosen), key=lambda r: -sign * r["mean"])
+    if others:
+        text += f"; next {others[0]['method']} ({shown(others[0]['mean'])})"
+    gaps = {t: sign * (chosen["per_task"][t] - individual[t]["validation"]) for t in chosen["per_task"]
+            if individual.get(t, {}).get("validation") is not None}
+    if gaps:
+        worst = min(gaps, key=lambda t: gaps[t])
+        gap = sign * gaps[worst]
+        text += (f"; furthest from its own adapter: {worst} ("
+                 + (f"{100 * gap:+.1f} points)" if metric == "accuracy" else f"{gap:+.4g})"))
+    failed = [r["method"] for r in table if r.get("mean") is None]
+    if failed:
+        text += f"; not possible here: {', '.join(failed)}"
+    return text
+
+
+def _wrap(module: Any, configs: dict[str, Any]) -> Any:
+    """``module`` under peft with one LoRA adapter per task, named after it."""
+    from peft import get_peft_model
+
+    wrapped: Any = None
+    for name, config in configs.items():
+        if wrapped is None:
+            wrapped = get_peft_model(module, config, adapter_name=name)
+        else:
+            wrapped.add_adapter(name, config)
+    return wrapped
+
+
+def train_adapters(family: Family, peft_model: Any, params: FinetuneStep, ctx: PassContext,
+                   tasks: list[Task]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Train each task's adapter (and head) on its rows alone (best epoch by its validation split); each adapter's
+    validation and eval metric, and the curve (``loss[<task>]``, ``<metric>[<task>]`` per epoch)."""
+    individual: dict[str, dict[str, Any]] = {}
+    curve: list[dict[str, Any]] = []
+    for task in tasks:
+        ctx.check_cancelled()
+        peft_model.set_adapter(task.name)  # this adapter trainable, the others frozen
+        family.focus(task)
+        trainable = sum(p.numel() for p in family.module.parameters() if p.requires_grad)
+        ctx.log("adapter: start", task=task.name, trainable_params=trainable)
+
+        def loss_for(_: int, batch: dict[str, torch.Tensor], task: Task = task) -> torch.Tensor:
+            return family.loss(task, batch)
+
+        def own(name: str = task.name) -> dict[str, dict[str, float]]:
+            return family.measure("selection", only=name)
+
+        start = own().get(task.name, {}).get(family.metric)  # its LoRA B is zero: the input backbone
+        outcome = train_mixed(family.module, params, ctx, [task], family.input_names, loss_for, own, family.metric,
+                              higher_is_better=family.higher_is_better)
+        chosen, held = own().get(task.name, {}), family.measure("eval", only=task.name).get(task.name, {})
+        individual[task.name] = {
+            "validation_before": start, "validation": chosen.get(family.metric), "eval": held.get(family.metric),
+            "validation_metrics": chosen, "eval_metrics": held,
+            "best_epoch": outcome.best_epoch, "epochs_run": outcome.epochs_run, "optimizer_steps": outcome.steps,
+            "stopped_early": outcome.stopped_early, "trainable_params": trainable,
+        }
+        curve += [{"epoch": p["epoch"], **{k: v for k, v in p.items() if k.endswith(f"[{task.name}]")}}
+                  for p in outcome.curve]
+    return individual, curve
+
+
+def _features(multi: Any, data: ArrayDataset, device: str) -> torch.Tensor:
+    """The (merged) backbone's features of ``data``'s rows, without grad."""
+    import torch
+
+    from worker.torch_utils import to_tensors
+
+    with torch.no_grad():
+        return torch.cat([multi.features(*to_tensors(data, multi.input_names, device, slice(i, i + 256))).float()
+                          for i in range(0, len(data), 256)])
+
+
+def refit_heads(multi: Any, tasks: list[Task], ctx: PassContext, start: dict[str, dict[str, Any]]) -> None:
+    """Each task's head, from its adapter-trained weights (``start``), refit on the merged backbone's features of
+    its train rows: full-batch Adam, the backbone frozen (a linear probe; the validation split stays unseen)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(ctx.spec.seed)
+    multi.eval()
+    for task in tasks:
+        assert task.train.labels is not None
+        feats = _features(multi, task.train, ctx.device)
+        labels = torch.from_numpy(task.train.labels).to(ctx.device)
+        head = multi.heads[task.name]
+        head.load_state_dict(start[task.name])
+        head.requires_grad_(True)
+        optimizer = torch.optim.Adam(head.parameters(), lr=REFIT_LR)
+        for _ in range(REFIT_STEPS):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(head(feats).float(), labels).backward()
+            optimizer.step()
+        head.requires_grad_(False)
+
+
+def merge_table(family: Family, peft_model: Any, tasks: list[Task], merge: MergeConfig, ctx: PassContext,
+                weights: list[float]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each method of ``merge.methods`` as a new adapter (peft ``add_weighted_adapter``) measured on every task's
+    validation split: per-task metric and their mean (after the heads' refit where the family refits; as merged
+    too), or the error peft gave (e.g. unequal ranks); and each method's snapshot (its refit heads)."""
+    import torch
+
+    names = [t.name for t in tasks]
+    snapshots: dict[str, Any] = {}
+    table: list[dict[str, Any]] = []
+    for method in merge.methods:
+        ctx.check_cancelled()
+        density = merge.density if method in DENSITY_METHODS else None
+        row: dict[str, Any] = {"method": method, "density": density}
+        torch.manual_seed(ctx.spec.seed)  # dare's random drops, the same on every run
+        started = time.perf_counter()
+        try:
+            peft_model.base_model.add_weighted_adapter(
+                adapters=names, weights=weights, adapter_name=MERGED_PREFIX + method, combination_type=method,
+                density=density)
+        except (ValueError, RuntimeError) as exc:
+            row["error"] = str(exc)
+            ctx.log("merge not possible", method=method, error=str(exc))
+            table.append(row)
+            continue
+        peft_model.set_adapter(MERGED_PREFIX + method)
+        refit = family.after_merge()
+        if refit is not None:
+            as_merged, snapshots[method] = refit
+            row["per_task_heads_as_trained"] = {t: as_merged[t][family.metric] for t in names if t in as_merged}
+        scores = family.measure("selection")
+        row["per_task"] = {t: scores[t][family.metric] for t in names if scores.get(t, {}).get(family.metric) is not None}
+        row["mean"] = float(np.mean(list(row["per_task"].values()))) if row["per_task"] else None
+        row["seconds"] = round(time.perf_counter() - started, 3)
+        ctx.log("merge measured", method=method, mean=row["mean"], per_task=row["per_task"])
+        table.append(row)
+    return table, snapshots
+
+
+def _merge_all(family: Family, peft_model: Any, params: FinetuneStep, ctx: PassContext,
+               tasks: list[Task]) -> tuple[Any, dict[str, Any], list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Train the adapters, merge them by every method, keep the best: the merged plain module, the step's merge
+    metrics, the curve and each adapter's own measurements."""
+    merge = params.merge or MergeConfig()
+    ctx.progress("training one adapter per task", fraction=0.0)
+    individual, curve = train_adapters(family, peft_model, params, ctx, tasks)
+    weights = [t.weight for t in tasks]
+    ctx.progress("merging the adapters", fraction=0.9)
+    table, snapshots = merge_table(family, peft_model, tasks, merge, ctx, weights)
+    chosen = pick(table, family.higher_is_better)
+    if chosen["method"] in snapshots:
+        family.restore(snapshots[chosen["method"]])
+    ctx.log("merge chosen", method=chosen["method"], mean=chosen["mean"])
+    adapter_params = _adapter_params(peft_model, [t.name for t in tasks])
+    merged = peft_model.merge_and_unload(adapter_names=[MERGED_PREFIX + chosen["method"]])
+    info = {
+        "methods": table, "chosen": chosen["method"], "chosen_per_task": chosen["per_task"],
+        "why": why(table, chosen, individual, family.metric, family.higher_is_better),
+        "individual": individual, "weights": dict(zip([t.name for t in tasks], weights, strict=True)),
+        "density": merge.density, "validation": merge.validation, "metric": family.metric,
+        "refit_heads": merge.refit_heads if isinstance(family, ClassifierAdapters) else None,
+        "adapter_params": adapter_params, "trained": "one adapter after another in this job",
+    }
+    return merged, info, curve, individual
+
+
+def _metrics(params: FinetuneStep, kind: str, rows: list[dict[str, Any]], size: dict[str, Any],
+             info: dict[str, Any], few_shot: set[str], **extra: Any) -> dict[str, Any]:
+    """The step's metrics: each task's row with its adapter alone beside the merge, sizes, the merge table."""
+    for row in rows:
+        row["few_shot"] = row["task"] in few_shot  # every task has a carved split here; few-shot is the row count
+        own = info["individual"][row["task"]]
+        row.update({"adapter_alone": own["eval_metrics"].get(row["metric"]),  # the row's metric, its eval rows
+                    "adapter_alone_validation": own["validation"],  # the selection metric from here on
+                    "merged_validation": info["chosen_per_task"].get(row["task"])})
+    size["adapter_params"] = info.pop("adapter_params")
+    info.pop("chosen_per_task")
+    return {"mode": params.mode, "adapters": "merge", "total_params": size["shared_params"],
+            "trainable_params": sum(a["trainable_params"] for a in info["individual"].values()), **extra,
+            "multitask": {"kind": kind, "tasks": rows, "size": size, "merge": info}}
+
+
+def run_classifier(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassResult:
+    """Adapters and heads per task on a shared backbone, merged; one ONNX file with an output per task."""
+    from worker.torch_utils import interface
+
+    merge = params.merge or MergeConfig()
+    tasks = load_tasks(model, params, ctx, lm=False)
+    few_shot = {t.name for t in tasks if t.few_shot}
+    carve_validation(tasks, merge.validation, ctx.spec.seed, ctx)
+    names = model.input_names
+    head, heads, reused = task_heads(model, tasks, ctx)
+    ranks = _ranks(params)
+    peft_model = _wrap(model.module, {t.name: lora_config(model.module, model, params, ranks.get(t.name))
+                                      for t in tasks})
+    multi = multihead_class()(interface(replace(model, module=peft_model)), heads, names).to(ctx.device)
+    family = ClassifierAdapters(multi, tasks, ctx, merge.refit_heads)
+    before = family.measure("eval")  # every LoRA B is zero: the input backbone
+    merged, info, curve, _ = _merge_all(family, peft_model, params, ctx, tasks)
+    multi.backbone = interface(replace(model, module=merged))
+    multi.requires_grad_(True)
+    multi.eval()
+    after_torch = family.measure("eval")
+    exported, rows, size = export_multihead(model, multi, tasks, before, after_torch, reused, ctx)
+    metrics = _metrics(params, "one LoRA adapter per task, merged", rows, size, info, few_shot, head=head)
+    return PassResult(exported, metrics, curve)
+
+
+def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassResult:
+    """Adapters per task on a causal LM (text or choice rows), merged into one plain model for the pipeline."""
+    from worker.formats.tokenizer import load_tokenizer
+    from worker.lm.objectives import LM_INPUTS
+    from worker.passes.multitask import lm_task_rows, prepare_lm_task
+    from worker.passes.tuning import lm_lora_config
+    from worker.torch_utils import count_params
+
+    merge = params.merge or MergeConfig()
+    tasks = load_tasks(model, params, ctx, lm=True)
+    few_shot: set[str] = set()
+    for i, task in enumerate(tasks):
+        prepare_lm_task(task, model, ctx, i)
+        if task.few_shot:
+            few_shot.add(task.name)
+        carve_lm_validation(task, model, merge.validation, ctx.spec.seed + i, ctx)
+    tokenizer = load_tokenizer(model)
+    inner = model.module
+    inner.to(ctx.device)
+    ranks = _ranks(params)
+    try:
+        peft_model = _wrap(inner, {t.name: lm_lora_config(inner, params, ranks.get(t.name)) for t in tasks})
+    except ValueError as exc:  # e.g. target modules that are not in the model
+        raise StepFailed("invalid_step", f"lora: {exc}") from exc
+    family = LMAdapters(peft_model, tasks, ctx, tokenizer, [n for n in LM_INPUTS if n in tasks[0].train.inputs])
+    before = family.measure("eval")  # every LoRA B is zero: the input model
+    merged, info, curve, _ = _merge_all(family, peft_model, params, ctx, tasks)
+    merged.requires_grad_(True)
+    merged.eval()
+    family.module = merged
+    after = family.measure("eval")
+    n = count_params(merged)
+    rows = lm_task_rows(tasks, before, after, {})
+    size = {"tasks": len(tasks), "shared_params": n, "separate_params": n * len(tasks), "ratio": 1 / len(tasks)}
+    metrics = _metrics(params, "one LoRA adapter per task on a causal LM, merged", rows, size, info, few_shot)
+    return PassResult(replace(model, module=merged), metrics, curve)
+
+
+def _ranks(params: FinetuneStep) -> dict[str, int | None]:
+    return {spec.name: spec.rank for spec in params.tasks or []}
+
+
+def run(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassResult:
+    """Train one LoRA adapter per task, merge them by each method, keep the best merge."""
+    from worker.lm.objectives import is_lm
+
+    if is_lm(model, ctx.spec.task):
+        return run_lm(model, params, ctx)
+    return run_classifier(model, params, ctx)
+
+
+def _adapter_params(peft_model: Any, adapters: list[str]) -> dict[str, int]:
+    """Each adapter's parameter count (its LoRA A and B matrices)."""
+    out = dict.fromkeys(adapters, 0)
+    for name, p in peft_model.named_parameters():
+        for adapter in adapters:
+            if name.endswith(f".{adapter}.weight") and ".lora_" in name:
+                out[adapter] += p.numel()
+    return out
