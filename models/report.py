@@ -171,6 +171,8 @@ class SearchSection(_Open):
     closest: dict[str, Any] | None = None
     input_latency_ms_remeasured: float | None = None
     input_noise: float | None = None
+    # The plan's fp16 probe on the CPU provider: ratio and worst_round (fp16 over the input), or not_measured.
+    fp16_probe: dict[str, Any] | None = None
     latency_harness: dict[str, Any] | None = None
     total: int | None = None
     done: int = 0

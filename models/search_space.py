@@ -15,15 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.formats import MODEL_FORMATS
-from models.objectives import OBJECTIVES
+from models.objectives import MIN_NOISE, OBJECTIVES
 from models.spec import CLASSIFICATION_TASKS, step_label
 
 # A trial's optimistic floor must beat the best so far on the objective by this fraction to be started.
 MIN_GAIN = 0.02
-# A size winner within this fraction of the smallest trial's size loses to a faster one among them.
-SIZE_TIE = 0.05
-# The least margin a latency winner must beat the input by, in every interleaved round.
-MIN_NOISE = 0.02
 # Recovery epochs for a pruned trial, per unit of ratio (0.25 -> 2, 0.5 -> 4); a miss doubles them up to this.
 EPOCHS_PER_RATIO = 8
 MAX_RECOVERY_EPOCHS = 16
@@ -144,13 +140,34 @@ def recovery_epochs(ratio: float) -> int:
     return max(2, round(float(ratio) * EPOCHS_PER_RATIO))
 
 
+CPU = "CPUExecutionProvider"
+FP16 = {"type": "quantize", "mode": "fp16"}
+
+
+def fp16_dropped(provider: str, measured: tuple[float, float] | str | None) -> str | None:
+    """Why fp16 stays out of an ``auto`` space on ``provider`` (None: it goes in). Off the CPU provider it
+    goes in; on it (which runs most float16 graphs slower than float32: Casts around kernels it lacks) only
+    when measured faster than the input in every interleaved round: ``measured`` is the paired ``(median,
+    worst)`` latency ratio of a quick fp16 conversion to the input, or why it was not measured."""
+    if provider != CPU:
+        return None
+    if measured is None or isinstance(measured, str):
+        return f"not measured on {provider} ({measured or 'no probe'}); that provider runs most float16 graphs " \
+               "slower than float32"
+    mid, worst = measured
+    if worst < 1.0 - MIN_NOISE:
+        return None
+    return (f"measured on {provider} at {mid:.2f}x the input's latency (worst round {worst:.2f}x): not faster "
+            "in every round")
+
+
 def auto_space(task: str, model_format: str, meta: Mapping[str, Any], *, train: bool,
-               calibration: bool, provider: str = "CPUExecutionProvider") -> list[list[dict[str, Any]]]:
+               calibration: bool, provider: str = CPU, fp16: bool | None = None) -> list[list[dict[str, Any]]]:
     """The ``auto`` candidates (3-8): post-training recipes without train data; prune ratios with recovery
     distillation and layer-dropped students with it; INT4 algorithms and block sizes for causal LMs.
 
     Conv-heavy graphs with data get static QDQ INT8 and no dynamic INT8 (ORT's ConvInteger runs slower
-    than float); fp16 only on a GPU provider (the CPU provider runs float16 slower than float32)."""
+    than float); fp16 where ``fp16`` says (see :func:`fp16_dropped`; None: only off the CPU provider)."""
     if task == "text-generation":
         space: list[list[dict[str, Any]]] = [
             [{"type": "quantize", "mode": "int8_weight"}],
@@ -165,7 +182,7 @@ def auto_space(task: str, model_format: str, meta: Mapping[str, Any], *, train: 
     static = {"type": "quantize", "mode": "static"}
     conv = conv_heavy(model_format, meta)
     int8 = static if conv and data else {"type": "quantize", "mode": "dynamic"}
-    space = [[{"type": "quantize", "mode": "fp16"}]] if provider != "CPUExecutionProvider" else []
+    space = [[dict(FP16)]] if (provider != CPU if fp16 is None else fp16) else []
     space.append([dict(int8)])
     if data and int8 is not static:
         space.append([dict(static)])
@@ -191,40 +208,82 @@ def _quality_target(constraints: Mapping[str, Any]) -> dict[str, float] | None:
     return None
 
 
+# Percentile calibration that missed clips more outliers next: 99.999 (the default) -> 99.99 -> 99.9.
+PERCENTILE_STEPS = (99.99, 99.9)
+# int4 trials that missed keep the layers whose 4 bits move the output most at 8 bits: this share, then more.
+INT8_SHARE_STEPS = (0.25, 0.5)
+# The smallest block a weight-only miss halves its block down to.
+MIN_FIX_BLOCK = 32
+
+
+def _calibration_fixes(q: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Static INT8: minmax calibration -> percentile and entropy; a percentile that missed -> a lower one."""
+    cal = dict(q.get("calibration") or {})
+    method = cal.get("method", "minmax")
+    if method == "minmax":
+        return [{**q, "calibration": {**cal, "method": "percentile", "percentile": PERCENTILE_STEPS[0]}},
+                {**q, "calibration": {**cal, "method": "entropy"}}]
+    if method == "percentile":
+        lower = [p for p in PERCENTILE_STEPS if p < float(cal.get("percentile", 99.999))]
+        return [{**q, "calibration": {**cal, "percentile": lower[0]}}] if lower else []
+    return []
+
+
+def _weight_only_fixes(q: Mapping[str, Any], calibration: bool) -> list[dict[str, Any]]:
+    """int4 / int8_weight: a smaller block; (int4) the head and the embedding table at 8 bits where they were
+    at 4, more layers at 8 bits by measured sensitivity (``int8_share``, needs calibration text), a
+    data-aware algorithm, every MatMul at 8 bits."""
+    fixes: list[dict[str, Any]] = []
+    block = int(q.get("block_size") or 64)
+    if block > MIN_FIX_BLOCK:
+        fixes.append({**q, "block_size": block // 2})
+    if q.get("mode") != "int4":
+        return fixes
+    bits = q.get("bits")
+    if isinstance(bits, Mapping) and 8 not in bits.values():
+        fixes.append({**q, "bits": None})  # the default policy: the output head at 8 bits
+    if q.get("quantize_embeddings") is True:  # tables at 4 bits: at 8 (the default unless the head is tied)
+        fixes.append({**q, "bits": {**bits, "Gather": 8}} if isinstance(bits, Mapping)
+                     else {**q, "quantize_embeddings": None})
+    share = float(q.get("int8_share") or 0.0)
+    more = [x for x in INT8_SHARE_STEPS if x > share]
+    if calibration and more:
+        fixes.append({**q, "int8_share": more[0]})
+    if q.get("algorithm") in (None, "rtn"):
+        fixes.append({**q, "algorithm": "gptq" if calibration else "hqq"})
+    fixes.append({"type": "quantize", "mode": "int8_weight"})  # every MatMul at 8 bits
+    return fixes
+
+
 def _quantize_fixes(q: Mapping[str, Any], constraints: Mapping[str, Any], calibration: bool) -> list[dict[str, Any]]:
     """The quantize recipes that fix a quality miss of ``q``, least costly first."""
     mode = q.get("mode", "dynamic")
+    if mode in ("int4", "int8_weight"):
+        return _weight_only_fixes(q, calibration)
+    if mode not in ("dynamic", "static"):
+        return []
     fixes: list[dict[str, Any]] = []
-    if mode in ("dynamic", "static"):
-        if q.get("per_channel") is False:
-            fixes.append({**q, "per_channel": True})
-        cal = dict(q.get("calibration") or {})
-        if mode == "static" and cal.get("method", "minmax") == "minmax":
-            fixes.append({**q, "calibration": {**cal, "method": "percentile", "percentile": 99.99}})
-            fixes.append({**q, "calibration": {**cal, "method": "entropy"}})
-        target = _quality_target(constraints)
-        ae = q.get("auto_exclude")
-        if calibration and target is not None and not ae:
-            fixes.append({**q, "auto_exclude": target})
-        elif isinstance(ae, Mapping) and int(ae.get("samples", 32)) < 128:
-            # met on its few calibration samples, missed on the eval set: measure on more, keep more in float
-            fixes.append({**q, "auto_exclude": {**ae, "samples": 4 * int(ae.get("samples", 32)),
-                                                "max_nodes": min(256, 2 * int(ae.get("max_nodes", 8)))}})
-    elif mode == "int4":
-        block = int(q.get("block_size") or 64)
-        if block > 32:
-            fixes.append({**q, "block_size": block // 2})
-        if q.get("algorithm") in (None, "rtn"):
-            fixes.append({**q, "algorithm": "gptq" if calibration else "hqq"})
-        fixes.append({"type": "quantize", "mode": "int8_weight"})  # every MatMul at 8 bits
+    if q.get("per_channel") is False:
+        fixes.append({**q, "per_channel": True})
+    if mode == "static":
+        fixes += _calibration_fixes(q)
+    target = _quality_target(constraints)
+    ae = q.get("auto_exclude")
+    if calibration and target is not None and not ae:
+        fixes.append({**q, "auto_exclude": target})
+    elif isinstance(ae, Mapping) and int(ae.get("samples", 32)) < 128:
+        # met on its few calibration samples, missed on the eval set: measure on more, keep more in float
+        fixes.append({**q, "auto_exclude": {**ae, "samples": 4 * int(ae.get("samples", 32)),
+                                            "max_nodes": min(256, 2 * int(ae.get("max_nodes", 8)))}})
     return fixes
 
 
 def escalations(steps: Sequence[Mapping[str, Any]], constraints: Mapping[str, Any], *,
                 calibration: bool, miss: float | None = None) -> list[list[dict[str, Any]]]:
     """The trials a quality (accuracy, fidelity, perplexity) miss of ``steps`` escalates to: a quantize step
-    gets the recipes that fix it (per-channel, calibration method and percentile, sensitivity-guided
-    ``auto_exclude``; smaller INT4 blocks, a data-aware algorithm, 8 bits); a pruned trial gets twice the
+    gets the recipes that fix it (per-channel, calibration method and a lower percentile, sensitivity-guided
+    ``auto_exclude``; smaller weight-only blocks, the INT4 head and embeddings at 8 bits, a larger
+    ``int8_share``, a data-aware algorithm, 8 bits); a pruned trial gets twice the
     recovery epochs (up to ``MAX_RECOVERY_EPOCHS``), its loss being the pruning's. ``miss``: the trial's
     ``shortfall``; past ``FIX_REACH`` times the allowed loss no quantize fix is tried (None: unknown, tried)."""
     plain = [dict(s) for s in steps]
@@ -319,16 +378,6 @@ def noise_margin(rounds: Sequence[float]) -> float:
         return MIN_NOISE
     mid = sorted(rounds)[len(rounds) // 2]
     return max(MIN_NOISE, (max(rounds) - min(rounds)) / mid) if mid > 0 else MIN_NOISE
-
-
-def paired_ratio(rounds: Sequence[float], input_rounds: Sequence[float]) -> tuple[float, float]:
-    """A model's latency over the input's from the same interleaved rounds: ``(median, worst)`` of the
-    per-round ratios. Each round times both back to back, so a load spike on a shared machine hits both and
-    cancels in the ratio (unpaired medians do not)."""
-    ratios = sorted(w / i for w, i in zip(rounds, input_rounds, strict=False) if i > 0)
-    if not ratios:
-        return float("inf"), float("inf")
-    return ratios[len(ratios) // 2], ratios[-1]
 
 
 def beats_input(objective: str, value: float | None, input_value: float | None, margin: float = 0.0) -> bool:

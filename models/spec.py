@@ -343,9 +343,15 @@ class StepKind:
 
 
 def _quantize_detail(s: QuantizeStep) -> str:
-    """What tells quantize recipes apart in a label: a weight-only step's algorithm and block size when given; an
-    INT8 step's calibration method (not minmax), per-tensor weights, and sensitivity-guided exclusion."""
+    """What tells quantize recipes apart in a label: a weight-only step's algorithm, block size, per-node bits,
+    4-bit embedding tables and 8-bit layer share when given; an INT8 step's calibration method (not minmax),
+    per-tensor weights, and sensitivity-guided exclusion."""
     detail = (f" {s.algorithm}" if s.algorithm else "") + (f" b{s.block_size}" if s.block_size else "")
+    if s.mode in WEIGHT_ONLY_MODES:
+        if s.bits is not None:
+            detail += " bits {" + ", ".join(f"{k}: {v}" for k, v in s.bits.items()) + "}"
+        detail += " 4-bit tables" if s.quantize_embeddings and not (s.bits or {}).get("Gather") else ""
+        detail += f" 8-bit share {s.int8_share:g}" if s.int8_share else ""
     if s.mode == "static" and s.calibration.method != "minmax":
         cal = s.calibration
         detail += f" {cal.method}" + (f" {cal.percentile:g}" if cal.method == "percentile" else "")

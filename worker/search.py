@@ -34,12 +34,12 @@ from sqlalchemy import select, update
 
 from models.db import retry_transient, session_scope
 from models.ids import new_id
-from models.objectives import OBJECTIVES
+from models.objectives import OBJECTIVES, SIZE_TIE, paired_ratio
 from models.queues import queued_message
 from models.report import Evaluation, Report
 from models.search_space import (
-    MIN_NOISE,
-    SIZE_TIE,
+    CPU,
+    FP16,
     Candidate,
     Outcome,
     auto_space,
@@ -49,15 +49,15 @@ from models.search_space import (
     conv_heavy,
     escalations,
     estimate,
+    fp16_dropped,
     meets,
     noise_margin,
-    paired_ratio,
     pareto,
     shortfall,
     skip_reason,
 )
 from models.settings import get_settings
-from models.spec import JobSpec, trial_spec
+from models.spec import JobSpec, QuantizeStep, trial_spec
 from models.tables import (
     CANCELLED,
     CANCELLING,
@@ -88,9 +88,12 @@ ACTIVE_TRIAL = (QUEUED, RUNNING, CANCELLING)
 MAX_FINALISTS = 8
 LATENCY_ROUNDS = 7
 BASELINE_LABEL = "input (exported, no steps)"
-# Without an interleaved re-measure of the input, a latency winner must beat the input's latency its own
-# trial measured by this margin (two processes, two moments: noisier than one interleaved harness).
-UNPAIRED_MARGIN = 0.05
+# The plan's probe of fp16 on the CPU provider: a quick conversion timed against the input in this many
+# interleaved rounds of this many runs in all; uploads larger than FP16_PROBE_MAX_BYTES are not probed.
+FP16_PROBE_ROUNDS, FP16_PROBE_RUNS, FP16_PROBE_MAX_BYTES = 3, 24, 1_000_000_000
+# The re-measure checks for a cancel at most this often (seconds). A DB query between every timed run left
+# each run cold: a 0.11 ms CNN timed 0.37 ms, both sides of a ratio gaining the same ~0.26 ms.
+CANCEL_POLL_S = 0.5
 
 
 class SearchCancelled(Exception):
@@ -134,15 +137,22 @@ def _has_data(spec: JobSpec) -> bool:
     return bool(spec.data.calibration or spec.data.train or spec.data.eval)
 
 
-def plan(spec: JobSpec, model_format: str, model_meta: dict[str, Any]) -> list[dict[str, Any]]:
+def plan(spec: JobSpec, model_format: str, model_meta: dict[str, Any],
+         fp16_measured: tuple[float, float] | str | None = None) -> list[dict[str, Any]]:
     """The trial table of a search: its candidates cheapest first (``max_trials`` of them start, see
     :func:`advance`); an upload that is no ONNX file gets a baseline row first (the input exported with
-    no steps), so the input is re-measured beside the finalists."""
+    no steps), so the input is re-measured beside the finalists. An ``auto`` space leaves fp16 out where
+    ``fp16_dropped`` says (``fp16_measured``: the plan's probe, :func:`probe_fp16`), as a skipped row
+    naming why."""
     search = spec.search
     assert search is not None
+    dropped: str | None = None
     if search.space == "auto":
+        provider = spec.evaluate.latency.provider
+        if spec.task != "text-generation":  # an LM's space has no fp16 anywhere
+            dropped = fp16_dropped(provider, fp16_measured)
         space = auto_space(spec.task, model_format, model_meta, train=spec.data.train is not None,
-                           calibration=_has_data(spec), provider=spec.evaluate.latency.provider)
+                           calibration=_has_data(spec), provider=provider, fp16=dropped is None)
     else:
         space = [[s.model_dump(mode="json") for s in steps]
                  for steps in search.space]
@@ -152,7 +162,42 @@ def plan(spec: JobSpec, model_format: str, model_meta: dict[str, Any]) -> list[d
         table.append(_row(0, Candidate([], base.cost, 1.0, 1.0, 0.0, BASELINE_LABEL, 1.0, 1.0), baseline=True))
     for c in candidates(space):
         table.append(_row(len(table), c))
+    if dropped:
+        table.append(_row(len(table), estimate([FP16]), state=SKIPPED, reason=f"not planned: fp16 {dropped}"))
     return table
+
+
+def probe_fp16(job_id: str, spec: JobSpec, model: Model) -> tuple[float, float] | str | None:
+    """Whether the CPU provider runs this upload faster in float16, for an ``auto`` space: a quick fp16
+    conversion timed against the input, interleaved (``FP16_PROBE_ROUNDS`` rounds, batch and threads as
+    the trials measure): the paired ``(median, worst)`` latency ratio; a string saying why it was not
+    measured; None where no probe is needed (an explicit space, a causal LM, another provider)."""
+    from worker.evaluate import available_cores
+    from worker.passes.quantizers.ort import to_fp16
+
+    lat = spec.evaluate.latency
+    if spec.search is None or spec.search.space != "auto" or spec.task == "text-generation" or lat.provider != CPU:
+        return None
+    if model.format != "onnx":
+        return "the upload is no ONNX file"
+    if model.size_bytes > FP16_PROBE_MAX_BYTES:
+        return f"the upload is over {FP16_PROBE_MAX_BYTES / 1e9:g} GB"
+    workdir = get_settings().home / "work" / job_id / "plan"
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        src = get_store().local_copy(model.storage_key, workdir / "input")
+        half = to_fp16(src, workdir / "fp16.onnx", QuantizeStep(type="quantize", mode="fp16"))
+        timed = remeasure({"input": src, "fp16": half}, max(1, min(lat.threads, available_cores())),
+                          lat.batch_size, 2, FP16_PROBE_RUNS, FP16_PROBE_ROUNDS, provider=lat.provider,
+                          check_cancelled=lambda: _check_cancel(job_id))
+        return paired_ratio(timed["fp16"]["round_medians"], timed["input"]["round_medians"])
+    except SearchCancelled:
+        return "the search was cancelled"
+    except Exception as exc:  # the probe is advice: a graph the converter or the session refuses is not probed
+        log.warning("search %s: fp16 probe failed: %s", job_id, exc)
+        return f"the probe failed: {type(exc).__name__}: {str(exc)[:160]}"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def start(claim: Claim, spec: JobSpec, owner: str) -> str:
@@ -166,18 +211,29 @@ def start(claim: Claim, spec: JobSpec, owner: str) -> str:
 
 
 def _plan_once(claim: Claim, spec: JobSpec) -> None:
+    with session_scope() as s:  # the probe times two models: outside the search's row lock
+        job = s.get(Job, claim.job_id)
+        if job is None or (job.progress or {}).get("metrics", {}).get("search") is not None:
+            return
+        model = s.get(Model, spec.model)
+        assert model is not None
+        s.expunge(model)
+    measured = probe_fp16(claim.job_id, spec, model)
     with session_scope() as s:
         job = s.execute(select(Job).where(Job.id == claim.job_id).with_for_update()).scalar_one()
         state = (job.progress or {}).get("metrics", {}).get("search")
         if state is not None:
             return
-        model = s.get(Model, spec.model)
-        assert model is not None
-        table = plan(spec, model.format, dict(model.meta))
+        table = plan(spec, model.format, dict(model.meta), measured)
         state = {"trials": table, "started": time.time(), "best": None}
+        if measured is not None:
+            state["fp16_probe"] = ({"ratio": measured[0], "worst_round": measured[1]} if isinstance(measured, tuple)
+                                   else {"not_measured": measured})
         job.progress = {"step": 0, "steps": len(table), "percent": 0.0, "metrics": {"search": state}}
         job.phase = "searching"
-        s.add(JobEvent(job_id=job.id, kind="log", message=f"search: {len(table)} trials planned",
+        s.add(JobEvent(job_id=job.id, kind="log", message=f"search: {len(table)} trials planned"
+                       + "".join(f"; trial {t['index']} ({t['label']}) {t['reason']}" for t in table
+                                 if t["state"] == SKIPPED),
                        data={"trials": [{"index": t["index"], "label": t["label"]} for t in table]}))
 
 
@@ -507,6 +563,19 @@ def _is_lm_file(path: Path) -> bool:
     return any(i.name.startswith("past_key_values.") for i in graph.input)
 
 
+def _throttled(check: Callable[[], None], every_s: float) -> Callable[[], None]:
+    """``check`` run at its first call and then at most once every ``every_s`` seconds."""
+    last = [float("-inf")]
+
+    def maybe() -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s:
+            last[0] = now
+            check()
+
+    return maybe
+
+
 class _Timer:
     """One model in the interleaved harness: ``time(runs)`` is the median ms of ``runs`` timed runs."""
 
@@ -542,8 +611,10 @@ def remeasure(paths: dict[str, Path], threads: int, batch_size: int, warmup: int
     ``data(path)``'s samples (the eval set shaped for that model) or synthetic ones. A causal LM (KV-cache
     inputs) is timed as the LM evaluation times it: a ``prompt_tokens`` prefill at batch 1 through
     ``worker.lm.session``. ``{id: {median, min, rounds, round_medians}}`` in ms (the median of the round
-    medians); ``check_cancelled`` runs between runs and, by a watchdog, during each (worker/ort_guard.py:
-    every run bounded)."""
+    medians); ``check_cancelled`` runs between runs, at most every ``CANCEL_POLL_S`` seconds (the runs stay
+    back to back, as a deployment calls them), and, by a watchdog, during each (worker/ort_guard.py: every
+    run bounded)."""
+    check_cancelled = _throttled(check_cancelled, CANCEL_POLL_S)
     with RunGuard(check_cancelled, what="the search's models (latency re-measure)") as guard:
         timers = {k: _Timer(p, threads, batch_size, provider, prompt_tokens, data, guard) for k, p in paths.items()}
         return _interleave(timers, warmup, runs, rounds, check_cancelled)
@@ -652,38 +723,23 @@ def _prompt_tokens(spec: JobSpec, job_ids: list[str]) -> int:
 
 def _judge(objective: str, table: list[dict[str, Any]], remeasured: dict[str, dict[str, Any]],
            static_possible_on_conv: bool = False) -> list[dict[str, Any]]:
-    """Each re-measured trial meeting the constraints, best first, with ``final_ratio`` (its objective over
-    the input's), ``margin`` (the noise it must beat the input by) and ``beats_input``.
-
-    Latency: both re-measured in the same interleaved rounds; ``final_ratio`` is the median of the per-round
-    ratios (``paired_ratio``) and the margin their spread above it (at least ``MIN_NOISE``): the trial must
-    be faster than the input in every round, and by ``MIN_NOISE`` at the median. Without the input re-measured, the trial's own input/output
-    latencies with ``UNPAIRED_MARGIN``. Size: bytes are exact (no margin); among trials within
-    ``SIZE_TIE`` of the smallest the fastest comes first. A trial ``barred_winner`` names never beats it."""
+    """Each re-measured trial meeting the constraints, best first (the objective's ``order``), with
+    ``final_ratio`` (its objective over the input's), ``margin`` (the noise it must beat the input by) and
+    ``beats_input``, as the objective's ``judge`` (``models/objectives.py``) says: latency in paired
+    interleaved rounds with the input, size in exact bytes. A trial ``barred_winner`` names never beats it."""
+    kind = OBJECTIVES[objective]
     met = [t for t in table if t.get("job_id") in remeasured and t.get("met") and not t.get("baseline")]
-    inp = remeasured.get("input")
     for t in met:
-        mine = remeasured[t["job_id"]]
-        if objective == "size":
-            value, ref, margin = t.get("size_bytes"), t.get("input_size_bytes"), 0.0
-        elif inp is not None:  # paired rounds: faster in every one, and by MIN_NOISE at the median
-            mid, worst = paired_ratio(mine["round_medians"], inp["round_medians"])
-            value, ref, margin = mid, 1.0, max(MIN_NOISE, worst - mid)
-            t["worst_round_ratio"] = worst
-        else:
-            value, ref, margin = t.get("latency_ms"), t.get("input_latency_ms"), UNPAIRED_MARGIN
-        t["final_ratio"] = value / ref if value and ref else None
-        t["margin"] = margin
-        t["beats_input"] = beats_input(objective, value, ref, margin)
+        v = kind.judge(t, remeasured[t["job_id"]], remeasured.get("input"))
+        if v.worst_round is not None:
+            t["worst_round_ratio"] = v.worst_round
+        t["final_ratio"] = v.value / v.ref if v.value and v.ref else None
+        t["margin"] = v.margin
+        t["beats_input"] = beats_input(objective, v.value, v.ref, v.margin)
         barred = barred_winner(t["steps"], static_possible_on_conv)
         if barred:
             t["beats_input"], t["barred"] = False, barred
-    if objective == "latency":
-        return sorted(met, key=lambda t: (remeasured[t["job_id"]]["median"], -(t.get("metric") or 0.0)))
-    smallest = min((t.get("size_bytes") or 0 for t in met), default=0)
-    return sorted(met, key=lambda t: ((t.get("size_bytes") or 0) > smallest * (1 + SIZE_TIE),
-                                      remeasured[t["job_id"]]["median"] if (t.get("size_bytes") or 0)
-                                      <= smallest * (1 + SIZE_TIE) else (t.get("size_bytes") or 0)))
+    return kind.order(met, remeasured)
 
 
 def _finalize(claim: Claim) -> str:
@@ -738,7 +794,7 @@ def _finalize(claim: Claim) -> str:
         "objective": search.objective, "constraints": constraints, "trials": [_trial_view(t) | {
             "pareto": t.get("pareto", False), "latency_ms_remeasured": t.get("latency_ms_remeasured")}
             for t in table],
-        "pareto": front, "input_latency_ms_remeasured": inp.get("median"),
+        "pareto": front, "input_latency_ms_remeasured": inp.get("median"), "fp16_probe": state.get("fp16_probe"),
         "input_noise": noise_margin(inp["round_medians"]) if inp else None,
         "latency_harness": {"rounds": LATENCY_ROUNDS, "runs": lat.runs, "threads": lat.threads,
                             "batch_size": lat.batch_size, "interleaved": True, "synthetic_inputs": synthetic,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from models.objectives import MIN_NOISE, paired_ratio
 from models.search_space import (
     MAX_RECOVERY_EPOCHS,
     MIN_GAIN,
-    MIN_NOISE,
     Outcome,
     auto_space,
     barred_winner,
@@ -15,9 +15,9 @@ from models.search_space import (
     candidates,
     escalations,
     estimate,
+    fp16_dropped,
     meets,
     noise_margin,
-    paired_ratio,
     pareto,
     shortfall,
     skip_reason,
@@ -230,3 +230,60 @@ def test_min_fidelity_is_the_worst_sample_for_embeddings_and_top1_agreement_for_
 def test_pareto_keeps_the_non_dominated_points() -> None:
     points = [("a", 1.0, 0.90), ("b", 2.0, 0.95), ("c", 2.0, 0.90), ("d", 0.5, 0.80), ("e", 3.0, 0.95)]
     assert pareto(points) == ["a", "b", "d"]
+
+
+def _fix_of(step: dict, calibration: bool = True, **constraints: float) -> list[dict]:
+    """The quantize steps a quality miss of ``[step]`` escalates to, each a step a job accepts."""
+    fixes = escalations([step], constraints or {"max_perplexity_increase": 0.1}, calibration=calibration)
+    _valid(fixes, train="t", eval="e")
+    return [f[-1] for f in fixes]
+
+
+def test_a_percentile_calibration_that_missed_clips_more_next() -> None:
+    pct = {"type": "quantize", "mode": "static", "calibration": {"method": "percentile", "percentile": 99.99}}
+    fixes = _fix_of(pct, min_fidelity=0.99)
+    assert fixes[0]["calibration"] == {"method": "percentile", "percentile": 99.9}
+    assert "auto_exclude" in fixes[-1]
+    lowest = {**pct, "calibration": {"method": "percentile", "percentile": 99.9}}
+    assert [f.get("calibration") for f in _fix_of(lowest, min_fidelity=0.99)] == [lowest["calibration"]]
+
+
+def test_an_int4_miss_puts_the_head_and_the_embeddings_at_8_bits() -> None:
+    every4 = {"type": "quantize", "mode": "int4", "block_size": 32, "bits": {}}
+    assert _fix_of(every4)[0] == {**every4, "bits": None}  # the default policy: the head at 8 bits
+    assert [estimate([f]).label for f in (every4, _fix_of(every4)[0])] == ["quantize (int4 b32 bits {})",
+                                                                           "quantize (int4 b32)"]
+    tables4 = {"type": "quantize", "mode": "int4", "block_size": 32, "quantize_embeddings": True}
+    assert _fix_of(tables4)[0] == {**tables4, "quantize_embeddings": None}  # the default: tables at 8 bits
+    both4 = {**tables4, "bits": {"*q_proj*": 4}}
+    assert {**both4, "bits": {"*q_proj*": 4, "Gather": 8}} in _fix_of(both4)
+
+
+def test_an_int4_miss_keeps_more_layers_at_8_bits_by_measured_sensitivity() -> None:
+    rtn = {"type": "quantize", "mode": "int4", "algorithm": "rtn", "block_size": 32}
+    assert [f.get("int8_share") for f in _fix_of(rtn)][:1] == [0.25]
+    assert estimate([_fix_of(rtn)[0]]).label == "quantize (int4 rtn b32 8-bit share 0.25)"
+    assert {**rtn, "int8_share": 0.5} in _fix_of({**rtn, "int8_share": 0.25})
+    # at the last share the next rungs are a data-aware algorithm (same share) and every MatMul at 8 bits
+    assert _fix_of({**rtn, "int8_share": 0.5}) == [{**rtn, "int8_share": 0.5, "algorithm": "gptq"},
+                                                   {"type": "quantize", "mode": "int8_weight"}]
+    assert all("int8_share" not in f for f in _fix_of(rtn, calibration=False))  # its KL needs calibration text
+
+
+def test_a_weight_only_miss_halves_the_block_down_to_32() -> None:
+    assert _fix_of({"type": "quantize", "mode": "int8_weight", "block_size": 64}) == [
+        {"type": "quantize", "mode": "int8_weight", "block_size": 32}]
+    assert _fix_of({"type": "quantize", "mode": "int8_weight", "block_size": 32}) == []
+
+
+def test_fp16_enters_a_cpu_space_only_when_measured_faster_in_every_round() -> None:
+    assert fp16_dropped("CUDAExecutionProvider", None) is None
+    assert fp16_dropped("CPUExecutionProvider", (0.6, 0.7)) is None
+    slower = fp16_dropped("CPUExecutionProvider", (1.13, 1.2))
+    assert slower is not None and "at 1.13x the input's latency" in slower
+    assert fp16_dropped("CPUExecutionProvider", (0.9, 0.99)) is not None  # one round within the noise
+    unmeasured = fp16_dropped("CPUExecutionProvider", "the upload is no ONNX file")
+    assert unmeasured is not None and "not measured" in unmeasured and "no ONNX file" in unmeasured
+    modes = [s[0]["mode"] for s in auto_space("feature-extraction", "onnx", {}, train=False, calibration=True,
+                                              fp16=True)]
+    assert modes[0] == "fp16"

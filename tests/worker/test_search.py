@@ -39,7 +39,10 @@ def test_plan_is_cheapest_first_and_keeps_every_candidate_for_the_budget() -> No
     assert [t["state"] for t in table] == ["pending"] * 3  # max_trials is spent as trials start (advance)
     assert table[2]["estimate"]["size_floor"] == 0.25
     auto = search.plan(JobSpec.model_validate({"model": "m", "data": {"eval": "e"}, "search": {}}), "onnx", {})
-    assert {t["label"] for t in auto} == {"quantize (dynamic)", "quantize (static)", "quantize (int8_weight)"}
+    assert {t["label"] for t in auto if t["state"] == "pending"} == {"quantize (dynamic)", "quantize (static)",
+                                                                     "quantize (int8_weight)"}
+    # fp16 on the CPU provider without a probe: left out, the row saying why
+    assert next(t["reason"] for t in auto if t["state"] == "skipped").startswith("not planned: fp16 not measured")
     # An upload that is no ONNX file: its export is re-measured beside the finalists, so it is planned first.
     lm = JobSpec.model_validate({"model": "m", "task": "text-generation", "data": {"eval": "e"},
                                  "search": {"objective": "size", "constraints": {"max_perplexity_increase": 0.05}}})
@@ -54,6 +57,39 @@ def test_remeasure_times_every_model_in_interleaved_rounds(digits_mlp: DigitsFil
     assert set(got) == {"a", "b"}
     for v in got.values():
         assert v["rounds"] == 5 and 0 < v["min"] <= v["median"] < 1000 and len(v["round_medians"]) == 5
+    # the cancel check (a DB query in finalize) runs at most every CANCEL_POLL_S, not between every two runs
+    polls: list[float] = []
+    t0 = time.monotonic()
+    search.remeasure({"a": digits_mlp.model, "b": digits_mlp.model}, threads=1, batch_size=4, warmup=1, runs=200,
+                     rounds=5, check_cancelled=lambda: polls.append(time.monotonic()))
+    assert 1 <= len(polls) <= 2 + (time.monotonic() - t0) / search.CANCEL_POLL_S < 400
+
+
+def test_an_auto_plan_on_cpu_says_why_fp16_was_left_out_or_plans_it_when_measured_faster() -> None:
+    spec = JobSpec.model_validate({"model": "m", "task": "feature-extraction", "data": {"eval": "e"},
+                                   "search": {"objective": "latency"}})
+    slower = search.plan(spec, "onnx", {}, (1.13, 1.2))
+    fp16 = [t for t in slower if t["label"] == "quantize (fp16)"]
+    assert len(fp16) == 1 and fp16[0]["state"] == "skipped" and "1.13x the input's latency" in fp16[0]["reason"]
+    assert all(t["state"] == "pending" for t in slower if t is not fp16[0])
+    faster = search.plan(spec, "onnx", {}, (0.7, 0.8))
+    assert [t["state"] for t in faster if t["label"] == "quantize (fp16)"] == ["pending"]
+
+
+def test_the_fp16_probe_times_a_float16_conversion_against_the_input(pg_env: str, digits_mlp: DigitsFiles) -> None:
+    spec = JobSpec.model_validate({"model": "m", "task": "image-classification", "data": {"eval": "e"},
+                                   "evaluate": {"latency": {"batch_size": 4}}, "search": {}})
+    parent, model_id = _rows(spec, [], model=digits_mlp.model)
+    with session_scope() as s:
+        model = s.get(Model, model_id)
+        assert model is not None
+        s.expunge(model)
+    got = search.probe_fp16(parent, spec.model_copy(update={"model": model_id}), model)
+    assert isinstance(got, tuple) and 0 < got[0] <= got[1] < 100, got
+    model.format = "hf"
+    assert search.probe_fp16(parent, spec, model) == "the upload is no ONNX file"
+    lm = spec.model_copy(update={"task": "text-generation"})
+    assert search.probe_fp16(parent, lm, model) is None
 
 
 @pytest.mark.usefixtures("fast_cancel_poll")
@@ -158,7 +194,7 @@ def test_a_quality_miss_runs_its_escalation_next(pg_env: str, monkeypatch: pytes
     monkeypatch.setattr("worker.celery_app.enqueue_job", lambda job_id, queue: None)
     space = [[{"type": "quantize", "mode": "static"}], [{"type": "quantize", "mode": "int8_weight"}]]
     spec = _spec(space, constraints={"min_fidelity": 0.99}, parallelism=1, objective="latency",
-                 budget={"max_trials": 4})
+                 budget={"max_trials": 5})
     parent, _ = _rows(spec, search.plan(spec, "onnx", {}))
     search.advance(parent)
     (first,) = _kids(parent)
@@ -166,11 +202,15 @@ def test_a_quality_miss_runs_its_escalation_next(pg_env: str, monkeypatch: pytes
     _end(first.id, "succeeded", {**_report(0.0), "fidelity": {"top1_agreement": 0.97}})
     search.advance(parent)
     second = next(k for k in _kids(parent) if k.id != first.id)
-    # weight-only INT8 that missed the fidelity escalates to... nothing of its mode; static runs next
-    assert second.spec["steps"][0]["mode"] == "static"
+    # weight-only INT8 that missed the fidelity escalates to a smaller block, which runs next
+    assert second.spec["steps"][0]["mode"] == "int8_weight" and second.spec["steps"][0]["block_size"] == 32
     _end(second.id, "succeeded", {**_report(0.0), "fidelity": {"top1_agreement": 0.97}})
     search.advance(parent)
-    third = [k for k in _kids(parent) if k.id not in (first.id, second.id)]
+    static = next(k for k in _kids(parent) if k.id not in (first.id, second.id))
+    assert static.spec["steps"][0]["mode"] == "static"  # nothing left of weight-only's rungs: static
+    _end(static.id, "succeeded", {**_report(0.0), "fidelity": {"top1_agreement": 0.97}})
+    search.advance(parent)
+    third = [k for k in _kids(parent) if k.id not in (first.id, second.id, static.id)]
     # static's miss escalates: a percentile calibration runs next, before anything else planned
     assert len(third) == 1 and third[0].spec["steps"][0]["calibration"]["method"] == "percentile"
 

@@ -273,10 +273,17 @@ def calibration_guard(ctx: PassContext, src: Path, phase: str = "calibration") -
 
 def fp16(src: Path, p: QuantizeStep, ctx: PassContext) -> Path:
     """Float16 weights and compute with ORT's converter (its block list and the step's exclusions in fp32)."""
+    ctx.progress("converting to float16", fraction=0.2)
+    return to_fp16(src, unique_path(ctx.workdir, "quantized-fp16"), p)
+
+
+def to_fp16(src: Path, out: Path, p: QuantizeStep) -> Path:
+    """``src`` converted to float16 into ``out`` (the step's exclusions and ORT's block list stay fp32); also
+    the search's probe of whether the provider runs float16 faster (``worker/search.py``)."""
     import onnx
+    from onnxruntime.quantization.onnx_model import ONNXModel
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    ctx.progress("converting to float16", fraction=0.2)
     large = is_large(src)
     m = onnx.load(str(src))
     converted = convert_float_to_float16(
@@ -286,10 +293,7 @@ def fp16(src: Path, p: QuantizeStep, ctx: PassContext) -> Path:
         node_block_list=list(p.nodes_to_exclude) or None,
         disable_shape_infer=large,
     )
-    from onnxruntime.quantization.onnx_model import ONNXModel
-
     ONNXModel(converted).topological_sort()  # the converter appends its Cast nodes at the end
-    out = unique_path(ctx.workdir, "quantized-fp16")
     save(converted, out, large)
     return out
 
