@@ -77,13 +77,16 @@ def test_auto_with_train_data_adds_pruning_with_recovery_and_a_layer_dropped_stu
 
 
 def test_auto_for_causal_lms_tries_int4_algorithms_and_block_sizes() -> None:
+    """With calibration text: GPTQ first (4-bit embeddings, then 8-bit, then block 32), int8_weight last; without
+    it, data-free RTN and HQQ at several block sizes."""
     space = auto_space("text-generation", "hf", {"layers": 2}, train=False, calibration=True)
     int4 = [s[0] for s in space if s[0]["mode"] == "int4"]
-    assert {q["algorithm"] for q in int4} == {"rtn", "hqq", "gptq"}
-    assert len({q["block_size"] for q in int4}) >= 2
+    assert {q["algorithm"] for q in int4} == {"gptq"} and space[0][0]["quantize_embeddings"] is True
+    assert {q.get("block_size") for q in int4} == {None, 32} and space[-1][0]["mode"] == "int8_weight"
     _valid(space, calibration="c")
-    assert "gptq" not in {s[0].get("algorithm") for s in auto_space("text-generation", "hf", {}, train=False,
-                                                                      calibration=False)}
+    free = auto_space("text-generation", "hf", {}, train=False, calibration=False)
+    assert {s[0].get("algorithm") for s in free} == {None, "rtn", "hqq"}
+    assert len({s[0].get("block_size") for s in free if s[0]["mode"] == "int4"}) >= 2
 
 
 def test_candidates_are_cheapest_first_and_deduplicated() -> None:
