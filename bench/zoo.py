@@ -47,6 +47,8 @@ from bench.llm_pipeline import (
 )
 
 GOAL_MAX_PPL_INCREASE = 0.30
+GOAL_SEARCH_PPL = 0.10  # the size search's constraint; goal: >= 5.2x smaller than fp32 (Q4_K_M's 124.9 MB of 653.6)
+GOAL_SEARCH_SIZE_RATIO = 5.2
 EVAL_EVERY = 2  # every 2nd licence paragraph is held out: about 21 k tokens of eval text, the rest calibrates
 
 # in-process candidates (quantize step parameters besides type and mode int4), measured with --candidates
@@ -174,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--calib-rows", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--llama-cpp-python", default=None, help="an interpreter with llama-cpp-python (default: this one)")
+    p.add_argument("--search-trials", type=int, default=3,
+                   help="a size search (max_perplexity_increase 0.10) with this many trials on each model; 0: none")
     p.add_argument("--candidates", default=None, help="comma-separated CANDIDATES names or all: in-process only")
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
@@ -215,15 +219,17 @@ def _jsonl(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def service_job(svc: Any, client: Any, hf: Path, name: str, a: argparse.Namespace, work: Path) -> tuple[Path, dict]:
+def service_job(svc: Any, client: Any, hf: Path, name: str, a: argparse.Namespace, work: Path,
+                ) -> tuple[Path, dict, dict[str, str]]:
     """Upload the model and the texts, run ``export -> quantize {mode: int4}`` (defaults) on the live service,
-    download the file; the job's report."""
+    download the file; the job's report and the uploads' ids."""
     from bench.common import submit_job, upload
 
     train, test = licence_corpus(EVAL_EVERY)
     model_id = upload(client, "models", _zip(hf, work / f"{name}.zip", name), "hf", name)["id"]
     cal_id = upload(client, "datasets", _jsonl(work / "calibration.jsonl", train[: a.calib_rows]), "text")["id"]
     eval_id = upload(client, "datasets", _jsonl(work / "eval.jsonl", test[:24]), "text")["id"]
+    ids = {"model": model_id, "calibration": cal_id, "eval": eval_id}
     spec = {"model": model_id, "task": "text-generation", "data": {"eval": eval_id, "calibration": cal_id},
             "steps": [{"type": "export"}, {"type": "quantize", "mode": "int4"}], "text": {"max_length": a.seq},
             "evaluate": {"latency": {"runs": 3, "warmup": 1},
@@ -233,13 +239,42 @@ def service_job(svc: Any, client: Any, hf: Path, name: str, a: argparse.Namespac
     if job["status"] != "succeeded":
         raise RuntimeError(f"{name}: job {job['id']} {job['status']}: {job.get('error')}\n{svc.logs('worker.log')[-3000:]}")
     log(f"{name}: export -> quantize int4 job succeeded in {time.perf_counter() - t0:.0f} s")
+    return _download(client, job, work / "ours" / "model.onnx"), job["result"]["report"], ids
+
+
+def _download(client: Any, job: dict[str, Any], dst: Path) -> Path:
+    """A finished job's ``model.onnx`` (one file: weight-only files stay under 2 GB) to ``dst``."""
     art = next(x for x in job["result"]["artifacts"] if x["name"] == "model.onnx")
-    dst = work / "ours" / "model.onnx"
     dst.parent.mkdir(parents=True, exist_ok=True)
     with client.stream("GET", f"/v1/artifacts/{art['id']}/content") as r, open(dst, "wb") as fh:
         for chunk in r.iter_bytes(1 << 20):
             fh.write(chunk)
-    return dst, job["result"]["report"]
+    return dst
+
+
+def service_search(svc: Any, client: Any, ids: dict[str, str], a: argparse.Namespace, work: Path,
+                   ) -> tuple[Path | None, dict[str, Any]]:
+    """A size search (``max_perplexity_increase`` GOAL_SEARCH_PPL) on the same uploads: its winner downloaded (None
+    when it found none), the verdict and every trial."""
+    from bench.common import submit_job
+
+    spec = {"model": ids["model"], "task": "text-generation",
+            "data": {"eval": ids["eval"], "calibration": ids["calibration"]}, "text": {"max_length": a.seq},
+            "search": {"objective": "size", "space": "auto", "budget": {"max_trials": a.search_trials},
+                       "constraints": {"max_perplexity_increase": GOAL_SEARCH_PPL}}}
+    t0 = time.perf_counter()
+    job = svc.wait_job(client, submit_job(client, spec), timeout=7200)
+    sec = (job.get("result") or {}).get("report", {}).get("search", {})
+    fig: dict[str, Any] = {
+        "status": job["status"], "error": job.get("error"), "wall_s": round(time.perf_counter() - t0),
+        "winner": ((job.get("result") or {}).get("best") or {}).get("label"),
+        "trials": [{k: t.get(k) for k in ("index", "label", "state", "met", "misses", "size_bytes", "metric")}
+                   for t in sec.get("trials", [])],
+    }
+    log(f"size search: {job['status']} in {fig['wall_s']} s, winner {fig['winner']}")
+    if job["status"] != "succeeded":
+        return None, fig
+    return _download(client, job, work / "search" / "model.onnx"), fig
 
 
 def decode_tps(paths: dict[str, Path], threads: int, rounds: int = 3) -> dict[str, float]:
@@ -270,8 +305,13 @@ def service_run(a: argparse.Namespace) -> dict[str, Any]:
             hf = prepare(name, log)
             _, ev = text_rows(hf, a.seq, a.eval_tokens, a.calib_rows)
             fp32 = fp32_export(hf, cache_dir() / f"{name}-fp32" / "model.onnx")
-            ours, report = service_job(svc, client, hf, name, a, work)
+            ours, report, ids = service_job(svc, client, hf, name, a, work)
             files = {"fp32": fp32, "ours (int4 defaults, via the API)": ours, **peers_by_hand(fp32, work)}
+            search: dict[str, Any] | None = None
+            if a.search_trials:
+                winner, search = service_search(svc, client, ids, a, work)
+                if winner is not None:
+                    files[f"ours (size search winner: {search['winner']})"] = winner
             ref = measure(fp32, ev, a.threads)
             rows: dict[str, dict[str, Any]] = {"fp32": ref}
             for label, path in files.items():
@@ -283,7 +323,18 @@ def service_run(a: argparse.Namespace) -> dict[str, Any]:
             rows.update(llama_cpp_peers(name, ev, a, ref["perplexity"]))
             wo = next((s.get("metrics", {}).get("weight_only") for s in report.get("steps", [])
                        if isinstance(s, dict) and (s.get("metrics") or {}).get("weight_only")), None)
-            figures["models"][name] = {"rows": rows, "eval_tokens": int(ev.size), "weight_only": wo,
+            if search is not None:
+                win = next((r for label, r in rows.items() if label.startswith("ours (size search")), None)
+                if win is not None:
+                    search.update(size_ratio_vs_fp32=ref["size_mb"] / win["size_mb"], ppl_increase=win["ppl_increase"],
+                                  goal_met=ref["size_mb"] / win["size_mb"] >= GOAL_SEARCH_SIZE_RATIO
+                                  and win["ppl_increase"] <= GOAL_SEARCH_PPL)
+                print(f"\n{name} size search (max_perplexity_increase {GOAL_SEARCH_PPL}): {search['status']}, winner "
+                      f"{search['winner']}" + (f": {search['size_ratio_vs_fp32']:.2f}x smaller than fp32, "
+                                                f"{100 * search['ppl_increase']:+.1f} % (goal >= "
+                                                f"{GOAL_SEARCH_SIZE_RATIO}x within +{100 * GOAL_SEARCH_PPL:.0f} %)"
+                                                if "ppl_increase" in search else ""))
+            figures["models"][name] = {"rows": rows, "eval_tokens": int(ev.size), "weight_only": wo, "search": search,
                                        "service_ppl": {"input": report["input"].get("perplexity"),
                                                        "output": report["output"].get("perplexity")}}
             print(f"\n{name}: held-out perplexity on {ev.size} tokens of licence text (fp32 {ref['perplexity']:.3f})")
