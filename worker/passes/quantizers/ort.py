@@ -73,7 +73,6 @@ def _guard_calibrators() -> None:
     ort_quantize.create_calibrator = create_calibrator  # type: ignore[attr-defined]
 
 
-@functools.cache
 class _Reader:
     """CalibrationDataReader over an ArrayDataset: batches of model inputs, reporting progress as it goes."""
 
