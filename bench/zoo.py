@@ -343,7 +343,8 @@ def llama_cpp_peers(name: str, ev: np.ndarray, a: argparse.Namespace, ref_ppl: f
     """llama.cpp's Q8_0 / Q4_K_M / Q4_0 of the same rotated weights (``llama-quantize`` on their F32 GGUF) through
     ik_llama.cpp's wheel, each file measured in a subprocess (``bench.zoo_llama_cpp``): perplexity on the same
     token rows (a fresh sequence per row, no BOS, like ours) and decode tokens/s at ``--threads``. The F32 file
-    comes first: its perplexity must match our fp32 ONNX one (the check that the protocols agree).
+    comes first: its perplexity must match our fp32 ONNX one (the check that the protocols agree). Decode
+    speeds: one more subprocess, the files interleaved round by round.
 
     The subprocess gets ``OMP_WAIT_POLICY=PASSIVE`` unless the caller set one: ik_llama.cpp's CPU threads are
     OpenMP threads, and their spinning barriers collapse on a shared machine (measured here, 2 threads, load
@@ -364,27 +365,37 @@ def llama_cpp_peers(name: str, ev: np.ndarray, a: argparse.Namespace, ref_ppl: f
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(root)])}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+    def call(*args: str) -> Any:
+        res = subprocess.run([sys.executable, "-m", "bench.zoo_llama_cpp", *args], capture_output=True, text=True,
+                             cwd=root, env=env)
+        if res.returncode != 0:
+            log(f"bench.zoo_llama_cpp {' '.join(args[:3])}: failed: {res.stderr[-800:]}")
+            return None
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
     out: dict[str, Any] = {}
+    files: dict[str, str] = {}
     for qtype in LLAMA_CPP_TYPES:
         label = f"llama.cpp {qtype} (ik_llama.cpp {IK_LLAMA[2]})"
-        dst = cache_dir() / f"{name}-rotated-{qtype}.gguf"
-        res = subprocess.run([sys.executable, "-m", "bench.zoo_llama_cpp", str(f32), str(dst), qtype, str(rows_file),
-                              str(a.threads)], capture_output=True, text=True, cwd=root, env=env)
-        if res.returncode != 0:
-            log(f"{label}: failed: {res.stderr[-800:]}")
+        dst = f32 if qtype == "F32" else cache_dir() / f"{name}-rotated-{qtype}.gguf"
+        if (row := call(str(f32), str(dst), qtype, str(rows_file), str(a.threads))) is None:
             continue
-        row = json.loads(res.stdout.strip().splitlines()[-1])
         row["ppl_increase"] = row["perplexity"] / ref_ppl - 1
         row["omp_wait_policy"] = env["OMP_WAIT_POLICY"]
-        out[label] = row
+        out[label], files[label] = row, str(dst)
         log(f"{name} {label}: {row['size_mb']:.1f} MB, ppl {row['perplexity']:.3f} "
-            f"({100 * row['ppl_increase']:+.2f} %), {row['decode_tok_s']:.1f} tok/s, {row['eval_s']:.0f} s eval")
+            f"({100 * row['ppl_increase']:+.2f} %), {row['eval_s']:.0f} s eval")
         if qtype == "F32":
             ok = abs(row["ppl_increase"]) <= PROTOCOL_TOLERANCE
             row["protocol_check_ok"] = ok
             print(f"protocol check: llama.cpp F32 perplexity {row['perplexity']:.4f} vs fp32 ONNX {ref_ppl:.4f} "
                   f"({100 * row['ppl_increase']:+.3f} %, tolerance {100 * PROTOCOL_TOLERANCE:.0f} %): "
                   f"{'same protocol' if ok else 'MISMATCH: the llama.cpp rows are not comparable'}")
+    speeds = call("decode", str(rows_file), str(a.threads), *files.values()) or {}
+    for label, path in files.items():
+        if path in speeds:
+            out[label]["decode_tok_s"] = speeds[path]
     return out
 
 

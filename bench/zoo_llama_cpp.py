@@ -4,7 +4,9 @@ module in a subprocess so the C libraries never load in the bench's own process)
 
 ``python -m bench.zoo_llama_cpp SRC DST TYPE ROWS.npy THREADS`` quantizes the F32 GGUF ``SRC`` to ``TYPE``
 (a ``llama-quantize`` type name: Q8_0, Q4_K_M, Q4_0; ``F32`` measures ``SRC`` as it is) unless ``DST`` exists,
-then prints one JSON line: size, perplexity over the token rows and greedy decode tokens/s.
+then prints one JSON line: size and perplexity over the token rows.
+``python -m bench.zoo_llama_cpp decode ROWS.npy THREADS FILE...`` prints one JSON line: each file's greedy decode
+tokens/s, the files interleaved round by round (a busy minute on a shared machine hits all of them).
 
 The protocol is ``bench.llm_pipeline.perplexity``'s: each row (token ids from our HF tokenizer, the GGUF's
 vocabulary) is one fresh sequence with no BOS added; every position's next-token NLL is scored, the first token
@@ -88,16 +90,25 @@ class Runner:
             count += len(row) - 1
         return math.exp(nll / count)
 
-    def decode_tps(self, prompt: list[int], new: int = 64, rounds: int = 3) -> float:
-        best = 0.0
-        for _ in range(rounds):
-            self.ctx.kv_cache_clear()
-            self.run(prompt, 0, all_logits=False)
-            t0 = time.perf_counter()
-            for step in range(new):
-                self.run([int(self.logits(-1).argmax())], len(prompt) + step, all_logits=False)
-            best = max(best, new / (time.perf_counter() - t0))
-        return best
+    def decode_tps(self, prompt: list[int], new: int = 64) -> float:
+        """Tokens/s of ``new`` greedy tokens after ``prompt`` (the prompt's prefill not counted)."""
+        self.ctx.kv_cache_clear()
+        self.run(prompt, 0, all_logits=False)
+        t0 = time.perf_counter()
+        for step in range(new):
+            self.run([int(self.logits(-1).argmax())], len(prompt) + step, all_logits=False)
+        return new / (time.perf_counter() - t0)
+
+
+def decode_speeds(files: list[str], rows_file: str, threads: int, rounds: int = 3) -> dict[str, float]:
+    """Best of ``rounds`` interleaved rounds per file: batch 1, the first row's 64 tokens as prompt, 64 new."""
+    prompt = [int(t) for t in np.load(rows_file)[0][:64]]
+    runners = {f: Runner(f, 256, threads) for f in files}
+    seen: dict[str, list[float]] = {f: [] for f in files}
+    for _ in range(rounds):
+        for f, runner in runners.items():
+            seen[f].append(runner.decode_tps(prompt))
+    return {f: max(v) for f, v in seen.items()}
 
 
 def measure(src: str, dst: str, qtype: str, rows_file: str, threads: int) -> dict[str, Any]:
@@ -113,11 +124,13 @@ def measure(src: str, dst: str, qtype: str, rows_file: str, threads: int) -> dic
     t0 = time.perf_counter()
     ppl = runner.perplexity(rows)
     eval_s = time.perf_counter() - t0
-    return {"size_mb": os.path.getsize(dst) / 1e6, "perplexity": ppl, "eval_s": eval_s,
-            "decode_tok_s": runner.decode_tps([int(t) for t in rows[0][:64]]), "desc": runner.model.desc}
+    return {"size_mb": os.path.getsize(dst) / 1e6, "perplexity": ppl, "eval_s": eval_s, "desc": runner.model.desc}
 
 
 def main() -> None:
+    if sys.argv[1] == "decode":
+        print(json.dumps(decode_speeds(sys.argv[4:], sys.argv[2], int(sys.argv[3]))))
+        return
     src, dst, qtype, rows_file, threads = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
     print(json.dumps(measure(src, dst, qtype, rows_file, threads)))
 
