@@ -13,8 +13,10 @@ For each model, in one run:
   as a user with text would), downloaded and measured here like every other file;
 - **peers by hand** on the same fp32 file: ORT's ``MatMulNBitsQuantizer`` with its defaults, ORT's HQQ
   (block 32, head in float, as its docs show); NNCF's weight compression (INT4 asym, AWQ + scale
-  estimation, ONNX backend) where ``nncf`` is installed; llama.cpp's Q4_K_M / Q8_0 of the same GGUF via
-  ``llama-cpp-python`` where it is installed.
+  estimation, ONNX backend) where ``nncf`` is installed; llama.cpp's Q8_0 / Q4_K_M / Q4_0 of the same rotated
+  weights (an F32 GGUF) through ik_llama.cpp's wheel (``ik-llama-cpp-python``, ``bench/zoo_llama_cpp.py``, in a
+  subprocess), its F32 file measured too as the check that both perplexity protocols agree.
+- ``--llama-cpp-only``: the llama.cpp rows alone beside the cached fp32 ONNX reference (no service).
 - ``--candidates``: the quantize pass called in-process with other settings (how the defaults were chosen).
 
 Per file: size, held-out perplexity and its increase over fp32, and decode tokens/s (batch 1, KV cache).
@@ -121,22 +123,30 @@ def measure(path: Path, rows: np.ndarray, threads: int, ref_ppl: float | None = 
     return row
 
 
+def fp32_reference(name: str, hf: Path, ev: np.ndarray, a: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """The fp32 ONNX and its size and perplexity on ``ev``, measured once and cached beside it."""
+    from bench.zoo_models import cache_dir
+
+    fp32 = fp32_export(hf, cache_dir() / f"{name}-fp32" / "model.onnx")
+    ref_file = cache_dir() / f"{name}-fp32" / f"ppl-{a.seq}-{len(ev)}.json"
+    if ref_file.exists():
+        ref = json.loads(ref_file.read_text())
+    else:
+        ref = measure(fp32, ev, a.threads)
+        ref_file.write_text(json.dumps(ref))
+    log(f"{name}: fp32 {ref['size_mb']:.1f} MB, perplexity {ref['perplexity']:.3f} on {ev.size} tokens")
+    return fp32, ref
+
+
 def candidates(a: argparse.Namespace) -> dict[str, Any]:
     """Measure the in-process candidates (and ORT's defaults) on each model: the table defaults come from."""
-    from bench.zoo_models import cache_dir, prepare
+    from bench.zoo_models import prepare
 
     figures: dict[str, Any] = {}
     for name in a.models.split(","):
         hf = prepare(name, log)
         cal, ev = text_rows(hf, a.seq, a.eval_tokens, a.calib_rows)
-        fp32 = fp32_export(hf, cache_dir() / f"{name}-fp32" / "model.onnx")
-        ref_file = cache_dir() / f"{name}-fp32" / f"ppl-{a.seq}-{len(ev)}.json"
-        if ref_file.exists():
-            ref = json.loads(ref_file.read_text())
-        else:
-            ref = measure(fp32, ev, a.threads)
-            ref_file.write_text(json.dumps(ref))
-        log(f"{name}: fp32 {ref['size_mb']:.1f} MB, perplexity {ref['perplexity']:.3f} on {ev.size} tokens")
+        fp32, ref = fp32_reference(name, hf, ev, a)
         rows: dict[str, Any] = {"fp32": ref}
         names = list(CANDIDATES) if a.candidates == "all" else a.candidates.split(",")
         with tempfile.TemporaryDirectory(prefix="bench-zoo-") as tmp:
@@ -175,9 +185,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--eval-tokens", type=int, default=24576)
     p.add_argument("--calib-rows", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--llama-cpp-python", default=None, help="an interpreter with llama-cpp-python (default: this one)")
     p.add_argument("--search-trials", type=int, default=3,
                    help="a size search (max_perplexity_increase 0.10) with this many trials on each model; 0: none")
+    p.add_argument("--llama-cpp-only", action="store_true",
+                   help="only the llama.cpp rows (ik_llama.cpp) beside the cached fp32 ONNX reference, no service")
     p.add_argument("--candidates", default=None, help="comma-separated CANDIDATES names or all: in-process only")
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
@@ -185,7 +196,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         figures = candidates(a)
         emit("zoo_candidates", "in-process int4 candidates on real LLMs", {"machine": machine_info(), **figures})
         return figures
+    if a.llama_cpp_only:
+        return llama_cpp_run(a)
     return service_run(a)
+
+
+def llama_cpp_run(a: argparse.Namespace) -> dict[str, Any]:
+    """The llama.cpp rows alone beside the fp32 ONNX reference (cached): quick, no service."""
+    from bench.zoo_models import prepare
+
+    figures: dict[str, Any] = {"machine": machine_info(), "models": {}}
+    for name in a.models.split(","):
+        hf = prepare(name, log)
+        _, ev = text_rows(hf, a.seq, a.eval_tokens, a.calib_rows)
+        _, ref = fp32_reference(name, hf, ev, a)
+        rows = {"fp32": ref, **llama_cpp_peers(name, ev, a, ref["perplexity"])}
+        figures["models"][name] = {"rows": rows, "eval_tokens": int(ev.size)}
+        print_table(name, ev, ref, rows)
+    emit("zoo_llama_cpp", "llama.cpp (ik_llama.cpp) on real LLMs: " + ", ".join(
+        f"{n} {label} {r['size_mb']:.1f} MB {100 * r['ppl_increase']:+.1f} %"
+        for n, m in figures["models"].items() for label, r in m["rows"].items() if "ppl_increase" in r), figures)
+    return figures
+
+
+def print_table(name: str, ev: np.ndarray, ref: dict[str, Any], rows: dict[str, dict[str, Any]]) -> None:
+    """One model's rows, smallest file first."""
+    print(f"\n{name}: held-out perplexity on {ev.size} tokens of licence text (fp32 {ref['perplexity']:.3f})")
+    print(f"{'file':<44} {'MB':>8} {'ppl':>8} {'+%':>8} {'tok/s':>7}")
+    for label, row in sorted(rows.items(), key=lambda kv: kv[1].get("size_mb", 0)):
+        inc = f"{100 * row['ppl_increase']:+7.1f}%" if "ppl_increase" in row else ""
+        speed = f"{row['decode_tok_s']:7.1f}" if "decode_tok_s" in row else ""
+        print(f"{label:<44} {row.get('size_mb', 0):8.1f} {row['perplexity']:8.3f} {inc:>8} {speed:>7}")
 
 
 def peers_by_hand(fp32: Path, work: Path) -> dict[str, Path]:
@@ -337,12 +378,7 @@ def service_run(a: argparse.Namespace) -> dict[str, Any]:
             figures["models"][name] = {"rows": rows, "eval_tokens": int(ev.size), "weight_only": wo, "search": search,
                                        "service_ppl": {"input": report["input"].get("perplexity"),
                                                        "output": report["output"].get("perplexity")}}
-            print(f"\n{name}: held-out perplexity on {ev.size} tokens of licence text (fp32 {ref['perplexity']:.3f})")
-            print(f"{'file':<44} {'MB':>8} {'ppl':>8} {'+%':>8} {'tok/s':>7}")
-            for label, row in sorted(rows.items(), key=lambda kv: kv[1].get("size_mb", 0)):
-                inc = f"{100 * row['ppl_increase']:+7.1f}%" if "ppl_increase" in row else ""
-                speed = f"{row['decode_tok_s']:7.1f}" if "decode_tok_s" in row else ""
-                print(f"{label:<44} {row.get('size_mb', 0):8.1f} {row['perplexity']:8.3f} {inc:>8} {speed:>7}")
+            print_table(name, ev, ref, rows)
             shutil.rmtree(work, ignore_errors=True)
     ok = all(r["rows"]["ours (int4 defaults, via the API)"]["ppl_increase"] <= GOAL_MAX_PPL_INCREASE
              for r in figures["models"].values())
@@ -354,39 +390,67 @@ def service_run(a: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
-LLAMA_CPP_TYPES = {"llama.cpp Q8_0": 7, "llama.cpp Q4_K_M": 15, "llama.cpp Q4_0": 2}  # llama_ftype values
+LLAMA_CPP_TYPES = ("F32", "Q8_0", "Q4_K_M", "Q4_0")  # llama-quantize type names; F32: the source file itself
+PROTOCOL_TOLERANCE = 0.01  # llama.cpp's F32 perplexity vs our fp32 ONNX one: the same weights and protocol
 
 
 def llama_cpp_peers(name: str, ev: np.ndarray, a: argparse.Namespace, ref_ppl: float) -> dict[str, Any]:
-    """llama.cpp's Q8_0 / Q4_K_M / Q4_0 of the same rotated weights via llama-cpp-python (where it imports;
-    ``--llama-cpp-python`` may name another interpreter that has it): perplexity on the same token rows
-    (a fresh context per row, no BOS, like ours) and decode tokens/s at 2 threads."""
+    """llama.cpp's Q8_0 / Q4_K_M / Q4_0 of the same rotated weights (``llama-quantize`` on their F32 GGUF) through
+    ik_llama.cpp's wheel, each file measured in a subprocess (``bench.zoo_llama_cpp``): perplexity on the same
+    token rows (a fresh sequence per row, no BOS, like ours) and decode tokens/s at ``--threads``. The F32 file
+    comes first: its perplexity must match our fp32 ONNX one (the check that the protocols agree). Decode
+    speeds: one more subprocess, the files interleaved round by round.
+
+    The subprocess gets ``OMP_WAIT_POLICY=PASSIVE`` unless the caller set one: ik_llama.cpp's CPU threads are
+    OpenMP threads, and their spinning barriers collapse on a shared machine (measured here, 2 threads, load
+    average 13: 0.6 tokens/s spinning, 4.9 passive, for the same F32 file)."""
     import subprocess
     import sys
 
-    from bench.zoo_models import cache_dir, rotated_gguf
+    from bench.zoo_models import IK_LLAMA, cache_dir, ik_llama_site, rotated_gguf
 
-    python = a.llama_cpp_python or sys.executable
-    probe = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True)
-    if probe.returncode != 0:
-        log("llama-cpp-python not importable: llama.cpp peers skipped (pip install llama-cpp-python)")
+    try:
+        site = ik_llama_site()
+    except subprocess.CalledProcessError as e:
+        log(f"ik-llama-cpp-python did not install ({e}): llama.cpp peers skipped")
         return {}
     f32 = rotated_gguf(name, log)
     rows_file = cache_dir() / f"{name}-eval-rows.npy"
     np.save(rows_file, ev)
-    out: dict[str, Any] = {}
-    for label, ftype in LLAMA_CPP_TYPES.items():
-        dst = cache_dir() / f"{name}-rotated-{label.split()[-1]}.gguf"
-        res = subprocess.run([python, "-m", "bench.zoo_llama_cpp", str(f32), str(dst), str(ftype), str(rows_file),
-                              str(a.threads)], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(root)])}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+    def call(*args: str) -> Any:
+        res = subprocess.run([sys.executable, "-m", "bench.zoo_llama_cpp", *args], capture_output=True, text=True,
+                             cwd=root, env=env)
         if res.returncode != 0:
-            log(f"{label}: failed: {res.stderr[-800:]}")
+            log(f"bench.zoo_llama_cpp {' '.join(args[:3])}: failed: {res.stderr[-800:]}")
+            return None
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    out: dict[str, Any] = {}
+    files: dict[str, str] = {}
+    for qtype in LLAMA_CPP_TYPES:
+        label = f"llama.cpp {qtype} (ik_llama.cpp {IK_LLAMA[2]})"
+        dst = f32 if qtype == "F32" else cache_dir() / f"{name}-rotated-{qtype}.gguf"
+        if (row := call(str(f32), str(dst), qtype, str(rows_file), str(a.threads))) is None:
             continue
-        row = json.loads(res.stdout.strip().splitlines()[-1])
         row["ppl_increase"] = row["perplexity"] / ref_ppl - 1
-        out[label] = row
-        log(f"{name} {label}: {row['size_mb']:.1f} MB, {100 * row['ppl_increase']:+.1f} %, "
-            f"{row['decode_tok_s']:.1f} tok/s")
+        row["omp_wait_policy"] = env["OMP_WAIT_POLICY"]
+        out[label], files[label] = row, str(dst)
+        log(f"{name} {label}: {row['size_mb']:.1f} MB, ppl {row['perplexity']:.3f} "
+            f"({100 * row['ppl_increase']:+.2f} %), {row['eval_s']:.0f} s eval")
+        if qtype == "F32":
+            ok = abs(row["ppl_increase"]) <= PROTOCOL_TOLERANCE
+            row["protocol_check_ok"] = ok
+            print(f"protocol check: llama.cpp F32 perplexity {row['perplexity']:.4f} vs fp32 ONNX {ref_ppl:.4f} "
+                  f"({100 * row['ppl_increase']:+.3f} %, tolerance {100 * PROTOCOL_TOLERANCE:.0f} %): "
+                  f"{'same protocol' if ok else 'MISMATCH: the llama.cpp rows are not comparable'}")
+    speeds = call("decode", str(rows_file), str(a.threads), *files.values()) or {}
+    for label, path in files.items():
+        if path in speeds:
+            out[label]["decode_tok_s"] = speeds[path]
     return out
 
 

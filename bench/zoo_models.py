@@ -68,6 +68,21 @@ def locate(lm: ZooLM) -> Path:
     return path
 
 
+IK_LLAMA = ("ik_llama_cpp", "ik-llama-cpp-python", "0.1.5")  # import name, package, pinned version
+
+
+def ik_llama_site() -> Path:
+    """A folder that makes ik_llama.cpp's Python wheel importable (its ctypes binding and ``llama-quantize``):
+    installed once with ``pip install --no-deps --target <cache>/ik-llama``. Only for a subprocess's PYTHONPATH:
+    the bench's own process never loads its C libraries."""
+    module, package, version = IK_LLAMA
+    site = cache_dir() / "ik-llama"
+    if not (site / module / "__init__.py").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site),
+                        f"{package}=={version}"], check=True)
+    return site
+
+
 def _fold_and_rotate(model: Any, seed: int) -> None:
     """In place: fold the RMSNorm gains into the next linears, then rotate the residual stream by a random
     orthogonal matrix (function-preserving; see the module docstring)."""
