@@ -56,6 +56,7 @@ class ReportPage:
     comparison: list[rv.ComparisonRow]
     gains: list[rv.Gain]
     warnings: list[str]
+    notes: list[str]
     quality: list[rv.QualityRow]
     charts: list[Markup]
     curves: list[tuple[str, list[Markup]]]
@@ -116,6 +117,13 @@ def _warning_lines(job: JobOut) -> list[str]:
     if job.result and job.result.warnings:
         return rv.warning_lines({"warnings": job.result.warnings})
     return rv.warning_lines(_report(job))
+
+
+def _notes(report: Report) -> list[str]:
+    """What a person should know about how the figures were made: where calibration rows came from when they
+    were carved from the eval set."""
+    split = report.calibration_split or {}
+    return [str(split["message"])] if split.get("message") else []
 
 
 def _links(artifacts: list[ArtifactOut]) -> list[ArtifactLink]:
@@ -181,7 +189,7 @@ def report_page(session: Session, owner: str, job_id: str) -> ReportPage:
         created=when(job.timestamps.created_at), finished=when(job.timestamps.finished_at),
         pipeline=rv.pipeline_labels(report, spec), error=job.error,
         comparison=rv.comparison_rows(report) if has_sides else [],
-        gains=rv.gains(report), warnings=_warning_lines(job), quality=rv.quality_rows(report),
+        gains=rv.gains(report), warnings=_warning_lines(job), notes=_notes(typed), quality=rv.quality_rows(report),
         charts=before_after_charts(report) if has_sides else [],
         curves=curve_charts(steps), steps=steps,
         step_chart=charts.step_times("wall time per step (s)", [(s.label, s.wall_s) for s in steps]),

@@ -37,6 +37,7 @@ def test_static_int8_with_eval_only_calibrates_on_carved_rows(embedded: LiveServ
         job = embedded.wait_job(client, r.json()["id"])
         assert job["status"] == "succeeded", job
         events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 200}).json()["data"]
+        page = client.get(f"/v1/jobs/{job['id']}/report.html")
 
     report = job["result"]["report"]
     # 120 eval rows: a quarter (30) calibrate, the other 90 measure, both sides of the report alike.
@@ -49,6 +50,9 @@ def test_static_int8_with_eval_only_calibrates_on_carved_rows(embedded: LiveServ
                                                  "accuracy measured on the other 90"), said
     shown = mp(embedded.url, "jobs", "show", job["id"])  # the CLI says it beside the before/after table
     assert f"note: calibrated on 30 rows carved from eval ({eval_id})" in shown, shown
+    assert page.status_code == 200  # and the report page, in its notes
+    notes = page.text.split('<section id="notes">', 1)[1].split("</section>", 1)[0]
+    assert f"calibrated on 30 rows carved from eval ({eval_id})" in notes
 
 
 def test_an_eval_set_too_small_to_split_is_refused_naming_the_field(embedded: LiveService, tmp_path: Path) -> None:
