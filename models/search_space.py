@@ -186,7 +186,7 @@ def auto_space(task: str, model_format: str, meta: Mapping[str, Any], *, train: 
     static = {"type": "quantize", "mode": "static"}
     conv = conv_heavy(model_format, meta)
     int8 = static if conv and data else {"type": "quantize", "mode": "dynamic"}
-    space = [[dict(FP16)]] if (provider != CPU if fp16 is None else fp16) else []
+    space: list[list[dict[str, Any]]] = [[dict(FP16)]] if (provider != CPU if fp16 is None else fp16) else []
     space.append([dict(int8)])
     if data and int8 is not static:
         space.append([dict(static)])
