@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 # 308.6 MB; llama.cpp Q4_K_M +11.4 % at 124.9 MB), block 32 more than block 64 (+107.6 % vs +70.2 %), and
 # ``int8_share`` 0.3 (KL-chosen layers at 8 bits) still +53.9 %. Our GPTQ (``gptq.py``; ORT's had not finished
 # in 20 min at 10.7 GB) with 32 calibration paragraphs: b64 head 8 embeddings 8 124.1 MB **+4.4 %**,
-# embeddings 4 109.7 MB **+4.6 %** (5.96x smaller), in ~3 min on 2 busy cores. So ``int4`` is GPTQ whenever the
+# embeddings 4 109.7 MB **+4.6 %** (5.96x smaller), block 32 135.9 MB +2.4 %, in ~3 min on 2 busy cores. So ``int4`` is GPTQ whenever the
 # job gives calibration or train text (never the eval set: its perplexity is the one reported), RTN without.
 DEFAULT_ALGORITHM = "rtn"  # without calibration text; see own_calibration_text for GPTQ
 DEFAULT_BLOCK_SIZE = 64
