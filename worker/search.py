@@ -151,8 +151,12 @@ def plan(spec: JobSpec, model_format: str, model_meta: dict[str, Any],
         provider = spec.evaluate.latency.provider
         if spec.task != "text-generation":  # an LM's space has no fp16 anywhere
             dropped = fp16_dropped(provider, fp16_measured)
+        # an LM's GPTQ calibrates on calibration or train text only, never on the eval set its perplexity is
+        # read on (the weight-only pass's own_calibration_text); other tasks may carve calibration rows from eval
+        calibration = (bool(spec.data.calibration or spec.data.train) if spec.task == "text-generation"
+                       else _has_data(spec))
         space = auto_space(spec.task, model_format, model_meta, train=spec.data.train is not None,
-                           calibration=_has_data(spec), provider=provider, fp16=dropped is None)
+                           calibration=calibration, provider=provider, fp16=dropped is None)
     else:
         space = [[s.model_dump(mode="json") for s in steps]
                  for steps in search.space]

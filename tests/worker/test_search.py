@@ -49,6 +49,10 @@ def test_plan_is_cheapest_first_and_keeps_every_candidate_for_the_budget() -> No
     rows = search.plan(lm, "hf", {"layers": 2})
     assert rows[0]["baseline"] is True and rows[0]["steps"] == []
     assert any("int4" in t["label"] for t in rows[1:])  # a size search on an LM includes INT4 trials
+    # eval text alone is never GPTQ's calibration (its perplexity is read on it): the data-free INT4 recipes
+    assert not any("gptq" in t["label"] for t in rows)
+    with_text = lm.model_copy(update={"data": lm.data.model_copy(update={"calibration": "c"})})
+    assert any("gptq" in t["label"] for t in search.plan(with_text, "hf", {"layers": 2}))
 
 
 def test_remeasure_times_every_model_in_interleaved_rounds(digits_mlp: DigitsFiles) -> None:
