@@ -18,7 +18,9 @@ zero points packed the same way along the blocks).
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -159,7 +161,8 @@ def quantize_weight(weight: np.ndarray, hessian: np.ndarray | Prepared, bits: in
             err1[i] = e
         w[i2:] -= hinv[i1:i2, i2:].T @ err1
     codes = codes[np.argsort(perm)]
-    energy = float(np.einsum("kn,k,kn->", w0[:k], diag[:k], w0[:k]))  # tr(W^T diag(H) W)
+    live = np.where(prep.dead, 0.0, diag)[:k]  # H's own diagonal: inputs that never fire were set to 1
+    energy = float(np.einsum("kn,k,kn->", w0[:k], live, w0[:k]))  # tr(W^T diag(H) W)
     error = float(np.sqrt(loss / energy)) if energy > 0 else 0.0
     return Quantized(codes.T.astype(np.uint8), scales.T.copy(), zeros.T.astype(np.uint8), error)
 
@@ -222,7 +225,7 @@ def hessians(m: onnx.ModelProto, names: list[str], feeds: Iterable[dict[str, np.
     if session_path is not None:
         from worker.passes.quantizers.files import save
 
-        save(aug, __import__("pathlib").Path(session_path), True)
+        save(aug, Path(session_path), True)
         sess = ort.InferenceSession(session_path, opts, providers=["CPUExecutionProvider"])
     else:
         sess = ort.InferenceSession(aug.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -255,10 +258,7 @@ def apply(m: onnx.ModelProto, names: list[str], hess: dict[str, np.ndarray], bit
 
     chosen = set(names)
     inits = {t.name: t for t in m.graph.initializer}
-    users: dict[str, int] = {}
-    for node in m.graph.node:
-        for i in node.input:
-            users[i] = users.get(i, 0) + 1
+    users = Counter(i for node in m.graph.node for i in node.input)
     errors: dict[str, float] = {}
     nodes = sorted((n for n in m.graph.node if n.name in chosen), key=lambda n: n.input[0])  # shared inputs together
     prepared: tuple[str, Prepared] | None = None
