@@ -15,10 +15,10 @@ from tests.factories_lm import text_rows, tiny_lm_archive, write_jsonl
 pytestmark = pytest.mark.e2e
 
 
-def test_lm_export_job_end_to_end(stack: LiveService, tmp_path: Path) -> None:
+def test_lm_export_job_end_to_end(distributed: LiveService, tmp_path: Path) -> None:
     archive = tiny_lm_archive(tmp_path, "llama")
     texts = write_jsonl(tmp_path / "eval.jsonl", text_rows(24))
-    with httpx.Client(base_url=stack.url, timeout=60) as client:
+    with httpx.Client(base_url=distributed.url, timeout=60) as client:
         mdl = client.put("/v1/models", params={"format": "hf", "name": "tiny-llama"}, content=archive.read_bytes())
         assert mdl.status_code in (200, 201), mdl.text
         ds = client.put("/v1/datasets", params={"format": "text", "name": "licences"}, content=texts.read_bytes())
@@ -32,8 +32,8 @@ def test_lm_export_job_end_to_end(stack: LiveService, tmp_path: Path) -> None:
         }
         created = client.post("/v1/jobs", json=spec)
         assert created.status_code == 202, created.text
-        job = stack.wait_job(client, created.json()["id"], timeout=420)
-        assert job["status"] == "succeeded", (job.get("error"), stack.logs("worker.log"))
+        job = distributed.wait_job(client, created.json()["id"], timeout=420)
+        assert job["status"] == "succeeded", (job.get("error"), distributed.logs("worker.log"))
 
         report = job["result"]["report"]
         b, a = report["input"], report["output"]
@@ -65,11 +65,11 @@ def test_lm_export_job_end_to_end(stack: LiveService, tmp_path: Path) -> None:
     assert got == torch_greedy(AutoModelForCausalLM.from_pretrained(src).eval(), prompt, 12)
 
 
-def test_lm_finetune_then_export_job_lowers_perplexity(stack: LiveService, tmp_path: Path) -> None:
+def test_lm_finetune_then_export_job_lowers_perplexity(distributed: LiveService, tmp_path: Path) -> None:
     archive = tiny_lm_archive(tmp_path, "llama")
     evalset = write_jsonl(tmp_path / "eval.jsonl", text_rows(24))
     trainset = write_jsonl(tmp_path / "train.jsonl", text_rows(60)[24:])
-    with httpx.Client(base_url=stack.url, timeout=60) as client:
+    with httpx.Client(base_url=distributed.url, timeout=60) as client:
         mdl = client.put("/v1/models", params={"format": "hf"}, content=archive.read_bytes()).json()
         ev = client.put("/v1/datasets", params={"format": "text"}, content=evalset.read_bytes()).json()
         tr = client.put("/v1/datasets", params={"format": "text"}, content=trainset.read_bytes()).json()
@@ -83,8 +83,8 @@ def test_lm_finetune_then_export_job_lowers_perplexity(stack: LiveService, tmp_p
         }
         created = client.post("/v1/jobs", json=spec)
         assert created.status_code == 202, created.text
-        job = stack.wait_job(client, created.json()["id"], timeout=420)
-        assert job["status"] == "succeeded", (job.get("error"), stack.logs("worker.log"))
+        job = distributed.wait_job(client, created.json()["id"], timeout=420)
+        assert job["status"] == "succeeded", (job.get("error"), distributed.logs("worker.log"))
         report = job["result"]["report"]
         b, a = report["input"], report["output"]
         assert a["perplexity"] < 0.97 * b["perplexity"], (b["perplexity"], a["perplexity"])

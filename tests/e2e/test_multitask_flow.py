@@ -1,4 +1,5 @@
-"""End to end over HTTP on Redis + PostgreSQL (local store, then S3): a digits CNN uploaded as ONNX and two tasks'
+"""End to end over HTTP on Redis + PostgreSQL (a shared local store: the S3 stack's jobs are
+tests/e2e/test_service.py's and test_s3_storage.py's): a digits CNN uploaded as ONNX and two tasks'
 npz datasets; a multi-task finetune with no top-level data comes back as one ONNX file with one output per task
 (labels in its metadata), each task's before/after in the report and a Tasks section on the report page."""
 
@@ -24,7 +25,7 @@ def _upload(client: httpx.Client, kind: str, path: Path, fmt: str) -> str:
     return str(r.json()["id"])
 
 
-def test_multitask_finetune_over_http(stack: LiveService, tmp_path: Path) -> None:
+def test_multitask_finetune_over_http(distributed: LiveService, tmp_path: Path) -> None:
     model_path, input_acc = f.cnn_onnx()
     train, evald = f.digits()
     xs, ys, xe, ye = train.inputs["input"], train.labels, evald.inputs["input"], evald.labels
@@ -34,7 +35,7 @@ def test_multitask_finetune_over_http(stack: LiveService, tmp_path: Path) -> Non
         for role, (x, lab) in {"train": (xs, y), "eval": (xe, yv)}.items():
             np.savez(tmp_path / f"{name}-{role}.npz", input=x, labels=lab)
             files[(name, role)] = tmp_path / f"{name}-{role}.npz"
-    with httpx.Client(base_url=stack.url, timeout=30) as client:
+    with httpx.Client(base_url=distributed.url, timeout=30) as client:
         model = _upload(client, "models", model_path, "onnx")
         ids = {k: _upload(client, "datasets", p, "npz") for k, p in files.items()}
         spec = {
@@ -46,7 +47,7 @@ def test_multitask_finetune_over_http(stack: LiveService, tmp_path: Path) -> Non
         }
         r = client.post("/v1/jobs", json=spec)
         assert r.status_code == 202, r.text
-        job = stack.wait_job(client, r.json()["id"], timeout=240)
+        job = distributed.wait_job(client, r.json()["id"], timeout=240)
         assert job["status"] == "succeeded", job
         arts = {x["name"]: x for x in job["result"]["artifacts"]}
         out = tmp_path / "out.onnx"

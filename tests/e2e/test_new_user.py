@@ -35,7 +35,7 @@ def mp(url: str, *args: str, check: int = 0) -> str:
     return proc.stdout
 
 
-def test_todays_pytorch_export_prunes_and_comes_back_described(stack: LiveService, tmp_path: Path) -> None:
+def test_todays_pytorch_export_prunes_and_comes_back_described(distributed: LiveService, tmp_path: Path) -> None:
     import torch
 
     torch.manual_seed(0)
@@ -44,7 +44,7 @@ def test_todays_pytorch_export_prunes_and_comes_back_described(stack: LiveServic
     train, evald = f.digits()
     np.savez(tmp_path / "train.npz", input=train.inputs["input"][:256], labels=train.labels[:256])
     np.savez(tmp_path / "eval.npz", input=evald.inputs["input"][:128], labels=evald.labels[:128])
-    url = stack.url
+    url = distributed.url
 
     model = json.loads(mp(url, "models", "upload", str(packed), "--json"))
     assert model["format"] == "onnx" and model["meta"]["external_data"] == ["model.onnx.data"]

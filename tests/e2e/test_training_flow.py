@@ -1,4 +1,5 @@
-"""End to end over HTTP on Redis + PostgreSQL (local store, then S3): a residual CNN uploaded as ONNX goes through
+"""End to end over HTTP on Redis + PostgreSQL (a shared local store: the S3 stack's jobs are
+tests/e2e/test_service.py's and test_s3_storage.py's): a residual CNN uploaded as ONNX goes through
 prune(structured 0.5) -> distill -> quantize(static) and comes back several times smaller at nearly the same
 accuracy, with the per-step measurements and the distillation curve in the report."""
 
@@ -45,12 +46,12 @@ def _upload(client: httpx.Client, kind: str, path: Path, fmt: str) -> str:
 
 
 def test_prune_distill_static_int8_over_http(
-    stack: LiveService, digits_assets: dict[str, Path | float], tmp_path: Path
+    distributed: LiveService, digits_assets: dict[str, Path | float], tmp_path: Path
 ) -> None:
     a = digits_assets
     assert isinstance(a["model"], Path) and isinstance(a["accuracy"], float)
     assert a["accuracy"] >= 0.95
-    with httpx.Client(base_url=stack.url, timeout=30) as client:
+    with httpx.Client(base_url=distributed.url, timeout=30) as client:
         model = _upload(client, "models", a["model"], "onnx")
         data = {role: _upload(client, "datasets", a[key], "npz")  # type: ignore[arg-type]
                 for role, key in (("train", "train"), ("eval", "eval"), ("calibration", "calib"))}
@@ -67,7 +68,7 @@ def test_prune_distill_static_int8_over_http(
         }
         r = client.post("/v1/jobs", json=spec)
         assert r.status_code == 202, r.text
-        job = stack.wait_job(client, r.json()["id"], timeout=120)
+        job = distributed.wait_job(client, r.json()["id"], timeout=120)
         assert job["status"] == "succeeded", job
         arts = {x["name"]: x for x in job["result"]["artifacts"]}
         got = client.get(f"/v1/artifacts/{arts['model.onnx']['id']}/content")
