@@ -28,7 +28,7 @@ worker: $(STAMP)
 	$(BIN)/modelpress worker
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e"
