@@ -69,3 +69,25 @@ def test_a_failed_baseline_leaves_its_row_without_one() -> None:
     assert [(r["single_task"], r["vs_single_task"], r["single_task_error"]) for r in mt["tasks"]] == [
         (None, None, "boom"), (None, None, "the baseline ended cancelled")]
     assert "separate_bytes" not in mt["baselines"] and mt["baselines"]["jobs"][0]["error"]["message"] == "boom"
+
+
+def test_a_job_that_ended_cancels_its_unfinished_baselines(pg_env: str) -> None:
+    from models.db import session_scope
+    from models.tables import Job
+    from tests.api import builders
+    from worker.baselines import cancel
+
+    model = builders.insert_model()
+    parent = builders.insert_job(model, status="failed")
+    kids = {s: builders.insert_job(model, status=s) for s in ("queued", "running", "succeeded")}
+    other = builders.insert_job(model, status="queued")  # not a child of it
+    with session_scope() as s:
+        for kid in kids.values():
+            row = s.get(Job, kid)
+            assert row is not None
+            row.parent_id = parent
+    cancel(parent)
+    with session_scope() as s:
+        states = {k: (s.get(Job, v).status, s.get(Job, v).cancel_requested) for k, v in kids.items()}  # type: ignore[union-attr]
+        assert s.get(Job, other).status == "queued"  # type: ignore[union-attr]
+    assert states == {"queued": ("cancelled", True), "running": ("cancelling", True), "succeeded": ("succeeded", False)}
