@@ -25,6 +25,9 @@ class TaskRow:
     zero_shot_text: str
     in_context_text: str
     fine_tuned_text: str
+    single_task_text: str = ""  # a single-task fine-tune of the same budget (baselines), "" when none was asked
+    vs_single_text: str = ""
+    vs_single_better: bool | None = None
 
 
 def _multitask(report: dict[str, Any]) -> dict[str, Any] | None:
@@ -60,7 +63,9 @@ def task_rows(report: dict[str, Any]) -> list[TaskRow]:
             counts.append(f"{r.get('validation_rows')} validation (carved from train)")
         if r.get("eval_rows"):
             counts.append(f"{r.get('eval_rows')} eval")
+        single_text, vs_text, vs_better = _vs_single(r, acc, (mt or {}).get("baselines") is not None)
         rows.append(TaskRow(
+            single_task_text=single_text, vs_single_text=vs_text, vs_single_better=vs_better,
             task=str(r.get("task")), metric=metric, before_text=shown(before), after_text=shown(after),
             change_text=change, better=better, rows_text=", ".join(counts), few_shot=bool(r.get("few_shot")),
             zero_shot_text=_pct(r.get("zero_shot")), in_context_text=_pct(r.get("in_context")),
@@ -68,6 +73,39 @@ def task_rows(report: dict[str, Any]) -> list[TaskRow]:
                                  (after if r.get("few_shot") and acc else None)),
         ))
     return rows
+
+
+def _vs_single(r: dict[str, Any], acc: bool, asked: bool) -> tuple[str, str, bool | None]:
+    """A task's single-task baseline and the multi-task model's lead over it ("" when none was asked)."""
+    if not asked:
+        return "", "", None
+    single, lead = r.get("single_task"), r.get("vs_single_task")
+    if not is_num(single):
+        return "failed" if r.get("single_task_error") else "-", "-", None
+    text = (_pct if acc else fmt_number)(single) + (" (cached)" if r.get("single_task_cached") else "")
+    if not isinstance(lead, int | float):
+        return text, "-", None
+    return text, (f"{100 * lead:+.1f} points" if acc else f"{lead:+.4g}"), (lead > 0 if acc else lead < 0)
+
+
+def has_baselines(rows: list[TaskRow]) -> bool:
+    """Whether the tasks' rows carry single-task baselines."""
+    return any(t.single_task_text for t in rows)
+
+
+def baselines_text(report: dict[str, Any]) -> str:
+    """'3 single-task models measured: 273 MB; this one 91 MB, 0.33x of their size' (or "")."""
+    section = (_multitask(report) or {}).get("baselines")
+    if not isinstance(section, dict):
+        return ""
+    jobs = [j for j in section.get("jobs") or [] if isinstance(j, dict)]
+    cached = sum(1 for j in jobs if j.get("cached"))
+    text = f"single-task baselines: {len(jobs)} fine-tunes of the same budget" + (
+        f" ({cached} from the cache)" if cached else "")
+    if is_num(section.get("separate_bytes")) and is_num(section.get("shared_bytes")):
+        text += (f"; their {len(jobs)} models {fmt_bytes(section['separate_bytes'])}, this one "
+                 f"{fmt_bytes(section['shared_bytes'])}, {float(section['ratio']):.2f}x of their size")
+    return text
 
 
 def size_text(report: dict[str, Any]) -> str:

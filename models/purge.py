@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from models.blobs import mark_orphans
@@ -61,6 +61,10 @@ def purge_jobs(s: Session, job_ids: Sequence[str]) -> Purged:
         return Purged()
     art_ids = list(s.scalars(select(Artifact.id).where(Artifact.job_id.in_(job_ids))))
     out = purge_artifacts(s, art_ids)
+    # a search's trials and a multi-task job's baselines stay, as jobs of their own (a cached baseline may stand
+    # for another job's); the parent row could not go while they point at it
+    s.execute(update(Job).where(Job.parent_id.in_(job_ids)).values(parent_id=None)
+              .execution_options(synchronize_session=False))
     out.events = _count(s.execute(delete(JobEvent).where(JobEvent.job_id.in_(job_ids)).execution_options(synchronize_session=False)))
     out.jobs = _count(s.execute(delete(Job).where(Job.id.in_(job_ids)).execution_options(synchronize_session=False)))
     return out

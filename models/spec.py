@@ -261,6 +261,9 @@ class FinetuneStep(TrainingParams, StepParams):
     # Multi-task transfer: one LoRA adapter per task (each trained on its task alone), merged into one model.
     adapters: Literal["merge"] | None = None
     merge: MergeConfig | None = None
+    # Each task's metric against a single-task fine-tune of the same budget: one sibling job per task (child jobs
+    # spread over the workers, from the whole-job cache when an identical one succeeded before).
+    baselines: Literal["single_task"] | None = None
 
     @model_validator(mode="after")
     def _last_n_given(self) -> FinetuneStep:
@@ -583,10 +586,12 @@ class JobSpec(_Strict):
                     seen[task.name] = j
                 if isinstance(step, FinetuneStep):
                     self._check_adapters(i, step, tasks)
-            elif isinstance(step, FinetuneStep) and (step.adapters is not None or step.merge is not None):
-                field = "adapters" if step.adapters is not None else "merge"
-                raise ValueError(f"steps.{i}.{field}: merging adapters takes one adapter per task, and the step "
-                                 "names no tasks")
+                    self._check_baselines(i, step, tasks)
+            elif isinstance(step, FinetuneStep) and (step.adapters or step.merge or step.baselines) is not None:
+                field = next(f for f in ("adapters", "merge", "baselines") if getattr(step, f) is not None)
+                why = ("single-task baselines compare each task of a multi-task step" if field == "baselines"
+                       else "merging adapters takes one adapter per task")
+                raise ValueError(f"steps.{i}.{field}: {why}, and the step names no tasks")
             elif STEP_KINDS[step.type].trains and self.data.train is None:
                 raise ValueError(f"steps.{i}: a '{step.type}' step needs data.train")
             if isinstance(step, QuantizeStep) and step.mode == "static" and not (
@@ -637,6 +642,22 @@ class JobSpec(_Strict):
                 (a, ra), (b, rb) = next((x, y) for x in ranks.items() for y in ranks.items() if x[1] != y[1])
                 raise ValueError(f"{at}.merge.methods.{k}: {method!r} needs every adapter at one rank, but task "
                                  f"{a!r} has r={ra} and task {b!r} r={rb} (use cat or an *_svd method)")
+
+    def _check_baselines(self, i: int, step: FinetuneStep, tasks: list[TaskSpec]) -> None:
+        """``baselines: single_task``: two tasks or more, not with merged adapters, every task with eval rows."""
+        if step.baselines is None:
+            return
+        at = f"steps.{i}.baselines"
+        if step.adapters is not None:
+            raise ValueError(f"{at}: adapters 'merge' already measures each task's adapter alone (report: merge); "
+                             "single-task baselines apply to a multi-task fine-tune")
+        if len(tasks) < 2:
+            raise ValueError(f"{at}: a single-task baseline of a step with one task is the step itself; name two "
+                             f"tasks or more (got {len(tasks)})")
+        for j, task in enumerate(tasks):
+            if task.data.eval is None:
+                raise ValueError(f"steps.{i}.tasks.{j}.data.eval: task {task.name!r}: baselines 'single_task' "
+                                 "compares each task on its own eval rows, which are not given")
 
     def _check_search(self, search: SearchSpec) -> None:
         if self.steps:

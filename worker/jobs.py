@@ -29,6 +29,7 @@ from models.tables import (
 )
 from storage import StorageUnavailable
 from storage.base import is_full
+from worker import baselines
 from worker.records import (
     Claim,
     Heartbeat,
@@ -91,10 +92,13 @@ def _record_success(
         finish(claim, SUCCEEDED, result=result, message="succeeded")
 
 
+def _me() -> str:
+    return f"{socket.gethostname()}:{threading.get_native_id()}"
+
+
 def execute(job_id: str) -> str | None:
     """Claim and run ``job_id``; returns the terminal status this worker set (None if it did not run it)."""
-    me = f"{socket.gethostname()}:{threading.get_native_id()}"
-    won = claim(job_id, me)
+    won = claim(job_id, _me())
     if won is None:
         log.info("job %s not claimed (taken, finished or cancelled)", job_id)
         _notify_parent(job_id)  # a trial cancelled while queued still advances its search
@@ -110,12 +114,23 @@ def execute(job_id: str) -> str | None:
         _notify_parent(job_id)
 
 
+def run_queued_here(job_id: str) -> None:
+    """Run ``job_id`` on this worker if it is still queued (a multi-task job's baseline nobody took); else nothing."""
+    won = claim(job_id, _me(), reclaim=False)
+    if won is not None:
+        spec, owner = spec_and_owner(job_id)
+        _execute_claimed(won, spec, owner)
+
+
 def _notify_parent(job_id: str) -> None:
-    """A search's trial that ended queues the search's ``advance`` (which is idempotent)."""
+    """A search's trial that ended queues the search's ``advance`` (which is idempotent); a multi-task job's
+    baselines have a parent that waits for them itself."""
     with session_scope() as s:
         row = s.execute(select(Job.parent_id, Job.status).where(Job.id == job_id)).one_or_none()
         parent = None if row is None or row.parent_id is None else s.get(Job, row.parent_id)
-        target = None if parent is None or row is None or row.status not in TERMINAL else (parent.id, parent.queue)
+        searching = parent is not None and (parent.spec or {}).get("search") is not None
+        target = None if parent is None or not searching or row is None or row.status not in TERMINAL \
+            else (parent.id, parent.queue)
     if target is not None:
         from worker.celery_app import enqueue_advance
 
@@ -146,8 +161,13 @@ def _execute_claimed(won: Claim, spec: JobSpec, owner: str) -> str | None:
         if not (spec.cache and reuse_finished(won, owner, spec, workdir)):
             ctx = _make_context(won, spec, workdir)
             phase = "pipeline"
+            wanted = baselines.start(won, owner, spec)  # they run on other workers beside this one's pipeline
             cache = StageCache.for_job(owner, job_id, spec, ctx.device) if spec.cache else None
             out = run(spec, ctx, cache)
+            if wanted.items:
+                ctx.progress("waiting for the single-task baselines", fraction=1.0)
+                baselines.collect(won, wanted, run_queued_here, ctx.check_cancelled)
+                baselines.annotate(out.report, wanted)
             phase = "store"
             _record_success(won, owner, out, spec, workdir, ctx)
             if cache is not None:
@@ -181,6 +201,8 @@ def _execute_claimed(won: Claim, spec: JobSpec, owner: str) -> str | None:
         status = FAILED
     finally:
         beat.stopped.set()
+        if any(getattr(step, "baselines", None) for step in spec.steps):
+            baselines.cancel(job_id)  # those still queued or running once the job ended (cancelled, failed)
         shutil.rmtree(workdir, ignore_errors=True)
         with contextlib.suppress(OSError):
             workdir.parent.rmdir()  # the job's folder, once no other attempt's workdir is in it

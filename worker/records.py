@@ -69,11 +69,11 @@ def add_event(job_id: str, kind: str, message: str, **data: Any) -> None:
 
 
 @retry_transient()
-def claim(job_id: str, worker: str) -> Claim | None:
+def claim(job_id: str, worker: str, reclaim: bool = True) -> Claim | None:
     """Atomically move a queued job to running (attempt + 1); None if another worker has it or it ended.
 
-    A job left ``running`` by a worker that died (its heartbeat older than the lease) is reclaimed;
-    past ``max_attempts`` it fails with ``worker_lost``.
+    A job left ``running`` by a worker that died (its heartbeat older than the lease) is reclaimed (unless
+    ``reclaim`` is False: a queued job or nothing, at once); past ``max_attempts`` it fails with ``worker_lost``.
     """
     settings = get_settings()
     now = utcnow()
@@ -88,7 +88,7 @@ def claim(job_id: str, worker: str) -> Claim | None:
     if won is not None:
         add_event(job_id, "status", f"running (attempt {won}) on {worker}", status=RUNNING, attempt=won)
         return Claim(job_id, won)
-    return _reclaim_abandoned(job_id, worker, settings.job_lease_seconds)
+    return _reclaim_abandoned(job_id, worker, settings.job_lease_seconds) if reclaim else None
 
 
 def _reclaim_abandoned(job_id: str, worker: str, lease_s: int) -> Claim | None:

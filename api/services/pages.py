@@ -17,7 +17,7 @@ from api import charts
 from api.services import jobs as job_service
 from api.services.search_page import SearchView, search_view
 from models import report_view as rv
-from models.multitask_view import MergeView, TaskRow, merge_view, size_text, task_rows
+from models.multitask_view import MergeView, TaskRow, baselines_text, merge_view, size_text, task_rows
 from models.report import Evaluation, Report
 from models.schemas import ArtifactOut, JobError, JobOut
 from models.spec import step_label
@@ -69,6 +69,7 @@ class ReportPage:
     search: SearchView | None = None
     tasks: list[TaskRow] = field(default_factory=list)
     tasks_size: str = ""
+    tasks_baselines: str = ""  # the single-task baselines and their models' size, when the step asked for them
     merge: MergeView | None = None
 
 
@@ -197,6 +198,7 @@ def report_page(session: Session, owner: str, job_id: str) -> ReportPage:
         artifacts=_links(job.result.artifacts if job.result else []),
         running=running, refresh=REFRESH_S if running else None, search=search_view(report),
         tasks=task_rows(report), tasks_size=size_text(report), merge=merge_view(report),
+        tasks_baselines=baselines_text(report),
     )
 
 

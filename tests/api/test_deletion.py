@@ -207,3 +207,21 @@ def test_concurrent_upload_and_delete_of_the_same_bytes_never_orphan_a_record(cl
     for r in rows:
         assert client.delete(f"/v1/models/{r.id}").status_code == 204
     assert not store.exists(key) and _count(BlobOrphan) == 0
+
+
+def test_deleting_a_parent_keeps_its_children_as_jobs_of_their_own(client: TestClient) -> None:
+    """A search's trials or a multi-task job's baselines outlive their parent's deletion (a cached baseline may
+    stand for another job's)."""
+    from models.db import session_scope
+    from models.tables import Job
+
+    model_id = builders.insert_model()
+    parent, child = builders.insert_job(model_id, status="succeeded"), builders.insert_job(model_id, status="succeeded")
+    with session_scope() as s:
+        row = s.get(Job, child)
+        assert row is not None
+        row.parent_id = parent
+    assert client.delete(f"/v1/jobs/{parent}").status_code in (200, 204)
+    assert client.get(f"/v1/jobs/{parent}").status_code == 404
+    kept = client.get(f"/v1/jobs/{child}")
+    assert kept.status_code == 200 and kept.json()["status"] == "succeeded"

@@ -127,3 +127,33 @@ def test_adapter_merge_errors_name_the_step_task_and_field(client: TestClient, s
     errors = _refused(client, spec)
     assert errors[0]["field"].startswith(field) and message in errors[0]["message"], errors
 
+
+
+def test_a_good_baselines_spec_is_accepted(client: TestClient, enqueued: list[str]) -> None:
+    tasks = [{"name": n, "data": {"train": _ds(["0", "1"]), "eval": _ds(["0", "1"])}} for n in ("a", "b")]
+    _accepted(client, {**_spec(tasks), "steps": [{"type": "finetune", "tasks": tasks, "baselines": "single_task"}]})
+    assert len(enqueued) == 1  # the job alone: its worker queues the baselines
+
+
+@pytest.mark.parametrize(("change", "field", "message"), [
+    ({"tasks": "one"}, "steps.0.baselines", "a single-task baseline of a step with one task is the step itself"),
+    ({"tasks": "no_eval"}, "steps.0.tasks.1.data.eval",
+     "task 'b': baselines 'single_task' compares each task on its own eval rows, which are not given"),
+    ({"mode": "lora", "adapters": "merge"}, "steps.0.baselines", "adapters 'merge' already measures each task's"),
+    ({"tasks": None}, "steps.0.baselines", "single-task baselines compare each task of a multi-task step, and the "
+                                           "step names no tasks"),
+    ({"baselines": "multi"}, "steps.0.baselines", "Input should be 'single_task'"),
+])
+def test_baselines_errors_name_the_task_and_field(client: TestClient, change: dict[str, Any], field: str,
+                                                  message: str) -> None:
+    ds = _ds(["0", "1"])
+    a, b = {"name": "a", "data": {"train": ds, "eval": ds}}, {"name": "b", "data": {"train": ds, "eval": ds}}
+    named = {"one": [a], "no_eval": [a, {"name": "b", "data": {"train": ds}}]}
+    tasks = named.get(change.get("tasks", ""), [a, b])
+    step = {"type": "finetune", "baselines": "single_task", **change, "tasks": tasks}
+    if change.get("tasks", "") is None:
+        step["tasks"] = None
+    spec = {"model": builders.insert_model(), "task": "image-classification", "steps": [step],
+            **({"data": {"train": ds}} if step["tasks"] is None else {})}
+    errors = _refused(client, spec)
+    assert errors[0]["field"].startswith(field) and message in errors[0]["message"], errors

@@ -65,3 +65,61 @@ def test_multitask_finetune_over_http(distributed: LiveService, tmp_path: Path) 
     assert "modelpress.labels" not in meta
     parity = sess.run(["logits_parity"], {"input": xe})[0]
     assert float((parity.argmax(1) == ye % 2).mean()) == pytest.approx(rows["parity"]["after"])
+
+
+def test_single_task_baselines_run_as_child_jobs_and_are_cached(distributed: LiveService, tmp_path: Path) -> None:
+    """``baselines: single_task``: one child job per task (this worker has one slot: the job runs the baselines
+    nobody took itself, never waiting on itself), each task's multi-task vs single-task metric in the report, the
+    report page and the CLI table; a second job that changes only the mixing takes both from the cache."""
+    from rich.console import Console
+
+    from client.render import tasks_table
+
+    model_path, _ = f.cnn_onnx()
+    train, evald = f.digits()
+    xs, ys, xe, ye = train.inputs["input"][:400], train.labels, evald.inputs["input"][:200], evald.labels
+    assert ys is not None and ye is not None
+    ys, ye = ys[:400], ye[:200]
+    with httpx.Client(base_url=distributed.url, timeout=30) as client:
+        model = _upload(client, "models", model_path, "onnx")
+        ids = {}
+        for name, (y, yv) in {"digit": (ys, ye), "parity": (ys % 2, ye % 2)}.items():
+            for role, (x, lab) in {"train": (xs, y), "eval": (xe, yv)}.items():
+                np.savez(tmp_path / f"b-{name}-{role}.npz", input=x, labels=lab)
+                ids[(name, role)] = _upload(client, "datasets", tmp_path / f"b-{name}-{role}.npz", "npz")
+
+        def submit(sampling: str) -> dict:
+            spec = {"model": model, "task": "image-classification", "evaluate": {"metrics": ["accuracy", "size"]},
+                    "steps": [{"type": "finetune", "epochs": 1, "batch_size": 64, "lr": 3e-3, "sampling": sampling,
+                               "baselines": "single_task", "tasks": [
+                                   {"name": n, "data": {"train": ids[(n, "train")], "eval": ids[(n, "eval")]}}
+                                   for n in ("digit", "parity")]}]}
+            r = client.post("/v1/jobs", json=spec)
+            assert r.status_code == 202, r.text
+            return distributed.wait_job(client, r.json()["id"], timeout=180)
+
+        job = submit("proportional")
+        assert job["status"] == "succeeded", job
+        children = client.get("/v1/jobs", params={"parent": job["id"]}).json()["data"]
+        page = client.get(f"/v1/jobs/{job['id']}/report.html").text
+        again = submit("uniform")
+        assert again["status"] == "succeeded", again
+        assert client.get("/v1/jobs", params={"parent": again["id"]}).json()["data"] == []
+
+    assert sorted(c["metadata"]["baseline_of"] for c in children) == ["0:digit", "0:parity"]
+    assert {c["status"] for c in children} == {"succeeded"}
+    mt = job["result"]["report"]["steps"][0]["metrics"]["multitask"]
+    by_child = {c["id"]: c["result"]["report"]["steps"][0]["metrics"]["multitask"]["tasks"][0] for c in children}
+    for row in mt["tasks"]:
+        theirs = by_child[row["single_task_job"]]
+        assert theirs["task"] == row["task"] and row["single_task"] == theirs["after"]
+        assert row["vs_single_task"] == pytest.approx(row["after"] - theirs["after"]) and not row["single_task_cached"]
+    assert mt["baselines"]["separate_bytes"] > mt["baselines"]["shared_bytes"]  # two CNNs against one with two heads
+    assert "multi-task vs single-task" in page and "single-task baselines: 2 fine-tunes" in page
+    cached = {r["task"]: r for r in again["result"]["report"]["steps"][0]["metrics"]["multitask"]["tasks"]}
+    for row in mt["tasks"]:
+        assert cached[row["task"]]["single_task_cached"] and cached[row["task"]]["single_task"] == row["single_task"]
+        assert cached[row["task"]]["single_task_job"] == row["single_task_job"]
+    console = Console(width=200, record=True)
+    console.print(tasks_table(again["result"]["report"]))
+    assert "(cached)" in console.export_text()

@@ -60,12 +60,17 @@ def test_per_task_curve_series_are_charted() -> None:
     assert step.curves["accuracy[parity]"] == [(1, 0.8), (2, 0.95)]
 
 
-def test_cli_tasks_table() -> None:
-    console = Console(width=160, record=True)
-    table = tasks_table(multitask_report())
+def _printed(report: dict[str, Any]) -> str:
+    """The CLI's tasks table of ``report`` as text."""
+    console = Console(width=200, record=True)
+    table = tasks_table(report)
     assert table is not None
     console.print(table)
-    out = console.export_text()
+    return console.export_text()
+
+
+def test_cli_tasks_table() -> None:
+    out = _printed(multitask_report())
     assert "zero-shot" in out and "in-context" in out and "+43.1 points" in out and "0.34x" in out
     assert tasks_table({"steps": []}) is None
 
@@ -117,3 +122,31 @@ def test_an_lm_merge_shows_eval_loss_as_numbers() -> None:
     assert view is not None and view.metric == "eval loss"
     assert view.rows == [("input model", ["5.95"], "-", False), ("each task's adapter alone", ["5.861"], "-", False),
                          ("cat", ["5.861"], "5.861", False)]
+
+
+def baselines_report() -> dict[str, Any]:
+    """The multi-task report with single-task baselines set beside two of its tasks (one from the cache, one failed)."""
+    report = multitask_report()
+    mt = report["steps"][0]["metrics"]["multitask"]
+    mt["tasks"][0].update(single_task=0.9313, vs_single_task=0.0168, single_task_cached=True)
+    mt["tasks"][1].update(single_task=0.7, vs_single_task=-0.0082, single_task_cached=False)
+    mt["tasks"][2].update(single_task=None, vs_single_task=None, single_task_error="out of memory")
+    mt["baselines"] = {"kind": "single_task", "jobs": [{"task": "parity", "cached": True}, {"task": "high"},
+                                                       {"task": "which"}],
+                       "separate_bytes": 183784, "shared_bytes": 62590, "ratio": 0.3406}
+    return report
+
+
+def test_single_task_baselines_beside_each_task() -> None:
+    from models.multitask_view import baselines_text
+
+    rows = task_rows(baselines_report())
+    assert [(r.single_task_text, r.vs_single_text, r.vs_single_better) for r in rows] == [
+        ("93.1% (cached)", "+1.7 points", True), ("70.0%", "-0.8 points", False), ("failed", "-", None)]
+    assert all(r.single_task_text == "" for r in task_rows(multitask_report()))  # none asked: no column
+    assert baselines_text(baselines_report()) == (
+        "single-task baselines: 3 fine-tunes of the same budget (1 from the cache); their 3 models 179.48 KB, "
+        "this one 61.12 KB, 0.34x of their size")
+    out = _printed(baselines_report())
+    assert "single-task" in out and "vs single" in out and "93.1% (cached)" in out and "+1.7 points" in out
+    assert "vs single" not in _printed(multitask_report())

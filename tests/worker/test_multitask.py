@@ -20,7 +20,7 @@ from worker import pipeline
 from worker.context import LocalContext
 from worker.core import ArrayDataset
 from worker.passes.finetune import FinetunePass
-from worker.passes.multitask import METADATA_KEY, mixing_probabilities, stratified_split
+from worker.passes.multitask import METADATA_KEY, Task, mixing_probabilities, selection_mean, stratified_split
 
 
 def _npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
@@ -73,6 +73,10 @@ def test_cnn_three_tasks_one_onnx_with_an_output_per_task(tmp_path: Path) -> Non
     assert rows["parity"]["after"] >= 0.9 and rows["parity"]["before"] < 0.75
     assert rows["high"]["few_shot"] and rows["high"]["validation_rows"] == 8
     assert rows["high"]["after"] >= 0.6 and rows["high"]["after"] > rows["high"]["before"] + 0.15
+    # the few-shot head was probed on the trained features; the step kept is at least as good on the carved split
+    probe = rows["high"]["head_probe"]
+    assert probe["validation"] >= probe["validation_before"] and 0 <= probe["steps"] <= 200
+    assert "head_probe" not in rows["parity"]
     assert rows["parity"]["after"] == pytest.approx(rows["parity"]["after_torch"], abs=0.01)
     # temperature 2: (w n)^(1/2) -> the 24-row few-shot task (weight 20) gets far more than its 12/1812 share
     assert mt["probabilities"]["high"] > 0.15 and sum(r["batches"] for r in rows.values()) > 0
@@ -159,6 +163,18 @@ def test_llama_mixed_rows_and_a_few_shot_choice_task(tmp_path: Path) -> None:
     assert result.metrics["multitask"]["size"]["ratio"] == pytest.approx(0.5)
     assert not any("lora" in k for k in result.model.module.state_dict())  # merged: a plain model to export
     assert {"loss[lm]", "eval_loss[which]", "accuracy[which]"} <= set(result.curve[0])
+
+
+def test_the_best_epoch_weighs_each_task_by_its_selection_rows() -> None:
+    def task(name: str, rows: int) -> Task:
+        data = ArrayDataset({"x": np.zeros((rows, 1), np.float32)}, np.zeros(rows, np.int64))
+        return Task(name, 1.0, data, data, ["0"])
+
+    tasks = [task("big", 90), task("few", 10)]
+    per_task = {"big": {"accuracy": 0.8}, "few": {"accuracy": 0.2}}
+    assert selection_mean(per_task, tasks, "accuracy") == pytest.approx(0.74)  # the plain mean would be 0.5
+    assert selection_mean({"big": {"accuracy": 0.8}}, tasks, "accuracy") == pytest.approx(0.8)
+    assert selection_mean({}, tasks, "accuracy") is None
 
 
 def test_sampling_rules() -> None:

@@ -28,6 +28,7 @@ from worker.passes.multitask import (
     Task,
     accuracies,
     export_multihead,
+    features,
     load_tasks,
     lora_config,
     multihead_class,
@@ -262,17 +263,6 @@ def train_adapters(family: Family, peft_model: Any, params: FinetuneStep, ctx: P
     return individual, curve
 
 
-def _features(multi: Any, data: ArrayDataset, device: str) -> torch.Tensor:
-    """The (merged) backbone's features of ``data``'s rows, without grad."""
-    import torch
-
-    from worker.torch_utils import to_tensors
-
-    with torch.no_grad():
-        return torch.cat([multi.features(*to_tensors(data, multi.input_names, device, slice(i, i + 256))).float()
-                          for i in range(0, len(data), 256)])
-
-
 def refit_heads(multi: Any, tasks: list[Task], ctx: PassContext, start: dict[str, dict[str, Any]]) -> None:
     """Each task's head, from its adapter-trained weights (``start``), refit on the merged backbone's features of
     its train rows: full-batch Adam, the backbone frozen (a linear probe; the validation split stays unseen)."""
@@ -283,7 +273,7 @@ def refit_heads(multi: Any, tasks: list[Task], ctx: PassContext, start: dict[str
     multi.eval()
     for task in tasks:
         assert task.train.labels is not None
-        feats = _features(multi, task.train, ctx.device)
+        feats = features(multi, task.train, ctx.device)
         labels = torch.from_numpy(task.train.labels).to(ctx.device)
         head = multi.heads[task.name]
         head.load_state_dict(start[task.name])

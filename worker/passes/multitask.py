@@ -36,6 +36,9 @@ FEW_SHOT_MAX_PER_CLASS = 32  # a task with at most this many train rows per clas
 FEW_SHOT_VALIDATION = 0.25  # of each class's rows, carved off for early stopping (at least one per class)
 FEW_SHOT_PATIENCE = 3  # epochs without improvement before a few-shot run stops (when the step sets none)
 IN_CONTEXT_SHOTS = 4  # solved train rows in the prompt of the in-context few-shot measurement
+PROBE_STEPS = 200  # full-batch Adam steps of a few-shot task's head probe on the trained backbone's features
+PROBE_LR = 1e-2
+PROBE_EVERY = 10  # steps between the probe's measurements on the carved split
 METADATA_KEY = "modelpress.tasks"
 
 
@@ -178,6 +181,16 @@ def _batch_stream(data: ArrayDataset, names: list[str], batch_size: int, generat
         yield from _batches(data, names, batch_size, generator, False)
 
 
+def selection_mean(per_task: dict[str, dict[str, float]], tasks: list[Task], metric: str) -> float | None:
+    """The tasks' ``metric`` on their selection rows, each weighted by its rows (the share of all selection rows
+    it gets right, for accuracy): a few-shot task's carved split of a handful of rows moves in steps of 10 points
+    or more, and by a plain mean its noise would pick the shared backbone's epoch for every task."""
+    pairs = [(per_task[t.name][metric], len(t.selection)) for t in tasks
+             if t.selection is not None and per_task.get(t.name, {}).get(metric) is not None]
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total else None
+
+
 def train_mixed(
     module: torch.nn.Module,
     params: FinetuneStep,
@@ -190,7 +203,8 @@ def train_mixed(
     higher_is_better: bool = True,
 ) -> MixedOutcome:
     """Train ``module`` on batches drawn task by task with ``params.sampling``; ``evaluate()`` gives each task's
-    metrics on its selection split after every epoch, whose mean picks the best weights and drives early stopping."""
+    metrics on its selection split after every epoch, whose mean (weighted by rows: ``selection_mean``) picks the
+    best weights and drives early stopping."""
     import torch
 
     from worker.training import _BestWeights, autocast, cosine_with_warmup, param_groups, use_bf16
@@ -254,8 +268,7 @@ def train_mixed(
         outcome.epochs_run = epoch
         module.eval()
         per_task = evaluate()
-        values = [m[metric] for m in per_task.values() if m.get(metric) is not None]
-        value = float(np.mean(values)) if values else None
+        value = selection_mean(per_task, tasks, metric)
         point: dict[str, Any] = {"epoch": epoch, "loss": sum(loss_sum) / max(1, sum(count)), "eval_metric": value,
                                  "lr": float(optimizer.param_groups[0]["lr"])}
         for t, task in enumerate(tasks):
@@ -399,6 +412,62 @@ def _onnx_accuracies(path: Path, tasks: list[Task], names: list[str]) -> dict[st
     return out
 
 
+def features(multi: Any, data: ArrayDataset, device: str) -> torch.Tensor:
+    """The (trained or merged) backbone's features of ``data``'s rows, without grad."""
+    import torch
+
+    from worker.torch_utils import to_tensors
+
+    with torch.no_grad():
+        return torch.cat([multi.features(*to_tensors(data, multi.input_names, device, slice(i, i + 256))).float()
+                          for i in range(0, len(data), 256)])
+
+
+def probe_few_shot_heads(multi: Any, tasks: list[Task], ctx: PassContext) -> dict[str, dict[str, Any]]:
+    """Each few-shot task's head refit on the trained backbone's features of its train rows (a linear probe: the
+    backbone frozen, full-batch Adam), its step chosen on the carved split (accuracy, then loss; step 0 is the head
+    as the mixed training left it). A task with tens of rows gets a handful of batches an epoch in the mixed (or
+    its own) loop, too few for a fresh head to converge at a backbone's learning rate; its features are cheap."""
+    import torch
+    import torch.nn.functional as F
+
+    out: dict[str, dict[str, Any]] = {}
+    torch.manual_seed(ctx.spec.seed)
+    multi.eval()
+    for task in tasks:
+        if task.validation is None or task.train.labels is None or task.validation.labels is None:
+            continue
+        ctx.check_cancelled()
+        x, xv = features(multi, task.train, ctx.device), features(multi, task.validation, ctx.device)
+        y = torch.from_numpy(task.train.labels).to(ctx.device)
+        yv = torch.from_numpy(task.validation.labels).to(ctx.device)
+        head = multi.heads[task.name]
+        head.requires_grad_(True)
+
+        def score(head: Any = head, xv: Any = xv, yv: Any = yv) -> tuple[float, float]:
+            with torch.no_grad():
+                logits = head(xv).float()
+                return float((logits.argmax(1) == yv).float().mean()), -float(F.cross_entropy(logits, yv))
+
+        best, best_step = score(), 0
+        start = best
+        state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        optimizer = torch.optim.Adam(head.parameters(), lr=PROBE_LR)
+        for step in range(1, PROBE_STEPS + 1):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(head(x).float(), y).backward()
+            optimizer.step()
+            if step % PROBE_EVERY == 0 and (now := score()) > best:
+                best, best_step = now, step
+                state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        head.load_state_dict(state)
+        head.requires_grad_(False)
+        out[task.name] = {"steps": best_step, "validation_before": start[0], "validation": best[0]}
+        ctx.log("few-shot task: head probed on the trained features", task=task.name, best_step=best_step,
+                validation_before=start[0], validation=best[0])
+    return out
+
+
 def write_task_metadata(path: Path, tasks: list[dict[str, Any]]) -> None:
     """Name each task's output and labels in the ONNX file's ``modelpress.tasks`` metadata (a JSON list)."""
     import onnx
@@ -457,6 +526,7 @@ def run_classifier(model: WorkingModel, params: FinetuneStep, ctx: PassContext) 
                           lambda: accuracies(multi, tasks, names, ctx.device, "selection"), "accuracy")
     if params.mode == "lora":
         multi.backbone = interface(replace(model, module=inner.merge_and_unload()))
+    probed = probe_few_shot_heads(multi, tasks, ctx)
     multi.requires_grad_(True)
     multi.eval()
     after_torch = accuracies(multi, tasks, names, ctx.device, "eval")
@@ -464,6 +534,8 @@ def run_classifier(model: WorkingModel, params: FinetuneStep, ctx: PassContext) 
     exported, rows, size = export_multihead(model, multi, tasks, before, after_torch, reused, ctx)
     for row in rows:
         row["batches"] = outcome.batches.get(row["task"], 0)
+        if row["task"] in probed:
+            row["head_probe"] = probed[row["task"]]
     metrics = {
         **_run_metrics(params, tasks, outcome, rows, "shared backbone, one head per task", "best_selection_accuracy"),
         "total_params": size["shared_params"], "trainable_params": trainable, "head": head,

@@ -1,0 +1,246 @@
+"""Single-task baselines of a multi-task step (``baselines: single_task``): one sibling job per task, spread over
+the workers as a search's trials are (docs/architecture.md §10), each the same step with that task alone (the
+steps before it too, the same epochs, learning rate and seed: the same budget), its metric set beside the
+multi-task model's in the report.
+
+:func:`start` (before the job's own pipeline) takes each baseline from the whole-job cache when an identical
+single-task job of the owner succeeded before (same model sha, task data shas and parameters: its key), and
+otherwise queues it as a child job of this one. :func:`collect` (after the pipeline) waits for them; a baseline
+still queued then is run here, by the job's own worker (a one-slot worker would otherwise wait on itself). A
+baseline that failed leaves its task's row without one (the job itself still succeeds). The job's end, however it
+ends, cancels the baselines still queued or running (:func:`cancel`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select, update
+
+from models.db import session_scope
+from models.ids import new_id
+from models.queues import queued_message
+from models.settings import get_settings
+from models.spec import FinetuneStep, JobSpec
+from models.tables import CANCELLED, CANCELLING, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Job, JobEvent, utcnow
+from worker.records import Claim, add_event
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # between looks at the baselines' states while waiting
+TAG = "baseline_of"  # a baseline job's metadata key: "<step index>:<task name>"
+
+
+@dataclass
+class Baseline:
+    """One task's single-task run: its child job, or the cached job whose report stands for it."""
+
+    step: int
+    task: str
+    spec: JobSpec
+    job_id: str | None = None
+    cached_from: str | None = None
+    report: dict[str, Any] | None = None
+    status: str | None = None
+    error: dict[str, Any] | None = None
+
+
+@dataclass
+class Baselines:
+    """The baselines one job asked for."""
+
+    items: list[Baseline] = field(default_factory=list)
+
+
+def single_task_spec(spec: JobSpec, i: int, task: str) -> JobSpec:
+    """The job ``spec`` up to its step ``i`` with that step's tasks cut to ``task`` (no baselines of its own). What
+    only mixes tasks (sampling, temperature, the task's weight) is put at its default, so a job that changes only
+    the mixing finds its baselines in the cache."""
+    step = spec.steps[i]
+    assert isinstance(step, FinetuneStep) and step.tasks is not None
+    only = [{**t.model_dump(mode="json"), "weight": 1.0} for t in step.tasks if t.name == task]
+    doc = spec.model_dump(mode="json")
+    doc["steps"] = doc["steps"][:i + 1]
+    fields = FinetuneStep.model_fields
+    doc["steps"][i] = {**doc["steps"][i], "tasks": only, "baselines": None,
+                       "sampling": fields["sampling"].default, "temperature": fields["temperature"].default}
+    return JobSpec.model_validate(doc)
+
+
+def _cached(owner: str, spec: JobSpec) -> tuple[str, dict[str, Any]] | None:
+    """An identical single-task job of ``owner`` that succeeded before: its id and report."""
+    from worker.context import default_device
+    from worker.stage_cache.keys import db_shas, job_key
+    from worker.stage_cache.reuse import finished_job
+
+    try:
+        key = job_key(spec, db_shas(spec), default_device())
+    except KeyError:
+        return None
+    hit = finished_job(owner, key, "")
+    return None if hit is None else (hit.job_id, dict(hit.result.get("report") or {}))
+
+
+def start(claim: Claim, owner: str, spec: JobSpec) -> Baselines:
+    """Each asked-for baseline from the cache, or queued as a child job of this one (started already: a retried
+    attempt finds its children and keeps them)."""
+    out = Baselines()
+    wanted = [(i, t.name) for i, s in enumerate(spec.steps) if isinstance(s, FinetuneStep) and s.baselines
+              for t in s.tasks or []]
+    if not wanted:
+        return out
+    with session_scope() as s:
+        job = s.get(Job, claim.job_id)
+        assert job is not None
+        earlier = {(c.metadata_ or {}).get(TAG): c.id for c in s.scalars(select(Job).where(Job.parent_id == job.id))}
+    to_enqueue: list[tuple[str, str]] = []
+    for i, task in wanted:
+        item = Baseline(i, task, single_task_spec(spec, i, task))
+        out.items.append(item)
+        hit = _cached(owner, item.spec) if spec.cache else None
+        if hit is not None:
+            item.cached_from, item.report, item.status = hit[0], hit[1], SUCCEEDED
+            continue
+        label = f"{i}:{task}"
+        if earlier.get(label):
+            item.job_id = earlier[label]
+            continue
+        with session_scope() as s:
+            job = s.get(Job, claim.job_id)
+            assert job is not None
+            settings = get_settings()
+            child = Job(id=new_id("job"), owner=job.owner, status=QUEUED, phase="queued",
+                        progress={"step": 0, "steps": len(item.spec.steps), "percent": 0.0},
+                        spec=item.spec.model_dump(mode="json"), metadata_={TAG: label},
+                        model_id=job.model_id, queue=settings.queue_for(item.spec), attempt=0,
+                        max_attempts=job.max_attempts, parent_id=job.id, name=f"{job.name or job.id}: {task} alone"[-255:])
+            s.add(child)
+            s.add(JobEvent(job_id=child.id, kind="status", data={"status": QUEUED},
+                           message=queued_message(child.queue, settings.gpu_queue)
+                           + f" (single-task baseline of task {task!r} of job {job.id})"))
+            item.job_id = child.id
+            to_enqueue.append((child.id, child.queue))
+    for child_id, queue in to_enqueue:
+        _enqueue(child_id, queue)
+    cached = [b.task for b in out.items if b.cached_from]
+    add_event(claim.job_id, "log", f"single-task baselines: {len(to_enqueue)} queued"
+              + (f", {len(cached)} from the cache ({', '.join(cached)})" if cached else ""),
+              baselines=[{"task": b.task, "job_id": b.job_id, "cached_from": b.cached_from} for b in out.items])
+    return out
+
+
+def _enqueue(child_id: str, queue: str) -> None:
+    from worker.celery_app import enqueue_job
+
+    try:
+        enqueue_job(child_id, queue)
+    except Exception as exc:  # the job's own worker runs it in collect()
+        log.warning("baseline %s not queued (%s); the job's worker will run it", child_id, exc)
+
+
+def _cancel_requested(job_id: str) -> bool:
+    with session_scope() as s:
+        return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def collect(claim: Claim, baselines: Baselines, run_here: Callable[[str], None],
+            check_cancelled: Callable[[], None]) -> None:
+    """Wait for every baseline to end (running a queued one here with ``run_here``); note each one's report."""
+    from worker.core import JobCancelled
+
+    pending = [b for b in baselines.items if b.job_id and b.report is None]
+    if pending:
+        add_event(claim.job_id, "log", f"waiting for {len(pending)} single-task baselines")
+    while pending:
+        if _cancel_requested(claim.job_id):
+            raise JobCancelled()
+        check_cancelled()
+        with session_scope() as s:
+            rows = {j.id: (j.status, j.result, j.error) for j in s.scalars(
+                select(Job).where(Job.id.in_([b.job_id for b in pending])))}
+        still: list[Baseline] = []
+        ran = False
+        for b in pending:
+            assert b.job_id is not None
+            status, result, error = rows.get(b.job_id, (CANCELLED, None, None))
+            if status == QUEUED and not ran:
+                run_here(b.job_id)  # claims it unless a worker did meanwhile
+                ran = True
+                still.append(b)
+            elif status in TERMINAL:
+                b.status, b.error = status, error
+                b.report = (result or {}).get("report") if status == SUCCEEDED else None
+            else:
+                still.append(b)
+        pending = still
+        if pending and not ran:
+            time.sleep(POLL_S)
+
+
+def cancel(job_id: str) -> None:
+    """Cancel this job's baselines not yet ended (queued ones at once, running ones at their next check)."""
+    now = utcnow()
+    with session_scope() as s:
+        s.execute(update(Job).where(Job.parent_id == job_id, Job.status == QUEUED).values(
+            status=CANCELLED, phase=CANCELLED, cancel_requested=True, finished_at=now, updated_at=now))
+        s.execute(update(Job).where(Job.parent_id == job_id, Job.status == RUNNING).values(
+            status=CANCELLING, cancel_requested=True, updated_at=now))
+
+
+def _step_multitask(report: dict[str, Any], i: int) -> dict[str, Any] | None:
+    steps = report.get("steps") or []
+    if i >= len(steps) or not isinstance(steps[i], dict):
+        return None
+    found = (steps[i].get("metrics") or {}).get("multitask")
+    return found if isinstance(found, dict) else None
+
+
+def annotate(report: dict[str, Any], baselines: Baselines) -> None:
+    """Set each task's single-task metric beside the multi-task one in ``report`` (its step's ``multitask``
+    section): ``single_task``, ``vs_single_task`` (multi minus single), where it came from; and the N single-task
+    models' measured size against the shared one's."""
+    by_step: dict[int, list[Baseline]] = {}
+    for b in baselines.items:
+        by_step.setdefault(b.step, []).append(b)
+    for i, items in by_step.items():
+        mt = _step_multitask(report, i)
+        if mt is None:
+            continue
+        rows = {r.get("task"): r for r in mt.get("tasks") or [] if isinstance(r, dict)}
+        separate_bytes = 0
+        complete = True
+        jobs: list[dict[str, Any]] = []
+        for b in items:
+            row = rows.get(b.task)
+            theirs = _step_multitask(b.report or {}, i)
+            their_row = next((r for r in (theirs or {}).get("tasks") or [] if r.get("task") == b.task), None)
+            jobs.append({"task": b.task, "job_id": b.job_id or b.cached_from, "cached": b.cached_from is not None,
+                         "status": b.status, **({"error": b.error} if b.error else {})})
+            their_bytes = ((theirs or {}).get("size") or {}).get("shared_bytes")
+            if isinstance(their_bytes, int | float):
+                separate_bytes += int(their_bytes)
+            else:
+                complete = False
+            if row is None:
+                continue
+            row["single_task_job"] = b.job_id or b.cached_from
+            row["single_task_cached"] = b.cached_from is not None
+            single = their_row.get("after") if their_row else None
+            row["single_task"] = single
+            after = row.get("after")
+            row["vs_single_task"] = (float(after) - float(single)
+                                     if isinstance(after, int | float) and isinstance(single, int | float) else None)
+            if single is None:
+                row["single_task_error"] = (b.error or {}).get("message") or f"the baseline ended {b.status}"
+        section: dict[str, Any] = {"kind": "single_task", "jobs": jobs,
+                                   "budget": "the same step, epochs and seed over the task's rows alone"}
+        size = mt.get("size") or {}
+        if complete and separate_bytes and isinstance(size.get("shared_bytes"), int | float):
+            section["separate_bytes"] = separate_bytes
+            section["shared_bytes"] = size["shared_bytes"]
+            section["ratio"] = float(size["shared_bytes"]) / separate_bytes
+        mt["baselines"] = section
