@@ -46,10 +46,12 @@ def streamable_step(step: Any) -> str | None:
     """Why ``step`` cannot be written by the streaming writer (None: it can)."""
     if step.type != "quantize" or step.mode not in ("int4", "int8_weight"):
         return "only quantize int4 / int8_weight is streamed"
-    if step.algorithm not in (None, "rtn"):
-        return f"algorithm {step.algorithm} needs the whole graph (streaming writes RTN)"
+    if step.algorithm not in (None, "rtn", "gptq"):
+        return f"algorithm {step.algorithm} needs the whole graph (streaming writes RTN and GPTQ)"
     if step.quantize_embeddings or step.bits or step.nodes_to_exclude or step.op_types_to_exclude:
-        return "quantize_embeddings, bits and exclusions need the whole graph"
+        return "quantize_embeddings true (a 4-bit table), bits and exclusions need the whole graph"
+    if getattr(step, "int8_share", None):
+        return "int8_share needs the whole graph (its layers are chosen by KL on the float model)"
     return None
 
 

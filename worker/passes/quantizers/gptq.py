@@ -206,7 +206,8 @@ def pack(q: Quantized, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, n
 def hessians(m: onnx.ModelProto, names: list[str], feeds: Iterable[dict[str, np.ndarray]], ctx: PassContext,
              threads: int, session_path: str | None = None, run: Runner | None = None) -> dict[str, np.ndarray]:
     """``X^T X / rows`` of each distinct input ``X`` of the MatMuls ``names``, over the calibration ``feeds``
-    (one graph run per feed; each activation is folded into its Hessian and dropped). ``run(session, names,
+    (one graph run per feed; each activation is folded into its Hessian and dropped; positions a feed's
+    ``attention_mask`` pads are left out). ``run(session, names,
     feed)`` runs the uploaded graph (a ``RunGuard``'s: bounded and cancellable); the session's own by default."""
     import onnx
     import onnxruntime as ort
@@ -235,9 +236,14 @@ def hessians(m: onnx.ModelProto, names: list[str], feeds: Iterable[dict[str, np.
     for feed in feeds:
         ctx.check_cancelled()
         outs = run(sess, acts, feed) if run is not None else sess.run(acts, feed)
+        mask = feed.get("attention_mask")
+        keep = None if mask is None else np.asarray(mask) != 0
         count = 0
         for name, x in zip(acts, outs, strict=True):
-            x2 = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+            x = np.asarray(x, dtype=np.float32)
+            # padded positions carry no text (the pad token's row, attention to nothing): left out, as the
+            # streamed path's layer-by-layer Hessians leave them (worker.lm.calibrate)
+            x2 = x[keep] if keep is not None and x.shape[:2] == keep.shape else x.reshape(-1, x.shape[-1])
             count = x2.shape[0]
             xtx = x2.T @ x2
             sums[name] = sums[name] + xtx if name in sums else xtx
