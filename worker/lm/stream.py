@@ -374,6 +374,57 @@ def _write_table(g: _Graph, shape: list[int], s: StreamSettings) -> int | None:
     return block
 
 
+def projected_bytes(config: Any, s: StreamSettings, table_itemsize: int = 2) -> int:
+    """The exact size of the ``model.onnx.data`` that ``write_model`` writes for ``config`` with ``s``, from the
+    shapes alone (every tensor starts on ``ALIGN``); ``table_itemsize``: the stored table's bytes per value
+    (2: bf16). The graph itself (``model.onnx``) adds a few kB per layer."""
+    hidden, layers = int(config.hidden_size), int(config.num_hidden_layers)
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    vocab, inter = int(config.vocab_size), int(config.intermediate_size)
+    qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+    o_bias = bool(getattr(config, "attention_bias", False))
+    size = 0
+
+    def put(n: int) -> None:
+        nonlocal size
+        size += -size % ALIGN + n
+
+    def linear(k: int, n: int, bits: int | None, bias: bool = False) -> None:
+        if bits is None:
+            put(k * n * 4)
+        else:
+            blocks = -(-k // s.block_size)
+            put(n * blocks * s.block_size * bits // 8)
+            put(n * blocks * 4)
+            if not s.symmetric:
+                put(n * -(-blocks // (8 // bits)))
+        if bias:
+            put(n * 4)
+
+    block = table_block(hidden, s.block_size) if s.embedding_bits == 8 and s.bits is not None else None
+    if block is None:
+        put(vocab * hidden * table_itemsize)
+    else:
+        put(vocab * hidden)
+        put(vocab * hidden // block * 4)
+        put(vocab * hidden // block)
+    put(int(config.max_position_embeddings) * (head_dim // 2) * 4)  # cos, sin
+    put(int(config.max_position_embeddings) * (head_dim // 2) * 4)
+    for _ in range(layers):
+        put(hidden * 4)
+        linear(hidden, (heads + 2 * kv) * head_dim, s.bits, qkv_bias)
+        linear(heads * head_dim, hidden, s.bits, o_bias)
+        put(hidden * 4)
+        linear(hidden, inter, s.bits)
+        linear(hidden, inter, s.bits)
+        linear(inter, hidden, s.bits)
+    put(hidden * 4)
+    linear(hidden, vocab, s.head_bits if s.bits is not None else None)
+    return size
+
+
 def supports(config: Any) -> str | None:
     """Why the streaming writer cannot write this config (None: it can)."""
     archs = getattr(config, "architectures", None) or []

@@ -65,6 +65,8 @@ def test_a_qwen2_with_qkv_biases_matches_torch(tmp_path: Path) -> None:
     module.save_pretrained(tmp_path / "qwen", safe_serialization=True)
     written = stream.write_model(tmp_path / "qwen", tmp_path / "out" / "model.onnx", stream.StreamSettings(bits=None))
     assert any(n.op_type == "Add" and "qkv" in n.name for n in onnx.load(str(written.path)).graph.node)
+    data = written.path.with_name("model.onnx.data").stat().st_size
+    assert data == stream.projected_bytes(config, stream.StreamSettings(bits=None), table_itemsize=4)
     ids, mask = _check_text(256)
     assert check_parity(module, written.path, ids, mask, generate_tokens=8)["greedy_identical"]
 
@@ -132,3 +134,17 @@ def test_unsupported_models_are_named(tmp_path: Path) -> None:
     assert err.value.code == "unsupported_model" and "GPT2LMHeadModel" in err.value.message
 
 
+
+
+@pytest.mark.parametrize("settings", [stream.StreamSettings(), stream.StreamSettings(embedding_bits=8),
+                                      stream.StreamSettings(bits=8, block_size=32, embedding_bits=8),
+                                      stream.StreamSettings(bits=4, block_size=16, symmetric=True, head_bits=None)])
+def test_the_projected_size_is_the_written_size(settings: stream.StreamSettings, llama_dir: Path,
+                                                tmp_path: Path) -> None:
+    """``projected_bytes`` (what README's 8 B figure comes from) counts every byte of the data file."""
+    from transformers import AutoConfig
+
+    written = stream.write_model(llama_dir, tmp_path / "model.onnx", settings)
+    data = (tmp_path / "model.onnx.data").stat().st_size
+    assert data == stream.projected_bytes(AutoConfig.from_pretrained(llama_dir), settings, table_itemsize=4)
+    assert written.embedding_bits == settings.embedding_bits
