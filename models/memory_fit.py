@@ -106,7 +106,8 @@ def refusal(meta: dict[str, Any], steps: list[Any], memory: int) -> str | None:
     if est.path == "training":
         msg += "; a CPU worker cannot train a model this large"
     if arch in STREAM_ARCHITECTURES and streamed_peak(params) <= MEMORY_SHARE * memory:
-        msg += (f". What fits: a single step quantize {{mode: int4}} (or int8_weight, algorithm rtn), streamed "
+        msg += (f". What fits: a single step quantize {{mode: int4}} (RTN, or GPTQ with calibration text) or "
+                f"int8_weight, streamed "
                 f"layer by layer in about {streamed_peak(params) / GB:.0f} GB")
     elif arch not in STREAM_ARCHITECTURES:
         msg += (f". {arch} is not streamed (only {', '.join(sorted(STREAM_ARCHITECTURES))}): the largest model "
