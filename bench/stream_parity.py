@@ -1,8 +1,8 @@
 """The streamed int4 path against the in-memory one on a real small LLM (``bench.zoo``'s SmolLM2-135M-Instruct,
 dequantized and rotated, fp32 safetensors): held-out perplexity and size of the fp32 export, the in-memory
-quantize pass (``int4`` defaults with calibration text: GPTQ, 8-bit head and table), the streamed writer with
-GPTQ (Hessians collected layer by layer), and streamed RTN with the token table at 8 bits and in its stored
-dtype: the figures behind the streamed path's table policy and its agreement with the in-memory path.
+quantize pass (``int4`` defaults with calibration text: GPTQ, 8-bit head and table; and RTN), the streamed
+writer with GPTQ (Hessians collected layer by layer), and streamed RTN with the token table at 8 bits and in its
+stored dtype: the figures behind the streamed path's table policy and its agreement with the in-memory path.
 
     python -m bench.stream_parity --eval-tokens 4096 --calib-rows 32
 """
@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"{name}: {rows[name]['size_mb']:.1f} MB, perplexity {rows[name]['perplexity']:.3f} "
             f"({100 * rows[name]['ppl_increase']:+.2f} %), {wall:.0f} s")
 
-    t0 = time.perf_counter()
-    path, _ = zoo.quantize_direct(fp32, work / "in-memory", {}, cal)
-    measured("in_memory_gptq", path, time.perf_counter() - t0)
+    for name, params in (("in_memory_gptq", {"algorithm": "gptq"}), ("in_memory_rtn", {})):
+        t0 = time.perf_counter()  # (a job with calibration text gets GPTQ by default; this context names none)
+        path, _ = zoo.quantize_direct(fp32, work / name, params, cal)
+        measured(name, path, time.perf_counter() - t0)
     int4 = stream_job.settings_for(QuantizeStep(type="quantize", mode="int4"))
     batches = [(cal[i:i + 4], np.ones_like(cal[i:i + 4])) for i in range(0, len(cal), 4)]
     for name, settings, gptq in (("streamed_gptq", int4, True), ("streamed_rtn_table8", int4, False),
