@@ -8,7 +8,9 @@ Bytes per parameter at the peak, measured on random-init Llamas (``python -m ben
 - streamed (``worker.lm.stream``: INT8 reference and INT4 file written layer by layer, one ONNX Runtime
   session at a time): 3.73 GB at 1.24 B and 5.57 GB at 3.21 B parameters, the evaluation of the INT8
   reference the highest phase (0.8 GB + 1.46 B/param): ``STREAMED_BYTES_PER_PARAM`` plus
-  ``STREAMED_FIXED_BYTES`` covers both;
+  ``STREAMED_FIXED_BYTES`` covers both; streamed GPTQ adds a phase below that one (read from the code, not
+  measured at 8 B: one fp32 decoder layer, the calibration hidden states, the layer's Hessians and one
+  factorisation, 4.7 GiB measured alone at K = 14336: about 6 GB for a Llama-3.1-8B);
 - training on CPU: full finetune / distill hold fp32 weights, gradients and two AdamW moments (16 B/param)
   plus activations: 20; LoRA and the partial modes hold the fp32 module and its activations: 6.
 - training on CUDA (``training_plan``; planned from the weights' sizes, never measured yet: ``bench/gpu_check.py``):
