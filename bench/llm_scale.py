@@ -177,6 +177,7 @@ def sparse_folder(name: str, folder: Path, random: bool = False) -> int:
 def offline(name: str, cache: Path, random: bool = False) -> dict[str, Any]:
     """The streamed job's phases in this process, without the service: write the INT8 reference, open it and
     run 2 x 64 tokens + 4 greedy ones, write the INT4 file, the same on it; peak RSS (VmHWM) per phase."""
+    from models.spec import QuantizeStep
     from worker import stream_job
     from worker.lm import stream
     from worker.lm.session import LMSession
@@ -198,11 +199,13 @@ def offline(name: str, cache: Path, random: bool = False) -> dict[str, Any]:
         reset_peak_rss()
 
     reset_peak_rss()
-    for label, settings in (("reference", stream_job.REFERENCE), ("int4", stream.StreamSettings())):
+    int4 = stream_job.settings_for(QuantizeStep(type="quantize", mode="int4"))  # the job's: 8-bit table, RTN
+    for label, settings in (("reference", stream_job.REFERENCE), ("int4", int4)):
         t0 = time.perf_counter()
         written = stream.write_model(folder, cache / label / "model.onnx", settings)
         phase(f"write_{label}", t0)
         row[f"{label}_bytes"] = sum(f.stat().st_size for f in (cache / label).iterdir())
+        row[f"{label}_projected_data_bytes"] = stream.projected_bytes(_config(name), settings)
         t0 = time.perf_counter()
         sess = LMSession(written.path, threads=1)
         sess.logits(ids, np.ones_like(ids))

@@ -8,7 +8,9 @@ Bytes per parameter at the peak, measured on random-init Llamas (``python -m ben
 - streamed (``worker.lm.stream``: INT8 reference and INT4 file written layer by layer, one ONNX Runtime
   session at a time): 3.73 GB at 1.24 B and 5.57 GB at 3.21 B parameters, the evaluation of the INT8
   reference the highest phase (0.8 GB + 1.46 B/param): ``STREAMED_BYTES_PER_PARAM`` plus
-  ``STREAMED_FIXED_BYTES`` covers both;
+  ``STREAMED_FIXED_BYTES`` covers both; streamed GPTQ adds a phase below that one (read from the code, not
+  measured at 8 B: one fp32 decoder layer, the calibration hidden states, the layer's Hessians and one
+  factorisation, 4.7 GiB measured alone at K = 14336: about 6 GB for a Llama-3.1-8B);
 - training on CPU: full finetune / distill hold fp32 weights, gradients and two AdamW moments (16 B/param)
   plus activations: 20; LoRA and the partial modes hold the fp32 module and its activations: 6.
 - training on CUDA (``training_plan``; planned from the weights' sizes, never measured yet: ``bench/gpu_check.py``):
@@ -46,10 +48,12 @@ def streamable_step(step: Any) -> str | None:
     """Why ``step`` cannot be written by the streaming writer (None: it can)."""
     if step.type != "quantize" or step.mode not in ("int4", "int8_weight"):
         return "only quantize int4 / int8_weight is streamed"
-    if step.algorithm not in (None, "rtn"):
-        return f"algorithm {step.algorithm} needs the whole graph (streaming writes RTN)"
+    if step.algorithm not in (None, "rtn", "gptq"):
+        return f"algorithm {step.algorithm} needs the whole graph (streaming writes RTN and GPTQ)"
     if step.quantize_embeddings or step.bits or step.nodes_to_exclude or step.op_types_to_exclude:
-        return "quantize_embeddings, bits and exclusions need the whole graph"
+        return "quantize_embeddings true (a 4-bit table), bits and exclusions need the whole graph"
+    if getattr(step, "int8_share", None):
+        return "int8_share needs the whole graph (its layers are chosen by KL on the float model)"
     return None
 
 
@@ -104,7 +108,8 @@ def refusal(meta: dict[str, Any], steps: list[Any], memory: int) -> str | None:
     if est.path == "training":
         msg += "; a CPU worker cannot train a model this large"
     if arch in STREAM_ARCHITECTURES and streamed_peak(params) <= MEMORY_SHARE * memory:
-        msg += (f". What fits: a single step quantize {{mode: int4}} (or int8_weight, algorithm rtn), streamed "
+        msg += (f". What fits: a single step quantize {{mode: int4}} (RTN, or GPTQ with calibration text) or "
+                f"int8_weight, streamed "
                 f"layer by layer in about {streamed_peak(params) / GB:.0f} GB")
     elif arch not in STREAM_ARCHITECTURES:
         msg += (f". {arch} is not streamed (only {', '.join(sorted(STREAM_ARCHITECTURES))}): the largest model "

@@ -1,5 +1,7 @@
-"""A job that streams an LLM too large for the in-memory path: ``quantize`` (int4 / int8_weight, RTN) of an
-hf causal LM of the Llama family, written layer by layer from its safetensors (``worker.lm.stream``).
+"""A job that streams an LLM too large for the in-memory path: ``quantize`` (int4 / int8_weight) of an hf
+causal LM of the Llama family, written layer by layer from its safetensors (``worker.lm.stream``). As in memory,
+``int4`` is GPTQ when the job names calibration or train text (its Hessians collected one decoder layer at a
+time: ``worker.passes.quantizers.gptq_layers``), RTN otherwise; the token table is written at 8 bits.
 
 The in-memory path peaks at 14-18 bytes per parameter (the bf16 module, an fp32 copy, the exporter's fp32
 ONNX, a serialised copy), so a job goes this way when that would not fit the worker's memory. The input is
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
 # default (fp32) level ONNX Runtime's 8-bit MatMulNBits was still evaluating a 1.2 B reference after 8 minutes,
 # which level 4 evaluated in 19-68 s (2 shared cores); it stayed within 0.5 % of the float perplexity in the tests.
 REFERENCE = stream.StreamSettings(bits=8, block_size=32, symmetric=False, accuracy_level=4, head_bits=8)
+# The token table of a streamed int4 file: 8 bits (the in-memory pass's default for an untied table, the same
+# bytes: ``stream.quantize_table_8bit``). A Llama-3.1-8B's bf16 table is 1.05 GB of its 5.67 GB INT4 file; at
+# 8 bits 0.57 GB, so the file is 5.19 GB (``stream.projected_bytes``), under the issue's 5.5 GB.
+EMBEDDING_BITS = 8
 
 
 def worker_memory() -> int:
@@ -40,12 +46,39 @@ def worker_memory() -> int:
 
 
 def settings_for(step: QuantizeStep) -> stream.StreamSettings:
-    """The writer's settings for a streamable quantize step: the quantize pass's defaults for its None."""
+    """The writer's settings for a streamable quantize step: the quantize pass's defaults for its None; at
+    4 bits the token table at 8 (``EMBEDDING_BITS``) unless ``quantize_embeddings`` is false."""
     from worker.passes.quantizers.weight_only import DEFAULT_HEAD_BITS, WeightOnlySettings
 
     s = WeightOnlySettings.resolve(step)
+    table = EMBEDDING_BITS if s.mode_bits == 4 and step.quantize_embeddings is None else None
     return stream.StreamSettings(bits=s.mode_bits, block_size=s.block_size, symmetric=s.symmetric,
-                                 accuracy_level=s.accuracy_level, head_bits=max(s.mode_bits, DEFAULT_HEAD_BITS))
+                                 accuracy_level=s.accuracy_level, head_bits=max(s.mode_bits, DEFAULT_HEAD_BITS),
+                                 embedding_bits=table)
+
+
+def algorithm_for(step: QuantizeStep, ctx: Any) -> str:
+    """``gptq`` when asked, or by default at 4 bits when the job names calibration or train text (as the
+    in-memory quantize pass chooses); else ``rtn``."""
+    from worker.passes.quantizers.weight_only import own_calibration_text
+
+    if step.algorithm is not None:
+        return step.algorithm
+    return "gptq" if step.mode == "int4" and own_calibration_text(ctx) else "rtn"
+
+
+def calibration_batches(step: QuantizeStep, ctx: Any, model: WorkingModel) -> list[tuple[Any, Any]]:
+    """The job's calibration rows (``step.calibration.samples`` of them) as ``(input_ids, attention_mask)``
+    batches of ``GPTQ_BATCH`` rows, as the in-memory GPTQ feeds its graph."""
+    from worker.core import StepFailed
+    from worker.passes.quantizers.weight_only import GPTQ_BATCH
+
+    data = ctx.dataset("calibration", model)
+    if data is None or len(data) == 0:
+        raise StepFailed("calibration_data_missing", "algorithm gptq needs a calibration dataset")
+    data = data.take(step.calibration.samples)
+    ids, mask = data.inputs["input_ids"], data.inputs["attention_mask"]
+    return [(ids[i:i + GPTQ_BATCH], mask[i:i + GPTQ_BATCH]) for i in range(0, len(ids), GPTQ_BATCH)]
 
 
 def wanted(spec: JobSpec, ctx: Any) -> tuple[Path, dict[str, Any]] | None:
@@ -109,8 +142,11 @@ def run(spec: JobSpec, ctx: PipelineContext, path: Path, meta: dict[str, Any]) -
                                  progress("writing the INT8 reference"), ctx.check_cancelled)
         write_s = time.perf_counter() - t0
         phase("write_reference")
+        ref_model = _working(ref.path, root, meta, "int8_weight")
+        algorithm = algorithm_for(step, ctx)
+        batches = calibration_batches(step, ctx, ref_model) if algorithm == "gptq" else []
         t0 = time.perf_counter()
-        baseline = family.evaluate(_working(ref.path, root, meta, "int8_weight"), ctx, spec, None)
+        baseline = family.evaluate(ref_model, ctx, spec, None)
         wall = time.perf_counter() - t0
         baseline_report: dict[str, Any] = {
             **baseline, "wall_s": wall,
@@ -132,23 +168,36 @@ def run(spec: JobSpec, ctx: PipelineContext, path: Path, meta: dict[str, Any]) -
     with stage(f"steps[0] {step.type}"):
         settings = settings_for(step)
         t0 = time.perf_counter()
+        quantizer = None
+        if algorithm == "gptq":
+            from worker.passes.quantizers.gptq_layers import StreamedGPTQ
+
+            ctx.log("int4 by GPTQ, its Hessians collected layer by layer on the calibration text",
+                    batches=len(batches))
+            quantizer = StreamedGPTQ(root, batches, progress=ctx.progress)
         written = stream.write_model(root, workdir / "step0" / "model.onnx", settings,
-                                     progress(f"writing {step.mode}"), ctx.check_cancelled)
+                                     progress(f"writing {step.mode}"), ctx.check_cancelled, quantizer)
         wall = time.perf_counter() - t0
         model = _working(written.path, root, meta, step.mode)
         size = model_size_bytes(written.path)
         bits: dict[str, int] = {}
         for b in written.matmul_bits.values():
             bits[str(b)] = bits.get(str(b), 0) + 1
-        metrics = {
+        weight_only: dict[str, Any] = {
+            **{k: v for k, v in dataclasses.asdict(settings).items() if k not in ("head_bits", "embedding_bits")},
+            "algorithm": algorithm, "matmul_bits": dict(sorted(bits.items())),
+            "embeddings": int(written.embedding_bits is not None),
+            "embedding_bits": {} if written.embedding_bits is None else {"8": 1},
+            "bits_overrides": {}, "excluded": []}
+        if quantizer is not None:
+            weight_only["calibration"] = quantizer.report()
+        metrics: dict[str, Any] = {
             "mode": step.mode, "streamed": True, "size_bytes_before": 4 * params, "size_bytes_after": size,
             "size_ratio": 4 * params / max(size, 1),
             "quantized_ops": {"MatMulNBits": len(written.matmul_bits)},
-            "max_float_elements": written.max_float_elements,
-            "weight_only": {**{k: v for k, v in dataclasses.asdict(settings).items() if k != "head_bits"},
-                            "algorithm": "rtn", "matmul_bits": dict(sorted(bits.items())), "embeddings": 0,
-                            "bits_overrides": {}, "excluded": []},
+            "max_float_elements": written.max_float_elements, "weight_only": weight_only,
         }
+        del quantizer, batches
     steps: list[dict[str, Any]] = [{"index": 0, "type": step.type, "label": label, "wall_s": wall,
                                     "metrics": metrics, "eval": {}, "curve": []}]
     ctx.log(f"step {label} done (streamed)", wall_s=wall)

@@ -26,28 +26,42 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("stream-job")
     archive = tiny_lm_archive(tmp)
     text = write_jsonl(tmp / "eval.jsonl", text_rows(8))
-    return {"model": (archive, "hf", inspect_hf(archive)), "eval": (text, "text", inspect_text(text))}
+    calibration = write_jsonl(tmp / "calibration.jsonl", text_rows(12, names=("Apache-2.0",)))
+    return {"model": (archive, "hf", inspect_hf(archive)), "eval": (text, "text", inspect_text(text)),
+            "calibration": (calibration, "text", inspect_text(calibration))}
 
 
-def _run(tmp_path: Path, files: dict[str, Any], step: dict[str, Any]) -> pipeline.PipelineResult:
-    spec = JobSpec.model_validate({"model": "mdl_lm", "task": "text-generation", "data": {"eval": "ds_eval"},
+def _run(tmp_path: Path, files: dict[str, Any], step: dict[str, Any], calibrate: bool = False,
+         ) -> pipeline.PipelineResult:
+    data = {"eval": "ds_eval", **({"calibration": "ds_cal"} if calibrate else {})}
+    spec = JobSpec.model_validate({"model": "mdl_lm", "task": "text-generation", "data": data,
                                    "steps": [step], "evaluate": FAST})
-    ctx = LocalContext(tmp_path, spec, models={"mdl_lm": files["model"]}, datasets={"ds_eval": files["eval"]},
-                       device="cpu")
+    ctx = LocalContext(tmp_path, spec, models={"mdl_lm": files["model"]},
+                       datasets={"ds_eval": files["eval"], "ds_cal": files["calibration"]}, device="cpu")
     return pipeline.run(spec, ctx)
+
+
+def _count_exports(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The paths of every torch -> ONNX export of a causal LM from now on (``worker.convert`` calls it)."""
+    from worker.lm import export as lm_export
+
+    exports: list[Path] = []
+    real = lm_export.export_causal_lm
+    monkeypatch.setattr(lm_export, "export_causal_lm", lambda m, p, **kw: exports.append(Path(p)) or real(m, p, **kw))
+    return exports
 
 
 def test_a_model_over_the_memory_budget_is_streamed_and_matches_the_in_memory_path(
     tmp_path: Path, files: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.lm import export as lm_export
-
     step = {"type": "quantize", "mode": "int4"}
+    exports = _count_exports(monkeypatch)
     in_memory = _run(tmp_path / "mem", files, step).report
+    # in memory, one export per model per job: the input's ONNX form serves its evaluation and step 0
+    assert len(exports) == 1 and exports[0].parent.name == "input"
+    assert in_memory["steps"][0]["metrics"]["weight_only"]["algorithm"] == "rtn"  # no calibration text
 
-    exports: list[Path] = []
-    real = lm_export.export_causal_lm
-    monkeypatch.setattr(lm_export, "export_causal_lm", lambda m, p, **kw: exports.append(p) or real(m, p, **kw))
+    exports.clear()
     monkeypatch.setattr(memory_fit, "IN_MEMORY_BYTES_PER_PARAM", 10**12)  # any model is "too large" here
     result = _run(tmp_path / "stream", files, step)
     report = result.report
@@ -72,10 +86,36 @@ def test_a_model_over_the_memory_budget_is_streamed_and_matches_the_in_memory_pa
     assert not (tmp_path / "stream" / "reference").exists()  # the reference's files went after its evaluation
 
 
+def test_with_calibration_text_the_streamed_int4_is_gptq_and_matches_the_in_memory_gptq(
+    tmp_path: Path, files: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job names calibration text: both paths choose GPTQ; the streamed one collects its Hessians layer by
+    layer (tests/worker/lm/test_stream_gptq.py: the same codes); the outputs' perplexities agree within 0.5 %."""
+    step = {"type": "quantize", "mode": "int4"}
+    exports = _count_exports(monkeypatch)
+    in_memory = _run(tmp_path / "mem", files, step, calibrate=True).report
+    assert len(exports) == 1  # GPTQ's calibration runs the input's one export too
+    assert in_memory["steps"][0]["metrics"]["weight_only"]["algorithm"] == "gptq"
+    exports.clear()
+    monkeypatch.setattr(memory_fit, "IN_MEMORY_BYTES_PER_PARAM", 10**12)
+    report = _run(tmp_path / "stream", files, step, calibrate=True).report
+    assert exports == []
+    wo = report["steps"][0]["metrics"]["weight_only"]
+    assert wo["algorithm"] == "gptq" and wo["embedding_bits"] == {"8": 1}
+    cal = wo["calibration"]
+    mem_cal = in_memory["steps"][0]["metrics"]["weight_only"]["calibration"]
+    assert cal["streamed"] and cal["samples"] == mem_cal["samples"] > 4  # the same rows, in batches of 4
+    assert cal["mean_output_error"] == pytest.approx(mem_cal["mean_output_error"], rel=0.05)
+    assert report["output"]["perplexity"] == pytest.approx(in_memory["output"]["perplexity"], rel=0.005)
+
+
 def test_steps_the_writer_cannot_do_go_the_in_memory_way() -> None:
-    for step, why in (({"type": "quantize", "mode": "int4", "algorithm": "gptq"}, "algorithm gptq"),
+    for step, why in (({"type": "quantize", "mode": "int4", "algorithm": "hqq"}, "algorithm hqq"),
                       ({"type": "quantize", "mode": "dynamic"}, "only quantize int4"),
+                      ({"type": "quantize", "mode": "int4", "int8_share": 0.2}, "int8_share"),
                       ({"type": "quantize", "mode": "int4", "quantize_embeddings": True}, "quantize_embeddings")):
         assert why in (memory_fit.streamable_step(QuantizeStep.model_validate(step)) or "")
+    assert memory_fit.streamable_step(QuantizeStep.model_validate(
+        {"type": "quantize", "mode": "int4", "algorithm": "gptq", "quantize_embeddings": False})) is None
     assert memory_fit.in_memory_fits(100_000_000, memory=24 * 1024**3)
     assert not memory_fit.in_memory_fits(1_200_000_000, memory=24 * 1024**3)

@@ -16,8 +16,11 @@ stopped near 1.7 B parameters. Here:
 - The graph is the one onnxruntime-genai's builder writes for these architectures (packed QKV,
   ``GroupQueryAttention`` with the rotary embedding inside, ``SkipSimplifiedLayerNormalization``), with
   ``MatMulNBits`` in place of each MatMul, so ``LMLayout``, ``LMSession`` and the evaluation read it as
-  they read the builder's; the embedding table stays in its stored dtype (a bf16 ``Gather`` then ``Cast``,
-  exact), the output head at 8 bits as the quantize pass's default.
+  they read the builder's; the embedding table in its stored dtype (a bf16 ``Gather`` then ``Cast``, exact)
+  or at 8 bits (``GatherBlockQuantized``, the quantize pass's bytes), the output head at 8 bits as the quantize
+  pass's default.
+- A ``LayerQuantizer`` (GPTQ over Hessians collected one decoder layer at a time) may take the decoder layers'
+  4-bit projections instead of RTN; it sees the same blocks of output columns.
 
 At most one block of ``CHUNK_ELEMENTS`` weights is in fp32 at any time, plus the scales of the matrix
 being written (a 16th of its fp32 size at block 64).
@@ -32,7 +35,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -181,6 +184,22 @@ class StreamSettings:
     symmetric: bool = False
     accuracy_level: int | None = 4
     head_bits: int | None = 8
+    # The token table: None keeps its stored dtype (a Gather, then a Cast), 8 writes a GatherBlockQuantized
+    # (``quantize_table_8bit``: the bytes of the in-memory quantize pass's 8-bit table).
+    embedding_bits: int | None = None
+
+
+class LayerQuantizer(Protocol):
+    """A data-aware quantizer of the decoder layers' projections (GPTQ: ``worker.passes.quantizers.gptq_layers``);
+    without one the writer rounds to nearest."""
+
+    def begin_layer(self, index: int) -> None:
+        """Called before decoder layer ``index`` is written (layers come in order)."""
+
+    def quantize(self, wt: np.ndarray, key: str, bits: int, block: int, symmetric: bool,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``wt`` ``[K, n]`` fp32 (some output columns of the projection whose input is ``key``, one of
+        ``worker.lm.calibrate.INPUTS``) -> ``_quantize_columns``' three arrays."""
 
 
 @dataclass
@@ -194,6 +213,28 @@ class Written:
     matmul_bits: dict[str, int] = field(default_factory=dict)
     max_float_elements: int = 0
     params: int = 0
+    embedding_bits: int | None = None
+
+
+def table_block(cols: int, block_size: int) -> int | None:
+    """The block along the hidden axis of an 8-bit table: ``block_size`` if it divides ``cols``, else the
+    largest of 128, 64, 32, 16 that does (None: none does)."""
+    return next((b for b in (block_size, 128, 64, 32, 16) if cols % b == 0 and b <= cols), None)
+
+
+def quantize_table_8bit(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``w`` ``[rows, cols]`` fp32 of a token table -> ``GatherBlockQuantized`` (8 bits, quantize axis 1)
+    codes ``[rows, cols]`` uint8, scales ``[rows, cols / block]`` fp32, zero points uint8 of the same shape:
+    asymmetric round to nearest per block (the range widened to hold 0). Rows are independent, so a table
+    quantized a block of rows at a time gives the bytes of the whole."""
+    rows, cols = w.shape
+    blocks = w.reshape(rows, cols // block, block)
+    lo = np.minimum(blocks.min(-1), 0.0)
+    hi = np.maximum(blocks.max(-1), 0.0)
+    scale = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
+    zero = np.clip(np.round(-lo / scale), 0, 255).astype(np.uint8)
+    codes = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, 255).astype(np.uint8)
+    return codes.reshape(rows, cols), scale, zero
 
 
 def _quantize_columns(wt: np.ndarray, bits: int, block: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -218,8 +259,9 @@ def _quantize_columns(wt: np.ndarray, bits: int, block: int, symmetric: bool) ->
 class _Graph:
     """Nodes, inputs, outputs and initializers of the graph being written."""
 
-    def __init__(self, writer: DataWriter, reader: SafetensorsReader, s: StreamSettings) -> None:
-        self.w, self.r, self.s = writer, reader, s
+    def __init__(self, writer: DataWriter, reader: SafetensorsReader, s: StreamSettings,
+                 quantizer: LayerQuantizer | None = None) -> None:
+        self.w, self.r, self.s, self.q = writer, reader, s, quantizer
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.max_float = 0
@@ -241,8 +283,9 @@ class _Graph:
         self.inits.append(self.w.array(name, arr))
         return name
 
-    def linear(self, x: str, sources: list[str], name: str, bits: int | None) -> str:
-        """``x @ concat(sources).T`` as MatMulNBits (``bits``) or a float MatMul; biases added when stored."""
+    def linear(self, x: str, sources: list[str], name: str, bits: int | None, key: str | None = None) -> str:
+        """``x @ concat(sources).T`` as MatMulNBits (``bits``) or a float MatMul; biases added when stored.
+        At 4 bits with a ``LayerQuantizer``, the projection whose input is ``key`` goes through it."""
         import onnx
 
         k = self.r.shape(sources[0])[1]
@@ -264,7 +307,10 @@ class _Graph:
                 for r0 in range(0, rows, step):
                     chunk = self.r.columns(src, r0, min(rows, r0 + step))
                     self.max_float = max(self.max_float, chunk.size)
-                    packed, sc, zp = _quantize_columns(chunk, bits, self.s.block_size, self.s.symmetric)
+                    if self.q is not None and key is not None and bits == 4:
+                        packed, sc, zp = self.q.quantize(chunk, key, bits, self.s.block_size, self.s.symmetric)
+                    else:
+                        packed, sc, zp = _quantize_columns(chunk, bits, self.s.block_size, self.s.symmetric)
                     del chunk
                     self.w.write(packed)
                     blob = packed.shape[2]
@@ -290,6 +336,93 @@ class _Graph:
             self.inits.append(self.w.array(f"{name}.bias", bias))
             out = self.node("Add", [out, f"{name}.bias"], f"{name}/Add")[0]
         return out
+
+
+TABLE_Q8 = "model.embed_tokens.weight_Q8"
+
+
+def _write_table(g: _Graph, shape: list[int], s: StreamSettings) -> int | None:
+    """The token table, a block of rows at a time: in its stored dtype, or at 8 bits when ``s.embedding_bits``
+    is 8 and its width has a block (``table_block``). Returns the 8-bit block (None: stored dtype). The
+    table is the graph's first initializer either way."""
+    name = "model.embed_tokens.weight"
+    step = max(1, CHUNK_ELEMENTS // shape[1])
+    block = table_block(shape[1], s.block_size) if s.embedding_bits == 8 and s.bits is not None else None
+    g.params += shape[0] * shape[1]
+    start = g.w.begin()
+    if block is None:
+        for r0 in range(0, shape[0], step):
+            rows, table_type = g.r.raw(name, r0, min(shape[0], r0 + step))
+            g.w.write(rows)
+        g.inits.append(g.w.tensor(name, table_type, shape, start))
+        return None
+    import onnx
+
+    scales: list[np.ndarray] = []
+    zeros: list[np.ndarray] = []
+    for r0 in range(0, shape[0], step):
+        rows32 = g.r.rows(name, r0, min(shape[0], r0 + step))
+        g.max_float = max(g.max_float, rows32.size)
+        codes, sc, zp = quantize_table_8bit(rows32, block)
+        del rows32
+        g.w.write(codes)
+        scales.append(sc)
+        zeros.append(zp)
+    g.inits.append(g.w.tensor(TABLE_Q8, onnx.TensorProto.UINT8, shape, start))
+    g.inits.append(g.w.array(f"{TABLE_Q8}_scales", np.concatenate(scales)))
+    g.inits.append(g.w.array(f"{TABLE_Q8}_zp", np.concatenate(zeros)))
+    return block
+
+
+def projected_bytes(config: Any, s: StreamSettings, table_itemsize: int = 2) -> int:
+    """The exact size of the ``model.onnx.data`` that ``write_model`` writes for ``config`` with ``s``, from the
+    shapes alone (every tensor starts on ``ALIGN``); ``table_itemsize``: the stored table's bytes per value
+    (2: bf16). The graph itself (``model.onnx``) adds a few kB per layer."""
+    hidden, layers = int(config.hidden_size), int(config.num_hidden_layers)
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    vocab, inter = int(config.vocab_size), int(config.intermediate_size)
+    qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+    o_bias = bool(getattr(config, "attention_bias", False))
+    size = 0
+
+    def put(n: int) -> None:
+        nonlocal size
+        size += -size % ALIGN + n
+
+    def linear(k: int, n: int, bits: int | None, bias: bool = False) -> None:
+        if bits is None:
+            put(k * n * 4)
+        else:
+            blocks = -(-k // s.block_size)
+            put(n * blocks * s.block_size * bits // 8)
+            put(n * blocks * 4)
+            if not s.symmetric:
+                put(n * -(-blocks // (8 // bits)))
+        if bias:
+            put(n * 4)
+
+    block = table_block(hidden, s.block_size) if s.embedding_bits == 8 and s.bits is not None else None
+    if block is None:
+        put(vocab * hidden * table_itemsize)
+    else:
+        put(vocab * hidden)
+        put(vocab * hidden // block * 4)
+        put(vocab * hidden // block)
+    put(int(config.max_position_embeddings) * (head_dim // 2) * 4)  # cos, sin
+    put(int(config.max_position_embeddings) * (head_dim // 2) * 4)
+    for _ in range(layers):
+        put(hidden * 4)
+        linear(hidden, (heads + 2 * kv) * head_dim, s.bits, qkv_bias)
+        linear(heads * head_dim, hidden, s.bits, o_bias)
+        put(hidden * 4)
+        linear(hidden, inter, s.bits)
+        linear(hidden, inter, s.bits)
+        linear(inter, hidden, s.bits)
+    put(hidden * 4)
+    linear(hidden, vocab, s.head_bits if s.bits is not None else None)
+    return size
 
 
 def supports(config: Any) -> str | None:
@@ -325,8 +458,10 @@ def _rotary_cache(config: Any, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
 
 def write_model(folder: Path, out_path: Path, settings: StreamSettings,
                 progress: Callable[[int, int], None] | None = None,
-                check_cancelled: Callable[[], None] | None = None) -> Written:
-    """Write ``folder``'s hf causal LM (config + safetensors) to ``out_path`` (+ ``.data``) layer by layer."""
+                check_cancelled: Callable[[], None] | None = None,
+                quantizer: LayerQuantizer | None = None) -> Written:
+    """Write ``folder``'s hf causal LM (config + safetensors) to ``out_path`` (+ ``.data``) layer by layer;
+    the decoder layers' 4-bit projections through ``quantizer`` when one is given (else RTN)."""
     import onnx
     from onnx import TensorProto, helper
     from transformers import AutoConfig
@@ -345,16 +480,10 @@ def write_model(folder: Path, out_path: Path, settings: StreamSettings,
     out_path.parent.mkdir(parents=True, exist_ok=True)
     reader = SafetensorsReader(folder)
     writer = DataWriter(out_path.with_name(out_path.name + ".data"))
-    g = _Graph(writer, reader, settings)
+    g = _Graph(writer, reader, settings, quantizer)
     try:
-        table_shape = reader.shape("model.embed_tokens.weight")  # copied in its stored dtype, by blocks of rows
-        start = writer.begin()
-        step = max(1, CHUNK_ELEMENTS // table_shape[1])
-        for r0 in range(0, table_shape[0], step):
-            rows, table_type = reader.raw("model.embed_tokens.weight", r0, min(table_shape[0], r0 + step))
-            writer.write(rows)
-        g.inits.append(writer.tensor("model.embed_tokens.weight", table_type, table_shape, start))
-        g.params += table_shape[0] * table_shape[1]
+        table_shape = reader.shape("model.embed_tokens.weight")
+        table_bits = _write_table(g, table_shape, settings)
         cos, sin = _rotary_cache(config, head_dim)
         g.inits += [writer.array("cos_cache", cos), writer.array("sin_cache", sin)]
         del cos, sin
@@ -368,13 +497,20 @@ def write_model(folder: Path, out_path: Path, settings: StreamSettings,
         g.inits.append(helper.make_tensor("/model/constants/one_scalar", TensorProto.INT64, [], [1]))
         total_len = g.node("Cast", [g.node("Gather", [shape, "/model/constants/one_scalar"], f"{mask}/Gather",
                                            axis=0)[0]], f"{mask}/Gather/Cast", to=TensorProto.INT32)[0]
-        x = g.node("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/embed_tokens/Gather")[0]
-        if table_type != TensorProto.FLOAT:
-            x = g.node("Cast", [x], "/model/embed_tokens/Cast", to=TensorProto.FLOAT)[0]
+        if table_bits is not None:
+            x = g.node("GatherBlockQuantized", [TABLE_Q8, "input_ids", f"{TABLE_Q8}_scales", f"{TABLE_Q8}_zp"],
+                       "/model/embed_tokens/GatherBlockQuantized", domain="com.microsoft", bits=8,
+                       block_size=table_bits, gather_axis=0, quantize_axis=1)[0]
+        else:
+            x = g.node("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/embed_tokens/Gather")[0]
+            if g.inits[0].data_type != TensorProto.FLOAT:
+                x = g.node("Cast", [x], "/model/embed_tokens/Cast", to=TensorProto.FLOAT)[0]
         residual, mlp_out = x, ""
         for i in range(layers):
             if check_cancelled is not None:
                 check_cancelled()
+            if quantizer is not None:
+                quantizer.begin_layer(i)
             p, n = f"model.layers.{i}", f"/model/layers.{i}"
             ln = g.small(f"{p}.input_layernorm.weight", f"{p}.input_layernorm.weight")
             if i == 0:
@@ -386,7 +522,7 @@ def write_model(folder: Path, out_path: Path, settings: StreamSettings,
                                                 domain="com.microsoft", epsilon=eps)
             attn = f"{p}.self_attn"
             qkv = g.linear(normed, [f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"],
-                           f"{n}/attn/qkv_proj", settings.bits)
+                           f"{n}/attn/qkv_proj", settings.bits, "qkv")
             out, _, _ = g.node(
                 "GroupQueryAttention", [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                                         seqlens, total_len, "cos_cache", "sin_cache"],
@@ -394,17 +530,17 @@ def write_model(folder: Path, out_path: Path, settings: StreamSettings,
                                                           f"present.{i}.value"],
                 domain="com.microsoft", num_heads=heads, kv_num_heads=kv, scale=1.0 / math.sqrt(head_dim),
                 local_window_size=-1, softcap=0.0, do_rotary=1, rotary_interleaved=0)
-            o = g.linear(out, [f"{attn}.o_proj.weight"], f"{n}/attn/o_proj", settings.bits)
+            o = g.linear(out, [f"{attn}.o_proj.weight"], f"{n}/attn/o_proj", settings.bits, "o")
             post = g.small(f"{p}.post_attention_layernorm.weight", f"{p}.post_attention_layernorm.weight")
             normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [residual, o, post],
                                             f"{n}/post_attention_layernorm/SkipLayerNorm", outputs=4,
                                             domain="com.microsoft", epsilon=eps)
-            gate = g.linear(normed, [f"{p}.mlp.gate_proj.weight"], f"{n}/mlp/gate_proj", settings.bits)
-            up = g.linear(normed, [f"{p}.mlp.up_proj.weight"], f"{n}/mlp/up_proj", settings.bits)
+            gate = g.linear(normed, [f"{p}.mlp.gate_proj.weight"], f"{n}/mlp/gate_proj", settings.bits, "gate_up")
+            up = g.linear(normed, [f"{p}.mlp.up_proj.weight"], f"{n}/mlp/up_proj", settings.bits, "gate_up")
             act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{n}/mlp/act_fn/Sigmoid")[0]],
                          f"{n}/mlp/act_fn/Mul")[0]
             mlp_out = g.linear(g.node("Mul", [act, up], f"{n}/mlp/Mul")[0], [f"{p}.mlp.down_proj.weight"],
-                               f"{n}/mlp/down_proj", settings.bits)
+                               f"{n}/mlp/down_proj", settings.bits, "down")
             if progress is not None:
                 progress(i + 1, layers)
         norm = g.small("model.norm.weight", "model.norm.weight")
@@ -439,5 +575,6 @@ def write_model(folder: Path, out_path: Path, settings: StreamSettings,
                               producer_name="modelpress-stream")
     model.ir_version = 10
     onnx.save_model(model, str(out_path))  # weights are external already: the proto is the graph alone
-    return Written(out_path, layers, kv, head_dim, g.bits, g.max_float, g.params)
+    return Written(out_path, layers, kv, head_dim, g.bits, g.max_float, g.params,
+                   None if table_bits is None else 8)
 

@@ -65,6 +65,8 @@ def test_a_qwen2_with_qkv_biases_matches_torch(tmp_path: Path) -> None:
     module.save_pretrained(tmp_path / "qwen", safe_serialization=True)
     written = stream.write_model(tmp_path / "qwen", tmp_path / "out" / "model.onnx", stream.StreamSettings(bits=None))
     assert any(n.op_type == "Add" and "qkv" in n.name for n in onnx.load(str(written.path)).graph.node)
+    data = written.path.with_name("model.onnx.data").stat().st_size
+    assert data == stream.projected_bytes(config, stream.StreamSettings(bits=None), table_itemsize=4)
     ids, mask = _check_text(256)
     assert check_parity(module, written.path, ids, mask, generate_tokens=8)["greedy_identical"]
 
@@ -74,6 +76,17 @@ def _nbits_of(path: Path) -> dict[str, list[np.ndarray]]:
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     return {n.name.split("/MatMul")[0]: [inits[i].reshape(-1) for i in n.input[1:] if i]
             for n in proto.graph.node if n.op_type == "MatMulNBits"}
+
+
+def _table_of(path: Path) -> list[np.ndarray]:
+    """The token table's arrays: a GatherBlockQuantized's codes, scales, zero points, or a Gather's table."""
+    proto = onnx.load(str(path))
+    inits = {t.name: t for t in proto.graph.initializer}
+    node = next(n for n in proto.graph.node if n.op_type.startswith("Gather") and n.input[0] in inits)
+    if node.op_type == "Gather":
+        t = inits[node.input[0]]
+        return [np.frombuffer(t.raw_data, dtype=np.uint8)] if t.raw_data else [numpy_helper.to_array(t)]
+    return [numpy_helper.to_array(inits[i]).reshape(-1) for i in (node.input[0], *node.input[2:])]
 
 
 @pytest.mark.parametrize("mode", ["int4", "int8_weight"])
@@ -92,6 +105,9 @@ def test_streamed_weights_equal_the_in_memory_quantizer_byte_for_byte(
     if plan.four:
         m = q.nbits(m, plan.four, q._matmul_config(s, 4))
     m = q.nbits(m, plan.eight, q._matmul_config(s, 8))
+    table = [n.name for n in m.graph.node if n.op_type == "Gather" and n.input[0] == "model.embed_tokens.weight"]
+    if mode == "int4":  # the token table at 8 bits, as the quantize pass's default for an untied table
+        assert q.gather_to_8bit(m, table, s.block_size) == []
     onnx.save(m, str(tmp_path / "in-memory.onnx"))
 
     monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 200)  # 3 rows of 64 at a time
@@ -104,6 +120,10 @@ def test_streamed_weights_equal_the_in_memory_quantizer_byte_for_byte(
     bits = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["bits"]
             for n in onnx.load(str(written.path), load_external_data=False).graph.node if n.op_type == "MatMulNBits"}
     assert bits.pop("/lm_head/MatMulNBits") == 8 and set(bits.values()) == {4 if mode == "int4" else 8}
+    tables = [_table_of(tmp_path / "in-memory.onnx"), _table_of(written.path)]
+    assert all(np.array_equal(a, b) for a, b in zip(*tables, strict=True)) and len(tables[1]) == (
+        3 if mode == "int4" else 1)  # codes, scales, zero points at 4 bits; the stored bf16 at 8
+    assert written.embedding_bits == (8 if mode == "int4" else None)
     assert len(LMSession(written.path).generate([5, 6, 7], 6)) == 6
 
 
@@ -114,3 +134,17 @@ def test_unsupported_models_are_named(tmp_path: Path) -> None:
     assert err.value.code == "unsupported_model" and "GPT2LMHeadModel" in err.value.message
 
 
+
+
+@pytest.mark.parametrize("settings", [stream.StreamSettings(), stream.StreamSettings(embedding_bits=8),
+                                      stream.StreamSettings(bits=8, block_size=32, embedding_bits=8),
+                                      stream.StreamSettings(bits=4, block_size=16, symmetric=True, head_bits=None)])
+def test_the_projected_size_is_the_written_size(settings: stream.StreamSettings, llama_dir: Path,
+                                                tmp_path: Path) -> None:
+    """``projected_bytes`` (what README's 8 B figure comes from) counts every byte of the data file."""
+    from transformers import AutoConfig
+
+    written = stream.write_model(llama_dir, tmp_path / "model.onnx", settings)
+    data = (tmp_path / "model.onnx.data").stat().st_size
+    assert data == stream.projected_bytes(AutoConfig.from_pretrained(llama_dir), settings, table_itemsize=4)
+    assert written.embedding_bits == settings.embedding_bits

@@ -111,9 +111,10 @@ def prepare(hessian: np.ndarray, block: int, act_order: bool = True) -> Prepared
     h[dead, dead] = 1.0
     diag = np.diag(h).astype(np.float32)
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(kp)
-    hp = h[perm][:, perm]
-    hp[np.diag_indices(kp)] += DAMP * np.mean(np.diag(hp))
-    return Prepared(k, block, diag, dead, perm, _inverse_cholesky(hp).astype(np.float32))
+    h = h[perm]  # one K^2 float64 copy at a time (at K = 14336, an 8 B model's down_proj, each is 1.6 GB)
+    h = h[:, perm]
+    h[np.diag_indices(kp)] += DAMP * np.mean(np.diag(h))
+    return Prepared(k, block, diag, dead, perm, _inverse_cholesky(h))
 
 
 def quantize_weight(weight: np.ndarray, hessian: np.ndarray | Prepared, bits: int, block: int, symmetric: bool,
@@ -168,23 +169,39 @@ def quantize_weight(weight: np.ndarray, hessian: np.ndarray | Prepared, bits: in
 
 
 def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """The upper Cholesky factor of ``H^-1`` (what GPTQ's updates read) by LAPACK's triangular routines
-    (potrf, potri: a third of a general inverse), more damping if ``H`` is not positive definite."""
+    """The upper Cholesky factor of ``H^-1`` (what GPTQ's updates read), fp32, by LAPACK's triangular routines
+    (potrf, potri: a third of a general inverse), more damping if ``H`` is not positive definite. Works in
+    place on LAPACK's own copy: ``H`` and one more ``K^2`` float64 array at the peak (the results are those of
+    the symmetric ``H^-1`` built whole: potrf reads one triangle)."""
     from scipy.linalg import lapack
 
     damp = 0.0
-    eye = np.eye(h.shape[0])
     for _ in range(6):
-        chol, info = lapack.dpotrf(h + damp * eye, lower=1)
+        chol, info = lapack.dpotrf(h if damp == 0.0 else h + damp * np.eye(h.shape[0]), lower=1)
         if info == 0:
-            inv, info = lapack.dpotri(chol, lower=1)  # H^-1, lower triangle
+            inv, info = lapack.dpotri(chol, lower=1, overwrite_c=1)  # H^-1, lower triangle, in place
+            del chol
             if info == 0:
-                full = np.tril(inv) + np.tril(inv, -1).T
-                upper, info = lapack.dpotrf(full, lower=0)
+                _triangle(inv, copy_lower_up=True)
+                upper, info = lapack.dpotrf(inv, lower=0, overwrite_a=1)
+                del inv
                 if info == 0:
-                    return np.triu(upper)
+                    _triangle(upper, copy_lower_up=False)
+                    return np.array(upper, dtype=np.float32, order="C")
         damp = max(damp * 10, 1e-2 * float(np.mean(np.diag(h))))
     raise RuntimeError("the calibration Hessian is not positive definite even with heavy damping")
+
+
+def _triangle(a: np.ndarray, copy_lower_up: bool, rows: int = 512) -> None:
+    """In place, a block of rows at a time: the strict upper triangle copied from the lower (``copy_lower_up``),
+    else the strict lower triangle zeroed (``np.triu``)."""
+    n = a.shape[0]
+    for i in range(0, n, rows):
+        block = a[i:i + rows]
+        if copy_lower_up:
+            np.copyto(block, a[:, i:i + rows].T, where=np.triu(np.ones(block.shape, dtype=bool), i + 1))
+        else:
+            np.copyto(block, 0.0, where=~np.triu(np.ones(block.shape, dtype=bool), i))
 
 
 def pack(q: Quantized, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -206,7 +223,8 @@ def pack(q: Quantized, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, n
 def hessians(m: onnx.ModelProto, names: list[str], feeds: Iterable[dict[str, np.ndarray]], ctx: PassContext,
              threads: int, session_path: str | None = None, run: Runner | None = None) -> dict[str, np.ndarray]:
     """``X^T X / rows`` of each distinct input ``X`` of the MatMuls ``names``, over the calibration ``feeds``
-    (one graph run per feed; each activation is folded into its Hessian and dropped). ``run(session, names,
+    (one graph run per feed; each activation is folded into its Hessian and dropped; positions a feed's
+    ``attention_mask`` pads are left out). ``run(session, names,
     feed)`` runs the uploaded graph (a ``RunGuard``'s: bounded and cancellable); the session's own by default."""
     import onnx
     import onnxruntime as ort
@@ -235,9 +253,14 @@ def hessians(m: onnx.ModelProto, names: list[str], feeds: Iterable[dict[str, np.
     for feed in feeds:
         ctx.check_cancelled()
         outs = run(sess, acts, feed) if run is not None else sess.run(acts, feed)
+        mask = feed.get("attention_mask")
+        keep = None if mask is None else np.asarray(mask) != 0
         count = 0
         for name, x in zip(acts, outs, strict=True):
-            x2 = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+            x = np.asarray(x, dtype=np.float32)
+            # padded positions carry no text (the pad token's row, attention to nothing): left out, as the
+            # streamed path's layer-by-layer Hessians leave them (worker.lm.calibrate)
+            x2 = x[keep] if keep is not None and x.shape[:2] == keep.shape else x.reshape(-1, x.shape[-1])
             count = x2.shape[0]
             xtx = x2.T @ x2
             sums[name] = sums[name] + xtx if name in sums else xtx

@@ -14,6 +14,7 @@ import numpy as np
 
 from models.spec import QuantizeStep
 from worker.core import JobCancelled, PassContext, StepFailed, WorkingModel
+from worker.lm.stream import quantize_table_8bit, table_block
 from worker.passes.quantizers.files import is_large, name_unnamed_nodes, save, unique_path
 
 if TYPE_CHECKING:
@@ -488,21 +489,15 @@ def gather_to_8bit(m: onnx.ModelProto, names: list[str], block_size: int) -> lis
             skipped.append({"node": node.name, "op_type": "Gather", "reason": "not a [vocab, hidden] table on axis 0"})
             continue
         raw = numpy_helper.to_array(table)
-        w = raw.astype(np.float32)
-        rows, cols = w.shape
-        block = next((b for b in (block_size, 128, 64, 32, 16) if cols % b == 0 and b <= cols), None)
+        cols = raw.shape[1]
+        block = table_block(cols, block_size)
         if block is None:
             skipped.append({"node": node.name, "op_type": "Gather", "reason": f"hidden size {cols} has no block of 16+"})
             continue
-        blocks = w.reshape(rows, cols // block, block)
-        lo = np.minimum(blocks.min(-1), 0.0)
-        hi = np.maximum(blocks.max(-1), 0.0)
-        scale = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
-        zero = np.clip(np.round(-lo / scale), 0, 255).astype(np.uint8)
-        codes = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, 255).astype(np.uint8)
+        codes, scale, zero = quantize_table_8bit(raw.astype(np.float32), block)
         base = f"{table.name}_Q8G{block}"
         m.graph.initializer.extend([
-            numpy_helper.from_array(codes.reshape(rows, cols), base),
+            numpy_helper.from_array(codes, base),
             numpy_helper.from_array(scale.astype(raw.dtype), f"{base}_scales"),
             numpy_helper.from_array(zero, f"{base}_zp"),
         ])
