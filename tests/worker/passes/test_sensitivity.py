@@ -78,7 +78,9 @@ def test_keeps_exactly_the_sensitive_node(tmp_path: Path, digits_mlp: DigitsFile
     names = {n.name for n in onnx.load(str(result.model.onnx_path)).graph.node}
     assert report["kept_float"] == [sensitive] and report["met"] is True
     assert report["judged_by"] == "top1_agreement" and report["value"] >= 0.99 and report["all_quantized"] < 0.5
-    assert report["sensitivity"][0]["node"] == sensitive
+    ranked = report["sensitivity"]  # quantized alone: the outlier layer's loss dwarfs the others'
+    assert ranked[0]["node"] == sensitive and ranked[0]["min_cosine_alone"] < 0.9
+    assert all(r["loss_alone"] < ranked[0]["loss_alone"] / 10 for r in ranked[1:]) and len(ranked) == 3
     assert report["candidates"] == 3 and report["rounds"] == 1 + 3 + 1
     assert f"{sensitive}_MatMul" in names  # the Gemm is still a float MatMul, the others are integer ops
     assert result.metrics["quantized_ops"].get("MatMulInteger", 0) == 2
@@ -105,6 +107,16 @@ def test_accuracy_target_needs_labelled_calibration(tmp_path: Path, digits_mlp: 
     with pytest.raises(StepFailed) as err:
         QuantizePass().run(ctx.load_model("input"), _step(max_accuracy_drop=0.01), ctx)
     assert err.value.code == "calibration_data_unlabelled"
+
+
+def test_rank_puts_the_largest_alone_loss_first_then_the_worst_sample() -> None:
+    measured = [
+        (sensitivity.Score(0.99, 0.995, 0.9990), "attn", "MatMul"),
+        (sensitivity.Score(0.98, 0.990, 0.9970), "ffn", "MatMul"),
+        (sensitivity.Score(0.99, 0.980, 0.9990), "head", "Gemm"),
+        (sensitivity.Score(1.00, 1.000, 1.0000), "tiny", "MatMul"),
+    ]
+    assert [n for _, n, _ in sensitivity.rank(measured)] == ["ffn", "head", "attn", "tiny"]
 
 
 def test_exclusion_names_cover_dynamic_gemm_rename() -> None:
