@@ -8,9 +8,9 @@ and their cost.
 
 Why not leave-one-out (every node quantized but one): on a 6-layer sentence encoder with 36 such nodes each
 adds a small error, and leaving any one out moved the worst sample's cosine by less than the spread between
-nodes (all-MiniLM-L6-v2: 0.984-0.991 around 0.986 all quantized), so the ranking was noise and the greedy
+nodes (all-MiniLM-L6-v2: 0.984-0.991 across nodes, 0.986 all quantized), so the ranking was noise and the greedy
 additions stopped short (0.9892 against 0.99); quantized alone, the FFN projections stood out (an FFN
-output projection 0.9987 mean cosine, attention projections 0.99999).
+output projection at 0.9987 mean cosine, attention projections at 0.9999 and above).
 """
 
 from __future__ import annotations
