@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -37,6 +38,27 @@ def _outlier_model(src: Path, dst: Path) -> str:
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(m, str(dst))
     return first.name
+
+
+def _two_outlier_model(src: Path, dst: Path) -> tuple[str, str]:
+    """``_outlier_model`` plus a second ruined layer: hidden unit 0 of the first layer made dead (zero weights,
+    bias -1: 0 after the ReLU, quantized or not) and a 1000x outlier on the second layer's weights for it."""
+    first = _outlier_model(src, dst)
+    m = onnx.load(str(dst))
+    gemms = [n for n in m.graph.node if n.op_type == "Gemm"]
+    assert gemms[0].name == first and len(gemms) == 3
+    inits = {t.name: t for t in m.graph.initializer}
+
+    def edit(name: str, change: Any) -> None:
+        a = numpy_helper.to_array(inits[name]).copy()
+        change(a)
+        inits[name].CopyFrom(numpy_helper.from_array(a, name))
+
+    edit(gemms[0].input[1], lambda w: w.__setitem__((0, slice(None)), 0.0))  # [out, in] (transB)
+    edit(gemms[0].input[2], lambda b: b.__setitem__(0, -1.0))
+    edit(gemms[1].input[1], lambda w: w.__setitem__((slice(None), 0), 1000.0 * float(np.abs(w).max())))
+    onnx.save(m, str(dst))
+    return first, gemms[1].name
 
 
 def _ctx(tmp_path: Path, files: DigitsFiles, model: Path, calibration: Path | None = None) -> LocalContext:
@@ -78,7 +100,9 @@ def test_keeps_exactly_the_sensitive_node(tmp_path: Path, digits_mlp: DigitsFile
     names = {n.name for n in onnx.load(str(result.model.onnx_path)).graph.node}
     assert report["kept_float"] == [sensitive] and report["met"] is True
     assert report["judged_by"] == "top1_agreement" and report["value"] >= 0.99 and report["all_quantized"] < 0.5
-    assert report["sensitivity"][0]["node"] == sensitive
+    ranked = report["sensitivity"]  # quantized alone: the outlier layer's loss dwarfs the others'
+    assert ranked[0]["node"] == sensitive and ranked[0]["min_cosine_alone"] < 0.9
+    assert all(r["loss_alone"] < ranked[0]["loss_alone"] / 10 for r in ranked[1:]) and len(ranked) == 3
     assert report["candidates"] == 3 and report["rounds"] == 1 + 3 + 1
     assert f"{sensitive}_MatMul" in names  # the Gemm is still a float MatMul, the others are integer ops
     assert result.metrics["quantized_ops"].get("MatMulInteger", 0) == 2
@@ -86,6 +110,27 @@ def test_keeps_exactly_the_sensitive_node(tmp_path: Path, digits_mlp: DigitsFile
     assert isinstance(report["cost"]["latency_ms"], float)
     out = _logits(result.model.onnx_path, x)  # judged on 64 calibration samples, holds on the eval set too
     assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.98
+
+
+def test_two_ruinous_nodes_both_kept_where_leaving_one_out_cannot_tell_them_from_the_harmless_one(
+    tmp_path: Path, digits_mlp: DigitsFiles
+) -> None:
+    # Either ruined layer quantized ruins the output, so with one left out (the old ranking) the worst sample is
+    # as bad for all three; quantized alone, the two stand out and are the two kept, in two greedy rounds.
+    path = tmp_path / "two-outliers.onnx"
+    ruinous = set(_two_outlier_model(digits_mlp.model, path))
+    _, (x, _) = digits_split()
+    ref = _logits(path, x)
+    assert (ref.argmax(1) == _logits(digits_mlp.model, x).argmax(1)).mean() > 0.95  # still a digits classifier
+
+    ctx = _ctx(tmp_path, digits_mlp, path)
+    result = QuantizePass().run(ctx.load_model("input"), _step(min_fidelity=0.99, samples=64, max_nodes=2), ctx)
+    report = result.metrics["auto_exclude"]
+    assert set(report["kept_float"]) == ruinous and report["met"] is True and report["all_quantized"] < 0.5
+    assert {r["node"] for r in report["sensitivity"][:2]} == ruinous and report["rounds"] == 1 + 3 + 2
+    assert report["sensitivity"][2]["loss_alone"] < report["sensitivity"][1]["loss_alone"] / 10
+    assert result.model.onnx_path is not None
+    assert (_logits(result.model.onnx_path, x).argmax(1) == ref.argmax(1)).mean() >= 0.98
 
 
 def test_nothing_kept_when_everything_quantized_meets_the_target(tmp_path: Path, digits_mlp: DigitsFiles) -> None:
@@ -105,6 +150,16 @@ def test_accuracy_target_needs_labelled_calibration(tmp_path: Path, digits_mlp: 
     with pytest.raises(StepFailed) as err:
         QuantizePass().run(ctx.load_model("input"), _step(max_accuracy_drop=0.01), ctx)
     assert err.value.code == "calibration_data_unlabelled"
+
+
+def test_rank_puts_the_largest_alone_loss_first_then_the_worst_sample() -> None:
+    measured = [
+        (sensitivity.Score(0.99, 0.995, 0.9990), "attn", "MatMul"),
+        (sensitivity.Score(0.98, 0.990, 0.9970), "ffn", "MatMul"),
+        (sensitivity.Score(0.99, 0.980, 0.9990), "head", "Gemm"),
+        (sensitivity.Score(1.00, 1.000, 1.0000), "tiny", "MatMul"),
+    ]
+    assert [n for _, n, _ in sensitivity.rank(measured)] == ["ffn", "head", "attn", "tiny"]
 
 
 def test_exclusion_names_cover_dynamic_gemm_rename() -> None:
