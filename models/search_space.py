@@ -309,7 +309,8 @@ def escalations(steps: Sequence[Mapping[str, Any]], constraints: Mapping[str, An
     gets the recipes that fix it (per-channel, calibration method and a lower percentile, sensitivity-guided
     ``auto_exclude``; smaller weight-only blocks, the INT4 head and embeddings at 8 bits, a larger
     ``int8_share``, a data-aware algorithm, 8 bits); a pruned trial gets twice the
-    recovery epochs (up to ``MAX_RECOVERY_EPOCHS``), its loss being the pruning's, unless its recovery
+    recovery epochs (four times them where the model before the last step, or else the trial, lost more than
+    ``FIX_REACH`` times the allowed loss; up to ``MAX_RECOVERY_EPOCHS``), its loss being the pruning's, unless its recovery
     already met the budget before the final quantize step (``prefix_miss``, :func:`prefix_shortfall`, below
     1): then the loss is the quantizer's and that step's fixes come instead, on the same (stage-cached)
     pruned and recovered prefix (more epochs only once no fix is left). ``miss``: the trial's
@@ -326,7 +327,9 @@ def escalations(steps: Sequence[Mapping[str, Any]], constraints: Mapping[str, An
             return []
         i = recover[-1]
         more = [dict(s) for s in plain]
-        more[i] = {**plain[i], "epochs": min(MAX_RECOVERY_EPOCHS, int(plain[i].get("epochs", 3)) * 2)}
+        lost = prefix_miss if prefix_miss is not None else miss
+        factor = 4 if lost is not None and lost > FIX_REACH else 2  # far past the budget: skip a rung
+        more[i] = {**plain[i], "epochs": min(MAX_RECOVERY_EPOCHS, int(plain[i].get("epochs", 3)) * factor)}
         return [more]
     if fixable:
         return [[*plain[:-1], fix] for fix in _quantize_fixes(plain[-1], constraints, calibration)]

@@ -176,8 +176,12 @@ def test_a_quality_miss_escalates_to_the_recipes_that_fix_it() -> None:
     assert escalations(static, {"min_fidelity": 0.99}, calibration=True, miss=far) == []
     near = shortfall({"min_fidelity": 0.99}, {"fidelity": {"min_cosine": 0.9856}}, "feature-extraction")
     assert near == pytest.approx(1.44) and escalations(static, {"min_fidelity": 0.99}, calibration=True, miss=near)
-    # a pruned trial trains on whatever the miss: its loss is the pruning's
-    assert escalations(pruned, {"max_accuracy_drop": 0.01}, calibration=True, miss=50.0) == more
+    # a pruned trial trains on whatever the miss: its loss is the pruning's; far past the budget, 4x the epochs
+    four = [[pruned[0], {**pruned[1], "epochs": 16}, pruned[2]]]
+    assert escalations(pruned, {"max_accuracy_drop": 0.01}, calibration=True, miss=50.0) == four
+    assert escalations(pruned, {"max_accuracy_drop": 0.01}, calibration=True, miss=5.0) == more
+    assert escalations(pruned, {"max_accuracy_drop": 0.01}, calibration=True, miss=50.0, prefix_miss=3.0) == more
+    assert escalations(pruned, {"max_accuracy_drop": 0.01}, calibration=True, miss=6.0, prefix_miss=8.0) == four
     assert shortfall({"max_accuracy_drop": 0.01}, {"budget": {"accuracy_drop": 0.02}}, "generic") == pytest.approx(2.0)
     assert shortfall({"max_accuracy_drop": 0.01}, {"budget": {}}, "generic") is None
 
