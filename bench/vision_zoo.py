@@ -85,6 +85,18 @@ def pages(texts: tuple[str, ...], n: int, seed: int) -> tuple[Any, Any]:
     return x, y
 
 
+def write_pages(work: Path, train: int, evaluate: int, seed: int) -> dict[str, Path]:
+    """The train pages (some licences) and the eval pages (the others) as npz files (``x``, ``labels``)."""
+    import numpy as np
+
+    files = {}
+    for role, texts, n, s in (("train", TRAIN_TEXTS, train, seed), ("eval", EVAL_TEXTS, evaluate, seed + 1)):
+        x, y = pages(texts, n, s)
+        files[role] = work / f"{role}.npz"
+        np.savez(files[role], x=x, labels=y)
+    return files
+
+
 def job_spec(a: argparse.Namespace, model_id: str, data: dict[str, str]) -> dict[str, Any]:
     """The README walkthrough's steps, with this run's epochs, batch and calibration size."""
     return {
@@ -122,15 +134,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _run(a: argparse.Namespace, run_id: str, work: Path) -> dict[str, Any]:
     import httpx
-    import numpy as np
 
     model = locate()
     log(f"model: {model} ({model.stat().st_size / 1e6:.2f} MB)")
-    files = {}
-    for role, texts, n, seed in (("train", TRAIN_TEXTS, a.train, a.seed), ("eval", EVAL_TEXTS, a.eval, a.seed + 1)):
-        x, y = pages(texts, n, seed)
-        files[role] = work / f"{role}.npz"
-        np.savez(files[role], x=x, labels=y)
+    files = write_pages(work, a.train, a.eval, a.seed)
     log(f"pages: {a.train} train, {a.eval} eval")
     with service(a.service, run_id, worker=True) as svc, httpx.Client(base_url=svc.url, timeout=120) as client:
         model_id = upload(client, "models", model, "onnx")["id"]

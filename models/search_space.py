@@ -282,24 +282,56 @@ def _quantize_fixes(q: Mapping[str, Any], constraints: Mapping[str, Any], calibr
     return fixes
 
 
+def prefix_shortfall(constraints: Mapping[str, Any], report: Mapping[str, Any]) -> float | None:
+    """How far the model before a trial's last step (e.g. pruned and distilled, not yet quantized) was from
+    ``max_accuracy_drop``, in multiples of the drop allowed (the step before last's eval of the input's
+    headline metric against the input's); None where not measured (no such constraint, one step, no metric
+    there)."""
+    allowed = _num(constraints.get("max_accuracy_drop"))
+    steps = report.get("steps") or []
+    if allowed is None or len(steps) < 2:
+        return None
+    metric = (report.get("input") or {}).get("metric") or {}
+    start, after = _num(metric.get("value")), steps[-2].get("eval") or {}
+    # an ONNX-form step's eval names its metric; a torch-form one (e.g. after distillation) has it by name
+    before = _num((after.get("metric") or {}).get("value"))
+    if before is None and metric.get("name"):
+        before = _num(after.get(str(metric["name"])))
+    if before is None or start is None:
+        return None
+    return max(0.0, start - before) / max(allowed, 1e-6)
+
+
 def escalations(steps: Sequence[Mapping[str, Any]], constraints: Mapping[str, Any], *,
-                calibration: bool, miss: float | None = None) -> list[list[dict[str, Any]]]:
+                calibration: bool, miss: float | None = None,
+                prefix_miss: float | None = None) -> list[list[dict[str, Any]]]:
     """The trials a quality (accuracy, fidelity, perplexity) miss of ``steps`` escalates to: a quantize step
     gets the recipes that fix it (per-channel, calibration method and a lower percentile, sensitivity-guided
     ``auto_exclude``; smaller weight-only blocks, the INT4 head and embeddings at 8 bits, a larger
     ``int8_share``, a data-aware algorithm, 8 bits); a pruned trial gets twice the
-    recovery epochs (up to ``MAX_RECOVERY_EPOCHS``), its loss being the pruning's. ``miss``: the trial's
+    recovery epochs (four times them where the model before the last step, or else the trial, lost more than
+    ``FIX_REACH`` times the allowed loss; up to ``MAX_RECOVERY_EPOCHS``), its loss being the pruning's, unless its recovery
+    already met the budget before the final quantize step (``prefix_miss``, :func:`prefix_shortfall`, below
+    1): then the loss is the quantizer's and that step's fixes come instead, on the same (stage-cached)
+    pruned and recovered prefix (more epochs only once no fix is left). ``miss``: the trial's
     ``shortfall``; past ``FIX_REACH`` times the allowed loss no quantize fix is tried (None: unknown, tried)."""
     plain = [dict(s) for s in steps]
+    fixable = bool(plain) and plain[-1].get("type") == "quantize" and (miss is None or miss <= FIX_REACH)
     if any(s.get("type") == "prune" for s in plain):  # a pruned model's loss is the pruning's: train more
+        if fixable and prefix_miss is not None and prefix_miss < 1.0:
+            fixes = _quantize_fixes(plain[-1], constraints, calibration)
+            if fixes:
+                return [[*plain[:-1], fix] for fix in fixes]
         recover = [i for i, s in enumerate(plain) if s.get("type") in ("distill", "finetune") and not s.get("student")]
         if not recover or int(plain[recover[-1]].get("epochs", 3)) >= MAX_RECOVERY_EPOCHS:
             return []
         i = recover[-1]
         more = [dict(s) for s in plain]
-        more[i] = {**plain[i], "epochs": min(MAX_RECOVERY_EPOCHS, int(plain[i].get("epochs", 3)) * 2)}
+        lost = prefix_miss if prefix_miss is not None else miss
+        factor = 4 if lost is not None and lost > FIX_REACH else 2  # far past the budget: skip a rung
+        more[i] = {**plain[i], "epochs": min(MAX_RECOVERY_EPOCHS, int(plain[i].get("epochs", 3)) * factor)}
         return [more]
-    if plain and plain[-1].get("type") == "quantize" and (miss is None or miss <= FIX_REACH):
+    if fixable:
         return [[*plain[:-1], fix] for fix in _quantize_fixes(plain[-1], constraints, calibration)]
     return []
 

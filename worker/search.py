@@ -53,6 +53,7 @@ from models.search_space import (
     meets,
     noise_margin,
     pareto,
+    prefix_shortfall,
     shortfall,
     skip_reason,
 )
@@ -299,15 +300,16 @@ def _steps_key(spec: JobSpec, steps: list[dict[str, Any]]) -> str | None:
 
 
 def _escalate(spec: JobSpec, table: list[dict[str, Any]], missed: dict[str, Any],
-              miss: float | None) -> list[dict[str, Any]]:
-    """The recipes a quality miss of ``missed`` (``miss`` times the allowed loss) calls for, as new pending
-    rows placed before the other pending ones (they run next); recipes already in the table are not added."""
+              miss: float | None, prefix_miss: float | None = None) -> list[dict[str, Any]]:
+    """The recipes a quality miss of ``missed`` (``miss`` times the allowed loss; ``prefix_miss``: the
+    same before its last step) calls for, as new pending rows placed before the other pending ones (they
+    run next); recipes already in the table are not added."""
     search = spec.search
     assert search is not None
     seen = {_steps_key(spec, t["steps"]) for t in table}
     rows: list[dict[str, Any]] = []
     for steps in escalations(missed["steps"], search.constraints.model_dump(), calibration=_has_data(spec),
-                             miss=miss):
+                             miss=miss, prefix_miss=prefix_miss):
         key = _steps_key(spec, steps)
         if key is None or key in seen:
             continue
@@ -339,9 +341,10 @@ def _record_ended(s: Session, search_id: str, spec: JobSpec, table: list[dict[st
         misses = t.get("misses") or []
         if t.get("baseline") or not misses or not all(m.startswith("quality") for m in misses):
             continue
-        miss = shortfall(constraints, (child.result or {}).get("report") or {}, spec.task)
-        t["shortfall"] = miss
-        for row in _escalate(spec, table, t, miss):
+        report = (child.result or {}).get("report") or {}
+        miss, prefix = shortfall(constraints, report, spec.task), prefix_shortfall(constraints, report)
+        t["shortfall"], t["prefix_shortfall"] = miss, prefix
+        for row in _escalate(spec, table, t, miss, prefix):
             s.add(JobEvent(job_id=search_id, kind="log", data={"trial": _trial_view(row)},
                            message=f"trial {row['index']} ({row['label']}) added: trial {t['index']} missed "
                                    f"{'; '.join(misses)}"))

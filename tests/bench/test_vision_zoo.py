@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
-from bench.vision_zoo import EVAL_TEXTS, job_spec, pages
+from bench.vision_zoo import EVAL_TEXTS, job_spec, pages, write_pages
 
 
 def test_pages_are_seeded_quarter_turns_of_text() -> None:
@@ -29,3 +30,11 @@ def test_the_spec_is_the_walkthrough() -> None:
     assert [(s["type"], s.get("method") or s.get("mode")) for s in spec["steps"]] == [
         ("prune", "structured"), ("distill", None), ("quantize", "static")]
     assert spec["steps"][0]["ratio"] == 0.5 and spec["data"] == {"train": "ds_t", "eval": "ds_e"}
+
+
+def test_the_pages_files_hold_train_and_held_out_eval_pages(tmp_path: Path) -> None:
+    files = write_pages(tmp_path, 4, 2, seed=5)
+    assert set(files) == {"train", "eval"}
+    train, evald = np.load(files["train"]), np.load(files["eval"])
+    assert train["x"].shape == (4, 3, 224, 224) and train["labels"].tolist() == [0, 1, 2, 3]
+    assert evald["x"].shape == (2, 3, 224, 224) and np.array_equal(evald["x"], pages(EVAL_TEXTS, 2, seed=6)[0])

@@ -19,6 +19,7 @@ from models.search_space import (
     meets,
     noise_margin,
     pareto,
+    prefix_shortfall,
     shortfall,
     skip_reason,
     worst_fidelity,
@@ -175,10 +176,56 @@ def test_a_quality_miss_escalates_to_the_recipes_that_fix_it() -> None:
     assert escalations(static, {"min_fidelity": 0.99}, calibration=True, miss=far) == []
     near = shortfall({"min_fidelity": 0.99}, {"fidelity": {"min_cosine": 0.9856}}, "feature-extraction")
     assert near == pytest.approx(1.44) and escalations(static, {"min_fidelity": 0.99}, calibration=True, miss=near)
-    # a pruned trial trains on whatever the miss: its loss is the pruning's
-    assert escalations(pruned, {"max_accuracy_drop": 0.01}, calibration=True, miss=50.0) == more
+    # a pruned trial trains on whatever the miss: its loss is the pruning's; far past the budget, 4x the epochs
+    four = [[pruned[0], {**pruned[1], "epochs": 16}, pruned[2]]]
+    assert escalations(pruned, {"max_accuracy_drop": 0.01}, calibration=True, miss=50.0) == four
+    assert escalations(pruned, {"max_accuracy_drop": 0.01}, calibration=True, miss=5.0) == more
+    assert escalations(pruned, {"max_accuracy_drop": 0.01}, calibration=True, miss=50.0, prefix_miss=3.0) == more
+    assert escalations(pruned, {"max_accuracy_drop": 0.01}, calibration=True, miss=6.0, prefix_miss=8.0) == four
     assert shortfall({"max_accuracy_drop": 0.01}, {"budget": {"accuracy_drop": 0.02}}, "generic") == pytest.approx(2.0)
     assert shortfall({"max_accuracy_drop": 0.01}, {"budget": {}}, "generic") is None
+
+
+def _stepped(input_top1: float, per_step: list[float | None]) -> dict:
+    """A trial's report: the input's top-1 and each step's eval top-1 (None: not measured)."""
+    return {"input": {"metric": {"name": "accuracy", "value": input_top1}},
+            "steps": [{"eval": {} if v is None else {"metric": {"name": "accuracy", "value": v}}} for v in per_step]}
+
+
+def test_the_loss_before_the_last_step_is_read_from_its_eval() -> None:
+    acc = {"max_accuracy_drop": 0.01}
+    assert prefix_shortfall(acc, _stepped(1.0, [0.25, 0.995, 0.98])) == pytest.approx(0.5)
+    assert prefix_shortfall(acc, _stepped(0.9, [0.95, 0.8])) == 0.0  # the prefix beat the input: no loss
+    assert prefix_shortfall(acc, _stepped(1.0, [0.25, None, 0.98])) is None
+    assert prefix_shortfall(acc, _stepped(1.0, [0.98])) is None  # one step: no prefix
+    assert prefix_shortfall({"min_fidelity": 0.99}, _stepped(1.0, [0.9, 0.98])) is None
+    # a torch-form step's eval (after distillation) holds the metric under its name
+    torch_form = _stepped(1.0, [0.25, None, 0.98])
+    torch_form["steps"][1]["eval"] = {"measured": True, "accuracy": 0.97}
+    assert prefix_shortfall(acc, torch_form) == pytest.approx(3.0)
+
+
+def test_a_pruned_trial_whose_recovery_met_the_budget_gets_the_quantize_fixes_on_the_same_prefix() -> None:
+    acc = {"max_accuracy_drop": 0.01}
+    pruned = [{"type": "prune", "ratio": 0.5}, {"type": "distill", "epochs": 8}, {"type": "quantize", "mode": "static"}]
+    fixes = escalations(pruned, acc, calibration=True, miss=2.0, prefix_miss=0.5)
+    assert [f[:2] for f in fixes] == [pruned[:2]] * 3  # the pruned, recovered prefix unchanged (stage-cached)
+    assert [estimate(f[2:]).label for f in fixes] == [
+        "quantize (static percentile 99.99)", "quantize (static entropy)", "quantize (static auto_exclude)"]
+    _valid(fixes, train="t", eval="e")
+    # the recovery used the whole budget (or more), or it was not measured: train more, as before
+    more = [[*pruned[:1], {**pruned[1], "epochs": 16}, pruned[2]]]
+    assert escalations(pruned, acc, calibration=True, miss=2.0, prefix_miss=1.0) == more
+    assert escalations(pruned, acc, calibration=True, miss=2.0) == more
+    # a hopeless quantizer miss tries no fix: more epochs instead
+    assert escalations(pruned, acc, calibration=True, miss=50.0, prefix_miss=0.0) == more
+    # no fix left for the quantizer (a weight-only step at its smallest block, 8 bits): more epochs
+    last = [*pruned[:2], {"type": "quantize", "mode": "int8_weight", "block_size": 32}]
+    assert escalations(last, acc, calibration=True, miss=2.0, prefix_miss=0.0) == [
+        [*pruned[:1], {**pruned[1], "epochs": 16}, last[2]]]
+    # a fix that missed again gets its own next fix (a lower percentile), still on the same prefix
+    again = escalations(fixes[0], acc, calibration=True, miss=1.5, prefix_miss=0.5)
+    assert [f[2]["calibration"] for f in again][:1] == [{"method": "percentile", "percentile": 99.9}]
 
 
 def test_a_winner_must_beat_the_input_by_more_than_the_noise() -> None:

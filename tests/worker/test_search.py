@@ -219,6 +219,36 @@ def test_a_quality_miss_runs_its_escalation_next(pg_env: str, monkeypatch: pytes
     assert len(third) == 1 and third[0].spec["steps"][0]["calibration"]["method"] == "percentile"
 
 
+def test_a_pruned_trial_that_lost_its_accuracy_in_the_quantizer_gets_its_fixes_on_the_same_prefix(
+    pg_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.celery_app.enqueue_job", lambda job_id, queue: None)
+    pruned = [{"type": "prune", "ratio": 0.5}, {"type": "distill", "epochs": 4}, {"type": "quantize", "mode": "static"}]
+    spec = _spec([pruned], data={"train": "ds_t", "eval": "ds_e"}, constraints={"max_accuracy_drop": 0.01},
+                 parallelism=1, objective="size", budget={"max_trials": 4})
+    parent, _ = _rows(spec, search.plan(spec, "onnx", {}))
+    search.advance(parent)
+    (first,) = _kids(parent)
+
+    def report(after_distill: float) -> dict[str, Any]:  # top-1 0.95 in, 0.93 out: 2 points lost in all
+        steps = [{"eval": {"accuracy": 0.3}}, {"eval": {"accuracy": after_distill}}, {"eval": {}}]
+        return {**_report(0.02), "input": {"size_bytes": 1000, "latency_ms": {"median": 1.0},
+                                           "metric": {"name": "accuracy", "value": 0.95}}, "steps": steps}
+
+    _end(first.id, "failed", report(after_distill=0.945))  # the distilled model was within half a point
+    search.advance(parent)
+    second = next(k for k in _kids(parent) if k.id != first.id)
+    assert second.spec["steps"][:2] == first.spec["steps"][:2]  # prune and distill as they were: cached
+    assert second.spec["steps"][2]["calibration"]["method"] == "percentile"
+    trials = _search(parent).progress["metrics"]["search"]["trials"]  # type: ignore[index]
+    assert trials[0]["prefix_shortfall"] == pytest.approx(0.5) and trials[0]["shortfall"] == pytest.approx(2.0)
+    _end(second.id, "failed", report(after_distill=0.93))  # as it was lost in the distillation: train more
+    search.advance(parent)
+    rows = _search(parent).progress["metrics"]["search"]["trials"]  # type: ignore[index]
+    added = [t for t in rows if t.get("escalated_from") == rows[1]["index"]]
+    assert [t["steps"][1]["epochs"] for t in added] == [8]
+
+
 # -- faults and cancels in every phase -------------------------------------------------------------------
 
 
