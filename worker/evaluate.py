@@ -19,6 +19,7 @@ from models.spec import ACCURACY_TASKS
 from worker.ort_guard import RunGuard
 
 if TYPE_CHECKING:
+    import onnx
     import onnxruntime as ort
 
     from models.spec import EvaluateConfig
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
 
 # Sizes used for dynamic non-batch dims when there is no data to copy a shape from.
 _SYNTHETIC_DIM = 16
+# Ops whose output for one sample depends on the other samples of its batch: ONNX Runtime's dynamic quantization
+# takes each activation's scale over the whole tensor, batch included. A model holding one is evaluated one
+# deployment-sized batch (the latency batch, 1 by default) at a time, so its metrics are what a request sees.
+BATCH_COUPLED_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul"})
 
 
 class Evaluation(dict[str, Any]):
@@ -315,6 +320,13 @@ def compute_metrics(
     return report
 
 
+def eval_batch_size(proto: onnx.ModelProto, batch_size: int, deploy_batch: int) -> int:
+    """The batch to run eval rows in: ``batch_size``, or ``deploy_batch`` when the graph's outputs for a row
+    depend on the rows batched with it (:data:`BATCH_COUPLED_OPS`)."""
+    coupled = any(n.op_type in BATCH_COUPLED_OPS for n in proto.graph.node)
+    return min(batch_size, deploy_batch) if coupled else batch_size
+
+
 def _sample_shapes(data: ArrayDataset | None) -> dict[str, list[int]]:
     if data is None:
         return {}
@@ -347,6 +359,7 @@ def evaluate(
     report: dict[str, Any] = {
         "size_bytes": model_size_bytes(onnx_path, proto),
         "params": count_params(proto),
+        "eval_batch_size": eval_batch_size(proto, cfg.batch_size, cfg.latency.batch_size),
     }
     del proto
     if data is not None and cfg.max_samples is not None:
@@ -379,7 +392,7 @@ def _run_evaluation(
         }
     outputs: dict[str, np.ndarray] | None = None
     if data is not None and len(data):
-        outputs = runner.run_all(data.inputs, cfg.batch_size, check_cancelled, guard)
+        outputs = runner.run_all(data.inputs, report["eval_batch_size"], check_cancelled, guard)
         report["num_samples"] = len(data)
         report.update(compute_metrics(outputs, data, task, reference_outputs))
     else:

@@ -102,6 +102,33 @@ def test_fixed_batch_model_runs_sample_by_sample(tmp_path: Path, digits_mlp: Dig
     assert ev["accuracy"] == pytest.approx(expected)
 
 
+def test_a_dynamically_quantized_model_is_evaluated_one_request_at_a_time(
+    tmp_path: Path, digits_mlp: DigitsFiles
+) -> None:
+    """Dynamic INT8 scales each activation over the whole batch: its outputs are those of the latency batch's
+    calls (one row a call here), never of eval batches whose rows change each other's results."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dyn = tmp_path / "dynamic.onnx"
+    quantize_dynamic(str(digits_mlp.model), str(dyn), weight_type=QuantType.QInt8)
+    data = _eval_data().take(64)
+    x = data.inputs["pixels"].copy()
+    x[0] *= 50.0  # one loud row: batched with it, every other row's activations get a coarse scale
+    data = ArrayDataset({"pixels": x}, data.labels)
+    cfg = EvaluateConfig.model_validate({"metrics": ["accuracy"], "batch_size": 64, "latency": {"batch_size": 1}})
+    ev = evaluate(dyn, data, cfg, "image-classification")
+    assert ev["eval_batch_size"] == 1
+    sess = ort.InferenceSession(str(dyn), providers=["CPUExecutionProvider"])
+    one_by_one = np.concatenate([sess.run(None, {"pixels": x[i : i + 1]})[0] for i in range(len(x))])
+    batched = sess.run(None, {"pixels": x})[0]
+    assert ev.outputs is not None
+    np.testing.assert_array_equal(ev.outputs["logits"], one_by_one)
+    assert np.abs(batched - one_by_one)[1:].max() > 1e-3  # the batch really does couple the rows
+    # a float model keeps the eval batch
+    assert evaluate(digits_mlp.model, data, cfg, "image-classification")["eval_batch_size"] == 64
+
+
 def test_feature_extraction_metric_is_cosine_to_the_input_embeddings(tmp_path: Path) -> None:
     import torch
 

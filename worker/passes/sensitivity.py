@@ -81,10 +81,13 @@ def rank(measured: list[tuple[Score, str, str]]) -> list[tuple[Score, str, str]]
 
 
 def _outputs(path: Path, data: ArrayDataset, guard: RunGuard) -> np.ndarray:
-    from worker.evaluate import _Runner, make_session
+    import onnx
 
+    from worker.evaluate import _Runner, eval_batch_size, make_session
+
+    batch = eval_batch_size(onnx.load(str(path), load_external_data=False), 64, 1)  # as the evaluation runs it
     runner = _Runner(make_session(path, 1))
-    outs = runner.run_all(data.inputs, 64, guard.check_cancelled, guard)
+    outs = runner.run_all(data.inputs, batch, guard.check_cancelled, guard)
     return outs[runner.output_names[0]]
 
 
