@@ -28,7 +28,8 @@ def _eval_text(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.inputs["input_ids"], data.inputs["attention_mask"]
 
 
-@pytest.mark.parametrize(("kind", "method"), [("llama", "torch"), ("gpt2", "torch"), ("llama", "genai")])
+@pytest.mark.parametrize(("kind", "method"), [("llama", "torch"), ("gpt2", "torch"), ("llama", "genai"),
+                                             ("gemma3", "genai")])
 def test_export_generates_the_same_tokens_as_torch(
     kind: str, method: str, lm_dirs: Callable[[str], Path], tmp_path: Path
 ) -> None:
@@ -41,7 +42,7 @@ def test_export_generates_the_same_tokens_as_torch(
     assert layout.method == method
     assert layout.opset == (17 if method == "torch" else LMLayout.from_onnx(path).opset)
     assert layout.layers == 4 and layout.head_dim == 16
-    assert layout.kv_heads == (2 if kind == "llama" else 4)  # GQA: 4 query heads share 2 kv heads
+    assert layout.kv_heads == (4 if kind == "gpt2" else 2)  # GQA: 4 query heads share 2 kv heads
     assert layout.parity["greedy_identical"] and layout.parity["max_abs_diff"] < 1e-4
     assert not list(tmp_path.glob("*.data")), "a small model is one file"
     graph = onnx.load(str(path), load_external_data=False).graph
