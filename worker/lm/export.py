@@ -325,14 +325,18 @@ def _fix_head_dim(proto: Any, head_dim: int) -> None:
 
 
 @contextlib.contextmanager
-def _rope_per_layer_type(builder: Any) -> Iterator[None]:
-    """While the builder runs: its ``Gemma3Model`` reads transformers 4's flat RoPE names (``rope_theta``,
-    ``rope_local_base_freq``, ``rope_parameters["rope_type"]``), transformers 5 writes one ``rope_parameters``
-    per layer type (``full_attention``, ``sliding_attention``); the config it loads is flattened to the old
-    names (the global layers' parameters, the local theta) before the builder reads it."""
+def _gemma3_as_transformers_5_writes_it(builder: Any) -> Iterator[None]:
+    """While the builder runs, two fixes to its ``Gemma3Model``:
+
+    - it reads transformers 4's flat RoPE names (``rope_theta``, ``rope_local_base_freq``,
+      ``rope_parameters["rope_type"]``), transformers 5 writes one ``rope_parameters`` per layer type
+      (``full_attention``, ``sliding_attention``): the config it loads is flattened to the old names (the global
+      layers' parameters, the local theta) before the builder reads it;
+    - it scales the embedding by sqrt(hidden) rounded to 2 decimals (25.3 for Gemma-3-270M's 640, transformers
+      uses 25.298): the exact value, so that an fp32 export matches torch."""
     original = builder.Gemma3Model
 
-    class Gemma3Flat(original):  # type: ignore[misc, valid-type]
+    class Gemma3Exact(original):  # type: ignore[misc, valid-type]
         def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
             rope = getattr(config, "rope_parameters", None)
             if isinstance(rope, dict) and "full_attention" in rope:
@@ -340,8 +344,9 @@ def _rope_per_layer_type(builder: Any) -> Iterator[None]:
                 config.rope_theta = rope["full_attention"]["rope_theta"]
                 config.rope_parameters = dict(rope["full_attention"])
             super().__init__(config, *args, **kwargs)
+            self.embed_attrs["scale"] = float(np.float32(self.hidden_size) ** np.float32(0.5))
 
-    builder.Gemma3Model = Gemma3Flat
+    builder.Gemma3Model = Gemma3Exact
     try:
         yield
     finally:
@@ -368,7 +373,7 @@ def genai_export(module: Any, out_path: Path, hf_dir: Path | None) -> LMLayout:
             raise StepFailed("export_failed", "the genai builder needs the model's tokenizer files (hf_dir)")
         try:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
-                    warnings.catch_warnings(), _rope_per_layer_type(builder):
+                    warnings.catch_warnings(), _gemma3_as_transformers_5_writes_it(builder):
                 warnings.simplefilter("ignore")
                 opts = builder.parse_extra_options(None, str(src), str(dst), "fp32", "cpu", str(cache),
                                                    ["hf_token=false", "filename=model.onnx",
