@@ -79,6 +79,17 @@ def test_auto_picks_genai_where_the_builder_supports_the_architecture(lm_dirs: C
     assert err.value.code == "export_failed" and "GPT2LMHeadModel" in err.value.message
 
 
+def test_gemma3_embedding_scale_is_exact_where_sqrt_hidden_is_not_round(tmp_path: Path) -> None:
+    """hidden 96: sqrt 9.798, which the builder rounds to 9.8 (max logit diff 9.5e-5 measured); exact, 1e-6."""
+    from tests.factories_lm import tiny_lm_dir
+
+    folder = tiny_lm_dir(tmp_path / "hf", kind="gemma3", layers=2, hidden=96, heads=2, kv_heads=1)
+    ids, mask = _eval_text(folder)
+    layout = export_causal_lm(load_lm(folder), tmp_path / "model.onnx", hf_dir=folder, method="genai",
+                              check_ids=ids, check_mask=mask, generate_tokens=4)
+    assert layout.parity["max_abs_diff"] < 1e-5, layout.parity
+
+
 def test_parity_check_fails_on_a_file_that_is_not_the_module(llama_onnx: tuple[Path, LMLayout], llama_dir: Path) -> None:
     import torch
 
