@@ -209,10 +209,12 @@ def perplexity(session: Any, rows: np.ndarray, batch: int = 8) -> float:
     nll, count = 0.0, 0
     for i in range(0, len(rows), batch):
         ids = rows[i : i + batch]
-        logits = np.asarray(session.logits(ids, np.ones_like(ids)), dtype=np.float64)[:, :-1]
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        nll -= float(np.take_along_axis(logp, ids[:, 1:, None], -1).sum())
+        out = session.logits(ids, np.ones_like(ids))
+        for j in range(len(ids)):  # float64 one row at a time: a 262k vocabulary makes a batch's copy GBs
+            logits = np.asarray(out[j, :-1], dtype=np.float64)
+            logits -= logits.max(-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            nll -= float(np.take_along_axis(logp, ids[j, 1:, None], -1).sum())
         count += ids[:, 1:].size
     return math.exp(nll / count)
 

@@ -361,7 +361,18 @@ def service_run(a: argparse.Namespace) -> dict[str, Any]:
                     log(f"{name} {label}: {rows[label]['size_mb']:.1f} MB, {100 * rows[label]['ppl_increase']:+.1f} %")
             for label, tps in decode_tps({"fp32": fp32, "ours": ours}, a.threads).items():
                 rows["fp32" if label == "fp32" else "ours (int4 defaults, via the API)"]["decode_tok_s"] = tps
-            rows.update(llama_cpp_peers(name, ev, a, ref["perplexity"]))
+            ours_label = "ours (int4 defaults, via the API)"
+            for label, row in llama_cpp_peers(name, ev, a, ref["perplexity"], {ours_label: ours}).items():
+                if label == ours_label:  # its decode speed in the same interleaved rounds as llama.cpp's
+                    rows[label].update(row)
+                else:
+                    rows[label] = row
+            q4km = next((r for label, r in rows.items() if label.startswith("llama.cpp Q4_K_M")), {})
+            if "decode_tok_s_beside_llama_cpp" in rows[ours_label] and "decode_tok_s" in q4km:
+                ratio = rows[ours_label]["decode_tok_s_beside_llama_cpp"] / q4km["decode_tok_s"]
+                rows[ours_label]["decode_ratio_vs_llama_cpp_q4_k_m"] = ratio
+                print(f"\n{name} decode, same interleaved rounds: ours {rows[ours_label]['decode_tok_s_beside_llama_cpp']:.1f}"
+                      f" tok/s vs llama.cpp Q4_K_M {q4km['decode_tok_s']:.1f} tok/s: {ratio:.2f}x")
             wo = next((s.get("metrics", {}).get("weight_only") for s in report.get("steps", [])
                        if isinstance(s, dict) and (s.get("metrics") or {}).get("weight_only")), None)
             if search is not None:
@@ -394,12 +405,14 @@ LLAMA_CPP_TYPES = ("F32", "Q8_0", "Q4_K_M", "Q4_0")  # llama-quantize type names
 PROTOCOL_TOLERANCE = 0.01  # llama.cpp's F32 perplexity vs our fp32 ONNX one: the same weights and protocol
 
 
-def llama_cpp_peers(name: str, ev: np.ndarray, a: argparse.Namespace, ref_ppl: float) -> dict[str, Any]:
+def llama_cpp_peers(name: str, ev: np.ndarray, a: argparse.Namespace, ref_ppl: float,
+                    onnx: dict[str, Path] | None = None) -> dict[str, Any]:
     """llama.cpp's Q8_0 / Q4_K_M / Q4_0 of the same rotated weights (``llama-quantize`` on their F32 GGUF) through
     ik_llama.cpp's wheel, each file measured in a subprocess (``bench.zoo_llama_cpp``): perplexity on the same
     token rows (a fresh sequence per row, no BOS, like ours) and decode tokens/s at ``--threads``. The F32 file
     comes first: its perplexity must match our fp32 ONNX one (the check that the protocols agree). Decode
-    speeds: one more subprocess, the files interleaved round by round.
+    speeds: one more subprocess, the files interleaved round by round, with ``onnx``'s files (label -> path) in
+    the same rounds: their speeds come back as ``{label: {"decode_tok_s_beside_llama_cpp": ...}}``.
 
     The subprocess gets ``OMP_WAIT_POLICY=PASSIVE`` unless the caller set one: ik_llama.cpp's CPU threads are
     OpenMP threads, and their spinning barriers collapse on a shared machine (measured here, 2 threads, load
@@ -447,10 +460,14 @@ def llama_cpp_peers(name: str, ev: np.ndarray, a: argparse.Namespace, ref_ppl: f
             print(f"protocol check: llama.cpp F32 perplexity {row['perplexity']:.4f} vs fp32 ONNX {ref_ppl:.4f} "
                   f"({100 * row['ppl_increase']:+.3f} %, tolerance {100 * PROTOCOL_TOLERANCE:.0f} %): "
                   f"{'same protocol' if ok else 'MISMATCH: the llama.cpp rows are not comparable'}")
-    speeds = call("decode", str(rows_file), str(a.threads), *files.values()) or {}
+    ours = {label: str(path) for label, path in (onnx or {}).items()}
+    speeds = call("decode", str(rows_file), str(a.threads), *files.values(), *ours.values()) or {}
     for label, path in files.items():
         if path in speeds:
             out[label]["decode_tok_s"] = speeds[path]
+    for label, path in ours.items():
+        if path in speeds:
+            out[label] = {"decode_tok_s_beside_llama_cpp": speeds[path]}
     return out
 
 

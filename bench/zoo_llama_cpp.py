@@ -6,7 +6,8 @@ module in a subprocess so the C libraries never load in the bench's own process)
 (a ``llama-quantize`` type name: Q8_0, Q4_K_M, Q4_0; ``F32`` measures ``SRC`` as it is) unless ``DST`` exists,
 then prints one JSON line: size and perplexity over the token rows.
 ``python -m bench.zoo_llama_cpp decode ROWS.npy THREADS FILE...`` prints one JSON line: each file's greedy decode
-tokens/s, the files interleaved round by round (a busy minute on a shared machine hits all of them).
+tokens/s, the files interleaved round by round (a busy minute on a shared machine hits all of them); a ``.onnx``
+file runs through ONNX Runtime in the same rounds (our INT4 file beside llama.cpp's).
 
 The protocol is ``bench.llm_pipeline.perplexity``'s: each row (token ids from our HF tokenizer, the GGUF's
 vocabulary) is one fresh sequence with no BOS added; every position's next-token NLL is scored, the first token
@@ -100,10 +101,29 @@ class Runner:
         return new / (time.perf_counter() - t0)
 
 
+class OnnxRunner:
+    """An LM ONNX file (``worker.lm.session.LMSession``) timed like ``Runner``: in the same process and the
+    same rounds as the llama.cpp files, so that a busy minute on a shared machine hits both."""
+
+    def __init__(self, path: str, threads: int) -> None:
+        from pathlib import Path
+
+        from worker.lm.session import LMSession
+
+        self.session = LMSession(Path(path), threads=threads)
+
+    def decode_tps(self, prompt: list[int], new: int = 64) -> float:
+        """Tokens/s of ``new`` greedy tokens after a prompt as long as ``prompt`` (``LMSession.time_decode``:
+        one warm-up decode, then one timed)."""
+        return float(self.session.time_decode(len(prompt), new, 1)["tokens_per_s"])
+
+
 def decode_speeds(files: list[str], rows_file: str, threads: int, rounds: int = 3) -> dict[str, float]:
-    """Best of ``rounds`` interleaved rounds per file: batch 1, the first row's 64 tokens as prompt, 64 new."""
+    """Best of ``rounds`` interleaved rounds per file (GGUF, or ``.onnx`` through ONNX Runtime): batch 1, the
+    first row's 64 tokens as prompt, 64 new."""
     prompt = [int(t) for t in np.load(rows_file)[0][:64]]
-    runners = {f: Runner(f, 256, threads) for f in files}
+    runners: dict[str, Runner | OnnxRunner] = {
+        f: OnnxRunner(f, threads) if f.endswith(".onnx") else Runner(f, 256, threads) for f in files}
     seen: dict[str, list[float]] = {f: [] for f in files}
     for _ in range(rounds):
         for f, runner in runners.items():

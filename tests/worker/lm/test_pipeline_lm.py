@@ -186,3 +186,23 @@ def test_the_input_is_exported_once_for_its_evaluation_and_the_first_step(
     assert [p.parent.name for p in exports] == ["input"]
     assert result.report["output"]["size_bytes"] < 0.5 * result.report["input"]["size_bytes"]
     assert {n.op_type for n in __import__("onnx").load(str(result.output_path)).graph.node} >= {"MatMulNBits"}
+
+
+def test_a_gemma3_model_exports_and_quantizes_to_int4_through_the_job_path(
+    tmp_path: Path, lm_dirs: Callable[[str], Path], tokenizer: Any
+) -> None:
+    """Gemma 3 (sandwich norms, q/k norms, 1 + w gains, tied head, sliding-window layers shorter than the
+    eval rows): the builder's export, then int4, loads and stays near the fp32 file's perplexity."""
+    folder = lm_dirs("gemma3")
+    spec = _spec([{"type": "export"}, {"type": "quantize", "mode": "int4"}])
+    result = pipeline.run(spec, _ctx(tmp_path, spec, folder, tokenizer))
+    b, a = result.report["input"], result.report["output"]
+
+    export = result.report["steps"][0]["metrics"]
+    assert export["method"] == "genai" and export["greedy_identical"] and export["max_abs_diff"] < 1e-4
+    assert {n.op_type for n in __import__("onnx").load(str(result.output_path)).graph.node} >= {"MatMulNBits"}
+    assert a["size_bytes"] < 0.6 * b["size_bytes"]
+    assert b["perplexity"] > 10 and a["perplexity"] < 1.05 * b["perplexity"], (b["perplexity"], a["perplexity"])
+    assert a["agreement"]["mean_kl"] < 0.01  # top-1 is a coin toss on a random-init model's flat logits
+    sess = LMSession(result.output_path)
+    assert len(sess.generate([5, 6, 7], 24)) == 24  # past the 16-token window
