@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.spec import step_label
+from models.spec import ExportStep, step_label
 from worker import recheck
 from worker.core import WorkingModel
 from worker.families import Family, family_for
-from worker.passes.base import Pass
+from worker.passes.base import Pass, PassResult
+from worker.passes.export import ExportPass, export_metrics
 from worker.stages import PipelineResult, build_report, timed
 from worker.stages import stage as _stage
 
@@ -79,11 +80,17 @@ def run(spec: JobSpec, ctx: PipelineContext, cache: StageCache | None = None) ->
         ctx.begin_step(i + 1, total, label)
         with _stage(f"steps[{i}] {step.type}"):
             p = pass_for(step.type)
-            if i == 0 and resumed is None and p.takes == "onnx" and model.form != "onnx":
-                model = baseline_onnx  # the input's export, evaluated above: one export per model per job
-            model = _to_form(model, p.takes, ctx, opset, f"step{i}", family)
+            first = i == 0 and resumed is None and model.form != "onnx"
             t0 = time.perf_counter()
-            result = p.run(model, step, ctx)
+            if first and isinstance(step, ExportStep) and ExportPass.repeats(step, opset):
+                # an export step that asks for the input's export, evaluated above: one export per model per job
+                result = PassResult(baseline_onnx, {**export_metrics(baseline_onnx, opset), "reused": "input"})
+            else:
+                if first and p.takes == "onnx":
+                    model = baseline_onnx  # the input's export, evaluated above: one export per model per job
+                model = _to_form(model, p.takes, ctx, opset, f"step{i}", family)
+                t0 = time.perf_counter()
+                result = p.run(model, step, ctx)
             wall = time.perf_counter() - t0
             model = result.model
             ctx.check_cancelled()

@@ -31,11 +31,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "calibration": (calibration, "text", inspect_text(calibration))}
 
 
-def _run(tmp_path: Path, files: dict[str, Any], step: dict[str, Any], calibrate: bool = False,
-         ) -> pipeline.PipelineResult:
+def _run(tmp_path: Path, files: dict[str, Any], step: dict[str, Any] | list[dict[str, Any]],
+         calibrate: bool = False) -> pipeline.PipelineResult:
     data = {"eval": "ds_eval", **({"calibration": "ds_cal"} if calibrate else {})}
+    steps = step if isinstance(step, list) else [step]
     spec = JobSpec.model_validate({"model": "mdl_lm", "task": "text-generation", "data": data,
-                                   "steps": [step], "evaluate": FAST})
+                                   "steps": steps, "evaluate": FAST})
     ctx = LocalContext(tmp_path, spec, models={"mdl_lm": files["model"]},
                        datasets={"ds_eval": files["eval"], "ds_cal": files["calibration"]}, device="cpu")
     return pipeline.run(spec, ctx)
@@ -119,3 +120,19 @@ def test_steps_the_writer_cannot_do_go_the_in_memory_way() -> None:
         {"type": "quantize", "mode": "int4", "algorithm": "gptq", "quantize_embeddings": False})) is None
     assert memory_fit.in_memory_fits(100_000_000, memory=24 * 1024**3)
     assert not memory_fit.in_memory_fits(1_200_000_000, memory=24 * 1024**3)
+
+
+def test_an_export_step_first_is_the_inputs_export_reused(
+    tmp_path: Path, files: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``export -> quantize``: the input's export, made to evaluate it, is the export step's (parity included);
+    an export step asking for other settings exports again."""
+    exports = _count_exports(monkeypatch)
+    report = _run(tmp_path / "same", files, [{"type": "export"}, {"type": "quantize", "mode": "int4"}]).report
+    assert len(exports) == 1 and exports[0].parent.name == "input"
+    export = report["steps"][0]["metrics"]
+    assert export["reused"] == "input" and export["size_bytes"] > 0 and "opset" in export
+    assert report["steps"][1]["metrics"]["weight_only"]["algorithm"] == "rtn"
+    exports.clear()
+    _run(tmp_path / "other", files, [{"type": "export", "atol": 0.01}, {"type": "quantize", "mode": "int4"}])
+    assert len(exports) == 2  # the input's, then the step's own with its tolerance

@@ -29,12 +29,25 @@ class ExportPass(Pass):
             dynamic_batch=params.dynamic_batch,
             dynamic_sequence=params.dynamic_sequence,
         )
-        assert out.onnx_path is not None
-        metrics = {
-            **out.meta.get("parity", {}),
-            "opset": out.meta.get("opset", params.opset),  # an LM's genai export has the builder's own
-            "size_bytes": out.onnx_path.stat().st_size,
-        }
-        if "export_method" in out.meta:
-            metrics["method"] = out.meta["export_method"]
-        return PassResult(out, metrics)
+        return PassResult(out, export_metrics(out, params.opset))
+
+    @staticmethod
+    def repeats(params: ExportStep, opset: int) -> bool:
+        """Whether this step asks for the export the pipeline already made of the input to evaluate it (the
+        job's opset, the default checks and axes): then that export is the step's, one export per model."""
+        default = ExportStep(type="export", opset=opset)
+        return all(getattr(params, k) == getattr(default, k)
+                   for k in ("opset", "dynamic_batch", "dynamic_sequence", "atol", "samples"))
+
+
+def export_metrics(out: WorkingModel, opset: int) -> dict[str, object]:
+    """An export's report metrics: its parity check, opset, size and method."""
+    assert out.onnx_path is not None
+    metrics = {
+        **out.meta.get("parity", {}),
+        "opset": out.meta.get("opset", opset),  # an LM's genai export has the builder's own
+        "size_bytes": out.onnx_path.stat().st_size,
+    }
+    if "export_method" in out.meta:
+        metrics["method"] = out.meta["export_method"]
+    return metrics
