@@ -439,8 +439,80 @@ def test_int4_quantizes_the_embeddings_by_default_at_4_bits_where_tied_else_at_8
     assert metrics["weight_only"]["embedding_bits"] == {"4": 2}
     llama, metrics = _quantize_lm(tmp_path / "l", lm.onnx, None, mode="int4")
     assert ops(llama).count("GatherBlockQuantized") == 1 and metrics["weight_only"]["embedding_bits"] == {"8": 1}
+    assert not metrics["weight_only"]["shared_embeddings"]  # untied: its own table, as before
     eight, _ = _quantize_lm(tmp_path / "e", lm.gpt2_onnx, None, mode="int8_weight")  # 4-bit tables only
     assert "GatherBlockQuantized" not in ops(eight)
+
+
+@pytest.fixture(scope="module")
+def gemma3_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-init Gemma3 (tied head, hidden 96, vocab ~384) exported by the genai builder, as the
+    service does: its token Gather reads the head's float weight through a Transpose."""
+    from transformers import AutoModelForCausalLM
+
+    from worker.lm.export import export_causal_lm
+
+    root = tmp_path_factory.mktemp("gemma3")
+    folder = tiny_lm_dir(root / "hf", kind="gemma3", layers=2, hidden=96, heads=2, kv_heads=1)
+    path = root / "model.onnx"
+    export_causal_lm(AutoModelForCausalLM.from_pretrained(folder).eval(), path, hf_dir=folder, method="genai",
+                     generate_tokens=2)
+    return path
+
+
+def _with_output(path: Path, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The value ``name`` inside the graph at ``path`` for ``feeds`` (an empty past for a KV-cache file)."""
+    m = onnx.load(str(path))
+    m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    b = len(feeds["input_ids"])
+    past = {i.name: np.zeros((b, i.shape[1], 0, i.shape[3]), np.float32)
+            for i in sess.get_inputs() if i.name.startswith("past_key_values")}
+    return np.asarray(sess.run([name], {**feeds, **past})[0])
+
+
+@pytest.mark.parametrize("block_size", [32, 64])  # 96 = 3 blocks of 32; 2 blocks of 64 pad each row by 32
+def test_int4_tied_head_and_token_lookup_share_one_quantized_table(
+    tmp_path: Path, gemma3_onnx: Path, block_size: int
+) -> None:
+    """The genai builder's tied head (Gather over Transpose(head weight)): the head's 8-bit MatMulNBits bytes
+    are the lookup's GatherBlockQuantized table, the float table is gone (the file shrinks by it), the
+    embeddings are the table's 8-bit rows, the logits track fp32; at the head's 4 bits, the table too."""
+    from worker.lm.session import LMSession
+
+    float_table, _ = _quantize_lm(tmp_path / "f", gemma3_onnx, None, mode="int4", block_size=block_size,
+                                  quantize_embeddings=False)
+    out, metrics = _quantize_lm(tmp_path / "s", gemma3_onnx, None, mode="int4", block_size=block_size)
+    proto = onnx.load(str(out))
+    head = next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits")
+    lookup = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized")
+    reshape = next(n for n in proto.graph.node if n.output[0] == lookup.input[0])
+    assert reshape.op_type == "Reshape" and reshape.input[0] == head.input[1]  # the same bytes
+    assert list(lookup.input[2:]) == list(head.input[2:4])  # the same scales and zero points
+    assert {a.name: a.i for a in lookup.attribute}["bits"] == 8 == {a.name: a.i for a in head.attribute}["bits"]
+    assert "Transpose" not in [n.op_type for n in proto.graph.node]
+    vocab, hidden = next(a.i for a in head.attribute if a.name == "N"), 96
+    assert not [t.name for t in proto.graph.initializer
+                if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) == vocab * hidden]
+    assert float_table.stat().st_size - out.stat().st_size == pytest.approx(vocab * hidden * 4, rel=0.01)
+    assert metrics["weight_only"]["shared_embeddings"] and metrics["weight_only"]["embedding_bits"] == {"8": 1}
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, (3, 20)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    scaled = "/model/embed_tokens/Mul/output_0"  # the looked-up rows times sqrt(hidden)
+    ref_emb, got_emb = _with_output(gemma3_onnx, scaled, feeds), _with_output(out, scaled, feeds)
+    assert got_emb.shape == ref_emb.shape and np.abs(got_emb - ref_emb).max() < 0.01 * np.abs(ref_emb).max()
+    ref = LMSession(gemma3_onnx).logits(ids, feeds["attention_mask"])
+    _, kl = _track(ref, LMSession(out).logits(ids, feeds["attention_mask"]))
+    _, kl_float = _track(ref, LMSession(float_table).logits(ids, feeds["attention_mask"]))
+    assert kl < 0.01 and kl < 1.5 * kl_float, (kl, kl_float)
+
+    four, metrics = _quantize_lm(tmp_path / "4", gemma3_onnx, None, mode="int4", block_size=block_size,
+                                 bits={"*embed_tokens/Gather": 4})  # a pattern naming the lookup moves the head
+    assert metrics["weight_only"]["embedding_bits"] == {"4": 1} and metrics["weight_only"]["matmul_bits"] == {"4": 11}
+    err = np.abs(_with_output(four, scaled, feeds) - ref_emb)
+    assert 0.01 * np.abs(ref_emb).max() < err.max() < 0.2 * np.abs(ref_emb).max()  # 4-bit rows, not garbage
 
 
 def test_excluded_nodes_and_op_types_stay_float(tmp_path: Path, lm: LMFiles) -> None:

@@ -16,6 +16,7 @@ from models.spec import QuantizeStep
 from worker.core import JobCancelled, PassContext, StepFailed, WorkingModel
 from worker.lm.stream import quantize_table_8bit, table_block
 from worker.passes.quantizers.files import is_large, name_unnamed_nodes, save, unique_path
+from worker.passes.quantizers.tied_head import find_tied_lookup, share_head_table
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -60,6 +61,8 @@ DEFAULT_ACCURACY_LEVEL = 4
 DEFAULT_HEAD_BITS = 8
 # int4 with quantize_embeddings None: the token table at 8 bits (4 where the head is tied to it). On the
 # real SmolLM2-135M of bench.zoo the fp32 table was 113 of 207 MB; at 8 bits it moved perplexity by -0.06 %.
+# Where the genai builder ties the head (its weight read by the lookup through a Transpose), the lookup reads
+# the head's quantized table instead (``tied_head.py``): one table, at the head's bits.
 DEFAULT_EMBEDDING_BITS = 8
 # Share of the decoder layers' weights kept at 8 bits, the most sensitive layers by KL on calibration text
 # (worker/passes/quantizers/mixed_bits.py); applies only when calibration text is given.
@@ -84,15 +87,20 @@ def quantize_weight_only(
     ctx.progress("preparing weight-only quantization", fraction=0.0)
     m = onnx.load(str(src))
     prepare_for_nbits(m)
+    # the genai builder's tied head: the token Gather reads the head's weight through a Transpose
+    lookup = find_tied_lookup(m) if s.mode_bits == 4 and p.quantize_embeddings is not False else None
     embedding_bits = 4
     if p.quantize_embeddings is None and s.mode_bits == 4:
         tied = tied_embeddings(m)
         embedding_bits = 4 if tied else DEFAULT_EMBEDDING_BITS
         p = p.model_copy(update={"quantize_embeddings": True})
-        ctx.log(f"quantizing the embeddings to {embedding_bits} bits"
-                + (" (the output head shares the table)" if tied else "")
-                + " (quantize_embeddings: false keeps them in float)")
+        if lookup is None:
+            ctx.log(f"quantizing the embeddings to {embedding_bits} bits"
+                    + (" (the output head shares the table)" if tied else "")
+                    + " (quantize_embeddings: false keeps them in float)")
     plan = plan_weight_only(m, p, s, embedding_bits)
+    if lookup is not None:
+        share_bits(m, plan, p, lookup.gather, lookup.head)
     if plan.gathers:  # uint4 tables need opset 21 (8-bit ones do not: GPTQ's session breaks on the converted graph)
         opset_for_int4_tables(m)
     if not plan.four and not plan.eight and not plan.gathers and not plan.gathers8:
@@ -125,6 +133,10 @@ def quantize_weight_only(
         ctx.check_cancelled()
         ctx.progress(f"quantizing {len(plan.gathers8)} embeddings to 8 bits", fraction=0.9)
         plan.excluded += gather_to_8bit(m, plan.gathers8, s.block_size)
+    shared_bits = share_head_table(m, lookup) if lookup is not None else None
+    if shared_bits is not None:
+        ctx.log(f"the token lookup reads the output head's {shared_bits}-bit table (tied embeddings: one table)"
+                " (quantize_embeddings: false keeps a float table for it)")
     if s.accuracy_level is not None:
         set_accuracy_level(m, s.accuracy_level)
     out = unique_path(ctx.workdir, f"quantized-{p.mode}")
@@ -143,6 +155,7 @@ def quantize_weight_only(
         },
         "bits_overrides": plan.overrides,
         "excluded": plan.excluded,
+        "shared_embeddings": shared_bits is not None,
     }
     if calibration is not None:
         metrics["calibration"] = calibration
@@ -319,6 +332,19 @@ def tied_embeddings(m: onnx.ModelProto) -> bool:
         if table is not None and tuple(table.dims) == (vocab, hidden):
             return bool(np.array_equal(numpy_helper.to_array(table).T, numpy_helper.to_array(weight)))
     return False
+
+
+def share_bits(m: onnx.ModelProto, plan: WeightOnlyPlan, p: QuantizeStep, gather: str, head: str) -> None:
+    """In place: the tied head's bits, which its shared token table takes too (the head's default, 8 at
+    int4), or a spec ``bits`` pattern naming the Gather where none names the head."""
+    node = next(n for n in m.graph.node if n.name == gather)
+    bits, pattern = _bits_for(node, dict(p.bits or {}), 0)
+    spec_names_head = p.bits is not None and head in plan.overrides
+    if pattern is None or spec_names_head or head not in plan.four + plan.eight:  # excluded heads stay float
+        return
+    plan.four = [n for n in plan.four if n != head] + ([head] if bits == 4 else [])
+    plan.eight = [n for n in plan.eight if n != head] + ([head] if bits == 8 else [])
+    plan.overrides[head] = bits
 
 
 def _bits_for(node: onnx.NodeProto, overrides: dict[str, int], default: int) -> tuple[int, str | None]:
