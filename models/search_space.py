@@ -276,10 +276,22 @@ def _quantize_fixes(q: Mapping[str, Any], constraints: Mapping[str, Any], calibr
     if calibration and target is not None and not ae:
         fixes.append({**q, "auto_exclude": target})
     elif isinstance(ae, Mapping) and int(ae.get("samples", 32)) < 128:
-        # met on its few calibration samples, missed on the eval set: measure on more, keep more in float
-        fixes.append({**q, "auto_exclude": {**ae, "samples": 4 * int(ae.get("samples", 32)),
+        # met on its few calibration samples, missed on the eval set: measure on more, keep more in float, and
+        # aim at half the loss allowed (a calibration set smaller than the samples asked gives no more rows, and
+        # the eval rows run one request at a time where the calibration judge saw them batched)
+        fixes.append({**q, "auto_exclude": {**_halved_loss(ae), "samples": 4 * int(ae.get("samples", 32)),
                                             "max_nodes": min(256, 2 * int(ae.get("max_nodes", 8)))}})
     return fixes
+
+
+def _halved_loss(ae: Mapping[str, Any]) -> dict[str, Any]:
+    """``auto_exclude``'s target with half the loss it allowed: ``min_fidelity`` 0.99 -> 0.995, ``max_accuracy_drop``
+    0.01 -> 0.005."""
+    if _num(ae.get("min_fidelity")) is not None:
+        return {**ae, "min_fidelity": 1.0 - (1.0 - float(ae["min_fidelity"])) / 2}
+    if _num(ae.get("max_accuracy_drop")) is not None:
+        return {**ae, "max_accuracy_drop": float(ae["max_accuracy_drop"]) / 2}
+    return dict(ae)
 
 
 def prefix_shortfall(constraints: Mapping[str, Any], report: Mapping[str, Any]) -> float | None:

@@ -155,9 +155,13 @@ def test_a_quality_miss_escalates_to_the_recipes_that_fix_it() -> None:
     dyn = escalations([{"type": "quantize", "mode": "dynamic"}], {"max_accuracy_drop": 0.01}, calibration=True)
     assert dyn == [[{"type": "quantize", "mode": "dynamic", "auto_exclude": {"max_accuracy_drop": 0.01}}]]
     assert escalations([{"type": "quantize", "mode": "dynamic"}], {"max_accuracy_drop": 0.01}, calibration=False) == []
-    # auto_exclude that met its target on a few calibration samples but missed on the eval set: more of both
+    # auto_exclude that met its target on a few calibration samples but missed on the eval set: more of both,
+    # aiming at half the loss allowed
     wider = escalations(dyn[0], {"max_accuracy_drop": 0.01}, calibration=True)
-    assert wider[0][0]["auto_exclude"] == {"max_accuracy_drop": 0.01, "samples": 128, "max_nodes": 16}
+    assert wider[0][0]["auto_exclude"] == {"max_accuracy_drop": 0.005, "samples": 128, "max_nodes": 16}
+    fid = escalations([{"type": "quantize", "mode": "dynamic", "auto_exclude": {"min_fidelity": 0.99}}],
+                      {"min_fidelity": 0.99}, calibration=True)
+    assert fid[0][0]["auto_exclude"]["min_fidelity"] == pytest.approx(0.995)
     assert escalations(wider[0], {"max_accuracy_drop": 0.01}, calibration=True) == []
     int4 = escalations([{"type": "quantize", "mode": "int4", "algorithm": "rtn", "block_size": 128}],
                        {"max_perplexity_increase": 0.05}, calibration=True)
