@@ -81,16 +81,15 @@ def run(spec: JobSpec, ctx: PipelineContext, cache: StageCache | None = None) ->
         with _stage(f"steps[{i}] {step.type}"):
             p = pass_for(step.type)
             first = i == 0 and resumed is None and model.form != "onnx"
-            t0 = time.perf_counter()
-            if first and isinstance(step, ExportStep) and ExportPass.repeats(step, opset):
-                # an export step that asks for the input's export, evaluated above: one export per model per job
-                result = PassResult(baseline_onnx, {**export_metrics(baseline_onnx, opset), "reused": "input"})
-            else:
+            # an export step that asks for the input's export, evaluated above: one export per model per job
+            reused = first and isinstance(step, ExportStep) and ExportPass.repeats(step, opset)
+            if not reused:
                 if first and p.takes == "onnx":
                     model = baseline_onnx  # the input's export, evaluated above: one export per model per job
                 model = _to_form(model, p.takes, ctx, opset, f"step{i}", family)
-                t0 = time.perf_counter()
-                result = p.run(model, step, ctx)
+            t0 = time.perf_counter()
+            result = (PassResult(baseline_onnx, {**export_metrics(baseline_onnx, opset), "reused": "input"})
+                      if reused else p.run(model, step, ctx))
             wall = time.perf_counter() - t0
             model = result.model
             ctx.check_cancelled()
