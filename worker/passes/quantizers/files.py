@@ -30,6 +30,14 @@ def name_unnamed_nodes(m: onnx.ModelProto) -> bool:
     return changed
 
 
+def use_ms_domain(m: onnx.ModelProto) -> None:
+    """Import the ``com.microsoft`` domain (MatMulNBits, GatherBlockQuantized) where the model lacks it."""
+    import onnx
+
+    if not any(o.domain == "com.microsoft" for o in m.opset_import):
+        m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+
+
 def unique_path(workdir: Path, stem: str) -> Path:
     """``<workdir>/<stem>.onnx``, or ``<stem>-<n>.onnx`` for the first n not yet taken."""
     workdir.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from worker.passes.quantizers.files import use_ms_domain
+
 if TYPE_CHECKING:
     import onnx
 
@@ -313,6 +315,5 @@ def apply(m: onnx.ModelProto, names: list[str], hess: dict[str, np.ndarray], bit
         users[table.name] -= 1
         if users[table.name] == 0:
             m.graph.initializer.remove(table)
-    if not any(o.domain == "com.microsoft" for o in m.opset_import):
-        m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    use_ms_domain(m)
     return errors

@@ -16,6 +16,8 @@ import dataclasses
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from worker.passes.quantizers.files import use_ms_domain
+
 if TYPE_CHECKING:
     import onnx
 
@@ -103,6 +105,5 @@ def share_head_table(m: onnx.ModelProto, tied: TiedLookup) -> int | None:
     weight = transpose.input[0]
     if Counter(i for n in m.graph.node for i in n.input)[weight] == 0 and weight in inits:
         m.graph.initializer.remove(inits[weight])
-    if not any(o.domain == "com.microsoft" for o in m.opset_import):
-        m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    use_ms_domain(m)
     return bits

@@ -15,7 +15,7 @@ import numpy as np
 from models.spec import QuantizeStep
 from worker.core import JobCancelled, PassContext, StepFailed, WorkingModel
 from worker.lm.stream import quantize_table_8bit, table_block
-from worker.passes.quantizers.files import is_large, name_unnamed_nodes, save, unique_path
+from worker.passes.quantizers.files import is_large, name_unnamed_nodes, save, unique_path, use_ms_domain
 from worker.passes.quantizers.tied_head import find_tied_lookup, share_head_table
 
 if TYPE_CHECKING:
@@ -534,6 +534,5 @@ def gather_to_8bit(m: onnx.ModelProto, names: list[str], block_size: int) -> lis
         node.CopyFrom(new)
         if users[table.name] == 1:
             m.graph.initializer.remove(table)
-    if not any(o.domain == "com.microsoft" for o in m.opset_import):
-        m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    use_ms_domain(m)
     return skipped
