@@ -261,6 +261,9 @@ class FinetuneStep(TrainingParams, StepParams):
     # Multi-task transfer: one LoRA adapter per task (each trained on its task alone), merged into one model.
     adapters: Literal["merge"] | None = None
     merge: MergeConfig | None = None
+    # With adapters 'merge' on a causal LM: also deliver the unmerged base ONNX and one adapter file per task
+    # (adapters.zip) that onnxruntime-genai's multi-LoRA API loads and switches at run time.
+    adapter_files: bool = False
     # Each task's metric against a single-task fine-tune of the same budget: one sibling job per task (child jobs
     # spread over the workers, from the whole-job cache when an identical one succeeded before).
     baselines: Literal["single_task"] | None = None
@@ -587,8 +590,10 @@ class JobSpec(_Strict):
                 if isinstance(step, FinetuneStep):
                     self._check_adapters(i, step, tasks)
                     self._check_baselines(i, step, tasks)
-            elif isinstance(step, FinetuneStep) and (step.adapters or step.merge or step.baselines) is not None:
-                field = next(f for f in ("adapters", "merge", "baselines") if getattr(step, f) is not None)
+            elif isinstance(step, FinetuneStep) and (step.adapters or step.merge or step.baselines
+                                                     or step.adapter_files or None) is not None:
+                field = next(f for f in ("adapters", "merge", "baselines", "adapter_files")
+                             if getattr(step, f) not in (None, False))
                 why = ("single-task baselines compare each task of a multi-task step" if field == "baselines"
                        else "merging adapters takes one adapter per task")
                 raise ValueError(f"steps.{i}.{field}: {why}, and the step names no tasks")
@@ -619,15 +624,23 @@ class JobSpec(_Strict):
             for j, task in enumerate(tasks):
                 if task.rank is not None:
                     raise ValueError(f"{at}.tasks.{j}.rank: task {task.name!r}: rank applies with adapters 'merge' only")
-            if step.merge is not None:
-                raise ValueError(f"{at}.merge: applies with adapters 'merge' only")
+            for field in ("merge", "adapter_files"):
+                if getattr(step, field) not in (None, False):
+                    raise ValueError(f"{at}.{field}: applies with adapters 'merge' only")
             return
+        if step.adapter_files and self.task not in LM_TASKS:
+            raise ValueError(f"{at}.adapter_files: per-task adapter files are for causal LMs (onnxruntime-genai's "
+                             f"multi-LoRA API); task {self.task!r} gets one merged model with an output per task")
         if step.mode != "lora":
             raise ValueError(f"{at}.mode: adapters 'merge' trains one LoRA adapter per task; set mode 'lora' "
                              f"(not {step.mode!r})")
         if len(tasks) < 2:
             raise ValueError(f"{at}.tasks: adapters 'merge' needs two tasks or more (one adapter per task), "
                              f"got {len(tasks)}")
+        for j, task in enumerate(tasks):
+            if task.name in "lora_":  # peft names each adapter after its task; such names clash with its keys
+                raise ValueError(f"{at}.tasks.{j}.name: task {task.name!r} cannot name a LoRA adapter (peft keys "
+                                 "its weights 'lora_<A|B>.<adapter>'); choose another name")
         defaults = type(step).model_fields
         for name in ("sampling", "temperature"):
             if getattr(step, name) != defaults[name].default:

@@ -69,6 +69,7 @@ def run(spec: JobSpec, ctx: PipelineContext, cache: StageCache | None = None) ->
     reference = baseline.outputs
 
     steps: list[dict[str, Any]] = []
+    delivered: dict[str, Path] = {}  # files the steps deliver beside the model (PassResult.files)
     resumed = cache.resume(ctx, model) if cache is not None else None
     if resumed is not None:
         model, steps = resumed.model, resumed.entries
@@ -92,6 +93,7 @@ def run(spec: JobSpec, ctx: PipelineContext, cache: StageCache | None = None) ->
                       if reused else p.run(model, step, ctx))
             wall = time.perf_counter() - t0
             model = result.model
+            delivered.update(result.files)
             ctx.check_cancelled()
             # The last step's ONNX output is the job's output: its full evaluation below serves here too.
             last_onnx = i == len(spec.steps) - 1 and model.form == "onnx"
@@ -135,4 +137,5 @@ def run(spec: JobSpec, ctx: PipelineContext, cache: StageCache | None = None) ->
     # Weights over 2 GB live beside the file (worker.lm.export); the job stores them in model.zip with it.
     data_file = out_path.with_name(out_path.name + ".data")
     files = {"model.onnx.data": data_file} if out_path.name == "model.onnx" and data_file.is_file() else {}
+    files.update(delivered)
     return PipelineResult(output_path=out_path, report=report, files=files)

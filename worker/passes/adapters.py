@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -38,6 +39,8 @@ from worker.passes.multitask import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
     from models.spec import FinetuneStep
@@ -325,10 +328,12 @@ def merge_table(family: Family, peft_model: Any, tasks: list[Task], merge: Merge
     return table, snapshots
 
 
-def _merge_all(family: Family, peft_model: Any, params: FinetuneStep, ctx: PassContext,
-               tasks: list[Task]) -> tuple[Any, dict[str, Any], list[dict[str, Any]], dict[str, dict[str, Any]]]:
+def _merge_all(family: Family, peft_model: Any, params: FinetuneStep, ctx: PassContext, tasks: list[Task],
+               before_unload: Callable[[], None] | None = None,
+               ) -> tuple[Any, dict[str, Any], list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Train the adapters, merge them by every method, keep the best: the merged plain module, the step's merge
-    metrics, the curve and each adapter's own measurements."""
+    metrics, the curve and each adapter's own measurements (``before_unload`` runs while the base is untouched
+    and every adapter is still there)."""
     merge = params.merge or MergeConfig()
     ctx.progress("training one adapter per task", fraction=0.0)
     individual, curve = train_adapters(family, peft_model, params, ctx, tasks)
@@ -340,6 +345,8 @@ def _merge_all(family: Family, peft_model: Any, params: FinetuneStep, ctx: PassC
         family.restore(snapshots[chosen["method"]])
     ctx.log("merge chosen", method=chosen["method"], mean=chosen["mean"])
     adapter_params = _adapter_params(peft_model, [t.name for t in tasks])
+    if before_unload is not None:
+        before_unload()
     merged = peft_model.merge_and_unload(adapter_names=[MERGED_PREFIX + chosen["method"]])
     info = {
         "methods": table, "chosen": chosen["method"], "chosen_per_task": chosen["per_task"],
@@ -420,7 +427,28 @@ def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassR
         raise StepFailed("invalid_step", f"lora: {exc}") from exc
     family = LMAdapters(peft_model, tasks, ctx, tokenizer, [n for n in LM_INPUTS if n in tasks[0].train.inputs])
     before = family.measure("eval")  # every LoRA B is zero: the input model
-    merged, info, curve, _ = _merge_all(family, peft_model, params, ctx, tasks)
+    captured: list[Any] = []
+
+    def keep_adapters() -> None:  # the unmerged base and each task's adapter, for adapters.zip
+        from worker.lm import adapter_files
+
+        ctx.progress("keeping the base and each task's adapter", fraction=0.95)
+        assert tasks[0].validation is not None
+        row = tasks[0].validation.inputs
+        mask = row["attention_mask"][0] if "attention_mask" in row else np.ones_like(row["input_ids"][0])
+        prompt = [int(t) for t, m in zip(row["input_ids"][0], mask, strict=True) if m][:16]
+        captured.append(adapter_files.capture(peft_model, [t.name for t in tasks], ctx.workdir / "adapter-snapshot",
+                                              model.hf_dir, prompt))
+
+    merged, info, curve, _ = _merge_all(family, peft_model, params, ctx, tasks,
+                                        keep_adapters if params.adapter_files else None)
+    files: dict[str, Path] = {}
+    if captured:
+        from worker.lm import adapter_files
+
+        ctx.progress("writing the base ONNX and one adapter file per task", fraction=0.97)
+        info["adapter_files"], files["adapters.zip"] = adapter_files.finish(captured[0], ctx.workdir / "adapter-files")
+        ctx.log("adapter files written", **{k: v for k, v in info["adapter_files"].items() if k != "runs"})
     merged.requires_grad_(True)
     merged.eval()
     family.module = merged
@@ -429,7 +457,7 @@ def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassR
     rows = lm_task_rows(tasks, before, after, {})
     size = {"tasks": len(tasks), "shared_params": n, "separate_params": n * len(tasks), "ratio": 1 / len(tasks)}
     metrics = _metrics(params, "one LoRA adapter per task on a causal LM, merged", rows, size, info, few_shot)
-    return PassResult(replace(model, module=merged), metrics, curve)
+    return PassResult(replace(model, module=merged), metrics, curve, files)
 
 
 def _ranks(params: FinetuneStep) -> dict[str, int | None]:

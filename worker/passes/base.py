@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from models.spec import STEP_KINDS, Form, StepParams
@@ -15,11 +16,13 @@ from worker.core import PassContext, WorkingModel
 
 @dataclass
 class PassResult:
-    """What a pass returns: the new working model, scalar metrics, and an optional per-epoch curve."""
+    """What a pass returns: the new working model, scalar metrics, an optional per-epoch curve, and files the job
+    delivers beside its model by artifact name (e.g. ``adapters.zip``)."""
 
     model: WorkingModel
     metrics: dict[str, Any] = field(default_factory=dict)
     curve: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
 
 
 
