@@ -143,7 +143,8 @@ def merge_table(report: dict[str, Any]) -> Table | None:
     view = merge_view(report)
     if view is None:
         return None
-    table = Table(title=f"adapter merge (validation {view.metric})", caption=f"chosen: {view.why}")
+    caption = f"chosen: {view.why}" + (f"\n{view.adapter_files}" if view.adapter_files else "")
+    table = Table(title=f"adapter merge (validation {view.metric})", caption=caption)
     for col in ("adapter", *view.tasks, "mean"):
         table.add_column(col, justify="left" if col == "adapter" else "right")
     for label, cells, mean, chosen in view.rows:

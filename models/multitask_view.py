@@ -144,6 +144,19 @@ class MergeView:
     chosen: str
     why: str
     metric: str = "accuracy"  # the selection metric, as words ("eval loss")
+    adapter_files: str | None = None  # what adapters.zip holds and how the switch check went
+
+
+def adapter_files_text(section: Any) -> str | None:
+    """One line on ``adapters.zip``: the base and each task's adapter file, one model load, the switch check."""
+    if not isinstance(section, dict) or not isinstance(section.get("adapter_bytes"), dict):
+        return None
+    sizes = ", ".join(f"{t} {fmt_bytes(b)}" for t, b in section["adapter_bytes"].items())
+    runs = [r for r in section.get("runs") or [] if isinstance(r, dict)]
+    same = all(r.get("matches_torch") for r in runs) and bool(runs)
+    return (f"adapters.zip: base {fmt_bytes(section.get('base_bytes'))} loaded once ({section.get('base_load_s')} s), "
+            f"one adapter file per task ({sizes}); {len(runs)} runs switching adapters on that one model "
+            + ("generated torch's tokens with each" if same else "did NOT all match torch"))
 
 
 def merge_view(report: dict[str, Any]) -> MergeView | None:
@@ -170,4 +183,5 @@ def merge_view(report: dict[str, Any]) -> MergeView | None:
         per = m.get("per_task") or {}
         rows.append((label, [shown(per.get(t)) for t in tasks], shown(m.get("mean")), m.get("method") == merge.get("chosen")))
     return MergeView(tasks=tasks, rows=rows, chosen=str(merge.get("chosen") or ""), why=str(merge.get("why") or ""),
-                     metric=str(merge.get("metric") or "accuracy").replace("_", " "))
+                     metric=str(merge.get("metric") or "accuracy").replace("_", " "),
+                     adapter_files=adapter_files_text(merge.get("adapter_files")))

@@ -122,6 +122,15 @@ def test_an_lm_merge_shows_eval_loss_as_numbers() -> None:
     assert view is not None and view.metric == "eval loss"
     assert view.rows == [("input model", ["5.95"], "-", False), ("each task's adapter alone", ["5.861"], "-", False),
                          ("cat", ["5.861"], "5.861", False)]
+    assert view.adapter_files is None
+    merge["adapter_files"] = {"base_bytes": 1_258_291, "base_load_s": 0.07, "adapter_bytes": {"lm": 29_144},
+                              "runs": [{"adapter": "lm", "matches_torch": True}, {"adapter": None, "matches_torch": True}]}
+    view = merge_view(report)
+    assert view is not None and view.adapter_files == (
+        "adapters.zip: base 1.20 MB loaded once (0.07 s), one adapter file per task (lm 28.46 KB); 2 runs switching "
+        "adapters on that one model generated torch's tokens with each")
+    merge["adapter_files"]["runs"][1]["matches_torch"] = False
+    assert "did NOT all match torch" in str(merge_view(report).adapter_files)  # type: ignore[union-attr]
 
 
 def baselines_report() -> dict[str, Any]:
