@@ -130,7 +130,11 @@ def build(snap: Path, tasks: list[str], out: Path) -> AdapterSet:
     except Exception as exc:
         raise StepFailed("adapter_files_failed", f"onnxruntime-genai builder failed with the adapter: "
                                                  f"{type(exc).__name__}: {exc}") from exc
-    proto = onnx.load(str(out / "model.onnx"))
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    stale = {out / d.value for t in proto.graph.initializer for d in t.external_data if d.key == "location"}
+    onnx.load_external_data_for_model(proto, str(out))
+    for f in stale:  # the builder's data file: _save below writes the model anew (one file under 2 GB)
+        f.unlink()
     found = {i.name: _key(i.name) for i in proto.graph.initializer if ".lora_" in i.name}
     names = {n: k for n, k in found.items() if k is not None}
     if not names or len(names) < len(found):

@@ -52,6 +52,7 @@ def test_one_base_switches_between_task_adapters_and_matches_torch(tmp_path: Pat
     assert not (tmp_path / "snap").exists()  # the snapshot is gone once the files are built
     names = set(zipfile.ZipFile(archive).namelist())
     assert {"model.onnx", "genai_config.json", "gpl.onnx_adapter", "mit.onnx_adapter"} <= names
+    assert not [n for n in names if n.endswith(".data")]  # the builder's external data left no stale copy
     # each adapter file is small beside the base, and the base holds no task's weights: empty LoRA defaults
     folder = tmp_path / "out" / "genai"
     assert metrics["adapter_bytes"]["gpl"] < metrics["base_bytes"] / 5
