@@ -89,14 +89,14 @@ def test_step_parameter_errors(client: TestClient, step: dict[str, Any], message
 
 
 def _merge_spec(ds: str, **step: Any) -> dict[str, Any]:
-    tasks = step.pop("tasks", [{"name": "a", "data": {"train": ds}}, {"name": "b", "data": {"train": ds}}])
+    tasks = step.pop("tasks", [{"name": "x", "data": {"train": ds}}, {"name": "b", "data": {"train": ds}}])
     return {"model": builders.insert_model(), "task": "image-classification",
             "steps": [{"type": "finetune", "mode": "lora", "adapters": "merge", "tasks": tasks, **step}]}
 
 
 def test_a_good_adapter_merge_spec_is_accepted(client: TestClient, enqueued: list[str]) -> None:
     ds = _ds(["0", "1"])
-    _accepted(client, _merge_spec(ds, tasks=[{"name": "a", "data": {"train": ds}, "rank": 4},
+    _accepted(client, _merge_spec(ds, tasks=[{"name": "x", "data": {"train": ds}, "rank": 4},
                                              {"name": "b", "data": {"train": ds}, "weight": 0.5}],
                                   merge={"methods": ["cat", "ties_svd"], "density": 0.3, "refit_heads": False}))
     assert len(enqueued) == 1
@@ -106,7 +106,7 @@ def test_a_good_adapter_merge_spec_is_accepted(client: TestClient, enqueued: lis
     ({"mode": "full"}, "steps.0.mode", "adapters 'merge' trains one LoRA adapter per task; set mode 'lora'"),
     ({"tasks": "one"}, "steps.0.tasks", "adapters 'merge' needs two tasks or more (one adapter per task), got 1"),
     ({"tasks": "ranks"}, "steps.0.merge.methods.0",
-     "'linear' needs every adapter at one rank, but task 'a' has r=8 and task 'b' r=4 (use cat or an *_svd method)"),
+     "'linear' needs every adapter at one rank, but task 'x' has r=8 and task 'b' r=4 (use cat or an *_svd method)"),
     ({"merge": {"methods": ["cat", "ties", "cat"]}}, "steps.0.merge.methods.2", "'cat' is repeated"),
     ({"sampling": "uniform"}, "steps.0.sampling", "each adapter trains on its own task alone"),
     ({"adapters": None, "tasks": "ranks"}, "steps.0.tasks.1.rank", "task 'b': rank applies with adapters 'merge' only"),
@@ -117,8 +117,8 @@ def test_a_good_adapter_merge_spec_is_accepted(client: TestClient, enqueued: lis
 def test_adapter_merge_errors_name_the_step_task_and_field(client: TestClient, step: dict[str, Any], field: str,
                                                            message: str) -> None:
     ds = _ds(["0", "1"])
-    named = {"one": [{"name": "a", "data": {"train": ds}}],
-             "ranks": [{"name": "a", "data": {"train": ds}}, {"name": "b", "data": {"train": ds}, "rank": 4}]}
+    named = {"one": [{"name": "x", "data": {"train": ds}}],
+             "ranks": [{"name": "x", "data": {"train": ds}}, {"name": "b", "data": {"train": ds}, "rank": 4}]}
     if isinstance(step.get("tasks"), str):
         step = {**step, "tasks": named[step["tasks"]]}
     spec = _merge_spec(ds, **step)
@@ -147,7 +147,7 @@ def test_a_good_baselines_spec_is_accepted(client: TestClient, enqueued: list[st
 def test_baselines_errors_name_the_task_and_field(client: TestClient, change: dict[str, Any], field: str,
                                                   message: str) -> None:
     ds = _ds(["0", "1"])
-    a, b = {"name": "a", "data": {"train": ds, "eval": ds}}, {"name": "b", "data": {"train": ds, "eval": ds}}
+    a, b = {"name": "x", "data": {"train": ds, "eval": ds}}, {"name": "b", "data": {"train": ds, "eval": ds}}
     named = {"one": [a], "no_eval": [a, {"name": "b", "data": {"train": ds}}]}
     tasks = named.get(change.get("tasks", ""), [a, b])
     step = {"type": "finetune", "baselines": "single_task", **change, "tasks": tasks}
