@@ -170,3 +170,15 @@ def test_a_search_over_multi_task_trials_checks_their_tasks_too(client: TestClie
     tasks[1]["data"] = {"train": ds, "eval": ds}
     _accepted(client, {**spec, "search": {**search, "prefix": [{"type": "finetune", "tasks": tasks}], "space": "auto"}})
     assert len(enqueued) == 1
+
+
+def test_an_accuracy_budget_on_a_multi_task_job_needs_every_task_s_eval_rows(client: TestClient,
+                                                                             enqueued: list[str]) -> None:
+    ds = _ds(["0", "1"])
+    tasks = [{"name": "a", "data": {"train": ds, "eval": ds}}, {"name": "b", "data": {"train": ds}}]
+    spec = {**_spec(tasks), "evaluate": {"max_accuracy_drop": 0.02}}
+    assert _refused(client, spec) == [{"field": "steps.0.tasks.1.data.eval", "message": "task 'b': the accuracy "
+                                       "budget holds on every task, measured on its own eval rows, which are not given"}]
+    tasks[1]["data"] = {"train": ds, "eval": ds}
+    _accepted(client, {**_spec(tasks), "evaluate": {"max_accuracy_drop": 0.02}})  # no data.eval needed
+    assert len(enqueued) == 1
