@@ -123,17 +123,18 @@ def tasks_table(report: dict[str, Any]) -> Table | None:
     rows = task_rows(report)
     if not rows:
         return None
-    few, single = any(t.few_shot for t in rows), has_baselines(rows)
+    few, single, output = any(t.few_shot for t in rows), has_baselines(rows), any(t.output_text for t in rows)
     caption = "; ".join(x for x in (size_text(report), baselines_text(report)) if x)
     table = Table(title="tasks", caption=caption or None)
     for col in ("task", "metric", "before", "after", "change", *(("single-task", "vs single") if single else ()),
-                *(("zero-shot", "in-context", "fine-tuned") if few else ())):
+                *(("output", "budget") if output else ()), *(("zero-shot", "in-context", "fine-tuned") if few else ())):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
     for t in rows:
         extra = (t.zero_shot_text, t.in_context_text, t.fine_tuned_text) if few else ()
         vs = (Text(t.single_task_text), Text(t.vs_single_text, style=_CHANGE_STYLE[t.vs_single_better])) if single else ()
+        out = (Text(t.output_text), Text(t.budget_text, style=_CHANGE_STYLE[t.budget_met])) if output else ()
         cells = [Text(t.task), Text(t.metric), Text(t.before_text), Text(t.after_text),
-                 Text(t.change_text, style=_CHANGE_STYLE[t.better]), *vs, *(Text(x) for x in extra)]
+                 Text(t.change_text, style=_CHANGE_STYLE[t.better]), *vs, *out, *(Text(x) for x in extra)]
         table.add_row(*cells)
     return table
 

@@ -28,6 +28,10 @@ class TaskRow:
     single_task_text: str = ""  # a single-task fine-tune of the same budget (baselines), "" when none was asked
     vs_single_text: str = ""
     vs_single_better: bool | None = None
+    # the job's output model on the task (after every step, through its own output) and the budget judged on it
+    output_text: str = ""
+    budget_text: str = ""
+    budget_met: bool | None = None
 
 
 def _multitask(report: dict[str, Any]) -> dict[str, Any] | None:
@@ -64,7 +68,9 @@ def task_rows(report: dict[str, Any]) -> list[TaskRow]:
         if r.get("eval_rows"):
             counts.append(f"{r.get('eval_rows')} eval")
         single_text, vs_text, vs_better = _vs_single(r, acc, (mt or {}).get("baselines") is not None)
+        output_text, budget_text, budget_met = _output_and_budget(report, str(r.get("task")))
         rows.append(TaskRow(
+            output_text=output_text, budget_text=budget_text, budget_met=budget_met,
             single_task_text=single_text, vs_single_text=vs_text, vs_single_better=vs_better,
             task=str(r.get("task")), metric=metric, before_text=shown(before), after_text=shown(after),
             change_text=change, better=better, rows_text=", ".join(counts), few_shot=bool(r.get("few_shot")),
@@ -73,6 +79,21 @@ def task_rows(report: dict[str, Any]) -> list[TaskRow]:
                                  (after if r.get("few_shot") and acc else None)),
         ))
     return rows
+
+
+def _output_and_budget(report: dict[str, Any], task: str) -> tuple[str, str, bool | None]:
+    """The output model's accuracy on ``task`` and its drop against the task's reference, judged by the budget
+    ("" when the report measured no output per task)."""
+    measured = {str(m.get("task")): m for m in (report.get("output") or {}).get("tasks") or [] if isinstance(m, dict)}
+    if task not in measured:
+        return "", "", None
+    budget = report.get("budget") or {}
+    judged = next((b for b in budget.get("tasks") or [] if isinstance(b, dict) and b.get("task") == task), {})
+    drop, limit = judged.get("accuracy_drop"), budget.get("max_accuracy_drop")
+    text = f"{0.0 - 100 * float(drop or 0):+.1f} points vs {judged.get('reference_from')}" if is_num(drop) else "-"
+    if is_num(limit):
+        text += f" ({'within' if judged.get('met') else 'over'} {100 * float(limit or 0):.1f})"
+    return _pct(measured[task].get("accuracy")), text, judged.get("met") if is_num(limit) else None
 
 
 def _vs_single(r: dict[str, Any], acc: bool, asked: bool) -> tuple[str, str, bool | None]:

@@ -70,6 +70,8 @@ class Evaluation(_Open):
     decode: Decode | None = None
     generations: list[dict[str, Any]] | None = None
     peak_memory_bytes: int | None = None
+    # a multi-task model: each task's accuracy through its own output (task, output, accuracy, eval_rows)
+    tasks: list[dict[str, Any]] | None = None
 
     @property
     def latency_median(self) -> float | None:
@@ -121,6 +123,10 @@ class Budget(_Open):
     max_perplexity_increase: float | None = None
     perplexity_increase: float | None = None
     reason: str | None = None
+    # a multi-task model: the task that decides (the worst, or the first to miss) and each task's row
+    # (task, reference, reference_from, accuracy, accuracy_drop, met); accuracy_drop is then the worst task's
+    task: str | None = None
+    tasks: list[dict[str, Any]] | None = None
 
     @property
     def is_lm(self) -> bool:
@@ -150,6 +156,9 @@ class Trial(_Open):
     latency_ms: float | None = None
     input_latency_ms: float | None = None
     accuracy_drop: float | None = None
+    # multi-task trials: the task whose drop decided, and each task's accuracy and drop (the budget's rows)
+    worst_task: str | None = None
+    tasks: list[dict[str, Any]] | None = None
     pareto: bool = False
     latency_ms_remeasured: float | None = None
 

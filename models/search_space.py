@@ -479,8 +479,10 @@ def meets(constraints: Mapping[str, Any], report: Mapping[str, Any], task: str,
     output = report.get("output") or {}
     drop = _num((report.get("budget") or {}).get("accuracy_drop"))
     limit = _num(constraints.get("max_accuracy_drop"))
+    worst_task = (report.get("budget") or {}).get("task")  # a multi-task model's budget: the worst task's drop
     if limit is not None and (drop is None or drop > limit + 1e-12):
-        out.append(f"quality: accuracy drop {_points(drop)} > {_points(limit)}")
+        on = f" on task {worst_task!r}" if worst_task else ""
+        out.append(f"quality: accuracy drop {_points(drop)}{on} > {_points(limit)}")
     limit = _num(constraints.get("min_fidelity"))
     worst = worst_fidelity(report, task)
     if limit is not None and (worst is None or worst < limit):

@@ -512,12 +512,16 @@ class SearchSpec(_Strict):
     """An auto-optimize search: trials (each a steps list) fanned out as child jobs, the best one wins.
 
     ``space``: ``"auto"`` (derived from the task, the model and the data given) or explicit step lists,
-    each validated like ``steps``; ``parallelism``: trials running at once."""
+    each validated like ``steps``; ``prefix``: steps every trial runs first (a multi-task ``finetune``: the
+    ``auto`` space is then its post-training recipes, and the stage cache computes the prefix once);
+    ``parallelism``: trials running at once. With multi-task trials the accuracy constraint holds on every
+    task (the worst task decides)."""
 
     objective: Objective = "latency"
     constraints: SearchConstraints = Field(default_factory=SearchConstraints)
     budget: SearchBudget = Field(default_factory=SearchBudget)
     space: Literal["auto"] | list[list[Step]] = "auto"
+    prefix: list[Step] = Field(default_factory=list, max_length=8)
     parallelism: int = Field(2, ge=1, le=16)
 
     @model_validator(mode="after")
@@ -531,8 +535,20 @@ class SearchSpec(_Strict):
         return self
 
 
-def trial_spec(spec: JobSpec, steps: list[Any]) -> JobSpec:
-    """The spec of one trial of a search: the parent's, with ``steps`` and the search's eval budgets."""
+def _tasks_evaluated(search: SearchSpec) -> bool:
+    """Whether every trial runs a multi-task step whose tasks all name eval rows (then no ``data.eval`` is needed:
+    each task is measured on its own)."""
+    def evaluated(steps: list[Any]) -> bool:
+        return any(getattr(s, "tasks", None) and all(t.data.eval for t in s.tasks) for s in steps)
+
+    if evaluated(search.prefix):
+        return True
+    return isinstance(search.space, list) and all(evaluated(steps) for steps in search.space)
+
+
+def trial_spec(spec: JobSpec, steps: list[Any], *, prefix: bool = True) -> JobSpec:
+    """The spec of one trial of a search: the parent's, with the search's ``prefix`` (unless ``prefix`` is false:
+    the input's own baseline row) then ``steps``, and the search's eval budgets."""
     assert spec.search is not None
     c = spec.search.constraints
     evaluate = spec.evaluate.model_copy(update={
@@ -544,7 +560,7 @@ def trial_spec(spec: JobSpec, steps: list[Any]) -> JobSpec:
     own = set(JobSpec.model_fields) - {"search", "steps", "evaluate"}
     body = spec.model_dump(mode="json", include=own)
     body["evaluate"] = evaluate.model_dump(mode="json")
-    body["steps"] = [s if isinstance(s, dict) else s.model_dump(mode="json") for s in steps]
+    body["steps"] = [s if isinstance(s, dict) else s.model_dump(mode="json") for s in [*(spec.search.prefix if prefix else []), *steps]]
     return JobSpec.model_validate(body)
 
 
@@ -599,17 +615,11 @@ class JobSpec(_Strict):
                 raise ValueError(f"steps.{i}.{field}: {why}, and the step names no tasks")
             elif STEP_KINDS[step.type].trains and self.data.train is None:
                 raise ValueError(f"steps.{i}: a '{step.type}' step needs data.train")
-            if isinstance(step, QuantizeStep) and step.mode == "static" and not (
-                self.data.calibration or self.data.train or self.data.eval
-            ):
+            if isinstance(step, QuantizeStep) and step.mode == "static" and not self._has_rows():
                 raise ValueError(f"steps.{i}: static quantization needs data.calibration")
-            if isinstance(step, QuantizeStep) and step.auto_exclude is not None and not (
-                self.data.calibration or self.data.train or self.data.eval
-            ):
+            if isinstance(step, QuantizeStep) and step.auto_exclude is not None and not self._has_rows():
                 raise ValueError(f"steps.{i}: auto_exclude measures sensitivity on data.calibration, which is not given")
-            if isinstance(step, QuantizeStep) and step.algorithm == "gptq" and not (
-                self.data.calibration or self.data.train or self.data.eval
-            ):
+            if isinstance(step, QuantizeStep) and step.algorithm == "gptq" and not self._has_rows():
                 raise ValueError(f"steps.{i}: algorithm 'gptq' needs calibration text (data.calibration)")
         if self.evaluate.few_shot and not self.evaluate.choices:
             raise ValueError("evaluate.few_shot needs evaluate.choices")
@@ -672,12 +682,17 @@ class JobSpec(_Strict):
                 raise ValueError(f"steps.{i}.tasks.{j}.data.eval: task {task.name!r}: baselines 'single_task' "
                                  "compares each task on its own eval rows, which are not given")
 
+    def _has_rows(self) -> bool:
+        """Whether any rows can calibrate: ``data``'s, else a multi-task step's first task's train rows."""
+        return bool(self.data.calibration or self.data.train or self.data.eval or self.first_task_data())
+
     def _check_search(self, search: SearchSpec) -> None:
         if self.steps:
             raise ValueError("steps: must be empty when search is given (the search's space holds the steps)")
-        if self.data.eval is None:
+        if self.data.eval is None and not _tasks_evaluated(search):
             for name in search.constraints.needing_eval():
-                raise ValueError(f"search.constraints.{name}: measured on eval data, which is not given (data.eval)")
+                raise ValueError(f"search.constraints.{name}: measured on eval data, which is not given (data.eval, "
+                                 "or every task's data.eval in a multi-task step each trial runs)")
         if isinstance(search.space, list):
             for i, steps in enumerate(search.space):
                 try:
@@ -685,6 +700,30 @@ class JobSpec(_Strict):
                 except ValidationError as e:
                     first = e.errors()[0]
                     raise ValueError(f"search.space.{i}: {str(first['msg']).removeprefix('Value error, ')}") from None
+        elif search.prefix:
+            try:
+                trial_spec(self, [])
+            except ValidationError as e:
+                first = e.errors()[0]
+                raise ValueError(f"search.prefix: {str(first['msg']).removeprefix('Value error, ')}") from None
+
+    def step_paths(self) -> list[tuple[str, Step]]:
+        """Every step the job (or its search's trials) may run, with its field path (``search.space.1.0``)."""
+        found: list[tuple[str, Step]] = [(f"steps.{i}", s) for i, s in enumerate(self.steps)]
+        if self.search is not None:
+            found += [(f"search.prefix.{i}", s) for i, s in enumerate(self.search.prefix)]
+            if isinstance(self.search.space, list):
+                found += [(f"search.space.{k}.{i}", s) for k, steps in enumerate(self.search.space)
+                          for i, s in enumerate(steps)]
+        return found
+
+    def output_tasks(self) -> list[TaskSpec] | None:
+        """The tasks of the last multi-task step: the output model has one output per task (classifiers)."""
+        for step in reversed(self.steps):
+            tasks = getattr(step, "tasks", None)
+            if tasks:
+                return list(tasks)
+        return None
 
     def model_ids(self) -> set[str]:
         """Every model id the job may read: the input and the models its steps refer to."""
@@ -693,7 +732,7 @@ class JobSpec(_Strict):
     def dataset_ids(self) -> set[str]:
         """Every dataset id the job may read: ``data``'s and those of its steps' tasks."""
         ids = {i for i in (self.data.train, self.data.eval, self.data.calibration) if i}
-        for step in self.steps:
+        for _, step in self.step_paths():
             for task in getattr(step, "tasks", None) or []:
                 ids.update(i for i in (task.data.train, task.data.eval) if i)
         return ids

@@ -111,6 +111,8 @@ class LocalContext:
             if ref is not None:
                 return str(ref)
         first = self.spec.first_task_data()  # a multi-task job: its first task's rows stand for the job's
+        if first is not None and role == "calibration":
+            return first.train  # never the eval rows its accuracy is measured on
         if first is not None and role != "train":
             return first.eval or first.train
         return None

@@ -374,6 +374,22 @@ def evaluate(
                                latency, check_cancelled, guard)
 
 
+def outputs_on(onnx_path: Path, datasets: dict[str, ArrayDataset], cfg: EvaluateConfig,
+               check_cancelled: Callable[[], None] = _never) -> dict[str, dict[str, np.ndarray]]:
+    """Every output of the ONNX model on each of ``datasets``' rows (by key), batched as :func:`evaluate` batches
+    eval rows, in one session with the harness's settings (each run bounded and cancellable)."""
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    batch = eval_batch_size(proto, cfg.batch_size, cfg.latency.batch_size)
+    del proto
+    session = make_session(onnx_path, max(1, min(cfg.latency.threads, available_cores())), cfg.latency.provider)
+    runner = _Runner(session)
+    with RunGuard(check_cancelled, what=f"the model {onnx_path.name}") as guard:
+        return {k: runner.run_all(d.inputs, batch, check_cancelled, guard) for k, d in datasets.items()}
+
+
 def _run_evaluation(
     session: ort.InferenceSession, runner: _Runner, report: dict[str, Any], data: ArrayDataset | None,
     cfg: EvaluateConfig, task: str, reference_outputs: dict[str, np.ndarray] | None, threads: int,

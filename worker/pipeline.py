@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.spec import ExportStep, step_label
-from worker import recheck
+from worker import recheck, task_eval
 from worker.core import WorkingModel
 from worker.families import Family, family_for
 from worker.passes.base import Pass, PassResult
@@ -122,10 +122,12 @@ def run(spec: JobSpec, ctx: PipelineContext, cache: StageCache | None = None) ->
     assert model.onnx_path is not None
     with _stage("evaluate output"):
         output, wall = timed(lambda: family.evaluate(model, ctx, spec, reference))
-    output_report = {**output, "wall_s": wall}
+        tasks = task_eval.measure(model, ctx, spec)  # a multi-task model: each task through its own output
+    output_report = {**output, "wall_s": wall, **({"tasks": tasks} if tasks is not None else {})}
     recheck.confirm_regressions(spec, baseline_onnx, model, baseline_report, output_report, ctx, family.decodes)
     if steps and not steps[-1]["eval"]:
-        steps[-1]["eval"] = {"measured": True, **{k: output[k] for k in family.step_eval_keys if k in output}}
+        steps[-1]["eval"] = {"measured": True, **{k: output_report[k] for k in (*family.step_eval_keys, "tasks")
+                                                  if k in output_report}}
         if cache is not None:
             cache.finish(steps)
 

@@ -135,7 +135,10 @@ def _row(index: int, c: Candidate, **extra: Any) -> dict[str, Any]:
 
 
 def _has_data(spec: JobSpec) -> bool:
-    return bool(spec.data.calibration or spec.data.train or spec.data.eval)
+    """Whether rows can calibrate: the job's data, or the train rows of a multi-task step its trials run first."""
+    prefix = spec.search.prefix if spec.search is not None else []
+    return bool(spec.data.calibration or spec.data.train or spec.data.eval
+                or any(getattr(step, "tasks", None) for step in prefix))
 
 
 def plan(spec: JobSpec, model_format: str, model_meta: dict[str, Any],
@@ -156,7 +159,9 @@ def plan(spec: JobSpec, model_format: str, model_meta: dict[str, Any],
         # read on (the weight-only pass's own_calibration_text); other tasks may carve calibration rows from eval
         calibration = (bool(spec.data.calibration or spec.data.train) if spec.task == "text-generation"
                        else _has_data(spec))
-        space = auto_space(spec.task, model_format, model_meta, train=spec.data.train is not None,
+        # after a prefix (a multi-task finetune: one head per task), the post-training recipes only: pruning
+        # with recovery distillation from the single-head input does not apply to it
+        space = auto_space(spec.task, model_format, model_meta, train=spec.data.train is not None and not search.prefix,
                            calibration=calibration, provider=provider, fp16=dropped is None)
     else:
         space = [[s.model_dump(mode="json") for s in steps]
@@ -266,6 +271,8 @@ def _outcome(t: dict[str, Any], child: Job, objective: str, constraints: dict[st
         latency_ms=lat_out, input_latency_ms=lat_in,
         accuracy_drop=typed.budget.accuracy_drop if typed.budget is not None else None,
     )
+    if typed.budget is not None and typed.budget.tasks:  # multi-task: the worst task decided
+        t["worst_task"], t["tasks"] = typed.budget.task, typed.budget.tasks
 
 
 def _outcomes(table: list[dict[str, Any]]) -> list[Outcome]:
@@ -399,7 +406,7 @@ def _start_next(s: Session, job: Job, spec: JobSpec, table: list[dict[str, Any]]
                 continue
         if active >= search.parallelism:
             continue
-        child_spec = trial_spec(spec, t["steps"])
+        child_spec = trial_spec(spec, t["steps"], prefix=not t.get("baseline"))
         child = Job(id=new_id("job"), owner=job.owner, status=QUEUED, phase="queued",
                     progress={"step": 0, "steps": len(child_spec.steps), "percent": 0.0},
                     spec=child_spec.model_dump(mode="json"), model_id=job.model_id,
@@ -547,7 +554,7 @@ def _enqueue_trial(search_id: str, child_id: str, queue: str) -> None:
 def _trial_view(t: dict[str, Any]) -> dict[str, Any]:
     keys = ("index", "label", "state", "job_id", "reason", "met", "misses", "metric", "metric_name", "size_bytes",
             "latency_ms", "objective_ratio", "worker", "steps", "baseline", "escalated_from", "beats_input",
-            "final_ratio", "margin", "barred")
+            "final_ratio", "margin", "barred", "worst_task", "tasks")
     return {k: t[k] for k in keys if k in t}
 
 
@@ -648,10 +655,12 @@ def _interleave(timers: dict[str, _Timer], warmup: int, runs: int, rounds: int,
 def _eval_loader(spec: JobSpec, folder: Path) -> Callable[[Path], ArrayDataset | None] | None:
     """Loads the eval set shaped for an ONNX file, for the re-measure's batches (array formats only: text
     needs the tokenizer of an hf upload); None without eval data or for other formats."""
-    if spec.data.eval is None:
+    ref = spec.data.eval or next((t.data.eval for _, step in spec.step_paths() for t in getattr(step, "tasks", None)
+                                  or [] if t.data.eval), None)  # multi-task trials: the first task's eval rows
+    if ref is None:
         return None
     refs = dataset_refs(spec, folder)
-    path, fmt, meta = refs[spec.data.eval]
+    path, fmt, meta = refs[ref]
     if fmt not in ("npz", "imagefolder"):
         return None
 

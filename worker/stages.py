@@ -96,6 +96,11 @@ def build_report(
 
     Its shape is ``models.report.Report``, which the search, the pages and the CLI read it with."""
     family = family or family_for(spec.task)
+    budget = family.budget(spec, baseline, output)
+    if output.get("tasks"):  # a multi-task model: the budget holds on every task
+        from worker.task_eval import budget as task_budget
+
+        budget = task_budget(spec, budget, output["tasks"], steps)
     in_metric, out_metric = metric_value(baseline), metric_value(output)
     in_acc, out_acc = baseline.get("accuracy"), output.get("accuracy")
     report: dict[str, Any] = {
@@ -114,7 +119,7 @@ def build_report(
             "metric_delta": None if in_metric is None or out_metric is None else out_metric - in_metric,
             **family.gains(baseline, output),
         },
-        "budget": family.budget(spec, baseline, output),
+        "budget": budget,
         # Computed once here, beside the gains: the API, the pages and the CLI read these back.
         "warnings": regressions(baseline, output),
         "environment": _environment(spec, device),

@@ -239,17 +239,19 @@ def _same_request(job: Job, spec: JobSpec) -> Job:
 
 def _check_trials(session: Session, owner: str, spec: JobSpec) -> None:
     """Each explicit trial of a search passes the submit checks a job with its steps would (422 naming
-    ``search.space.<i>.<field>``); ``auto`` trials are derived from what these checks already accepted."""
+    ``search.space.<i>.<field>``); ``auto`` trials are derived from what these checks already accepted, after
+    the search's ``prefix`` (checked alone: ``search.prefix.<field>``)."""
     from models.spec import trial_spec
 
     assert spec.search is not None
-    if not isinstance(spec.search.space, list):
-        return
-    for i, steps in enumerate(spec.search.space):
+    space = spec.search.space
+    trials = ([(f"search.space.{i}", steps) for i, steps in enumerate(space)] if isinstance(space, list)
+              else [("search.prefix", [])] if spec.search.prefix else [])
+    for at, steps in trials:
         try:
             check_references(session, owner, trial_spec(spec, steps))
         except ProblemError as e:
-            errors = [{**err, "field": f"search.space.{i}.{err.get('field')}"} for err in e.errors or []]
+            errors = [{**err, "field": f"{at}.{err.get('field')}"} for err in e.errors or []]
             detail = "; ".join(f"{err['field']}: {err.get('message', '')}" for err in errors) or e.detail
             raise ProblemError(e.status, e.code, detail, errors=errors) from e
 

@@ -96,7 +96,14 @@ def _budget_and_limits(spec: JobSpec, model: Model) -> list[dict[str, Any]]:
     """Settings the worker could only fail on after running: an accuracy budget with nothing to measure
     it on, a text length past the positions the model has."""
     errors: list[dict[str, Any]] = []
-    if spec.evaluate.max_accuracy_drop is not None and spec.data.eval is None:
+    last = max((i for i, s in enumerate(spec.steps) if getattr(s, "tasks", None)), default=None)
+    if spec.evaluate.max_accuracy_drop is not None and last is not None and spec.task not in LM_TASKS:
+        for j, t in enumerate(getattr(spec.steps[last], "tasks", None) or []):  # the budget holds on every task
+            if t.data.eval is None:
+                errors.append({"field": f"steps.{last}.tasks.{j}.data.eval",
+                               "message": f"task {t.name!r}: the accuracy budget holds on every task, measured on "
+                                          "its own eval rows, which are not given"})
+    elif spec.evaluate.max_accuracy_drop is not None and spec.data.eval is None:
         errors.append({"field": "evaluate.max_accuracy_drop",
                        "message": "an accuracy budget needs data.eval to measure the accuracy on"})
     config = (model.meta or {}).get("config") or {}

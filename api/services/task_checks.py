@@ -24,9 +24,9 @@ def task_errors(session: Session, owner: str, spec: JobSpec, model: Model | None
 
     errors: list[dict[str, Any]] = []
     lm = task in LM_TASKS
-    for i, step in enumerate(spec.steps):
+    for at, step in spec.step_paths():  # a search's prefix and space too (``search.space.1.0.tasks.0``)
         for j, t in enumerate(getattr(step, "tasks", None) or []):
-            where = f"steps.{i}.tasks.{j}"
+            where = f"{at}.tasks.{j}"
             found: dict[str, Dataset] = {}
             for role in ("train", "eval"):
                 ref = getattr(t.data, role)

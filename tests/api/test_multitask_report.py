@@ -33,3 +33,15 @@ def test_report_page_shows_the_adapter_merge(client: TestClient) -> None:
         assert text in page, text
     job_id, _ = insert_job(report={**merge_report(), "steps": []})
     assert "Adapter merge" not in client.get(f"/v1/jobs/{job_id}/report.html").text
+
+
+def test_report_page_shows_each_task_s_output_and_budget(client: TestClient) -> None:
+    report = multitask_report()
+    report["output"] = {"tasks": [{"task": "parity", "output": "logits_parity", "accuracy": 0.93, "eval_rows": 597}]}
+    report["budget"] = {"met": False, "max_accuracy_drop": 0.01, "accuracy_drop": 0.0181, "task": "parity",
+                        "reason": "task 'parity': accuracy fell 1.81 points", "tasks": [
+                            {"task": "parity", "reference": 0.9481, "reference_from": "input", "accuracy": 0.93,
+                             "accuracy_drop": 0.0181, "met": False}]}
+    job_id, _ = insert_job(report=report)
+    page = client.get(f"/v1/jobs/{job_id}/report.html").text
+    assert '<td class="num task-output">93.0%</td>' in page and "-1.8 points vs input (over 1.0)" in page

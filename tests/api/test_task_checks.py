@@ -157,3 +157,28 @@ def test_baselines_errors_name_the_task_and_field(client: TestClient, change: di
             **({"data": {"train": ds}} if step["tasks"] is None else {})}
     errors = _refused(client, spec)
     assert errors[0]["field"].startswith(field) and message in errors[0]["message"], errors
+
+
+def test_a_search_over_multi_task_trials_checks_their_tasks_too(client: TestClient, enqueued: list[str]) -> None:
+    ds = _ds(["0", "1"])
+    tasks = [{"name": "a", "data": {"train": ds, "eval": ds}}, {"name": "b", "data": {"train": ds, "eval": "ds_nope"}}]
+    search = {"objective": "size", "constraints": {"max_accuracy_drop": 0.02}}
+    spec = {"model": builders.insert_model(), "task": "image-classification",
+            "search": {**search, "space": [[{"type": "finetune", "tasks": tasks}, {"type": "quantize", "mode": "fp16"}]]}}
+    assert _refused(client, spec) == [
+        {"field": "search.space.0.0.tasks.1.data.eval", "message": "task 'b': unknown dataset 'ds_nope'"}]
+    tasks[1]["data"] = {"train": ds, "eval": ds}
+    _accepted(client, {**spec, "search": {**search, "prefix": [{"type": "finetune", "tasks": tasks}], "space": "auto"}})
+    assert len(enqueued) == 1
+
+
+def test_an_accuracy_budget_on_a_multi_task_job_needs_every_task_s_eval_rows(client: TestClient,
+                                                                             enqueued: list[str]) -> None:
+    ds = _ds(["0", "1"])
+    tasks = [{"name": "a", "data": {"train": ds, "eval": ds}}, {"name": "b", "data": {"train": ds}}]
+    spec = {**_spec(tasks), "evaluate": {"max_accuracy_drop": 0.02}}
+    assert _refused(client, spec) == [{"field": "steps.0.tasks.1.data.eval", "message": "task 'b': the accuracy "
+                                       "budget holds on every task, measured on its own eval rows, which are not given"}]
+    tasks[1]["data"] = {"train": ds, "eval": ds}
+    _accepted(client, {**_spec(tasks), "evaluate": {"max_accuracy_drop": 0.02}})  # no data.eval needed
+    assert len(enqueued) == 1

@@ -284,3 +284,94 @@ def test_cli_size_search_on_a_causal_lm_ends_terminal_with_int4_trials(
         assert best["objective_ratio"] < 1.0 and (tmp_path / "out" / "model.onnx").stat().st_size > 0
     else:  # only the search's own verdicts, never a crash
         assert job["error"]["code"] in ("no_improvement", "no_trial_met_constraints"), job["error"]
+
+
+def _put(client: httpx.Client, kind: str, path: Path, fmt: str) -> str:
+    r = client.put(f"/v1/{kind}", params={"name": path.name, "format": fmt}, content=path.read_bytes())
+    assert r.status_code in (200, 201), r.text
+    return str(r.json()["id"])
+
+
+def _digit_tasks(client: httpx.Client, tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """The digits CNN and its tasks' npz sets uploaded: (model id, dataset ids by name); ``shifted-tr`` holds the
+    digit rows with their labels shifted (y+1 mod 10): a digit task trained on it breaks on the true labels."""
+    from tests import factories_train as f
+
+    model_path, _ = f.cnn_onnx()
+    train, evald = f.digits()
+    xs, ys, xe, ye = train.inputs["input"], train.labels, evald.inputs["input"][:300], evald.labels
+    assert ys is not None and ye is not None
+    ye = ye[:300]
+    sets = {"digit-tr": (xs, ys), "shifted-tr": (xs, (ys + 1) % 10), "digit-ev": (xe, ye),
+            "parity-tr": (xs, ys % 2), "parity-ev": (xe, ye % 2)}
+    ids = {}
+    for name, (x, y) in sets.items():
+        np.savez(tmp_path / f"{name}.npz", input=x, labels=y)
+        ids[name] = _put(client, "datasets", tmp_path / f"{name}.npz", "npz")
+    return _put(client, "models", model_path, "onnx"), ids
+
+
+def _finetune(ids: dict[str, str], digit_train: str, lr: float, epochs: int = 2) -> dict[str, Any]:
+    return {"type": "finetune", "epochs": epochs, "batch_size": 64, "lr": lr, "tasks": [
+        {"name": "digit", "data": {"train": ids[digit_train], "eval": ids["digit-ev"]}, "weight": 10.0},
+        {"name": "parity", "data": {"train": ids["parity-tr"], "eval": ids["parity-ev"]}}]}
+
+
+def test_a_search_over_multi_task_trials_is_judged_on_its_worst_task(
+    fleet: tuple[LiveService, Any], tmp_path: Path
+) -> None:
+    """Two multi-task trials of the digits CNN (no data.eval: every task names its own eval rows): the smaller
+    (static INT8) was fine-tuned with the digit task's labels shifted, so that task breaks and its trial misses
+    the constraint naming it; the larger (fp16) holds on every task and wins the size search."""
+    svc, _ = fleet
+    with httpx.Client(base_url=svc.url, timeout=30) as client:
+        model, ids = _digit_tasks(client, tmp_path)
+        space = [[_finetune(ids, "shifted-tr", 1e-2), {"type": "quantize", "mode": "static"}],
+                 [_finetune(ids, "digit-tr", 3e-3), {"type": "quantize", "mode": "fp16"}]]
+        spec = {"model": model, "task": "image-classification", "evaluate": {"metrics": ["accuracy", "size"]},
+                "search": {"objective": "size", "constraints": {"max_accuracy_drop": 0.1}, "space": space,
+                           "parallelism": 2, "budget": {"max_trials": 2}}}
+        r = client.post("/v1/jobs", json=spec)
+        assert r.status_code == 202, r.text
+        done = _wait(svc, client, r.json()["id"], timeout=600)
+        assert done["status"] == "succeeded", (done, svc.logs("worker.log")[-3000:])
+        winner = client.get(f"/v1/jobs/{done['result']['best']['job_id']}").json()
+
+    trials = {t["steps"][-1]["mode"]: t for t in done["result"]["report"]["search"]["trials"] if t.get("job_id")}
+    static, fp16 = trials["static"], trials["fp16"]
+    assert static["met"] is False and static["worst_task"] == "digit", static
+    assert any("on task 'digit'" in m for m in static["misses"]), static["misses"]
+    assert {r["task"]: r["met"] for r in static["tasks"]} == {"digit": False, "parity": True}
+    assert fp16["met"] is True and {r["task"] for r in fp16["tasks"]} == {"digit", "parity"}
+    assert all(r["accuracy_drop"] <= 0.1 for r in fp16["tasks"])
+    assert done["result"]["best"]["label"] == fp16["label"] and done["result"]["best"]["job_id"] == fp16["job_id"]
+    budget = winner["result"]["report"]["budget"]
+    assert budget["met"] and max(r["accuracy_drop"] for r in budget["tasks"]) == budget["accuracy_drop"]
+    assert {r["task"] for r in winner["result"]["report"]["output"]["tasks"]} == {"digit", "parity"}
+
+
+def test_auto_after_a_multi_task_prefix_runs_the_prefix_in_every_trial(
+    fleet: tuple[LiveService, Any], tmp_path: Path
+) -> None:
+    """``search.prefix``: the multi-task finetune runs first in each trial of the ``auto`` space (post-training
+    recipes only, calibrated on the tasks' train rows); the winner holds the budget on both tasks."""
+    svc, _ = fleet
+    with httpx.Client(base_url=svc.url, timeout=30) as client:
+        model, ids = _digit_tasks(client, tmp_path)
+        spec = {"model": model, "task": "image-classification", "evaluate": {"metrics": ["accuracy", "size"]},
+                "search": {"objective": "size", "constraints": {"max_accuracy_drop": 0.05}, "space": "auto",
+                           "prefix": [_finetune(ids, "digit-tr", 3e-3, epochs=1)], "budget": {"max_trials": 2}}}
+        r = client.post("/v1/jobs", json=spec)
+        assert r.status_code == 202, r.text
+        done = _wait(svc, client, r.json()["id"], timeout=600)
+        assert done["status"] == "succeeded", (done, svc.logs("worker.log")[-3000:])
+        kids = client.get("/v1/jobs", params={"parent": done["id"]}).json()["data"]
+
+    trials = [t for t in done["result"]["report"]["search"]["trials"] if t.get("job_id")]
+    assert trials and all(s["type"] == "quantize" for t in trials for s in t["steps"]), trials
+    assert kids and all(k["spec"]["steps"][0]["type"] == "finetune" for k in kids)
+    report = done["result"]["report"]
+    assert report["pipeline"][0] == "finetune (full, 2 tasks)" and report["budget"]["met"]
+    assert {r["task"] for r in report["budget"]["tasks"]} == {"digit", "parity"}
+    print({t["label"]: (t.get("met"), t.get("size_bytes"), t.get("tasks")) for t in trials},
+          [k["result"]["report"]["steps"][0].get("cached") for k in kids])

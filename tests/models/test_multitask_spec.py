@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from models.spec import FinetuneStep, JobSpec, step_label
+from models.spec import FinetuneStep, JobSpec, step_label, trial_spec
 
 TASKS: list[dict[str, Any]] = [{"name": "a", "data": {"train": "ds_a", "eval": "ds_ae"}}, {"name": "b", "data": {"train": "ds_b"}, "weight": 3}]
 
@@ -39,3 +39,27 @@ def test_a_stored_spec_without_tasks_validates_again() -> None:
     """The stored spec (and POST /v1/jobs's split) carries every default: a finetune without tasks must pass again."""
     spec = JobSpec.model_validate({"model": "m", "data": {"train": "t"}, "steps": [{"type": "finetune"}]})
     assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
+
+
+def test_a_search_may_take_multi_task_trials_or_a_multi_task_prefix() -> None:
+    """Every task names eval rows: no data.eval is needed for max_accuracy_drop (each task is measured on its own);
+    the prefix runs first in every trial; static INT8 after tasks calibrates on their train rows."""
+    evaluated = [{"name": "a", "data": {"train": "ds_a", "eval": "ds_ae"}}, {"name": "b", "data": {"train": "ds_b",
+                                                                                                    "eval": "ds_be"}}]
+    ft = {"type": "finetune", "tasks": evaluated}
+    search = {"objective": "size", "constraints": {"max_accuracy_drop": 0.01}}
+    explicit = JobSpec.model_validate({"model": "m", "search": {
+        **search, "space": [[ft, {"type": "quantize", "mode": "static"}], [ft, {"type": "quantize", "mode": "fp16"}]]}})
+    assert explicit.dataset_ids() == {"ds_a", "ds_ae", "ds_b", "ds_be"}
+    assert [p for p, _ in explicit.step_paths()] == ["search.space.0.0", "search.space.0.1", "search.space.1.0",
+                                                     "search.space.1.1"]
+    prefixed = JobSpec.model_validate({"model": "m", "search": {**search, "prefix": [ft], "space": "auto"}})
+    trial = trial_spec(prefixed, [{"type": "quantize", "mode": "static"}])
+    assert [s.type for s in trial.steps] == ["finetune", "quantize"] and trial.evaluate.max_accuracy_drop == 0.01
+    assert [t.name for t in trial.output_tasks() or []] == ["a", "b"]
+    assert trial_spec(prefixed, [], prefix=False).steps == []  # the input's own baseline row runs no prefix
+    with pytest.raises(ValidationError, match=r"max_accuracy_drop: measured on eval data"):
+        JobSpec.model_validate({"model": "m", "search": {**search, "space": [[{**ft, "tasks": TASKS}]]}})
+    with pytest.raises(ValidationError, match=r"search.space.1: steps.1: a 'finetune' step cannot follow 'quantize'"):
+        JobSpec.model_validate({"model": "m", "search": {"prefix": [{"type": "quantize", "mode": "fp16"}],
+                                                         "space": [[{"type": "quantize"}], [ft]]}})

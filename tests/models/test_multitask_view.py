@@ -159,3 +159,22 @@ def test_single_task_baselines_beside_each_task() -> None:
     out = _printed(baselines_report())
     assert "single-task" in out and "vs single" in out and "93.1% (cached)" in out and "+1.7 points" in out
     assert "vs single" not in _printed(multitask_report())
+
+
+def test_the_output_and_the_budget_per_task() -> None:
+    """After a quantize step: each task's accuracy through its own output and its drop against its reference."""
+    report = {**multitask_report(), "output": {"tasks": [
+        {"task": "parity", "output": "logits_parity", "accuracy": 0.93, "eval_rows": 597},
+        {"task": "high", "output": "logits_high", "accuracy": 0.6918, "eval_rows": 597}]},
+        "budget": {"met": False, "max_accuracy_drop": 0.01, "accuracy_drop": 0.0181, "task": "parity", "tasks": [
+            {"task": "parity", "reference": 0.9481, "reference_from": "steps.0 (finetune (full, 2 tasks))",
+             "accuracy": 0.93, "accuracy_drop": 0.0181, "met": False},
+            {"task": "high", "reference": 0.6918, "reference_from": "input", "accuracy": 0.6918,
+             "accuracy_drop": 0.0, "met": True}]}}
+    rows = {r.task: r for r in task_rows(report)}
+    assert rows["parity"].output_text == "93.0%" and not rows["parity"].budget_met
+    assert rows["parity"].budget_text == "-1.8 points vs steps.0 (finetune (full, 2 tasks)) (over 1.0)"
+    assert rows["high"].budget_met and rows["high"].budget_text == "+0.0 points vs input (within 1.0)"
+    assert rows["which"].output_text == "" and task_rows(multitask_report())[0].output_text == ""
+    out = _printed(report)
+    assert "output" in out and "(over 1.0)" in out

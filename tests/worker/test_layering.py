@@ -26,7 +26,7 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("passes", ("worker.passes", "worker.passes.*")),  # one module per step type
     # one job's run: its context, the step loop, the stage cache, deliverables, the streamed LLM run
     ("run", ("worker.context", "worker.pipeline", "worker.stage_cache", "worker.stage_cache.*",
-             "worker.deliverables", "worker.stages", "worker.stream_job")),
+             "worker.deliverables", "worker.stages", "worker.stream_job", "worker.task_eval")),
     ("jobs", ("worker.jobs", "worker.baselines", "worker.search", "worker.gc", "worker.reconcile")),  # jobs, searches, baselines, upkeep
     ("shell", ("worker.tasks", "worker.main")),  # the Celery tasks and the worker's entry point
 ]

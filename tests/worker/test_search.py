@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 
 from models.db import session_scope
 from models.ids import new_id
-from models.spec import JobSpec
+from models.spec import JobSpec, trial_spec
 from models.tables import Artifact, Job, JobEvent, Model
 from storage import get_store
 from tests.factories_onnx import looping_model
@@ -474,3 +474,17 @@ def test_dynamic_int8_never_wins_on_a_conv_heavy_graph_where_static_is_possible(
     assert job.result["best"]["label"] == "quantize (static)"  # type: ignore[index]
     trials = {t["label"]: t for t in job.result["report"]["search"]["trials"]}  # type: ignore[index]
     assert trials["quantize (dynamic)"]["barred"].startswith("dynamic INT8 on a Conv-heavy graph")
+
+
+def test_auto_after_a_multi_task_prefix_plans_post_training_recipes_calibrated_on_the_tasks() -> None:
+    tasks = [{"name": n, "data": {"train": f"ds_{n}", "eval": f"ds_{n}e"}} for n in ("a", "b")]
+    spec = JobSpec.model_validate({"model": "m", "task": "image-classification", "search": {
+        "objective": "size", "constraints": {"max_accuracy_drop": 0.01},
+        "prefix": [{"type": "finetune", "epochs": 1, "tasks": tasks}]}})
+    table = search.plan(spec, "onnx", {"conv": True})
+    planned = [t for t in table if t["state"] == "pending"]
+    # no data at the top: the tasks' train rows calibrate static INT8; no prune/distill after the multi-head model
+    assert planned and all(s["type"] == "quantize" for t in planned for s in t["steps"])
+    assert any(t["steps"][-1].get("mode") == "static" for t in planned)
+    child = trial_spec(spec, planned[0]["steps"])
+    assert [s.type for s in child.steps] == ["finetune", "quantize"] and child.evaluate.max_accuracy_drop == 0.01

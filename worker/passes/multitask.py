@@ -30,7 +30,7 @@ from worker.training import TrainOutcome
 if TYPE_CHECKING:
     import torch
 
-    from models.spec import FinetuneStep
+    from models.spec import FinetuneStep, TaskSpec
 
 FEW_SHOT_MAX_PER_CLASS = 32  # a task with at most this many train rows per class is few-shot
 FEW_SHOT_VALIDATION = 0.25  # of each class's rows, carved off for early stopping (at least one per class)
@@ -131,6 +131,17 @@ def _load(ctx: PassContext, ref: str, model: WorkingModel, where: str) -> ArrayD
     if data is None or not len(data):
         raise StepFailed("no_data", f"{where}: dataset {ref!r} has no rows")
     return data
+
+
+def task_eval_rows(ctx: PassContext, task: TaskSpec, index: int, model: WorkingModel,
+                   labels: list[str] | None) -> ArrayDataset | None:
+    """A task's eval rows shaped for ``model``, labels re-indexed into ``labels`` (the order its output scores
+    them in, as the model's metadata names them); None when the task names no eval rows."""
+    if task.data.eval is None:
+        return None
+    where = f"tasks.{index} ({task.name}).data.eval"
+    data = _load(ctx, task.data.eval, model, where)
+    return _remap(data, labels, where) if labels else data
 
 
 def load_tasks(model: WorkingModel, params: FinetuneStep, ctx: PassContext, lm: bool) -> list[Task]:
