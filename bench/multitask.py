@@ -17,8 +17,9 @@ loaders, the finetune pass, the ONNX export and its parity check, ONNX Runtime e
   to ``--lm-chars`` and a one-line question naming the task), fewer rows a task (``LM_ROWS``) to keep it to
   minutes on two CPU cores; ``mpl_version`` keeps its 16 train rows a class and has the fewest rows (all three
   have at most 32 a class, so the pass treats each as few-shot: split carved, in-context measured). Run by the
-  finetune pass over ``LocalContext`` (the pipeline's step: its dataset loaders, the mixed loop, the per-task report), not by
-  ``pipeline.run``: that would add two ONNX exports and the LM harness per run, eight for the suite. Each task's
+  finetune pass over ``LocalContext`` (the pipeline's step: its dataset loaders, the mixed loop, the per-task
+  report), not by ``pipeline.run``: that would add two ONNX exports and the LM harness per run, eight for the
+  suite. Each task's
   single-task run is ``worker.baselines.single_task_spec`` of the job (what ``baselines: single_task`` queues).
   Printed: per task multi vs single accuracy (choice scoring on its eval rows), for the few-shot task zero-shot,
   in-context (4 shots) and fine-tuned accuracy, and sizes: one merged model against N, and base + N adapters.
