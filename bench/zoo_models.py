@@ -217,10 +217,12 @@ def _gemma3_perturb(model: Any, seed: int) -> None:
             mlp.down_proj.weight.data = (mlp.down_proj.weight.double() / s[None, :]).float()
 
 
-def prepare(name: str, log: Any = print) -> Path:
-    """The converted (dequantized, folded, rotated) model's HF directory, built once and cached."""
+def prepare(name: str, log: Any = print, *, rotate: bool = True) -> Path:
+    """The converted (dequantized, folded, rotated) model's HF directory, built once and cached. ``rotate=False``:
+    the GGUF's dequantized weights as they are (``<cache>/<name>-dequantized``, tied head kept), for fine-tuning,
+    where sitting on the 4-bit grid flatters nothing."""
     lm = ZOO[name]
-    out = cache_dir() / f"{name}-rotated"
+    out = cache_dir() / f"{name}-{'rotated' if rotate else 'dequantized'}"
     if (out / "config.json").exists() and (out / "zoo.json").exists():
         return out
     import importlib.util
@@ -231,13 +233,15 @@ def prepare(name: str, log: Any = print) -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise SystemExit("bench.zoo reads GGUF files with the gguf package: pip install -e '.[bench]'")
     gguf = locate(lm)
-    log(f"{name}: dequantizing {gguf.name} and moving its weights off the grid (seed {lm.seed})")
+    log(f"{name}: dequantizing {gguf.name}" + (f" and moving its weights off the grid (seed {lm.seed})"
+                                                  if rotate else ""))
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     ids = torch.tensor([tok("The licence grants you the freedom to share and change the program.")["input_ids"]])
     with torch.no_grad():
         before = model(ids).logits
-    (_gemma3_perturb if lm.family == "gemma3" else _fold_and_rotate)(model, lm.seed)
+    if rotate:
+        (_gemma3_perturb if lm.family == "gemma3" else _fold_and_rotate)(model, lm.seed)
     with torch.no_grad():
         after = model(ids).logits
     diff = float((before - after).abs().max())
@@ -251,8 +255,8 @@ def prepare(name: str, log: Any = print) -> Path:
     plain.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     (out / "zoo.json").write_text(json.dumps({"package": lm.package, "gguf": lm.gguf, "family": lm.family,
-                                              "rotation_seed": lm.seed, "max_logit_diff": diff}))
-    log(f"{name}: saved to {out} (max logit change from the rotation {diff:.2e})")
+                                              "rotation_seed": lm.seed if rotate else None, "max_logit_diff": diff}))
+    log(f"{name}: saved to {out}" + (f" (max logit change from the rotation {diff:.2e})" if rotate else ""))
     return out
 
 

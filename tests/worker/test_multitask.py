@@ -20,7 +20,14 @@ from worker import pipeline
 from worker.context import LocalContext
 from worker.core import ArrayDataset
 from worker.passes.finetune import FinetunePass
-from worker.passes.multitask import METADATA_KEY, Task, mixing_probabilities, selection_mean, stratified_split
+from worker.passes.multitask import (
+    METADATA_KEY,
+    Task,
+    in_context_tasks,
+    mixing_probabilities,
+    selection_mean,
+    stratified_split,
+)
 
 
 def _npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
@@ -177,6 +184,16 @@ def test_the_best_epoch_weighs_each_task_by_its_selection_rows() -> None:
     assert selection_mean(per_task, tasks, "accuracy") == pytest.approx(0.74)  # the plain mean would be 0.5
     assert selection_mean({"big": {"accuracy": 0.8}}, tasks, "accuracy") == pytest.approx(0.8)
     assert selection_mean({}, tasks, "accuracy") is None
+
+
+def test_in_context_is_measured_on_few_shot_choice_tasks_only() -> None:
+    def task(name: str, few: bool, choice: bool) -> Task:
+        data = ArrayDataset({"x": np.zeros((4, 1), np.float32)}, np.zeros(4, np.int64))
+        rows = {"train": [{"text": "t", "label": "a"}], "eval": [{"text": "e", "label": "a"}]} if choice else {}
+        return Task(name, 1.0, data, data, ["a"], validation=data if few else None, choice_rows=rows)
+
+    tasks = [task("few", True, True), task("many", False, True), task("text", True, False)]
+    assert [t.name for t in in_context_tasks(tasks)] == ["few"]
 
 
 def test_sampling_rules() -> None:

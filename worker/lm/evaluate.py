@@ -146,14 +146,21 @@ def _label_index(label: Any, choices: list[str]) -> int | None:
 
 
 def few_shot_prefix(rows: list[dict[str, Any]], choices: list[str], k: int) -> str:
-    """``k`` solved examples from train rows, one per paragraph, each ``<text> <choice>``."""
-    shots: list[str] = []
+    """``k`` solved examples from train rows, one per paragraph, each ``<text> <choice>``: taken class by class in
+    turn (each class's rows in their order), so that a train file sorted by label still shows every choice
+    rather than ``k`` rows of its first class (which would bias the in-context answer towards that class)."""
+    by_class: list[list[dict[str, Any]]] = [[] for _ in choices]
     for row in rows:
-        if len(shots) >= k:
-            break
         idx = _label_index(row.get("label"), choices)
         if idx is not None:
-            shots.append(f"{row['text']} {choices[idx]}")
+            by_class[idx].append(row)
+    shots: list[str] = []
+    turn = 0
+    while len(shots) < k and any(turn < len(group) for group in by_class):
+        for idx, group in enumerate(by_class):
+            if turn < len(group) and len(shots) < k:
+                shots.append(f"{group[turn]['text']} {choices[idx]}")
+        turn += 1
     return "".join(s + "\n\n" for s in shots)
 
 

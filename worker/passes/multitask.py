@@ -5,8 +5,8 @@ task gets a head of its own (the input model's head is reused by a task with the
 exports one ONNX file with one output per task (``logits_<task>``) and ``modelpress.tasks`` metadata naming
 each output's labels. Causal LMs: one model trained on the tasks' rows mixed by the sampling rule (choice rows
 ``{"text", "label"}`` train the label's likelihood after the text), evaluated per task (eval loss, and for
-choice tasks zero-shot, in-context few-shot and fine-tuned accuracy). Each optimizer step draws one batch from
-a task picked by the sampling rule (``proportional``, ``temperature``, ``uniform``; Raffel et al. 2020, T5
+choice tasks zero-shot and fine-tuned accuracy, in-context too for a few-shot one). Each optimizer step draws
+one batch from a task picked by the sampling rule (``proportional``, ``temperature``, ``uniform``; Raffel et al. 2020, T5
 section 3.5.2). A task with few rows per class (few-shot) has a stratified validation split carved from its
 train rows: early stopping and the best weights are chosen on it, never on the eval rows.
 """
@@ -689,6 +689,13 @@ def prepare_lm_task(task: Task, model: WorkingModel, ctx: PassContext, index: in
     task.eval = label_rows(eval_rows, model, ctx) if eval_rows else None
 
 
+def in_context_tasks(tasks: list[Task]) -> list[Task]:
+    """The tasks whose in-context few-shot accuracy is measured: the few-shot choice tasks. Its prompts are
+    (shots + 1) rows long, so on a task with many rows it would cost several zero-shot passes for a comparison
+    that only a task with a handful of rows a class needs (issue item 3: zero-shot, in-context, fine-tuned)."""
+    return [t for t in tasks if t.few_shot and t.choice_rows.get("eval") and t.choice_rows.get("train")]
+
+
 def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassResult:
     """One causal LM trained on the tasks' rows mixed by the sampling rule (LoRA merged before export)."""
     from worker.formats.tokenizer import load_tokenizer
@@ -704,7 +711,7 @@ def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassR
     inner.to(ctx.device)
     before = {t.name: lm_task_metrics(inner, t, ctx, tokenizer) for t in tasks}
     in_context = {t.name: lm_task_metrics(inner, t, ctx, tokenizer, shots=IN_CONTEXT_SHOTS)
-                  for t in tasks if t.choice_rows.get("eval") and t.choice_rows.get("train")}
+                  for t in in_context_tasks(tasks)}
     peft_model = None
     if params.mode == "lora":
         peft_model, _targets = lm_lora_wrap(inner, params)
@@ -739,8 +746,8 @@ def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassR
 
 def lm_task_rows(tasks: list[Task], before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
                  in_context: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    """Each LM task's row: accuracy (choice rows) or eval loss before and after, and zero-shot, in-context and
-    fine-tuned accuracy side by side for choice tasks."""
+    """Each LM task's row: accuracy (choice rows) or eval loss before and after, and zero-shot, fine-tuned and
+    (few-shot tasks) in-context accuracy side by side for choice tasks."""
     rows = []
     for task in tasks:
         b, a = before.get(task.name, {}), after.get(task.name, {})
@@ -754,7 +761,7 @@ def lm_task_rows(tasks: list[Task], before: dict[str, dict[str, float]], after: 
             "eval_loss_before": b.get("eval_loss"), "eval_loss_after": a.get("eval_loss"),
             "zero_shot": b.get("accuracy") if choice else None,
             "in_context": in_context.get(task.name, {}).get("accuracy") if choice else None,
-            "in_context_shots": IN_CONTEXT_SHOTS if choice else None,
+            "in_context_shots": IN_CONTEXT_SHOTS if task.name in in_context else None,
             "fine_tuned": a.get("accuracy") if choice else None,
         })
     return rows

@@ -207,3 +207,11 @@ def test_a_looping_lm_evaluation_fails_with_run_time_limit_past_the_cap(tmp_path
         evaluate_lm(path, data, CFG)
     assert failed.value.code == "run_time_limit" and "MODELPRESS_RUN_MAX_S=1 s" in failed.value.message
     assert time.monotonic() - started < 5
+
+
+def test_few_shot_prefix_takes_the_classes_in_turn() -> None:
+    # a train file sorted by label: the first k rows are all of one class, the prefix still shows each choice
+    rows = [{"text": f"a{i}", "label": "a"} for i in range(5)] + [{"text": f"b{i}", "label": "b"} for i in range(5)]
+    assert lm_eval.few_shot_prefix(rows, ["a", "b"], 4) == "a0 a\n\nb0 b\n\na1 a\n\nb1 b\n\n"
+    assert lm_eval.few_shot_prefix(rows[:6], ["a", "b"], 4) == "a0 a\n\nb0 b\n\na1 a\n\na2 a\n\n"
+    assert lm_eval.few_shot_prefix(rows, ["a", "b"], 0) == ""
