@@ -264,6 +264,9 @@ class FinetuneStep(TrainingParams, StepParams):
     # With adapters 'merge' on a causal LM: also deliver the unmerged base ONNX and one adapter file per task
     # (adapters.zip) that onnxruntime-genai's multi-LoRA API loads and switches at run time.
     adapter_files: bool = False
+    # Set by the job on its child jobs (one per task, spread over the workers): train only this task's adapter and
+    # keep it as the ``adapter.zip`` artifact; the other tasks are loaded for their seeds and heads only.
+    adapter_task: str | None = None
     # Each task's metric against a single-task fine-tune of the same budget: one sibling job per task (child jobs
     # spread over the workers, from the whole-job cache when an identical one succeeded before).
     baselines: Literal["single_task"] | None = None
@@ -607,8 +610,8 @@ class JobSpec(_Strict):
                     self._check_adapters(i, step, tasks)
                     self._check_baselines(i, step, tasks)
             elif isinstance(step, FinetuneStep) and (step.adapters or step.merge or step.baselines
-                                                     or step.adapter_files or None) is not None:
-                field = next(f for f in ("adapters", "merge", "baselines", "adapter_files")
+                                                     or step.adapter_files or step.adapter_task or None) is not None:
+                field = next(f for f in ("adapters", "merge", "baselines", "adapter_files", "adapter_task")
                              if getattr(step, f) not in (None, False))
                 why = ("single-task baselines compare each task of a multi-task step" if field == "baselines"
                        else "merging adapters takes one adapter per task")
@@ -634,13 +637,15 @@ class JobSpec(_Strict):
             for j, task in enumerate(tasks):
                 if task.rank is not None:
                     raise ValueError(f"{at}.tasks.{j}.rank: task {task.name!r}: rank applies with adapters 'merge' only")
-            for field in ("merge", "adapter_files"):
+            for field in ("merge", "adapter_files", "adapter_task"):
                 if getattr(step, field) not in (None, False):
                     raise ValueError(f"{at}.{field}: applies with adapters 'merge' only")
             return
         if step.adapter_files and self.task not in LM_TASKS:
             raise ValueError(f"{at}.adapter_files: per-task adapter files are for causal LMs (onnxruntime-genai's "
                              f"multi-LoRA API); task {self.task!r} gets one merged model with an output per task")
+        if step.adapter_task is not None and step.adapter_task not in {t.name for t in tasks}:
+            raise ValueError(f"{at}.adapter_task: {step.adapter_task!r} is not one of the step's tasks")
         if step.mode != "lora":
             raise ValueError(f"{at}.mode: adapters 'merge' trains one LoRA adapter per task; set mode 'lora' "
                              f"(not {step.mode!r})")

@@ -13,40 +13,18 @@ ends, cancels the baselines still queued or running (:func:`cancel`).
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select, update
-
-from models.db import session_scope
-from models.ids import new_id
-from models.queues import queued_message
-from models.settings import get_settings
 from models.spec import FinetuneStep, JobSpec
-from models.tables import CANCELLED, CANCELLING, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Job, JobEvent, utcnow
+from worker import children
+from worker.children import TaskJob
 from worker.records import Claim, add_event
 
-log = logging.getLogger(__name__)
-
-POLL_S = 0.5  # between looks at the baselines' states while waiting
 TAG = "baseline_of"  # a baseline job's metadata key: "<step index>:<task name>"
-
-
-@dataclass
-class Baseline:
-    """One task's single-task run: its child job, or the cached job whose report stands for it."""
-
-    step: int
-    task: str
-    spec: JobSpec
-    job_id: str | None = None
-    cached_from: str | None = None
-    report: dict[str, Any] | None = None
-    status: str | None = None
-    error: dict[str, Any] | None = None
+Baseline = TaskJob  # one task's single-task run: its child job, or the cached job whose report stands for it
+cancel = children.cancel  # the job's end cancels its baselines not yet ended
 
 
 @dataclass
@@ -71,124 +49,28 @@ def single_task_spec(spec: JobSpec, i: int, task: str) -> JobSpec:
     return JobSpec.model_validate(doc)
 
 
-def _cached(owner: str, spec: JobSpec) -> tuple[str, dict[str, Any]] | None:
-    """An identical single-task job of ``owner`` that succeeded before: its id and report."""
-    from worker.context import default_device
-    from worker.stage_cache.keys import db_shas, job_key
-    from worker.stage_cache.reuse import finished_job
-
-    try:
-        key = job_key(spec, db_shas(spec), default_device())
-    except KeyError:
-        return None
-    hit = finished_job(owner, key, "")
-    return None if hit is None else (hit.job_id, dict(hit.result.get("report") or {}))
-
-
 def start(claim: Claim, owner: str, spec: JobSpec) -> Baselines:
     """Each asked-for baseline from the cache, or queued as a child job of this one (started already: a retried
     attempt finds its children and keeps them)."""
-    out = Baselines()
-    wanted = [(i, t.name) for i, s in enumerate(spec.steps) if isinstance(s, FinetuneStep) and s.baselines
-              for t in s.tasks or []]
-    if not wanted:
+    out = Baselines([Baseline(i, t.name, single_task_spec(spec, i, t.name)) for i, s in enumerate(spec.steps)
+                     if isinstance(s, FinetuneStep) and s.baselines for t in s.tasks or []])
+    if not out.items:
         return out
-    with session_scope() as s:
-        job = s.get(Job, claim.job_id)
-        assert job is not None
-        earlier = {(c.metadata_ or {}).get(TAG): c.id for c in s.scalars(select(Job).where(Job.parent_id == job.id))}
-    to_enqueue: list[tuple[str, str]] = []
-    for i, task in wanted:
-        item = Baseline(i, task, single_task_spec(spec, i, task))
-        out.items.append(item)
-        hit = _cached(owner, item.spec) if spec.cache else None
-        if hit is not None:
-            item.cached_from, item.report, item.status = hit[0], hit[1], SUCCEEDED
-            continue
-        label = f"{i}:{task}"
-        if earlier.get(label):
-            item.job_id = earlier[label]
-            continue
-        with session_scope() as s:
-            job = s.get(Job, claim.job_id)
-            assert job is not None
-            settings = get_settings()
-            child = Job(id=new_id("job"), owner=job.owner, status=QUEUED, phase="queued",
-                        progress={"step": 0, "steps": len(item.spec.steps), "percent": 0.0},
-                        spec=item.spec.model_dump(mode="json"), metadata_={TAG: label},
-                        model_id=job.model_id, queue=settings.queue_for(item.spec), attempt=0,
-                        max_attempts=job.max_attempts, parent_id=job.id, name=f"{job.name or job.id}: {task} alone"[-255:])
-            s.add(child)
-            s.add(JobEvent(job_id=child.id, kind="status", data={"status": QUEUED},
-                           message=queued_message(child.queue, settings.gpu_queue)
-                           + f" (single-task baseline of task {task!r} of job {job.id})"))
-            item.job_id = child.id
-            to_enqueue.append((child.id, child.queue))
-    for child_id, queue in to_enqueue:
-        _enqueue(child_id, queue)
+    queued = children.start(claim, owner, spec.cache, TAG, out.items, "single-task baseline")
     cached = [b.task for b in out.items if b.cached_from]
-    add_event(claim.job_id, "log", f"single-task baselines: {len(to_enqueue)} queued"
+    add_event(claim.job_id, "log", f"single-task baselines: {len(queued)} queued"
               + (f", {len(cached)} from the cache ({', '.join(cached)})" if cached else ""),
               baselines=[{"task": b.task, "job_id": b.job_id, "cached_from": b.cached_from} for b in out.items])
     return out
 
 
-def _enqueue(child_id: str, queue: str) -> None:
-    from worker.celery_app import enqueue_job
-
-    try:
-        enqueue_job(child_id, queue)
-    except Exception as exc:  # the job's own worker runs it in collect()
-        log.warning("baseline %s not queued (%s); the job's worker will run it", child_id, exc)
-
-
-def _cancel_requested(job_id: str) -> bool:
-    with session_scope() as s:
-        return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
-
-
 def collect(claim: Claim, baselines: Baselines, run_here: Callable[[str], None],
             check_cancelled: Callable[[], None]) -> None:
     """Wait for every baseline to end (running a queued one here with ``run_here``); note each one's report."""
-    from worker.core import JobCancelled
-
     pending = [b for b in baselines.items if b.job_id and b.report is None]
     if pending:
         add_event(claim.job_id, "log", f"waiting for {len(pending)} single-task baselines")
-    while pending:
-        if _cancel_requested(claim.job_id):
-            raise JobCancelled()
-        check_cancelled()
-        with session_scope() as s:
-            rows = {j.id: (j.status, j.result, j.error) for j in s.scalars(
-                select(Job).where(Job.id.in_([b.job_id for b in pending])))}
-        still: list[Baseline] = []
-        ran = False
-        for b in pending:
-            assert b.job_id is not None
-            status, result, error = rows.get(b.job_id, (CANCELLED, None, None))
-            if status == QUEUED and not ran:
-                run_here(b.job_id)  # claims it unless a worker did meanwhile
-                ran = True
-                still.append(b)
-            elif status in TERMINAL:
-                b.status, b.error = status, error
-                b.report = (result or {}).get("report") if status == SUCCEEDED else None
-            else:
-                still.append(b)
-        pending = still
-        if pending and not ran:
-            time.sleep(POLL_S)
-
-
-def cancel(job_id: str) -> None:
-    """Cancel this job's baselines not yet ended (queued ones at once, running ones at their next check)."""
-    now = utcnow()
-    with session_scope() as s:
-        s.execute(update(Job).where(Job.parent_id == job_id, Job.status == QUEUED).values(
-            status=CANCELLED, phase=CANCELLED, cancel_requested=True, finished_at=now, updated_at=now))
-        s.execute(update(Job).where(Job.parent_id == job_id, Job.status == RUNNING).values(
-            status=CANCELLING, cancel_requested=True, updated_at=now))
+    children.wait(claim, pending, run_here, check_cancelled)
 
 
 def _step_multitask(report: dict[str, Any], i: int) -> dict[str, Any] | None:

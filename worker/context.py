@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import aliased
 
 from models.db import retry_transient, session_scope
 from models.tables import Job, utcnow
@@ -21,6 +22,7 @@ from worker.records import ACTIVE, Claim, add_event
 
 if TYPE_CHECKING:
     from models.spec import JobSpec
+    from worker.passes.adapters import AdapterSource
 
 # (path, format, meta) of an uploaded model or dataset
 FileRef = tuple[Path, str, dict[str, Any]]
@@ -83,6 +85,9 @@ class LocalContext:
         self._dataset_cache: dict[tuple[Any, ...], ArrayDataset | None] = {}
         # Set once calibration rows were carved from data.eval: the counts, for the events and the report.
         self.calibration_split: dict[str, Any] | None = None
+        # Where an ``adapters: merge`` step gets its task adapters when child jobs train them (the job runner's
+        # ``worker.adapter_jobs``); None: the step trains them itself, one after the other.
+        self.task_adapters: AdapterSource | None = None
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -254,8 +259,12 @@ class DBContext(LocalContext):
 
     @retry_transient()
     def _cancel_requested(self) -> bool:
+        """This job's cancel flag, or its parent's (a child job stops with the job that started it)."""
+        parent = aliased(Job)
         with session_scope() as s:
-            return bool(s.scalar(select(Job.cancel_requested).where(Job.id == self.claim.job_id)))
+            row = s.execute(select(Job.cancel_requested, parent.cancel_requested)
+                            .outerjoin(parent, parent.id == Job.parent_id).where(Job.id == self.claim.job_id)).first()
+        return row is not None and (bool(row[0]) or bool(row[1]))
 
     def _write(self, phase: str, progress: Progress, *, force: bool = False) -> None:
         now = time.monotonic()

@@ -29,7 +29,7 @@ from models.tables import (
 )
 from storage import StorageUnavailable
 from storage.base import is_full
-from worker import baselines
+from worker import adapter_jobs, baselines, children
 from worker.records import (
     Claim,
     Heartbeat,
@@ -115,7 +115,8 @@ def execute(job_id: str) -> str | None:
 
 
 def run_queued_here(job_id: str) -> None:
-    """Run ``job_id`` on this worker if it is still queued (a multi-task job's baseline nobody took); else nothing."""
+    """Run ``job_id`` on this worker if it is still queued (a multi-task job's baseline or task adapter nobody took);
+    else nothing."""
     won = claim(job_id, _me(), reclaim=False)
     if won is not None:
         spec, owner = spec_and_owner(job_id)
@@ -162,6 +163,7 @@ def _execute_claimed(won: Claim, spec: JobSpec, owner: str) -> str | None:
             ctx = _make_context(won, spec, workdir)
             phase = "pipeline"
             wanted = baselines.start(won, owner, spec)  # they run on other workers beside this one's pipeline
+            ctx.task_adapters = adapter_jobs.start(won, owner, spec, run_queued_here)  # the merge step waits for them
             cache = StageCache.for_job(owner, job_id, spec, ctx.device) if spec.cache else None
             out = run(spec, ctx, cache)
             if wanted.items:
@@ -201,8 +203,8 @@ def _execute_claimed(won: Claim, spec: JobSpec, owner: str) -> str | None:
         status = FAILED
     finally:
         beat.stopped.set()
-        if any(getattr(step, "baselines", None) for step in spec.steps):
-            baselines.cancel(job_id)  # those still queued or running once the job ended (cancelled, failed)
+        if any(getattr(step, "baselines", None) for step in spec.steps) or adapter_jobs.merge_steps(spec):
+            children.cancel(job_id)  # those still queued or running once the job ended (cancelled, failed)
         shutil.rmtree(workdir, ignore_errors=True)
         with contextlib.suppress(OSError):
             workdir.parent.rmdir()  # the job's folder, once no other attempt's workdir is in it

@@ -110,7 +110,7 @@ def run(spec: JobSpec, ctx: PipelineContext, cache: StageCache | None = None) ->
             }
         )
         ctx.log(f"step {label} done", wall_s=wall, eval=after)
-        if cache is not None:
+        if cache is not None and not result.files:  # a resume would skip the step and lose its files: it runs again
             cache.store(i, model, ctx, steps)
 
     ctx.check_cancelled()

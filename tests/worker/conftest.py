@@ -141,3 +141,16 @@ def run_cap_1s(monkeypatch: pytest.MonkeyPatch) -> Iterator[float]:
     yield 1.0
     monkeypatch.delenv("MODELPRESS_RUN_MAX_S")
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def unqueued_api(pg_env: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The API on the test database; accepted jobs are recorded, not sent to a broker (the test executes them)."""
+    from fastapi.testclient import TestClient
+
+    import worker.celery_app
+    from api.main import create_app
+
+    monkeypatch.setattr(worker.celery_app, "enqueue_job", lambda job_id, queue: None)
+    with TestClient(create_app(), raise_server_exceptions=False) as c:
+        yield c

@@ -27,7 +27,8 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     # one job's run: its context, the step loop, the stage cache, deliverables, the streamed LLM run
     ("run", ("worker.context", "worker.pipeline", "worker.stage_cache", "worker.stage_cache.*",
              "worker.deliverables", "worker.stages", "worker.stream_job", "worker.task_eval")),
-    ("jobs", ("worker.jobs", "worker.baselines", "worker.search", "worker.gc", "worker.reconcile")),  # jobs, searches, baselines, upkeep
+    ("jobs", ("worker.jobs", "worker.children", "worker.baselines", "worker.adapter_jobs", "worker.search", "worker.gc",
+              "worker.reconcile")),  # jobs, searches, their child jobs (baselines, task adapters), upkeep
     ("shell", ("worker.tasks", "worker.main")),  # the Celery tasks and the worker's entry point
 ]
 

@@ -1,7 +1,9 @@
 """Multi-task transfer by adapters (``finetune`` with ``tasks``, ``mode: lora``, ``adapters: merge``).
 
 One LoRA adapter per task on the shared backbone, each trained with its task's head on that task's rows alone
-(a validation split carved from its train rows picks its best epoch), one after the other inside this job; then
+(a validation split carved from its train rows picks its best epoch): in a job, each by a child job of its own
+(``adapter_task``, spread over the workers by ``worker/adapter_jobs.py``; the child keeps its adapter as
+``adapter.zip``, which the parent loads into the same peft model), else one after the other here; then
 peft's ``add_weighted_adapter`` merges them by every method the step names (``linear``, ``ties``, ``dare_ties``,
 ``dare_linear``, ``cat``, the ``*_svd`` variants; each adapter weighted by its task's ``weight``, ``density`` for
 the pruning methods). Each merge is measured on every task's validation split and the best mean accuracy wins;
@@ -15,7 +17,9 @@ Arithmetic", 2023; TIES: Yadav et al., 2023; DARE: Yu et al., "Language Models a
 
 from __future__ import annotations
 
+import json
 import time
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -45,10 +49,20 @@ if TYPE_CHECKING:
 
     from models.spec import FinetuneStep
 
+ADAPTER_FILE = "adapter.zip"  # a task adapter's child job keeps it: the peft adapter dir, its head, its measurements
 MERGED_PREFIX = "merged_"  # the peft adapter name of a merge: merged_<method>
 REFIT_STEPS = 100  # full-batch Adam steps of a head's refit on the merged features
 REFIT_LR = 1e-2
 LM_VALIDATION_MIN = 2  # rows a causal LM task keeps for validation at least
+
+
+class AdapterSource(Protocol):
+    """Where a job's merge step gets its task adapters when child jobs trained them (``worker/adapter_jobs.py``)."""
+
+    def fetch(self, params: FinetuneStep, ctx: PassContext) -> dict[str, tuple[str, Path]]:
+        """Each task's job and ``adapter.zip`` once the jobs ended; StepFailed naming the task when one did not
+        succeed."""
+        ...
 
 
 class Family(Protocol):
@@ -73,6 +87,12 @@ class Family(Protocol):
 
     def restore(self, snapshot: Any) -> None:
         """Put back what ``after_merge`` returned (the chosen merge's refit heads)."""
+
+    def head(self, task: str) -> dict[str, torch.Tensor]:
+        """``task``'s head weights (none for a causal LM)."""
+
+    def load_head(self, task: str, state: dict[str, torch.Tensor]) -> None:
+        """Put ``task``'s head weights (as ``head`` gave them) in place."""
 
 
 class ClassifierAdapters:
@@ -115,6 +135,12 @@ class ClassifierAdapters:
         for name, state in snapshot.items():
             self.module.heads[name].load_state_dict(state)
 
+    def head(self, task: str) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.module.heads[task].state_dict().items()}
+
+    def load_head(self, task: str, state: dict[str, torch.Tensor]) -> None:
+        self.module.heads[task].load_state_dict(state)
+
 
 class LMAdapters:
     """A causal LM under peft, one adapter per task of text or choice rows; merges chosen by eval loss."""
@@ -144,6 +170,12 @@ class LMAdapters:
         return None
 
     def restore(self, snapshot: Any) -> None:
+        return None
+
+    def head(self, task: str) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_head(self, task: str, state: dict[str, torch.Tensor]) -> None:
         return None
 
 
@@ -220,7 +252,8 @@ def why(table: list[dict[str, Any]], chosen: dict[str, Any], individual: dict[st
 
 
 def _wrap(module: Any, configs: dict[str, Any]) -> Any:
-    """``module`` under peft with one LoRA adapter per task, named after it."""
+    """``module`` under peft with one LoRA adapter per task, named after it (each adapter's random A matrices drawn
+    after the caller's seed, so a child job that trains one of them starts it from the same weights)."""
     from peft import get_peft_model
 
     wrapped: Any = None
@@ -328,15 +361,87 @@ def merge_table(family: Family, peft_model: Any, tasks: list[Task], merge: Merge
     return table, snapshots
 
 
+def save_adapter(family: Family, peft_model: Any, task: str, individual: dict[str, Any], curve: list[dict[str, Any]],
+                 folder: Path) -> Path:
+    """``task``'s adapter as ``adapter.zip`` beside ``folder``: peft's saved adapter dir (``peft/``), its head's
+    weights (``head.safetensors``, classifiers) and its measurements and curve (``adapter.json``)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(folder / "peft"), selected_adapters=[task])
+    head = family.head(task)
+    if head:
+        save_file(head, str(folder / "head.safetensors"))
+    (folder / "adapter.json").write_text(json.dumps({"task": task, "individual": individual, "curve": curve},
+                                                    default=float))
+    out = folder.with_name(ADAPTER_FILE)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                z.write(path, path.relative_to(folder).as_posix())
+    return out
+
+
+def load_adapters(family: Family, peft_model: Any, tasks: list[Task], files: dict[str, tuple[str, Path]],
+                  ctx: PassContext) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Each task's ``adapter.zip`` (``files``: its job and file) loaded into the adapter of its name (and its head):
+    each adapter's measurements as its job took them, and the curves one after the other."""
+    from peft import load_peft_weights, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    individual: dict[str, dict[str, Any]] = {}
+    curve: list[dict[str, Any]] = []
+    for task in tasks:
+        job_id, path = files[task.name]
+        folder = ctx.workdir / "adapters" / task.name
+        with zipfile.ZipFile(path) as z:
+            z.extractall(folder)  # our own child's file; extractall keeps every name inside ``folder``
+        configs = sorted(folder.glob("peft/**/adapter_config.json"))
+        meta_file = folder / "adapter.json"
+        if not configs or not meta_file.is_file():
+            raise StepFailed("adapter_missing", f"task {task.name!r}: the adapter.zip of job {job_id} holds no "
+                                                "peft adapter or no adapter.json")
+        try:
+            loaded = set_peft_model_state_dict(peft_model, load_peft_weights(str(configs[0].parent), device="cpu"),
+                                               adapter_name=task.name)
+        except RuntimeError as exc:  # another shape: the job's step was not this one
+            raise StepFailed("adapter_mismatch", f"task {task.name!r}: the adapter of job {job_id}: {exc}") from exc
+        unexpected = list(getattr(loaded, "unexpected_keys", []))
+        if unexpected:
+            raise StepFailed("adapter_mismatch", f"task {task.name!r}: the adapter of job {job_id} has weights this "
+                                                 f"model lacks: {unexpected[:3]}")
+        head = folder / "head.safetensors"
+        if head.is_file():
+            family.load_head(task.name, load_file(str(head)))
+        meta = json.loads(meta_file.read_text())
+        individual[task.name] = {**meta["individual"], "job_id": job_id}
+        curve += meta["curve"]
+        ctx.log("adapter: loaded from its child job", task=task.name, job=job_id)
+    return individual, curve
+
+
+def _obtain(family: Family, peft_model: Any, params: FinetuneStep, ctx: PassContext,
+            tasks: list[Task]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], str]:
+    """Every task's adapter trained: by child jobs when the job runs them (its context's ``task_adapters``), else
+    one after the other here; each adapter's measurements, the curves, and how they were trained."""
+    source: AdapterSource | None = getattr(ctx, "task_adapters", None)
+    if source is None:
+        ctx.progress("training one adapter per task", fraction=0.0)
+        individual, curve = train_adapters(family, peft_model, params, ctx, tasks)
+        return individual, curve, "one adapter after another in this job"
+    files = source.fetch(params, ctx)
+    individual, curve = load_adapters(family, peft_model, tasks, files, ctx)
+    return individual, curve, "one child job per task, loaded here"
+
+
 def _merge_all(family: Family, peft_model: Any, params: FinetuneStep, ctx: PassContext, tasks: list[Task],
                before_unload: Callable[[], None] | None = None,
                ) -> tuple[Any, dict[str, Any], list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Train the adapters, merge them by every method, keep the best: the merged plain module, the step's merge
-    metrics, the curve and each adapter's own measurements (``before_unload`` runs while the base is untouched
-    and every adapter is still there)."""
+    """Get the adapters trained, merge them by every method, keep the best: the merged plain module, the step's
+    merge metrics, the curve and each adapter's own measurements (``before_unload`` runs while the base is
+    untouched and every adapter is still there)."""
     merge = params.merge or MergeConfig()
-    ctx.progress("training one adapter per task", fraction=0.0)
-    individual, curve = train_adapters(family, peft_model, params, ctx, tasks)
+    individual, curve, trained = _obtain(family, peft_model, params, ctx, tasks)
     weights = [t.weight for t in tasks]
     ctx.progress("merging the adapters", fraction=0.9)
     table, snapshots = merge_table(family, peft_model, tasks, merge, ctx, weights)
@@ -354,9 +459,30 @@ def _merge_all(family: Family, peft_model: Any, params: FinetuneStep, ctx: PassC
         "individual": individual, "weights": dict(zip([t.name for t in tasks], weights, strict=True)),
         "density": merge.density, "validation": merge.validation, "metric": family.metric,
         "refit_heads": merge.refit_heads if isinstance(family, ClassifierAdapters) else None,
-        "adapter_params": adapter_params, "trained": "one adapter after another in this job",
+        "adapter_params": adapter_params, "trained": trained,
     }
     return merged, info, curve, individual
+
+
+def _train_own(family: Family, peft_model: Any, params: FinetuneStep, ctx: PassContext,
+               tasks: list[Task]) -> tuple[Any, dict[str, Any], list[dict[str, Any]], Path]:
+    """``adapter_task`` (a merge job's child): that task's adapter (and head) alone, kept as ``adapter.zip``; the
+    module with that adapter merged, its measurements, its curve and the file."""
+    task = next(t for t in tasks if t.name == params.adapter_task)
+    ctx.progress(f"training the adapter of task {task.name}", fraction=0.0)
+    individual, curve = train_adapters(family, peft_model, params, ctx, [task])
+    path = save_adapter(family, peft_model, task.name, individual[task.name], curve, ctx.workdir / "adapter")
+    return peft_model.merge_and_unload(adapter_names=[task.name]), individual[task.name], curve, path
+
+
+def _own_metrics(params: FinetuneStep, kind: str, rows: list[dict[str, Any]], size: dict[str, Any],
+                 own: dict[str, Any], few_shot: set[str], **extra: Any) -> dict[str, Any]:
+    """A child's step metrics: every task's row with the one adapter merged, and that adapter's measurements."""
+    for row in rows:
+        row["few_shot"] = row["task"] in few_shot
+    return {"mode": params.mode, "adapters": "merge", "adapter_task": params.adapter_task,
+            "total_params": size["shared_params"], "trainable_params": own["trainable_params"], **extra,
+            "multitask": {"kind": kind, "tasks": rows, "size": size, "adapter": own}}
 
 
 def _metrics(params: FinetuneStep, kind: str, rows: list[dict[str, Any]], size: dict[str, Any],
@@ -384,6 +510,7 @@ def run_classifier(model: WorkingModel, params: FinetuneStep, ctx: PassContext) 
     few_shot = {t.name for t in tasks if t.few_shot}
     carve_validation(tasks, merge.validation, ctx.spec.seed, ctx)
     names = model.input_names
+    _seed(ctx)  # the heads' and adapters' first weights: the same in the job and in each of its adapter jobs
     head, heads, reused = task_heads(model, tasks, ctx)
     ranks = _ranks(params)
     peft_model = _wrap(model.module, {t.name: lora_config(model.module, model, params, ranks.get(t.name))
@@ -391,12 +518,19 @@ def run_classifier(model: WorkingModel, params: FinetuneStep, ctx: PassContext) 
     multi = multihead_class()(interface(replace(model, module=peft_model)), heads, names).to(ctx.device)
     family = ClassifierAdapters(multi, tasks, ctx, merge.refit_heads)
     before = family.measure("eval")  # every LoRA B is zero: the input backbone
-    merged, info, curve, _ = _merge_all(family, peft_model, params, ctx, tasks)
+    if params.adapter_task is not None:
+        merged, own, curve, path = _train_own(family, peft_model, params, ctx, tasks)
+    else:
+        merged, info, curve, _ = _merge_all(family, peft_model, params, ctx, tasks)
     multi.backbone = interface(replace(model, module=merged))
     multi.requires_grad_(True)
     multi.eval()
     after_torch = family.measure("eval")
     exported, rows, size = export_multihead(model, multi, tasks, before, after_torch, reused, ctx)
+    if params.adapter_task is not None:
+        metrics = _own_metrics(params, f"the LoRA adapter of task {params.adapter_task} alone", rows, size, own,
+                               few_shot, head=head)
+        return PassResult(exported, metrics, curve, {ADAPTER_FILE: path})
     metrics = _metrics(params, "one LoRA adapter per task, merged", rows, size, info, few_shot, head=head)
     return PassResult(exported, metrics, curve)
 
@@ -421,6 +555,7 @@ def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassR
     inner = model.module
     inner.to(ctx.device)
     ranks = _ranks(params)
+    _seed(ctx)  # the adapters' first weights: the same in the job and in each of its adapter jobs
     try:
         peft_model = _wrap(inner, {t.name: lm_lora_config(inner, params, ranks.get(t.name)) for t in tasks})
     except ValueError as exc:  # e.g. target modules that are not in the model
@@ -440,9 +575,12 @@ def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassR
         captured.append(adapter_files.capture(peft_model, [t.name for t in tasks], ctx.workdir / "adapter-snapshot",
                                               model.hf_dir, prompt))
 
-    merged, info, curve, _ = _merge_all(family, peft_model, params, ctx, tasks,
-                                        keep_adapters if params.adapter_files else None)
     files: dict[str, Path] = {}
+    if params.adapter_task is not None:
+        merged, own, curve, files[ADAPTER_FILE] = _train_own(family, peft_model, params, ctx, tasks)
+    else:
+        merged, info, curve, _ = _merge_all(family, peft_model, params, ctx, tasks,
+                                            keep_adapters if params.adapter_files else None)
     if captured:
         from worker.lm import adapter_files
 
@@ -456,8 +594,18 @@ def run_lm(model: WorkingModel, params: FinetuneStep, ctx: PassContext) -> PassR
     n = count_params(merged)
     rows = lm_task_rows(tasks, before, after, {})
     size = {"tasks": len(tasks), "shared_params": n, "separate_params": n * len(tasks), "ratio": 1 / len(tasks)}
+    if params.adapter_task is not None:
+        metrics = _own_metrics(params, f"the LoRA adapter of task {params.adapter_task} alone on a causal LM", rows,
+                               size, own, few_shot)
+        return PassResult(replace(model, module=merged), metrics, curve, files)
     metrics = _metrics(params, "one LoRA adapter per task on a causal LM, merged", rows, size, info, few_shot)
     return PassResult(replace(model, module=merged), metrics, curve, files)
+
+
+def _seed(ctx: PassContext) -> None:
+    import torch
+
+    torch.manual_seed(ctx.spec.seed)
 
 
 def _ranks(params: FinetuneStep) -> dict[str, int | None]:

@@ -7,7 +7,6 @@ the merge table."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,17 +85,6 @@ def test_a_causal_lm_merges_its_task_adapters_into_one_plain_model(tmp_path: Pat
     assert not any("lora" in k for k in result.model.module.state_dict())  # merged: a plain model to export
 
 
-@pytest.fixture
-def client(pg_env: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    """The API on the test database; accepted jobs are recorded, not sent to a broker (the test executes them)."""
-    import worker.celery_app
-    from api.main import create_app
-
-    monkeypatch.setattr(worker.celery_app, "enqueue_job", lambda job_id, queue: None)
-    with TestClient(create_app(), raise_server_exceptions=False) as c:
-        yield c
-
-
 def _put(client: TestClient, kind: str, path: Path, fmt: str) -> str:
     r = client.put(f"/v1/{kind}", params={"name": path.name, "format": fmt}, content=path.read_bytes())
     assert r.status_code in (200, 201), r.text
@@ -107,7 +95,8 @@ def _yes_no(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"text": r["text"], "label": "yes" if r["label"] == "food" else "no"} for r in rows]
 
 
-def test_two_task_adapter_merge_job_through_the_api(client: TestClient, tmp_path: Path) -> None:
+def test_two_task_adapter_merge_job_through_the_api(unqueued_api: TestClient, tmp_path: Path) -> None:
+    client = unqueued_api
     from worker import jobs
 
     # embeddings and the pooler adapted too: LoRA on query/value alone barely moves a random-init backbone
