@@ -123,3 +123,45 @@ def test_single_task_baselines_run_as_child_jobs_and_are_cached(distributed: Liv
     console = Console(width=200, record=True)
     console.print(tasks_table(again["result"]["report"]))
     assert "(cached)" in console.export_text()
+
+
+def test_task_adapters_train_as_child_jobs_and_merge(distributed: LiveService, tmp_path: Path) -> None:
+    """``adapters: merge`` on a real worker: one child job per task trains its LoRA adapter and keeps it as
+    ``adapter.zip`` (one slot: the job runs the children nobody took itself); the job loads them and merges. A second
+    job that changes only the merge methods takes both adapters from the cache."""
+    import zipfile
+
+    from tests.worker.test_adapter_jobs import _files, _spec
+
+    model_path, files = _files(tmp_path)
+    with httpx.Client(base_url=distributed.url, timeout=30) as client:
+        model = _upload(client, "models", model_path, "hf")
+        ids = {k: _upload(client, "datasets", p, "text") for k, p in files.items()}
+
+        def submit(methods: list[str]) -> dict:
+            spec = _spec(model, ids)
+            spec["steps"][0]["merge"] = {"methods": methods}
+            r = client.post("/v1/jobs", json=spec)
+            assert r.status_code == 202, r.text
+            return distributed.wait_job(client, r.json()["id"], timeout=240)
+
+        job = submit(["linear", "cat"])
+        assert job["status"] == "succeeded", job
+        kids = {c["metadata"]["adapter_of"]: c for c in client.get("/v1/jobs", params={"parent": job["id"]}).json()["data"]}
+        arts = {k: {a["name"]: a for a in client.get(f"/v1/jobs/{c['id']}").json()["result"]["artifacts"]}
+                for k, c in kids.items()}
+        adapter = tmp_path / "food-adapter.zip"
+        adapter.write_bytes(client.get(f"/v1/artifacts/{arts['0:food']['adapter.zip']['id']}/content").content)
+        again = submit(["ties"])
+        assert again["status"] == "succeeded", again
+        assert client.get("/v1/jobs", params={"parent": again["id"]}).json()["data"] == []
+
+    assert sorted(kids) == ["0:food", "0:topic"] and {c["status"] for c in kids.values()} == {"succeeded"}
+    names = zipfile.ZipFile(adapter).namelist()
+    assert {"adapter.json", "head.safetensors", "peft/food/adapter_config.json"} <= set(names), names
+    merge = job["result"]["report"]["steps"][0]["metrics"]["multitask"]["merge"]
+    assert merge["trained"] == "one child job per task, loaded here" and merge["chosen"] in ("linear", "cat")
+    assert {t: merge["individual"][t]["job_id"] for t in ("topic", "food")} == {
+        t: kids[f"0:{t}"]["id"] for t in ("topic", "food")}
+    cached = again["result"]["report"]["steps"][0]["metrics"]["multitask"]["merge"]
+    assert cached["chosen"] == "ties" and cached["individual"] == merge["individual"]

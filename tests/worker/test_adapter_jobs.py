@@ -32,7 +32,7 @@ def _spec(model: str, ids: dict[str, str]) -> dict[str, Any]:
             "steps": [{"type": "finetune", "mode": "lora", "epochs": 2, "batch_size": 16, "lr": 2e-2,
                        "lora": {"target_modules": ["word_embeddings", "query", "value", "dense"]},
                        "tasks": tasks, "adapters": "merge", "merge": {"methods": ["linear", "cat"]}}],
-            "evaluate": {"latency": {"runs": 1, "warmup": 0}}}
+            "evaluate": {"metrics": ["accuracy", "size"]}}
 
 
 def _submit(client: TestClient, tmp_path: Path) -> tuple[str, dict[str, Any]]:
