@@ -8,7 +8,8 @@ single-task job of the owner succeeded before (same model sha, task data shas an
 otherwise queues it as a child job of this one. :func:`collect` (after the pipeline) waits for them; a baseline
 still queued then is run here, by the job's own worker (a one-slot worker would otherwise wait on itself). A
 baseline that failed leaves its task's row without one (the job itself still succeeds). The job's end, however it
-ends, cancels the baselines still queued or running (:func:`cancel`).
+ends, cancels the baselines still queued or running (:func:`cancel`). Queueing, waiting and cancelling are
+``worker/children.py``'s, shared with the task adapters of ``adapters: merge``.
 """
 
 from __future__ import annotations

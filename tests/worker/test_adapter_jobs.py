@@ -20,8 +20,8 @@ from worker.adapter_jobs import adapter_spec
 
 def _files(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     model = f.tiny_bert_archive(tmp_path, layers=1, init=0.2)
-    rows = {"topic": (f.sentences(80, seed=1), f.sentences(30, seed=2)),
-            "food": (_yes_no(f.sentences(80, seed=3)), _yes_no(f.sentences(30, seed=4)))}
+    rows = {"topic": (f.sentences(60, seed=1), f.sentences(24, seed=2)),
+            "food": (_yes_no(f.sentences(60, seed=3)), _yes_no(f.sentences(24, seed=4)))}
     return model, {f"{name}-{role}": f.write_jsonl(tmp_path / f"{name}-{role}.jsonl", data)
                    for name, (train, held) in rows.items() for role, data in (("train", train), ("eval", held))}
 
@@ -35,14 +35,15 @@ def _spec(model: str, ids: dict[str, str]) -> dict[str, Any]:
             "evaluate": {"metrics": ["accuracy", "size"]}}
 
 
-def _submit(client: TestClient, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+def _submit(client: TestClient, tmp_path: Path) -> tuple[str, dict[str, Any], Path, dict[str, Path]]:
+    """The job's id and spec, and the files it was given."""
     model_path, files = _files(tmp_path)
     model = _put(client, "models", model_path, "hf")
     ids = {k: _put(client, "datasets", p, "text") for k, p in files.items()}
     spec = _spec(model, ids)
     r = client.post("/v1/jobs", json=spec)
     assert r.status_code == 202, r.text
-    return str(r.json()["id"]), spec
+    return str(r.json()["id"]), spec, model_path, files
 
 
 def _children(client: TestClient, job_id: str) -> dict[str, dict[str, Any]]:
@@ -74,7 +75,7 @@ def test_adapters_trained_by_child_jobs_merge_as_the_in_sequence_path_does(unque
     from worker.pipeline import run
 
     client = unqueued_api
-    job_id, spec = _submit(client, tmp_path)
+    job_id, spec, model_path, files = _submit(client, tmp_path)
     assert jobs.execute(job_id) == "succeeded", client.get(f"/v1/jobs/{job_id}").json().get("error")
     job = client.get(f"/v1/jobs/{job_id}").json()
     kids = _children(client, job_id)
@@ -86,16 +87,16 @@ def test_adapters_trained_by_child_jobs_merge_as_the_in_sequence_path_does(unque
     assert merge["trained"] == "one child job per task, loaded here"
     assert {t: merge["individual"][t]["job_id"] for t in ("topic", "food")} == {
         t: kids[f"0:{t}"]["id"] for t in ("topic", "food")}
+    page = client.get(f"/v1/jobs/{kids['0:food']['id']}/report.html")  # a child's report: its adapter alone
+    assert page.status_code == 200 and '<section id="tasks">' in page.text
     events = [e["message"] for e in client.get(f"/v1/jobs/{job_id}/events").json()["data"]]
     assert any("task adapters: 2 jobs queued" in m for m in events), events
 
     # the same spec in one process, adapters one after another: the same adapters, the same merge
-    _, files = _files(tmp_path / "again")
     local = JobSpec.model_validate({**spec, "model": "m",
                                     "steps": [{**spec["steps"][0], "tasks": [
                                         {"name": n, "data": {"train": f"{n}-train", "eval": f"{n}-eval"}}
                                         for n in ("topic", "food")]}]})
-    model_path, _ = _files(tmp_path / "model")
     ctx = LocalContext(tmp_path / "work", local, models={"m": (model_path, "hf", {})},
                        datasets={k: (p, "text", {}) for k, p in files.items()}, device="cpu")
     seq = run(local, ctx).report["steps"][0]["metrics"]["multitask"]["merge"]
@@ -119,7 +120,7 @@ def test_a_failed_adapter_job_fails_the_job_naming_its_task(unqueued_api: TestCl
 
     monkeypatch.setattr(adapters, "train_adapters", broken)
     client = unqueued_api
-    job_id, _ = _submit(client, tmp_path)
+    job_id, *_ = _submit(client, tmp_path)
     assert jobs.execute(job_id) == "failed"
     job = client.get(f"/v1/jobs/{job_id}").json()
     kids = _children(client, job_id)
@@ -136,7 +137,7 @@ def test_cancelling_the_job_cancels_its_adapter_jobs(unqueued_api: TestClient, t
     from worker.passes import adapters
 
     client = unqueued_api
-    job_id, _ = _submit(client, tmp_path)
+    job_id, *_ = _submit(client, tmp_path)
     train = adapters.train_adapters
 
     def cancelled_meanwhile(*args: Any) -> Any:  # the user cancels the job while its first child trains
