@@ -150,3 +150,33 @@ def test_cancelling_the_job_cancels_its_adapter_jobs(unqueued_api: TestClient, t
     # the running child stops at its next cancel check (its parent's flag, not its own) instead of succeeding;
     # the queued one is cancelled with the job
     assert (kids["0:topic"]["status"], kids["0:food"]["status"]) == ("cancelled", "cancelled")
+
+
+def test_a_causal_lms_adapters_come_from_child_jobs_too(unqueued_api: TestClient, tmp_path: Path) -> None:
+    from tests.factories_lm import licence_paragraphs, tiny_lm_archive
+    from worker import jobs
+
+    client = unqueued_api
+    gpl, apache = licence_paragraphs(("GPL-3",)), licence_paragraphs(("Apache-2.0",))
+    choice = [{"text": p[:60], "label": "gpl"} for p in gpl[:8]] + [{"text": p[:60], "label": "apache"}
+                                                                      for p in apache[:8]]
+    held = [{"text": p[:60], "label": "gpl"} for p in gpl[10:14]] + [{"text": p[:60], "label": "apache"}
+                                                                      for p in apache[10:14]]
+    model = _put(client, "models", tiny_lm_archive(tmp_path), "hf")
+    ids = {k: _put(client, "datasets", f.write_jsonl(tmp_path / f"{k}.jsonl", rows), "text")
+           for k, rows in {"lm": [{"text": p} for p in (gpl + apache)[:16]], "w": choice, "we": held}.items()}
+    r = client.post("/v1/jobs", json={
+        "model": model, "task": "text-generation", "text": {"max_length": 32}, "evaluate": {"metrics": ["accuracy", "size"]},
+        "steps": [{"type": "finetune", "mode": "lora", "epochs": 1, "batch_size": 8, "lr": 1e-2,
+                   "tasks": [{"name": "lm", "data": {"train": ids["lm"]}},
+                             {"name": "which", "data": {"train": ids["w"], "eval": ids["we"]}}],
+                   "adapters": "merge", "merge": {"methods": ["linear"]}}]})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert jobs.execute(job_id) == "succeeded", client.get(f"/v1/jobs/{job_id}").json().get("error")
+    merge = client.get(f"/v1/jobs/{job_id}").json()["result"]["report"]["steps"][0]["metrics"]["multitask"]["merge"]
+    kids = _children(client, job_id)
+    assert merge["metric"] == "eval_loss" and merge["trained"] == "one child job per task, loaded here"
+    for task in ("lm", "which"):  # each adapter, trained by its child, lowered its own validation loss
+        own = merge["individual"][task]
+        assert own["job_id"] == kids[f"0:{task}"]["id"] and own["validation"] < own["validation_before"], own
