@@ -113,6 +113,8 @@ def test_a_good_adapter_merge_spec_is_accepted(client: TestClient, enqueued: lis
     ({"adapters": None, "merge": {}}, "steps.0.merge", "applies with adapters 'merge' only"),
     ({"tasks": None}, "steps.0.adapters", "merging adapters takes one adapter per task, and the step names no tasks"),
     ({"merge": {"methods": ["mean"]}}, "steps.0.merge.methods.0", "Input should be 'linear'"),
+    ({"adapter_task": "c"}, "steps.0.adapter_task", "'c' is not one of the step's tasks"),
+    ({"adapters": None, "adapter_task": "a"}, "steps.0.adapter_task", "applies with adapters 'merge' only"),
 ])
 def test_adapter_merge_errors_name_the_step_task_and_field(client: TestClient, step: dict[str, Any], field: str,
                                                            message: str) -> None:
