@@ -1,7 +1,7 @@
 """The task adapters of ``adapters: merge`` as child jobs (``worker/children.py``, as the single-task baselines):
 one per task, the job's steps up to the merge step with ``adapter_task`` naming the task (its weight, the merge
-methods and density at their defaults, no ``adapter_files``, so jobs that differ only in how they merge share them through the whole-job
-cache). Each child trains its task's adapter on the task's train rows less the carved validation split, from the
+methods and density at their defaults, no ``adapter_files``, no accuracy budget: jobs that differ only in how they
+merge share them through the whole-job cache). Each child trains its task's adapter on the task's train rows less the carved validation split, from the
 same seed, rank and epochs as the job would, and keeps it as its ``adapter.zip`` artifact.
 
 :func:`start` queues them before the job's pipeline (they run beside its first steps); the merge step asks the
@@ -37,6 +37,8 @@ def adapter_spec(spec: JobSpec, i: int, task: str) -> JobSpec:
     assert isinstance(step, FinetuneStep) and step.tasks is not None
     doc = spec.model_dump(mode="json")
     doc["steps"] = doc["steps"][:i + 1]
+    # its output (that adapter merged, the other tasks' heads as initialised) is a by-product: no budget to hold
+    doc["evaluate"] = {**doc["evaluate"], "max_accuracy_drop": None, "max_perplexity_increase": None}
     validation = (step.merge or MergeConfig()).validation
     doc["steps"][i] = {**doc["steps"][i], "adapter_task": task, "merge": {"validation": validation}, "adapter_files": False,
                        "tasks": [{**t, "weight": 1.0} for t in doc["steps"][i]["tasks"]]}

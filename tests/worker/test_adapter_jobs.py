@@ -54,6 +54,7 @@ def _children(client: TestClient, job_id: str) -> dict[str, dict[str, Any]]:
 def test_an_adapter_job_is_the_step_training_one_task_with_the_merge_at_its_defaults() -> None:
     spec = JobSpec.model_validate({**_spec("mdl_x", {f"{n}-{r}": f"ds_{n}{r}" for n in ("topic", "food")
                                                     for r in ("train", "eval")}),
+                                   "evaluate": {"max_accuracy_drop": 0.01},
                                    "steps": [{"type": "prune", "method": "structured", "ratio": 0.25},
                                              {**_spec("m", {k: k for k in ("topic-train", "topic-eval", "food-train",
                                                                            "food-eval")})["steps"][0],
@@ -62,6 +63,7 @@ def test_an_adapter_job_is_the_step_training_one_task_with_the_merge_at_its_defa
     one = adapter_spec(spec, 1, "food")
     step = one.steps[1]
     assert [s.type for s in one.steps] == ["prune", "finetune"] and one.seed == 5
+    assert one.evaluate.max_accuracy_drop is None  # its output is a by-product: the job holds the budget
     assert step.adapter_task == "food" and [t.name for t in step.tasks or []] == ["topic", "food"]  # type: ignore[union-attr]
     assert step.merge is not None and (step.merge.validation, step.merge.methods) == (0.3, ["linear", "ties",  # type: ignore[union-attr]
                                                                                             "dare_ties", "dare_linear", "cat"])
