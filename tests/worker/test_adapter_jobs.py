@@ -168,7 +168,8 @@ def test_a_causal_lms_adapters_come_from_child_jobs_too(unqueued_api: TestClient
     ids = {k: _put(client, "datasets", f.write_jsonl(tmp_path / f"{k}.jsonl", rows), "text")
            for k, rows in {"lm": [{"text": p} for p in (gpl + apache)[:16]], "w": choice, "we": held}.items()}
     r = client.post("/v1/jobs", json={
-        "model": model, "task": "text-generation", "text": {"max_length": 32}, "evaluate": {"metrics": ["accuracy", "size"]},
+        "model": model, "task": "text-generation", "text": {"max_length": 32},
+        "evaluate": {"metrics": ["accuracy"], "generation": {"samples": 0}, "latency": {"runs": 1, "warmup": 0}},
         "steps": [{"type": "finetune", "mode": "lora", "epochs": 1, "batch_size": 8, "lr": 1e-2,
                    "tasks": [{"name": "lm", "data": {"train": ids["lm"]}},
                              {"name": "which", "data": {"train": ids["w"], "eval": ids["we"]}}],
