@@ -165,15 +165,18 @@ def fp16_dropped(provider: str, measured: tuple[float, float] | str | None) -> s
 
 
 def auto_space(task: str, model_format: str, meta: Mapping[str, Any], *, train: bool,
-               calibration: bool, provider: str = CPU, fp16: bool | None = None) -> list[list[dict[str, Any]]]:
+               calibration: bool, provider: str = CPU, fp16: bool | None = None,
+               objective: str | None = None) -> list[list[dict[str, Any]]]:
     """The ``auto`` candidates (3-8): post-training recipes without train data; prune ratios with recovery
     distillation and layer-dropped students with it; INT4 algorithms and block sizes for causal LMs.
 
     Conv-heavy graphs with data get static QDQ INT8 and no dynamic INT8 (ORT's ConvInteger runs slower
     than float); beside it, with or without data, ``int8_folded`` (int8 weights ORT folds to float at load:
     a quarter of the bytes at float speed, where static QDQ on depthwise and squeeze-excitation blocks ran
-    slower than float), alone and after each pruning; fp16 where ``fp16`` says (see :func:`fp16_dropped`;
-    None: only off the CPU provider)."""
+    slower than float), alone and after each pruning; for ``objective`` size it alone follows a pruning
+    (smaller than static QDQ on the same prefix, whose activation scales and zero points only add bytes, and it
+    loses less: activations stay float), so each ratio's recovery ladder is tried once within the budget; fp16
+    where ``fp16`` says (see :func:`fp16_dropped`; None: only off the CPU provider)."""
     if task == "text-generation":
         if calibration:  # GPTQ first: on real pretrained LLMs (bench.zoo) it lost +4-5 % where RTN lost +70-80 %
             return [
@@ -198,7 +201,7 @@ def auto_space(task: str, model_format: str, meta: Mapping[str, Any], *, train: 
         space.append([dict(static)])
     if not conv:  # MatMul weights at 8 bits, activations float: smaller at the least risk
         space.append([{"type": "quantize", "mode": "int8_weight"}])
-    last = [dict(int8), dict(FOLDED)] if conv else [dict(int8)]
+    last = [dict(FOLDED)] if conv and objective == "size" else [dict(int8), dict(FOLDED)] if conv else [dict(int8)]
     if conv:  # Conv weights at 8 bits, folded to float at load: smaller at float speed and the least risk
         space.append([dict(FOLDED)])
     if train:

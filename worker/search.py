@@ -157,7 +157,8 @@ def plan(spec: JobSpec, model_format: str, model_meta: dict[str, Any],
         calibration = (bool(spec.data.calibration or spec.data.train) if spec.task == "text-generation"
                        else _has_data(spec))
         space = auto_space(spec.task, model_format, model_meta, train=spec.data.train is not None,
-                           calibration=calibration, provider=provider, fp16=dropped is None)
+                           calibration=calibration, provider=provider, fp16=dropped is None,
+                           objective=search.objective)
     else:
         space = [[s.model_dump(mode="json") for s in steps]
                  for steps in search.space]

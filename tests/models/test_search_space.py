@@ -77,6 +77,10 @@ def test_a_conv_graph_gets_folded_int8_weights_alone_and_after_each_pruning_besi
     folded = next(c for c in cands if c.steps[0].get("ratio") == 0.5 and c.steps[-1]["mode"] == "int8_folded")
     assert folded.floor("size") < 0.089 * (1 - 0.02)  # prune 0.5 -> static measured 11.27x on the PP-LCNet
     assert folded.latency_ratio <= 0.5  # the pruned float graph's kernels
+    # for size, only the folded form follows a pruning: smaller than static on the same prefix, one ladder per ratio
+    by_size = auto_space("image-classification", "onnx", conv, train=True, calibration=True, objective="size")
+    assert {(steps[0].get("ratio"), steps[-1]["mode"]) for steps in by_size} == {
+        (None, "static"), (None, "int8_folded"), (0.25, "int8_folded"), (0.5, "int8_folded")}
     # a graph of MatMuls keeps its int8_weight (MatMulNBits) and gets no folded trial
     mlp = auto_space("text-classification", "onnx", {"op_types": {"MatMul": 12}}, train=False, calibration=True)
     assert "int8_folded" not in {s[-1]["mode"] for s in mlp}
