@@ -134,6 +134,8 @@ class QuantizeStep(StepParams):
                       if f in self.model_fields_set and getattr(self, f)]
             if given:
                 raise ValueError(f"{', '.join(given)} apply to modes int4 and int8_weight only, not {self.mode!r}")
+        if self.mode == "int8_folded" and self.weight_type != "int8":
+            raise ValueError("int8_folded stores symmetric int8 weights: weight_type uint8 does not apply")
         if self.block_size is not None and self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two (16..256), not {self.block_size}")
         return self

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from models.spec import QuantizeStep
@@ -118,3 +119,10 @@ def test_per_tensor_and_exclusions(tmp_path: Path) -> None:
     assert [e["op_type"] for e in metrics["folded"]["excluded"]] == ["Gemm"]  # type: ignore[index]
     scales = [t for t in onnx.load(str(out)).graph.initializer if t.name.endswith("_scale")]
     assert scales and all(int(np.prod(t.dims)) == 1 for t in scales)
+
+
+def test_the_spec_takes_per_channel_and_exclusions_but_no_weight_only_or_uint8_options() -> None:
+    assert QuantizeStep(type="quantize", mode="int8_folded", per_channel=False).per_channel is False
+    for bad in ({"weight_type": "uint8"}, {"block_size": 32}, {"algorithm": "rtn"}):
+        with pytest.raises(ValueError):
+            QuantizeStep(type="quantize", mode="int8_folded", **bad)  # type: ignore[arg-type]
