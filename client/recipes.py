@@ -12,6 +12,8 @@ QUANTIZE_MODES = {
     # weight-only, to MatMulNBits (causal LMs above all; the pass's measured defaults)
     "int4": {"type": "quantize", "mode": "int4"},
     "int8-weight": {"type": "quantize", "mode": "int8_weight"},
+    # Conv/Gemm/MatMul weights as int8 that ONNX Runtime folds back to float at load: ~4x smaller, float speed
+    "int8-folded": {"type": "quantize", "mode": "int8_folded"},
 }
 
 CONV_OPS, MATMUL_OPS = ("Conv", "ConvTranspose"), ("MatMul", "Gemm")

@@ -37,6 +37,7 @@ _QUANTIZE: dict[str, tuple[float, float, float, float]] = {
     "fp16": (1.0, 0.5, 0.9, 0.05),
     "dynamic": (1.0, 0.27, 0.8, 0.2),
     "int8_weight": (1.0, 0.27, 0.9, 0.15),
+    "int8_folded": (1.0, 0.26, 1.0, 0.05),
     "int4": (1.2, 0.15, 0.8, 0.4),
     "static": (2.0, 0.27, 0.6, 0.35),
 }
@@ -46,6 +47,7 @@ _FLOORS: dict[str, tuple[float, float]] = {
     "fp16": (0.5, 0.3),
     "dynamic": (0.25, 0.25),
     "int8_weight": (0.25, 0.3),
+    "int8_folded": (0.25, 1.0),  # folded to float at load: float kernels, no speed-up of its own
     "int4": (0.125, 0.2),
     "static": (0.25, 0.2),
 }
@@ -142,6 +144,7 @@ def recovery_epochs(ratio: float) -> int:
 
 CPU = "CPUExecutionProvider"
 FP16 = {"type": "quantize", "mode": "fp16"}
+FOLDED = {"type": "quantize", "mode": "int8_folded"}
 
 
 def fp16_dropped(provider: str, measured: tuple[float, float] | str | None) -> str | None:
@@ -162,12 +165,18 @@ def fp16_dropped(provider: str, measured: tuple[float, float] | str | None) -> s
 
 
 def auto_space(task: str, model_format: str, meta: Mapping[str, Any], *, train: bool,
-               calibration: bool, provider: str = CPU, fp16: bool | None = None) -> list[list[dict[str, Any]]]:
+               calibration: bool, provider: str = CPU, fp16: bool | None = None,
+               objective: str | None = None) -> list[list[dict[str, Any]]]:
     """The ``auto`` candidates (3-8): post-training recipes without train data; prune ratios with recovery
     distillation and layer-dropped students with it; INT4 algorithms and block sizes for causal LMs.
 
     Conv-heavy graphs with data get static QDQ INT8 and no dynamic INT8 (ORT's ConvInteger runs slower
-    than float); fp16 where ``fp16`` says (see :func:`fp16_dropped`; None: only off the CPU provider)."""
+    than float); beside it, with or without data, ``int8_folded`` (int8 weights ORT folds to float at load:
+    a quarter of the bytes at float speed, where static QDQ on depthwise and squeeze-excitation blocks ran
+    slower than float), alone and after each pruning; for ``objective`` size it alone follows a pruning
+    (smaller than static QDQ on the same prefix, whose activation scales and zero points only add bytes, and it
+    loses less: activations stay float), so each ratio's recovery ladder is tried once within the budget; fp16
+    where ``fp16`` says (see :func:`fp16_dropped`; None: only off the CPU provider)."""
     if task == "text-generation":
         if calibration:  # GPTQ first: on real pretrained LLMs (bench.zoo) it lost +4-5 % where RTN lost +70-80 %
             return [
@@ -192,10 +201,13 @@ def auto_space(task: str, model_format: str, meta: Mapping[str, Any], *, train: 
         space.append([dict(static)])
     if not conv:  # MatMul weights at 8 bits, activations float: smaller at the least risk
         space.append([{"type": "quantize", "mode": "int8_weight"}])
+    last = [dict(FOLDED)] if conv and objective == "size" else [dict(int8), dict(FOLDED)] if conv else [dict(int8)]
+    if conv:  # Conv weights at 8 bits, folded to float at load: smaller at float speed and the least risk
+        space.append([dict(FOLDED)])
     if train:
         for ratio in (0.25, 0.5):
             recover = {"type": "distill", "teacher": "input", "epochs": recovery_epochs(ratio)}
-            space.append([{"type": "prune", "ratio": ratio}, recover, dict(int8)])
+            space += [[{"type": "prune", "ratio": ratio}, dict(recover), q] for q in last]
         layers = meta.get("layers")
         if MODEL_FORMATS[model_format].transformers and isinstance(layers, int) and layers >= 2:
             space.append([{"type": "distill", "teacher": "input", "epochs": 2, "student": {"layers": layers // 2}},

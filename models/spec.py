@@ -80,7 +80,7 @@ class AutoExclude(_Strict):
         return self
 
 
-QuantizeMode = Literal["dynamic", "static", "fp16", "int4", "int8_weight"]
+QuantizeMode = Literal["dynamic", "static", "fp16", "int4", "int8_weight", "int8_folded"]
 # Weight-only modes: MatMul weights to ONNX Runtime's MatMulNBits (4 or 8 bits), activations stay float.
 WEIGHT_ONLY_MODES: frozenset[str] = frozenset({"int4", "int8_weight"})
 
@@ -92,6 +92,9 @@ class QuantizeStep(StepParams):
     ``int4``/``int8_weight``: weight-only block quantization of MatMul (and optionally Gather) weights to
     ``MatMulNBits`` with ``matmul_nbits_quantizer`` (``algorithm``, ``block_size``, ``symmetric``,
     ``accuracy_level``, ``quantize_embeddings``, per-node ``bits``); None means the measured default.
+    ``int8_folded``: Conv/ConvTranspose/Gemm/MatMul weights stored as symmetric int8 (per output channel, or per
+    tensor with ``per_channel: false``) behind ``Cast -> Mul``, which ONNX Runtime folds to float at load:
+    about 4x smaller files, float kernels and speed (worker/passes/quantizers/folded.py).
     """
 
     type: Literal["quantize"]
@@ -131,6 +134,8 @@ class QuantizeStep(StepParams):
                       if f in self.model_fields_set and getattr(self, f)]
             if given:
                 raise ValueError(f"{', '.join(given)} apply to modes int4 and int8_weight only, not {self.mode!r}")
+        if self.mode == "int8_folded" and self.weight_type != "int8":
+            raise ValueError("int8_folded stores symmetric int8 weights: weight_type uint8 does not apply")
         if self.block_size is not None and self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two (16..256), not {self.block_size}")
         return self
@@ -364,7 +369,7 @@ def _quantize_detail(s: QuantizeStep) -> str:
     if s.mode == "static" and s.calibration.method != "minmax":
         cal = s.calibration
         detail += f" {cal.method}" + (f" {cal.percentile:g}" if cal.method == "percentile" else "")
-    if s.mode in ("static", "dynamic") and not s.per_channel:
+    if s.mode in ("static", "dynamic", "int8_folded") and not s.per_channel:
         detail += " per-tensor"
     return detail + (" auto_exclude" if s.auto_exclude is not None else "")
 

@@ -162,7 +162,8 @@ def plan(spec: JobSpec, model_format: str, model_meta: dict[str, Any],
         # after a prefix (a multi-task finetune: one head per task), the post-training recipes only: pruning
         # with recovery distillation from the single-head input does not apply to it
         space = auto_space(spec.task, model_format, model_meta, train=spec.data.train is not None and not search.prefix,
-                           calibration=calibration, provider=provider, fp16=dropped is None)
+                           calibration=calibration, provider=provider, fp16=dropped is None,
+                           objective=search.objective)
     else:
         space = [[s.model_dump(mode="json") for s in steps]
                  for steps in search.space]

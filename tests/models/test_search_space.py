@@ -52,14 +52,38 @@ def test_a_conv_heavy_graph_gets_static_qdq_and_never_dynamic_int8_when_data_all
     conv = {"op_types": {"Conv": 20, "Gemm": 1, "Relu": 19, "Add": 8}}
     space = auto_space("image-classification", "onnx", conv, train=True, calibration=True)
     modes = [s["mode"] for steps in space for s in steps if s["type"] == "quantize"]
-    assert modes and set(modes) == {"static"}, space
+    assert modes and set(modes) == {"static", "int8_folded"}, space
     _valid(space, train="t", eval="e")
-    # without any data static is impossible: dynamic is all there is (and the invariant judges it)
+    # without any data static is impossible: dynamic and the folded int8 weights (which need none)
     bare = auto_space("image-classification", "onnx", conv, train=False, calibration=False)
-    assert [s[0]["mode"] for s in bare] == ["dynamic"]
+    assert [s[0]["mode"] for s in bare] == ["dynamic", "int8_folded"]
     hf_resnet = auto_space("image-classification", "hf", {"config": {"model_type": "resnet"}}, train=False,
                            calibration=True)
-    assert [s[0]["mode"] for s in hf_resnet] == ["static"]
+    assert [s[0]["mode"] for s in hf_resnet] == ["static", "int8_folded"]
+
+
+def test_a_conv_graph_gets_folded_int8_weights_alone_and_after_each_pruning_beside_static() -> None:
+    conv = {"op_types": {"Conv": 32, "MatMul": 1, "HardSigmoid": 6, "Mul": 6}}  # a PP-LCNet's counts
+    space = auto_space("image-classification", "onnx", conv, train=True, calibration=True)
+    lasts = {(steps[0].get("ratio"), steps[-1]["mode"]) for steps in space}
+    assert lasts == {(None, "static"), (None, "int8_folded"), (0.25, "static"), (0.25, "int8_folded"),
+                     (0.5, "static"), (0.5, "int8_folded")}
+    pruned = [steps for steps in space if steps[0]["type"] == "prune"]
+    assert all(steps[1]["type"] == "distill" for steps in pruned)  # the same recovery before either quantizer
+    _valid(space, train="t", eval="e")
+    # ordered first (no calibration, float speed): and a pruned trial's floor stays below a static one's measure
+    cands = candidates(space)
+    assert cands[0].steps == [{"type": "quantize", "mode": "int8_folded"}]
+    folded = next(c for c in cands if c.steps[0].get("ratio") == 0.5 and c.steps[-1]["mode"] == "int8_folded")
+    assert folded.floor("size") < 0.089 * (1 - 0.02)  # prune 0.5 -> static measured 11.27x on the PP-LCNet
+    assert folded.latency_ratio <= 0.5  # the pruned float graph's kernels
+    # for size, only the folded form follows a pruning: smaller than static on the same prefix, one ladder per ratio
+    by_size = auto_space("image-classification", "onnx", conv, train=True, calibration=True, objective="size")
+    assert {(steps[0].get("ratio"), steps[-1]["mode"]) for steps in by_size} == {
+        (None, "static"), (None, "int8_folded"), (0.25, "int8_folded"), (0.5, "int8_folded")}
+    # a graph of MatMuls keeps its int8_weight (MatMulNBits) and gets no folded trial
+    mlp = auto_space("text-classification", "onnx", {"op_types": {"MatMul": 12}}, train=False, calibration=True)
+    assert "int8_folded" not in {s[-1]["mode"] for s in mlp}
 
 
 def test_auto_with_train_data_adds_pruning_with_recovery_and_a_layer_dropped_student() -> None:

@@ -2,7 +2,8 @@
 weight-only INT4/INT8 blocks to ``MatMulNBits``/``GatherBlockQuantized``).
 
 This module is the pass and its dispatch; the back ends live in ``worker/passes/quantizers/``: ``ort.py``
-(dynamic, static, fp16), ``weight_only.py`` (int4, int8_weight), ``files.py`` (what they share).
+(dynamic, static, fp16), ``weight_only.py`` (int4, int8_weight), ``folded.py`` (int8_folded), ``files.py``
+(what they share).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from worker.core import PassContext, StepFailed, WorkingModel
 from worker.passes.base import Pass, PassResult
 from worker.passes.quantizers import ort
 from worker.passes.quantizers.files import op_counts
+from worker.passes.quantizers.folded import quantize_folded
 from worker.passes.quantizers.weight_only import quantize_weight_only
 
 _QUANT_OPS = frozenset(
@@ -49,6 +51,8 @@ class QuantizePass(Pass):
     (``MatMulNBits``, ``GatherBlockQuantized``): round-to-nearest per block, HQQ (Badri & Shaji 2023,
     "Half-Quadratic Quantization of Large Machine Learning Models") or GPTQ (Frantar et al. 2023, "GPTQ:
     Accurate Post-Training Quantization for Generative Pre-trained Transformers", calibrated).
+    ``int8_folded``: weight-only symmetric INT8 for Conv/Gemm/MatMul as ``int8 -> Cast -> Mul(scale)``, folded
+    to float by ONNX Runtime's constant folding at load (smaller files at float speed).
     """
 
     name = "quantize"
@@ -68,6 +72,8 @@ class QuantizePass(Pass):
         ctx.check_cancelled()
         if p.mode == "fp16":
             out = ort.fp16(src, p, ctx)
+        elif p.mode == "int8_folded":
+            out, metrics["folded"] = quantize_folded(src, p, ctx)
         elif p.mode in WEIGHT_ONLY_MODES:
             out, metrics["weight_only"] = quantize_weight_only(src, p, model, ctx)
         else:
