@@ -25,6 +25,8 @@ class LMLayout:
     # Fused operators onnxruntime's transformer optimizer wrote into a torch.onnx export (name -> count).
     fusions: dict[str, int] = field(default_factory=dict)
     opset: int | None = None  # of the default domain (the genai builder writes its own, with com.microsoft ops)
+    # RoPE caches computed by nodes instead of stored (worker.lm.rope): names, bytes saved, max |diff|
+    rope_caches: dict[str, Any] = field(default_factory=dict)
 
     def to_meta(self) -> dict[str, Any]:
         """JSON-safe form (tuples become lists)."""

@@ -41,6 +41,7 @@ import numpy as np
 
 from models.memory_fit import STREAM_ARCHITECTURES
 from worker.core import StepFailed
+from worker.lm import rope
 
 if TYPE_CHECKING:
     import onnx
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 # Weights widened to fp32 at once (64 MiB): the bound on the float a writer holds.
 CHUNK_ELEMENTS = 16 * 1024 * 1024
 ALIGN = 4096
+OPSET = 21  # of the default domain
 _DTYPES = {"F32": (np.float32, 1), "F16": (np.float16, 10), "BF16": (np.uint16, 16)}  # numpy view, ONNX type
 
 
@@ -410,8 +412,7 @@ def projected_bytes(config: Any, s: StreamSettings, table_itemsize: int = 2) -> 
         put(vocab * hidden)
         put(vocab * hidden // block * 4)
         put(vocab * hidden // block)
-    put(int(config.max_position_embeddings) * (head_dim // 2) * 4)  # cos, sin
-    put(int(config.max_position_embeddings) * (head_dim // 2) * 4)
+    # the RoPE cos/sin caches: computed by a few nodes in the graph (worker.lm.rope), nothing in the data file
     for _ in range(layers):
         put(hidden * 4)
         linear(hidden, (heads + 2 * kv) * head_dim, s.bits, qkv_bias)
@@ -485,7 +486,9 @@ def write_model(folder: Path, out_path: Path, settings: StreamSettings,
         table_shape = reader.shape("model.embed_tokens.weight")
         table_bits = _write_table(g, table_shape, settings)
         cos, sin = _rotary_cache(config, head_dim)
-        g.inits += [writer.array("cos_cache", cos), writer.array("sin_cache", sin)]
+        rope_nodes, rope_inits, _ = rope.replacement([("cos_cache", "sin_cache", cos, sin)], OPSET)
+        g.nodes += rope_nodes  # computed at session load (worker.lm.rope); stored where they do not match
+        g.inits += rope_inits or [writer.array("cos_cache", cos), writer.array("sin_cache", sin)]
         del cos, sin
         mask = "/model/attn_mask"
         one = helper.make_tensor("/model/constants/one", TensorProto.INT64, [1], [1])
@@ -570,7 +573,7 @@ def write_model(folder: Path, out_path: Path, settings: StreamSettings,
                                                          ["batch_size", kv, "total_sequence_length", head_dim]))
     del logits
     graph = helper.make_graph(g.nodes, "main_graph", inputs, outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid("com.microsoft", 1)],
                               producer_name="modelpress-stream")
     model.ir_version = 10

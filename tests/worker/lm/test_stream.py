@@ -45,6 +45,8 @@ def test_float_stream_matches_torch_on_bf16_shards(llama_dir: Path, tmp_path: Pa
     proto = onnx.load(str(written.path), load_external_data=False)
     table = next(t for t in proto.graph.initializer if t.name == "model.embed_tokens.weight")
     assert table.data_type == onnx.TensorProto.BFLOAT16  # the stored dtype, then a Cast
+    assert not {"cos_cache", "sin_cache"} & {t.name for t in proto.graph.initializer}  # computed (worker.lm.rope)
+    assert {"cos_cache", "sin_cache"} <= {o for n in proto.graph.node for o in n.output}
     assert written.params == sum(p.numel() for p in module.parameters())
     layout = LMLayout.from_onnx(written.path)
     assert (layout.layers, layout.kv_heads, layout.head_dim) == (4, 2, 16)

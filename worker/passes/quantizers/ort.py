@@ -283,13 +283,17 @@ def to_fp16(src: Path, out: Path, p: QuantizeStep) -> Path:
     from onnxruntime.quantization.onnx_model import ONNXModel
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+    from worker.lm.rope import PREFIX
+
     large = is_large(src)
     m = onnx.load(str(src))
+    # computed RoPE caches (worker.lm.rope) stay float32: positions past 2048 are not integers in float16
+    rope = [n.name for n in m.graph.node if n.name.startswith(PREFIX + "/")]
     converted = convert_float_to_float16(
         m,
         keep_io_types=p.keep_io_types,
         op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(p.op_types_to_exclude)),
-        node_block_list=list(p.nodes_to_exclude) or None,
+        node_block_list=[*p.nodes_to_exclude, *rope] or None,
         disable_shape_infer=large,
     )
     ONNXModel(converted).topological_sort()  # the converter appends its Cast nodes at the end
