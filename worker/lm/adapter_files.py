@@ -121,8 +121,10 @@ def build(snap: Path, tasks: list[str], out: Path) -> AdapterSet:
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+    from transformers import AutoConfig
 
-    from worker.lm.export import _save
+    from worker.lm.export import _dims, _fix_head_dim, _save
+    from worker.lm.rope import compact_rope_caches
 
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -135,6 +137,8 @@ def build(snap: Path, tasks: list[str], out: Path) -> AdapterSet:
     onnx.load_external_data_for_model(proto, str(out))
     for f in stale:  # the builder's data file: _save below writes the model anew (one file under 2 GB)
         f.unlink()
+    _fix_head_dim(proto, _dims(AutoConfig.from_pretrained(snap / BASE_FOLDER))[2])  # as genai_export does
+    compact_rope_caches(proto)
     found = {i.name: _key(i.name) for i in proto.graph.initializer if ".lora_" in i.name}
     names = {n: k for n, k in found.items() if k is not None}
     if not names or len(names) < len(found):

@@ -59,6 +59,7 @@ def test_one_base_switches_between_task_adapters_and_matches_torch(tmp_path: Pat
     proto = onnx.load(str(folder / "model.onnx"))
     lora = [i for i in proto.graph.initializer if ".lora_" in i.name]
     assert len(lora) == 24 and all(0 in i.dims for i in lora)
+    assert not [i.name for i in proto.graph.initializer if i.name in ("cos_cache", "sin_cache")]  # computed at load
     assert {i.name for i in proto.graph.input} >= {i.name for i in lora}
 
     # plain ONNX Runtime too: the adapter fed through RunOptions gives torch's logits with that adapter
