@@ -75,6 +75,10 @@ class QuantizePass(Pass):
             pre, how = ort.preprocess(src, ctx)
             metrics["preprocess"] = how
             ctx.check_cancelled()
+            if p.smooth is not None:  # SmoothQuant scales first: auto_exclude then ranks the smoothed graph
+                from worker.passes.quantizers.smooth import smooth
+
+                pre, metrics["smooth"] = smooth(pre, p.smooth, p.nodes_to_exclude, model, ctx)
             if p.auto_exclude is not None:  # sensitivity-guided mixed precision (worker/passes/sensitivity.py)
                 from worker.passes import sensitivity
 
