@@ -72,7 +72,7 @@ class QuantizePass(Pass):
             out, metrics["weight_only"] = quantize_weight_only(src, p, model, ctx)
         else:
             ctx.progress("preprocessing", fraction=0.0)
-            pre, how = ort.preprocess(src, ctx)
+            pre, how = ort.preprocess(src, ctx, optimize=ort.optimize_first(src, p.mode))
             metrics["preprocess"] = how
             ctx.check_cancelled()
             if p.smooth is not None:  # SmoothQuant scales first: auto_exclude then ranks the smoothed graph
