@@ -49,6 +49,10 @@ class StepParams(_Strict):
         return []
 
 
+# Calibration rows whose activation maxima set a ``smooth`` step's scales (as many as auto_exclude measures).
+SMOOTH_SAMPLES = 32
+
+
 class Calibration(_Strict):
     """How static quantization collects activation ranges."""
 
@@ -123,11 +127,16 @@ class QuantizeStep(StepParams):
     int8_share: float | None = Field(None, ge=0.0, le=1.0)
     # Measure each node's sensitivity on calibration data and keep the most sensitive ones in float.
     auto_exclude: AutoExclude | None = None
+    # SmoothQuant's migration strength alpha (dynamic/static): activation outliers moved into the MatMul
+    # weights by per-channel scales measured on calibration rows (worker/passes/quantizers/smooth.py).
+    smooth: float | None = Field(None, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _weight_only_fields(self) -> QuantizeStep:
         if self.auto_exclude is not None and self.mode not in ("dynamic", "static"):
             raise ValueError(f"auto_exclude applies to modes dynamic and static only, not {self.mode!r}")
+        if self.smooth is not None and self.mode not in ("dynamic", "static"):
+            raise ValueError(f"smooth applies to modes dynamic and static only, not {self.mode!r}")
         if self.mode not in WEIGHT_ONLY_MODES:
             given = [f for f in ("algorithm", "block_size", "symmetric", "accuracy_level") if getattr(self, f) is not None]
             given += [f for f in ("quantize_embeddings", "bits", "int8_share")
@@ -371,6 +380,7 @@ def _quantize_detail(s: QuantizeStep) -> str:
         detail += f" {cal.method}" + (f" {cal.percentile:g}" if cal.method == "percentile" else "")
     if s.mode in ("static", "dynamic", "int8_folded") and not s.per_channel:
         detail += " per-tensor"
+    detail += f" smooth {s.smooth:g}" if s.smooth is not None else ""
     return detail + (" auto_exclude" if s.auto_exclude is not None else "")
 
 
@@ -627,6 +637,8 @@ class JobSpec(_Strict):
                 raise ValueError(f"steps.{i}: static quantization needs data.calibration")
             if isinstance(step, QuantizeStep) and step.auto_exclude is not None and not self._has_rows():
                 raise ValueError(f"steps.{i}: auto_exclude measures sensitivity on data.calibration, which is not given")
+            if isinstance(step, QuantizeStep) and step.smooth is not None and not self._has_rows():
+                raise ValueError(f"steps.{i}: smooth measures activation ranges on data.calibration, which is not given")
             if isinstance(step, QuantizeStep) and step.algorithm == "gptq" and not self._has_rows():
                 raise ValueError(f"steps.{i}: algorithm 'gptq' needs calibration text (data.calibration)")
         if self.evaluate.few_shot and not self.evaluate.choices:
@@ -761,7 +773,7 @@ class JobSpec(_Strict):
 
     def calibration_readers(self) -> list[tuple[str, int]]:
         """The steps that read calibration rows, as (field naming why, rows wanted): static INT8, auto_exclude,
-        GPTQ, ``int8_share``, Taylor-importance pruning (its gradients)."""
+        ``smooth``, GPTQ, ``int8_share``, Taylor-importance pruning (its gradients)."""
         found: list[tuple[str, int]] = []
         for i, step in enumerate(self.steps):
             if isinstance(step, QuantizeStep):
@@ -770,6 +782,8 @@ class JobSpec(_Strict):
                     found.append((f"steps.{i}.mode", wanted))
                 if step.auto_exclude is not None:
                     found.append((f"steps.{i}.auto_exclude", step.auto_exclude.samples))
+                if step.smooth is not None:
+                    found.append((f"steps.{i}.smooth", SMOOTH_SAMPLES))
                 if step.algorithm == "gptq":
                     found.append((f"steps.{i}.algorithm", wanted))
                 if step.int8_share:

@@ -8,6 +8,7 @@ from models.objectives import MIN_NOISE, paired_ratio
 from models.search_space import (
     MAX_RECOVERY_EPOCHS,
     MIN_GAIN,
+    SMOOTH_ALPHA,
     Outcome,
     auto_space,
     barred_winner,
@@ -177,11 +178,17 @@ def test_a_quality_miss_escalates_to_the_recipes_that_fix_it() -> None:
                       "quantize (static entropy per-tensor)", "quantize (static per-tensor auto_exclude)"]
     assert fixes[-1][0]["auto_exclude"] == {"min_fidelity": 0.99}
     dyn = escalations([{"type": "quantize", "mode": "dynamic"}], {"max_accuracy_drop": 0.01}, calibration=True)
-    assert dyn == [[{"type": "quantize", "mode": "dynamic", "auto_exclude": {"max_accuracy_drop": 0.01}}]]
+    # dynamic: SmoothQuant scales first (no run-time cost), then nodes kept in float
+    assert dyn == [[{"type": "quantize", "mode": "dynamic", "smooth": SMOOTH_ALPHA}],
+                   [{"type": "quantize", "mode": "dynamic", "auto_exclude": {"max_accuracy_drop": 0.01}}]]
+    assert [estimate(f).label for f in dyn] == ["quantize (dynamic smooth 0.75)", "quantize (dynamic auto_exclude)"]
+    # a smoothed trial that missed keeps nodes of the smoothed graph in float
+    assert escalations(dyn[0], {"max_accuracy_drop": 0.01}, calibration=True) == [
+        [{"type": "quantize", "mode": "dynamic", "smooth": SMOOTH_ALPHA, "auto_exclude": {"max_accuracy_drop": 0.01}}]]
     assert escalations([{"type": "quantize", "mode": "dynamic"}], {"max_accuracy_drop": 0.01}, calibration=False) == []
     # auto_exclude that met its target on a few calibration samples but missed on the eval set: more of both,
     # aiming at half the loss allowed
-    wider = escalations(dyn[0], {"max_accuracy_drop": 0.01}, calibration=True)
+    wider = escalations(dyn[1], {"max_accuracy_drop": 0.01}, calibration=True)
     assert wider[0][0]["auto_exclude"] == {"max_accuracy_drop": 0.005, "samples": 128, "max_nodes": 16}
     fid = escalations([{"type": "quantize", "mode": "dynamic", "auto_exclude": {"min_fidelity": 0.99}}],
                       {"min_fidelity": 0.99}, calibration=True)

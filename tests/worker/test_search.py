@@ -185,7 +185,9 @@ def test_no_trial_meeting_the_constraints_fails_the_search_keeping_the_trials(
     by_label = {t["label"]: t for t in trials}
     assert by_label["quantize (static)"]["state"] == "skipped"
     assert by_label["quantize (static)"]["reason"] == "budget: max_trials 2"
-    # the dynamic miss escalated to sensitivity-guided auto_exclude, which the spent budget then skipped
+    # the dynamic miss escalated to SmoothQuant scales and to sensitivity-guided auto_exclude, which the spent
+    # budget then skipped
+    assert by_label["quantize (dynamic smooth 0.75)"]["reason"] == "budget: max_trials 2"
     assert by_label["quantize (dynamic auto_exclude)"]["reason"] == "budget: max_trials 2"
     assert by_label["quantize (dynamic auto_exclude)"]["escalated_from"] == by_label["quantize (dynamic)"]["index"]
     assert len(started) == 2 and len(_kids(parent)) == 2

@@ -78,9 +78,13 @@ class QuantizePass(Pass):
             out, metrics["weight_only"] = quantize_weight_only(src, p, model, ctx)
         else:
             ctx.progress("preprocessing", fraction=0.0)
-            pre, how = ort.preprocess(src, ctx)
+            pre, how = ort.preprocess(src, ctx, optimize=ort.optimize_first(src, p.mode))
             metrics["preprocess"] = how
             ctx.check_cancelled()
+            if p.smooth is not None:  # SmoothQuant scales first: auto_exclude then ranks the smoothed graph
+                from worker.passes.quantizers.smooth import smooth
+
+                pre, metrics["smooth"] = smooth(pre, p.smooth, p.nodes_to_exclude, model, ctx)
             if p.auto_exclude is not None:  # sensitivity-guided mixed precision (worker/passes/sensitivity.py)
                 from worker.passes import sensitivity
 
