@@ -135,9 +135,12 @@ def test_a_failed_adapter_job_fails_the_job_naming_its_task(unqueued_api: TestCl
 
 def test_cancelling_the_job_cancels_its_adapter_jobs(unqueued_api: TestClient, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker import jobs
+    from worker import context, jobs
     from worker.passes import adapters
 
+    # every cancel check reads the flag: a child that trains in under CANCEL_POLL_INTERVAL_S after its last read
+    # would otherwise finish before it looks again (CI saw it succeed)
+    monkeypatch.setattr(context, "CANCEL_POLL_INTERVAL_S", 0.0)
     client = unqueued_api
     job_id, *_ = _submit(client, tmp_path)
     train = adapters.train_adapters
