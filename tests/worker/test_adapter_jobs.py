@@ -176,7 +176,7 @@ def test_a_causal_lms_adapters_come_from_child_jobs_too(unqueued_api: TestClient
         "steps": [{"type": "finetune", "mode": "lora", "epochs": 1, "batch_size": 8, "lr": 1e-2,
                    "tasks": [{"name": "lm", "data": {"train": ids["lm"]}},
                              {"name": "which", "data": {"train": ids["w"], "eval": ids["we"]}}],
-                   "adapters": "merge", "merge": {"methods": ["linear"]}}]})
+                   "adapters": "merge", "merge": {"methods": ["linear"]}, "adapter_files": True}]})
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     assert jobs.execute(job_id) == "succeeded", client.get(f"/v1/jobs/{job_id}").json().get("error")
@@ -186,3 +186,8 @@ def test_a_causal_lms_adapters_come_from_child_jobs_too(unqueued_api: TestClient
     for task in ("lm", "which"):  # each adapter, trained by its child, lowered its own validation loss
         own = merge["individual"][task]
         assert own["job_id"] == kids[f"0:{task}"]["id"] and own["validation"] < own["validation_before"], own
+    # the adapters the children trained also leave as genai adapter files beside the merged model
+    files = merge["adapter_files"]
+    assert set(files["adapter_bytes"]) == {"lm", "which"} and all(r["matches_torch"] for r in files["runs"])
+    names = {a["name"] for a in client.get(f"/v1/jobs/{job_id}").json()["result"]["artifacts"]}
+    assert {"model.onnx", "adapters.zip"} <= names
