@@ -237,9 +237,11 @@ def test_a_presigned_download_redirects_to_s3_with_the_name_type_and_ranges(
     from storage import get_store
 
     brief = get_store().download_url(hashlib.sha256(data).hexdigest(), disposition="attachment",
-                                      media_type="application/octet-stream", expires_s=1)
+                                      media_type="application/octet-stream", expires_s=3)
+    # X-Amz-Date is whole seconds: a URL signed at 10.9 s for 1 s is dead at 11.0 (CI saw a 403 at once), so 3 s
+    # leaves at least 2 s to use it, and 3.2 s after that first use it has expired whatever the rounding
     assert brief is not None and httpx.get(brief).status_code == 200
-    time.sleep(2.1)
+    time.sleep(3.2)
     assert httpx.get(brief).status_code == 403  # expired
 
     # Signed for the address clients use, when it is not the API's own.
