@@ -20,12 +20,10 @@ adapters") keeps, beside the merged model, the unmerged base and each task's own
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import re
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,9 +63,9 @@ def snapshot(peft_model: Any, tasks: list[str], dest: Path, hf_dir: Path | None)
     (dest / BASE_FOLDER).mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(dest / BASE_FOLDER, safe_serialization=True)
     if hf_dir is not None:
-        for f in Path(hf_dir).iterdir():
-            if f.is_file() and not (dest / BASE_FOLDER / f.name).exists() and f.suffix != ".safetensors":
-                shutil.copy2(f, dest / BASE_FOLDER / f.name)
+        from worker.lm.export import copy_side_files
+
+        copy_side_files(hf_dir, dest / BASE_FOLDER)
     for task in tasks:
         peft_model.save_pretrained(dest / ADAPTERS_FOLDER, selected_adapters=[task], safe_serialization=True)
     return dest
@@ -102,20 +100,6 @@ def task_weights(adapter_dir: Path) -> dict[tuple[int, str, str], np.ndarray]:
     return out
 
 
-def _build_base(snap: Path, first: str, out: Path) -> None:
-    from onnxruntime_genai.models import builder
-
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
-            warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cache = out / ".cache"
-        opts = builder.parse_extra_options(None, str(snap / BASE_FOLDER), str(out), "fp32", "cpu", str(cache),
-                                           ["hf_token=false", "filename=model.onnx", "windowed_kv_cache=false",
-                                            f"adapter_path={_adapter_dir(snap, first)}"])
-        builder.create_model(None, str(snap / BASE_FOLDER), str(out), "fp32", "cpu", str(cache), **opts)
-        shutil.rmtree(cache, ignore_errors=True)
-
-
 def build(snap: Path, tasks: list[str], out: Path) -> AdapterSet:
     """The genai base with LoRA inputs under ``out`` and ``out/<task>.onnx_adapter`` for each task."""
     import onnx
@@ -123,15 +107,17 @@ def build(snap: Path, tasks: list[str], out: Path) -> AdapterSet:
     from onnx import TensorProto, helper, numpy_helper
     from transformers import AutoConfig
 
-    from worker.lm.export import _dims, _fix_head_dim, _save
+    from worker.lm.export import _dims, _fix_head_dim, _save, run_genai_builder
     from worker.lm.rope import compact_rope_caches
 
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        _build_base(snap, tasks[0], out)
+    try:  # the base with the first task's adapter: the builder writes its LoRA MatMuls
+        run_genai_builder(snap / BASE_FOLDER, out, out / ".cache", (f"adapter_path={_adapter_dir(snap, tasks[0])}",))
     except Exception as exc:
         raise StepFailed("adapter_files_failed", f"onnxruntime-genai builder failed with the adapter: "
                                                  f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        shutil.rmtree(out / ".cache", ignore_errors=True)
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
     stale = {out / d.value for t in proto.graph.initializer for d in t.external_data if d.key == "location"}
     onnx.load_external_data_for_model(proto, str(out))

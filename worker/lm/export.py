@@ -356,32 +356,44 @@ def _gemma3_as_transformers_5_writes_it(builder: Any) -> Iterator[None]:
         builder.Gemma3Model = original
 
 
-def genai_export(module: Any, out_path: Path, hf_dir: Path | None) -> LMLayout:
-    """The builder's fp32 CPU model of ``module`` (saved with ``hf_dir``'s tokenizer) as one ``out_path``."""
+def copy_side_files(hf_dir: Path, dest: Path) -> None:
+    """The tokenizer and whatever else ``hf_dir`` has beside weights and config, into ``dest`` (kept there)."""
+    for f in Path(hf_dir).iterdir():
+        if f.is_file() and not f.is_symlink() and not (dest / f.name).exists() and f.suffix != ".safetensors":
+            shutil.copy2(f, dest / f.name)
+
+
+def run_genai_builder(src: Path, dst: Path, cache: Path, extra: tuple[str, ...] = ()) -> None:
+    """onnxruntime-genai's builder: the fp32 CPU ``dst/model.onnx`` (and genai_config.json) of the hf folder
+    ``src``, quietly, with ``extra`` builder options (e.g. ``adapter_path=...``); its exceptions propagate."""
     import io
 
-    import onnx
     from onnxruntime_genai.models import builder
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            warnings.catch_warnings(), _gemma3_as_transformers_5_writes_it(builder):
+        warnings.simplefilter("ignore")
+        opts = builder.parse_extra_options(None, str(src), str(dst), "fp32", "cpu", str(cache),
+                                           ["hf_token=false", "filename=model.onnx", "windowed_kv_cache=false",
+                                            *extra])
+        builder.create_model(None, str(src), str(dst), "fp32", "cpu", str(cache), **opts)
+
+
+def genai_export(module: Any, out_path: Path, hf_dir: Path | None) -> LMLayout:
+    """The builder's fp32 CPU model of ``module`` (saved with ``hf_dir``'s tokenizer) as one ``out_path``."""
+    import onnx
 
     layers, kv, head_dim = _dims(module.config)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         src, dst, cache = Path(tmp) / "hf", Path(tmp) / "onnx", Path(tmp) / "cache"
         module.save_pretrained(src, safe_serialization=True)
-        if hf_dir is not None:  # the tokenizer and whatever else the folder has beside weights and config
-            for f in Path(hf_dir).iterdir():
-                if f.is_file() and not f.is_symlink() and not (src / f.name).exists() and f.suffix != ".safetensors":
-                    shutil.copy2(f, src / f.name)
+        if hf_dir is not None:
+            copy_side_files(hf_dir, src)
         if not (src / "tokenizer_config.json").exists() and not (src / "tokenizer.json").exists():
             raise StepFailed("export_failed", "the genai builder needs the model's tokenizer files (hf_dir)")
         try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
-                    warnings.catch_warnings(), _gemma3_as_transformers_5_writes_it(builder):
-                warnings.simplefilter("ignore")
-                opts = builder.parse_extra_options(None, str(src), str(dst), "fp32", "cpu", str(cache),
-                                                   ["hf_token=false", "filename=model.onnx",
-                                                    "windowed_kv_cache=false"])
-                builder.create_model(None, str(src), str(dst), "fp32", "cpu", str(cache), **opts)
+            run_genai_builder(src, dst, cache)
         except Exception as exc:
             raise StepFailed("export_failed", f"onnxruntime-genai builder failed: {type(exc).__name__}: {exc}") from exc
         proto = onnx.load(str(dst / "model.onnx"))  # with its external data, then one file (or .data over 2 GB)
