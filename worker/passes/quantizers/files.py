@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import onnx
@@ -28,6 +28,13 @@ def name_unnamed_nodes(m: onnx.ModelProto) -> bool:
             names.add(name)
             changed = True
     return changed
+
+
+def node_attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """The value of ``node``'s attribute ``name`` (``onnx.helper.get_attribute_value``), or ``default``."""
+    import onnx
+
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def use_ms_domain(m: onnx.ModelProto) -> None:

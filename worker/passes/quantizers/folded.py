@@ -19,7 +19,7 @@ import numpy as np
 
 from models.spec import QuantizeStep
 from worker.core import PassContext, StepFailed
-from worker.passes.quantizers.files import is_large, name_unnamed_nodes, save, unique_path
+from worker.passes.quantizers.files import is_large, name_unnamed_nodes, node_attr, save, unique_path
 
 if TYPE_CHECKING:
     import onnx
@@ -36,8 +36,7 @@ def output_axis(node: onnx.NodeProto) -> int:
     if node.op_type == "Conv":
         return 0
     if node.op_type == "Gemm":
-        trans = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return 0 if trans else 1
+        return 0 if node_attr(node, "transB", 0) else 1
     return 1
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from models.spec import SMOOTH_SAMPLES
 from worker.core import PassContext, StepFailed, WorkingModel
-from worker.passes.quantizers.files import is_large, save, unique_path
+from worker.passes.quantizers.files import is_large, node_attr, save, unique_path
 
 if TYPE_CHECKING:
     import onnx
@@ -33,13 +33,9 @@ SCALE_CLIP = 1e2
 _EPS = 1e-5
 
 
-def _attr(n: onnx.NodeProto, name: str, default: int) -> int:
-    return next((int(a.i) for a in n.attribute if a.name == name), default)
-
-
 def transposed(n: onnx.NodeProto) -> bool:
     """Whether the node's weight is stored [N, K] (a Gemm with ``transB``)."""
-    return n.op_type == "Gemm" and _attr(n, "transB", 0) == 1
+    return n.op_type == "Gemm" and node_attr(n, "transB", 0) == 1
 
 
 def groups(m: onnx.ModelProto, excluded: set[str]) -> dict[str, list[onnx.NodeProto]]:
@@ -50,7 +46,7 @@ def groups(m: onnx.ModelProto, excluded: set[str]) -> dict[str, list[onnx.NodePr
     init = {t.name: t for t in m.graph.initializer}
     out: dict[str, list[onnx.NodeProto]] = {}
     for n in m.graph.node:
-        weighted = (n.op_type == "MatMul" and len(n.input) == 2) or (n.op_type == "Gemm" and _attr(n, "transA", 0) == 0)
+        weighted = (n.op_type == "MatMul" and len(n.input) == 2) or (n.op_type == "Gemm" and node_attr(n, "transA", 0) == 0)
         w = init.get(n.input[1]) if weighted else None
         if w is None or n.name in excluded or len(w.dims) != 2 or w.data_type != TensorProto.FLOAT:
             continue

@@ -15,7 +15,14 @@ import numpy as np
 from models.spec import QuantizeStep
 from worker.core import JobCancelled, PassContext, StepFailed, WorkingModel
 from worker.lm.stream import quantize_table_8bit, table_block
-from worker.passes.quantizers.files import is_large, name_unnamed_nodes, save, unique_path, use_ms_domain
+from worker.passes.quantizers.files import (
+    is_large,
+    name_unnamed_nodes,
+    node_attr,
+    save,
+    unique_path,
+    use_ms_domain,
+)
 from worker.passes.quantizers.tied_head import find_tied_lookup, share_head_table
 
 if TYPE_CHECKING:
@@ -141,7 +148,7 @@ def quantize_weight_only(
         set_accuracy_level(m, s.accuracy_level)
     out = unique_path(ctx.workdir, f"quantized-{p.mode}")
     save(m, out, large)
-    bits = Counter(_attr(n, "bits") for n in m.graph.node if n.op_type == "MatMulNBits")
+    bits = Counter(node_attr(n, "bits") for n in m.graph.node if n.op_type == "MatMulNBits")
     metrics: dict[str, Any] = {
         "algorithm": s.algorithm,
         "block_size": s.block_size,
@@ -151,7 +158,7 @@ def quantize_weight_only(
         "embeddings": sum(n.op_type == "GatherBlockQuantized" for n in m.graph.node),
         "embedding_bits": {
             str(k): v for k, v in sorted(Counter(
-                _attr(n, "bits") or 4 for n in m.graph.node if n.op_type == "GatherBlockQuantized").items())
+                node_attr(n, "bits") or 4 for n in m.graph.node if n.op_type == "GatherBlockQuantized").items())
         },
         "bits_overrides": plan.overrides,
         "excluded": plan.excluded,
@@ -287,12 +294,6 @@ class WeightOnlyPlan:
     gathers8: list[str] = dataclasses.field(default_factory=list)
     excluded: list[dict[str, str]] = dataclasses.field(default_factory=list)
     overrides: dict[str, int] = dataclasses.field(default_factory=dict)
-
-
-def _attr(node: onnx.NodeProto, name: str) -> Any:
-    import onnx
-
-    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
 
 
 def prepare_for_nbits(m: onnx.ModelProto) -> None:
@@ -510,7 +511,7 @@ def gather_to_8bit(m: onnx.ModelProto, names: list[str], block_size: int) -> lis
         if node.name not in chosen:
             continue
         table = inits.get(node.input[0])
-        axis = _attr(node, "axis") or 0
+        axis = node_attr(node, "axis") or 0
         if table is None or len(table.dims) != 2 or axis != 0:
             skipped.append({"node": node.name, "op_type": "Gather", "reason": "not a [vocab, hidden] table on axis 0"})
             continue
