@@ -31,6 +31,16 @@ def test_report_page_shows_the_adapter_merge(client: TestClient) -> None:
     for text in ("each task&#39;s adapter alone", "ties (density 0.5)", "68.2%", "not possible: All adapters",
                  "chosen: linear: highest mean validation accuracy over the tasks (84.8%)"):
         assert text in page, text
+    assert "adapters.zip" not in page  # no adapter files asked for: no line about them
+    report = merge_report()
+    report["steps"][0]["metrics"]["multitask"]["merge"]["adapter_files"] = {
+        "base_bytes": 568_328_192, "base_load_s": 0.8, "adapter_bytes": {"topic": 9_813_576, "food": 9_813_576},
+        "runs": [{"adapter": "topic", "matches_torch": True}, {"adapter": "food", "matches_torch": True}]}
+    job_id, _ = insert_job(report=report)
+    page = client.get(f"/v1/jobs/{job_id}/report.html").text
+    assert ('<p class="adapter-files">adapters.zip: base 542.00 MB loaded once (0.8 s), one adapter file per task '
+            "(topic 9.36 MB, food 9.36 MB); 2 runs switching adapters on that one model generated torch&#39;s tokens "
+            "with each</p>") in page
     job_id, _ = insert_job(report={**merge_report(), "steps": []})
     assert "Adapter merge" not in client.get(f"/v1/jobs/{job_id}/report.html").text
 
